@@ -1,0 +1,288 @@
+// Package consul watches a Consul agent with blocking queries and turns what
+// it sees into model.Catalog values: every service's instances with their
+// health, and every connect-proxy registration with its upstreams. It knows
+// nothing of xDS.
+package consul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+	"github.com/hashicorp/consul/api"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+)
+
+// Defaults for Config.
+const (
+	// DefaultWaitTime is the longest a blocking query waits (Consul's
+	// "wait" parameter; Consul caps it at 10 min).
+	DefaultWaitTime = 5 * time.Minute
+	// DefaultMinBackoff and DefaultMaxBackoff bound the jittered exponential
+	// backoff between failed queries.
+	DefaultMinBackoff = 200 * time.Millisecond
+	DefaultMaxBackoff = 5 * time.Second
+)
+
+// Config configures a Watcher.
+type Config struct {
+	// Client talks to the Consul agent. Required.
+	Client *api.Client
+	// Address is the agent's address, used in log lines only.
+	Address string
+	// Logger receives state changes (agent unreachable, reachable again).
+	// Defaults to slog.Default().
+	Logger *slog.Logger
+	// WaitTime bounds each blocking query; defaults to DefaultWaitTime.
+	WaitTime time.Duration
+	// MinBackoff and MaxBackoff bound retry delays after a failed query;
+	// defaults DefaultMinBackoff and DefaultMaxBackoff.
+	MinBackoff, MaxBackoff time.Duration
+}
+
+func (c *Config) setDefaults() {
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.WaitTime == 0 {
+		c.WaitTime = DefaultWaitTime
+	}
+	if c.MinBackoff == 0 {
+		c.MinBackoff = DefaultMinBackoff
+	}
+	if c.MaxBackoff == 0 {
+		c.MaxBackoff = DefaultMaxBackoff
+	}
+}
+
+// Validate reports a missing Client.
+func (c *Config) Validate() error {
+	if c.Client == nil {
+		return errors.New("consul: Config.Client is required")
+	}
+	return nil
+}
+
+// Watcher runs one blocking query on the catalog's service list and one per
+// service on its health endpoint (/v1/health/service/<name>, all instances
+// with their checks). Each change produces a new Catalog.
+type Watcher struct {
+	cfg Config
+
+	// reachable is the last known state of the agent, for logging only
+	// transitions: 1 reachable, 0 unreachable, -1 unknown (start).
+	reachable atomic.Int32
+
+	mu sync.Mutex // guards the fields below
+	// entries by service name; nil until that service's first answer.
+	entries map[string][]*api.ServiceEntry
+	// listed is the latest service list, nil before the first answer.
+	listed map[string]bool
+}
+
+// New returns a Watcher for cfg, or an error from cfg.Validate.
+func New(cfg Config) (*Watcher, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg.setDefaults()
+	w := &Watcher{cfg: cfg, entries: map[string][]*api.ServiceEntry{}}
+	w.reachable.Store(-1)
+	return w, nil
+}
+
+// Run watches until ctx is done and calls publish with a new Catalog after
+// every change, from one goroutine, never concurrently. Changes arriving
+// while publish runs are coalesced into the next call. The first Catalog is
+// published once every listed service has answered once. Run returns
+// ctx.Err() after all its goroutines have stopped.
+func (w *Watcher) Run(ctx context.Context, publish func(*model.Catalog)) error {
+	changed := make(chan struct{}, 1)
+	notify := func() {
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		w.watchServiceList(ctx, notify)
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			wg.Wait()
+			return ctx.Err()
+		case <-changed:
+			if cat, ok := w.snapshot(); ok {
+				publish(cat)
+			}
+		}
+	}
+}
+
+// watchServiceList follows /v1/catalog/services and runs one service watch
+// per listed service, stopping the watches of services that disappear.
+func (w *Watcher) watchServiceList(ctx context.Context, notify func()) {
+	type running struct {
+		cancel context.CancelFunc
+		done   chan struct{}
+	}
+	watches := map[string]running{}
+	defer func() {
+		for _, r := range watches {
+			r.cancel()
+			<-r.done
+		}
+	}()
+	apply := func(services map[string][]string) {
+		listed := map[string]bool{}
+		for name := range services {
+			if name == "consul" {
+				continue
+			}
+			listed[name] = true
+			if _, ok := watches[name]; !ok {
+				sctx, cancel := context.WithCancel(ctx)
+				r := running{cancel: cancel, done: make(chan struct{})}
+				watches[name] = r
+				go func() {
+					defer close(r.done)
+					w.watchService(sctx, name, notify)
+				}()
+			}
+		}
+		for name, r := range watches {
+			if !listed[name] {
+				r.cancel()
+				<-r.done
+				delete(watches, name)
+			}
+		}
+		w.mu.Lock()
+		w.listed = listed
+		for name := range w.entries {
+			if !listed[name] {
+				delete(w.entries, name)
+			}
+		}
+		w.mu.Unlock()
+		notify()
+	}
+	w.blockingLoop(ctx, "catalog services", func(opts *api.QueryOptions) (uint64, func(), error) {
+		services, meta, err := w.cfg.Client.Catalog().Services(opts)
+		if err != nil {
+			return 0, nil, err
+		}
+		return meta.LastIndex, func() { apply(services) }, nil
+	})
+}
+
+// watchService follows /v1/health/service/<name>.
+func (w *Watcher) watchService(ctx context.Context, name string, notify func()) {
+	w.blockingLoop(ctx, "health of service "+name, func(opts *api.QueryOptions) (uint64, func(), error) {
+		entries, meta, err := w.cfg.Client.Health().Service(name, "", false, opts)
+		if err != nil {
+			return 0, nil, err
+		}
+		return meta.LastIndex, func() {
+			w.mu.Lock()
+			w.entries[name] = entries
+			w.mu.Unlock()
+			notify()
+		}, nil
+	})
+}
+
+// blockingLoop runs query as a Consul blocking query until ctx is done
+// (consul api/watch/plan.go): WaitIndex from the last LastIndex, reset to 0
+// when the index goes backwards, results with an unchanged index skipped,
+// capped jittered exponential backoff on error. query returns the result's
+// index and a function that applies the result, called only when the index
+// changed.
+func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api.QueryOptions) (uint64, func(), error)) {
+	var index uint64
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = w.cfg.MinBackoff
+	bo.MaxInterval = w.cfg.MaxBackoff
+	bo.Reset()
+	for ctx.Err() == nil {
+		opts := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime}).WithContext(ctx)
+		next, apply, err := query(opts)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			w.unreachable(what, err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(bo.NextBackOff()):
+			}
+			continue
+		}
+		w.reached()
+		bo.Reset()
+		if next == index && index != 0 {
+			continue // the wait timed out with nothing new
+		}
+		apply()
+		switch {
+		case next < index:
+			index = 0 // the index went backwards (agent restart, snapshot restore): start over
+		case next == 0:
+			index = 1 // never block on index 0, which returns at once
+		default:
+			index = next
+		}
+	}
+}
+
+func (w *Watcher) unreachable(what string, err error) {
+	if w.reachable.Swap(0) != 0 {
+		w.cfg.Logger.Error("consul: agent unreachable; retrying with backoff, last good state kept",
+			"agent", w.cfg.Address, "query", what, "error", err)
+		return
+	}
+	w.cfg.Logger.Debug("consul: query failed", "query", what, "error", err)
+}
+
+func (w *Watcher) reached() {
+	if old := w.reachable.Swap(1); old == 0 {
+		w.cfg.Logger.Info("consul: agent reachable again", "agent", w.cfg.Address)
+	} else if old == -1 {
+		w.cfg.Logger.Info("consul: connected", "agent", w.cfg.Address)
+	}
+}
+
+// snapshot builds a Catalog from the current entries, and false until every
+// listed service has answered once.
+func (w *Watcher) snapshot() (*model.Catalog, bool) {
+	w.mu.Lock()
+	if w.listed == nil {
+		w.mu.Unlock()
+		return nil, false
+	}
+	all := make(map[string][]*api.ServiceEntry, len(w.entries))
+	for name := range w.listed {
+		es, ok := w.entries[name]
+		if !ok {
+			w.mu.Unlock()
+			return nil, false
+		}
+		all[name] = es
+	}
+	w.mu.Unlock()
+	return BuildCatalog(all), true
+}
+
+// String describes the watcher for logs.
+func (w *Watcher) String() string { return fmt.Sprintf("consul watcher (%s)", w.cfg.Address) }

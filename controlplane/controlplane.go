@@ -1,0 +1,126 @@
+// Package controlplane wires meshlet's control plane: Consul watcher and
+// policy watcher feed the xDS server, which serves sidecars and proxyless
+// gRPC clients over ADS.
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/meshlet/meshlet/controlplane/consul"
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/server"
+)
+
+// Defaults for Config.
+const (
+	DefaultXDSAddress    = "127.0.0.1:18000"
+	DefaultConsulAddress = "127.0.0.1:8500"
+	DefaultPolicyDir     = "policies"
+)
+
+// Config configures Run.
+type Config struct {
+	// XDSAddress is where ADS is served (host:port); DefaultXDSAddress when
+	// empty. Port 0 picks a free port (see Ready).
+	XDSAddress string
+	// ConsulAddress is the Consul agent's HTTP address (host:port or URL);
+	// DefaultConsulAddress when empty.
+	ConsulAddress string
+	// ConsulToken is an ACL token for Consul, if ACLs are on.
+	ConsulToken string
+	// PolicyDir is the policy directory; DefaultPolicyDir when empty. It must
+	// exist.
+	PolicyDir string
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Ready, if set, is called with the bound xDS address once serving.
+	Ready func(xdsAddr net.Addr)
+}
+
+func (c *Config) setDefaults() {
+	if c.XDSAddress == "" {
+		c.XDSAddress = DefaultXDSAddress
+	}
+	if c.ConsulAddress == "" {
+		c.ConsulAddress = DefaultConsulAddress
+	}
+	if c.PolicyDir == "" {
+		c.PolicyDir = DefaultPolicyDir
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Run serves until ctx is done. It returns nil after a clean shutdown, or
+// the first fatal error: the xDS address cannot be bound, the policy
+// directory cannot be watched, or the Consul client cannot be built. An
+// unreachable Consul agent is not fatal: it is logged and retried.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.setDefaults()
+	log := cfg.Logger
+
+	cc := api.DefaultConfig()
+	cc.Address = cfg.ConsulAddress
+	if cfg.ConsulToken != "" {
+		cc.Token = cfg.ConsulToken
+	}
+	client, err := api.NewClient(cc)
+	if err != nil {
+		return fmt.Errorf("controlplane: consul client for %s: %w", cfg.ConsulAddress, err)
+	}
+	watcher, err := consul.New(consul.Config{Client: client, Address: cfg.ConsulAddress, Logger: log})
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", cfg.XDSAddress)
+	if err != nil {
+		return fmt.Errorf("controlplane: listen for xDS on %s: %w", cfg.XDSAddress, err)
+	}
+
+	srv := server.New(server.Config{Logger: log})
+	defer srv.Close()
+
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		if err := policy.Watch(ctx, cfg.PolicyDir, log, srv.SetPolicies); err != nil {
+			cancel(err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		_ = watcher.Run(ctx, func(cat *model.Catalog) {
+			log.Debug("consul: catalog changed", "services", len(cat.Services), "proxies", len(cat.Proxies))
+			srv.SetCatalog(cat)
+		})
+	}()
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(lis); err != nil && !errors.Is(err, net.ErrClosed) {
+			cancel(fmt.Errorf("controlplane: serve xDS: %w", err))
+		}
+	}()
+	log.Info("controlplane: serving ADS", "xds", lis.Addr().String(), "consul", cfg.ConsulAddress, "policies", cfg.PolicyDir)
+	if cfg.Ready != nil {
+		cfg.Ready(lis.Addr())
+	}
+	<-ctx.Done()
+	srv.Close()
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}

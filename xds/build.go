@@ -1,0 +1,273 @@
+package xds
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// Extension names and typed-config type URLs the sidecar understands.
+const (
+	HTTPConnectionManagerFilter = wellknown.HTTPConnectionManager // "envoy.filters.network.http_connection_manager"
+	TCPProxyFilter              = wellknown.TCPProxy              // "envoy.filters.network.tcp_proxy"
+	RouterFilter                = wellknown.Router                // "envoy.filters.http.router"
+	// HTTPProtocolOptionsKey keys Cluster.typed_extension_protocol_options.
+	HTTPProtocolOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+)
+
+// DefaultConnectTimeout is the cluster connect timeout used when none is
+// configured (Envoy's Cluster.connect_timeout default: 5 s).
+const DefaultConnectTimeout = 5 * time.Second
+
+// MustAny wraps m in an Any, panicking only if m cannot be marshalled, which
+// for the generated Envoy messages built here does not happen.
+func MustAny(m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		panic(fmt.Sprintf("xds: marshal %T: %v", m, err))
+	}
+	return a
+}
+
+// SocketAddress returns a TCP core.Address for host:port.
+func SocketAddress(host string, port int) *core.Address {
+	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+		Protocol:      core.SocketAddress_TCP,
+		Address:       host,
+		PortSpecifier: &core.SocketAddress_PortValue{PortValue: uint32(port)},
+	}}}
+}
+
+// HTTPListenerOptions configure NewHTTPListener. Exactly one of
+// RouteConfigName (RDS over ADS) and RouteConfig (inline) must be set.
+type HTTPListenerOptions struct {
+	// StatPrefix for the connection manager (Envoy: stat_prefix); defaults
+	// to the listener name.
+	StatPrefix string
+	// RouteConfigName names a RouteConfiguration fetched by RDS over ADS.
+	RouteConfigName string
+	// RouteConfig is an inline route configuration.
+	RouteConfig *route.RouteConfiguration
+	// Via is the received-by part of the Via header (RFC 9110 §7.6.3) the
+	// proxy appends to requests and responses; "" adds none (Envoy:
+	// HttpConnectionManager.via).
+	Via string
+}
+
+// NewHTTPListener returns a listener on host:port whose single filter chain
+// is an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c) ending in the
+// router filter.
+func NewHTTPListener(name, host string, port int, o HTTPListenerOptions) *listener.Listener {
+	return &listener.Listener{
+		Name:    name,
+		Address: SocketAddress(host, port),
+		FilterChains: []*listener.FilterChain{{
+			Filters: []*listener.Filter{{
+				Name:       HTTPConnectionManagerFilter,
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(newHCM(name, o))},
+			}},
+		}},
+	}
+}
+
+func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
+	m := &hcm.HttpConnectionManager{
+		CodecType:   hcm.HttpConnectionManager_AUTO,
+		StatPrefix:  o.StatPrefix,
+		Via:         o.Via,
+		HttpFilters: []*hcm.HttpFilter{RouterHTTPFilter()},
+	}
+	if m.StatPrefix == "" {
+		m.StatPrefix = name
+	}
+	if o.RouteConfig != nil {
+		m.RouteSpecifier = &hcm.HttpConnectionManager_RouteConfig{RouteConfig: o.RouteConfig}
+	} else {
+		m.RouteSpecifier = &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{
+			RouteConfigName: o.RouteConfigName,
+			ConfigSource:    ADSConfigSource(),
+		}}
+	}
+	return m
+}
+
+// RouterHTTPFilter returns the terminal router HTTP filter.
+func RouterHTTPFilter() *hcm.HttpFilter {
+	return &hcm.HttpFilter{
+		Name:       RouterFilter,
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: MustAny(&router.Router{})},
+	}
+}
+
+// NewAPIListener returns a listener for proxyless gRPC clients: no address,
+// an api_listener holding an HTTP connection manager with the route
+// configuration inline (grpc-go resolves "xds:///<name>" by it).
+func NewAPIListener(name string, rc *route.RouteConfiguration) *listener.Listener {
+	return &listener.Listener{
+		Name:        name,
+		ApiListener: &listener.ApiListener{ApiListener: MustAny(newHCM(name, HTTPListenerOptions{RouteConfig: rc}))},
+	}
+}
+
+// NewTCPListener returns a listener on host:port whose single filter chain
+// is a TCP proxy to clusterName.
+func NewTCPListener(name, host string, port int, clusterName string) *listener.Listener {
+	return &listener.Listener{
+		Name:    name,
+		Address: SocketAddress(host, port),
+		FilterChains: []*listener.FilterChain{{
+			Filters: []*listener.Filter{{
+				Name: TCPProxyFilter,
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(&tcpproxy.TcpProxy{
+					StatPrefix:       name,
+					ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: clusterName},
+				})},
+			}},
+		}},
+	}
+}
+
+// RouteOptions configure the single route of NewRouteConfig.
+type RouteOptions struct {
+	// Timeout is the whole-request timeout (Envoy: RouteAction.timeout).
+	// Zero disables it; the route always carries the field explicitly so
+	// streams are not cut by Envoy's implicit 15 s default.
+	Timeout time.Duration
+}
+
+// NewRouteConfig returns a route configuration named name with one virtual
+// host matching every authority ("*") and one route sending every path
+// (prefix "/") to clusterName.
+func NewRouteConfig(name, clusterName string, o RouteOptions) *route.RouteConfiguration {
+	return &route.RouteConfiguration{
+		Name: name,
+		VirtualHosts: []*route.VirtualHost{{
+			Name:    name,
+			Domains: []string{"*"},
+			Routes: []*route.Route{{
+				Name:  "default",
+				Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+				Action: &route.Route_Route{Route: &route.RouteAction{
+					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: clusterName},
+					Timeout:          durationpb.New(o.Timeout),
+				}},
+			}},
+		}},
+	}
+}
+
+// ClusterOptions configure NewEDSCluster and NewStaticCluster.
+type ClusterOptions struct {
+	// Protocol selects the upstream HTTP protocol options: HTTP/2 for http2
+	// and grpc, HTTP/1.1 for http, none for tcp.
+	Protocol Protocol
+	// ConnectTimeout defaults to DefaultConnectTimeout.
+	ConnectTimeout time.Duration
+}
+
+func newCluster(name string, o ClusterOptions) *cluster.Cluster {
+	ct := o.ConnectTimeout
+	if ct == 0 {
+		ct = DefaultConnectTimeout
+	}
+	c := &cluster.Cluster{
+		Name:           name,
+		ConnectTimeout: durationpb.New(ct),
+		LbPolicy:       cluster.Cluster_ROUND_ROBIN,
+	}
+	if o.Protocol.IsHTTP() {
+		opts := &upstreamhttp.HttpProtocolOptions{}
+		if o.Protocol.UsesHTTP2() {
+			opts.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
+			}}
+		} else {
+			opts.UpstreamProtocolOptions = &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &core.Http1ProtocolOptions{}},
+			}}
+		}
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: MustAny(opts)}
+	}
+	return c
+}
+
+// NewEDSCluster returns a cluster whose endpoints come from EDS over ADS,
+// under the cluster's own name.
+func NewEDSCluster(name string, o ClusterOptions) *cluster.Cluster {
+	c := newCluster(name, o)
+	c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_EDS}
+	c.EdsClusterConfig = &cluster.Cluster_EdsClusterConfig{EdsConfig: ADSConfigSource()}
+	return c
+}
+
+// NewStaticCluster returns a STATIC cluster with the single endpoint
+// host:port in its inline load assignment.
+func NewStaticCluster(name, host string, port int, o ClusterOptions) *cluster.Cluster {
+	c := newCluster(name, o)
+	c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_STATIC}
+	c.LoadAssignment = NewLoadAssignment(name, []Endpoint{{Host: host, Port: port}})
+	return c
+}
+
+// Endpoint is one upstream host for NewLoadAssignment.
+type Endpoint struct {
+	Host string
+	Port int
+	// Weight is the load-balancing weight (Envoy:
+	// LbEndpoint.load_balancing_weight); 0 means 1.
+	Weight int
+}
+
+// String returns "host:port".
+func (e Endpoint) String() string { return net.JoinHostPort(e.Host, strconv.Itoa(e.Port)) }
+
+// NewLoadAssignment returns the ClusterLoadAssignment of clusterName with the
+// given endpoints, all HEALTHY, in one locality of weight 1 (grpc-go ignores
+// localities of weight 0).
+func NewLoadAssignment(clusterName string, endpoints []Endpoint) *endpoint.ClusterLoadAssignment {
+	lbs := make([]*endpoint.LbEndpoint, 0, len(endpoints))
+	for _, e := range endpoints {
+		w := e.Weight
+		if w <= 0 {
+			w = 1
+		}
+		lbs = append(lbs, &endpoint.LbEndpoint{
+			HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
+				Address: SocketAddress(e.Host, e.Port),
+			}},
+			HealthStatus:        core.HealthStatus_HEALTHY,
+			LoadBalancingWeight: wrapperspb.UInt32(uint32(w)),
+		})
+	}
+	return &endpoint.ClusterLoadAssignment{
+		ClusterName: clusterName,
+		Endpoints: []*endpoint.LocalityLbEndpoints{{
+			LbEndpoints:         lbs,
+			LoadBalancingWeight: wrapperspb.UInt32(1),
+		}},
+	}
+}
+
+// ADSConfigSource returns a config source pointing at the ADS stream.
+func ADSConfigSource() *core.ConfigSource {
+	return &core.ConfigSource{
+		ResourceApiVersion:    core.ApiVersion_V3,
+		ConfigSourceSpecifier: &core.ConfigSource_Ads{Ads: &core.AggregatedConfigSource{}},
+	}
+}
