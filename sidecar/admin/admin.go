@@ -1,0 +1,138 @@
+// Package admin serves the sidecar's admin endpoints, on loopback by
+// default:
+//
+//	GET /ready        200 "ready" once the first config is active, else 503 with what it waits for
+//	GET /config_dump  accepted xDS resources as JSON: Envoy's admin ConfigDump ("configs") plus
+//	                  the xDS stream state and the last rejected update per type ("xds")
+//	GET /listeners    one line per active listener: name::address (Envoy's /listeners format)
+//	GET /clusters     one line per endpoint: cluster::address::weight::N (Envoy's /clusters format)
+package admin
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"slices"
+	"time"
+
+	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// Source is what the admin endpoints show; the sidecar implements it.
+type Source interface {
+	// Ready reports whether the first config is active and, if not, what
+	// is still awaited.
+	Ready() (bool, string)
+	// ConfigDump returns the accepted resources and the xDS state.
+	ConfigDump() *ConfigDump
+	// Listeners returns the active listeners sorted by name.
+	Listeners() []Listener
+	// Clusters returns the active clusters sorted by name.
+	Clusters() []Cluster
+}
+
+// ConfigDump is the body of /config_dump.
+type ConfigDump struct {
+	// Envoy holds ListenersConfigDump, RoutesConfigDump,
+	// ClustersConfigDump and EndpointsConfigDump, Envoy's shapes.
+	Envoy *adminv3.ConfigDump
+	// XDS is the ADS stream state.
+	XDS XDSState
+}
+
+// XDSState describes the ADS stream for /config_dump.
+type XDSState struct {
+	Server    string            `json:"server"`
+	Node      string            `json:"node"`
+	Connected bool              `json:"connected"`
+	Versions  map[string]string `json:"versions"` // last accepted version by type URL
+	ACKs      uint64            `json:"acks"`
+	NACKs     uint64            `json:"nacks"`
+	// Rejected holds the last rejected update per type URL.
+	Rejected map[string]Rejection `json:"rejected,omitempty"`
+}
+
+// Rejection is a NACKed update.
+type Rejection struct {
+	Version string    `json:"version"`
+	Time    time.Time `json:"time"`
+	Error   string    `json:"error"`
+}
+
+// Listener is one active listener.
+type Listener struct {
+	Name    string
+	Address string
+}
+
+// Cluster is one active cluster and its endpoints.
+type Cluster struct {
+	Name      string
+	Endpoints []Endpoint
+}
+
+// Endpoint is one endpoint of a Cluster.
+type Endpoint struct {
+	Address string
+	Weight  uint32
+}
+
+// Handler returns the admin endpoints for src.
+func Handler(src Source) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		ok, why := src.Ready()
+		if !ok {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "initializing: %s\n", why)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.HandleFunc("GET /config_dump", func(w http.ResponseWriter, _ *http.Request) {
+		d := src.ConfigDump()
+		envoy, err := protojson.MarshalOptions{Multiline: false}.Marshal(d.Envoy)
+		if err != nil {
+			http.Error(w, "admin: marshal config dump: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
+		var configs struct {
+			Configs json.RawMessage `json:"configs"`
+		}
+		if err := json.Unmarshal(envoy, &configs); err != nil {
+			http.Error(w, "admin: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
+		if configs.Configs == nil {
+			configs.Configs = json.RawMessage("[]")
+		}
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(struct {
+			Configs json.RawMessage `json:"configs"`
+			XDS     XDSState        `json:"xds"`
+		}{configs.Configs, d.XDS})
+	})
+	mux.HandleFunc("GET /listeners", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		for _, l := range src.Listeners() {
+			fmt.Fprintf(w, "%s::%s\n", l.Name, l.Address)
+		}
+	})
+	mux.HandleFunc("GET /clusters", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		for _, c := range src.Clusters() {
+			eps := slices.Clone(c.Endpoints)
+			for _, e := range eps {
+				fmt.Fprintf(w, "%s::%s::weight::%d\n", c.Name, e.Address, e.Weight)
+			}
+			if len(eps) == 0 {
+				fmt.Fprintf(w, "%s::no_endpoints\n", c.Name)
+			}
+		}
+	})
+	return mux
+}

@@ -1,0 +1,172 @@
+// Package config is the sidecar's validated, immutable view of its xDS
+// configuration. Decode functions turn each Envoy v3 resource into a plain Go
+// value, checking both the proto's own constraints (protoc-gen-validate) and
+// that the sidecar supports every field that changes behaviour; their errors
+// become NACK details, so they name the resource and the field.
+package config
+
+import (
+	"time"
+
+	"github.com/meshlet/meshlet/xds"
+)
+
+// Snapshot is one complete configuration: every accepted resource, decoded,
+// by name. A Snapshot is never modified after it is built.
+type Snapshot struct {
+	Listeners map[string]*Listener
+	Routes    map[string]*RouteConfig
+	Clusters  map[string]*Cluster
+	// Endpoints by cluster name (ClusterLoadAssignment.cluster_name).
+	Endpoints map[string]*LoadAssignment
+}
+
+// Listener is a decoded envoy.config.listener.v3.Listener: an address and
+// the one filter chain the sidecar supports, which ends either in an HTTP
+// connection manager or a TCP proxy.
+type Listener struct {
+	Name string
+	// Address is "host:port" (Listener.address.socket_address).
+	Address string
+	// Exactly one of HTTP and TCP is set.
+	HTTP *HTTPConnectionManager
+	TCP  *TCPProxy
+}
+
+// Codec is the downstream HTTP codec (HttpConnectionManager.codec_type).
+type Codec int
+
+// Codecs.
+const (
+	CodecAuto  Codec = iota // HTTP/1.1 and h2c (prior knowledge), detected per connection
+	CodecHTTP1              // HTTP/1.1 only
+	CodecHTTP2              // h2c only
+)
+
+// HTTPConnectionManager is the decoded
+// envoy.filters.network.http_connection_manager config.
+type HTTPConnectionManager struct {
+	StatPrefix string
+	Codec      Codec
+	// RouteConfigName names the RDS resource to use; "" when RouteConfig is
+	// inline.
+	RouteConfigName string
+	// RouteConfig is the inline route configuration, nil with RDS.
+	RouteConfig *RouteConfig
+	// Via is the received-by value appended to the Via header of requests
+	// and responses (HttpConnectionManager.via); "" adds none.
+	Via string
+}
+
+// TCPProxy is the decoded envoy.filters.network.tcp_proxy config.
+type TCPProxy struct {
+	StatPrefix string
+	Cluster    string
+}
+
+// RouteConfig is a decoded envoy.config.route.v3.RouteConfiguration.
+type RouteConfig struct {
+	Name         string
+	VirtualHosts []*VirtualHost
+}
+
+// VirtualHost is a decoded envoy.config.route.v3.VirtualHost.
+type VirtualHost struct {
+	Name string
+	// Domains are matched against the request authority without port, in
+	// Envoy's order: exact, then suffix wildcard ("*.example.com"), then
+	// prefix wildcard ("foo.*"), then "*".
+	Domains []string
+	Routes  []*Route
+}
+
+// MatchKind is how a Route matches the path.
+type MatchKind int
+
+// Path match kinds (RouteMatch.path_specifier).
+const (
+	MatchPrefix MatchKind = iota // RouteMatch.prefix
+	MatchPath                    // RouteMatch.path (exact)
+)
+
+// Route is a decoded envoy.config.route.v3.Route with a RouteAction to one
+// cluster.
+type Route struct {
+	Name          string
+	Match         MatchKind
+	Path          string // the prefix or exact path
+	CaseSensitive bool   // RouteMatch.case_sensitive, default true
+	Cluster       string
+	// Timeout is RouteAction.timeout: the whole exchange, 0 = none. Envoy's
+	// default when the field is absent is 15 s (DefaultRouteTimeout).
+	Timeout time.Duration
+}
+
+// DefaultRouteTimeout is RouteAction.timeout when the field is absent
+// (Envoy's default).
+const DefaultRouteTimeout = 15 * time.Second
+
+// ClusterType is the cluster discovery type (Cluster.type).
+type ClusterType int
+
+// Supported cluster discovery types.
+const (
+	ClusterEDS    ClusterType = iota // endpoints from EDS over ADS
+	ClusterStatic                    // endpoints inline in load_assignment
+)
+
+// Cluster is a decoded envoy.config.cluster.v3.Cluster.
+type Cluster struct {
+	Name string
+	Type ClusterType
+	// EDSServiceName is the ClusterLoadAssignment name to fetch
+	// (eds_cluster_config.service_name, default the cluster name).
+	EDSServiceName string
+	// ConnectTimeout is Cluster.connect_timeout (default 5 s).
+	ConnectTimeout time.Duration
+	// Protocol is the upstream protocol: ProtocolHTTP2 when HttpProtocolOptions
+	// asks for HTTP/2, ProtocolHTTP for HTTP/1.1, ProtocolTCP when the
+	// cluster has no HTTP options (used by TCP proxies, or HTTP/1.1 when an
+	// HTTP route points at it).
+	Protocol xds.Protocol
+	// Static holds the inline endpoints of a STATIC cluster.
+	Static *LoadAssignment
+}
+
+// LoadAssignment is a decoded envoy.config.endpoint.v3.ClusterLoadAssignment
+// holding only the endpoints that may receive traffic (health status
+// HEALTHY or UNKNOWN), in the order given.
+type LoadAssignment struct {
+	ClusterName string
+	Endpoints   []Endpoint
+}
+
+// Endpoint is one upstream host.
+type Endpoint struct {
+	// Address is "host:port".
+	Address string
+	// Weight is LbEndpoint.load_balancing_weight (default 1).
+	Weight uint32
+}
+
+// RouteNames returns the RDS names the listeners reference, sorted.
+func RouteNames(listeners map[string]*Listener) []string {
+	set := map[string]bool{}
+	for _, l := range listeners {
+		if l.HTTP != nil && l.HTTP.RouteConfigName != "" {
+			set[l.HTTP.RouteConfigName] = true
+		}
+	}
+	return sortedKeys(set)
+}
+
+// EndpointNames returns the EDS names the clusters reference, sorted.
+func EndpointNames(clusters map[string]*Cluster) []string {
+	set := map[string]bool{}
+	for _, c := range clusters {
+		if c.Type == ClusterEDS {
+			set[c.EDSServiceName] = true
+		}
+	}
+	return sortedKeys(set)
+}

@@ -1,0 +1,444 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshlet/meshlet/xds"
+)
+
+// ErrInvalid is wrapped by every error a Decode function returns.
+var ErrInvalid = errors.New("invalid resource")
+
+// fieldError is a problem with one field of one resource.
+type fieldError struct {
+	kind, name, field, msg string
+}
+
+func (e *fieldError) Error() string {
+	if e.field == "" {
+		return fmt.Sprintf("%s %q: %s", e.kind, e.name, e.msg)
+	}
+	return fmt.Sprintf("%s %q: %s: %s", e.kind, e.name, e.field, e.msg)
+}
+
+func (e *fieldError) Unwrap() error { return ErrInvalid }
+
+func fieldErr(kind, name, field, format string, args ...any) error {
+	return &fieldError{kind: kind, name: name, field: field, msg: fmt.Sprintf(format, args...)}
+}
+
+type validatable interface {
+	proto.Message
+	ValidateAll() error
+}
+
+// unpack unmarshals a into m (checking the type URL) and runs m's generated
+// validation.
+func unpack(a *anypb.Any, m validatable, kind string) error {
+	if a == nil {
+		return fieldErr(kind, "", "", "empty resource")
+	}
+	if err := a.UnmarshalTo(m); err != nil {
+		return fieldErr(kind, "", "", "cannot decode %s: %v", a.GetTypeUrl(), err)
+	}
+	if err := m.ValidateAll(); err != nil {
+		name := ""
+		if n, ok := m.(interface{ GetName() string }); ok {
+			name = n.GetName()
+		} else if n, ok := m.(interface{ GetClusterName() string }); ok {
+			name = n.GetClusterName()
+		}
+		return fieldErr(kind, name, "", "%v", err)
+	}
+	return nil
+}
+
+// DecodeListener decodes and validates an Any holding a Listener.
+func DecodeListener(a *anypb.Any) (*Listener, error) {
+	var l listener.Listener
+	if err := unpack(a, &l, "listener"); err != nil {
+		return nil, err
+	}
+	return decodeListener(&l)
+}
+
+func decodeListener(l *listener.Listener) (*Listener, error) {
+	kind, name := "listener", l.GetName()
+	if name == "" {
+		return nil, fieldErr(kind, name, "name", "required")
+	}
+	if l.GetApiListener() != nil {
+		return nil, fieldErr(kind, name, "api_listener", "API listeners are for proxyless gRPC clients; a sidecar needs an address")
+	}
+	addr, err := socketAddress(l.GetAddress(), true)
+	if err != nil {
+		return nil, fieldErr(kind, name, "address", "%v", err)
+	}
+	if len(l.GetAdditionalAddresses()) > 0 {
+		return nil, fieldErr(kind, name, "additional_addresses", "not supported")
+	}
+	chains := l.GetFilterChains()
+	field := "filter_chains"
+	if len(chains) == 0 && l.GetDefaultFilterChain() != nil {
+		chains, field = []*listener.FilterChain{l.GetDefaultFilterChain()}, "default_filter_chain"
+	}
+	if len(chains) != 1 {
+		return nil, fieldErr(kind, name, "filter_chains", "exactly one filter chain is supported, got %d", len(chains))
+	}
+	fc := chains[0]
+	if fc.GetFilterChainMatch() != nil {
+		return nil, fieldErr(kind, name, field+"[0].filter_chain_match", "not supported")
+	}
+	if fc.GetTransportSocket() != nil {
+		return nil, fieldErr(kind, name, field+"[0].transport_socket", "not supported yet")
+	}
+	filters := fc.GetFilters()
+	if len(filters) != 1 {
+		return nil, fieldErr(kind, name, field+"[0].filters", "exactly one network filter (%s or %s) is supported, got %d",
+			xds.HTTPConnectionManagerFilter, xds.TCPProxyFilter, len(filters))
+	}
+	f := filters[0]
+	ff := field + "[0].filters[0]"
+	out := &Listener{Name: name, Address: addr}
+	tc := f.GetTypedConfig()
+	if tc == nil {
+		return nil, fieldErr(kind, name, ff+".typed_config", "required")
+	}
+	switch tc.GetTypeUrl() {
+	case "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager":
+		var m hcm.HttpConnectionManager
+		if err := tc.UnmarshalTo(&m); err != nil {
+			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+		}
+		if err := m.ValidateAll(); err != nil {
+			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+		}
+		h, err := decodeHCM(&m, kind, name, ff+".typed_config")
+		if err != nil {
+			return nil, err
+		}
+		out.HTTP = h
+	case "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy":
+		var m tcpproxy.TcpProxy
+		if err := tc.UnmarshalTo(&m); err != nil {
+			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+		}
+		if err := m.ValidateAll(); err != nil {
+			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+		}
+		c := m.GetCluster()
+		if c == "" {
+			return nil, fieldErr(kind, name, ff+".typed_config.cluster", "required (weighted_clusters is not supported)")
+		}
+		out.TCP = &TCPProxy{StatPrefix: m.GetStatPrefix(), Cluster: c}
+	default:
+		return nil, fieldErr(kind, name, ff, "unsupported network filter %q (%s): supported are %s and %s",
+			f.GetName(), tc.GetTypeUrl(), xds.HTTPConnectionManagerFilter, xds.TCPProxyFilter)
+	}
+	return out, nil
+}
+
+func decodeHCM(m *hcm.HttpConnectionManager, kind, name, field string) (*HTTPConnectionManager, error) {
+	h := &HTTPConnectionManager{StatPrefix: m.GetStatPrefix(), Via: m.GetVia()}
+	switch m.GetCodecType() {
+	case hcm.HttpConnectionManager_AUTO:
+		h.Codec = CodecAuto
+	case hcm.HttpConnectionManager_HTTP1:
+		h.Codec = CodecHTTP1
+	case hcm.HttpConnectionManager_HTTP2:
+		h.Codec = CodecHTTP2
+	default:
+		return nil, fieldErr(kind, name, field+".codec_type", "unsupported codec %s", m.GetCodecType())
+	}
+	switch rs := m.GetRouteSpecifier().(type) {
+	case *hcm.HttpConnectionManager_Rds:
+		if !isADS(rs.Rds.GetConfigSource()) {
+			return nil, fieldErr(kind, name, field+".rds.config_source", "only ADS is supported")
+		}
+		h.RouteConfigName = rs.Rds.GetRouteConfigName()
+	case *hcm.HttpConnectionManager_RouteConfig:
+		rc, err := decodeRouteConfig(rs.RouteConfig)
+		if err != nil {
+			return nil, fieldErr(kind, name, field+".route_config", "%v", err)
+		}
+		h.RouteConfig = rc
+	default:
+		return nil, fieldErr(kind, name, field, "route_config or rds is required (scoped routes are not supported)")
+	}
+	filters := m.GetHttpFilters()
+	if len(filters) == 0 {
+		return nil, fieldErr(kind, name, field+".http_filters", "must end with %s", xds.RouterFilter)
+	}
+	for i, f := range filters {
+		ff := fmt.Sprintf("%s.http_filters[%d]", field, i)
+		isRouter := f.GetTypedConfig().MessageIs(&router.Router{}) || (f.GetTypedConfig() == nil && f.GetName() == xds.RouterFilter)
+		switch {
+		case isRouter && i != len(filters)-1:
+			return nil, fieldErr(kind, name, ff, "%s must be the last HTTP filter", xds.RouterFilter)
+		case !isRouter && i == len(filters)-1:
+			return nil, fieldErr(kind, name, ff, "the last HTTP filter must be %s", xds.RouterFilter)
+		case !isRouter && !f.GetIsOptional():
+			return nil, fieldErr(kind, name, ff, "unsupported HTTP filter %q", f.GetName())
+		}
+	}
+	return h, nil
+}
+
+// DecodeRouteConfig decodes and validates an Any holding a
+// RouteConfiguration.
+func DecodeRouteConfig(a *anypb.Any) (*RouteConfig, error) {
+	var rc route.RouteConfiguration
+	if err := unpack(a, &rc, "route configuration"); err != nil {
+		return nil, err
+	}
+	return decodeRouteConfig(&rc)
+}
+
+func decodeRouteConfig(rc *route.RouteConfiguration) (*RouteConfig, error) {
+	kind, name := "route configuration", rc.GetName()
+	if err := rc.ValidateAll(); err != nil {
+		return nil, fieldErr(kind, name, "", "%v", err)
+	}
+	if rc.GetVhds() != nil {
+		return nil, fieldErr(kind, name, "vhds", "not supported")
+	}
+	out := &RouteConfig{Name: name}
+	domains := map[string]string{}
+	for i, vh := range rc.GetVirtualHosts() {
+		vf := fmt.Sprintf("virtual_hosts[%d]", i)
+		v := &VirtualHost{Name: vh.GetName()}
+		for j, d := range vh.GetDomains() {
+			d = strings.ToLower(d)
+			if prev, ok := domains[d]; ok {
+				return nil, fieldErr(kind, name, fmt.Sprintf("%s.domains[%d]", vf, j), "domain %q is also in virtual host %q", d, prev)
+			}
+			if strings.Count(d, "*") > 1 || (strings.Contains(d, "*") && d != "*" && !strings.HasPrefix(d, "*") && !strings.HasSuffix(d, "*")) {
+				return nil, fieldErr(kind, name, fmt.Sprintf("%s.domains[%d]", vf, j), "wildcard only as a whole prefix or suffix: %q", d)
+			}
+			domains[d] = vh.GetName()
+			v.Domains = append(v.Domains, d)
+		}
+		if vh.GetRequireTls() != route.VirtualHost_NONE {
+			return nil, fieldErr(kind, name, vf+".require_tls", "not supported")
+		}
+		for j, r := range vh.GetRoutes() {
+			rt, err := decodeRoute(r)
+			if err != nil {
+				return nil, fieldErr(kind, name, fmt.Sprintf("%s.routes[%d]", vf, j), "%v", err)
+			}
+			v.Routes = append(v.Routes, rt)
+		}
+		out.VirtualHosts = append(out.VirtualHosts, v)
+	}
+	return out, nil
+}
+
+func decodeRoute(r *route.Route) (*Route, error) {
+	out := &Route{Name: r.GetName(), CaseSensitive: true}
+	m := r.GetMatch()
+	if cs := m.GetCaseSensitive(); cs != nil {
+		out.CaseSensitive = cs.GetValue()
+	}
+	switch p := m.GetPathSpecifier().(type) {
+	case *route.RouteMatch_Prefix:
+		out.Match, out.Path = MatchPrefix, p.Prefix
+	case *route.RouteMatch_Path:
+		out.Match, out.Path = MatchPath, p.Path
+	default:
+		return nil, fmt.Errorf("match: only prefix and path matches are supported")
+	}
+	if len(m.GetHeaders()) > 0 || len(m.GetQueryParameters()) > 0 || m.GetGrpc() != nil || m.GetRuntimeFraction() != nil ||
+		m.GetTlsContext() != nil || len(m.GetDynamicMetadata()) > 0 || len(m.GetFilterState()) > 0 {
+		return nil, fmt.Errorf("match: only the path is supported (headers, query parameters and others are not)")
+	}
+	if !out.CaseSensitive {
+		out.Path = strings.ToLower(out.Path)
+	}
+	ra, ok := r.GetAction().(*route.Route_Route)
+	if !ok {
+		return nil, fmt.Errorf("action: only route actions are supported (not redirect, direct_response or others)")
+	}
+	c := ra.Route.GetCluster()
+	if c == "" {
+		return nil, fmt.Errorf("route.cluster: required (cluster_header and weighted_clusters are not supported)")
+	}
+	out.Cluster = c
+	out.Timeout = DefaultRouteTimeout
+	if t := ra.Route.GetTimeout(); t != nil {
+		out.Timeout = t.AsDuration()
+	}
+	if out.Timeout < 0 {
+		return nil, fmt.Errorf("route.timeout: must not be negative")
+	}
+	return out, nil
+}
+
+// DecodeCluster decodes and validates an Any holding a Cluster.
+func DecodeCluster(a *anypb.Any) (*Cluster, error) {
+	var c cluster.Cluster
+	if err := unpack(a, &c, "cluster"); err != nil {
+		return nil, err
+	}
+	kind, name := "cluster", c.GetName()
+	if name == "" {
+		return nil, fieldErr(kind, name, "name", "required")
+	}
+	out := &Cluster{Name: name, ConnectTimeout: xds.DefaultConnectTimeout, Protocol: xds.ProtocolTCP}
+	if ct := c.GetConnectTimeout(); ct != nil {
+		out.ConnectTimeout = ct.AsDuration()
+	}
+	switch c.GetType() {
+	case cluster.Cluster_EDS:
+		out.Type = ClusterEDS
+		if !isADS(c.GetEdsClusterConfig().GetEdsConfig()) {
+			return nil, fieldErr(kind, name, "eds_cluster_config.eds_config", "only ADS is supported")
+		}
+		out.EDSServiceName = c.GetEdsClusterConfig().GetServiceName()
+		if out.EDSServiceName == "" {
+			out.EDSServiceName = name
+		}
+	case cluster.Cluster_STATIC:
+		out.Type = ClusterStatic
+		la, err := decodeLoadAssignment(c.GetLoadAssignment())
+		if err != nil {
+			return nil, fieldErr(kind, name, "load_assignment", "%v", err)
+		}
+		out.Static = la
+	default:
+		if c.GetClusterType() != nil {
+			return nil, fieldErr(kind, name, "cluster_type", "custom cluster types are not supported")
+		}
+		return nil, fieldErr(kind, name, "type", "unsupported discovery type %s (supported: STATIC, EDS)", c.GetType())
+	}
+	if c.GetLbPolicy() != cluster.Cluster_ROUND_ROBIN {
+		return nil, fieldErr(kind, name, "lb_policy", "unsupported %s (supported: ROUND_ROBIN)", c.GetLbPolicy())
+	}
+	if c.GetTransportSocket() != nil {
+		return nil, fieldErr(kind, name, "transport_socket", "not supported yet")
+	}
+	for key, opts := range c.GetTypedExtensionProtocolOptions() {
+		if key != xds.HTTPProtocolOptionsKey {
+			return nil, fieldErr(kind, name, "typed_extension_protocol_options", "unsupported key %q", key)
+		}
+		var po upstreamhttp.HttpProtocolOptions
+		if err := opts.UnmarshalTo(&po); err != nil {
+			return nil, fieldErr(kind, name, "typed_extension_protocol_options["+key+"]", "%v", err)
+		}
+		switch {
+		case po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil:
+			out.Protocol = xds.ProtocolHTTP2
+		case po.GetExplicitHttpConfig().GetHttpProtocolOptions() != nil:
+			out.Protocol = xds.ProtocolHTTP
+		default:
+			return nil, fieldErr(kind, name, "typed_extension_protocol_options["+key+"]", "only explicit_http_config with HTTP/1.1 or HTTP/2 is supported")
+		}
+	}
+	return out, nil
+}
+
+// DecodeLoadAssignment decodes and validates an Any holding a
+// ClusterLoadAssignment.
+func DecodeLoadAssignment(a *anypb.Any) (*LoadAssignment, error) {
+	var la endpoint.ClusterLoadAssignment
+	if err := unpack(a, &la, "cluster load assignment"); err != nil {
+		return nil, err
+	}
+	out, err := decodeLoadAssignment(&la)
+	if err != nil {
+		return nil, fieldErr("cluster load assignment", la.GetClusterName(), "", "%v", err)
+	}
+	return out, nil
+}
+
+func decodeLoadAssignment(la *endpoint.ClusterLoadAssignment) (*LoadAssignment, error) {
+	if la == nil {
+		return nil, errors.New("required")
+	}
+	out := &LoadAssignment{ClusterName: la.GetClusterName()}
+	for i, loc := range la.GetEndpoints() {
+		if loc.GetPriority() != 0 {
+			return nil, fmt.Errorf("endpoints[%d].priority: only priority 0 is supported", i)
+		}
+		for j, lbe := range loc.GetLbEndpoints() {
+			f := fmt.Sprintf("endpoints[%d].lb_endpoints[%d]", i, j)
+			ep := lbe.GetEndpoint()
+			if ep == nil {
+				return nil, fmt.Errorf("%s.endpoint: required (named endpoints are not supported)", f)
+			}
+			addr, err := socketAddress(ep.GetAddress(), false)
+			if err != nil {
+				return nil, fmt.Errorf("%s.endpoint.address: %w", f, err)
+			}
+			switch lbe.GetHealthStatus() {
+			case core.HealthStatus_UNKNOWN, core.HealthStatus_HEALTHY:
+			default:
+				continue // UNHEALTHY, DRAINING, TIMEOUT, DEGRADED take no new traffic
+			}
+			w := uint32(1)
+			if lw := lbe.GetLoadBalancingWeight(); lw != nil {
+				w = lw.GetValue()
+			}
+			out.Endpoints = append(out.Endpoints, Endpoint{Address: addr, Weight: w})
+		}
+	}
+	return out, nil
+}
+
+// socketAddress returns "host:port" of a TCP socket address. For listeners
+// the host must be an IP address and port 0 is refused.
+func socketAddress(a *core.Address, forListener bool) (string, error) {
+	sa := a.GetSocketAddress()
+	if sa == nil {
+		return "", errors.New("a socket_address is required (pipes and internal addresses are not supported)")
+	}
+	if sa.GetProtocol() != core.SocketAddress_TCP {
+		return "", fmt.Errorf("protocol %s is not supported", sa.GetProtocol())
+	}
+	pv, ok := sa.GetPortSpecifier().(*core.SocketAddress_PortValue)
+	if !ok {
+		return "", errors.New("port_value is required (named ports are not supported)")
+	}
+	if pv.PortValue == 0 || pv.PortValue > 65535 {
+		return "", fmt.Errorf("port %d out of range 1-65535", pv.PortValue)
+	}
+	host := sa.GetAddress()
+	if forListener {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return "", fmt.Errorf("listener address %q is not an IP address", host)
+		}
+	} else if host == "" {
+		return "", errors.New("address is required")
+	}
+	return net.JoinHostPort(host, strconv.Itoa(int(pv.PortValue))), nil
+}
+
+func isADS(cs *core.ConfigSource) bool {
+	return cs != nil && cs.GetAds() != nil
+}
+
+func sortedKeys(set map[string]bool) []string {
+	out := make([]string, 0, len(set))
+	for k := range set {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}

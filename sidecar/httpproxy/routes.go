@@ -1,0 +1,118 @@
+package httpproxy
+
+import (
+	"net"
+	"strings"
+
+	"github.com/meshlet/meshlet/sidecar/config"
+)
+
+// routeTable is a RouteConfig prepared for matching, plus the listener's
+// Via value. It is immutable; the server swaps whole tables.
+type routeTable struct {
+	name     string
+	exact    map[string]*config.VirtualHost
+	suffixes []wildcardHost // "*.example.com": suffix ".example.com", longest first
+	prefixes []wildcardHost // "foo.*": prefix "foo.", longest first
+	any      *config.VirtualHost
+	via      string // received-by for the Via header, "" for none
+}
+
+type wildcardHost struct {
+	part string
+	vh   *config.VirtualHost
+}
+
+func newRouteTable(rc *config.RouteConfig, via string) *routeTable {
+	t := &routeTable{exact: map[string]*config.VirtualHost{}, via: via}
+	if rc == nil {
+		return t
+	}
+	t.name = rc.Name
+	for _, vh := range rc.VirtualHosts {
+		for _, d := range vh.Domains {
+			switch {
+			case d == "*":
+				t.any = vh
+			case strings.HasPrefix(d, "*"):
+				t.suffixes = insertByLength(t.suffixes, wildcardHost{d[1:], vh})
+			case strings.HasSuffix(d, "*"):
+				t.prefixes = insertByLength(t.prefixes, wildcardHost{d[:len(d)-1], vh})
+			default:
+				t.exact[d] = vh
+			}
+		}
+	}
+	return t
+}
+
+func insertByLength(list []wildcardHost, w wildcardHost) []wildcardHost {
+	i := 0
+	for i < len(list) && len(list[i].part) >= len(w.part) {
+		i++
+	}
+	list = append(list, wildcardHost{})
+	copy(list[i+1:], list[i:])
+	list[i] = w
+	return list
+}
+
+// virtualHost selects the virtual host for an authority, Envoy's order:
+// exact, longest suffix wildcard, longest prefix wildcard, then "*". The
+// port is ignored unless a domain names it.
+func (t *routeTable) virtualHost(authority string) *config.VirtualHost {
+	host := strings.ToLower(authority)
+	if vh, ok := t.exact[host]; ok {
+		return vh
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+		if vh, ok := t.exact[host]; ok {
+			return vh
+		}
+	}
+	for _, w := range t.suffixes {
+		if strings.HasSuffix(host, w.part) && len(host) > len(w.part) {
+			return w.vh
+		}
+	}
+	for _, w := range t.prefixes {
+		if strings.HasPrefix(host, w.part) && len(host) > len(w.part) {
+			return w.vh
+		}
+	}
+	return t.any
+}
+
+// route returns the first route of the matching virtual host whose path
+// match accepts path, or nil.
+func (t *routeTable) route(authority, path string) *config.Route {
+	vh := t.virtualHost(authority)
+	if vh == nil {
+		return nil
+	}
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	var lower string
+	for _, r := range vh.Routes {
+		p := path
+		if !r.CaseSensitive {
+			if lower == "" {
+				lower = strings.ToLower(path)
+			}
+			p = lower
+		}
+		switch r.Match {
+		case config.MatchPrefix:
+			if strings.HasPrefix(p, r.Path) {
+				return r
+			}
+		case config.MatchPath:
+			if p == r.Path {
+				return r
+			}
+		}
+	}
+	return nil
+}

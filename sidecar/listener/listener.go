@@ -1,0 +1,286 @@
+// Package listener owns the sidecar's listening sockets: it binds the
+// addresses a new listener config needs (so a bind failure can be NACKed
+// before anything changes), runs one accept loop per listener that hands
+// connections to the listener's current Handler, updates handlers in place
+// when it can, and drains what is removed or replaced.
+package listener
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshlet/meshlet/sidecar/config"
+)
+
+// Handler serves the connections of one listener.
+type Handler interface {
+	// Handle takes ownership of an accepted connection and returns promptly.
+	Handle(conn net.Conn)
+	// Update applies a new config of the same listener in place, for
+	// connections already open as well as new ones. It returns false when
+	// the change needs a new Handler (another filter, another codec).
+	Update(l *config.Listener, snap *config.Snapshot) bool
+	// Shutdown stops taking connections and waits for the open ones to
+	// finish until ctx is done, then closes them.
+	Shutdown(ctx context.Context)
+}
+
+// Factory makes the Handler for a listener config.
+type Factory func(l *config.Listener, snap *config.Snapshot) (Handler, error)
+
+// DefaultDrainTimeout bounds how long removed or replaced listeners wait for
+// open connections (Envoy's --drain-time-s plays this role).
+const DefaultDrainTimeout = 60 * time.Second
+
+// Manager runs the listeners of the active config.
+type Manager struct {
+	factory Factory
+	drain   time.Duration
+	log     *slog.Logger
+
+	mu sync.Mutex // guards the fields below; never held while draining
+	// sockets are bound listening sockets by address, both those of active
+	// listeners and those bound ahead of the next Apply.
+	sockets map[string]net.Listener
+	active  map[string]*runningListener
+	closed  bool
+	// draining counts handlers being drained in the background.
+	draining sync.WaitGroup
+}
+
+// NewManager returns a Manager that builds handlers with factory and drains
+// for up to drain (DefaultDrainTimeout when 0).
+func NewManager(factory Factory, drain time.Duration, log *slog.Logger) *Manager {
+	if drain == 0 {
+		drain = DefaultDrainTimeout
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Manager{factory: factory, drain: drain, log: log, sockets: map[string]net.Listener{}, active: map[string]*runningListener{}}
+}
+
+type runningListener struct {
+	name, addr string
+	sock       net.Listener
+	handler    atomic.Pointer[handlerBox]
+	done       chan struct{} // closed when the accept loop exits
+}
+
+type handlerBox struct{ h Handler }
+
+// Bind binds every address in listeners that is not bound yet. On failure it
+// closes the sockets it bound in this call and returns an error naming the
+// listener and address, so the update can be NACKed with nothing changed.
+func (m *Manager) Bind(listeners map[string]*config.Listener) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("listener: manager closed")
+	}
+	var fresh []string
+	for _, l := range listeners {
+		if _, ok := m.sockets[l.Address]; ok {
+			continue
+		}
+		sock, err := net.Listen("tcp", l.Address)
+		if err != nil {
+			for _, a := range fresh {
+				m.sockets[a].Close()
+				delete(m.sockets, a)
+			}
+			return fmt.Errorf("listener %q: cannot bind %s: %w", l.Name, l.Address, err)
+		}
+		m.sockets[l.Address] = sock
+		fresh = append(fresh, l.Address)
+	}
+	return nil
+}
+
+// Apply makes the listeners of snap active. Addresses must have been bound
+// by Bind. Unchanged listeners keep serving; changed ones are updated in
+// place or get a new handler (the old one drains); removed ones stop
+// accepting and drain; sockets no longer needed are closed. It returns the
+// first handler construction error after applying everything else.
+func (m *Manager) Apply(snap *config.Snapshot) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("listener: manager closed")
+	}
+	var firstErr error
+	keepAddr := map[string]bool{}
+	byAddr := make(map[string]string, len(m.active))
+	for name, rl := range m.active {
+		byAddr[rl.addr] = name
+	}
+	for name, l := range snap.Listeners {
+		rl := m.active[name]
+		if rl == nil {
+			// A listener renamed at the same address takes over the running
+			// socket of the one it replaces.
+			if prev, ok := byAddr[l.Address]; ok {
+				if _, stays := snap.Listeners[prev]; !stays {
+					rl = m.active[prev]
+					delete(m.active, prev)
+					m.active[name] = rl
+				}
+			}
+		}
+		if rl != nil && rl.addr != l.Address {
+			m.stopLocked(rl)
+			rl = nil
+		}
+		if rl != nil {
+			box := rl.handler.Load()
+			if box.h.Update(l, snap) {
+				keepAddr[l.Address] = true
+				continue
+			}
+			h, err := m.factory(l, snap)
+			if err != nil {
+				firstErr = cmpErr(firstErr, fmt.Errorf("listener %q: %w", name, err))
+				keepAddr[l.Address] = true
+				continue
+			}
+			rl.handler.Store(&handlerBox{h: h})
+			m.drainInBackground(name, box.h)
+			keepAddr[l.Address] = true
+			continue
+		}
+		sock, ok := m.sockets[l.Address]
+		if !ok {
+			firstErr = cmpErr(firstErr, fmt.Errorf("listener %q: address %s was not bound", name, l.Address))
+			continue
+		}
+		h, err := m.factory(l, snap)
+		if err != nil {
+			firstErr = cmpErr(firstErr, fmt.Errorf("listener %q: %w", name, err))
+			continue
+		}
+		rl = &runningListener{name: name, addr: l.Address, sock: sock, done: make(chan struct{})}
+		rl.handler.Store(&handlerBox{h: h})
+		m.active[name] = rl
+		keepAddr[l.Address] = true
+		go m.acceptLoop(rl)
+		m.log.Info("listener: started", "listener", name, "address", l.Address)
+	}
+	for name, rl := range m.active {
+		if _, ok := snap.Listeners[name]; !ok {
+			m.stopLocked(rl)
+		}
+	}
+	for addr, sock := range m.sockets {
+		if !keepAddr[addr] {
+			sock.Close()
+			delete(m.sockets, addr)
+		}
+	}
+	return firstErr
+}
+
+func cmpErr(first, err error) error {
+	if first != nil {
+		return first
+	}
+	return err
+}
+
+// stopLocked closes rl's socket (ending its accept loop) and drains its
+// handler in the background. m.mu must be held.
+func (m *Manager) stopLocked(rl *runningListener) {
+	delete(m.active, rl.name)
+	delete(m.sockets, rl.addr)
+	rl.sock.Close()
+	m.drainInBackground(rl.name, rl.handler.Load().h)
+	m.log.Info("listener: removed; draining", "listener", rl.name, "address", rl.addr, "drain", m.drain)
+}
+
+func (m *Manager) drainInBackground(name string, h Handler) {
+	m.draining.Add(1)
+	go func() {
+		defer m.draining.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), m.drain)
+		defer cancel()
+		h.Shutdown(ctx)
+	}()
+}
+
+func (m *Manager) acceptLoop(rl *runningListener) {
+	defer close(rl.done)
+	var delay time.Duration
+	for {
+		conn, err := rl.sock.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Temporary failures (EMFILE...): back off like net/http does.
+			delay = min(max(delay*2, 5*time.Millisecond), time.Second)
+			m.log.Warn("listener: accept failed; retrying", "listener", rl.name, "error", err, "delay", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		rl.handler.Load().h.Handle(conn)
+	}
+}
+
+// Addresses returns the bound address of each active listener by name
+// (useful when a config asks for port 0 in tests).
+func (m *Manager) Addresses() map[string]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[string]string, len(m.active))
+	for name, rl := range m.active {
+		out[name] = rl.sock.Addr().String()
+	}
+	return out
+}
+
+// Close stops every listener and drains them for up to ctx's deadline (or
+// the drain timeout, whichever is sooner), then returns. It is idempotent.
+func (m *Manager) Close(ctx context.Context) {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		m.draining.Wait()
+		return
+	}
+	m.closed = true
+	var loops []chan struct{}
+	var handlers []Handler
+	for _, rl := range m.active {
+		rl.sock.Close()
+		loops = append(loops, rl.done)
+		handlers = append(handlers, rl.handler.Load().h)
+	}
+	for _, sock := range m.sockets {
+		sock.Close()
+	}
+	m.active = map[string]*runningListener{}
+	m.sockets = map[string]net.Listener{}
+	m.mu.Unlock()
+
+	for _, d := range loops {
+		<-d
+	}
+	ctx, cancel := context.WithTimeout(ctx, m.drain)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, h := range handlers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.Shutdown(ctx)
+		}()
+	}
+	wg.Wait()
+	m.draining.Wait()
+}

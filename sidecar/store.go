@@ -1,0 +1,74 @@
+package sidecar
+
+import (
+	"fmt"
+	"time"
+
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/xds"
+)
+
+// resourceState is the accepted state of one xDS type.
+type resourceState struct {
+	received bool // a response of this type has been accepted
+	version  string
+	updated  time.Time
+	raw      map[string]*anypb.Any // accepted resources by name, for config_dump
+}
+
+// decodeAll decodes and validates every resource of one response, returning
+// them by name, or the first error (which becomes the NACK detail).
+func decodeAll(typeURL string, resources []*anypb.Any) (map[string]any, map[string]*anypb.Any, error) {
+	decoded := make(map[string]any, len(resources))
+	raw := make(map[string]*anypb.Any, len(resources))
+	for i, a := range resources {
+		var (
+			name string
+			v    any
+			err  error
+		)
+		switch typeURL {
+		case xds.ListenerType:
+			var l *config.Listener
+			if l, err = config.DecodeListener(a); err == nil {
+				name, v = l.Name, l
+			}
+		case xds.RouteType:
+			var rc *config.RouteConfig
+			if rc, err = config.DecodeRouteConfig(a); err == nil {
+				name, v = rc.Name, rc
+			}
+		case xds.ClusterType:
+			var c *config.Cluster
+			if c, err = config.DecodeCluster(a); err == nil {
+				name, v = c.Name, c
+			}
+		case xds.EndpointType:
+			var la *config.LoadAssignment
+			if la, err = config.DecodeLoadAssignment(a); err == nil {
+				name, v = la.ClusterName, la
+			}
+		default:
+			return nil, nil, fmt.Errorf("unsupported resource type %s", typeURL)
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("resources[%d]: %w", i, err)
+		}
+		if _, dup := decoded[name]; dup {
+			return nil, nil, fmt.Errorf("resources[%d]: duplicate resource name %q", i, name)
+		}
+		decoded[name] = v
+		raw[name] = a
+	}
+	return decoded, raw, nil
+}
+
+func typed[T any](m map[string]any) map[string]T {
+	out := make(map[string]T, len(m))
+	for k, v := range m {
+		out[k] = v.(T)
+	}
+	return out
+}

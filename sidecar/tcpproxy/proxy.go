@@ -1,0 +1,147 @@
+// Package tcpproxy is the sidecar's opaque TCP filter chain: each downstream
+// connection is paired with a new connection to an endpoint of the cluster
+// (round robin) and bytes are copied both ways, half-closes included.
+package tcpproxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+
+	"github.com/meshlet/meshlet/sidecar/cluster"
+	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/sidecar/listener"
+)
+
+// Proxy is the listener.Handler of one TCP proxy listener.
+type Proxy struct {
+	name     string
+	clusters *cluster.Manager
+	log      *slog.Logger
+	cluster  atomic.Pointer[string]
+
+	mu       sync.Mutex // guards conns and shutdown
+	conns    map[net.Conn]struct{}
+	shutdown bool
+	wg       sync.WaitGroup // one per proxied connection
+}
+
+var _ listener.Handler = (*Proxy)(nil)
+
+// New returns the handler for the TCP proxy listener l.
+func New(l *config.Listener, clusters *cluster.Manager, log *slog.Logger) *Proxy {
+	p := &Proxy{name: l.Name, clusters: clusters, log: log, conns: map[net.Conn]struct{}{}}
+	p.cluster.Store(&l.TCP.Cluster)
+	return p
+}
+
+// Update switches the target cluster for new connections.
+func (p *Proxy) Update(l *config.Listener, _ *config.Snapshot) bool {
+	if l.TCP == nil {
+		return false
+	}
+	p.cluster.Store(&l.TCP.Cluster)
+	return true
+}
+
+// Handle proxies conn in its own goroutine.
+func (p *Proxy) Handle(conn net.Conn) {
+	p.mu.Lock()
+	if p.shutdown {
+		p.mu.Unlock()
+		conn.Close()
+		return
+	}
+	p.conns[conn] = struct{}{}
+	p.wg.Add(1)
+	p.mu.Unlock()
+	go func() {
+		defer p.wg.Done()
+		p.serve(conn)
+		p.mu.Lock()
+		delete(p.conns, conn)
+		p.mu.Unlock()
+	}()
+}
+
+// Shutdown refuses new connections and waits for open ones until ctx is
+// done, then closes them.
+func (p *Proxy) Shutdown(ctx context.Context) {
+	p.mu.Lock()
+	p.shutdown = true
+	p.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		p.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	for c := range p.conns {
+		c.Close()
+	}
+	p.mu.Unlock()
+	<-done
+}
+
+func (p *Proxy) serve(down net.Conn) {
+	defer down.Close()
+	name := *p.cluster.Load()
+	c := p.clusters.Get(name)
+	if c == nil {
+		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", name, "reason", "no_cluster")
+		return
+	}
+	ep := c.Pick()
+	if ep == nil {
+		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", name, "reason", "no_healthy_upstream")
+		return
+	}
+	up, err := ep.Dial(context.Background())
+	if err != nil {
+		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", name, "endpoint", ep.Address, "reason", "connect_failure", "error", err)
+		return
+	}
+	defer up.Close()
+	Pipe(down, up)
+}
+
+// Pipe copies a→b and b→a until both directions end. A clean EOF on one
+// side half-closes the other (CloseWrite), so protocols that half-close keep
+// working; an error in either direction closes both connections.
+func Pipe(a, b net.Conn) {
+	var wg sync.WaitGroup
+	var once sync.Once
+	abort := func() {
+		once.Do(func() {
+			a.Close()
+			b.Close()
+		})
+	}
+	half := func(dst, src net.Conn) {
+		defer wg.Done()
+		_, err := io.Copy(dst, src) // splices between TCP connections
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			abort()
+			return
+		}
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			if cw.CloseWrite() == nil {
+				return
+			}
+		}
+		abort()
+	}
+	wg.Add(2)
+	go half(b, a)
+	go half(a, b)
+	wg.Wait()
+}

@@ -1,0 +1,358 @@
+// Package xdsclient is the sidecar's ADS client (xDS v3, state of the world):
+// it subscribes, hands every response to a Handler that validates and
+// applies it, ACKs or NACKs (with the Handler's error as error_detail),
+// follows the dependent subscriptions the Handler asks for (RDS names from
+// listeners, EDS names from clusters), and reconnects with jittered backoff,
+// resuming from the last accepted versions.
+package xdsclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshlet/meshlet/xds"
+)
+
+// Handler validates and applies the resources of one response.
+type Handler interface {
+	// Update receives every resource of typeURL in one response. For
+	// listeners and clusters that is the complete set; for route
+	// configurations and load assignments, the subscribed ones the server
+	// has. A non-nil error rejects the response (NACK, its text in
+	// error_detail) and must leave the previous config in force.
+	//
+	// On success Update returns the resource names to subscribe to now for
+	// dependent types (xds.RouteType, xds.EndpointType), or nil when they
+	// do not change.
+	Update(typeURL, version string, resources []*anypb.Any) (map[string][]string, error)
+}
+
+// Defaults for Config.
+const (
+	DefaultMinBackoff = 250 * time.Millisecond
+	DefaultMaxBackoff = 10 * time.Second
+)
+
+// Config configures a Client.
+type Config struct {
+	// Server is the control plane's ADS address, "host:port". Required.
+	Server string
+	// Node identifies the proxy; Node.Id is required (the proxy service ID
+	// registered in Consul). UserAgentName defaults to xds.UserAgentName.
+	Node *core.Node
+	// Handler validates and applies responses. Required.
+	Handler Handler
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// MinBackoff and MaxBackoff bound the jittered exponential delay before
+	// reconnecting; defaults DefaultMinBackoff and DefaultMaxBackoff.
+	MinBackoff, MaxBackoff time.Duration
+	// DialOptions replace the default (plaintext) transport credentials.
+	DialOptions []grpc.DialOption
+}
+
+// Validate reports missing required fields.
+func (c *Config) Validate() error {
+	switch {
+	case c.Server == "":
+		return errors.New("xdsclient: Config.Server is required")
+	case c.Node.GetId() == "":
+		return errors.New("xdsclient: Config.Node.Id is required")
+	case c.Handler == nil:
+		return errors.New("xdsclient: Config.Handler is required")
+	}
+	return nil
+}
+
+// Status is a point-in-time view of the client for admin endpoints.
+type Status struct {
+	Connected bool
+	// Versions are the last accepted version per type URL.
+	Versions map[string]string
+	ACKs     uint64
+	NACKs    uint64
+	// LastNACK is the error_detail of the last rejected response, "" if none.
+	LastNACK string
+}
+
+// Client is an ADS client. Create it with New and run it with Run.
+type Client struct {
+	cfg Config
+
+	mu sync.Mutex // guards the fields below
+	// subs holds subscription state per type, kept across reconnects so a
+	// new stream resumes from the last accepted versions.
+	subs   map[string]*subscription
+	status Status
+}
+
+type subscription struct {
+	wildcard bool
+	names    []string // sorted; nil for wildcard
+	sent     bool     // a request for this type was sent on the current stream
+	version  string   // last accepted version
+	nonce    string   // nonce of the last response on the current stream
+}
+
+// typeOrder is the order of first subscriptions, Envoy's: clusters, then
+// endpoints, then listeners, then routes.
+var typeOrder = []string{xds.ClusterType, xds.EndpointType, xds.ListenerType, xds.RouteType}
+
+// New returns a client subscribed to all listeners and clusters (wildcard).
+func New(cfg Config) (*Client, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.MinBackoff == 0 {
+		cfg.MinBackoff = DefaultMinBackoff
+	}
+	if cfg.MaxBackoff == 0 {
+		cfg.MaxBackoff = DefaultMaxBackoff
+	}
+	if cfg.Node.GetUserAgentName() == "" {
+		cfg.Node.UserAgentName = xds.UserAgentName
+	}
+	return &Client{
+		cfg: cfg,
+		subs: map[string]*subscription{
+			xds.ClusterType:  {wildcard: true},
+			xds.ListenerType: {wildcard: true},
+		},
+		status: Status{Versions: map[string]string{}},
+	}, nil
+}
+
+// Status returns a copy of the client's status.
+func (c *Client) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.status
+	s.Versions = make(map[string]string, len(c.status.Versions))
+	for k, v := range c.status.Versions {
+		s.Versions[k] = v
+	}
+	return s
+}
+
+// Run keeps an ADS stream to the server open until ctx is done, reconnecting
+// with jittered exponential backoff. The first failure to reach the server
+// and the recovery are logged once each. It returns ctx.Err().
+func (c *Client) Run(ctx context.Context) error {
+	opts := c.cfg.DialOptions
+	if len(opts) == 0 {
+		opts = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	}
+	opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+	conn, err := grpc.NewClient(c.cfg.Server, opts...)
+	if err != nil {
+		return fmt.Errorf("xdsclient: %s: %w", c.cfg.Server, err)
+	}
+	defer conn.Close()
+	ads := discovery.NewAggregatedDiscoveryServiceClient(conn)
+
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = c.cfg.MinBackoff
+	bo.MaxInterval = c.cfg.MaxBackoff
+	bo.Reset()
+	failing := false
+	for {
+		received, err := c.runStream(ctx, ads)
+		c.setConnected(false)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if received {
+			// The stream had worked: this failure starts a new outage.
+			bo.Reset()
+			failing = false
+		}
+		if !failing {
+			c.cfg.Logger.Error("xds: control plane unreachable; serving the last accepted config and retrying with backoff",
+				"server", c.cfg.Server, "node", c.cfg.Node.GetId(), "error", err)
+			failing = true
+		} else {
+			c.cfg.Logger.Debug("xds: stream failed", "server", c.cfg.Server, "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(bo.NextBackOff()):
+		}
+	}
+}
+
+func (c *Client) setConnected(v bool) {
+	c.mu.Lock()
+	c.status.Connected = v
+	c.mu.Unlock()
+}
+
+// runStream runs one ADS stream until it fails. received reports whether
+// any response arrived (the server was reachable).
+func (c *Client) runStream(ctx context.Context, ads discovery.AggregatedDiscoveryServiceClient) (received bool, err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := ads.StreamAggregatedResources(sctx)
+	if err != nil {
+		return false, err
+	}
+	c.mu.Lock()
+	for _, s := range c.subs {
+		s.sent, s.nonce = false, ""
+	}
+	c.mu.Unlock()
+	first := true
+	for _, t := range typeOrder {
+		if req := c.request(t, "", nil, first); req != nil {
+			if err := stream.Send(req); err != nil {
+				return false, err
+			}
+			first = false
+		}
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("stream closed by server")
+			}
+			return received, err
+		}
+		if !received {
+			received = true
+			c.setConnected(true)
+			c.cfg.Logger.Info("xds: connected to control plane", "server", c.cfg.Server, "node", c.cfg.Node.GetId())
+		}
+		for _, req := range c.handle(resp) {
+			if err := stream.Send(req); err != nil {
+				return received, err
+			}
+		}
+	}
+}
+
+// handle passes resp to the Handler and returns the requests to send: the
+// ACK or NACK, then any changed dependent subscriptions.
+func (c *Client) handle(resp *discovery.DiscoveryResponse) []*discovery.DiscoveryRequest {
+	t := resp.GetTypeUrl()
+	c.mu.Lock()
+	sub, ok := c.subs[t]
+	if ok {
+		sub.nonce = resp.GetNonce()
+	}
+	c.mu.Unlock()
+	if !ok {
+		c.cfg.Logger.Warn("xds: response for a type not subscribed; ignored", "type", t)
+		return nil
+	}
+	for _, r := range resp.GetResources() {
+		if r.GetTypeUrl() != t {
+			return []*discovery.DiscoveryRequest{c.nack(t, resp, fmt.Errorf("resource of type %s in a %s response", r.GetTypeUrl(), t))}
+		}
+	}
+	deps, err := c.cfg.Handler.Update(t, resp.GetVersionInfo(), resp.GetResources())
+	if err != nil {
+		return []*discovery.DiscoveryRequest{c.nack(t, resp, err)}
+	}
+	c.mu.Lock()
+	sub.version = resp.GetVersionInfo()
+	c.status.Versions[t] = sub.version
+	c.status.ACKs++
+	c.mu.Unlock()
+	c.cfg.Logger.Debug("xds: ACK", "type", t, "version", resp.GetVersionInfo(), "resources", len(resp.GetResources()))
+	reqs := []*discovery.DiscoveryRequest{c.request(t, resp.GetNonce(), nil, false)}
+	depTypes := make([]string, 0, len(deps))
+	for dt := range deps {
+		depTypes = append(depTypes, dt)
+	}
+	slices.Sort(depTypes)
+	for _, dt := range depTypes {
+		if req := c.resubscribe(dt, deps[dt]); req != nil {
+			reqs = append(reqs, req)
+		}
+	}
+	return reqs
+}
+
+func (c *Client) nack(t string, resp *discovery.DiscoveryResponse, err error) *discovery.DiscoveryRequest {
+	c.mu.Lock()
+	c.status.NACKs++
+	c.status.LastNACK = fmt.Sprintf("%s version %s: %v", t, resp.GetVersionInfo(), err)
+	c.mu.Unlock()
+	c.cfg.Logger.Warn("xds: rejected update (NACK); keeping the last accepted config",
+		"type", t, "version", resp.GetVersionInfo(), "error", err)
+	return c.request(t, resp.GetNonce(), &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}, false)
+}
+
+// resubscribe updates the names subscribed for t and returns the request
+// announcing them, or nil when nothing changed.
+func (c *Client) resubscribe(t string, names []string) *discovery.DiscoveryRequest {
+	names = slices.Clone(names)
+	slices.Sort(names)
+	names = slices.Compact(names)
+	c.mu.Lock()
+	sub, ok := c.subs[t]
+	if !ok {
+		if len(names) == 0 {
+			c.mu.Unlock()
+			return nil // never subscribed: an empty list would read as a legacy wildcard
+		}
+		sub = &subscription{}
+		c.subs[t] = sub
+	}
+	if sub.sent && slices.Equal(sub.names, names) {
+		c.mu.Unlock()
+		return nil
+	}
+	sub.names = names
+	nonce := sub.nonce
+	c.mu.Unlock()
+	return c.request(t, nonce, nil, false)
+}
+
+// request builds a request for t from the subscription state, or nil when
+// t is not subscribed. The node is sent on the first request of a stream.
+func (c *Client) request(t, nonce string, errDetail *status.Status, withNode bool) *discovery.DiscoveryRequest {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sub, ok := c.subs[t]
+	if !ok || (!sub.wildcard && len(sub.names) == 0 && !sub.sent) {
+		return nil // an empty first request would read as a legacy wildcard
+	}
+	sub.sent = true
+	req := &discovery.DiscoveryRequest{
+		TypeUrl:       t,
+		VersionInfo:   sub.version,
+		ResponseNonce: nonce,
+		ErrorDetail:   errDetail,
+	}
+	if !sub.wildcard {
+		req.ResourceNames = slices.Clone(sub.names)
+		if req.ResourceNames == nil {
+			req.ResourceNames = []string{}
+		}
+	}
+	if withNode {
+		req.Node = c.cfg.Node
+	}
+	return req
+}
