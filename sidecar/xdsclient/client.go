@@ -187,7 +187,7 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 		if !failing {
 			c.cfg.Logger.Error("xds: control plane unreachable; serving the last accepted config and retrying with backoff",
-				"server", c.cfg.Server, "node", c.cfg.Node.GetId(), "error", err)
+				"server", c.cfg.Server, "error", err)
 			failing = true
 		} else {
 			c.cfg.Logger.Debug("xds: stream failed", "server", c.cfg.Server, "error", err)
@@ -240,7 +240,7 @@ func (c *Client) runStream(ctx context.Context, ads discovery.AggregatedDiscover
 		if !received {
 			received = true
 			c.setConnected(true)
-			c.cfg.Logger.Info("xds: connected to control plane", "server", c.cfg.Server, "node", c.cfg.Node.GetId())
+			c.cfg.Logger.Info("xds: connected to control plane", "server", c.cfg.Server)
 		}
 		for _, req := range c.handle(resp) {
 			if err := stream.Send(req); err != nil {

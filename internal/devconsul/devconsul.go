@@ -1,0 +1,245 @@
+// Package devconsul starts and stops a real Consul agent in dev mode on free
+// loopback ports, for tests and the demo. The binary is the one `make consul`
+// builds into bin/ (Consul v1.19.2 from deploy/tools/consul).
+package devconsul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// BinaryEnv names the environment variable that may point at the consul
+// binary.
+const BinaryEnv = "MESHLET_CONSUL_BIN"
+
+// FindBinary returns the consul binary: $MESHLET_CONSUL_BIN, else bin/consul
+// at the module root (found from the working directory upwards), else consul
+// on PATH. The error says how to build it.
+func FindBinary() (string, error) {
+	if p := os.Getenv(BinaryEnv); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("devconsul: %s=%s: %w", BinaryEnv, p, err)
+		}
+		return p, nil
+	}
+	if dir, err := os.Getwd(); err == nil {
+		for d := dir; ; d = filepath.Dir(d) {
+			if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+				p := filepath.Join(d, "bin", "consul")
+				if _, err := os.Stat(p); err == nil {
+					return p, nil
+				}
+				break
+			}
+			if filepath.Dir(d) == d {
+				break
+			}
+		}
+	}
+	if p, err := exec.LookPath("consul"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("devconsul: consul binary not found: run `make consul` (builds Consul v1.19.2 into bin/) or set " + BinaryEnv)
+}
+
+// Options configure Start.
+type Options struct {
+	// Binary is the consul executable; FindBinary() when empty.
+	Binary string
+	// NodeName defaults to "meshlet-dev".
+	NodeName string
+	// Log receives the agent's output; discarded when nil.
+	Log io.Writer
+	// ReadyTimeout bounds the wait for a leader; 60 s when 0.
+	ReadyTimeout time.Duration
+}
+
+// Agent is a running dev agent.
+type Agent struct {
+	// HTTPAddr is the agent's HTTP API address, "127.0.0.1:port".
+	HTTPAddr string
+	// Client talks to the agent.
+	Client *api.Client
+
+	cmd      *exec.Cmd
+	exited   chan struct{} // closed when the process has been waited for
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// Start runs `consul agent -dev` bound to 127.0.0.1 with free HTTP, gRPC,
+// Serf and server ports (DNS and gRPC-TLS off) and waits until it has
+// elected itself leader. The agent runs in its own process group and dies
+// with the parent process (PR_SET_PDEATHSIG). Stop it with Stop.
+func Start(ctx context.Context, o Options) (*Agent, error) {
+	if o.Binary == "" {
+		b, err := FindBinary()
+		if err != nil {
+			return nil, err
+		}
+		o.Binary = b
+	}
+	if o.NodeName == "" {
+		o.NodeName = "meshlet-dev"
+	}
+	if o.ReadyTimeout == 0 {
+		o.ReadyTimeout = 60 * time.Second
+	}
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ { // a free port can be taken between probe and bind
+		a, err := start(ctx, o)
+		if err == nil {
+			return a, nil
+		}
+		lastErr = err
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, lastErr
+}
+
+func start(ctx context.Context, o Options) (*Agent, error) {
+	ports, err := FreePorts(5)
+	if err != nil {
+		return nil, err
+	}
+	p := func(i int) string { return strconv.Itoa(ports[i]) }
+	cmd := exec.Command(o.Binary, "agent", "-dev",
+		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", o.NodeName,
+		"-http-port", p(0), "-grpc-port", p(1), "-grpc-tls-port", "-1",
+		"-serf-lan-port", p(2), "-serf-wan-port", p(3), "-server-port", p(4),
+		"-dns-port", "-1", "-log-level", "warn")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if o.Log != nil {
+		cmd.Stdout, cmd.Stderr = o.Log, o.Log
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("devconsul: start %s: %w", o.Binary, err)
+	}
+	a := &Agent{HTTPAddr: "127.0.0.1:" + p(0), cmd: cmd, exited: make(chan struct{})}
+	go func() {
+		_ = cmd.Wait()
+		close(a.exited)
+	}()
+	cc := api.DefaultNonPooledConfig()
+	cc.Address = a.HTTPAddr
+	a.Client, err = api.NewClient(cc)
+	if err != nil {
+		a.Stop()
+		return nil, err
+	}
+	if err := a.waitReady(ctx, o.ReadyTimeout); err != nil {
+		a.Stop()
+		return nil, err
+	}
+	return a, nil
+}
+
+func (a *Agent) waitReady(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		leader, err := a.Client.Status().Leader()
+		if err == nil && leader != "" {
+			return nil
+		}
+		select {
+		case <-a.exited:
+			return fmt.Errorf("devconsul: agent exited during start-up (%v)", a.cmd.ProcessState)
+		case <-ctx.Done():
+			return fmt.Errorf("devconsul: agent at %s not ready after %v: %v", a.HTTPAddr, timeout, err)
+		case <-tick.C:
+		}
+	}
+}
+
+// Stop terminates the agent (SIGTERM, then SIGKILL to the process group
+// after 10 s) and waits for it. It is idempotent.
+func (a *Agent) Stop() error {
+	a.stopOnce.Do(func() {
+		pgid := a.cmd.Process.Pid
+		_ = syscall.Kill(-pgid, syscall.SIGTERM)
+		select {
+		case <-a.exited:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-pgid, syscall.SIGKILL)
+			<-a.exited
+		}
+	})
+	return a.stopErr
+}
+
+// Kill stops the agent at once (SIGKILL), as a crash would.
+func (a *Agent) Kill() {
+	a.stopOnce.Do(func() {
+		_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGKILL)
+		<-a.exited
+	})
+}
+
+// Pid returns the agent's process ID.
+func (a *Agent) Pid() int { return a.cmd.Process.Pid }
+
+// StartForTest starts an agent for t and stops it in t.Cleanup. A missing
+// binary or a failed start fails the test (it is not skipped). The agent's
+// log is written to a file in t.TempDir() and printed when t fails.
+func StartForTest(t testing.TB) *Agent {
+	t.Helper()
+	logPath := filepath.Join(t.TempDir(), "consul.log")
+	f, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := Start(context.Background(), Options{Log: f})
+	if err != nil {
+		f.Close()
+		b, _ := os.ReadFile(logPath)
+		t.Fatalf("%v\nconsul log:\n%s", err, b)
+	}
+	t.Cleanup(func() {
+		a.Stop()
+		f.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("consul log:\n%s", b)
+		}
+	})
+	return a
+}
+
+// FreePorts returns n distinct TCP ports free on 127.0.0.1 at the time of
+// the call.
+func FreePorts(n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("devconsul: free port: %w", err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
