@@ -4,6 +4,7 @@
 //	SET <key> <value>  → OK
 //	GET <key>          → VALUE <value> | NOT_FOUND
 //	PING               → PONG
+//	WHO                → ID <instance>
 //	anything else      → ERR <reason>
 package main
 
@@ -23,6 +24,7 @@ import (
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:9100", "listen address")
+	id := flag.String("id", "store-1", "instance ID answered to WHO")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ln, err := net.Listen("tcp", *addr)
@@ -62,6 +64,8 @@ func main() {
 				switch {
 				case len(f) == 1 && strings.EqualFold(f[0], "PING"):
 					w.WriteString("PONG\n")
+				case len(f) == 1 && strings.EqualFold(f[0], "WHO"):
+					w.WriteString("ID " + *id + "\n")
 				case len(f) == 3 && strings.EqualFold(f[0], "SET"):
 					mu.Lock()
 					data[f[1]] = f[2]

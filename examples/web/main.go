@@ -58,7 +58,7 @@ func main() {
 	mux.HandleFunc("GET /store", func(w http.ResponseWriter, r *http.Request) {
 		key := "k" + strconv.FormatInt(seq.Add(1), 10)
 		val := "v" + strconv.FormatInt(time.Now().UnixNano(), 36)
-		got, err := setGet(*storeAddr, key, val)
+		got, instance, err := setGet(*storeAddr, key, val)
 		if err != nil {
 			writeJSON(w, http.StatusBadGateway, map[string]string{"route": "store", "error": err.Error()})
 			return
@@ -67,7 +67,7 @@ func main() {
 			writeJSON(w, http.StatusBadGateway, map[string]string{"route": "store", "error": fmt.Sprintf("GET %s = %q, want %q", key, got, val)})
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]string{"route": "store", "key": key, "value": got})
+		writeJSON(w, http.StatusOK, map[string]string{"route": "store", "instance": instance, "key": key, "value": got})
 	})
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
 
@@ -79,35 +79,40 @@ func main() {
 	}
 }
 
-// setGet stores key=val on the store service and reads it back, over one
-// TCP connection through the sidecar.
-func setGet(addr, key, val string) (string, error) {
+// setGet stores key=val on the store service, reads it back and asks which
+// instance answered, over one TCP connection through the sidecar.
+func setGet(addr, key, val string) (value, instance string, err error) {
 	conn, err := net.DialTimeout("tcp", addr, 2*time.Second)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := fmt.Fprintf(conn, "SET %s %s\nGET %s\n", key, val, key); err != nil {
-		return "", err
+	if _, err := fmt.Fprintf(conn, "SET %s %s\nGET %s\nWHO\n", key, val, key); err != nil {
+		return "", "", err
 	}
 	r := bufio.NewReader(conn)
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return "", fmt.Errorf("store: reading SET answer: %w", err)
+	answer := func(cmd, prefix string) (string, error) {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return "", fmt.Errorf("store: reading %s answer: %w", cmd, err)
+		}
+		v, ok := strings.CutPrefix(strings.TrimSpace(line), prefix)
+		if !ok {
+			return "", fmt.Errorf("store: %s answered %q", cmd, strings.TrimSpace(line))
+		}
+		return v, nil
 	}
-	if strings.TrimSpace(line) != "OK" {
-		return "", fmt.Errorf("store: SET answered %q", strings.TrimSpace(line))
+	if _, err := answer("SET", "OK"); err != nil {
+		return "", "", err
 	}
-	line, err = r.ReadString('\n')
-	if err != nil {
-		return "", fmt.Errorf("store: reading GET answer: %w", err)
+	if value, err = answer("GET", "VALUE "); err != nil {
+		return "", "", err
 	}
-	v, ok := strings.CutPrefix(strings.TrimSpace(line), "VALUE ")
-	if !ok {
-		return "", fmt.Errorf("store: GET answered %q", strings.TrimSpace(line))
+	if instance, err = answer("WHO", "ID "); err != nil {
+		return "", "", err
 	}
-	return v, nil
+	return value, instance, nil
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -65,6 +65,9 @@ type Options struct {
 	Log io.Writer
 	// ReadyTimeout bounds the wait for a leader; 60 s when 0.
 	ReadyTimeout time.Duration
+	// Detached leaves the agent running when this process exits (no
+	// PR_SET_PDEATHSIG), for `make demo KEEP=1`.
+	Detached bool
 }
 
 // Agent is a running dev agent.
@@ -123,7 +126,10 @@ func start(ctx context.Context, o Options) (*Agent, error) {
 		"-http-port", p(0), "-grpc-port", p(1), "-grpc-tls-port", "-1",
 		"-serf-lan-port", p(2), "-serf-wan-port", p(3), "-server-port", p(4),
 		"-dns-port", "-1", "-log-level", "warn")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if !o.Detached {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	}
 	if o.Log != nil {
 		cmd.Stdout, cmd.Stderr = o.Log, o.Log
 	}
@@ -192,6 +198,10 @@ func (a *Agent) Kill() {
 		<-a.exited
 	})
 }
+
+// Release forgets the agent without stopping it (after Start with
+// Detached): it keeps running when this process exits.
+func (a *Agent) Release() { a.stopOnce.Do(func() {}) }
 
 // Pid returns the agent's process ID.
 func (a *Agent) Pid() int { return a.cmd.Process.Pid }

@@ -1,0 +1,73 @@
+# meshlet — `make demo` runs the example application through the mesh;
+# `make test` runs every test (real Consul agent included).
+SHELL := /bin/bash
+GO    ?= go
+BIN   := bin
+CONSUL_VERSION := 1.19.2
+
+BINARIES := $(BIN)/controlplane $(BIN)/sidecar
+EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
+GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
+
+.PHONY: all build examples consul demo demo-stop test test-short vet fmt docker clean help
+
+all: build
+
+help:
+	@echo "make demo        build everything, run the example app through the mesh, print PASS/FAIL (KEEP=1 leaves it up)"
+	@echo "make demo-stop   stop a mesh left up by KEEP=1"
+	@echo "make test        run all tests (builds Consul $(CONSUL_VERSION) into bin/ first)"
+	@echo "make build       build bin/controlplane and bin/sidecar"
+	@echo "make consul      build bin/consul from deploy/tools/consul"
+	@echo "make docker      build the container image (needs a Docker engine)"
+
+build: $(BINARIES)
+
+$(BIN)/controlplane: $(GO_SOURCES)
+	$(GO) build -o $@ ./controlplane/cmd/controlplane
+
+$(BIN)/sidecar: $(GO_SOURCES)
+	$(GO) build -o $@ ./sidecar/cmd/sidecar
+
+examples: $(EXAMPLES)
+
+$(BIN)/web $(BIN)/api $(BIN)/store: $(GO_SOURCES)
+	$(GO) build -o $@ ./examples/$(notdir $@)
+
+$(BIN)/meshlet-demo: $(GO_SOURCES)
+	$(GO) build -o $@ ./examples/demo
+
+# Consul is built once from its own tool module (see ../shared/PEERS.md):
+# the first build takes several minutes and prints progress.
+consul: $(BIN)/consul
+
+$(BIN)/consul: deploy/tools/consul/go.mod deploy/tools/consul/go.sum
+	@mkdir -p $(BIN)
+	@deploy/tools/build-tool.sh deploy/tools/consul github.com/hashicorp/consul $@ "Consul v$(CONSUL_VERSION)"
+	@touch $@
+
+demo: $(BIN)/consul build examples
+	@$(BIN)/meshlet-demo $(if $(KEEP),-keep)
+
+demo-stop: $(BIN)/meshlet-demo
+	@$(BIN)/meshlet-demo -stop
+
+# TESTFLAGS can add e.g. -run or -v.
+test: $(BIN)/consul
+	$(GO) vet ./...
+	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+
+test-short:
+	$(GO) test -short -count=1 ./...
+
+vet:
+	$(GO) vet ./...
+
+fmt:
+	gofmt -l -w $$(git ls-files '*.go')
+
+docker:
+	docker build -t meshlet:dev .
+
+clean:
+	rm -rf .work $(BINARIES) $(EXAMPLES)

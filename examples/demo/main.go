@@ -1,0 +1,640 @@
+// Command meshlet-demo runs the example application through the mesh on
+// real parts and reports what happened. `make demo` builds everything and
+// runs it; `make demo KEEP=1` leaves the mesh up; `make demo-stop` ends it.
+//
+// It starts a Consul dev agent, the control plane (policies from
+// policies/), the web, api (two instances) and store apps with one sidecar
+// each, registers them in Consul as Connect users would, sends traffic to
+// web (which calls api over HTTP and store over TCP through its sidecar),
+// stops api-2 gracefully midway to show Consul health driving the
+// endpoints, prints a summary, stops everything it started, and ends with
+// "demo: PASS ..." or "demo: FAIL ..." (exit status 0 or 1).
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/meshlet/meshlet/internal/devconsul"
+)
+
+func main() {
+	var d demo
+	flag.StringVar(&d.binDir, "bin", "bin", "directory holding consul, controlplane, sidecar and the example apps")
+	flag.StringVar(&d.policyDir, "policies", "policies", "policy directory for the control plane")
+	flag.StringVar(&d.workDir, "workdir", ".work/demo", "where logs, registrations and the pid file go")
+	flag.BoolVar(&d.keep, "keep", false, "leave the mesh running after the summary (stop it with -stop)")
+	flag.DurationVar(&d.duration, "duration", 9*time.Second, "how long to send traffic")
+	flag.IntVar(&d.rate, "rate", 40, "requests per second on each route")
+	stop := flag.Bool("stop", false, "stop a mesh left running by -keep, and exit")
+	flag.Parse()
+	if *stop {
+		if err := stopFromPIDFile(filepath.Join(d.workDir, "pids")); err != nil {
+			fmt.Fprintln(os.Stderr, "demo:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	os.Exit(d.run())
+}
+
+type demo struct {
+	binDir, policyDir, workDir string
+	keep                       bool
+	duration                   time.Duration
+	rate                       int
+
+	ps           *procs
+	consul       *devconsul.Agent
+	start        time.Time
+	trafficStart time.Time
+	step         int
+	keepLines    []string // where to look, printed with -keep
+	// verdict is the last line: "PASS ..." or "FAIL ...".
+	verdict string
+}
+
+const steps = 8
+
+func (d *demo) say(format string, args ...any) {
+	fmt.Printf("demo: "+format+"\n", args...)
+}
+
+func (d *demo) stepf(format string, args ...any) {
+	d.step++
+	fmt.Printf("demo: [%d/%d] %s\n", d.step, steps, fmt.Sprintf(format, args...))
+}
+
+// instance describes one app with its sidecar.
+type instance struct {
+	id, service       string
+	appPort           int
+	sidecarPort       int
+	adminPort         int
+	upstreams         map[string]int // service → local bind port
+	app, sidecar      *proc
+	registration      *api.AgentServiceRegistration
+	healthCheckIsHTTP bool
+}
+
+func (in *instance) proxyID() string { return in.id + "-sidecar-proxy" }
+
+func (d *demo) run() int {
+	d.start = time.Now()
+	logDir := filepath.Join(d.workDir, "logs")
+	regDir := filepath.Join(d.workDir, "consul")
+	for _, dir := range []string{logDir, regDir} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			d.fail("cannot create %s: %v", dir, err)
+			d.say("%s", d.verdict)
+			return 1
+		}
+	}
+	if _, err := os.Stat(filepath.Join(d.workDir, "pids")); err == nil {
+		d.say("a kept demo may still be running; stopping it first")
+		_ = stopFromPIDFile(filepath.Join(d.workDir, "pids"))
+	}
+	d.ps = &procs{binDir: d.binDir, logDir: logDir, keep: d.keep}
+	for _, b := range []string{"consul", "controlplane", "sidecar", "web", "api", "store"} {
+		if _, err := os.Stat(filepath.Join(d.binDir, b)); err != nil {
+			d.fail("missing %s: run `make demo` (it builds everything first)", filepath.Join(d.binDir, b))
+			d.say("%s", d.verdict)
+			return 1
+		}
+	}
+	code := d.runMesh()
+	if d.keep && code == 0 {
+		d.say("%s", d.verdict)
+		return 0
+	}
+	d.stepf("stopping everything the demo started")
+	left := d.ps.stopAll()
+	if d.consul != nil {
+		d.consul.Stop()
+	}
+	if len(left) > 0 {
+		d.say("FAIL processes still running after stop: %s (%s)", strings.Join(left, ", "), d.verdict)
+		return 1
+	}
+	d.say("       all %d processes stopped (logs in %s)", len(d.ps.list)+1, logDir)
+	d.say("%s", d.verdict)
+	return code
+}
+
+// runMesh does steps 1-7 and returns the exit code.
+func (d *demo) runMesh() int {
+	ctx := context.Background()
+	ports, err := devconsul.FreePorts(16)
+	if err != nil {
+		return d.fail("%v", err)
+	}
+	next := func() int { p := ports[0]; ports = ports[1:]; return p }
+
+	// 1. Consul.
+	d.stepf("starting Consul dev agent (%s/consul)", d.binDir)
+	consulLog, err := os.Create(filepath.Join(d.workDir, "logs", "consul.log"))
+	if err != nil {
+		return d.fail("%v", err)
+	}
+	d.consul, err = devconsul.Start(ctx, devconsul.Options{Binary: filepath.Join(d.binDir, "consul"), Log: consulLog, Detached: d.keep})
+	if err != nil {
+		return d.fail("Consul did not start: %v (log: %s)", err, consulLog.Name())
+	}
+	d.say("       Consul is up: http://%s (UI at /ui)", d.consul.HTTPAddr)
+
+	// 2. Control plane.
+	xdsAddr := "127.0.0.1:" + strconv.Itoa(next())
+	d.stepf("starting the control plane (ADS on %s, policies from %s/)", xdsAddr, d.policyDir)
+	cp, err := d.ps.start("controlplane", "controlplane", "-consul-addr", d.consul.HTTPAddr, "-xds-addr", xdsAddr, "-policy-dir", d.policyDir)
+	if err != nil {
+		return d.fail("%v", err)
+	}
+	if err := waitFor(10*time.Second, func() error { return dialOK(xdsAddr) }); err != nil {
+		return d.fail("control plane not serving on %s: %v\n%s", xdsAddr, err, cp.tail(20))
+	}
+
+	// 3. Registrations.
+	insts := []*instance{
+		{id: "web-1", service: "web", healthCheckIsHTTP: true},
+		{id: "api-1", service: "api", healthCheckIsHTTP: true},
+		{id: "api-2", service: "api", healthCheckIsHTTP: true},
+		{id: "store-1", service: "store"},
+	}
+	for _, in := range insts {
+		in.appPort, in.sidecarPort, in.adminPort = next(), next(), next()
+	}
+	web, api1, api2, store := insts[0], insts[1], insts[2], insts[3]
+	web.upstreams = map[string]int{"api": next(), "store": next()}
+	d.stepf("registering web-1, api-1, api-2, store-1 in Consul, each with a Connect sidecar")
+	for _, in := range insts {
+		in.registration = registration(in)
+		b, _ := json.MarshalIndent(in.registration, "", "  ")
+		path := filepath.Join(d.workDir, "consul", in.id+".json")
+		if err := os.WriteFile(path, b, 0o644); err != nil {
+			return d.fail("%v", err)
+		}
+		if err := d.consul.Client.Agent().ServiceRegister(in.registration); err != nil {
+			return d.fail("register %s: %v", in.id, err)
+		}
+	}
+	d.say("       registrations as sent to Consul: %s/*.json", filepath.Join(d.workDir, "consul"))
+
+	// 4. Apps.
+	d.stepf("starting the apps: web-1 (HTTP), api-1 and api-2 (HTTP/JSON), store-1 (TCP)")
+	hostPort := func(p int) string { return "127.0.0.1:" + strconv.Itoa(p) }
+	web.app, err = d.ps.start("web-1", "web", "-addr", hostPort(web.appPort),
+		"-api-url", "http://"+hostPort(web.upstreams["api"]), "-store-addr", hostPort(web.upstreams["store"]))
+	if err != nil {
+		return d.fail("%v", err)
+	}
+	for _, in := range []*instance{api1, api2} {
+		if in.app, err = d.ps.start(in.id, "api", "-addr", hostPort(in.appPort), "-id", in.id); err != nil {
+			return d.fail("%v", err)
+		}
+	}
+	if store.app, err = d.ps.start("store-1", "store", "-addr", hostPort(store.appPort), "-id", store.id); err != nil {
+		return d.fail("%v", err)
+	}
+	for _, in := range insts {
+		if err := waitFor(10*time.Second, func() error { return dialOK(hostPort(in.appPort)) }); err != nil {
+			return d.fail("%s did not start: %v\n%s", in.id, err, in.app.tail(20))
+		}
+	}
+
+	// 5. Sidecars.
+	d.stepf("starting one sidecar per app; waiting for their first config and for Consul health checks")
+	t0 := time.Now()
+	for _, in := range insts {
+		in.sidecar, err = d.ps.start(in.proxyID(), "sidecar", "-node-id", in.proxyID(), "-service", in.service,
+			"-xds-addr", xdsAddr, "-admin-addr", hostPort(in.adminPort), "-drain-timeout", "5s")
+		if err != nil {
+			return d.fail("%v", err)
+		}
+	}
+	for _, in := range insts {
+		if err := waitFor(20*time.Second, func() error { return httpOK("http://" + hostPort(in.adminPort) + "/ready") }); err != nil {
+			return d.fail("sidecar %s not ready: %v\n%s", in.proxyID(), err, in.sidecar.tail(20))
+		}
+	}
+	webAdmin := "http://" + hostPort(web.adminPort)
+	want := map[string][]string{"api": {hostPort(api1.sidecarPort), hostPort(api2.sidecarPort)}, "store": {hostPort(store.sidecarPort)}}
+	sort.Strings(want["api"])
+	if err := waitFor(30*time.Second, func() error {
+		got, err := clusterEndpoints(webAdmin)
+		if err != nil {
+			return err
+		}
+		for c, eps := range want {
+			if !slices.Equal(got[c], eps) {
+				return fmt.Errorf("cluster %s has endpoints %v, want %v", c, got[c], eps)
+			}
+		}
+		return nil
+	}); err != nil {
+		return d.fail("web's sidecar never saw all healthy endpoints: %v\ncontrol plane log:\n%s", err, cp.tail(20))
+	}
+	d.say("       all 4 sidecars ready and all instances passing in %.1fs", time.Since(t0).Seconds())
+	d.say("       web's sidecar: api -> %v (api-1, api-2 sidecars), store -> %v", want["api"], want["store"])
+	d.keepLines = append(d.keepLines,
+		fmt.Sprintf("%-26s curl http://%s/api   curl http://%s/store", "web (the frontend):", hostPort(web.appPort), hostPort(web.appPort)))
+	for _, in := range insts {
+		if in != api2 { // api-2 is stopped during the traffic step
+			d.keepLines = append(d.keepLines, fmt.Sprintf("%-26s http://%s/ready /config_dump /listeners /clusters", in.proxyID()+" admin:", hostPort(in.adminPort)))
+		}
+	}
+
+	// 6. Traffic, with api-2 stopped midway.
+	stopAt := d.duration / 3
+	d.stepf("sending traffic to web for %v at %d req/s per route (/api -> api over HTTP, /store -> store over TCP); api-2 stops at t=%v",
+		d.duration, d.rate, stopAt)
+	res := d.traffic(ctx, "http://"+hostPort(web.appPort), stopAt, func() *stopReport {
+		return d.stopAPI2(api2, webAdmin, hostPort(api2.sidecarPort))
+	})
+
+	// 7. Summary.
+	d.stepf("summary")
+	return d.summarize(res)
+}
+
+// registration is the Consul registration a user would write for in: the
+// app with a health check, and a Connect sidecar with a TCP check on its
+// public listener and the app's upstreams.
+func registration(in *instance) *api.AgentServiceRegistration {
+	check := &api.AgentServiceCheck{
+		Name: in.id + " TCP", TCP: "127.0.0.1:" + strconv.Itoa(in.appPort), Interval: "1s", Timeout: "1s",
+	}
+	if in.healthCheckIsHTTP {
+		check = &api.AgentServiceCheck{
+			Name: in.id + " /health", HTTP: "http://127.0.0.1:" + strconv.Itoa(in.appPort) + "/health", Interval: "1s", Timeout: "1s",
+		}
+	}
+	var ups []api.Upstream
+	names := make([]string, 0, len(in.upstreams))
+	for s := range in.upstreams {
+		names = append(names, s)
+	}
+	sort.Strings(names)
+	for _, s := range names {
+		ups = append(ups, api.Upstream{DestinationName: s, LocalBindAddress: "127.0.0.1", LocalBindPort: in.upstreams[s]})
+	}
+	return &api.AgentServiceRegistration{
+		ID: in.id, Name: in.service, Address: "127.0.0.1", Port: in.appPort,
+		Check: check,
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port: in.sidecarPort,
+			Checks: api.AgentServiceChecks{{
+				Name: "sidecar public listener", TCP: "127.0.0.1:" + strconv.Itoa(in.sidecarPort), Interval: "1s", Timeout: "1s",
+			}},
+			Proxy: &api.AgentServiceConnectProxyConfig{Upstreams: ups},
+		}},
+	}
+}
+
+// stopReport is what happened when api-2 was stopped.
+type stopReport struct {
+	sigterm   time.Time
+	removedAt time.Time // when web's sidecar stopped listing api-2's sidecar; zero if never
+	exitedAt  time.Time
+	err       error
+}
+
+// stopAPI2 stops api-2 the graceful way and watches web's sidecar until
+// api-2's sidecar leaves the api cluster.
+func (d *demo) stopAPI2(api2 *instance, webAdmin, api2Sidecar string) *stopReport {
+	r := &stopReport{sigterm: time.Now()}
+	d.say("       t=%4.1fs  stopping api-2 gracefully: SIGTERM -> it fails its /health check and drains for 3s", time.Since(d.trafficStart).Seconds())
+	exited := make(chan struct{})
+	go func() {
+		api2.app.terminate(15 * time.Second)
+		close(exited)
+	}()
+	err := waitFor(10*time.Second, func() error {
+		eps, err := clusterEndpoints(webAdmin)
+		if err != nil {
+			return err
+		}
+		if slices.Contains(eps["api"], api2Sidecar) {
+			return errors.New("api-2's sidecar is still an endpoint of api at web's sidecar")
+		}
+		return nil
+	})
+	if err != nil {
+		r.err = err
+	} else {
+		r.removedAt = time.Now()
+		d.say("       t=%4.1fs  Consul marked api-2 critical; web's sidecar dropped it from api's endpoints %.2fs after SIGTERM",
+			time.Since(d.trafficStart).Seconds(), r.removedAt.Sub(r.sigterm).Seconds())
+	}
+	<-exited
+	r.exitedAt = time.Now()
+	if err := d.consul.Client.Agent().ServiceDeregister(api2.id); err != nil && r.err == nil {
+		r.err = fmt.Errorf("deregister api-2: %w", err)
+	}
+	api2.sidecar.terminate(10 * time.Second)
+	d.say("       t=%4.1fs  api-2 exited after draining; deregistered from Consul; its sidecar stopped", time.Since(d.trafficStart).Seconds())
+	return r
+}
+
+// result is one request the demo sent to web.
+type result struct {
+	route    string
+	started  time.Time
+	ok       bool
+	instance string
+	err      string
+}
+
+type trafficResult struct {
+	results []result
+	stop    *stopReport
+}
+
+func (d *demo) traffic(ctx context.Context, webURL string, stopAt time.Duration, stop func() *stopReport) *trafficResult {
+	client := &http.Client{Timeout: 10 * time.Second}
+	var mu sync.Mutex
+	var out trafficResult
+	record := func(r result) {
+		mu.Lock()
+		out.results = append(out.results, r)
+		mu.Unlock()
+	}
+	d.trafficStart = time.Now()
+	end := d.trafficStart.Add(d.duration)
+	var wg sync.WaitGroup
+	for _, route := range []string{"api", "store"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tick := time.NewTicker(time.Second / time.Duration(d.rate))
+			defer tick.Stop()
+			for now := range tick.C {
+				if now.After(end) {
+					return
+				}
+				record(get(ctx, client, webURL+"/"+route, route))
+			}
+		}()
+	}
+	stopDone := make(chan struct{})
+	go func() {
+		defer close(stopDone)
+		time.Sleep(stopAt)
+		out.stop = stop()
+	}()
+	progress := time.NewTicker(time.Second)
+	defer progress.Stop()
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	for {
+		select {
+		case <-progress.C:
+			mu.Lock()
+			line := progressLine(out.results)
+			mu.Unlock()
+			d.say("       t=%4.1fs  %s", time.Since(d.trafficStart).Seconds(), line)
+		case <-done:
+			<-stopDone
+			return &out
+		}
+	}
+}
+
+func progressLine(rs []result) string {
+	counts := map[string][2]int{}
+	for _, r := range rs {
+		c := counts[r.route]
+		if r.ok {
+			c[0]++
+		} else {
+			c[1]++
+		}
+		counts[r.route] = c
+	}
+	return fmt.Sprintf("/api %d ok %d failed | /store %d ok %d failed", counts["api"][0], counts["api"][1], counts["store"][0], counts["store"][1])
+}
+
+func get(ctx context.Context, client *http.Client, url, route string) result {
+	r := result{route: route, started: time.Now()}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	resp, err := client.Do(req)
+	if err != nil {
+		r.err = err.Error()
+		return r
+	}
+	defer resp.Body.Close()
+	var body map[string]string
+	b, _ := io.ReadAll(resp.Body)
+	_ = json.Unmarshal(b, &body)
+	if resp.StatusCode != http.StatusOK {
+		r.err = fmt.Sprintf("%s: %s", resp.Status, body["error"])
+		return r
+	}
+	r.ok, r.instance = true, body["instance"]
+	return r
+}
+
+func (d *demo) summarize(t *trafficResult) int {
+	type routeStats struct {
+		sent, ok, failed int
+		by               map[string]int
+		byAfterRemoval   map[string]int
+		errors           map[string]int
+	}
+	stats := map[string]*routeStats{}
+	for _, route := range []string{"api", "store"} {
+		stats[route] = &routeStats{by: map[string]int{}, byAfterRemoval: map[string]int{}, errors: map[string]int{}}
+	}
+	removed := time.Time{}
+	if t.stop != nil {
+		removed = t.stop.removedAt
+	}
+	for _, r := range t.results {
+		s := stats[r.route]
+		s.sent++
+		if !r.ok {
+			s.failed++
+			s.errors[r.err]++
+			continue
+		}
+		s.ok++
+		s.by[r.instance]++
+		if !removed.IsZero() && r.started.After(removed) {
+			s.byAfterRemoval[r.instance]++
+		}
+	}
+	fmt.Println()
+	fmt.Printf("  %-7s %6s %6s %7s   %s\n", "route", "sent", "ok", "failed", "answered by")
+	for _, route := range []string{"api", "store"} {
+		s := stats[route]
+		fmt.Printf("  %-7s %6d %6d %7d   %s\n", "/"+route, s.sent, s.ok, s.failed, formatCounts(s.by))
+		if route == "api" && !removed.IsZero() {
+			fmt.Printf("  %-7s %6s %6s %7s   after api-2 left the endpoints: %s\n", "", "", "", "", formatCounts(s.byAfterRemoval))
+		}
+		for e, n := range s.errors {
+			fmt.Printf("          %d x %s\n", n, e)
+		}
+	}
+	fmt.Println()
+
+	var problems []string
+	total, ok, failed := 0, 0, 0
+	for _, s := range stats {
+		total, ok, failed = total+s.sent, ok+s.ok, failed+s.failed
+	}
+	if failed > 0 {
+		problems = append(problems, fmt.Sprintf("%d requests failed", failed))
+	}
+	if stats["api"].by["api-1"] == 0 || stats["api"].by["api-2"] == 0 {
+		problems = append(problems, "both api instances should have answered before api-2 stopped")
+	}
+	if stats["store"].by["store-1"] != stats["store"].ok {
+		problems = append(problems, "store answers should all come from store-1")
+	}
+	var removal string
+	switch {
+	case t.stop == nil:
+		problems = append(problems, "api-2 was never stopped")
+	case t.stop.err != nil:
+		problems = append(problems, "stopping api-2: "+t.stop.err.Error())
+	default:
+		if n := stats["api"].byAfterRemoval["api-2"]; n > 0 {
+			problems = append(problems, fmt.Sprintf("%d requests reached api-2 after its endpoint was removed", n))
+		}
+		removal = fmt.Sprintf("; api-2 left web's endpoints %.2fs after SIGTERM", t.stop.removedAt.Sub(t.stop.sigterm).Seconds())
+	}
+	if d.keep && len(problems) == 0 {
+		d.printKeep()
+	}
+	if len(problems) > 0 {
+		d.verdict = fmt.Sprintf("FAIL %d requests, %d ok, %d failed: %s", total, ok, failed, strings.Join(problems, "; "))
+		return 1
+	}
+	d.verdict = fmt.Sprintf("PASS %d requests, %d ok, %d failed%s", total, ok, failed, removal)
+	return 0
+}
+
+func formatCounts(m map[string]int) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s: %d", k, m[k]))
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ", ")
+}
+
+func (d *demo) printKeep() {
+	pids := map[string]int{"consul": d.consul.Pid()}
+	for _, p := range d.ps.list {
+		if p.alive() {
+			pids[p.name] = p.cmd.Process.Pid
+		}
+	}
+	pidFile := filepath.Join(d.workDir, "pids")
+	if err := writePIDFile(pidFile, pids); err != nil {
+		d.say("cannot write %s: %v", pidFile, err)
+	}
+	d.consul.Release()
+	d.say("KEEP=1: the mesh stays up. Where to look:")
+	for _, l := range d.keepLines {
+		fmt.Println("    " + l)
+	}
+	fmt.Printf("    %-26s http://%s/ui\n", "Consul UI and API:", d.consul.HTTPAddr)
+	fmt.Printf("    %-26s %s/logs/\n", "logs:", d.workDir)
+	fmt.Printf("    %-26s %s/consul/\n", "registrations:", d.workDir)
+	fmt.Printf("    %-26s make demo-stop\n", "stop it:")
+}
+
+// fail reports a set-up problem now and makes it the verdict.
+func (d *demo) fail(format string, args ...any) int {
+	msg := fmt.Sprintf(format, args...)
+	d.say("error: %s", msg)
+	first, _, _ := strings.Cut(msg, "\n")
+	d.verdict = "FAIL " + first
+	return 1
+}
+
+func waitFor(timeout time.Duration, cond func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func dialOK(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
+func httpOK(url string) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s %s", url, resp.Status, strings.TrimSpace(string(b)))
+	}
+	return nil
+}
+
+// clusterEndpoints reads a sidecar's /clusters: cluster → endpoint
+// addresses, sorted.
+func clusterEndpoints(adminURL string) (map[string][]string, error) {
+	resp, err := http.Get(adminURL + "/clusters")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]string{}
+	for line := range strings.Lines(string(b)) {
+		f := strings.Split(strings.TrimSpace(line), "::")
+		if len(f) >= 2 && f[1] != "no_endpoints" {
+			out[f[0]] = append(out[f[0]], f[1])
+		}
+	}
+	for _, eps := range out {
+		sort.Strings(eps)
+	}
+	return out, nil
+}
