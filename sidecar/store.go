@@ -62,6 +62,17 @@ func decodeAll(typeURL string, resources []*anypb.Any) (map[string]any, map[stri
 		decoded[name] = v
 		raw[name] = a
 	}
+	if typeURL == xds.ListenerType {
+		byAddr := map[string]string{}
+		for name, v := range decoded {
+			l := v.(*config.Listener)
+			if other, dup := byAddr[l.Address]; dup {
+				a, b := min(name, other), max(name, other)
+				return nil, nil, fmt.Errorf("listeners %q and %q both listen on %s", a, b, l.Address)
+			}
+			byAddr[l.Address] = name
+		}
+	}
 	return decoded, raw, nil
 }
 

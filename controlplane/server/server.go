@@ -48,6 +48,7 @@ type Server struct {
 	log   *slog.Logger
 	cache cache.SnapshotCache
 	grpc  *grpc.Server
+	guard *xds.NACKGuard
 
 	changed chan struct{} // capacity 1: a rebuild is due
 	stop    context.CancelFunc
@@ -84,6 +85,7 @@ func New(cfg Config) *Server {
 		unknownLogged: map[string]bool{},
 	}
 	s.cache = cache.NewSnapshotCache(true, nodeHash{}, cacheLogger{cfg.Logger})
+	s.guard = xds.NewNACKGuard(s.cache, nodeHash{})
 	opts := append([]grpc.ServerOption{
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1 << 16),
@@ -242,7 +244,11 @@ func (nodeHash) ID(node *core.Node) string {
 func (s *Server) callbacks() xdsserver.CallbackFuncs {
 	return xdsserver.CallbackFuncs{
 		StreamRequestFunc: s.onRequest,
+		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
+			s.guard.OnStreamResponse(id, resp)
+		},
 		StreamClosedFunc: func(id int64, node *core.Node) {
+			s.guard.OnStreamClosed(id)
 			s.mu.Lock()
 			delete(s.streams, id)
 			s.mu.Unlock()
@@ -252,7 +258,8 @@ func (s *Server) callbacks() xdsserver.CallbackFuncs {
 }
 
 // onRequest logs each new node and every NACK (a request carrying
-// error_detail) with the node, the type and the error.
+// error_detail) with the node, the type, the rejected version and the
+// error, and parks the NACKed watch until the snapshot changes.
 func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 	node := req.GetNode()
 	s.mu.Lock()
@@ -278,8 +285,11 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 			"node", node.GetId())
 	}
 	if d := req.GetErrorDetail(); d != nil {
-		s.log.Warn("xds: NACK", "node", node.GetId(), "type", req.GetTypeUrl(),
-			"acceptedVersion", req.GetVersionInfo(), "nonce", req.GetResponseNonce(), "error", d.GetMessage())
+		accepted := req.GetVersionInfo()
+		rejected, parked := s.guard.OnStreamRequest(id, req)
+		s.log.Warn("xds: NACK: the proxy rejected an update and keeps its last accepted config",
+			"node", node.GetId(), "type", req.GetTypeUrl(), "rejectedVersion", rejected,
+			"acceptedVersion", accepted, "error", d.GetMessage(), "heldUntilConfigChanges", parked)
 	}
 	return nil
 }

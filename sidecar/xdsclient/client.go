@@ -100,6 +100,14 @@ type Client struct {
 	// new stream resumes from the last accepted versions.
 	subs   map[string]*subscription
 	status Status
+	// repeats counts consecutive NACKs of the same version per type, to
+	// pace them when a server keeps resending a rejected version.
+	repeats map[string]nackRepeat
+}
+
+type nackRepeat struct {
+	version string
+	n       int
 }
 
 type subscription struct {
@@ -137,7 +145,8 @@ func New(cfg Config) (*Client, error) {
 			xds.ClusterType:  {wildcard: true},
 			xds.ListenerType: {wildcard: true},
 		},
-		status: Status{Versions: map[string]string{}},
+		status:  Status{Versions: map[string]string{}},
+		repeats: map[string]nackRepeat{},
 	}, nil
 }
 
@@ -242,7 +251,15 @@ func (c *Client) runStream(ctx context.Context, ads discovery.AggregatedDiscover
 			c.setConnected(true)
 			c.cfg.Logger.Info("xds: connected to control plane", "server", c.cfg.Server)
 		}
-		for _, req := range c.handle(resp) {
+		reqs, delay := c.handle(resp)
+		if delay > 0 {
+			select {
+			case <-sctx.Done():
+				return received, sctx.Err()
+			case <-time.After(delay):
+			}
+		}
+		for _, req := range reqs {
 			if err := stream.Send(req); err != nil {
 				return received, err
 			}
@@ -251,8 +268,9 @@ func (c *Client) runStream(ctx context.Context, ads discovery.AggregatedDiscover
 }
 
 // handle passes resp to the Handler and returns the requests to send: the
-// ACK or NACK, then any changed dependent subscriptions.
-func (c *Client) handle(resp *discovery.DiscoveryResponse) []*discovery.DiscoveryRequest {
+// ACK or NACK, then any changed dependent subscriptions, and how long to
+// wait before sending them (only when NACKing a version already NACKed).
+func (c *Client) handle(resp *discovery.DiscoveryResponse) ([]*discovery.DiscoveryRequest, time.Duration) {
 	t := resp.GetTypeUrl()
 	c.mu.Lock()
 	sub, ok := c.subs[t]
@@ -262,18 +280,19 @@ func (c *Client) handle(resp *discovery.DiscoveryResponse) []*discovery.Discover
 	c.mu.Unlock()
 	if !ok {
 		c.cfg.Logger.Warn("xds: response for a type not subscribed; ignored", "type", t)
-		return nil
+		return nil, 0
 	}
 	for _, r := range resp.GetResources() {
 		if r.GetTypeUrl() != t {
-			return []*discovery.DiscoveryRequest{c.nack(t, resp, fmt.Errorf("resource of type %s in a %s response", r.GetTypeUrl(), t))}
+			return c.nack(t, resp, fmt.Errorf("resource of type %s in a %s response", r.GetTypeUrl(), t))
 		}
 	}
 	deps, err := c.cfg.Handler.Update(t, resp.GetVersionInfo(), resp.GetResources())
 	if err != nil {
-		return []*discovery.DiscoveryRequest{c.nack(t, resp, err)}
+		return c.nack(t, resp, err)
 	}
 	c.mu.Lock()
+	delete(c.repeats, t)
 	sub.version = resp.GetVersionInfo()
 	c.status.Versions[t] = sub.version
 	c.status.ACKs++
@@ -290,17 +309,37 @@ func (c *Client) handle(resp *discovery.DiscoveryResponse) []*discovery.Discover
 			reqs = append(reqs, req)
 		}
 	}
-	return reqs
+	return reqs, 0
 }
 
-func (c *Client) nack(t string, resp *discovery.DiscoveryResponse, err error) *discovery.DiscoveryRequest {
+// nack builds the NACK of resp. A version NACKed again right after its
+// previous NACK is logged at debug level and the NACK is delayed with
+// exponential backoff (MinBackoff doubling up to MaxBackoff), so a server
+// that keeps resending a rejected version cannot make the proxy spin.
+func (c *Client) nack(t string, resp *discovery.DiscoveryResponse, err error) ([]*discovery.DiscoveryRequest, time.Duration) {
+	v := resp.GetVersionInfo()
 	c.mu.Lock()
 	c.status.NACKs++
-	c.status.LastNACK = fmt.Sprintf("%s version %s: %v", t, resp.GetVersionInfo(), err)
+	c.status.LastNACK = fmt.Sprintf("%s version %s: %v", t, v, err)
+	rep := c.repeats[t]
+	if rep.version == v {
+		rep.n++
+	} else {
+		rep = nackRepeat{version: v}
+	}
+	c.repeats[t] = rep
 	c.mu.Unlock()
-	c.cfg.Logger.Warn("xds: rejected update (NACK); keeping the last accepted config",
-		"type", t, "version", resp.GetVersionInfo(), "error", err)
-	return c.request(t, resp.GetNonce(), &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}, false)
+	var delay time.Duration
+	if rep.n == 0 {
+		c.cfg.Logger.Warn("xds: rejected update (NACK); keeping the last accepted config",
+			"type", t, "version", v, "error", err)
+	} else {
+		delay = min(c.cfg.MinBackoff<<min(rep.n-1, 16), c.cfg.MaxBackoff)
+		c.cfg.Logger.Debug("xds: server resent a rejected version; NACKing again after a pause",
+			"type", t, "version", v, "times", rep.n+1, "pause", delay)
+	}
+	req := c.request(t, resp.GetNonce(), &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}, false)
+	return []*discovery.DiscoveryRequest{req}, delay
 }
 
 // resubscribe updates the names subscribed for t and returns the request
