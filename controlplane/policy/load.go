@@ -196,6 +196,9 @@ func (v *validator) document(doc *yaml.Node, set *Set, names map[string]Source) 
 	if root.Kind == yaml.DocumentNode {
 		root = root.Content[0]
 	}
+	if root.Kind == yaml.ScalarNode && root.Tag == "!!null" {
+		return // a document holding only comments, or nothing after "---"
+	}
 	v.docLine = root.Line
 	v.lines = map[string]int{}
 	indexLines(root, "", v.lines)
@@ -206,7 +209,7 @@ func (v *validator) document(doc *yaml.Node, set *Set, names map[string]Source) 
 	nErrs := len(v.errs)
 	v.checkKnown(root, reflect.TypeFor[envelope](), "")
 	var env envelope
-	if !v.decode(root, &env, "") || len(v.errs) > nErrs {
+	if len(v.errs) > nErrs || !v.decode(root, &env, "") {
 		return
 	}
 	switch {
@@ -239,7 +242,7 @@ func (v *validator) document(doc *yaml.Node, set *Set, names map[string]Source) 
 		return
 	}
 	v.checkKnown(&env.Spec, reflect.TypeOf(sp).Elem(), "spec")
-	if !v.decode(&env.Spec, sp, "spec") || len(v.errs) > nErrs {
+	if len(v.errs) > nErrs || !v.decode(&env.Spec, sp, "spec") {
 		return
 	}
 	sp.validate(v)
@@ -254,6 +257,7 @@ func (v *validator) document(doc *yaml.Node, set *Set, names map[string]Source) 
 	names[key] = src
 	switch d := sp.(type) {
 	case *ServiceDefaults:
+		d.Protocol = strings.ToLower(d.Protocol)
 		if prev, ok := set.ServiceDefaults[d.Service]; ok {
 			v.errorf("spec.service", "service %q already has ServiceDefaults %q at %s", d.Service, prev.Name, prev.Source)
 			return
@@ -288,7 +292,9 @@ func indexLines(node *yaml.Node, path string, out map[string]int) {
 }
 
 // checkKnown reports mapping keys under node that have no matching yaml
-// field in t, recursing into nested structs, maps and slices.
+// field in t, and values whose YAML kind cannot fit their field (a mapping
+// where a string belongs), recursing into nested structs, maps and slices.
+// Errors are placed on the line of the field's key.
 func (v *validator) checkKnown(node *yaml.Node, t reflect.Type, path string) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
@@ -296,11 +302,26 @@ func (v *validator) checkKnown(node *yaml.Node, t reflect.Type, path string) {
 	if node.Kind == yaml.AliasNode {
 		node = node.Alias
 	}
+	if t == reflect.TypeFor[yaml.Node]() {
+		return // raw node, checked later
+	}
+	want := ""
+	switch t.Kind() {
+	case reflect.Struct, reflect.Map:
+		want = "mapping"
+	case reflect.Slice:
+		want = "list"
+	default:
+		want = "scalar"
+	}
+	got := map[yaml.Kind]string{yaml.MappingNode: "mapping", yaml.SequenceNode: "list", yaml.ScalarNode: "scalar"}[node.Kind]
+	if got != want && !(node.Kind == yaml.ScalarNode && node.Tag == "!!null") {
+		article := map[string]string{"mapping": "a mapping", "list": "a list", "scalar": "a single value"}
+		v.errorf(path, "must be %s, not %s", article[want], article[got])
+		return
+	}
 	switch t.Kind() {
 	case reflect.Struct:
-		if t == reflect.TypeFor[yaml.Node]() || node.Kind != yaml.MappingNode {
-			return // raw node, or a type mismatch that Decode reports
-		}
 		fields := map[string]reflect.Type{}
 		var known []string
 		for i := range t.NumField() {
@@ -330,16 +351,10 @@ func (v *validator) checkKnown(node *yaml.Node, t reflect.Type, path string) {
 			v.checkKnown(node.Content[i+1], ft, p)
 		}
 	case reflect.Map:
-		if node.Kind != yaml.MappingNode {
-			return
-		}
 		for i := 0; i+1 < len(node.Content); i += 2 {
 			v.checkKnown(node.Content[i+1], t.Elem(), path+"."+node.Content[i].Value)
 		}
 	case reflect.Slice:
-		if node.Kind != yaml.SequenceNode {
-			return
-		}
 		for i, item := range node.Content {
 			v.checkKnown(item, t.Elem(), fmt.Sprintf("%s[%d]", path, i))
 		}

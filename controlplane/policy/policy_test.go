@@ -1,0 +1,195 @@
+package policy
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files in testdata/")
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// golden compares got with testdata/<name>, or rewrites it with -update.
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test -update to create it)", err)
+	}
+	if string(got) != string(want) {
+		t.Errorf("%s differs (go test -update rewrites it)\n--- got\n%s\n--- want\n%s", path, got, want)
+	}
+}
+
+func TestLoadValidDirectory(t *testing.T) {
+	set, err := Load("testdata/valid")
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	got, err := json.MarshalIndent(set, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "valid.golden.json", append(got, '\n'))
+}
+
+func TestInvalidFilesGiveFileLineFieldErrors(t *testing.T) {
+	files, err := filepath.Glob("testdata/invalid/*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no invalid cases: %v", err)
+	}
+	for _, f := range files {
+		name := strings.TrimSuffix(filepath.Base(f), ".yaml")
+		t.Run(name, func(t *testing.T) {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			set, err := Parse(map[string][]byte{f: data})
+			if err == nil {
+				t.Fatalf("Parse accepted %s: %+v", f, set)
+			}
+			if set != nil {
+				t.Errorf("Parse returned a set with its error")
+			}
+			golden(t, "invalid/"+name+".err", []byte(err.Error()+"\n"))
+		})
+	}
+}
+
+func TestProtocolLookup(t *testing.T) {
+	set, err := Load("testdata/valid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, service, want string
+		ok                  bool
+	}{
+		{name: "declared", service: "api", want: "http", ok: true},
+		{name: "declared in upper case", service: "payments", want: "grpc", ok: true},
+		{name: "defaults without protocol", service: "store", ok: false},
+		{name: "no policy", service: "web", ok: false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := set.Protocol(tc.service)
+			if string(got) != tc.want || ok != tc.ok {
+				t.Errorf("Protocol(%q) = %q, %v; want %q, %v", tc.service, got, ok, tc.want, tc.ok)
+			}
+		})
+	}
+	var nilSet *Set
+	if _, ok := nilSet.Protocol("api"); ok {
+		t.Error("nil set declares a protocol")
+	}
+}
+
+func TestLoadMissingDirectoryIsEmpty(t *testing.T) {
+	set, err := Load(filepath.Join(t.TempDir(), "nope"))
+	if err != nil || len(set.ServiceDefaults) != 0 {
+		t.Fatalf("Load(missing) = %+v, %v; want an empty set", set, err)
+	}
+}
+
+func TestWatchAppliesEditsAndKeepsLastGoodSet(t *testing.T) {
+	dir := t.TempDir()
+	write := func(content string) {
+		t.Helper()
+		// Write then rename, as editors and Kubernetes ConfigMaps do.
+		tmp := filepath.Join(dir, ".tmp")
+		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, "api.yaml")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	doc := func(protocol string) string {
+		return "apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: api}\nspec:\n  service: api\n  protocol: " + protocol + "\n"
+	}
+	write(doc("http"))
+
+	var mu sync.Mutex
+	var applied []string
+	var logs strings.Builder
+	logger := slog.New(slog.NewTextHandler(&syncWriter{w: &logs, mu: &mu}, nil))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Watch(ctx, dir, logger, func(s *Set) {
+			p, _ := s.Protocol("api")
+			mu.Lock()
+			applied = append(applied, string(p))
+			mu.Unlock()
+		})
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Watch: %v", err)
+		}
+	}()
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			mu.Lock()
+			ok := cond()
+			mu.Unlock()
+			if ok {
+				return
+			}
+			if time.Now().After(deadline) {
+				mu.Lock()
+				defer mu.Unlock()
+				t.Fatalf("timed out waiting for %s; applied %v; logs:\n%s", what, applied, logs.String())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitFor("initial set", func() bool { return len(applied) == 1 && applied[0] == "http" })
+
+	write(doc("htp"))
+	waitFor("the error logged", func() bool { return strings.Contains(logs.String(), "spec.protocol") })
+	mu.Lock()
+	if len(applied) != 1 {
+		t.Errorf("a broken edit was applied: %v", applied)
+	}
+	if !strings.Contains(logs.String(), `api.yaml:6: spec.protocol: unsupported protocol \"htp\"`) {
+		t.Errorf("log lacks file:line:field error:\n%s", logs.String())
+	}
+	mu.Unlock()
+
+	write(doc("grpc"))
+	waitFor("the fixed set", func() bool { return len(applied) == 2 && applied[1] == "grpc" })
+}
+
+type syncWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
+}

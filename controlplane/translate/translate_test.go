@@ -1,0 +1,180 @@
+package translate
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/xds"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files in testdata/")
+
+// catalog is the mesh of the demo: web calls api (two healthy sidecars, one
+// failing) over HTTP and store over TCP.
+func catalog() *model.Catalog {
+	proxy := func(id, svc string, port int, healthy bool, ups ...model.Upstream) *model.Proxy {
+		return &model.Proxy{
+			ID: id, Node: "n1", Service: svc, ServiceID: svc + "-x", Address: "10.0.0.1", Port: port,
+			LocalAppAddress: "127.0.0.1", LocalAppPort: port - 1000, Upstreams: ups, Weight: 1, Healthy: healthy,
+		}
+	}
+	return model.NewCatalog(
+		map[string]*model.Service{
+			"api": {Name: "api", Instances: []model.Instance{
+				{ID: "api-1", Address: "10.0.0.1", Port: 20001, Weight: 1, Healthy: true},
+				{ID: "api-2", Address: "10.0.0.2", Port: 20002, Weight: 3, Healthy: true},
+				{ID: "api-3", Address: "10.0.0.3", Port: 20003, Weight: 1, Healthy: false},
+			}},
+			"store": {Name: "store", Protocol: "tcp", Instances: []model.Instance{{ID: "store-1", Address: "10.0.0.4", Port: 20100, Weight: 1, Healthy: true}}},
+			"web":   {Name: "web", Protocol: "http", Instances: []model.Instance{{ID: "web-1", Address: "10.0.0.5", Port: 20000, Weight: 1, Healthy: true}}},
+			"empty": {Name: "empty"},
+		},
+		map[string]*model.Proxy{
+			"web-1-sidecar-proxy": proxy("web-1-sidecar-proxy", "web", 21000, true,
+				model.Upstream{Service: "api", BindAddress: "127.0.0.1", BindPort: 9191},
+				model.Upstream{Service: "store", BindAddress: "127.0.0.1", BindPort: 9192},
+				model.Upstream{Service: "api", BindAddress: "127.0.0.1", BindPort: 9193}, // duplicate: ignored
+			),
+			"api-1-sidecar-proxy":   proxy("api-1-sidecar-proxy", "api", 21001, true),
+			"api-2-sidecar-proxy":   proxy("api-2-sidecar-proxy", "api", 21002, true),
+			"api-3-sidecar-proxy":   proxy("api-3-sidecar-proxy", "api", 21003, false),
+			"store-1-sidecar-proxy": proxy("store-1-sidecar-proxy", "store", 21100, true),
+		},
+	)
+}
+
+func policies(t *testing.T) *policy.Set {
+	t.Helper()
+	set, err := policy.Parse(map[string][]byte{"policies/api.yaml": []byte(
+		"apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: api}\nspec: {service: api, protocol: http}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return set
+}
+
+// render turns resources into stable, indented JSON.
+func render(t *testing.T, r Resources) []byte {
+	t.Helper()
+	section := func(msgs []proto.Message) []json.RawMessage {
+		out := []json.RawMessage{}
+		for _, m := range msgs {
+			b, err := protojson.Marshal(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, b)
+		}
+		return out
+	}
+	var ls, rs, cs, es []proto.Message
+	for _, x := range r.Listeners {
+		ls = append(ls, x)
+	}
+	for _, x := range r.Routes {
+		rs = append(rs, x)
+	}
+	for _, x := range r.Clusters {
+		cs = append(cs, x)
+	}
+	for _, x := range r.Endpoints {
+		es = append(es, x)
+	}
+	b, err := json.Marshal(map[string][]json.RawMessage{
+		"listeners": section(ls), "routes": section(rs), "clusters": section(cs), "endpoints": section(es),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := json.Indent(&out, b, "", "  "); err != nil {
+		t.Fatal(err)
+	}
+	out.WriteByte('\n')
+	return out.Bytes()
+}
+
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (go test -update creates it)", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s differs (go test -update rewrites it)\n--- got\n%s", path, got)
+	}
+}
+
+func TestProxyGolden(t *testing.T) {
+	cat, pol := catalog(), policies(t)
+	tests := []struct{ name, proxy string }{
+		{name: "web-sidecar", proxy: "web-1-sidecar-proxy"},     // HTTP inbound; HTTP and TCP upstreams
+		{name: "api-sidecar", proxy: "api-1-sidecar-proxy"},     // protocol from a policy file
+		{name: "store-sidecar", proxy: "store-1-sidecar-proxy"}, // TCP inbound from service meta
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := Proxy(cat, pol, cat.Proxies[tc.proxy])
+			golden(t, tc.name+".golden.json", render(t, r))
+		})
+	}
+}
+
+func TestProxylessGolden(t *testing.T) {
+	golden(t, "proxyless.golden.json", render(t, Proxyless(catalog(), policies(t))))
+}
+
+func TestProtocolPrecedence(t *testing.T) {
+	cat := model.NewCatalog(map[string]*model.Service{
+		"a": {Name: "a", Protocol: "grpc"},
+		"b": {Name: "b", Protocol: "bogus"},
+		"c": {Name: "c"},
+	}, nil)
+	pol, err := policy.Parse(map[string][]byte{"p.yaml": []byte(
+		"apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: a}\nspec: {service: a, protocol: http2}\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, service string
+		want          xds.Protocol
+	}{
+		{name: "policy file beats Consul meta", service: "a", want: xds.ProtocolHTTP2},
+		{name: "unknown meta value falls back to tcp", service: "b", want: xds.ProtocolTCP},
+		{name: "nothing declared is tcp", service: "c", want: xds.ProtocolTCP},
+		{name: "unknown service is tcp", service: "zzz", want: xds.ProtocolTCP},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := Protocol(cat, pol, tc.service); got != tc.want {
+				t.Errorf("Protocol(%q) = %q, want %q", tc.service, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestDeterministic(t *testing.T) {
+	cat, pol := catalog(), policies(t)
+	first := render(t, Proxy(cat, pol, cat.Proxies["web-1-sidecar-proxy"]))
+	for range 20 {
+		if got := render(t, Proxy(cat, pol, cat.Proxies["web-1-sidecar-proxy"])); !bytes.Equal(got, first) {
+			t.Fatal("Proxy output changed between identical calls")
+		}
+	}
+}
