@@ -3,6 +3,7 @@ package xds
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"time"
 
@@ -232,22 +233,38 @@ type Endpoint struct {
 	// Weight is the load-balancing weight (Envoy:
 	// LbEndpoint.load_balancing_weight); 0 means 1.
 	Weight int
+	// Region names the endpoint's locality (Envoy: Locality.region): the
+	// Consul datacenter. "" becomes DefaultRegion.
+	Region string
 }
+
+// DefaultRegion is the locality region of endpoints whose datacenter is
+// unknown. grpc-go rejects localities without an ID, so there always is one.
+const DefaultRegion = "dc1"
 
 // String returns "host:port".
 func (e Endpoint) String() string { return net.JoinHostPort(e.Host, strconv.Itoa(e.Port)) }
 
 // NewLoadAssignment returns the ClusterLoadAssignment of clusterName with the
-// given endpoints, all HEALTHY, in one locality of weight 1 (grpc-go ignores
-// localities of weight 0).
+// given endpoints, all HEALTHY, grouped into one locality per region (sorted,
+// each of weight 1: grpc-go ignores localities of weight 0 and rejects
+// localities without an ID).
 func NewLoadAssignment(clusterName string, endpoints []Endpoint) *endpoint.ClusterLoadAssignment {
-	lbs := make([]*endpoint.LbEndpoint, 0, len(endpoints))
+	byRegion := map[string][]*endpoint.LbEndpoint{}
+	var regions []string
 	for _, e := range endpoints {
 		w := e.Weight
 		if w <= 0 {
 			w = 1
 		}
-		lbs = append(lbs, &endpoint.LbEndpoint{
+		r := e.Region
+		if r == "" {
+			r = DefaultRegion
+		}
+		if _, ok := byRegion[r]; !ok {
+			regions = append(regions, r)
+		}
+		byRegion[r] = append(byRegion[r], &endpoint.LbEndpoint{
 			HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
 				Address: SocketAddress(e.Host, e.Port),
 			}},
@@ -255,13 +272,16 @@ func NewLoadAssignment(clusterName string, endpoints []Endpoint) *endpoint.Clust
 			LoadBalancingWeight: wrapperspb.UInt32(uint32(w)),
 		})
 	}
-	return &endpoint.ClusterLoadAssignment{
-		ClusterName: clusterName,
-		Endpoints: []*endpoint.LocalityLbEndpoints{{
-			LbEndpoints:         lbs,
+	slices.Sort(regions)
+	cla := &endpoint.ClusterLoadAssignment{ClusterName: clusterName, Endpoints: []*endpoint.LocalityLbEndpoints{}}
+	for _, r := range regions {
+		cla.Endpoints = append(cla.Endpoints, &endpoint.LocalityLbEndpoints{
+			Locality:            &core.Locality{Region: r},
+			LbEndpoints:         byRegion[r],
 			LoadBalancingWeight: wrapperspb.UInt32(1),
-		}},
+		})
 	}
+	return cla
 }
 
 // ADSConfigSource returns a config source pointing at the ADS stream.

@@ -37,13 +37,14 @@ func BuildCatalog(entries map[string][]*api.ServiceEntry) *model.Catalog {
 				services[name] = s
 			}
 			in := model.Instance{
-				ID:      e.Service.ID,
-				Node:    nodeName(e),
-				Address: serviceAddress(e),
-				Port:    e.Service.Port,
-				Meta:    e.Service.Meta,
-				Weight:  passingWeight(e.Service.Weights),
-				Healthy: e.Checks.AggregatedStatus() == api.HealthPassing,
+				ID:         e.Service.ID,
+				Node:       nodeName(e),
+				Datacenter: datacenter(e),
+				Address:    serviceAddress(e),
+				Port:       e.Service.Port,
+				Meta:       e.Service.Meta,
+				Weight:     passingWeight(e.Service.Weights),
+				Healthy:    e.Checks.AggregatedStatus() == api.HealthPassing,
 			}
 			s.Instances = append(s.Instances, in)
 			instances[key{in.Node, in.ID}] = in
@@ -70,6 +71,7 @@ func BuildCatalog(entries map[string][]*api.ServiceEntry) *model.Catalog {
 			p := &model.Proxy{
 				ID:              e.Service.ID,
 				Node:            nodeName(e),
+				Datacenter:      datacenter(e),
 				Service:         pc.DestinationServiceName,
 				ServiceID:       pc.DestinationServiceID,
 				Address:         serviceAddress(e),
@@ -108,6 +110,13 @@ func nodeName(e *api.ServiceEntry) string {
 		return ""
 	}
 	return e.Node.Node
+}
+
+func datacenter(e *api.ServiceEntry) string {
+	if e.Node == nil {
+		return ""
+	}
+	return e.Node.Datacenter
 }
 
 func serviceAddress(e *api.ServiceEntry) string {

@@ -58,11 +58,12 @@ type Service struct {
 
 // Instance is one registered instance of a service.
 type Instance struct {
-	ID      string // Consul service ID, unique per agent
-	Node    string // Consul node name
-	Address string // service address, or the node address when unset
-	Port    int
-	Meta    map[string]string
+	ID         string // Consul service ID, unique per agent
+	Node       string // Consul node name
+	Datacenter string // Consul datacenter of the node
+	Address    string // service address, or the node address when unset
+	Port       int
+	Meta       map[string]string
 	// Weight for load balancing while passing (Consul Weights.Passing;
 	// default 1).
 	Weight int
@@ -77,8 +78,9 @@ func (i Instance) HostPort() string { return net.JoinHostPort(i.Address, strconv
 // Proxy is a sidecar proxy registration (Consul kind "connect-proxy").
 type Proxy struct {
 	// ID is the proxy's service ID in Consul and its xDS node ID.
-	ID   string
-	Node string
+	ID         string
+	Node       string
+	Datacenter string // Consul datacenter of the node
 	// Service is the destination service the proxy fronts
 	// (Proxy.DestinationServiceName).
 	Service string

@@ -90,7 +90,7 @@ func sidecarEndpoints(cat *model.Catalog, service string) []xds.Endpoint {
 	var eps []xds.Endpoint
 	for _, p := range cat.ProxiesFor(service) {
 		if p.Healthy {
-			eps = append(eps, xds.Endpoint{Host: p.Address, Port: p.Port, Weight: p.Weight})
+			eps = append(eps, xds.Endpoint{Host: p.Address, Port: p.Port, Weight: p.Weight, Region: p.Datacenter})
 		}
 	}
 	return eps
@@ -112,7 +112,7 @@ func Proxyless(cat *model.Catalog, pol *policy.Set) Resources {
 		var eps []xds.Endpoint
 		for _, in := range s.Instances {
 			if in.Healthy {
-				eps = append(eps, xds.Endpoint{Host: in.Address, Port: in.Port, Weight: in.Weight})
+				eps = append(eps, xds.Endpoint{Host: in.Address, Port: in.Port, Weight: in.Weight, Region: in.Datacenter})
 			}
 		}
 		r.Endpoints = append(r.Endpoints, xds.NewLoadAssignment(cn, eps))

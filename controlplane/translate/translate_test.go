@@ -31,7 +31,7 @@ func catalog() *model.Catalog {
 		map[string]*model.Service{
 			"api": {Name: "api", Instances: []model.Instance{
 				{ID: "api-1", Address: "10.0.0.1", Port: 20001, Weight: 1, Healthy: true},
-				{ID: "api-2", Address: "10.0.0.2", Port: 20002, Weight: 3, Healthy: true},
+				{ID: "api-2", Address: "10.0.0.2", Port: 20002, Weight: 3, Healthy: true, Datacenter: "dc2"},
 				{ID: "api-3", Address: "10.0.0.3", Port: 20003, Weight: 1, Healthy: false},
 			}},
 			"store": {Name: "store", Protocol: "tcp", Instances: []model.Instance{{ID: "store-1", Address: "10.0.0.4", Port: 20100, Weight: 1, Healthy: true}}},
@@ -45,11 +45,16 @@ func catalog() *model.Catalog {
 				model.Upstream{Service: "api", BindAddress: "127.0.0.1", BindPort: 9193}, // duplicate: ignored
 			),
 			"api-1-sidecar-proxy":   proxy("api-1-sidecar-proxy", "api", 21001, true),
-			"api-2-sidecar-proxy":   proxy("api-2-sidecar-proxy", "api", 21002, true),
+			"api-2-sidecar-proxy":   inDC("dc2", proxy("api-2-sidecar-proxy", "api", 21002, true)),
 			"api-3-sidecar-proxy":   proxy("api-3-sidecar-proxy", "api", 21003, false),
 			"store-1-sidecar-proxy": proxy("store-1-sidecar-proxy", "store", 21100, true),
 		},
 	)
+}
+
+func inDC(dc string, p *model.Proxy) *model.Proxy {
+	p.Datacenter = dc
+	return p
 }
 
 func policies(t *testing.T) *policy.Set {

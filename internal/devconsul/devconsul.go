@@ -65,6 +65,9 @@ type Options struct {
 	Log io.Writer
 	// ReadyTimeout bounds the wait for a leader; 60 s when 0.
 	ReadyTimeout time.Duration
+	// HTTPPort fixes the HTTP API port (0 picks a free one), for tests that
+	// point a client at an agent before it exists.
+	HTTPPort int
 	// Detached leaves the agent running when this process exits (no
 	// PR_SET_PDEATHSIG), for `make demo KEEP=1`.
 	Detached bool
@@ -119,6 +122,9 @@ func start(ctx context.Context, o Options) (*Agent, error) {
 	ports, err := FreePorts(5)
 	if err != nil {
 		return nil, err
+	}
+	if o.HTTPPort != 0 {
+		ports[0] = o.HTTPPort
 	}
 	p := func(i int) string { return strconv.Itoa(ports[i]) }
 	cmd := exec.Command(o.Binary, "agent", "-dev",
@@ -211,12 +217,19 @@ func (a *Agent) Pid() int { return a.cmd.Process.Pid }
 // log is written to a file in t.TempDir() and printed when t fails.
 func StartForTest(t testing.TB) *Agent {
 	t.Helper()
+	return StartForTestWith(t, Options{})
+}
+
+// StartForTestWith is StartForTest with options (Log is set by it).
+func StartForTestWith(t testing.TB, o Options) *Agent {
+	t.Helper()
 	logPath := filepath.Join(t.TempDir(), "consul.log")
 	f, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := Start(context.Background(), Options{Log: f})
+	o.Log = f
+	a, err := Start(context.Background(), o)
 	if err != nil {
 		f.Close()
 		b, _ := os.ReadFile(logPath)

@@ -1,0 +1,177 @@
+package consul
+
+import (
+	"context"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/goleak"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/internal/devconsul"
+	"github.com/meshlet/meshlet/internal/testlog"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// latest keeps the last published catalog.
+type latest struct {
+	mu  sync.Mutex
+	cat *model.Catalog
+	n   int
+}
+
+func (l *latest) publish(c *model.Catalog) {
+	l.mu.Lock()
+	l.cat, l.n = c, l.n+1
+	l.mu.Unlock()
+}
+
+func (l *latest) wait(t *testing.T, timeout time.Duration, what string, cond func(*model.Catalog) bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		l.mu.Lock()
+		c := l.cat
+		l.mu.Unlock()
+		if c != nil && cond(c) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+type safeBuffer = testlog.Buffer
+
+func runWatcher(t *testing.T, addr string, logs *safeBuffer) *latest {
+	t.Helper()
+	cc := api.DefaultNonPooledConfig()
+	cc.Address = addr
+	client, err := api.NewClient(cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := New(Config{Client: client, Address: addr, Logger: slog.New(slog.NewTextHandler(logs, nil)),
+		MinBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &latest{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = w.Run(ctx, l.publish)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	return l
+}
+
+func register(t *testing.T, c *api.Client, id string, port int) {
+	t.Helper()
+	err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: id, Name: "api", Address: "127.0.0.1", Port: port,
+		Check: &api.AgentServiceCheck{CheckID: id + "-ttl", TTL: "30s", Status: api.HealthPassing},
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port:   port + 1000,
+			Checks: api.AgentServiceChecks{{CheckID: id + "-sidecar-ttl", TTL: "30s", Status: api.HealthPassing}},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func healthyProxies(c *model.Catalog) []string {
+	var out []string
+	for _, p := range c.ProxiesFor("api") {
+		if p.Healthy {
+			out = append(out, p.ID)
+		}
+	}
+	return out
+}
+
+func TestWatcherFollowsConsulWithin2s(t *testing.T) {
+	agent := devconsul.StartForTest(t)
+	register(t, agent.Client, "api-1", 9001)
+	logs := &safeBuffer{}
+	l := runWatcher(t, agent.HTTPAddr, logs)
+	l.wait(t, 5*time.Second, "api-1's sidecar", func(c *model.Catalog) bool {
+		return strings.Join(healthyProxies(c), ",") == "api-1-sidecar-proxy"
+	})
+
+	steps := []struct {
+		name   string
+		change func()
+		want   string
+	}{
+		{"instance added", func() { register(t, agent.Client, "api-2", 9002) }, "api-1-sidecar-proxy,api-2-sidecar-proxy"},
+		{"instance failing its check", func() {
+			if err := agent.Client.Agent().UpdateTTL("api-1-ttl", "test: failing on purpose", api.HealthCritical); err != nil {
+				t.Fatal(err)
+			}
+		}, "api-2-sidecar-proxy"},
+		{"instance passing again", func() {
+			if err := agent.Client.Agent().UpdateTTL("api-1-ttl", "", api.HealthPassing); err != nil {
+				t.Fatal(err)
+			}
+		}, "api-1-sidecar-proxy,api-2-sidecar-proxy"},
+		{"instance removed", func() {
+			if err := agent.Client.Agent().ServiceDeregister("api-2"); err != nil {
+				t.Fatal(err)
+			}
+		}, "api-1-sidecar-proxy"},
+	}
+	for _, st := range steps {
+		t.Run(st.name, func(t *testing.T) {
+			start := time.Now()
+			st.change()
+			l.wait(t, 2*time.Second, st.want, func(c *model.Catalog) bool { return strings.Join(healthyProxies(c), ",") == st.want })
+			t.Logf("seen after %v", time.Since(start))
+		})
+	}
+	if strings.Contains(logs.String(), "unreachable") {
+		t.Errorf("unexpected unreachable log:\n%s", logs.String())
+	}
+}
+
+func TestWatcherRecoversWhenConsulComesUp(t *testing.T) {
+	ports, err := devconsul.FreePorts(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "127.0.0.1:" + itoa(ports[0])
+	logs := &safeBuffer{}
+	l := runWatcher(t, addr, logs) // nothing listens there yet
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(logs.String(), "consul: agent unreachable") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no unreachable log line; logs:\n%s", logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	agent := devconsul.StartForTestWith(t, devconsul.Options{HTTPPort: ports[0]})
+	register(t, agent.Client, "api-1", 9001)
+	l.wait(t, 10*time.Second, "catalog after Consul came up", func(c *model.Catalog) bool { return len(healthyProxies(c)) == 1 })
+	out := logs.String()
+	if n := strings.Count(out, "consul: agent unreachable"); n != 1 {
+		t.Errorf("unreachable logged %d times, want exactly once:\n%s", n, out)
+	}
+	if !strings.Contains(out, "consul: agent reachable again") {
+		t.Errorf("no recovery log line:\n%s", out)
+	}
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }

@@ -1,0 +1,345 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/meshlet/meshlet/controlplane"
+	"github.com/meshlet/meshlet/internal/devconsul"
+	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/sidecar"
+)
+
+// mesh is one test's mesh: a real Consul agent, the control plane and
+// sidecars, all on loopback.
+type mesh struct {
+	t         *testing.T
+	consul    *devconsul.Agent
+	policyDir string
+	xdsAddr   string
+	cpLog     *testlog.Buffer
+}
+
+func newMesh(t *testing.T) *mesh {
+	t.Helper()
+	m := &mesh{t: t, consul: devconsul.StartForTest(t), policyDir: t.TempDir()}
+	return m
+}
+
+// writePolicy writes a policy file into the mesh's policy directory.
+func (m *mesh) writePolicy(name, content string) {
+	m.t.Helper()
+	tmp := filepath.Join(m.policyDir, "."+name)
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+		m.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(m.policyDir, name)); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+func serviceDefaults(service, protocol string) string {
+	return fmt.Sprintf("apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata:\n  name: %s\nspec:\n  service: %s\n  protocol: %s\n", service, service, protocol)
+}
+
+// startControlPlane runs the control plane against consulAddr (the mesh's
+// agent when ""), serving ADS on xdsAddr ("127.0.0.1:0" when "").
+func (m *mesh) startControlPlane(consulAddr, xdsAddr string) {
+	m.t.Helper()
+	if consulAddr == "" {
+		consulAddr = m.consul.HTTPAddr
+	}
+	if xdsAddr == "" {
+		xdsAddr = "127.0.0.1:0"
+	}
+	logger, buf := testlog.New(m.t, "controlplane")
+	m.cpLog = buf
+	ready := make(chan string, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- controlplane.Run(ctx, controlplane.Config{
+			XDSAddress: xdsAddr, ConsulAddress: consulAddr, PolicyDir: m.policyDir, Logger: logger,
+			Ready: func(a net.Addr) { ready <- a.String() },
+		})
+	}()
+	m.t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			m.t.Errorf("controlplane.Run: %v", err)
+		}
+	})
+	select {
+	case m.xdsAddr = <-ready:
+	case err := <-done:
+		m.t.Fatalf("control plane exited: %v", err)
+	case <-time.After(10 * time.Second):
+		m.t.Fatal("control plane not serving after 10s")
+	}
+}
+
+// proxy is a running sidecar.
+type proxy struct {
+	s     *sidecar.Sidecar
+	log   *testlog.Buffer
+	admin string // http://host:port
+	stop  func()
+}
+
+// startSidecar runs a sidecar for node against xdsAddr (the mesh's when
+// "").
+func (m *mesh) startSidecar(node, xdsAddr string) *proxy {
+	m.t.Helper()
+	if xdsAddr == "" {
+		xdsAddr = m.xdsAddr
+	}
+	logger, buf := testlog.New(m.t, node)
+	s, err := sidecar.New(sidecar.Config{
+		NodeID: node, XDSAddress: xdsAddr, AdminAddress: "127.0.0.1:0", DrainTimeout: 2 * time.Second,
+		XDSMinBackoff: 50 * time.Millisecond, XDSMaxBackoff: 500 * time.Millisecond, Logger: logger,
+	})
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	var once sync.Once
+	p := &proxy{s: s, log: buf, admin: "http://" + s.AdminAddr().String()}
+	p.stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				m.t.Errorf("sidecar %s: %v", node, err)
+			}
+		})
+	}
+	m.t.Cleanup(p.stop)
+	return p
+}
+
+func (p *proxy) waitReady(t *testing.T) {
+	t.Helper()
+	waitUntil(t, 10*time.Second, "sidecar ready", p.s.IsReady)
+}
+
+// endpoints returns the endpoint addresses of cluster, sorted.
+func (p *proxy) endpoints(cluster string) []string {
+	var out []string
+	for _, c := range p.s.Clusters() {
+		if c.Name == cluster {
+			for _, e := range c.Endpoints {
+				out = append(out, e.Address)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// app is an HTTP server answering {"instance": id, "via": ...}.
+type app struct {
+	id   string
+	port int
+	hits atomic.Int64
+	srv  *http.Server
+	done chan struct{}
+}
+
+func startApp(t *testing.T, id string) *app {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &app{id: id, port: l.Addr().(*net.TCPAddr).Port, done: make(chan struct{})}
+	a.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a.hits.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]string{"instance": id, "via": strings.Join(r.Header.Values("Via"), ", ")})
+	})}
+	go func() {
+		defer close(a.done)
+		_ = a.srv.Serve(l)
+	}()
+	t.Cleanup(a.stop)
+	return a
+}
+
+func (a *app) stop() {
+	_ = a.srv.Close()
+	<-a.done
+}
+
+// svc describes a registration: an app instance with a TTL check and a
+// Connect sidecar with its own TTL check (so tests flip health at will).
+type svc struct {
+	id, name    string
+	appPort     int
+	sidecarPort int
+	upstreams   map[string]int // destination → local bind port
+	meta        map[string]string
+	// sidecarCritical registers the sidecar's check as critical, so the
+	// instance takes traffic only once the test marks it passing.
+	sidecarCritical bool
+}
+
+func (s svc) proxyID() string { return s.id + "-sidecar-proxy" }
+
+func (m *mesh) register(s svc) {
+	m.t.Helper()
+	var ups []api.Upstream
+	for dest, port := range s.upstreams {
+		ups = append(ups, api.Upstream{DestinationName: dest, LocalBindPort: port})
+	}
+	slices.SortFunc(ups, func(a, b api.Upstream) int { return strings.Compare(a.DestinationName, b.DestinationName) })
+	sidecarStatus := api.HealthPassing
+	if s.sidecarCritical {
+		sidecarStatus = api.HealthCritical
+	}
+	err := m.consul.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{
+		ID: s.id, Name: s.name, Address: "127.0.0.1", Port: s.appPort, Meta: s.meta,
+		Check: &api.AgentServiceCheck{CheckID: s.id + ":app", TTL: "10m", Status: api.HealthPassing},
+		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
+			Port:   s.sidecarPort,
+			Checks: api.AgentServiceChecks{{CheckID: s.id + ":sidecar", TTL: "10m", Status: sidecarStatus}},
+			Proxy:  &api.AgentServiceConnectProxyConfig{Upstreams: ups},
+		}},
+	})
+	if err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+func (m *mesh) setCheck(checkID, status string) {
+	m.t.Helper()
+	if err := m.consul.Client.Agent().UpdateTTL(checkID, "set by test", status); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+func freePorts(t *testing.T, n int) []int {
+	t.Helper()
+	p, err := devconsul.FreePorts(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// answer is one request through the mesh.
+type answer struct {
+	start    time.Time
+	status   int
+	instance string
+	via      string
+	err      error
+}
+
+var client = &http.Client{Timeout: 5 * time.Second}
+
+func call(url string) answer {
+	a := answer{start: time.Now()}
+	resp, err := client.Get(url)
+	if err != nil {
+		a.err = err
+		return a
+	}
+	defer resp.Body.Close()
+	a.status = resp.StatusCode
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		a.err = err
+		return a
+	}
+	var body map[string]string
+	if resp.StatusCode == http.StatusOK {
+		if err := json.Unmarshal(b, &body); err != nil {
+			a.err = fmt.Errorf("bad body %q: %w", b, err)
+			return a
+		}
+		a.instance, a.via = body["instance"], body["via"]
+	} else {
+		a.err = fmt.Errorf("%d %s (x-meshlet-reason %s)", resp.StatusCode, strings.TrimSpace(string(b)), resp.Header.Get("X-Meshlet-Reason"))
+	}
+	return a
+}
+
+// load sends requests to url back to back until stopped, recording each.
+type load struct {
+	mu      sync.Mutex
+	answers []answer
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+func startLoad(url string) *load {
+	l := &load{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		for {
+			select {
+			case <-l.stop:
+				return
+			default:
+			}
+			a := call(url)
+			l.mu.Lock()
+			l.answers = append(l.answers, a)
+			l.mu.Unlock()
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	return l
+}
+
+func (l *load) finish() []answer {
+	close(l.stop)
+	<-l.done
+	return l.snapshot()
+}
+
+func (l *load) snapshot() []answer {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.answers)
+}
+
+// since returns the instances that answered requests started after t.
+func since(as []answer, t time.Time) map[string]int {
+	out := map[string]int{}
+	for _, a := range as {
+		if a.start.After(t) && a.err == nil {
+			out[a.instance]++
+		}
+	}
+	return out
+}
+
+func hostPort(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
