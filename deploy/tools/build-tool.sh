@@ -24,7 +24,7 @@ go mod download
 echo "==> $label: compiling (first build takes minutes on 2 cores; Go's build cache makes later builds fast)"
 # go build -v names each package as it compiles: count them as progress.
 go build -v -trimpath -o "$out" "$pkg" 2>&1 | awk '
-	/^(#|go: )/ || /error/ { print; next }
+	/^(#|go: )/ || /\.go:[0-9]+/ { print; next }
 	{ n++; if (n % 100 == 0) { printf "    ... %d packages compiled (now: %s)\n", n, $0; fflush() } }
 	END { if (n > 0) printf "    ... %d packages compiled\n", n }'
 status=${PIPESTATUS[0]}

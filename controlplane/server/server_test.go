@@ -1,0 +1,99 @@
+package server
+
+import (
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"go.uber.org/goleak"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/xds"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func catalog(apiHealthy bool) *model.Catalog {
+	return model.NewCatalog(
+		map[string]*model.Service{"api": {Name: "api", Instances: []model.Instance{{ID: "api-1", Address: "127.0.0.1", Port: 9001, Healthy: apiHealthy}}}},
+		map[string]*model.Proxy{
+			"web-1-sidecar-proxy": {ID: "web-1-sidecar-proxy", Service: "web", Address: "127.0.0.1", Port: 21000, LocalAppAddress: "127.0.0.1", LocalAppPort: 9000,
+				Upstreams: []model.Upstream{{Service: "api", BindAddress: "127.0.0.1", BindPort: 9191}}, Healthy: true},
+			"api-1-sidecar-proxy": {ID: "api-1-sidecar-proxy", Service: "api", ServiceID: "api-1", Address: "127.0.0.1", Port: 21001,
+				LocalAppAddress: "127.0.0.1", LocalAppPort: 9001, Healthy: apiHealthy},
+		})
+}
+
+func versions(t *testing.T, s *Server, node string) map[string]string {
+	t.Helper()
+	snap, err := s.Cache().GetSnapshot(node)
+	if err != nil {
+		return nil
+	}
+	out := map[string]string{}
+	for _, typ := range []string{xds.ListenerType, xds.RouteType, xds.ClusterType, xds.EndpointType} {
+		out[typ] = snap.GetVersion(typ)
+	}
+	return out
+}
+
+func waitVersions(t *testing.T, s *Server, node string, cond func(map[string]string) bool) map[string]string {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		v := versions(t, s, node)
+		if v != nil && cond(v) {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("snapshot of %s: versions %v never satisfied the condition", node, v)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestOnlyChangedTypesGetNewVersions(t *testing.T) {
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer s.Close()
+	s.SetCatalog(catalog(true))
+	const web = "web-1-sidecar-proxy"
+	v1 := waitVersions(t, s, web, func(map[string]string) bool { return true })
+	waitVersions(t, s, ProxylessGroup, func(map[string]string) bool { return true })
+
+	// api-1 fails: only web's endpoints change.
+	s.SetCatalog(catalog(false))
+	v2 := waitVersions(t, s, web, func(v map[string]string) bool { return v[xds.EndpointType] != v1[xds.EndpointType] })
+	for _, typ := range []string{xds.ListenerType, xds.RouteType, xds.ClusterType} {
+		if v2[typ] != v1[typ] {
+			t.Errorf("%s version changed (%s → %s) though its resources did not", typ, v1[typ], v2[typ])
+		}
+	}
+	// Back to healthy: the content, hence the version, is the first one again.
+	s.SetCatalog(catalog(true))
+	waitVersions(t, s, web, func(v map[string]string) bool { return v[xds.EndpointType] == v1[xds.EndpointType] })
+}
+
+func TestNodeHash(t *testing.T) {
+	meta, _ := structpb.NewStruct(map[string]any{"GENERATOR": "grpc"})
+	tests := []struct {
+		name string
+		node *core.Node
+		want string
+	}{
+		{"sidecar", &core.Node{Id: "web-1-sidecar-proxy", UserAgentName: xds.UserAgentName}, "web-1-sidecar-proxy"},
+		{"envoy", &core.Node{Id: "web-1-sidecar-proxy", UserAgentName: "envoy"}, "web-1-sidecar-proxy"},
+		{"grpc-go", &core.Node{Id: "c1", UserAgentName: "gRPC Go"}, ProxylessGroup},
+		{"grpc-java", &core.Node{Id: "c2", UserAgentName: "gRPC Java"}, ProxylessGroup},
+		{"Istio generator metadata", &core.Node{Id: "c3", Metadata: meta}, ProxylessGroup},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := (nodeHash{}).ID(tc.node); got != tc.want {
+				t.Errorf("ID = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

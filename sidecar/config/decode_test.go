@@ -1,0 +1,165 @@
+package config
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshlet/meshlet/xds"
+)
+
+func TestDecodeValidResources(t *testing.T) {
+	l, err := DecodeListener(xds.MustAny(xds.NewHTTPListener("upstream:api", "127.0.0.1", 9191, xds.HTTPListenerOptions{RouteConfigName: "api", Via: "p"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Address != "127.0.0.1:9191" || l.HTTP == nil || l.HTTP.RouteConfigName != "api" || l.HTTP.Via != "p" || l.HTTP.Codec != CodecAuto {
+		t.Errorf("listener = %+v / %+v", l, l.HTTP)
+	}
+	tl, err := DecodeListener(xds.MustAny(xds.NewTCPListener("upstream:store", "::1", 9192, "store")))
+	if err != nil || tl.TCP.Cluster != "store" || tl.Address != "[::1]:9192" {
+		t.Errorf("tcp listener = %+v, %v", tl, err)
+	}
+	rc, err := DecodeRouteConfig(xds.MustAny(xds.NewRouteConfig("api", "api", xds.RouteOptions{Timeout: 3 * time.Second})))
+	if err != nil || rc.VirtualHosts[0].Routes[0].Timeout != 3*time.Second || rc.VirtualHosts[0].Routes[0].Match != MatchPrefix {
+		t.Errorf("route = %+v, %v", rc, err)
+	}
+	noTimeout := xds.NewRouteConfig("x", "x", xds.RouteOptions{})
+	noTimeout.VirtualHosts[0].Routes[0].GetRoute().Timeout = nil
+	if rc, _ := DecodeRouteConfig(xds.MustAny(noTimeout)); rc.VirtualHosts[0].Routes[0].Timeout != DefaultRouteTimeout {
+		t.Errorf("absent timeout = %v, want Envoy's default %v", rc.VirtualHosts[0].Routes[0].Timeout, DefaultRouteTimeout)
+	}
+	c, err := DecodeCluster(xds.MustAny(xds.NewEDSCluster("api", xds.ClusterOptions{Protocol: xds.ProtocolGRPC})))
+	if err != nil || c.Type != ClusterEDS || c.EDSServiceName != "api" || c.Protocol != xds.ProtocolHTTP2 || c.ConnectTimeout != xds.DefaultConnectTimeout {
+		t.Errorf("cluster = %+v, %v", c, err)
+	}
+	la := xds.NewLoadAssignment("api", []xds.Endpoint{{Host: "10.0.0.1", Port: 1, Weight: 2}, {Host: "10.0.0.2", Port: 2}})
+	la.Endpoints[0].LbEndpoints[1].HealthStatus = core.HealthStatus_DRAINING
+	got, err := DecodeLoadAssignment(xds.MustAny(la))
+	if err != nil || len(got.Endpoints) != 1 || got.Endpoints[0] != (Endpoint{Address: "10.0.0.1:1", Weight: 2}) {
+		t.Errorf("load assignment = %+v, %v (draining endpoints take no traffic)", got, err)
+	}
+}
+
+func TestDecodeRejectsWithResourceAndField(t *testing.T) {
+	httpL := func(mut func(*listener.Listener, *hcm.HttpConnectionManager)) *listener.Listener {
+		l := xds.NewHTTPListener("l", "127.0.0.1", 80, xds.HTTPListenerOptions{RouteConfigName: "r"})
+		var m hcm.HttpConnectionManager
+		_ = l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(&m)
+		mut(l, &m)
+		l.FilterChains[0].Filters[0].ConfigType = &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(&m)}
+		return l
+	}
+	tests := []struct {
+		name   string
+		decode func() error
+		want   string
+	}{
+		{"listener port 0", func() error {
+			_, err := DecodeListener(xds.MustAny(xds.NewTCPListener("l", "127.0.0.1", 0, "c")))
+			return err
+		}, `listener "l": address: port 0 out of range 1-65535`},
+		{"listener without chains", func() error {
+			l := xds.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l.FilterChains = nil
+			_, err := DecodeListener(xds.MustAny(l))
+			return err
+		}, `listener "l": filter_chains: exactly one filter chain is supported, got 0`},
+		{"unsupported network filter", func() error {
+			l := xds.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l.FilterChains[0].Filters[0] = &listener.Filter{Name: "envoy.filters.network.redis_proxy",
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(&route.RouteConfiguration{})}}
+			_, err := DecodeListener(xds.MustAny(l))
+			return err
+		}, `listener "l": filter_chains[0].filters[0]: unsupported network filter "envoy.filters.network.redis_proxy"`},
+		{"api listener sent to a sidecar", func() error {
+			_, err := DecodeListener(xds.MustAny(xds.NewAPIListener("api", xds.NewRouteConfig("api", "api", xds.RouteOptions{}))))
+			return err
+		}, `listener "api": api_listener: API listeners are for proxyless gRPC clients`},
+		{"http filter after the router", func() error {
+			l := httpL(func(_ *listener.Listener, m *hcm.HttpConnectionManager) {
+				m.HttpFilters = append(m.HttpFilters, &hcm.HttpFilter{Name: "envoy.filters.http.cors"})
+			})
+			_, err := DecodeListener(xds.MustAny(l))
+			return err
+		}, `http_filters[0]: envoy.filters.http.router must be the last HTTP filter`},
+		{"rds from a non-ADS source", func() error {
+			l := httpL(func(_ *listener.Listener, m *hcm.HttpConnectionManager) {
+				m.GetRds().ConfigSource = &core.ConfigSource{ConfigSourceSpecifier: &core.ConfigSource_Path{Path: "/etc/r.yaml"}}
+			})
+			_, err := DecodeListener(xds.MustAny(l))
+			return err
+		}, `typed_config.rds.config_source: only ADS is supported`},
+		{"regex route", func() error {
+			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc.VirtualHosts[0].Routes[0].Match.PathSpecifier = &route.RouteMatch_SafeRegex{}
+			_, err := DecodeRouteConfig(xds.MustAny(rc))
+			return err
+		}, `route configuration "r"`},
+		{"header match", func() error {
+			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc.VirtualHosts[0].Routes[0].Match.Headers = []*route.HeaderMatcher{{Name: "x-canary"}}
+			_, err := DecodeRouteConfig(xds.MustAny(rc))
+			return err
+		}, `route configuration "r": virtual_hosts[0].routes[0]: match: only the path is supported`},
+		{"redirect action", func() error {
+			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc.VirtualHosts[0].Routes[0].Action = &route.Route_Redirect{Redirect: &route.RedirectAction{}}
+			_, err := DecodeRouteConfig(xds.MustAny(rc))
+			return err
+		}, `virtual_hosts[0].routes[0]: action: only route actions are supported`},
+		{"duplicate domain", func() error {
+			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc.VirtualHosts = append(rc.VirtualHosts, &route.VirtualHost{Name: "again", Domains: []string{"*"}})
+			_, err := DecodeRouteConfig(xds.MustAny(rc))
+			return err
+		}, `route configuration "r": virtual_hosts[1].domains[0]: domain "*" is also in virtual host "r"`},
+		{"unsupported lb policy", func() error {
+			c := xds.NewEDSCluster("c", xds.ClusterOptions{})
+			c.LbPolicy = cluster.Cluster_MAGLEV
+			_, err := DecodeCluster(xds.MustAny(c))
+			return err
+		}, `cluster "c": lb_policy: unsupported MAGLEV (supported: ROUND_ROBIN)`},
+		{"negative connect timeout (proto rule)", func() error {
+			c := xds.NewEDSCluster("c", xds.ClusterOptions{})
+			c.ConnectTimeout = durationpb.New(-time.Second)
+			_, err := DecodeCluster(xds.MustAny(c))
+			return err
+		}, `cluster "c": invalid Cluster.ConnectTimeout`},
+		{"endpoint without address", func() error {
+			la := xds.NewLoadAssignment("c", []xds.Endpoint{{Host: "", Port: 80}})
+			_, err := DecodeLoadAssignment(xds.MustAny(la))
+			return err
+		}, `invalid SocketAddress.Address: value length must be at least 1 runes`},
+		{"second priority", func() error {
+			la := xds.NewLoadAssignment("c", []xds.Endpoint{{Host: "10.0.0.1", Port: 80}})
+			la.Endpoints[0].Priority = 1
+			la.Endpoints[0].LoadBalancingWeight = wrapperspb.UInt32(1)
+			_, err := DecodeLoadAssignment(xds.MustAny(la))
+			return err
+		}, `endpoints[0].priority: only priority 0 is supported`},
+		{"wrong type in the Any", func() error {
+			_, err := DecodeCluster(xds.MustAny(xds.NewRouteConfig("r", "c", xds.RouteOptions{})))
+			return err
+		}, `cluster "": cannot decode type.googleapis.com/envoy.config.route.v3.RouteConfiguration`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.decode()
+			if err == nil {
+				t.Fatalf("accepted; want an error containing %q", tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error = %q\nwant it to contain %q", err, tc.want)
+			}
+		})
+	}
+}
