@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -70,6 +71,10 @@ type Config struct {
 	// XDSMinBackoff and XDSMaxBackoff bound reconnect delays; the xdsclient
 	// defaults when 0.
 	XDSMinBackoff, XDSMaxBackoff time.Duration
+	// StateDir, when set, is where the last accepted config is kept (one
+	// JSON DiscoveryResponse per type), so a sidecar restarted while the
+	// control plane is away comes up serving it. Created if missing.
+	StateDir string
 }
 
 // Validate reports a missing NodeID.
@@ -151,6 +156,11 @@ func New(cfg Config) (*Sidecar, error) {
 		return nil, err
 	}
 	s.client = client
+	if cfg.StateDir != "" {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("sidecar: state directory: %w", err)
+		}
+	}
 	s.adminLn, err = net.Listen("tcp", cfg.AdminAddress)
 	if err != nil {
 		return nil, fmt.Errorf("sidecar: admin listener on %s: %w", cfg.AdminAddress, err)
@@ -177,6 +187,11 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			s.log.Error("sidecar: admin server failed", "error", err)
 		}
 	}()
+	if s.cfg.StateDir != "" {
+		if err := s.restore(); err != nil {
+			s.log.Warn("sidecar: could not restore all persisted config; waiting for the control plane", "dir", s.cfg.StateDir, "error", err)
+		}
+	}
 	xctx, stopXDS := context.WithCancel(context.Background())
 	go func() {
 		defer wg.Done()
@@ -260,7 +275,13 @@ func (s *Sidecar) Update(typeURL, version string, resources []*anypb.Any) (map[s
 	}
 	st.received, st.version, st.updated = true, version, time.Now()
 	delete(s.rejected, typeURL)
+	raw = st.raw
 	s.mu.Unlock()
+	if s.cfg.StateDir != "" {
+		if err := s.persist(typeURL, version, raw); err != nil {
+			s.log.Warn("sidecar: could not persist accepted config", "type", typeURL, "dir", s.cfg.StateDir, "error", err)
+		}
+	}
 
 	s.activate(false)
 	return deps, nil

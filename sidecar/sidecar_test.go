@@ -365,3 +365,78 @@ func TestAdminEndpoints(t *testing.T) {
 		t.Errorf("/clusters = %q", body)
 	}
 }
+
+func TestRestartDuringControlPlaneOutageServesPersistedConfig(t *testing.T) {
+	up := upstream(t, "one")
+	srv := xdstest.Start(t)
+	port := freePort(t)
+	srv.Set(t, node, "v1", httpResources(port, up.Listener.Addr().String()))
+	dir := t.TempDir()
+	start := func() (*Sidecar, func()) {
+		s, err := New(Config{NodeID: node, XDSAddress: srv.Addr, AdminAddress: "127.0.0.1:0", StateDir: dir, DrainTimeout: time.Second,
+			XDSMinBackoff: 20 * time.Millisecond, XDSMaxBackoff: 100 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = s.Run(ctx)
+		}()
+		return s, func() { cancel(); <-done }
+	}
+	s1, stop1 := start()
+	waitUntil(t, 5*time.Second, "first sidecar ready", s1.IsReady)
+	stop1()
+	srv.Stop() // the control plane goes away, then the sidecar restarts
+
+	s2, stop2 := start()
+	defer stop2()
+	waitUntil(t, 5*time.Second, "restarted sidecar ready from its state directory", s2.IsReady)
+	if code, body, _ := get(t, fmt.Sprintf("http://127.0.0.1:%d/", port)); code != 200 || body != "one" {
+		t.Errorf("restarted sidecar: got %d %q, want 200 \"one\"", code, body)
+	}
+	if s2.ConfigDump().XDS.Connected {
+		t.Error("connected to a control plane that is down")
+	}
+}
+
+func TestRemovedListenerDrainsInFlightRequests(t *testing.T) {
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		started <- struct{}{}
+		<-release
+		fmt.Fprint(w, "finished")
+	}))
+	defer slow.Close()
+	srv := xdstest.Start(t)
+	port := freePort(t)
+	srv.Set(t, node, "v1", httpResources(port, slow.Listener.Addr().String()))
+	s := startSidecar(t, srv.Addr)
+	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+
+	result := make(chan string, 1)
+	go func() {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/slow", port))
+		if err != nil {
+			result <- "error: " + err.Error()
+			return
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		result <- string(b)
+	}()
+	<-started
+	srv.Set(t, node, "v2", xdstest.Resources{}) // the listener is removed
+	waitUntil(t, 5*time.Second, "listener removed", func() bool { return len(s.Listeners()) == 0 })
+	if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); err == nil {
+		c.Close()
+		t.Error("a removed listener still accepts connections")
+	}
+	close(release)
+	if got := <-result; got != "finished" {
+		t.Errorf("in-flight request on the removed listener: %q, want it to finish", got)
+	}
+}
