@@ -3,7 +3,6 @@ package policy
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"io"
 	"log/slog"
 	"os"
@@ -14,30 +13,11 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/meshlet/meshlet/internal/golden"
 )
 
-var update = flag.Bool("update", false, "rewrite golden files in testdata/")
-
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-// golden compares got with testdata/<name>, or rewrites it with -update.
-func golden(t *testing.T, name string, got []byte) {
-	t.Helper()
-	path := filepath.Join("testdata", name)
-	if *update {
-		if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run go test -update to create it)", err)
-	}
-	if string(got) != string(want) {
-		t.Errorf("%s differs (go test -update rewrites it)\n--- got\n%s\n--- want\n%s", path, got, want)
-	}
-}
 
 func TestLoadValidDirectory(t *testing.T) {
 	set, err := Load("testdata/valid")
@@ -48,7 +28,7 @@ func TestLoadValidDirectory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	golden(t, "valid.golden.json", append(got, '\n'))
+	golden.Check(t, "valid.golden.json", append(got, '\n'))
 }
 
 func TestInvalidFilesGiveFileLineFieldErrors(t *testing.T) {
@@ -70,7 +50,7 @@ func TestInvalidFilesGiveFileLineFieldErrors(t *testing.T) {
 			if set != nil {
 				t.Errorf("Parse returned a set with its error")
 			}
-			golden(t, "invalid/"+name+".err", []byte(err.Error()+"\n"))
+			golden.Check(t, "invalid/"+name+".err", []byte(err.Error()+"\n"))
 		})
 	}
 }

@@ -3,9 +3,6 @@ package translate
 import (
 	"bytes"
 	"encoding/json"
-	"flag"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -13,10 +10,9 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/internal/golden"
 	"github.com/meshlet/meshlet/xds"
 )
-
-var update = flag.Bool("update", false, "rewrite golden files in testdata/")
 
 // catalog is the mesh of the demo: web calls api (two healthy sidecars, one
 // failing) over HTTP and store over TCP.
@@ -108,24 +104,6 @@ func render(t *testing.T, r Resources) []byte {
 	return out.Bytes()
 }
 
-func golden(t *testing.T, name string, got []byte) {
-	t.Helper()
-	path := filepath.Join("testdata", name)
-	if *update {
-		if err := os.WriteFile(path, got, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (go test -update creates it)", err)
-	}
-	if !bytes.Equal(got, want) {
-		t.Errorf("%s differs (go test -update rewrites it)\n--- got\n%s", path, got)
-	}
-}
-
 func TestProxyGolden(t *testing.T) {
 	cat, pol := catalog(), policies(t)
 	tests := []struct{ name, proxy string }{
@@ -136,13 +114,13 @@ func TestProxyGolden(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			r := Proxy(cat, pol, cat.Proxies[tc.proxy])
-			golden(t, tc.name+".golden.json", render(t, r))
+			golden.Check(t, tc.name+".golden.json", render(t, r))
 		})
 	}
 }
 
 func TestProxylessGolden(t *testing.T) {
-	golden(t, "proxyless.golden.json", render(t, Proxyless(catalog(), policies(t))))
+	golden.Check(t, "proxyless.golden.json", render(t, Proxyless(catalog(), policies(t))))
 }
 
 func TestProtocolPrecedence(t *testing.T) {

@@ -10,13 +10,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
 
 	"github.com/meshlet/meshlet/controlplane"
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/internal/cli"
 )
 
 func main() {
@@ -66,19 +66,18 @@ func serve(args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var cfg controlplane.Config
 	fs.StringVar(&cfg.XDSAddress, "xds-addr", controlplane.DefaultXDSAddress, "host:port to serve ADS (gRPC) on")
-	fs.StringVar(&cfg.ConsulAddress, "consul-addr", envOr("CONSUL_HTTP_ADDR", controlplane.DefaultConsulAddress), "Consul agent HTTP address (env CONSUL_HTTP_ADDR)")
+	fs.StringVar(&cfg.ConsulAddress, "consul-addr", cli.EnvOr("CONSUL_HTTP_ADDR", controlplane.DefaultConsulAddress), "Consul agent HTTP address (env CONSUL_HTTP_ADDR)")
 	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "Consul ACL token (env CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", controlplane.DefaultPolicyDir, "directory of policy files (watched for changes)")
-	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	logger := cli.LogLevel(fs, stderr)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		fmt.Fprintf(stderr, "controlplane: -log-level: %v\n", err)
+	var err error
+	if cfg.Logger, err = logger(); err != nil {
+		fmt.Fprintf(stderr, "controlplane: %v\n", err)
 		return 2
 	}
-	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := controlplane.Run(ctx, cfg); err != nil {
@@ -86,11 +85,4 @@ func serve(args []string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
-}
-
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
 }

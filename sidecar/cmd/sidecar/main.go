@@ -8,11 +8,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
 
+	"github.com/meshlet/meshlet/internal/cli"
 	"github.com/meshlet/meshlet/sidecar"
 	"github.com/meshlet/meshlet/sidecar/listener"
 )
@@ -27,21 +27,20 @@ func run(args []string, stderr io.Writer) int {
 	var cfg sidecar.Config
 	fs.StringVar(&cfg.NodeID, "node-id", os.Getenv("MESHLET_NODE_ID"), "xDS node ID: the proxy's service ID in Consul, e.g. web-sidecar-proxy (required; env MESHLET_NODE_ID)")
 	fs.StringVar(&cfg.Service, "service", os.Getenv("MESHLET_SERVICE"), "service this sidecar fronts (informational; env MESHLET_SERVICE)")
-	fs.StringVar(&cfg.XDSAddress, "xds-addr", envOr("MESHLET_XDS_ADDR", sidecar.DefaultXDSAddress), "control plane ADS address host:port (env MESHLET_XDS_ADDR)")
+	fs.StringVar(&cfg.XDSAddress, "xds-addr", cli.EnvOr("MESHLET_XDS_ADDR", sidecar.DefaultXDSAddress), "control plane ADS address host:port (env MESHLET_XDS_ADDR)")
 	fs.StringVar(&cfg.AdminAddress, "admin-addr", sidecar.DefaultAdminAddress, "admin endpoint host:port (/ready, /config_dump, /listeners, /clusters)")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", listener.DefaultDrainTimeout, "how long removed listeners, and all listeners at shutdown, wait for open connections")
 	fs.DurationVar(&cfg.WarmTimeout, "warm-timeout", sidecar.DefaultWarmTimeout, "how long a new config waits for the routes and endpoints it references")
 	fs.StringVar(&cfg.StateDir, "state-dir", os.Getenv("MESHLET_STATE_DIR"), "keep the last accepted config here, so a restart while the control plane is away comes up serving it (env MESHLET_STATE_DIR; off when empty)")
-	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	logger := cli.LogLevel(fs, stderr)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		fmt.Fprintf(stderr, "sidecar: -log-level: %v\n", err)
+	var err error
+	if cfg.Logger, err = logger(); err != nil {
+		fmt.Fprintf(stderr, "sidecar: %v\n", err)
 		return 2
 	}
-	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	s, err := sidecar.New(cfg)
 	if err != nil {
 		cfg.Logger.Error("sidecar: cannot start", "error", err)
@@ -54,11 +53,4 @@ func run(args []string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
-}
-
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
 }
