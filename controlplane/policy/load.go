@@ -24,7 +24,7 @@ import (
 func Load(dir string) (*Set, error) {
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
-		return &Set{ServiceDefaults: map[string]*ServiceDefaults{}}, nil
+		return newSet(), nil
 	}
 	if err != nil {
 		return nil, Errors{{File: dir, Msg: err.Error()}}
@@ -63,7 +63,7 @@ func isPolicyFile(name string) bool {
 // Parse validates the documents of a set of files (path → content) as one
 // Set, as Load does for a directory. It returns Errors on any problem.
 func Parse(files map[string][]byte) (*Set, error) {
-	set := &Set{ServiceDefaults: map[string]*ServiceDefaults{}}
+	set := newSet()
 	v := &validator{}
 	paths := make([]string, 0, len(files))
 	for p := range files {
@@ -227,22 +227,27 @@ func (v *validator) document(doc *yaml.Node, set *Set, names map[string]Source) 
 		v.errorf("spec", "must be a mapping")
 	}
 	src := Source{File: v.file, Line: root.Line}
-	var sp interface{ validate(*validator) }
-	switch env.Kind {
-	case "":
-		v.errorf("kind", "required (want %s)", KindServiceDefaults)
+	newSpec, ok := kinds[env.Kind]
+	switch {
+	case env.Kind == "":
+		v.errorf("kind", "required (one of %s)", strings.Join(kindNames(), ", "))
 		return
-	case KindServiceDefaults:
-		sp = &ServiceDefaults{Source: src, Name: env.Metadata.Name}
-	default:
-		v.errorf("kind", "unknown kind %q (want %s)", env.Kind, KindServiceDefaults)
+	case !ok:
+		v.errorf("kind", "unknown kind %q (want one of %s)", env.Kind, strings.Join(kindNames(), ", "))
 		return
 	}
+	sp := newSpec(env.Metadata.Name, src)
 	if len(v.errs) > nErrs {
 		return
 	}
 	v.checkKnown(&env.Spec, reflect.TypeOf(sp).Elem(), "spec")
-	if len(v.errs) > nErrs || !v.decode(&env.Spec, sp, "spec") {
+	if len(v.errs) > nErrs {
+		// Unknown fields and shape errors are reported; decode quietly to
+		// report the remaining problems too.
+		if err := env.Spec.Decode(sp); err != nil && !errors.As(err, new(*yaml.TypeError)) {
+			return
+		}
+	} else if !v.decode(&env.Spec, sp, "spec") {
 		return
 	}
 	sp.validate(v)
@@ -255,15 +260,7 @@ func (v *validator) document(doc *yaml.Node, set *Set, names map[string]Source) 
 		return
 	}
 	names[key] = src
-	switch d := sp.(type) {
-	case *ServiceDefaults:
-		d.Protocol = strings.ToLower(d.Protocol)
-		if prev, ok := set.ServiceDefaults[d.Service]; ok {
-			v.errorf("spec.service", "service %q already has ServiceDefaults %q at %s", d.Service, prev.Name, prev.Source)
-			return
-		}
-		set.ServiceDefaults[d.Service] = d
-	}
+	sp.add(set, v)
 }
 
 // indexLines records the line of every mapping key and sequence item under
@@ -304,6 +301,14 @@ func (v *validator) checkKnown(node *yaml.Node, t reflect.Type, path string) {
 	}
 	if t == reflect.TypeFor[yaml.Node]() {
 		return // raw node, checked later
+	}
+	if t == reflect.TypeFor[Duration]() {
+		var d Duration
+		var te *yaml.TypeError
+		if err := d.UnmarshalYAML(node); errors.As(err, &te) {
+			v.errorf(path, "%s", strings.Join(te.Errors, "; "))
+		}
+		return
 	}
 	want := ""
 	switch t.Kind() {

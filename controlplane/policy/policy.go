@@ -6,6 +6,7 @@ package policy
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/meshlet/meshlet/xds"
@@ -76,13 +77,149 @@ func (d *ServiceDefaults) validate(v *validator) {
 }
 
 // Set is a validated set of policies, the whole content of a policy
-// directory. The zero value (no policies) is valid. A Set is immutable once
-// returned by Load.
+// directory. The zero value (no policies) is valid, and so is a nil *Set. A
+// Set is immutable once returned by Load or Parse.
 type Set struct {
 	// ServiceDefaults by service name.
 	ServiceDefaults map[string]*ServiceDefaults
+	// Retries and Timeouts by destination service: at most one per distinct
+	// match (Match.Key), in file order.
+	Retries  map[string][]*RetryPolicy
+	Timeouts map[string][]*TimeoutPolicy
+	// Service-wide policies by destination service.
+	CircuitBreakers   map[string]*CircuitBreakerPolicy
+	OutlierDetections map[string]*OutlierDetectionPolicy
+	LoadBalancers     map[string]*LoadBalancerPolicy
 	// Files lists the files the set was read from, sorted.
 	Files []string
+}
+
+func newSet() *Set {
+	return &Set{
+		ServiceDefaults:   map[string]*ServiceDefaults{},
+		Retries:           map[string][]*RetryPolicy{},
+		Timeouts:          map[string][]*TimeoutPolicy{},
+		CircuitBreakers:   map[string]*CircuitBreakerPolicy{},
+		OutlierDetections: map[string]*OutlierDetectionPolicy{},
+		LoadBalancers:     map[string]*LoadBalancerPolicy{},
+	}
+}
+
+// spec is implemented by every kind's spec type.
+type spec interface {
+	validate(*validator)
+	// add records the validated document in set, reporting conflicts with
+	// documents already there.
+	add(set *Set, v *validator)
+}
+
+// kinds maps each kind to a constructor of its spec.
+var kinds = map[string]func(name string, src Source) spec{
+	KindServiceDefaults:        func(n string, s Source) spec { return &ServiceDefaults{Name: n, Source: s} },
+	KindRetryPolicy:            func(n string, s Source) spec { return &RetryPolicy{Name: n, Source: s} },
+	KindTimeoutPolicy:          func(n string, s Source) spec { return &TimeoutPolicy{Name: n, Source: s} },
+	KindCircuitBreakerPolicy:   func(n string, s Source) spec { return &CircuitBreakerPolicy{Name: n, Source: s} },
+	KindOutlierDetectionPolicy: func(n string, s Source) spec { return &OutlierDetectionPolicy{Name: n, Source: s} },
+	KindLoadBalancerPolicy:     func(n string, s Source) spec { return &LoadBalancerPolicy{Name: n, Source: s} },
+}
+
+func kindNames() []string {
+	out := make([]string, 0, len(kinds))
+	for k := range kinds {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (d *ServiceDefaults) add(set *Set, v *validator) {
+	d.Protocol = strings.ToLower(d.Protocol)
+	if prev, ok := set.ServiceDefaults[d.Service]; ok {
+		v.errorf("spec.service", "service %q already has ServiceDefaults %q at %s", d.Service, prev.Name, prev.Source)
+		return
+	}
+	set.ServiceDefaults[d.Service] = d
+}
+
+func (p *RetryPolicy) add(set *Set, v *validator) {
+	for _, prev := range set.Retries[p.Service] {
+		if prev.Match.Key() == p.Match.Key() {
+			v.errorf(conflictField(p.Match), "service %q already has RetryPolicy %q for the same match at %s", p.Service, prev.Name, prev.Source)
+			return
+		}
+	}
+	set.Retries[p.Service] = append(set.Retries[p.Service], p)
+}
+
+func (p *TimeoutPolicy) add(set *Set, v *validator) {
+	for _, prev := range set.Timeouts[p.Service] {
+		if prev.Match.Key() == p.Match.Key() {
+			v.errorf(conflictField(p.Match), "service %q already has TimeoutPolicy %q for the same match at %s", p.Service, prev.Name, prev.Source)
+			return
+		}
+	}
+	set.Timeouts[p.Service] = append(set.Timeouts[p.Service], p)
+}
+
+func conflictField(m *Match) string {
+	if m == nil {
+		return "spec.service"
+	}
+	return "spec.match"
+}
+
+func (p *CircuitBreakerPolicy) add(set *Set, v *validator) {
+	addOne(set.CircuitBreakers, p.Service, p, KindCircuitBreakerPolicy, v, func(q *CircuitBreakerPolicy) (string, Source) { return q.Name, q.Source })
+}
+
+func (p *OutlierDetectionPolicy) add(set *Set, v *validator) {
+	addOne(set.OutlierDetections, p.Service, p, KindOutlierDetectionPolicy, v, func(q *OutlierDetectionPolicy) (string, Source) { return q.Name, q.Source })
+}
+
+func (p *LoadBalancerPolicy) add(set *Set, v *validator) {
+	addOne(set.LoadBalancers, p.Service, p, KindLoadBalancerPolicy, v, func(q *LoadBalancerPolicy) (string, Source) { return q.Name, q.Source })
+}
+
+// addOne adds a service-wide policy, one per service and kind.
+func addOne[T any](m map[string]T, service string, p T, kind string, v *validator, id func(T) (string, Source)) {
+	if prev, ok := m[service]; ok {
+		pn, ps := id(prev)
+		v.errorf("spec.service", "service %q already has %s %q at %s", service, kind, pn, ps)
+		return
+	}
+	m[service] = p
+}
+
+// Summary counts the documents by kind, e.g. "3 ServiceDefaults, 2
+// RetryPolicy", or "no policies".
+func (s *Set) Summary() string {
+	if s == nil {
+		return "no policies"
+	}
+	retries, timeouts := 0, 0
+	for _, l := range s.Retries {
+		retries += len(l)
+	}
+	for _, l := range s.Timeouts {
+		timeouts += len(l)
+	}
+	var parts []string
+	for _, c := range []struct {
+		kind string
+		n    int
+	}{
+		{KindServiceDefaults, len(s.ServiceDefaults)}, {KindRetryPolicy, retries}, {KindTimeoutPolicy, timeouts},
+		{KindCircuitBreakerPolicy, len(s.CircuitBreakers)}, {KindOutlierDetectionPolicy, len(s.OutlierDetections)},
+		{KindLoadBalancerPolicy, len(s.LoadBalancers)},
+	} {
+		if c.n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", c.n, c.kind))
+		}
+	}
+	if len(parts) == 0 {
+		return "no policies"
+	}
+	return strings.Join(parts, ", ")
 }
 
 // Protocol returns the protocol a policy declares for service, and false

@@ -39,7 +39,7 @@ func Watch(ctx context.Context, dir string, logger *slog.Logger, apply func(*Set
 			logger.Error("policy: invalid policy files, "+keep, "dir", dir, "errors", err.Error())
 			return
 		}
-		logger.Info("policy: loaded", "dir", dir, "files", len(set.Files), "serviceDefaults", len(set.ServiceDefaults))
+		logger.Info("policy: loaded", "dir", dir, "files", len(set.Files), "policies", set.Summary())
 		apply(set)
 	}
 	reload(true)

@@ -57,7 +57,7 @@ func validate(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "%s: OK (%d file(s), %d ServiceDefaults)\n", dir, len(set.Files), len(set.ServiceDefaults))
+	fmt.Fprintf(stdout, "%s: OK (%d file(s): %s)\n", dir, len(set.Files), set.Summary())
 	return 0
 }
 
