@@ -129,16 +129,26 @@ func NewAPIListener(name string, rc *route.RouteConfiguration) *listener.Listene
 // NewTCPListener returns a listener on host:port whose single filter chain
 // is a TCP proxy to clusterName.
 func NewTCPListener(name, host string, port int, clusterName string) *listener.Listener {
+	return NewTCPListenerAttempts(name, host, port, clusterName, 0)
+}
+
+// NewTCPListenerAttempts is NewTCPListener with TcpProxy.max_connect_attempts
+// (0 leaves Envoy's default of 1).
+func NewTCPListenerAttempts(name, host string, port int, clusterName string, connectAttempts int) *listener.Listener {
+	tp := &tcpproxy.TcpProxy{
+		StatPrefix:       name,
+		ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: clusterName},
+	}
+	if connectAttempts > 0 {
+		tp.MaxConnectAttempts = wrapperspb.UInt32(uint32(connectAttempts))
+	}
 	return &listener.Listener{
 		Name:    name,
 		Address: SocketAddress(host, port),
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{{
-				Name: TCPProxyFilter,
-				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(&tcpproxy.TcpProxy{
-					StatPrefix:       name,
-					ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: clusterName},
-				})},
+				Name:       TCPProxyFilter,
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(tp)},
 			}},
 		}},
 	}
@@ -180,6 +190,14 @@ type ClusterOptions struct {
 	Protocol Protocol
 	// ConnectTimeout defaults to DefaultConnectTimeout.
 	ConnectTimeout time.Duration
+	// LB is the load-balancing algorithm (default LBRoundRobin).
+	LB LBPolicy
+	// Thresholds set Cluster.circuit_breakers; nil leaves Envoy's defaults.
+	Thresholds *Thresholds
+	// Outlier sets Cluster.outlier_detection; nil means none.
+	Outlier *OutlierSpec
+	// Extras are meshlet-only settings carried in the cluster's metadata.
+	Extras *ClusterExtras
 }
 
 func newCluster(name string, o ClusterOptions) *cluster.Cluster {
@@ -205,6 +223,7 @@ func newCluster(name string, o ClusterOptions) *cluster.Cluster {
 		}
 		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: MustAny(opts)}
 	}
+	applyResilience(c, o)
 	return c
 }
 

@@ -190,6 +190,46 @@ func addOne[T any](m map[string]T, service string, p T, kind string, v *validato
 	m[service] = p
 }
 
+// RetriesFor returns the RetryPolicy documents of service (nil-safe).
+func (s *Set) RetriesFor(service string) []*RetryPolicy {
+	if s == nil {
+		return nil
+	}
+	return s.Retries[service]
+}
+
+// TimeoutsFor returns the TimeoutPolicy documents of service (nil-safe).
+func (s *Set) TimeoutsFor(service string) []*TimeoutPolicy {
+	if s == nil {
+		return nil
+	}
+	return s.Timeouts[service]
+}
+
+// CircuitBreaker returns the CircuitBreakerPolicy of service, or nil.
+func (s *Set) CircuitBreaker(service string) *CircuitBreakerPolicy {
+	if s == nil {
+		return nil
+	}
+	return s.CircuitBreakers[service]
+}
+
+// OutlierDetection returns the OutlierDetectionPolicy of service, or nil.
+func (s *Set) OutlierDetection(service string) *OutlierDetectionPolicy {
+	if s == nil {
+		return nil
+	}
+	return s.OutlierDetections[service]
+}
+
+// LoadBalancer returns the LoadBalancerPolicy of service, or nil.
+func (s *Set) LoadBalancer(service string) *LoadBalancerPolicy {
+	if s == nil {
+		return nil
+	}
+	return s.LoadBalancers[service]
+}
+
 // Summary counts the documents by kind, e.g. "3 ServiceDefaults, 2
 // RetryPolicy", or "no policies".
 func (s *Set) Summary() string {

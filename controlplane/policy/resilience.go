@@ -129,24 +129,41 @@ var (
 	BuiltinRetryOn = []string{"connect-failure", "refused-stream"}
 )
 
-// Retry defaults (continued).
+// Defaults the translator applies for what a policy leaves out (and, for
+// retries, when there is no policy); each spec's comment lists them too.
 const (
-	DefaultNumRetries          = 2
-	DefaultBackoffBase         = 25 * time.Millisecond // Envoy retry_back_off.base_interval default
-	DefaultBodyBufferBytes     = 64 << 10              // 64 KiB: larger request bodies are not retried
-	DefaultBudgetRatio         = 0.2                   // retries ≤ 20% of requests (Linkerd)
-	DefaultBudgetMinPerSecond  = 10                    // plus 10 retries per second (Linkerd)
-	DefaultBudgetTTL           = 10 * time.Second      // over a 10 s window (Linkerd)
-	NonIdempotentSafe          = "safe"                // default: see RetryPolicy.NonIdempotent
-	NonIdempotentRetry         = "retry"               //
-	maxNumRetries              = 10                    //
-	maxBodyBufferBytes         = 16 << 20              // 16 MiB
-	defaultBackoffMaxFactor    = 10                    // Envoy: max_interval defaults to 10 × base
-	defaultMaxEjectionTime     = 300 * time.Second     // Envoy OutlierDetection.max_ejection_time default
-	defaultOutlierInterval     = 10 * time.Second      // Envoy OutlierDetection.interval default
-	defaultBaseEjectionTime    = 30 * time.Second      // Envoy OutlierDetection.base_ejection_time default
-	defaultMaxEjectionPercent  = 10                    // Envoy OutlierDetection.max_ejection_percent default
-	defaultConsecutiveFailures = 5                     // Envoy consecutive_5xx / local-origin default
+	DefaultNumRetries         = 2
+	DefaultBackoffBase        = 25 * time.Millisecond // Envoy retry_back_off.base_interval default; max is 10 × base
+	DefaultBodyBufferBytes    = 64 << 10              // 64 KiB: larger request bodies are not retried
+	DefaultBudgetRatio        = 0.2                   // retries ≤ 20% of requests (Linkerd)
+	DefaultBudgetMinPerSecond = 10                    // plus 10 retries per second (Linkerd)
+	DefaultBudgetTTL          = 10 * time.Second      // over a 10 s window (Linkerd)
+
+	DefaultMaxConnections     = 1024 // Envoy CircuitBreakers.Thresholds defaults
+	DefaultMaxPendingRequests = 1024
+	DefaultMaxRequests        = 1024
+	DefaultMaxRetries         = 3
+
+	DefaultBreakerConsecutiveFailures = 5
+	DefaultBreakerMinRequests         = 10
+	DefaultBreakerInterval            = 10 * time.Second
+	DefaultBreakerOpenInterval        = 30 * time.Second
+	DefaultBreakerHalfOpenRequests    = 1
+
+	DefaultConsecutive5xx                 = 5 // Envoy OutlierDetection defaults
+	DefaultConsecutiveLocalOriginFailures = 5
+	DefaultOutlierInterval                = 10 * time.Second
+	DefaultBaseEjectionTime               = 30 * time.Second
+	DefaultMaxEjectionTime                = 300 * time.Second
+	DefaultMaxEjectionPercent             = 10
+
+	// NonIdempotentSafe and NonIdempotentRetry are the values of
+	// RetryPolicy.NonIdempotent.
+	NonIdempotentSafe  = "safe"
+	NonIdempotentRetry = "retry"
+
+	maxNumRetries      = 10
+	maxBodyBufferBytes = 16 << 20 // 16 MiB
 )
 
 // RetryPolicy is the spec of a RetryPolicy document:

@@ -42,9 +42,11 @@ func Protocol(cat *model.Catalog, pol *policy.Set, service string) xds.Protocol 
 //     through an HTTP connection manager with an inline route configuration
 //     or a TCP proxy, by the protocol of p's service;
 //   - per upstream, a listener "upstream:<service>" on its bind address and
-//     port, an RDS route configuration "<service>" (HTTP protocols only), an
-//     EDS cluster "<service>" and its load assignment: the healthy sidecars
-//     of that service.
+//     port, an RDS route configuration "<service>" (HTTP protocols only) with
+//     the service's retry and timeout policies, an EDS cluster "<service>"
+//     with its connect timeout, circuit breakers, outlier detection, load
+//     balancer and retry budget, and its load assignment: the healthy
+//     sidecars of that service.
 //
 // Upstreams naming the same service twice keep the first.
 func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) Resources {
@@ -73,11 +75,11 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) Resources {
 				RouteConfigName: name,
 				Via:             p.ID,
 			}))
-			r.Routes = append(r.Routes, xds.NewRouteConfig(name, name, xds.RouteOptions{}))
+			r.Routes = append(r.Routes, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, u.Service, name)))
 		} else {
-			r.Listeners = append(r.Listeners, xds.NewTCPListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name))
+			r.Listeners = append(r.Listeners, xds.NewTCPListenerAttempts(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name, tcpConnectAttempts(pol, u.Service)))
 		}
-		r.Clusters = append(r.Clusters, xds.NewEDSCluster(name, xds.ClusterOptions{Protocol: up}))
+		r.Clusters = append(r.Clusters, xds.NewEDSCluster(name, clusterOptions(pol, u.Service, xds.ClusterOptions{Protocol: up})))
 		r.Endpoints = append(r.Endpoints, xds.NewLoadAssignment(name, sidecarEndpoints(cat, u.Service)))
 	}
 	sortResources(&r)
@@ -107,8 +109,8 @@ func Proxyless(cat *model.Catalog, pol *policy.Set) Resources {
 			continue
 		}
 		cn := xds.ServiceCluster(name)
-		r.Listeners = append(r.Listeners, xds.NewAPIListener(name, xds.NewRouteConfig(name, cn, xds.RouteOptions{})))
-		r.Clusters = append(r.Clusters, xds.NewEDSCluster(cn, xds.ClusterOptions{Protocol: Protocol(cat, pol, name)}))
+		r.Listeners = append(r.Listeners, xds.NewAPIListener(name, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, name, cn))))
+		r.Clusters = append(r.Clusters, xds.NewEDSCluster(cn, clusterOptions(pol, name, xds.ClusterOptions{Protocol: Protocol(cat, pol, name)})))
 		var eps []xds.Endpoint
 		for _, in := range s.Instances {
 			if in.Healthy {

@@ -31,7 +31,8 @@ func catalog() *model.Catalog {
 				{ID: "api-3", Address: "10.0.0.3", Port: 20003, Weight: 1, Healthy: false},
 			}},
 			"store": {Name: "store", Protocol: "tcp", Instances: []model.Instance{{ID: "store-1", Address: "10.0.0.4", Port: 20100, Weight: 1, Healthy: true}}},
-			"web":   {Name: "web", Protocol: "http", Instances: []model.Instance{{ID: "web-1", Address: "10.0.0.5", Port: 20000, Weight: 1, Healthy: true}}},
+			"web":      {Name: "web", Protocol: "http", Instances: []model.Instance{{ID: "web-1", Address: "10.0.0.5", Port: 20000, Weight: 1, Healthy: true}}},
+			"sessions": {Name: "sessions", Instances: []model.Instance{{ID: "sessions-1", Address: "10.0.0.6", Port: 20200, Weight: 1, Healthy: true}}},
 			"empty": {Name: "empty"},
 		},
 		map[string]*model.Proxy{
@@ -39,6 +40,7 @@ func catalog() *model.Catalog {
 				model.Upstream{Service: "api", BindAddress: "127.0.0.1", BindPort: 9191},
 				model.Upstream{Service: "store", BindAddress: "127.0.0.1", BindPort: 9192},
 				model.Upstream{Service: "api", BindAddress: "127.0.0.1", BindPort: 9193}, // duplicate: ignored
+				model.Upstream{Service: "sessions", BindAddress: "127.0.0.1", BindPort: 9194},
 			),
 			"api-1-sidecar-proxy":   proxy("api-1-sidecar-proxy", "api", 21001, true),
 			"api-2-sidecar-proxy":   inDC("dc2", proxy("api-2-sidecar-proxy", "api", 21002, true)),
@@ -53,10 +55,11 @@ func inDC(dc string, p *model.Proxy) *model.Proxy {
 	return p
 }
 
+// policies loads testdata/policies: every resilience kind for api, a TCP
+// retry policy for store, ring hash for sessions.
 func policies(t *testing.T) *policy.Set {
 	t.Helper()
-	set, err := policy.Parse(map[string][]byte{"policies/api.yaml": []byte(
-		"apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: api}\nspec: {service: api, protocol: http}\n")})
+	set, err := policy.Load("testdata/policies")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +111,7 @@ func TestProxyGolden(t *testing.T) {
 	cat, pol := catalog(), policies(t)
 	tests := []struct{ name, proxy string }{
 		{name: "web-sidecar", proxy: "web-1-sidecar-proxy"},     // HTTP inbound; HTTP and TCP upstreams
-		{name: "api-sidecar", proxy: "api-1-sidecar-proxy"},     // protocol from a policy file
+		{name: "api-sidecar", proxy: "api-1-sidecar-proxy"},     // protocol from a policy file, no upstreams
 		{name: "store-sidecar", proxy: "store-1-sidecar-proxy"}, // TCP inbound from service meta
 	}
 	for _, tc := range tests {
@@ -121,6 +124,13 @@ func TestProxyGolden(t *testing.T) {
 
 func TestProxylessGolden(t *testing.T) {
 	golden.Check(t, "proxyless.golden.json", render(t, Proxyless(catalog(), policies(t))))
+}
+
+func TestNoPoliciesGolden(t *testing.T) {
+	// Without policy files every route still retries connect failures and
+	// refused streams (nothing reached the upstream) under the default budget.
+	cat := catalog()
+	golden.Check(t, "web-sidecar-no-policies.golden.json", render(t, Proxy(cat, nil, cat.Proxies["web-1-sidecar-proxy"])))
 }
 
 func TestProtocolPrecedence(t *testing.T) {
