@@ -30,6 +30,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/httpproxy"
 	"github.com/meshlet/meshlet/sidecar/listener"
 	"github.com/meshlet/meshlet/sidecar/tcpproxy"
+	"github.com/meshlet/meshlet/sidecar/telemetry"
 	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -93,6 +94,7 @@ type Sidecar struct {
 	listeners *listener.Manager
 	client    *xdsclient.Client
 	adminLn   net.Listener
+	metrics   *telemetry.Metrics
 
 	// applyMu serialises Update and activation; the managers are called
 	// with it held (they never call back into the Sidecar).
@@ -134,10 +136,11 @@ func New(cfg Config) (*Sidecar, error) {
 	s := &Sidecar{
 		cfg:      cfg,
 		log:      cfg.Logger.With("node", cfg.NodeID),
-		clusters: cluster.NewManager(),
+		metrics:  telemetry.New(),
 		state:    map[string]*resourceState{},
 		rejected: map[string]admin.Rejection{},
 	}
+	s.clusters = cluster.NewManager(s.log, s.metrics)
 	s.listeners = listener.NewManager(s.newHandler, cfg.DrainTimeout, s.log)
 	client, err := xdsclient.New(xdsclient.Config{
 		Server: cfg.XDSAddress,
@@ -178,7 +181,7 @@ func (s *Sidecar) IsReady() bool { return s.ready.Load() }
 // up to the drain timeout, and closes upstream pools. It returns nil after a
 // clean shutdown.
 func (s *Sidecar) Run(ctx context.Context) error {
-	adminSrv := &http.Server{Handler: admin.Handler(s), ReadHeaderTimeout: 10 * time.Second}
+	adminSrv := &http.Server{Handler: admin.Handler(s, s.metrics.Registry), ReadHeaderTimeout: 10 * time.Second}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
@@ -220,7 +223,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listener.Handler, error) {
 	switch {
 	case l.HTTP != nil:
-		return httpproxy.NewServer(l, snap, s.clusters, s.log), nil
+		return httpproxy.NewServer(l, snap, s.clusters, s.log, s.metrics), nil
 	case l.TCP != nil:
 		return tcpproxy.New(l, s.clusters, s.log), nil
 	}
@@ -465,7 +468,8 @@ func (s *Sidecar) Clusters() []admin.Cluster {
 	for _, n := range sortedNames(all) {
 		c := admin.Cluster{Name: n}
 		for _, e := range all[n].Endpoints() {
-			c.Endpoints = append(c.Endpoints, admin.Endpoint{Address: e.Address, Weight: e.Weight()})
+			c.Endpoints = append(c.Endpoints, admin.Endpoint{Address: e.Address, Weight: e.Weight(),
+				Active: e.Active(), Ejected: e.Ejected(), Breaker: e.BreakerState()})
 		}
 		out = append(out, c)
 	}

@@ -361,7 +361,8 @@ func TestAdminEndpoints(t *testing.T) {
 	if _, body, _ := get(t, admin+"/listeners"); body != fmt.Sprintf("upstream:web::127.0.0.1:%d\n", port) {
 		t.Errorf("/listeners = %q", body)
 	}
-	if _, body, _ := get(t, admin+"/clusters"); body != "web::"+up.Listener.Addr().String()+"::weight::1\n" {
+	ep := "web::" + up.Listener.Addr().String()
+	if _, body, _ := get(t, admin+"/clusters"); body != ep+"::weight::1\n"+ep+"::rq_active::0\n"+ep+"::health_flags::healthy\n" {
 		t.Errorf("/clusters = %q", body)
 	}
 }

@@ -629,7 +629,7 @@ func clusterEndpoints(adminURL string) (map[string][]string, error) {
 	out := map[string][]string{}
 	for line := range strings.Lines(string(b)) {
 		f := strings.Split(strings.TrimSpace(line), "::")
-		if len(f) >= 2 && f[1] != "no_endpoints" {
+		if len(f) == 4 && f[2] == "weight" {
 			out[f[0]] = append(out[f[0]], f[1])
 		}
 	}

@@ -5,7 +5,9 @@
 //	GET /config_dump  accepted xDS resources as JSON: Envoy's admin ConfigDump ("configs") plus
 //	                  the xDS stream state and the last rejected update per type ("xds")
 //	GET /listeners    one line per active listener: name::address (Envoy's /listeners format)
-//	GET /clusters     one line per endpoint: cluster::address::weight::N (Envoy's /clusters format)
+//	GET /clusters     per endpoint, Envoy's /clusters format: cluster::address::weight::N,
+//	                  ::rq_active::N, ::health_flags::healthy|/failed_outlier_check, ::breaker::state
+//	GET /metrics      Prometheus metrics
 package admin
 
 import (
@@ -16,6 +18,8 @@ import (
 	"time"
 
 	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
@@ -76,11 +80,15 @@ type Cluster struct {
 type Endpoint struct {
 	Address string
 	Weight  uint32
+	Active  int64  // requests in flight
+	Ejected bool   // out of rotation by outlier detection
+	Breaker string // endpoint breaker state, "" without one
 }
 
-// Handler returns the admin endpoints for src.
-func Handler(src Source) http.Handler {
+// Handler returns the admin endpoints for src, with the metrics of reg.
+func Handler(src Source, reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		ok, why := src.Ready()
@@ -127,7 +135,16 @@ func Handler(src Source) http.Handler {
 		for _, c := range src.Clusters() {
 			eps := slices.Clone(c.Endpoints)
 			for _, e := range eps {
+				health := "healthy"
+				if e.Ejected {
+					health = "/failed_outlier_check"
+				}
 				fmt.Fprintf(w, "%s::%s::weight::%d\n", c.Name, e.Address, e.Weight)
+				fmt.Fprintf(w, "%s::%s::rq_active::%d\n", c.Name, e.Address, e.Active)
+				fmt.Fprintf(w, "%s::%s::health_flags::%s\n", c.Name, e.Address, health)
+				if e.Breaker != "" {
+					fmt.Fprintf(w, "%s::%s::breaker::%s\n", c.Name, e.Address, e.Breaker)
+				}
 			}
 			if len(eps) == 0 {
 				fmt.Fprintf(w, "%s::no_endpoints\n", c.Name)

@@ -1,43 +1,68 @@
 // Package cluster holds the sidecar's upstream clusters at run time: their
-// endpoints, round-robin selection, and one connection pool per endpoint.
-// Endpoint changes keep the pools of endpoints that stay, and let requests in
-// flight on removed endpoints finish before their connections close.
+// endpoints and load balancing (weighted round robin, least request, ring
+// hash), connection pools with Envoy's circuit-breaker thresholds, the
+// retry budget, outlier detection, and a github.com/sony/gobreaker breaker
+// per endpoint. Endpoint changes keep the state and pools of endpoints that
+// stay, and let requests in flight on removed endpoints finish.
 package cluster
 
 import (
-	"context"
+	"log/slog"
 	"net"
-	"net/http"
 	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/meshlet/meshlet/sidecar/config"
-	"github.com/meshlet/meshlet/xds"
 )
 
-// Pool defaults for an endpoint's HTTP connection pool.
-const (
-	// DefaultMaxIdleConnsPerEndpoint bounds idle keep-alive connections kept
-	// per endpoint.
-	DefaultMaxIdleConnsPerEndpoint = 256
-	// DefaultIdleConnTimeout closes pooled connections idle this long.
-	DefaultIdleConnTimeout = 60 * time.Second
-)
+// Events receives what the cluster layer does, for metrics. Methods must
+// be cheap and safe for concurrent use.
+type Events interface {
+	// Ejected reports an outlier-detection ejection.
+	Ejected(cluster, endpoint, reason string)
+	// BreakerState reports an endpoint breaker entering state.
+	BreakerState(cluster, endpoint, state string)
+	// Overflow reports a request refused by a threshold
+	// ("max_connections", "max_pending_requests", "max_requests",
+	// "max_retries").
+	Overflow(cluster, threshold string)
+}
+
+// NopEvents ignores every event.
+type NopEvents struct{}
+
+// Ejected implements Events.
+func (NopEvents) Ejected(string, string, string) {}
+
+// BreakerState implements Events.
+func (NopEvents) BreakerState(string, string, string) {}
+
+// Overflow implements Events.
+func (NopEvents) Overflow(string, string) {}
 
 // Manager holds the clusters of the active config. Get is safe for
 // concurrent use without locks; Update and Close are serialised.
 type Manager struct {
 	clusters atomic.Pointer[map[string]*Cluster]
+	log      *slog.Logger
+	events   Events
 
 	mu     sync.Mutex // serialises Update and Close; guards closed
 	closed bool
 }
 
-// NewManager returns a Manager without clusters.
-func NewManager() *Manager {
-	m := &Manager{}
+// NewManager returns a Manager without clusters, logging to log and
+// reporting to events (either may be nil).
+func NewManager(log *slog.Logger, events Events) *Manager {
+	if log == nil {
+		log = slog.Default()
+	}
+	if events == nil {
+		events = NopEvents{}
+	}
+	m := &Manager{log: log, events: events}
 	empty := map[string]*Cluster{}
 	m.clusters.Store(&empty)
 	return m
@@ -51,7 +76,7 @@ func (m *Manager) All() map[string]*Cluster { return *m.clusters.Load() }
 
 // Update makes clusters the active set, with endpoints from eds (by EDS
 // service name) or from the cluster's static assignment. A cluster whose
-// settings are unchanged keeps its Cluster value and the pools of endpoints
+// settings are unchanged keeps its Cluster value and the state of endpoints
 // that remain; a cluster with changed settings is replaced; removed clusters
 // and endpoints are retired: idle connections close now, busy ones when
 // their request finishes. An EDS cluster whose assignment is missing from
@@ -66,12 +91,11 @@ func (m *Manager) Update(clusters map[string]*config.Cluster, eds map[string]*co
 	next := make(map[string]*Cluster, len(clusters))
 	for name, cc := range clusters {
 		c := old[name]
-		if c == nil || !sameSettings(c.cfg, cc) {
+		if c == nil || !sameSettings(c.given, cc) {
 			if c != nil {
 				c.retire()
 			}
-			c = &Cluster{cfg: cc}
-			c.endpoints.Store(&endpointSet{})
+			c = newCluster(cc, m.log, m.events)
 		}
 		la := cc.Static
 		if cc.Type == config.ClusterEDS {
@@ -116,13 +140,47 @@ func sameSettings(a, b *config.Cluster) bool {
 
 // Cluster is one upstream cluster.
 type Cluster struct {
-	cfg       *config.Cluster
+	given     *config.Cluster // as passed to Update, for change detection
+	cfg       *config.Cluster // in effect: given with defaults filled in
+	log       *slog.Logger
+	events    Events
+	dialer    net.Dialer
 	endpoints atomic.Pointer[endpointSet]
-	rr        atomic.Uint64
+	rr        uint64Counter
+	budget    *RetryBudget
+	outlier   *outlierDetector // nil without outlier detection
+
+	// Circuit-breaker counters (Envoy thresholds).
+	requests atomic.Int64 // requests in flight
+	retries  atomic.Int64 // retries in flight
+	conns    atomic.Int64 // open connections
+	pending  atomic.Int64 // requests waiting for a connection
+
+	waitMu sync.Mutex    // guards waitCh
+	waitCh chan struct{} // closed and replaced when a connection frees up
 }
 
-type endpointSet struct {
-	list []*Endpoint
+func newCluster(given *config.Cluster, log *slog.Logger, events Events) *Cluster {
+	cfg := given
+	if cfg.Thresholds == (config.Thresholds{}) {
+		withDefaults := *cfg
+		withDefaults.Thresholds = config.DefaultThresholds
+		cfg = &withDefaults
+	}
+	c := &Cluster{
+		given:  given,
+		cfg:    cfg,
+		log:    log,
+		events: events,
+		dialer: net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
+		budget: NewRetryBudget(cfg.RetryBudget),
+		waitCh: make(chan struct{}),
+	}
+	if cfg.Outlier != nil {
+		c.outlier = &outlierDetector{cfg: *cfg.Outlier, cluster: cfg.Name, log: log, events: events}
+	}
+	c.endpoints.Store(newEndpointSet(nil, cfg))
+	return c
 }
 
 // Name returns the cluster name.
@@ -134,21 +192,147 @@ func (c *Cluster) Config() *config.Cluster { return c.cfg }
 // Endpoints returns the current endpoints. The slice must not be modified.
 func (c *Cluster) Endpoints() []*Endpoint { return c.endpoints.Load().list }
 
-// Pick returns the next endpoint in round-robin order, or nil when the
-// cluster has none.
-func (c *Cluster) Pick() *Endpoint {
-	list := c.endpoints.Load().list
-	switch len(list) {
-	case 0:
-		return nil
-	case 1:
-		return list[0]
+// Budget returns the cluster's retry budget.
+func (c *Cluster) Budget() *RetryBudget { return c.budget }
+
+// PickResult says why Pick found no endpoint.
+type PickResult int
+
+// Pick results.
+const (
+	Picked            PickResult = iota
+	NoHealthyUpstream            // no endpoint at all, or all ejected
+	CircuitOpen                  // endpoints exist but every breaker is open
+)
+
+// Pick chooses an endpoint by the cluster's algorithm (key is the request's
+// hash for ring hash) among endpoints not ejected and whose breaker is not
+// open, preferring those not in tried (a retry goes elsewhere when it can),
+// and starts an attempt on it.
+func (c *Cluster) Pick(key uint64, hasKey bool, tried []*Endpoint) (*Attempt, PickResult) {
+	set := c.endpoints.Load()
+	if len(set.list) == 0 {
+		return nil, NoHealthyUpstream
 	}
-	return list[(c.rr.Add(1)-1)%uint64(len(list))]
+	now := time.Now().UnixNano()
+	breakerOpen := false
+	healthy := func(e *Endpoint) bool {
+		if c.outlier != nil && !c.outlier.available(e, now) {
+			return false
+		}
+		if e.breaker != nil && !e.breaker.available(now) {
+			breakerOpen = true
+			return false
+		}
+		return true
+	}
+	for _, avoidTried := range []bool{true, false} {
+		if !avoidTried && len(tried) == 0 {
+			break
+		}
+		for range 3 { // a breaker may refuse between the check and Begin
+			e := set.pick(c.cfg, &c.rr, key, hasKey, func(e *Endpoint) bool {
+				if avoidTried && len(tried) > 0 && contains(tried, e) {
+					return false
+				}
+				return healthy(e)
+			})
+			if e == nil {
+				break
+			}
+			if a, ok := e.Begin(); ok {
+				return a, Picked
+			}
+			breakerOpen = true
+		}
+	}
+	if breakerOpen {
+		return nil, CircuitOpen
+	}
+	return nil, NoHealthyUpstream
 }
 
-// setEndpoints installs eps, reusing Endpoint values (and pools) by address
-// and retiring the ones that disappear. Only Manager.Update calls it.
+func contains(list []*Endpoint, e *Endpoint) bool {
+	for _, x := range list {
+		if x == e {
+			return true
+		}
+	}
+	return false
+}
+
+// AcquireRequest counts a request against max_requests, or reports the
+// threshold reached (the request must fail fast).
+func (c *Cluster) AcquireRequest() bool {
+	if c.requests.Add(1) > int64(c.cfg.Thresholds.MaxRequests) {
+		c.requests.Add(-1)
+		c.events.Overflow(c.cfg.Name, "max_requests")
+		return false
+	}
+	return true
+}
+
+// ReleaseRequest ends a request counted by AcquireRequest.
+func (c *Cluster) ReleaseRequest() { c.requests.Add(-1) }
+
+// AcquireRetry counts a retry against max_retries.
+func (c *Cluster) AcquireRetry() bool {
+	if c.retries.Add(1) > int64(c.cfg.Thresholds.MaxRetries) {
+		c.retries.Add(-1)
+		c.events.Overflow(c.cfg.Name, "max_retries")
+		return false
+	}
+	return true
+}
+
+// ReleaseRetry ends a retry counted by AcquireRetry.
+func (c *Cluster) ReleaseRetry() { c.retries.Add(-1) }
+
+func (c *Cluster) acquireConn() bool {
+	if c.conns.Add(1) > int64(c.cfg.Thresholds.MaxConnections) {
+		c.conns.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (c *Cluster) releaseConn() {
+	c.conns.Add(-1)
+	c.wake()
+}
+
+// waitChan returns a channel closed at the next wake.
+func (c *Cluster) waitChan() <-chan struct{} {
+	c.waitMu.Lock()
+	defer c.waitMu.Unlock()
+	return c.waitCh
+}
+
+// wake tells requests waiting for a connection that one may be free. It is
+// cheap when nobody waits.
+func (c *Cluster) wake() {
+	if c.pending.Load() == 0 {
+		return
+	}
+	c.waitMu.Lock()
+	close(c.waitCh)
+	c.waitCh = make(chan struct{})
+	c.waitMu.Unlock()
+}
+
+// evictIdle closes an idle connection of another endpoint to free a slot
+// for except's endpoint, and reports whether it did.
+func (c *Cluster) evictIdle(except *h1Pool) bool {
+	for _, e := range c.Endpoints() {
+		if e.h1 != except && e.h1.evictOne() {
+			return true
+		}
+	}
+	return false
+}
+
+// setEndpoints installs eps, reusing Endpoint values by address and retiring
+// the ones that disappear. Only Manager.Update calls it.
 func (c *Cluster) setEndpoints(eps []config.Endpoint) {
 	cur := c.endpoints.Load().list
 	byAddr := make(map[string]*Endpoint, len(cur))
@@ -161,13 +345,16 @@ func (c *Cluster) setEndpoints(eps []config.Endpoint) {
 		if ok {
 			delete(byAddr, ce.Address)
 		} else {
-			e = newEndpoint(c.cfg, ce.Address)
+			e = newEndpoint(c, ce.Address)
 		}
 		e.weight.Store(ce.Weight)
 		list = append(list, e)
 	}
-	c.endpoints.Store(&endpointSet{list: list})
+	c.endpoints.Store(newEndpointSet(list, c.cfg))
 	for _, e := range byAddr {
+		if e.outlier.ejectedUntil.Load() != 0 && c.outlier != nil {
+			c.outlier.ejected.Add(-1)
+		}
 		e.retire()
 	}
 }
@@ -178,80 +365,7 @@ func (c *Cluster) retire() {
 	}
 }
 
-// Endpoint is one upstream host of a cluster with its connection pool.
-type Endpoint struct {
-	// Address is "host:port".
-	Address string
+// uint64Counter is a round-robin position.
+type uint64Counter struct{ v atomic.Uint64 }
 
-	weight  atomic.Uint32
-	retired atomic.Bool
-	dialer  net.Dialer
-	// transport is the HTTP connection pool, made on first use.
-	transport     atomic.Pointer[http.Transport]
-	transportOnce sync.Once
-	http2         bool
-}
-
-func newEndpoint(cfg *config.Cluster, addr string) *Endpoint {
-	e := &Endpoint{
-		Address: addr,
-		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
-		http2:   cfg.Protocol == xds.ProtocolHTTP2 || cfg.Protocol == xds.ProtocolGRPC,
-	}
-	return e
-}
-
-// Weight returns the endpoint's load-balancing weight.
-func (e *Endpoint) Weight() uint32 { return e.weight.Load() }
-
-// Retired reports whether the endpoint left its cluster.
-func (e *Endpoint) Retired() bool { return e.retired.Load() }
-
-// Dial opens a TCP connection to the endpoint, bounded by the cluster's
-// connect timeout and ctx.
-func (e *Endpoint) Dial(ctx context.Context) (net.Conn, error) {
-	return e.dialer.DialContext(ctx, "tcp", e.Address)
-}
-
-// Transport returns the endpoint's HTTP connection pool: HTTP/1.1 with
-// keep-alive, or HTTP/2 cleartext (prior knowledge) for HTTP/2 clusters.
-// It never uses proxy environment variables and never adds
-// Accept-Encoding.
-func (e *Endpoint) Transport() *http.Transport {
-	e.transportOnce.Do(func() {
-		t := &http.Transport{
-			DialContext:         e.dialer.DialContext,
-			MaxIdleConnsPerHost: DefaultMaxIdleConnsPerEndpoint,
-			IdleConnTimeout:     DefaultIdleConnTimeout,
-			DisableCompression:  true,
-		}
-		t.Protocols = new(http.Protocols)
-		if e.http2 {
-			t.Protocols.SetUnencryptedHTTP2(true)
-		} else {
-			t.Protocols.SetHTTP1(true)
-		}
-		e.transport.Store(t)
-		if e.retired.Load() {
-			t.CloseIdleConnections()
-		}
-	})
-	return e.transport.Load()
-}
-
-// Release is called when a request on the endpoint has finished; on a
-// retired endpoint it closes the connections that are now idle.
-func (e *Endpoint) Release() {
-	if e.retired.Load() {
-		if t := e.transport.Load(); t != nil {
-			t.CloseIdleConnections()
-		}
-	}
-}
-
-func (e *Endpoint) retire() {
-	e.retired.Store(true)
-	if t := e.transport.Load(); t != nil {
-		t.CloseIdleConnections()
-	}
-}
+func (r *uint64Counter) next() uint64 { return r.v.Add(1) - 1 }

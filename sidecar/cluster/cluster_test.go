@@ -21,12 +21,14 @@ func la(addrs ...string) *config.LoadAssignment {
 }
 
 func TestRoundRobin(t *testing.T) {
-	m := NewManager()
+	m := NewManager(nil, nil)
 	defer m.Close()
 	m.Update(map[string]*config.Cluster{"c": eds("c", xds.ProtocolHTTP)}, map[string]*config.LoadAssignment{"c": la("a:1", "b:1", "c:1")})
 	counts := map[string]int{}
 	for range 300 {
-		counts[m.Get("c").Pick().Address]++
+		a, _ := m.Get("c").Pick(0, false, nil)
+		counts[a.Endpoint().Address]++
+		a.End(OutcomeSuccess)
 	}
 	for _, a := range []string{"a:1", "b:1", "c:1"} {
 		if counts[a] != 100 {
@@ -39,7 +41,7 @@ func TestRoundRobin(t *testing.T) {
 }
 
 func TestUpdateKeepsEndpointsThatStay(t *testing.T) {
-	m := NewManager()
+	m := NewManager(nil, nil)
 	defer m.Close()
 	clusters := map[string]*config.Cluster{"c": eds("c", xds.ProtocolHTTP)}
 	m.Update(clusters, map[string]*config.LoadAssignment{"c": la("a:1", "b:1")})
@@ -53,7 +55,6 @@ func TestUpdateKeepsEndpointsThatStay(t *testing.T) {
 			b1 = e
 		}
 	}
-	a1.Transport() // a pool exists
 
 	m.Update(clusters, map[string]*config.LoadAssignment{"c": la("a:1", "d:1")})
 	if m.Get("c") != c1 {

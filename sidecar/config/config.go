@@ -62,6 +62,9 @@ type HTTPConnectionManager struct {
 type TCPProxy struct {
 	StatPrefix string
 	Cluster    string
+	// MaxConnectAttempts is TcpProxy.max_connect_attempts (default 1): a
+	// failed connect is retried on another endpoint this many times minus one.
+	MaxConnectAttempts int
 }
 
 // RouteConfig is a decoded envoy.config.route.v3.RouteConfiguration.
@@ -96,10 +99,83 @@ type Route struct {
 	Match         MatchKind
 	Path          string // the prefix or exact path
 	CaseSensitive bool   // RouteMatch.case_sensitive, default true
-	Cluster       string
-	// Timeout is RouteAction.timeout: the whole exchange, 0 = none. Envoy's
-	// default when the field is absent is 15 s (DefaultRouteTimeout).
+	// Headers must all match (RouteMatch.headers).
+	Headers []HeaderMatch
+	Cluster string
+	// Timeout is RouteAction.timeout: the whole exchange including retries,
+	// 0 = none; for streaming responses (SSE, gRPC) it ends at the response
+	// headers. Envoy's default when the field is absent is 15 s
+	// (DefaultRouteTimeout).
 	Timeout time.Duration
+	// IdleTimeout is RouteAction.idle_timeout: no bytes either way for
+	// this long resets the request; 0 = none.
+	IdleTimeout time.Duration
+	// MaxStreamDuration is RouteAction.max_stream_duration: a cap on any
+	// request, streams included; 0 = none.
+	MaxStreamDuration time.Duration
+	// Retry is RouteAction.retry_policy, nil for no retries.
+	Retry *RetryPolicy
+	// HashHeader is the header of RouteAction.hash_policy (ring hash), "".
+	HashHeader string
+	// BodyBufferBytes is Route.per_request_buffer_limit_bytes: request
+	// bodies up to this size can be replayed on retry (default
+	// DefaultBodyBufferBytes).
+	BodyBufferBytes int
+}
+
+// DefaultBodyBufferBytes is Route.per_request_buffer_limit_bytes when unset.
+const DefaultBodyBufferBytes = 64 << 10
+
+// HeaderMatch is a decoded RouteMatch header matcher: exact value, or
+// presence when Present is set. Names are canonical (":method" stays as is).
+type HeaderMatch struct {
+	Name    string
+	Exact   string
+	Present bool
+	Invert  bool
+}
+
+// RetryOn is a set of retry conditions (RetryPolicy.retry_on).
+type RetryOn uint32
+
+// Retry conditions.
+const (
+	RetryConnectFailure RetryOn = 1 << iota
+	RetryRefusedStream
+	RetryReset
+	Retry5xx
+	RetryGatewayError
+	RetryRetriableStatusCodes
+	RetryGRPCCancelled
+	RetryGRPCDeadlineExceeded
+	RetryGRPCInternal
+	RetryGRPCResourceExhausted
+	RetryGRPCUnavailable
+)
+
+// RetryConditions maps retry_on tokens to conditions.
+var RetryConditions = map[string]RetryOn{
+	"connect-failure": RetryConnectFailure, "refused-stream": RetryRefusedStream, "reset": RetryReset,
+	"5xx": Retry5xx, "gateway-error": RetryGatewayError, "retriable-status-codes": RetryRetriableStatusCodes,
+	"cancelled": RetryGRPCCancelled, "deadline-exceeded": RetryGRPCDeadlineExceeded, "internal": RetryGRPCInternal,
+	"resource-exhausted": RetryGRPCResourceExhausted, "unavailable": RetryGRPCUnavailable,
+}
+
+// RetryPolicy is a decoded envoy.config.route.v3.RetryPolicy plus meshlet's
+// route extras.
+type RetryPolicy struct {
+	On         RetryOn
+	NumRetries int           // num_retries (Envoy default 1)
+	PerTry     time.Duration // per_try_timeout, until the response headers; 0 = none
+	// BackoffBase and BackoffMax shape the full-jitter exponential backoff
+	// (retry_back_off; defaults 25 ms and 10 × base).
+	BackoffBase, BackoffMax time.Duration
+	StatusCodes             []int // retriable_status_codes
+	// OtherHost is set by the previous_hosts retry host predicate: retries
+	// prefer endpoints not tried yet.
+	OtherHost bool
+	// NonIdempotentRetry is RouteExtras.nonIdempotent == "retry".
+	NonIdempotentRetry bool
 }
 
 // DefaultRouteTimeout is RouteAction.timeout when the field is absent
@@ -114,6 +190,37 @@ const (
 	ClusterEDS    ClusterType = iota // endpoints from EDS over ADS
 	ClusterStatic                    // endpoints inline in load_assignment
 )
+
+// LBPolicy is the load-balancing algorithm (Cluster.lb_policy).
+type LBPolicy int
+
+// Supported algorithms.
+const (
+	LBRoundRobin   LBPolicy = iota // weighted round robin
+	LBLeastRequest                 // power of ChoiceCount choices
+	LBRingHash                     // consistent hashing on the route's hash policy
+)
+
+// Thresholds are connection-pool limits (CircuitBreakers.Thresholds,
+// priority DEFAULT; Envoy's defaults when unset). The zero value stands for
+// DefaultThresholds.
+type Thresholds struct {
+	MaxConnections, MaxPendingRequests, MaxRequests, MaxRetries int
+}
+
+// DefaultThresholds are Envoy's circuit breaker defaults.
+var DefaultThresholds = Thresholds{MaxConnections: 1024, MaxPendingRequests: 1024, MaxRequests: 1024, MaxRetries: 3}
+
+// OutlierDetection is a decoded envoy.config.cluster.v3.OutlierDetection.
+// A consecutive count of 0 means that detector is off (enforcing 0).
+type OutlierDetection struct {
+	Consecutive5xx, ConsecutiveGatewayErrors, ConsecutiveLocalOriginFailures int
+	// SplitLocalOrigin is split_external_local_origin_errors: when false,
+	// local-origin failures count as 5xx (503).
+	SplitLocalOrigin                            bool
+	Interval, BaseEjectionTime, MaxEjectionTime time.Duration
+	MaxEjectionPercent                          int
+}
 
 // Cluster is a decoded envoy.config.cluster.v3.Cluster.
 type Cluster struct {
@@ -131,6 +238,20 @@ type Cluster struct {
 	Protocol xds.Protocol
 	// Static holds the inline endpoints of a STATIC cluster.
 	Static *LoadAssignment
+	// LB is lb_policy; ChoiceCount is least_request_lb_config.choice_count
+	// (default 2); RingSize is ring_hash_lb_config.minimum_ring_size
+	// (default 1024).
+	LB          LBPolicy
+	ChoiceCount int
+	RingSize    int
+	// Thresholds are the DEFAULT-priority circuit breakers.
+	Thresholds Thresholds
+	// Outlier is outlier_detection, nil when absent.
+	Outlier *OutlierDetection
+	// RetryBudget and EndpointBreaker come from meshlet's cluster extras
+	// (metadata "meshlet"); nil when absent.
+	RetryBudget     *xds.RetryBudget
+	EndpointBreaker *xds.EndpointBreaker
 }
 
 // LoadAssignment is a decoded envoy.config.endpoint.v3.ClusterLoadAssignment

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -17,9 +19,13 @@ import (
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	previoushosts "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/meshlet/meshlet/xds"
 )
@@ -148,7 +154,10 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 		if c == "" {
 			return nil, fieldErr(kind, name, ff+".typed_config.cluster", "required (weighted_clusters is not supported)")
 		}
-		out.TCP = &TCPProxy{StatPrefix: m.GetStatPrefix(), Cluster: c}
+		out.TCP = &TCPProxy{StatPrefix: m.GetStatPrefix(), Cluster: c, MaxConnectAttempts: 1}
+		if a := m.GetMaxConnectAttempts(); a != nil {
+			out.TCP.MaxConnectAttempts = int(a.GetValue())
+		}
 	default:
 		return nil, fieldErr(kind, name, ff, "unsupported network filter %q (%s): supported are %s and %s",
 			f.GetName(), tc.GetTypeUrl(), xds.HTTPConnectionManagerFilter, xds.TCPProxyFilter)
@@ -252,7 +261,7 @@ func decodeRouteConfig(rc *route.RouteConfiguration) (*RouteConfig, error) {
 }
 
 func decodeRoute(r *route.Route) (*Route, error) {
-	out := &Route{Name: r.GetName(), CaseSensitive: true}
+	out := &Route{Name: r.GetName(), CaseSensitive: true, BodyBufferBytes: DefaultBodyBufferBytes}
 	m := r.GetMatch()
 	if cs := m.GetCaseSensitive(); cs != nil {
 		out.CaseSensitive = cs.GetValue()
@@ -265,9 +274,16 @@ func decodeRoute(r *route.Route) (*Route, error) {
 	default:
 		return nil, fmt.Errorf("match: only prefix and path matches are supported")
 	}
-	if len(m.GetHeaders()) > 0 || len(m.GetQueryParameters()) > 0 || m.GetGrpc() != nil || m.GetRuntimeFraction() != nil ||
+	if len(m.GetQueryParameters()) > 0 || m.GetGrpc() != nil || m.GetRuntimeFraction() != nil ||
 		m.GetTlsContext() != nil || len(m.GetDynamicMetadata()) > 0 || len(m.GetFilterState()) > 0 {
-		return nil, fmt.Errorf("match: only the path is supported (headers, query parameters and others are not)")
+		return nil, fmt.Errorf("match: only the path and headers are supported (query parameters and others are not)")
+	}
+	for i, h := range m.GetHeaders() {
+		hm, err := decodeHeaderMatch(h)
+		if err != nil {
+			return nil, fmt.Errorf("match.headers[%d]: %w", i, err)
+		}
+		out.Headers = append(out.Headers, hm)
 	}
 	if !out.CaseSensitive {
 		out.Path = strings.ToLower(out.Path)
@@ -276,19 +292,117 @@ func decodeRoute(r *route.Route) (*Route, error) {
 	if !ok {
 		return nil, fmt.Errorf("action: only route actions are supported (not redirect, direct_response or others)")
 	}
-	c := ra.Route.GetCluster()
+	a := ra.Route
+	c := a.GetCluster()
 	if c == "" {
 		return nil, fmt.Errorf("route.cluster: required (cluster_header and weighted_clusters are not supported)")
 	}
 	out.Cluster = c
 	out.Timeout = DefaultRouteTimeout
-	if t := ra.Route.GetTimeout(); t != nil {
+	if t := a.GetTimeout(); t != nil {
 		out.Timeout = t.AsDuration()
 	}
-	if out.Timeout < 0 {
-		return nil, fmt.Errorf("route.timeout: must not be negative")
+	out.IdleTimeout = a.GetIdleTimeout().AsDuration()
+	out.MaxStreamDuration = a.GetMaxStreamDuration().GetMaxStreamDuration().AsDuration()
+	for name, d := range map[string]time.Duration{"route.timeout": out.Timeout, "route.idle_timeout": out.IdleTimeout, "route.max_stream_duration": out.MaxStreamDuration} {
+		if d < 0 {
+			return nil, fmt.Errorf("%s: must not be negative", name)
+		}
+	}
+	for i, hp := range a.GetHashPolicy() {
+		h := hp.GetHeader()
+		if h == nil || i > 0 {
+			return nil, fmt.Errorf("route.hash_policy: only one header hash policy is supported")
+		}
+		out.HashHeader = h.GetHeaderName()
+	}
+	if b := r.GetPerRequestBufferLimitBytes(); b != nil {
+		out.BodyBufferBytes = int(b.GetValue())
+	}
+	if rp := a.GetRetryPolicy(); rp != nil {
+		p, err := decodeRetryPolicy(rp)
+		if err != nil {
+			return nil, fmt.Errorf("route.retry_policy: %w", err)
+		}
+		var extras xds.RouteExtras
+		if err := xds.DecodeExtras(r.GetMetadata(), &extras); err != nil {
+			return nil, fmt.Errorf("metadata.filter_metadata[%q]: %w", xds.MetadataNamespace, err)
+		}
+		switch extras.NonIdempotent {
+		case "", "safe":
+		case "retry":
+			p.NonIdempotentRetry = true
+		default:
+			return nil, fmt.Errorf("metadata.filter_metadata[%q].nonIdempotent: %q is not safe or retry", xds.MetadataNamespace, extras.NonIdempotent)
+		}
+		out.Retry = p
 	}
 	return out, nil
+}
+
+func decodeHeaderMatch(h *route.HeaderMatcher) (HeaderMatch, error) {
+	out := HeaderMatch{Name: h.GetName(), Invert: h.GetInvertMatch()}
+	if !strings.HasPrefix(out.Name, ":") {
+		out.Name = http.CanonicalHeaderKey(out.Name)
+	}
+	switch spec := h.GetHeaderMatchSpecifier().(type) {
+	case *route.HeaderMatcher_PresentMatch:
+		out.Present = true
+		if !spec.PresentMatch {
+			out.Invert = !out.Invert
+		}
+	case *route.HeaderMatcher_ExactMatch:
+		out.Exact = spec.ExactMatch
+	case *route.HeaderMatcher_StringMatch:
+		e, ok := spec.StringMatch.GetMatchPattern().(*matcher.StringMatcher_Exact)
+		if !ok || spec.StringMatch.GetIgnoreCase() {
+			return out, errors.New("only exact string matches are supported")
+		}
+		out.Exact = e.Exact
+	default:
+		return out, errors.New("only exact and present header matches are supported")
+	}
+	return out, nil
+}
+
+func decodeRetryPolicy(rp *route.RetryPolicy) (*RetryPolicy, error) {
+	p := &RetryPolicy{NumRetries: 1, BackoffBase: 25 * time.Millisecond}
+	for tok := range strings.SplitSeq(rp.GetRetryOn(), ",") {
+		tok = strings.TrimSpace(tok)
+		if tok == "" {
+			continue
+		}
+		c, ok := RetryConditions[tok]
+		if !ok {
+			return nil, fmt.Errorf("retry_on: unsupported condition %q", tok)
+		}
+		p.On |= c
+	}
+	if n := rp.GetNumRetries(); n != nil {
+		p.NumRetries = int(n.GetValue())
+	}
+	p.PerTry = rp.GetPerTryTimeout().AsDuration()
+	if b := rp.GetRetryBackOff(); b != nil {
+		p.BackoffBase = b.GetBaseInterval().AsDuration()
+		p.BackoffMax = b.GetMaxInterval().AsDuration()
+	}
+	if p.BackoffMax == 0 {
+		p.BackoffMax = 10 * p.BackoffBase
+	}
+	for _, c := range rp.GetRetriableStatusCodes() {
+		p.StatusCodes = append(p.StatusCodes, int(c))
+	}
+	for i, hp := range rp.GetRetryHostPredicate() {
+		if hp.GetName() != xds.PreviousHostsPredicate && !hp.GetTypedConfig().MessageIs(&previoushosts.PreviousHostsPredicate{}) {
+			return nil, fmt.Errorf("retry_host_predicate[%d]: unsupported %q (supported: %s)", i, hp.GetName(), xds.PreviousHostsPredicate)
+		}
+		p.OtherHost = true
+	}
+	if rp.GetRetryPriority() != nil || len(rp.GetRetryOptionsPredicates()) > 0 || len(rp.GetRetriableHeaders()) > 0 ||
+		len(rp.GetRetriableRequestHeaders()) > 0 || rp.GetRateLimitedRetryBackOff() != nil || rp.GetPerTryIdleTimeout() != nil {
+		return nil, errors.New("only retry_on, num_retries, per_try_timeout, retry_back_off, retriable_status_codes and the previous_hosts predicate are supported")
+	}
+	return p, nil
 }
 
 // DecodeCluster decodes and validates an Any holding a Cluster.
@@ -328,9 +442,61 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 		}
 		return nil, fieldErr(kind, name, "type", "unsupported discovery type %s (supported: STATIC, EDS)", c.GetType())
 	}
-	if c.GetLbPolicy() != cluster.Cluster_ROUND_ROBIN {
-		return nil, fieldErr(kind, name, "lb_policy", "unsupported %s (supported: ROUND_ROBIN)", c.GetLbPolicy())
+	switch c.GetLbPolicy() {
+	case cluster.Cluster_ROUND_ROBIN:
+		out.LB = LBRoundRobin
+	case cluster.Cluster_LEAST_REQUEST:
+		out.LB, out.ChoiceCount = LBLeastRequest, 2
+		if n := c.GetLeastRequestLbConfig().GetChoiceCount(); n != nil {
+			out.ChoiceCount = int(n.GetValue())
+		}
+	case cluster.Cluster_RING_HASH:
+		out.LB, out.RingSize = LBRingHash, 1024
+		if n := c.GetRingHashLbConfig().GetMinimumRingSize(); n != nil {
+			out.RingSize = int(min(n.GetValue(), 1<<20))
+		}
+	default:
+		return nil, fieldErr(kind, name, "lb_policy", "unsupported %s (supported: ROUND_ROBIN, LEAST_REQUEST, RING_HASH)", c.GetLbPolicy())
 	}
+	out.Thresholds = DefaultThresholds
+	for i, t := range c.GetCircuitBreakers().GetThresholds() {
+		if t.GetPriority() != core.RoutingPriority_DEFAULT {
+			continue // no route asks for HIGH priority
+		}
+		if t.GetRetryBudget() != nil {
+			return nil, fieldErr(kind, name, fmt.Sprintf("circuit_breakers.thresholds[%d].retry_budget", i),
+				"not supported: meshlet's retry budget is metadata.filter_metadata[%q].retryBudget", xds.MetadataNamespace)
+		}
+		for _, f := range []struct {
+			dst *int
+			v   *wrapperspb.UInt32Value
+		}{
+			{&out.Thresholds.MaxConnections, t.GetMaxConnections()}, {&out.Thresholds.MaxPendingRequests, t.GetMaxPendingRequests()},
+			{&out.Thresholds.MaxRequests, t.GetMaxRequests()}, {&out.Thresholds.MaxRetries, t.GetMaxRetries()},
+		} {
+			if f.v != nil {
+				*f.dst = int(f.v.GetValue())
+			}
+		}
+	}
+	if od := c.GetOutlierDetection(); od != nil {
+		o, err := decodeOutlier(od)
+		if err != nil {
+			return nil, fieldErr(kind, name, "outlier_detection", "%v", err)
+		}
+		out.Outlier = o
+	}
+	var extras xds.ClusterExtras
+	if err := xds.DecodeExtras(c.GetMetadata(), &extras); err != nil {
+		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"]", "%v", err)
+	}
+	if b := extras.RetryBudget; b != nil && (b.Ratio < 0 || b.Ratio > 1 || b.MinRetriesPerSecond < 0 || b.TTL <= 0) {
+		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].retryBudget", "ratio must be 0-1, minRetriesPerSecond ≥ 0, ttl > 0")
+	}
+	if b := extras.EndpointBreaker; b != nil && (b.ConsecutiveFailures == 0 && b.FailureRatio == 0 || b.OpenInterval <= 0 || b.FailureRatio < 0 || b.FailureRatio > 1) {
+		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].endpointBreaker", "needs consecutiveFailures or failureRatio (0-1), and openInterval > 0")
+	}
+	out.RetryBudget, out.EndpointBreaker = extras.RetryBudget, extras.EndpointBreaker
 	if c.GetTransportSocket() != nil {
 		return nil, fieldErr(kind, name, "transport_socket", "not supported yet")
 	}
@@ -352,6 +518,49 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 		}
 	}
 	return out, nil
+}
+
+func decodeOutlier(od *cluster.OutlierDetection) (*OutlierDetection, error) {
+	u32 := func(v *wrapperspb.UInt32Value, def uint32) int {
+		if v == nil {
+			return int(def)
+		}
+		return int(v.GetValue())
+	}
+	dur := func(d *durationpb.Duration, def time.Duration) time.Duration {
+		if d == nil {
+			return def
+		}
+		return d.AsDuration()
+	}
+	o := &OutlierDetection{
+		SplitLocalOrigin:   od.GetSplitExternalLocalOriginErrors(),
+		Interval:           dur(od.GetInterval(), 10*time.Second),
+		BaseEjectionTime:   dur(od.GetBaseEjectionTime(), 30*time.Second),
+		MaxEjectionTime:    dur(od.GetMaxEjectionTime(), 300*time.Second),
+		MaxEjectionPercent: u32(od.GetMaxEjectionPercent(), 10),
+	}
+	// A detector runs when its enforcing percentage is above 0 (Envoy's
+	// defaults: 100 for consecutive 5xx and local-origin, 0 for gateway).
+	if u32(od.GetEnforcingConsecutive_5Xx(), 100) > 0 {
+		o.Consecutive5xx = u32(od.GetConsecutive_5Xx(), 5)
+	}
+	if u32(od.GetEnforcingConsecutiveGatewayFailure(), 0) > 0 {
+		o.ConsecutiveGatewayErrors = u32(od.GetConsecutiveGatewayFailure(), 5)
+	}
+	if o.SplitLocalOrigin && u32(od.GetEnforcingConsecutiveLocalOriginFailure(), 100) > 0 {
+		o.ConsecutiveLocalOriginFailures = u32(od.GetConsecutiveLocalOriginFailure(), 5)
+	}
+	if v := od.GetEnforcingSuccessRate(); v != nil && v.GetValue() > 0 {
+		return nil, errors.New("enforcing_success_rate: success-rate ejection is not supported (set it to 0)")
+	}
+	if v := od.GetEnforcingFailurePercentage(); v.GetValue() > 0 {
+		return nil, errors.New("enforcing_failure_percentage: failure-percentage ejection is not supported")
+	}
+	if o.MaxEjectionPercent > 100 {
+		return nil, fmt.Errorf("max_ejection_percent: %d is above 100", o.MaxEjectionPercent)
+	}
+	return o, nil
 }
 
 // DecodeLoadAssignment decodes and validates an Any holding a

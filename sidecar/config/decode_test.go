@@ -109,7 +109,7 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 			rc.VirtualHosts[0].Routes[0].Match.Headers = []*route.HeaderMatcher{{Name: "x-canary"}}
 			_, err := DecodeRouteConfig(xds.MustAny(rc))
 			return err
-		}, `route configuration "r": virtual_hosts[0].routes[0]: match: only the path is supported`},
+		}, `virtual_hosts[0].routes[0]: match.headers[0]: only exact and present header matches are supported`},
 		{"redirect action", func() error {
 			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
 			rc.VirtualHosts[0].Routes[0].Action = &route.Route_Redirect{Redirect: &route.RedirectAction{}}
@@ -127,7 +127,7 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 			c.LbPolicy = cluster.Cluster_MAGLEV
 			_, err := DecodeCluster(xds.MustAny(c))
 			return err
-		}, `cluster "c": lb_policy: unsupported MAGLEV (supported: ROUND_ROBIN)`},
+		}, `cluster "c": lb_policy: unsupported MAGLEV (supported: ROUND_ROBIN, LEAST_REQUEST, RING_HASH)`},
 		{"negative connect timeout (proto rule)", func() error {
 			c := xds.NewEDSCluster("c", xds.ClusterOptions{})
 			c.ConnectTimeout = durationpb.New(-time.Second)

@@ -27,15 +27,39 @@ import (
 // fails (x-meshlet-reason).
 const ReasonHeader = "X-Meshlet-Reason"
 
-// Typed failure reasons set in ReasonHeader.
+// Typed failure reasons set in ReasonHeader and used as the metric label
+// "reason" ("" for requests the sidecar did not fail).
 const (
-	ReasonNoRoute           = "no_route"            // 404: no virtual host or route matched
-	ReasonNoCluster         = "no_cluster"          // 503: the route's cluster is not configured
-	ReasonNoHealthyUpstream = "no_healthy_upstream" // 503: the cluster has no endpoint
-	ReasonConnectFailure    = "connect_failure"     // 503: connecting to the endpoint failed
-	ReasonUpstreamReset     = "upstream_reset"      // 503: the upstream closed or reset before answering
-	ReasonUpstreamTimeout   = "upstream_timeout"    // 504: the route timeout expired
+	ReasonNoRoute              = "no_route"               // 404: no virtual host or route matched
+	ReasonNoCluster            = "no_cluster"             // 503: the route's cluster is not configured
+	ReasonNoHealthyUpstream    = "no_healthy_upstream"    // 503: no endpoint, or all ejected
+	ReasonCircuitOpen          = "circuit_open"           // 503: every endpoint's breaker is open
+	ReasonOverflow             = "overflow"               // 503: a circuit-breaker threshold was reached
+	ReasonConnectFailure       = "connect_failure"        // 503: connecting to the endpoint failed
+	ReasonUpstreamReset        = "upstream_reset"         // 503: the upstream closed, reset or refused the stream before answering
+	ReasonUpstreamTimeout      = "upstream_timeout"       // 504: the route or per-try timeout expired
+	ReasonRetryBudgetExhausted = "retry_budget_exhausted" // a retry was due but the budget had none left
 )
+
+// Recorder receives one record per request, and the retries, for metrics.
+// Implementations must be safe for concurrent use.
+type Recorder interface {
+	// Request records a finished request: its status code (0 when the
+	// downstream left first) and the typed reason when the sidecar failed it.
+	Request(listener, cluster string, code int, reason string)
+	// Retry records a retry sent, by cause (a retry_on condition).
+	Retry(cluster, cause string)
+	// RetryDenied records a retry that was due but not sent, and why
+	// ("retry_budget_exhausted", "max_retries", "non_idempotent",
+	// "body_too_large").
+	RetryDenied(cluster, reason string)
+}
+
+type nopRecorder struct{}
+
+func (nopRecorder) Request(string, string, int, string) {}
+func (nopRecorder) Retry(string, string)                {}
+func (nopRecorder) RetryDenied(string, string)          {}
 
 // Server is the listener.Handler of one HTTP listener.
 type Server struct {
@@ -43,6 +67,7 @@ type Server struct {
 	codec    config.Codec
 	clusters *cluster.Manager
 	log      *slog.Logger
+	rec      Recorder
 	table    atomic.Pointer[routeTable]
 
 	srv   *http.Server
@@ -53,9 +78,12 @@ type Server struct {
 var _ listener.Handler = (*Server)(nil)
 
 // NewServer returns the handler for the HTTP listener l, resolving its RDS
-// route configuration from snap.
-func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Manager, log *slog.Logger) *Server {
-	s := &Server{name: l.Name, codec: l.HTTP.Codec, clusters: clusters, log: log, done: make(chan struct{})}
+// route configuration from snap. rec may be nil.
+func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Manager, log *slog.Logger, rec Recorder) *Server {
+	if rec == nil {
+		rec = nopRecorder{}
+	}
+	s := &Server{name: l.Name, codec: l.HTTP.Codec, clusters: clusters, log: log, rec: rec, done: make(chan struct{})}
 	s.table.Store(tableFor(l, snap))
 	s.conns = newConnQueue()
 	s.srv = &http.Server{
@@ -110,88 +138,10 @@ func (s *Server) Shutdown(ctx context.Context) {
 	<-s.done
 }
 
-// ServeHTTP routes and forwards one request.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	t := s.table.Load()
-	rt := t.route(r.Host, r.URL.Path)
-	if rt == nil {
-		s.fail(w, t, http.StatusNotFound, ReasonNoRoute)
-		return
-	}
-	c := s.clusters.Get(rt.Cluster)
-	if c == nil {
-		s.fail(w, t, http.StatusServiceUnavailable, ReasonNoCluster)
-		return
-	}
-	ep := c.Pick()
-	if ep == nil {
-		s.fail(w, t, http.StatusServiceUnavailable, ReasonNoHealthyUpstream)
-		return
-	}
-	ctx := r.Context()
-	if rt.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, rt.Timeout)
-		defer cancel()
-	}
-	defer ep.Release()
-
-	out := r.Clone(ctx)
-	out.RequestURI = ""
-	out.URL.Scheme = "http"
-	out.URL.Host = ep.Address
-	out.Close = false
-	if r.ContentLength == 0 {
-		out.Body = nil // lets the transport retry an idempotent request on a stale pooled connection
-	}
-	removeHopByHop(out.Header, true)
-	if t.via != "" {
-		out.Header.Add("Via", protoVersion(r.ProtoMajor, r.ProtoMinor)+" "+t.via)
-	}
-
-	resp, err := ep.Transport().RoundTrip(out)
-	if err != nil {
-		if r.Context().Err() != nil {
-			return // the downstream went away: nothing to answer, not an upstream failure
-		}
-		status, reason := classify(ctx, err)
-		s.log.Debug("httpproxy: upstream request failed", "listener", s.name, "cluster", c.Name(), "endpoint", ep.Address, "reason", reason, "error", err)
-		s.fail(w, t, status, reason)
-		return
-	}
-	defer resp.Body.Close()
-
-	h := w.Header()
-	removeHopByHop(resp.Header, false)
-	for k, vv := range resp.Header {
-		h[k] = vv
-	}
-	if t.via != "" {
-		h.Add("Via", protoVersion(resp.ProtoMajor, resp.ProtoMinor)+" "+t.via)
-	}
-	if len(resp.Trailer) > 0 {
-		names := make([]string, 0, len(resp.Trailer))
-		for k := range resp.Trailer {
-			names = append(names, k)
-		}
-		h["Trailer"] = []string{strings.Join(names, ", ")}
-	}
-	w.WriteHeader(resp.StatusCode)
-
-	if err := copyBody(w, resp, streaming(resp)); err != nil {
-		if r.Context().Err() == nil {
-			s.log.Debug("httpproxy: response body aborted", "listener", s.name, "cluster", c.Name(), "endpoint", ep.Address, "error", err)
-		}
-		panic(http.ErrAbortHandler) // reset the downstream stream: the response is incomplete
-	}
-	for k, vv := range resp.Trailer {
-		h[http.TrailerPrefix+k] = vv
-	}
-}
-
 // fail answers a request the sidecar could not forward, with the typed
-// reason in ReasonHeader.
-func (s *Server) fail(w http.ResponseWriter, t *routeTable, status int, reason string) {
+// reason in ReasonHeader, and records it.
+func (s *Server) fail(w http.ResponseWriter, t *routeTable, cluster string, status int, reason string) {
+	s.rec.Request(s.name, cluster, status, reason)
 	h := w.Header()
 	h.Set(ReasonHeader, reason)
 	h.Set("Content-Type", "text/plain; charset=utf-8")
@@ -200,18 +150,6 @@ func (s *Server) fail(w http.ResponseWriter, t *routeTable, status int, reason s
 	}
 	w.WriteHeader(status)
 	io.WriteString(w, reason+"\n")
-}
-
-// classify maps a round-trip error to a status code and typed reason.
-func classify(ctx context.Context, err error) (int, string) {
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		return http.StatusGatewayTimeout, ReasonUpstreamTimeout
-	}
-	var op *net.OpError
-	if errors.As(err, &op) && op.Op == "dial" {
-		return http.StatusServiceUnavailable, ReasonConnectFailure
-	}
-	return http.StatusServiceUnavailable, ReasonUpstreamReset
 }
 
 // hopByHop are the connection-specific fields of RFC 9110 §7.6.1 plus the
@@ -270,22 +208,25 @@ func streaming(resp *http.Response) bool {
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// copyBody streams resp.Body to w, flushing after each read when flush is
-// set. It returns the first read or write error (io.EOF is success).
-func copyBody(w http.ResponseWriter, resp *http.Response, flush bool) error {
+// errDownstreamWrite marks a failed write to the downstream.
+var errDownstreamWrite = errors.New("httpproxy: writing to the downstream failed")
+
+// copyBody streams body to w, flushing after each read when flush is set.
+// It returns the first read error (io.EOF is success) or errDownstreamWrite.
+func copyBody(w http.ResponseWriter, body io.Reader, flush bool) error {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
 	rc := http.NewResponseController(w)
 	for {
-		n, rerr := resp.Body.Read(buf)
+		n, rerr := body.Read(buf)
 		if n > 0 {
 			if _, werr := w.Write(buf[:n]); werr != nil {
-				return werr
+				return errDownstreamWrite
 			}
 			if flush {
 				if err := rc.Flush(); err != nil {
-					return err
+					return errDownstreamWrite
 				}
 			}
 		}

@@ -58,7 +58,7 @@ func TestRouteTableMatching(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			got := ""
-			if r := table.route(tc.host, tc.path); r != nil {
+			if r := table.routeFor(tc.host, tc.path, "GET", nil); r != nil {
 				got = r.Cluster
 			}
 			if got != tc.want {
@@ -72,7 +72,7 @@ func TestRouteTableMatching(t *testing.T) {
 // endpoints and route timeout, and returns its address.
 func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ...string) string {
 	t.Helper()
-	clusters := cluster.NewManager()
+	clusters := cluster.NewManager(nil, nil)
 	t.Cleanup(clusters.Close)
 	var eps []config.Endpoint
 	for _, e := range endpoints {
@@ -90,7 +90,7 @@ func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ..
 			{Name: "empty", Domains: []string{"no-routes.internal"}},
 		},
 	}}}
-	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

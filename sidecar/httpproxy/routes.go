@@ -2,6 +2,7 @@ package httpproxy
 
 import (
 	"net"
+	"net/http"
 	"strings"
 
 	"github.com/meshlet/meshlet/sidecar/config"
@@ -85,8 +86,12 @@ func (t *routeTable) virtualHost(authority string) *config.VirtualHost {
 }
 
 // route returns the first route of the matching virtual host whose path
-// match accepts path, or nil.
-func (t *routeTable) route(authority, path string) *config.Route {
+// and header matches accept the request, or nil.
+func (t *routeTable) route(r *http.Request) *config.Route {
+	return t.routeFor(r.Host, r.URL.Path, r.Method, r.Header)
+}
+
+func (t *routeTable) routeFor(authority, path, method string, h http.Header) *config.Route {
 	vh := t.virtualHost(authority)
 	if vh == nil {
 		return nil
@@ -105,14 +110,35 @@ func (t *routeTable) route(authority, path string) *config.Route {
 		}
 		switch r.Match {
 		case config.MatchPrefix:
-			if strings.HasPrefix(p, r.Path) {
-				return r
+			if !strings.HasPrefix(p, r.Path) {
+				continue
 			}
 		case config.MatchPath:
-			if p == r.Path {
-				return r
+			if p != r.Path {
+				continue
 			}
+		}
+		if headersMatch(r.Headers, method, h) {
+			return r
 		}
 	}
 	return nil
+}
+
+// headersMatch applies RouteMatch.headers; ":method" reads the method.
+func headersMatch(ms []config.HeaderMatch, method string, h http.Header) bool {
+	for _, m := range ms {
+		var v string
+		var present bool
+		if m.Name == ":method" {
+			v, present = method, true
+		} else if vs := h[m.Name]; len(vs) > 0 {
+			v, present = vs[0], true
+		}
+		ok := present && (m.Present || v == m.Exact)
+		if ok == m.Invert {
+			return false
+		}
+	}
+	return true
 }

@@ -22,7 +22,7 @@ type Proxy struct {
 	name     string
 	clusters *cluster.Manager
 	log      *slog.Logger
-	cluster  atomic.Pointer[string]
+	cfg      atomic.Pointer[config.TCPProxy]
 
 	mu       sync.Mutex // guards conns and shutdown
 	conns    map[net.Conn]struct{}
@@ -35,16 +35,17 @@ var _ listener.Handler = (*Proxy)(nil)
 // New returns the handler for the TCP proxy listener l.
 func New(l *config.Listener, clusters *cluster.Manager, log *slog.Logger) *Proxy {
 	p := &Proxy{name: l.Name, clusters: clusters, log: log, conns: map[net.Conn]struct{}{}}
-	p.cluster.Store(&l.TCP.Cluster)
+	p.cfg.Store(l.TCP)
 	return p
 }
 
-// Update switches the target cluster for new connections.
+// Update switches the target cluster and connect attempts for new
+// connections.
 func (p *Proxy) Update(l *config.Listener, _ *config.Snapshot) bool {
 	if l.TCP == nil {
 		return false
 	}
-	p.cluster.Store(&l.TCP.Cluster)
+	p.cfg.Store(l.TCP)
 	return true
 }
 
@@ -92,32 +93,63 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 	<-done
 }
 
+// serve connects down to an endpoint of the cluster, trying up to
+// MaxConnectAttempts endpoints (others first) when connecting fails, and
+// pipes bytes until both sides are done.
 func (p *Proxy) serve(down net.Conn) {
 	defer down.Close()
-	name := *p.cluster.Load()
-	c := p.clusters.Get(name)
+	cfg := p.cfg.Load()
+	c := p.clusters.Get(cfg.Cluster)
 	if c == nil {
-		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", name, "reason", "no_cluster")
+		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "no_cluster")
 		return
 	}
-	ep := c.Pick()
-	if ep == nil {
-		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", name, "reason", "no_healthy_upstream")
+	var triedBuf [4]*cluster.Endpoint
+	tried := triedBuf[:0]
+	for attempt := 1; ; attempt++ {
+		att, picked := c.Pick(0, false, tried)
+		if picked != cluster.Picked {
+			reason := "no_healthy_upstream"
+			if picked == cluster.CircuitOpen {
+				reason = "circuit_open"
+			}
+			p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", reason, "attempts", attempt-1)
+			return
+		}
+		ep := att.Endpoint()
+		tried = append(tried, ep)
+		up, err := ep.Dial(context.Background())
+		if err != nil {
+			var ue *cluster.UpstreamError
+			overflow := errors.As(err, &ue) && ue.Kind == cluster.KindOverflow
+			if overflow {
+				att.End(cluster.OutcomeCancelled) // not the endpoint's fault
+				p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "overflow", "error", err)
+				return
+			}
+			att.End(cluster.OutcomeLocalFailure)
+			if attempt < cfg.MaxConnectAttempts {
+				p.log.Debug("tcpproxy: connect failed; trying again", "listener", p.name, "endpoint", ep.Address, "attempt", attempt, "error", err)
+				continue
+			}
+			p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "endpoint", ep.Address,
+				"reason", "connect_failure", "attempts", attempt, "error", err)
+			return
+		}
+		Pipe(down, up)
+		up.Close()
+		att.End(cluster.OutcomeSuccess)
 		return
 	}
-	up, err := ep.Dial(context.Background())
-	if err != nil {
-		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", name, "endpoint", ep.Address, "reason", "connect_failure", "error", err)
-		return
-	}
-	defer up.Close()
-	Pipe(down, up)
 }
 
 // Pipe copies a→b and b→a until both directions end. A clean EOF on one
 // side half-closes the other (CloseWrite), so protocols that half-close keep
 // working; an error in either direction closes both connections.
 func Pipe(a, b net.Conn) {
+	// Copy between the raw TCP connections so io.Copy can splice; wrappers
+	// (connection-slot accounting) still get their Close from the caller.
+	a, b = unwrap(a), unwrap(b)
 	var wg sync.WaitGroup
 	var once sync.Once
 	abort := func() {
@@ -144,4 +176,14 @@ func Pipe(a, b net.Conn) {
 	go half(b, a)
 	go half(a, b)
 	wg.Wait()
+}
+
+func unwrap(c net.Conn) net.Conn {
+	for {
+		u, ok := c.(interface{ Unwrap() net.Conn })
+		if !ok {
+			return c
+		}
+		c = u.Unwrap()
+	}
 }

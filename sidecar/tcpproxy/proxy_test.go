@@ -21,7 +21,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // serve runs a TCP proxy to upstream and returns its address.
 func serve(t *testing.T, upstream string) string {
 	t.Helper()
-	clusters := cluster.NewManager()
+	clusters := cluster.NewManager(nil, nil)
 	t.Cleanup(clusters.Close)
 	clusters.Update(map[string]*config.Cluster{"u": {Name: "u", Type: config.ClusterStatic, ConnectTimeout: time.Second,
 		Static: &config.LoadAssignment{Endpoints: []config.Endpoint{{Address: upstream, Weight: 1}}}}}, nil)

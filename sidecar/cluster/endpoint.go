@@ -1,0 +1,255 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+
+	"github.com/meshlet/meshlet/xds"
+)
+
+// Endpoint is one upstream host of a cluster: its connection pools, its
+// requests in flight, and its health as seen by outlier detection and the
+// endpoint breaker.
+type Endpoint struct {
+	// Address is "host:port".
+	Address string
+
+	cluster *Cluster
+	weight  atomic.Uint32
+	retired atomic.Bool
+	active  atomic.Int64 // attempts in flight (least request)
+	outlier outlierState
+	breaker *endpointBreaker // nil when the cluster has no endpoint breaker
+
+	h1     *h1Pool // HTTP/1.1 pool
+	h2     atomic.Pointer[http.Transport]
+	h2Once sync.Once
+}
+
+func newEndpoint(c *Cluster, addr string) *Endpoint {
+	e := &Endpoint{Address: addr, cluster: c}
+	e.h1 = &h1Pool{e: e}
+	if b := c.cfg.EndpointBreaker; b != nil {
+		e.breaker = newEndpointBreaker(c, addr, b)
+	}
+	return e
+}
+
+// Weight returns the endpoint's load-balancing weight.
+func (e *Endpoint) Weight() uint32 { return e.weight.Load() }
+
+// Retired reports whether the endpoint left its cluster.
+func (e *Endpoint) Retired() bool { return e.retired.Load() }
+
+// Active returns the attempts in flight on the endpoint.
+func (e *Endpoint) Active() int64 { return e.active.Load() }
+
+// Ejected reports whether outlier detection has the endpoint out of
+// rotation now.
+func (e *Endpoint) Ejected() bool {
+	u := e.outlier.ejectedUntil.Load()
+	return u != 0 && time.Now().UnixNano() < u
+}
+
+// BreakerState returns "closed", "open", "half-open", or "" without an
+// endpoint breaker.
+func (e *Endpoint) BreakerState() string {
+	if e.breaker == nil {
+		return ""
+	}
+	return e.breaker.cb.State().String()
+}
+
+// lessLoaded compares requests in flight relative to weight.
+func (e *Endpoint) lessLoaded(o *Endpoint) bool {
+	return e.active.Load()*int64(max(o.Weight(), 1)) < o.active.Load()*int64(max(e.Weight(), 1))
+}
+
+func (e *Endpoint) retire() {
+	e.retired.Store(true)
+	e.h1.closeIdle()
+	if t := e.h2.Load(); t != nil {
+		t.CloseIdleConnections()
+	}
+}
+
+// Attempt is one try of a request on an endpoint: Begin takes its place in
+// the endpoint breaker and the in-flight count; End reports the outcome to
+// outlier detection and the breaker.
+type Attempt struct {
+	e    *Endpoint
+	done func(error)
+}
+
+var (
+	errAttemptFailed    = errors.New("attempt failed")
+	errAttemptCancelled = errors.New("attempt cancelled by the client")
+)
+
+// Begin starts an attempt on e, or returns false when e's breaker refuses it
+// (open, or half-open with its probes taken).
+func (e *Endpoint) Begin() (*Attempt, bool) {
+	a := &Attempt{e: e}
+	if e.breaker != nil {
+		done, err := e.breaker.cb.Allow()
+		if err != nil {
+			return nil, false
+		}
+		a.done = done
+	}
+	e.active.Add(1)
+	return a, true
+}
+
+// End finishes the attempt with its outcome.
+func (a *Attempt) End(o Outcome) {
+	e := a.e
+	e.active.Add(-1)
+	if a.done != nil {
+		switch o {
+		case OutcomeSuccess:
+			a.done(nil)
+		case OutcomeCancelled:
+			a.done(errAttemptCancelled)
+		default:
+			a.done(errAttemptFailed)
+		}
+	}
+	if od := e.cluster.outlier; od != nil {
+		od.record(e, o, len(e.cluster.Endpoints()))
+	}
+	if e.retired.Load() {
+		e.h1.closeIdle()
+		if t := e.h2.Load(); t != nil {
+			t.CloseIdleConnections()
+		}
+	}
+}
+
+// endpointBreaker wraps a gobreaker two-step breaker with a lock-free view of
+// when it is open, so load balancing skips open endpoints without taking the
+// breaker's mutex.
+type endpointBreaker struct {
+	cb *gobreaker.TwoStepCircuitBreaker[struct{}]
+	// openUntil is the UnixNano time an open breaker turns half-open; 0
+	// when closed or half-open.
+	openUntil atomic.Int64
+}
+
+func newEndpointBreaker(c *Cluster, addr string, cfg *xds.EndpointBreaker) *endpointBreaker {
+	b := &endpointBreaker{}
+	open := time.Duration(cfg.OpenInterval)
+	st := gobreaker.Settings{
+		Name:        c.cfg.Name + "/" + addr,
+		MaxRequests: max(cfg.HalfOpenRequests, 1),
+		Interval:    time.Duration(cfg.Interval),
+		Timeout:     open,
+		ReadyToTrip: func(n gobreaker.Counts) bool {
+			if cfg.ConsecutiveFailures > 0 && n.ConsecutiveFailures >= cfg.ConsecutiveFailures {
+				return true
+			}
+			return cfg.FailureRatio > 0 && n.Requests >= max(cfg.MinRequests, 1) &&
+				float64(n.TotalFailures) >= cfg.FailureRatio*float64(n.Requests)
+		},
+		IsExcluded: func(err error) bool { return errors.Is(err, errAttemptCancelled) },
+		OnStateChange: func(_ string, from, to gobreaker.State) {
+			if to == gobreaker.StateOpen {
+				b.openUntil.Store(time.Now().Add(open).UnixNano())
+			} else {
+				b.openUntil.Store(0)
+			}
+			c.log.Warn("endpoint breaker: state change", "cluster", c.cfg.Name, "endpoint", addr, "from", from.String(), "to", to.String())
+			c.events.BreakerState(c.cfg.Name, addr, to.String())
+		},
+	}
+	b.cb = gobreaker.NewTwoStepCircuitBreaker[struct{}](st)
+	return b
+}
+
+// available reports whether the breaker may let a request through at now
+// (closed, half-open, or open with its open interval over).
+func (b *endpointBreaker) available(now int64) bool {
+	u := b.openUntil.Load()
+	return u == 0 || now >= u
+}
+
+// Dial opens a TCP connection to the endpoint within the cluster's connect
+// timeout and max_connections. The returned connection releases its slot
+// when closed; Unwrap gives the *net.TCPConn for zero-copy splicing.
+func (e *Endpoint) Dial(ctx context.Context) (net.Conn, error) {
+	c := e.cluster
+	if !c.acquireConn() {
+		return nil, &UpstreamError{Kind: KindOverflow, Err: errMaxConnections}
+	}
+	conn, err := c.dialer.DialContext(ctx, "tcp", e.Address)
+	if err != nil {
+		c.releaseConn()
+		return nil, &UpstreamError{Kind: KindConnectFailure, Err: err}
+	}
+	return &slotConn{Conn: conn, c: c}, nil
+}
+
+// slotConn releases its cluster connection slot when closed.
+type slotConn struct {
+	net.Conn
+	c    *Cluster
+	once sync.Once
+}
+
+func (s *slotConn) Close() error {
+	err := s.Conn.Close()
+	s.once.Do(s.c.releaseConn)
+	return err
+}
+
+// Unwrap returns the underlying connection.
+func (s *slotConn) Unwrap() net.Conn { return s.Conn }
+
+// transport2 returns the endpoint's HTTP/2 cleartext (prior knowledge)
+// pool: a net/http Transport multiplexing streams on its connections.
+func (e *Endpoint) transport2() *http.Transport {
+	e.h2Once.Do(func() {
+		t := &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				conn, err := e.Dial(ctx)
+				if err != nil {
+					var ue *UpstreamError
+					if errors.As(err, &ue) {
+						return nil, ue.Err // the round trip reports the dial op error
+					}
+				}
+				return conn, err
+			},
+			IdleConnTimeout:    DefaultIdleConnTimeout,
+			DisableCompression: true,
+		}
+		t.Protocols = new(http.Protocols)
+		t.Protocols.SetUnencryptedHTTP2(true)
+		e.h2.Store(t)
+	})
+	return e.h2.Load()
+}
+
+// RoundTrip sends req on the endpoint and returns the response, whose body
+// the caller must close. Errors are *UpstreamError saying whether any byte
+// may have reached the upstream.
+func (e *Endpoint) RoundTrip(ctx context.Context, req *http.Request) (*http.Response, error) {
+	if e.cluster.cfg.Protocol == xds.ProtocolHTTP2 || e.cluster.cfg.Protocol == xds.ProtocolGRPC {
+		resp, err := e.transport2().RoundTrip(req.WithContext(ctx))
+		if err != nil {
+			return nil, classifyH2(err)
+		}
+		return resp, nil
+	}
+	return e.h1.roundTrip(ctx, req)
+}
+
+// Endpoint returns the endpoint the attempt runs on.
+func (a *Attempt) Endpoint() *Endpoint { return a.e }

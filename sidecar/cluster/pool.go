@@ -1,0 +1,276 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Pool defaults.
+const (
+	// DefaultIdleConnTimeout closes pooled connections idle this long.
+	DefaultIdleConnTimeout = 60 * time.Second
+	// maxIdlePerEndpoint bounds idle keep-alive connections per endpoint.
+	maxIdlePerEndpoint = 256
+)
+
+// h1Pool is an endpoint's HTTP/1.1 keep-alive connection pool. Connections
+// count against the cluster's max_connections; a request that finds no idle
+// connection and no free slot waits as pending (max_pending_requests) for
+// one to come back or close.
+type h1Pool struct {
+	e *Endpoint
+
+	mu   sync.Mutex // guards idle
+	idle []*h1Conn  // LIFO: the most recently used first out
+}
+
+type h1Conn struct {
+	conn    net.Conn // counts bytes written
+	br      *bufio.Reader
+	bw      *bufio.Writer
+	pool    *h1Pool
+	written atomic.Int64 // bytes handed to the socket for the current request
+	idleAt  time.Time
+	once    sync.Once
+}
+
+// Write counts bytes reaching the socket.
+func (c *h1Conn) Write(p []byte) (int, error) {
+	n, err := c.conn.Write(p)
+	c.written.Add(int64(n))
+	return n, err
+}
+
+func (c *h1Conn) close() {
+	c.once.Do(func() {
+		c.conn.Close()
+		c.pool.e.cluster.releaseConn()
+	})
+}
+
+// get returns an idle connection (reused=true) or a new one.
+func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
+	c := p.e.cluster
+	pending := false
+	defer func() {
+		if pending {
+			c.pending.Add(-1)
+		}
+	}()
+	for {
+		if conn := p.popIdle(); conn != nil {
+			return conn, true, nil
+		}
+		if c.acquireConn() {
+			conn, err := c.dialer.DialContext(ctx, "tcp", p.e.Address)
+			if err != nil {
+				c.releaseConn()
+				return nil, false, &UpstreamError{Kind: KindConnectFailure, Err: err}
+			}
+			hc := &h1Conn{conn: conn, pool: p}
+			hc.br = bufio.NewReaderSize(conn, 16<<10)
+			hc.bw = bufio.NewWriterSize(hc, 16<<10)
+			return hc, false, nil
+		}
+		if c.evictIdle(p) {
+			continue // a slot was freed
+		}
+		wait := c.waitChan() // taken before re-checking, so no wake-up is missed
+		if !pending {
+			if c.pending.Add(1) > int64(c.cfg.Thresholds.MaxPendingRequests) {
+				c.pending.Add(-1)
+				c.events.Overflow(c.cfg.Name, "max_pending_requests")
+				return nil, false, &UpstreamError{Kind: KindOverflow, Err: errMaxPending}
+			}
+			pending = true
+			continue
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, false, &UpstreamError{Kind: KindTimeout, Err: ctx.Err()}
+		}
+	}
+}
+
+func (p *h1Pool) popIdle() *h1Conn {
+	now := time.Now()
+	for {
+		p.mu.Lock()
+		n := len(p.idle)
+		if n == 0 {
+			p.mu.Unlock()
+			return nil
+		}
+		conn := p.idle[n-1]
+		p.idle[n-1] = nil
+		p.idle = p.idle[:n-1]
+		p.mu.Unlock()
+		if now.Sub(conn.idleAt) < DefaultIdleConnTimeout {
+			return conn
+		}
+		conn.close()
+	}
+}
+
+func (p *h1Pool) put(conn *h1Conn) {
+	if p.e.retired.Load() {
+		conn.close()
+		return
+	}
+	conn.idleAt = time.Now()
+	p.mu.Lock()
+	if len(p.idle) >= maxIdlePerEndpoint {
+		p.mu.Unlock()
+		conn.close()
+		return
+	}
+	p.idle = append(p.idle, conn)
+	p.mu.Unlock()
+	p.e.cluster.wake()
+}
+
+// evictOne closes one idle connection, freeing a cluster slot.
+func (p *h1Pool) evictOne() bool {
+	p.mu.Lock()
+	n := len(p.idle)
+	if n == 0 {
+		p.mu.Unlock()
+		return false
+	}
+	conn := p.idle[0] // the oldest
+	copy(p.idle, p.idle[1:])
+	p.idle[n-1] = nil
+	p.idle = p.idle[:n-1]
+	p.mu.Unlock()
+	conn.close()
+	return true
+}
+
+func (p *h1Pool) closeIdle() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	for _, c := range idle {
+		c.close()
+	}
+}
+
+var aLongTimeAgo = time.Unix(1, 0)
+
+// roundTrip writes req on a pooled connection and reads the response
+// head. The response body returns the connection to the pool at EOF, or
+// closes it when closed early.
+func (p *h1Pool) roundTrip(ctx context.Context, req *http.Request) (*http.Response, error) {
+	resp, err := p.roundTripOnce(ctx, req)
+	var ue *UpstreamError
+	if errors.As(err, &ue) && errors.Is(ue.Err, errStaleConn) && req.Body == nil && isIdempotent(req) {
+		// As net/http does: a request without body that met a keep-alive
+		// race goes again at once on another connection.
+		return p.roundTripOnce(ctx, req)
+	}
+	return resp, err
+}
+
+// isIdempotent reports RFC 9110 §9.2.2 idempotent methods, or a request
+// carrying an Idempotency-Key header.
+func isIdempotent(req *http.Request) bool {
+	switch req.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	return req.Header.Get("Idempotency-Key") != ""
+}
+
+func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request) (*http.Response, error) {
+	conn, reused, err := p.get(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Cancelling ctx unblocks any read or write on the connection.
+	stop := context.AfterFunc(ctx, func() { conn.conn.SetDeadline(aLongTimeAgo) })
+	fail := func(err error) (*http.Response, error) {
+		stop()
+		conn.close()
+		kind := KindReset
+		if ctx.Err() != nil {
+			kind = KindTimeout
+		}
+		return nil, &UpstreamError{Kind: kind, Sent: conn.written.Load() > 0, Err: err}
+	}
+	conn.written.Store(0)
+	if req.Header["User-Agent"] == nil {
+		req.Header["User-Agent"] = emptyValue // keep net/http from adding its own
+	}
+	if err := req.Write(conn.bw); err != nil {
+		return fail(err)
+	}
+	if err := conn.bw.Flush(); err != nil {
+		return fail(err)
+	}
+	resp, err := http.ReadResponse(conn.br, req)
+	if err != nil {
+		if reused && errors.Is(err, io.EOF) {
+			// The upstream closed an idle connection as the request went out
+			// (keep-alive race): it did not process the request.
+			err = errStaleConn
+		}
+		return fail(err)
+	}
+	resp.Body = &h1Body{rc: resp.Body, conn: conn, stop: stop, reuse: !resp.Close && !req.Close}
+	return resp, nil
+}
+
+var (
+	emptyValue   = []string{""}
+	errStaleConn = errors.New("pooled connection closed by the upstream before the response")
+)
+
+// h1Body returns its connection to the pool once fully read.
+type h1Body struct {
+	rc    io.ReadCloser
+	conn  *h1Conn
+	stop  func() bool
+	reuse bool
+	done  atomic.Bool
+}
+
+func (b *h1Body) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	if err != nil {
+		b.release(errors.Is(err, io.EOF))
+	}
+	return n, err
+}
+
+// Close releases the connection: to the pool after a full read, else
+// closed (closing first keeps the body from draining a long stream).
+func (b *h1Body) Close() error {
+	if !b.done.Load() {
+		b.release(false)
+	}
+	return nil
+}
+
+func (b *h1Body) release(reuse bool) {
+	if !b.done.CompareAndSwap(false, true) {
+		return
+	}
+	if !b.stop() { // the context fired: the deadline is poisoned
+		reuse = false
+	}
+	if reuse && b.reuse {
+		b.conn.pool.put(b.conn)
+		return
+	}
+	b.conn.close()
+	b.rc.Close()
+}

@@ -1,0 +1,415 @@
+package httpproxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshlet/meshlet/sidecar/cluster"
+	"github.com/meshlet/meshlet/sidecar/config"
+)
+
+// ServeHTTP routes and forwards one request: route → cluster → admission
+// (max_requests) → attempts on picked endpoints, retried per the route's
+// retry policy → the response streamed back.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	t := s.table.Load()
+	rt := t.route(r)
+	if rt == nil {
+		s.fail(w, t, "", http.StatusNotFound, ReasonNoRoute)
+		return
+	}
+	c := s.clusters.Get(rt.Cluster)
+	if c == nil {
+		s.fail(w, t, rt.Cluster, http.StatusServiceUnavailable, ReasonNoCluster)
+		return
+	}
+	if !c.AcquireRequest() {
+		s.fail(w, t, rt.Cluster, http.StatusServiceUnavailable, ReasonOverflow)
+		return
+	}
+	defer c.ReleaseRequest()
+	c.Budget().Deposit()
+
+	// The route timeout covers the whole exchange, retries included; it is
+	// disarmed at the response headers of a streaming response. The max
+	// stream duration covers everything.
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	var timedOut atomic.Bool
+	var routeTimer *time.Timer
+	if rt.Timeout > 0 {
+		routeTimer = time.AfterFunc(rt.Timeout, func() { timedOut.Store(true); cancel() })
+		defer routeTimer.Stop()
+	}
+	if rt.MaxStreamDuration > 0 {
+		streamTimer := time.AfterFunc(rt.MaxStreamDuration, func() { timedOut.Store(true); cancel() })
+		defer streamTimer.Stop()
+	}
+
+	f := &forward{s: s, r: r, rt: rt, c: c, timedOut: &timedOut, via: t.via}
+	f.prepare()
+	resp, att, fl := f.run(ctx)
+	if fl != nil {
+		if r.Context().Err() != nil {
+			s.rec.Request(s.name, rt.Cluster, 0, "")
+			return // the downstream left: nothing to answer
+		}
+		s.fail(w, t, rt.Cluster, fl.status, fl.reason)
+		return
+	}
+	outcome := cluster.OutcomeForStatus(resp.StatusCode)
+	defer func() { att.End(outcome) }()
+	defer resp.Body.Close()
+	stream := streaming(resp)
+	if stream && routeTimer != nil {
+		routeTimer.Stop()
+	}
+
+	h := w.Header()
+	removeHopByHop(resp.Header, false)
+	for k, vv := range resp.Header {
+		h[k] = vv
+	}
+	if t.via != "" {
+		h.Add("Via", protoVersion(resp.ProtoMajor, resp.ProtoMinor)+" "+t.via)
+	}
+	if f.budgetDenied {
+		h.Set(ReasonHeader, ReasonRetryBudgetExhausted)
+	}
+	if len(resp.Trailer) > 0 {
+		names := make([]string, 0, len(resp.Trailer))
+		for k := range resp.Trailer {
+			names = append(names, k)
+		}
+		h["Trailer"] = []string{strings.Join(names, ", ")}
+	}
+	w.WriteHeader(resp.StatusCode)
+
+	body := io.Reader(resp.Body)
+	if rt.IdleTimeout > 0 {
+		body = newIdleReader(resp.Body, rt.IdleTimeout, cancel)
+	}
+	if err := copyBody(w, body, stream); err != nil {
+		switch {
+		case r.Context().Err() != nil:
+			outcome = cluster.OutcomeCancelled
+		case !errors.Is(err, errDownstreamWrite):
+			outcome = cluster.OutcomeLocalFailure
+			s.log.Debug("httpproxy: response body aborted", "listener", s.name, "cluster", c.Name(), "error", err)
+		}
+		s.rec.Request(s.name, rt.Cluster, resp.StatusCode, "")
+		panic(http.ErrAbortHandler) // reset the downstream stream: the response is incomplete
+	}
+	for k, vv := range resp.Trailer {
+		h[http.TrailerPrefix+k] = vv
+	}
+	s.rec.Request(s.name, rt.Cluster, resp.StatusCode, "")
+}
+
+// failure is a request the sidecar fails itself.
+type failure struct {
+	status int
+	reason string
+}
+
+// forward is one request's journey through its attempts.
+type forward struct {
+	s        *Server
+	r        *http.Request
+	rt       *config.Route
+	c        *cluster.Cluster
+	timedOut *atomic.Bool
+	via      string
+
+	body       *replayBody // nil without a request body
+	idempotent bool
+	hashKey    uint64
+	hasKey     bool
+
+	budgetDenied bool // a retry was due and the budget refused it
+}
+
+// prepare strips hop-by-hop headers, adds Via, decides idempotency and the
+// hash key, and wraps the body for replay.
+func (f *forward) prepare() {
+	r := f.r
+	if h := f.rt.HashHeader; h != "" {
+		if v := r.Header.Get(h); v != "" {
+			f.hashKey, f.hasKey = cluster.HashKey(v), true
+		}
+	}
+	// RFC 9110 §9.2.2; a body of unknown length (streaming) is never
+	// assumed replay-safe; an Idempotency-Key marks the request safe.
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		f.idempotent = r.ContentLength >= 0
+	}
+	if r.Header.Get("Idempotency-Key") != "" {
+		f.idempotent = true
+	}
+	removeHopByHop(r.Header, true)
+	if f.via != "" {
+		r.Header.Add("Via", protoVersion(r.ProtoMajor, r.ProtoMinor)+" "+f.via)
+	}
+	if r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
+		f.body = newReplayBody(r.Body, f.rt.BodyBufferBytes, r.ContentLength)
+	}
+}
+
+// request builds the upstream request of one attempt.
+func (f *forward) request(ctx context.Context, ep *cluster.Endpoint) *http.Request {
+	r := f.r
+	u := *r.URL
+	u.Scheme, u.Host = "http", ep.Address
+	out := r.WithContext(ctx)
+	out.URL = &u
+	out.RequestURI = ""
+	out.Close = false
+	if f.body != nil {
+		out.Body = f.body.attempt()
+	} else {
+		out.Body = nil // lets the transport resend on a stale pooled connection
+	}
+	return out
+}
+
+// run sends attempts until one gives a response to return, or the request
+// fails. The returned attempt must be ended by the caller.
+func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *failure) {
+	p := f.rt.Retry
+	var triedBuf [4]*cluster.Endpoint
+	tried := triedBuf[:0]
+	retries := 0
+	var last *failure
+	for {
+		var avoid []*cluster.Endpoint
+		if p != nil && p.OtherHost {
+			avoid = tried
+		}
+		att, picked := f.c.Pick(f.hashKey, f.hasKey, avoid)
+		if picked != cluster.Picked {
+			if last != nil {
+				return nil, nil, last
+			}
+			if picked == cluster.CircuitOpen {
+				return nil, nil, &failure{http.StatusServiceUnavailable, ReasonCircuitOpen}
+			}
+			return nil, nil, &failure{http.StatusServiceUnavailable, ReasonNoHealthyUpstream}
+		}
+		ep := att.Endpoint()
+		tried = append(tried, ep)
+
+		tryCtx, tryCancel := ctx, context.CancelFunc(func() {})
+		var perTry *time.Timer
+		var perTryFired atomic.Bool
+		if p != nil && p.PerTry > 0 {
+			tryCtx, tryCancel = context.WithCancel(ctx)
+			perTry = time.AfterFunc(p.PerTry, func() { perTryFired.Store(true); tryCancel() })
+		}
+		resp, err := ep.RoundTrip(tryCtx, f.request(tryCtx, ep))
+		if perTry != nil && !perTry.Stop() && err == nil {
+			// The per-try timeout fired as the headers arrived: count it as a timeout.
+			resp.Body.Close()
+			resp, err = nil, &cluster.UpstreamError{Kind: cluster.KindTimeout, Sent: true, Err: context.DeadlineExceeded}
+		}
+		if err == nil {
+			cond := statusCondition(resp, p)
+			if cond == "" || !f.mayRetry(cond, true, retries) {
+				if perTry != nil {
+					// The attempt's context must outlive the headers: the body
+					// is still to be read. Release it when the request ends.
+					context.AfterFunc(ctx, tryCancel)
+				}
+				return resp, att, nil
+			}
+			resp.Body.Close()
+			att.End(cluster.OutcomeForStatus(resp.StatusCode))
+			tryCancel()
+			last = &failure{resp.StatusCode, ""}
+			f.s.rec.Retry(f.c.Name(), cond)
+		} else {
+			tryCancel()
+			if f.r.Context().Err() != nil {
+				att.End(cluster.OutcomeCancelled)
+				return nil, nil, &failure{0, ""}
+			}
+			att.End(cluster.OutcomeLocalFailure)
+			var ue *cluster.UpstreamError
+			if !errors.As(err, &ue) {
+				ue = &cluster.UpstreamError{Kind: cluster.KindReset, Sent: true, Err: err}
+			}
+			fl, cond := f.failureFor(ue, perTryFired.Load())
+			f.s.log.Debug("httpproxy: attempt failed", "listener", f.s.name, "cluster", f.c.Name(), "endpoint", ep.Address,
+				"attempt", retries+1, "reason", fl.reason, "error", err)
+			if f.timedOut.Load() || !f.mayRetry(cond, ue.Sent, retries) {
+				if f.budgetDenied && fl.reason != ReasonOverflow {
+					fl.reason = ReasonRetryBudgetExhausted
+				}
+				return nil, nil, fl
+			}
+			last = fl
+			f.s.rec.Retry(f.c.Name(), cond)
+		}
+		// A retry: wait the full-jitter backoff, then go again.
+		retries++
+		if !f.c.AcquireRetry() {
+			f.s.rec.RetryDenied(f.c.Name(), "max_retries")
+			return nil, nil, &failure{http.StatusServiceUnavailable, ReasonOverflow}
+		}
+		ok := sleepBackoff(ctx, p, retries)
+		f.c.ReleaseRetry()
+		if !ok {
+			if f.r.Context().Err() != nil {
+				return nil, nil, &failure{0, ""}
+			}
+			return nil, nil, &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}
+		}
+	}
+}
+
+// failureFor maps a failed attempt to the failure to report and the
+// retry_on condition it matches.
+func (f *forward) failureFor(ue *cluster.UpstreamError, perTryTimeout bool) (*failure, string) {
+	switch {
+	case f.timedOut.Load():
+		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, ""
+	case perTryTimeout || ue.Kind == cluster.KindTimeout:
+		// Envoy treats a per-try timeout as a 504: retried under 5xx and gateway-error.
+		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, "gateway-error"
+	case ue.Kind == cluster.KindConnectFailure:
+		return &failure{http.StatusServiceUnavailable, ReasonConnectFailure}, "connect-failure"
+	case ue.Kind == cluster.KindRefusedStream:
+		return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, "refused-stream"
+	case ue.Kind == cluster.KindOverflow:
+		return &failure{http.StatusServiceUnavailable, ReasonOverflow}, ""
+	}
+	return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, "reset"
+}
+
+// mayRetry decides whether an attempt that met cond is retried: the policy
+// lists cond, retries are left, the request is safe to send again (nothing
+// reached the upstream, or it is idempotent or the policy says so), its body
+// can be replayed, and the retry budget has a token.
+func (f *forward) mayRetry(cond string, sent bool, retries int) bool {
+	p := f.rt.Retry
+	if p == nil || cond == "" || retries >= p.NumRetries || !matches(p, cond) || f.r.Context().Err() != nil {
+		return false
+	}
+	if sent && !f.idempotent && !p.NonIdempotentRetry {
+		f.s.rec.RetryDenied(f.c.Name(), "non_idempotent")
+		return false
+	}
+	if f.body != nil && !f.body.replayable() {
+		f.s.rec.RetryDenied(f.c.Name(), "body_too_large")
+		return false
+	}
+	if !f.c.Budget().TryWithdraw() {
+		f.budgetDenied = true
+		f.s.rec.RetryDenied(f.c.Name(), ReasonRetryBudgetExhausted)
+		return false
+	}
+	return true
+}
+
+// matches reports whether the policy retries on cond. A connect failure
+// or a refused stream also matches "5xx", "gateway-error" and "reset" as in
+// Envoy, where they surface as a 503.
+func matches(p *config.RetryPolicy, cond string) bool {
+	switch cond {
+	case "connect-failure":
+		return p.On&(config.RetryConnectFailure|config.Retry5xx|config.RetryGatewayError|config.RetryReset) != 0
+	case "refused-stream":
+		return p.On&(config.RetryRefusedStream|config.Retry5xx|config.RetryGatewayError|config.RetryReset) != 0
+	case "reset":
+		return p.On&(config.RetryReset|config.Retry5xx|config.RetryGatewayError) != 0
+	}
+	c, ok := config.RetryConditions[cond]
+	return ok && p.On&c != 0
+}
+
+// statusCondition returns the retry_on condition a response meets under p
+// ("" when none): a retriable status code, 5xx / gateway-error, or a gRPC
+// status in the headers of a trailers-only response.
+func statusCondition(resp *http.Response, p *config.RetryPolicy) string {
+	if p == nil {
+		return ""
+	}
+	code := resp.StatusCode
+	if p.On&config.RetryRetriableStatusCodes != 0 {
+		for _, c := range p.StatusCodes {
+			if c == code {
+				return "retriable-status-codes"
+			}
+		}
+	}
+	if code == 502 || code == 503 || code == 504 {
+		if p.On&config.RetryGatewayError != 0 {
+			return "gateway-error"
+		}
+	}
+	if code >= 500 && p.On&config.Retry5xx != 0 {
+		return "5xx"
+	}
+	if gs := resp.Header.Get("Grpc-Status"); gs != "" {
+		cond := grpcConditions[gs]
+		if c, ok := config.RetryConditions[cond]; ok && p.On&c != 0 {
+			return cond
+		}
+	}
+	return ""
+}
+
+// grpcConditions maps grpc-status values to retry_on conditions.
+var grpcConditions = map[string]string{
+	"1": "cancelled", "4": "deadline-exceeded", "8": "resource-exhausted", "13": "internal", "14": "unavailable",
+}
+
+// sleepBackoff waits the full-jitter exponential backoff before retry n
+// (1-based): uniform in [0, min(max, base × 2^(n-1))]. It returns false when
+// ctx ends first.
+func sleepBackoff(ctx context.Context, p *config.RetryPolicy, n int) bool {
+	ceiling := p.BackoffBase << min(n-1, 30)
+	if ceiling <= 0 || ceiling > p.BackoffMax {
+		ceiling = p.BackoffMax
+	}
+	if ceiling <= 0 {
+		return ctx.Err() == nil
+	}
+	d := rand.N(ceiling + 1)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// idleReader cancels the request when no bytes arrive for d.
+type idleReader struct {
+	r     io.Reader
+	d     time.Duration
+	timer *time.Timer
+}
+
+func newIdleReader(r io.Reader, d time.Duration, cancel context.CancelFunc) *idleReader {
+	return &idleReader{r: r, d: d, timer: time.AfterFunc(d, cancel)}
+}
+
+func (i *idleReader) Read(p []byte) (int, error) {
+	n, err := i.r.Read(p)
+	if n > 0 {
+		i.timer.Reset(i.d)
+	}
+	if err != nil {
+		i.timer.Stop()
+	}
+	return n, err
+}

@@ -1,0 +1,126 @@
+// Package telemetry holds the sidecar's Prometheus metrics. Each Sidecar has
+// its own registry, served on the admin endpoint's /metrics.
+package telemetry
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/meshlet/meshlet/sidecar/cluster"
+	"github.com/meshlet/meshlet/sidecar/httpproxy"
+)
+
+// Metrics are the sidecar's request and resilience metrics:
+//
+//	meshlet_sidecar_requests_total{listener, cluster, code, reason}
+//	    requests handled by HTTP listeners; code "0" when the downstream left
+//	    first; reason is the typed failure reason when the sidecar failed the
+//	    request, else ""
+//	meshlet_sidecar_upstream_retries_total{cluster, cause}
+//	    retries sent, by retry_on condition
+//	meshlet_sidecar_upstream_retries_denied_total{cluster, reason}
+//	    retries due but not sent: retry_budget_exhausted, max_retries,
+//	    non_idempotent, body_too_large
+//	meshlet_sidecar_upstream_overflow_total{cluster, threshold}
+//	    requests refused by a circuit-breaker threshold
+//	meshlet_sidecar_outlier_ejections_total{cluster, endpoint, reason}
+//	meshlet_sidecar_endpoint_breaker_transitions_total{cluster, endpoint, state}
+//	meshlet_sidecar_endpoint_breaker_state{cluster, endpoint}
+//	    0 closed, 1 half-open, 2 open
+//
+// plus the Go runtime and process collectors.
+type Metrics struct {
+	// Registry holds every metric; serve it with promhttp.HandlerFor.
+	Registry *prometheus.Registry
+
+	requests      *prometheus.CounterVec
+	retries       *prometheus.CounterVec
+	retriesDenied *prometheus.CounterVec
+	overflow      *prometheus.CounterVec
+	ejections     *prometheus.CounterVec
+	breakerTrans  *prometheus.CounterVec
+	breakerState  *prometheus.GaugeVec
+}
+
+var (
+	_ cluster.Events     = (*Metrics)(nil)
+	_ httpproxy.Recorder = (*Metrics)(nil)
+)
+
+// New returns Metrics registered in a new registry.
+func New() *Metrics {
+	m := &Metrics{
+		Registry: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_requests_total", Help: "HTTP requests handled, by listener, cluster, status code and typed failure reason.",
+		}, []string{"listener", "cluster", "code", "reason"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_upstream_retries_total", Help: "Retries sent to upstream clusters, by retry_on condition.",
+		}, []string{"cluster", "cause"}),
+		retriesDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_upstream_retries_denied_total", Help: "Retries that were due but not sent, by reason.",
+		}, []string{"cluster", "reason"}),
+		overflow: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_upstream_overflow_total", Help: "Requests refused by a circuit-breaker threshold.",
+		}, []string{"cluster", "threshold"}),
+		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_outlier_ejections_total", Help: "Endpoints ejected by outlier detection.",
+		}, []string{"cluster", "endpoint", "reason"}),
+		breakerTrans: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_endpoint_breaker_transitions_total", Help: "Endpoint breaker state changes, by the state entered.",
+		}, []string{"cluster", "endpoint", "state"}),
+		breakerState: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshlet_sidecar_endpoint_breaker_state", Help: "Endpoint breaker state: 0 closed, 1 half-open, 2 open.",
+		}, []string{"cluster", "endpoint"}),
+	}
+	m.Registry.MustRegister(m.requests, m.retries, m.retriesDenied, m.overflow, m.ejections, m.breakerTrans, m.breakerState,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Request implements httpproxy.Recorder.
+func (m *Metrics) Request(listener, cluster string, code int, reason string) {
+	m.requests.WithLabelValues(listener, cluster, statusText(code), reason).Inc()
+}
+
+// Retry implements httpproxy.Recorder.
+func (m *Metrics) Retry(cluster, cause string) { m.retries.WithLabelValues(cluster, cause).Inc() }
+
+// RetryDenied implements httpproxy.Recorder.
+func (m *Metrics) RetryDenied(cluster, reason string) {
+	m.retriesDenied.WithLabelValues(cluster, reason).Inc()
+}
+
+// Ejected implements cluster.Events.
+func (m *Metrics) Ejected(cluster, endpoint, reason string) {
+	m.ejections.WithLabelValues(cluster, endpoint, reason).Inc()
+}
+
+// BreakerState implements cluster.Events.
+func (m *Metrics) BreakerState(cluster, endpoint, state string) {
+	m.breakerTrans.WithLabelValues(cluster, endpoint, state).Inc()
+	v := map[string]float64{"closed": 0, "half-open": 1, "open": 2}[state]
+	m.breakerState.WithLabelValues(cluster, endpoint).Set(v)
+}
+
+// Overflow implements cluster.Events.
+func (m *Metrics) Overflow(cluster, threshold string) {
+	m.overflow.WithLabelValues(cluster, threshold).Inc()
+}
+
+var statusTexts = func() [600]string {
+	var t [600]string
+	for i := range t {
+		t[i] = strconv.Itoa(i)
+	}
+	return t
+}()
+
+func statusText(code int) string {
+	if code >= 0 && code < len(statusTexts) {
+		return statusTexts[code]
+	}
+	return strconv.Itoa(code)
+}
