@@ -186,7 +186,10 @@ const (
 // where nothing reached the upstream. With nonIdempotent "safe", a request
 // that is not idempotent (POST, PATCH, or a body of unknown length) is
 // retried only when nothing reached the upstream, or when it carries an
-// Idempotency-Key header; "retry" retries it like any other.
+// Idempotency-Key header; "retry" retries it like any other. gRPC calls are
+// all POSTs: listing a gRPC status (cancelled, deadline-exceeded, internal,
+// resource-exhausted, unavailable) in retryOn opts those responses in, as
+// gRPC's own retry policy does per service.
 type RetryPolicy struct {
 	Service              string        `yaml:"service"`
 	Match                *Match        `yaml:"match,omitempty"`

@@ -139,9 +139,21 @@ func (s *endpointSet) pick(cfg *config.Cluster, rr *uint64Counter, key uint64, h
 			}
 		}
 	case cfg.LB == config.LBLeastRequest && n > 1:
+		// Power of k choices; the first two are distinct endpoints, so with
+		// two endpoints the less loaded one always wins.
 		var best *Endpoint
-		for range max(cfg.ChoiceCount, 2) {
-			e := s.list[rand.IntN(n)]
+		first := rand.IntN(n)
+		for c := range max(cfg.ChoiceCount, 2) {
+			i := rand.IntN(n)
+			switch c {
+			case 0:
+				i = first
+			case 1:
+				if i = rand.IntN(n - 1); i >= first {
+					i++
+				}
+			}
+			e := s.list[i]
 			if !ok(e) {
 				continue
 			}

@@ -295,13 +295,15 @@ func (f *forward) failureFor(ue *cluster.UpstreamError, perTryTimeout bool) (*fa
 // mayRetry decides whether an attempt that met cond is retried: the policy
 // lists cond, retries are left, the request is safe to send again (nothing
 // reached the upstream, or it is idempotent or the policy says so), its body
-// can be replayed, and the retry budget has a token.
+// can be replayed, and the retry budget has a token. A gRPC status condition
+// (every gRPC call is a POST) is itself the opt-in, as in gRPC's own retry
+// policy, where retryable status codes are declared per service.
 func (f *forward) mayRetry(cond string, sent bool, retries int) bool {
 	p := f.rt.Retry
 	if p == nil || cond == "" || retries >= p.NumRetries || !matches(p, cond) || f.r.Context().Err() != nil {
 		return false
 	}
-	if sent && !f.idempotent && !p.NonIdempotentRetry {
+	if sent && !f.idempotent && !p.NonIdempotentRetry && !isGRPCCondition(cond) {
 		f.s.rec.RetryDenied(f.c.Name(), "non_idempotent")
 		return false
 	}
@@ -363,6 +365,14 @@ func statusCondition(resp *http.Response, p *config.RetryPolicy) string {
 		}
 	}
 	return ""
+}
+
+func isGRPCCondition(cond string) bool {
+	switch cond {
+	case "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable":
+		return true
+	}
+	return false
 }
 
 // grpcConditions maps grpc-status values to retry_on conditions.
