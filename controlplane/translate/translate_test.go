@@ -30,10 +30,10 @@ func catalog() *model.Catalog {
 				{ID: "api-2", Address: "10.0.0.2", Port: 20002, Weight: 3, Healthy: true, Datacenter: "dc2"},
 				{ID: "api-3", Address: "10.0.0.3", Port: 20003, Weight: 1, Healthy: false},
 			}},
-			"store": {Name: "store", Protocol: "tcp", Instances: []model.Instance{{ID: "store-1", Address: "10.0.0.4", Port: 20100, Weight: 1, Healthy: true}}},
+			"store":    {Name: "store", Protocol: "tcp", Instances: []model.Instance{{ID: "store-1", Address: "10.0.0.4", Port: 20100, Weight: 1, Healthy: true}}},
 			"web":      {Name: "web", Protocol: "http", Instances: []model.Instance{{ID: "web-1", Address: "10.0.0.5", Port: 20000, Weight: 1, Healthy: true}}},
 			"sessions": {Name: "sessions", Instances: []model.Instance{{ID: "sessions-1", Address: "10.0.0.6", Port: 20200, Weight: 1, Healthy: true}}},
-			"empty": {Name: "empty"},
+			"empty":    {Name: "empty"},
 		},
 		map[string]*model.Proxy{
 			"web-1-sidecar-proxy": proxy("web-1-sidecar-proxy", "web", 21000, true,
