@@ -466,7 +466,8 @@ func (s *Sidecar) Clusters() []admin.Cluster {
 	all := s.clusters.All()
 	out := make([]admin.Cluster, 0, len(all))
 	for _, n := range sortedNames(all) {
-		c := admin.Cluster{Name: n}
+		st := all[n].Stats()
+		c := admin.Cluster{Name: n, Requests: st.Requests, Pending: st.Pending, Connections: st.Connections}
 		for _, e := range all[n].Endpoints() {
 			c.Endpoints = append(c.Endpoints, admin.Endpoint{Address: e.Address, Weight: e.Weight(),
 				Active: e.Active(), Ejected: e.Ejected(), Breaker: e.BreakerState()})

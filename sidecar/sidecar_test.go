@@ -362,7 +362,9 @@ func TestAdminEndpoints(t *testing.T) {
 		t.Errorf("/listeners = %q", body)
 	}
 	ep := "web::" + up.Listener.Addr().String()
-	if _, body, _ := get(t, admin+"/clusters"); body != ep+"::weight::1\n"+ep+"::rq_active::0\n"+ep+"::health_flags::healthy\n" {
+	wantClusters := "web::upstream_rq_active::0\nweb::upstream_rq_pending_active::0\nweb::upstream_cx_active::0\n" +
+		ep + "::weight::1\n" + ep + "::rq_active::0\n" + ep + "::health_flags::healthy\n"
+	if _, body, _ := get(t, admin+"/clusters"); body != wantClusters {
 		t.Errorf("/clusters = %q", body)
 	}
 }

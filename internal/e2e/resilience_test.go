@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -469,4 +470,114 @@ func TestGRPCUnavailableInTrailersIsRetried(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestTCPConnectFailureTriesAnotherEndpoint(t *testing.T) {
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				line, _ := bufio.NewReader(c).ReadString('\n')
+				fmt.Fprint(c, "echo "+line)
+			}()
+		}
+	}()
+	// Without a RetryPolicy a TCP service gets 3 connect attempts.
+	r := newRigProtocol(t, "tcp", "", ep(closedAddr(t)), ep(echo.Addr().String()))
+	conn, err := net.Dial("tcp", strings.TrimPrefix(r.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprint(conn, "hi\n")
+	got, err := bufio.NewReader(conn).ReadString('\n')
+	if got != "echo hi\n" {
+		t.Errorf("got %q, %v; want the second endpoint's echo", got, err)
+	}
+}
+
+func TestConnectionPoolLimits(t *testing.T) {
+	up := startFlaky(t, "api-1", modeHang)
+	r := newRig(t, retryDoc("  numRetries: 0\n")+doc("CircuitBreakerPolicy", "  maxConnections: 1\n  maxPendingRequests: 1\n"), ep(up.addr))
+	ctxA, cancelA := context.WithCancel(context.Background())
+	defer cancelA()
+	reqA, _ := http.NewRequestWithContext(ctxA, http.MethodGet, r.url+"/a", nil)
+	go http.DefaultClient.Do(reqA) //nolint:errcheck // cancelled below
+	waitUntil(t, 2*time.Second, "A holding the only connection", func() bool { return up.hits.Load() == 1 })
+
+	bDone := make(chan int, 1)
+	go func() {
+		resp, err := http.Get(r.url + "/b") // waits for a connection (pending)
+		if err != nil {
+			bDone <- 0
+			return
+		}
+		resp.Body.Close()
+		bDone <- resp.StatusCode
+	}()
+	waitUntil(t, 2*time.Second, "B pending", func() bool { return r.clusterLine("", "upstream_rq_pending_active") == "1" })
+	if code, _, reason := r.get("/c"); code != 503 || reason != "overflow" {
+		t.Errorf("third request: %d %q, want 503 overflow (max_pending_requests)", code, reason)
+	}
+	if n := r.metric("meshlet_sidecar_upstream_overflow_total", `threshold="max_pending_requests"`); n != 1 {
+		t.Errorf("overflow{max_pending_requests} = %v, want 1", n)
+	}
+	up.set(modeOK)
+	cancelA() // A's connection closes: B gets the slot
+	select {
+	case code := <-bDone:
+		if code != 200 {
+			t.Errorf("pending request B: %d, want 200 once a connection was free", code)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("pending request B never got a connection")
+	}
+}
+
+func TestIdleTimeoutResetsAStalledResponse(t *testing.T) {
+	stall := httptestStall(t)
+	r := newRig(t, doc("TimeoutPolicy", "  idle: 200ms\n"), ep(stall))
+	resp, err := http.Get(r.url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	start := time.Now()
+	_, err = io.ReadAll(resp.Body)
+	if err == nil {
+		t.Fatal("a stalled body ended cleanly")
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("reset after %v, want about the idle timeout (200ms)", took)
+	}
+}
+
+// httptestStall serves one chunk, then stalls for 10 s.
+func httptestStall(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, "first chunk")
+		w.(http.Flusher).Flush()
+		select {
+		case <-r.Context().Done():
+		case <-time.After(10 * time.Second):
+		}
+	})}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { srv.Close() })
+	return l.Addr().String()
 }

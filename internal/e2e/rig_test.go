@@ -247,8 +247,12 @@ func (r *rig) metric(name string, labels ...string) float64 {
 }
 
 // clusterLine returns the value of one field of an endpoint in /clusters
-// (e.g. "breaker", "health_flags").
+// (e.g. "breaker", "health_flags"), or of the cluster when addr is "".
 func (r *rig) clusterLine(addr, field string) string {
+	prefix := "api::" + addr + "::" + field + "::"
+	if addr == "" {
+		prefix = "api::" + field + "::"
+	}
 	resp, err := http.Get("http://" + r.s.AdminAddr().String() + "/clusters")
 	if err != nil {
 		r.t.Fatal(err)
@@ -256,7 +260,7 @@ func (r *rig) clusterLine(addr, field string) string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	for line := range strings.Lines(string(b)) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "api::"+addr+"::"+field+"::"); ok {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), prefix); ok {
 			return v
 		}
 	}

@@ -5,8 +5,10 @@
 //	GET /config_dump  accepted xDS resources as JSON: Envoy's admin ConfigDump ("configs") plus
 //	                  the xDS stream state and the last rejected update per type ("xds")
 //	GET /listeners    one line per active listener: name::address (Envoy's /listeners format)
-//	GET /clusters     per endpoint, Envoy's /clusters format: cluster::address::weight::N,
-//	                  ::rq_active::N, ::health_flags::healthy|/failed_outlier_check, ::breaker::state
+//	GET /clusters     Envoy's /clusters format: per cluster cluster::upstream_rq_active::N,
+//	                  ::upstream_rq_pending_active::N, ::upstream_cx_active::N; per endpoint
+//	                  cluster::address::weight::N, ::rq_active::N,
+//	                  ::health_flags::healthy|/failed_outlier_check, ::breaker::state
 //	GET /metrics      Prometheus metrics
 package admin
 
@@ -74,6 +76,8 @@ type Listener struct {
 type Cluster struct {
 	Name      string
 	Endpoints []Endpoint
+	// Requests, Pending and Connections are in flight now.
+	Requests, Pending, Connections int64
 }
 
 // Endpoint is one endpoint of a Cluster.
@@ -133,6 +137,8 @@ func Handler(src Source, reg *prometheus.Registry) http.Handler {
 	mux.HandleFunc("GET /clusters", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		for _, c := range src.Clusters() {
+			fmt.Fprintf(w, "%s::upstream_rq_active::%d\n%s::upstream_rq_pending_active::%d\n%s::upstream_cx_active::%d\n",
+				c.Name, c.Requests, c.Name, c.Pending, c.Name, c.Connections)
 			eps := slices.Clone(c.Endpoints)
 			for _, e := range eps {
 				health := "healthy"

@@ -192,6 +192,17 @@ func (c *Cluster) Config() *config.Cluster { return c.cfg }
 // Endpoints returns the current endpoints. The slice must not be modified.
 func (c *Cluster) Endpoints() []*Endpoint { return c.endpoints.Load().list }
 
+// Stats are a cluster's live counters (Envoy: upstream_rq_active,
+// upstream_rq_pending_active, upstream_cx_active, upstream_rq_retry active).
+type Stats struct {
+	Requests, Pending, Connections, Retries int64
+}
+
+// Stats returns the cluster's live counters.
+func (c *Cluster) Stats() Stats {
+	return Stats{Requests: c.requests.Load(), Pending: c.pending.Load(), Connections: c.conns.Load(), Retries: c.retries.Load()}
+}
+
 // Budget returns the cluster's retry budget.
 func (c *Cluster) Budget() *RetryBudget { return c.budget }
 

@@ -53,7 +53,7 @@ func newEndpointSet(list []*Endpoint, cfg *config.Cluster) *endpointSet {
 		s.schedule = smoothWRR(weights)
 	}
 	if cfg.LB == config.LBRingHash {
-		s.ring = buildRing(list, weights, max(cfg.RingSize, len(list)))
+		s.ring = buildRing(list, weights, max(cfg.RingSize/4, 64))
 	}
 	return s
 }
@@ -81,17 +81,19 @@ func smoothWRR(weights []int) []int {
 	return out
 }
 
-// buildRing places each endpoint on the ring in proportion to its weight,
-// at least size entries in all, hashing "address_n" with xxHash (Envoy's
-// default ring hash function).
-func buildRing(list []*Endpoint, weights []int, size int) []ringEntry {
-	total := 0
+// buildRing places each endpoint on the ring perWeight times per unit of
+// its weight (weights relative to the smallest, capped at 64), hashing
+// "address_n" with xxHash (Envoy's default ring hash function). The count
+// does not depend on how many endpoints there are, so adding or removing one
+// only moves the keys that land on it.
+func buildRing(list []*Endpoint, weights []int, perWeight int) []ringEntry {
+	least := weights[0]
 	for _, w := range weights {
-		total += w
+		least = min(least, w)
 	}
-	ring := make([]ringEntry, 0, size+len(list))
+	ring := make([]ringEntry, 0, perWeight*len(list))
 	for i, e := range list {
-		n := max(size*weights[i]/total, 1)
+		n := perWeight * min(max(weights[i]/least, 1), 64)
 		for j := range n {
 			ring = append(ring, ringEntry{hash: xxhash.Sum64String(e.Address + "_" + strconv.Itoa(j)), idx: i})
 		}

@@ -240,7 +240,9 @@ type Cluster struct {
 	Static *LoadAssignment
 	// LB is lb_policy; ChoiceCount is least_request_lb_config.choice_count
 	// (default 2); RingSize is ring_hash_lb_config.minimum_ring_size
-	// (default 1024).
+	// (default 1024): each endpoint gets RingSize/4 ring entries per unit of
+	// weight, a count independent of the number of endpoints so membership
+	// changes move only the keys of the endpoints that change.
 	LB          LBPolicy
 	ChoiceCount int
 	RingSize    int

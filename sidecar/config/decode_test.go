@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,9 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/translate"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -161,5 +165,71 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 				t.Errorf("error = %q\nwant it to contain %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestTranslatorOutputDecodes is the contract between the control plane
+// and the sidecar: every resource the translator emits for the policies of
+// its golden tests decodes, with the policy values intact.
+func TestTranslatorOutputDecodes(t *testing.T) {
+	pol, err := policy.Load("../../controlplane/translate/testdata/policies")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cat := model.NewCatalog(map[string]*model.Service{"api": {Name: "api"}, "store": {Name: "store"}, "sessions": {Name: "sessions"}},
+		map[string]*model.Proxy{"web": {ID: "web", Service: "web", Address: "127.0.0.1", Port: 21000, LocalAppAddress: "127.0.0.1", LocalAppPort: 9000,
+			Upstreams: []model.Upstream{{Service: "api", BindAddress: "127.0.0.1", BindPort: 9191}, {Service: "store", BindAddress: "127.0.0.1", BindPort: 9192},
+				{Service: "sessions", BindAddress: "127.0.0.1", BindPort: 9193}}}})
+	res := translate.Proxy(cat, pol, cat.Proxies["web"])
+	for _, l := range res.Listeners {
+		dl, err := DecodeListener(xds.MustAny(l))
+		if err != nil {
+			t.Fatalf("listener: %v", err)
+		}
+		if dl.Name == "upstream:store" && dl.TCP.MaxConnectAttempts != 5 {
+			t.Errorf("store connect attempts = %d, want 5 (numRetries 4)", dl.TCP.MaxConnectAttempts)
+		}
+	}
+	routes := map[string]*Route{}
+	for _, rc := range res.Routes {
+		d, err := DecodeRouteConfig(xds.MustAny(rc))
+		if err != nil {
+			t.Fatalf("route configuration: %v", err)
+		}
+		for _, r := range d.VirtualHosts[0].Routes {
+			routes[d.Name+"/"+r.Name] = r
+		}
+	}
+	def := routes["api/default"]
+	if def == nil || def.Timeout != 5*time.Second || def.IdleTimeout != time.Minute || def.Retry == nil ||
+		def.Retry.NumRetries != 3 || def.Retry.PerTry != 300*time.Millisecond || !def.Retry.OtherHost ||
+		def.Retry.On != RetryOn(Retry5xx|RetryConnectFailure|RetryReset|RetryGRPCUnavailable) || def.Retry.BackoffMax != 100*time.Millisecond {
+		t.Errorf("api default route = %+v retry %+v", def, def.Retry)
+	}
+	orders := routes["api/prefix:/orders/|POST"]
+	if orders == nil || len(orders.Headers) != 1 || orders.Headers[0].Exact != "POST" || !orders.Retry.NonIdempotentRetry ||
+		orders.BodyBufferBytes != 1<<20 || fmt.Sprint(orders.Retry.StatusCodes) != "[409 503]" {
+		t.Errorf("orders route = %+v retry %+v", orders, orders.Retry)
+	}
+	if r := routes["sessions/default"]; r == nil || r.HashHeader != "x-user-id" {
+		t.Errorf("sessions route = %+v, want hash on x-user-id", r)
+	}
+	for _, c := range res.Clusters {
+		dc, err := DecodeCluster(xds.MustAny(c))
+		if err != nil {
+			t.Fatalf("cluster: %v", err)
+		}
+		switch dc.Name {
+		case "api":
+			if dc.ConnectTimeout != time.Second || dc.Thresholds != (Thresholds{100, 50, 200, 10}) || dc.Outlier == nil ||
+				dc.Outlier.Consecutive5xx != 4 || dc.Outlier.ConsecutiveGatewayErrors != 2 || dc.Outlier.MaxEjectionPercent != 50 ||
+				dc.EndpointBreaker == nil || dc.EndpointBreaker.ConsecutiveFailures != 3 || dc.RetryBudget.Ratio != 0.25 {
+				t.Errorf("api cluster = %+v outlier %+v breaker %+v budget %+v", dc, dc.Outlier, dc.EndpointBreaker, dc.RetryBudget)
+			}
+		case "sessions":
+			if dc.LB != LBRingHash {
+				t.Errorf("sessions LB = %v, want ring hash", dc.LB)
+			}
+		}
 	}
 }
