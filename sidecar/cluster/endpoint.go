@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -238,17 +239,55 @@ func (e *Endpoint) transport2() *http.Transport {
 }
 
 // RoundTrip sends req on the endpoint and returns the response, whose body
-// the caller must close. Errors are *UpstreamError saying whether any byte
-// may have reached the upstream.
-func (e *Endpoint) RoundTrip(ctx context.Context, req *http.Request) (*http.Response, error) {
+// the caller must close. headerTimeout, when positive, bounds the wait for
+// the response headers (the per-try timeout): HTTP/1.1 uses a read deadline
+// on the connection, HTTP/2 a context. Errors are *UpstreamError saying
+// whether any byte may have reached the upstream; an expired headerTimeout
+// is KindTimeout.
+func (e *Endpoint) RoundTrip(ctx context.Context, req *http.Request, headerTimeout time.Duration) (*http.Response, error) {
 	if e.cluster.cfg.Protocol == xds.ProtocolHTTP2 || e.cluster.cfg.Protocol == xds.ProtocolGRPC {
+		return e.roundTrip2(ctx, req, headerTimeout)
+	}
+	return e.h1.roundTrip(ctx, req, headerTimeout)
+}
+
+func (e *Endpoint) roundTrip2(ctx context.Context, req *http.Request, headerTimeout time.Duration) (*http.Response, error) {
+	if headerTimeout <= 0 {
 		resp, err := e.transport2().RoundTrip(req.WithContext(ctx))
 		if err != nil {
 			return nil, classifyH2(err)
 		}
 		return resp, nil
 	}
-	return e.h1.roundTrip(ctx, req)
+	tryCtx, cancel := context.WithCancel(ctx)
+	var fired atomic.Bool
+	timer := time.AfterFunc(headerTimeout, func() { fired.Store(true); cancel() })
+	resp, err := e.transport2().RoundTrip(req.WithContext(tryCtx))
+	stopped := timer.Stop()
+	if err != nil || !stopped {
+		cancel()
+		if resp != nil {
+			resp.Body.Close()
+		}
+		if fired.Load() {
+			return nil, &UpstreamError{Kind: KindTimeout, Sent: true, Err: context.DeadlineExceeded}
+		}
+		return nil, classifyH2(err)
+	}
+	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+	return resp, nil
+}
+
+// cancelBody releases the attempt's context when the body is closed.
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b *cancelBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
 }
 
 // Endpoint returns the endpoint the attempt runs on.

@@ -169,13 +169,13 @@ var aLongTimeAgo = time.Unix(1, 0)
 // roundTrip writes req on a pooled connection and reads the response
 // head. The response body returns the connection to the pool at EOF, or
 // closes it when closed early.
-func (p *h1Pool) roundTrip(ctx context.Context, req *http.Request) (*http.Response, error) {
-	resp, err := p.roundTripOnce(ctx, req)
+func (p *h1Pool) roundTrip(ctx context.Context, req *http.Request, headerTimeout time.Duration) (*http.Response, error) {
+	resp, err := p.roundTripOnce(ctx, req, headerTimeout)
 	var ue *UpstreamError
 	if errors.As(err, &ue) && errors.Is(ue.Err, errStaleConn) && req.Body == nil && isIdempotent(req) {
 		// As net/http does: a request without body that met a keep-alive
 		// race goes again at once on another connection.
-		return p.roundTripOnce(ctx, req)
+		return p.roundTripOnce(ctx, req, headerTimeout)
 	}
 	return resp, err
 }
@@ -190,7 +190,7 @@ func isIdempotent(req *http.Request) bool {
 	return req.Header.Get("Idempotency-Key") != ""
 }
 
-func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request) (*http.Response, error) {
+func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTimeout time.Duration) (*http.Response, error) {
 	conn, reused, err := p.get(ctx)
 	if err != nil {
 		return nil, err
@@ -201,12 +201,16 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request) (*http.Re
 		stop()
 		conn.close()
 		kind := KindReset
-		if ctx.Err() != nil {
+		var ne net.Error
+		if ctx.Err() != nil || (headerTimeout > 0 && errors.As(err, &ne) && ne.Timeout()) {
 			kind = KindTimeout
 		}
 		return nil, &UpstreamError{Kind: kind, Sent: conn.written.Load() > 0, Err: err}
 	}
 	conn.written.Store(0)
+	if headerTimeout > 0 {
+		conn.conn.SetDeadline(time.Now().Add(headerTimeout))
+	}
 	if req.Header["User-Agent"] == nil {
 		req.Header["User-Agent"] = emptyValue // keep net/http from adding its own
 	}
@@ -217,6 +221,9 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request) (*http.Re
 		return fail(err)
 	}
 	resp, err := http.ReadResponse(conn.br, req)
+	if err == nil && headerTimeout > 0 {
+		conn.conn.SetDeadline(time.Time{}) // the per-try timeout ends at the headers
+	}
 	if err != nil {
 		if reused && errors.Is(err, io.EOF) {
 			// The upstream closed an idle connection as the request went out

@@ -205,36 +205,21 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 		ep := att.Endpoint()
 		tried = append(tried, ep)
 
-		tryCtx, tryCancel := ctx, context.CancelFunc(func() {})
-		var perTry *time.Timer
-		var perTryFired atomic.Bool
-		if p != nil && p.PerTry > 0 {
-			tryCtx, tryCancel = context.WithCancel(ctx)
-			perTry = time.AfterFunc(p.PerTry, func() { perTryFired.Store(true); tryCancel() })
+		var perTry time.Duration
+		if p != nil {
+			perTry = p.PerTry
 		}
-		resp, err := ep.RoundTrip(tryCtx, f.request(tryCtx, ep))
-		if perTry != nil && !perTry.Stop() && err == nil {
-			// The per-try timeout fired as the headers arrived: count it as a timeout.
-			resp.Body.Close()
-			resp, err = nil, &cluster.UpstreamError{Kind: cluster.KindTimeout, Sent: true, Err: context.DeadlineExceeded}
-		}
+		resp, err := ep.RoundTrip(ctx, f.request(ctx, ep), perTry)
 		if err == nil {
 			cond := statusCondition(resp, p)
 			if cond == "" || !f.mayRetry(cond, true, retries) {
-				if perTry != nil {
-					// The attempt's context must outlive the headers: the body
-					// is still to be read. Release it when the request ends.
-					context.AfterFunc(ctx, tryCancel)
-				}
 				return resp, att, nil
 			}
 			resp.Body.Close()
 			att.End(cluster.OutcomeForStatus(resp.StatusCode))
-			tryCancel()
 			last = &failure{resp.StatusCode, ""}
 			f.s.rec.Retry(f.c.Name(), cond)
 		} else {
-			tryCancel()
 			if f.r.Context().Err() != nil {
 				att.End(cluster.OutcomeCancelled)
 				return nil, nil, &failure{0, ""}
@@ -244,7 +229,7 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 			if !errors.As(err, &ue) {
 				ue = &cluster.UpstreamError{Kind: cluster.KindReset, Sent: true, Err: err}
 			}
-			fl, cond := f.failureFor(ue, perTryFired.Load())
+			fl, cond := f.failureFor(ue)
 			f.s.log.Debug("httpproxy: attempt failed", "listener", f.s.name, "cluster", f.c.Name(), "endpoint", ep.Address,
 				"attempt", retries+1, "reason", fl.reason, "error", err)
 			if f.timedOut.Load() || !f.mayRetry(cond, ue.Sent, retries) {
@@ -275,11 +260,11 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 
 // failureFor maps a failed attempt to the failure to report and the
 // retry_on condition it matches.
-func (f *forward) failureFor(ue *cluster.UpstreamError, perTryTimeout bool) (*failure, string) {
+func (f *forward) failureFor(ue *cluster.UpstreamError) (*failure, string) {
 	switch {
 	case f.timedOut.Load():
 		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, ""
-	case perTryTimeout || ue.Kind == cluster.KindTimeout:
+	case ue.Kind == cluster.KindTimeout:
 		// Envoy treats a per-try timeout as a 504: retried under 5xx and gateway-error.
 		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, "gateway-error"
 	case ue.Kind == cluster.KindConnectFailure:
