@@ -2,6 +2,7 @@
 // own ID so the demo can show which instance served a request.
 //
 //	GET /hello   {"service":"api","instance":"api-1","message":"hello from api-1"}
+//	             (503 for a share of requests with -fail-rate, to play a flaky instance)
 //	GET /health  200 "ok", or 503 "draining" once SIGTERM was received
 //
 // On SIGTERM it fails its health check first, keeps serving for -drain (so
@@ -14,6 +15,7 @@ import (
 	"encoding/json"
 	"flag"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/signal"
@@ -27,13 +29,19 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:9001", "listen address")
 	id := flag.String("id", "api-1", "instance ID reported in answers")
 	drain := flag.Duration("drain", 3*time.Second, "after SIGTERM, how long to keep serving with a failing health check")
+	failRate := flag.Float64("fail-rate", 0, "share of /hello requests answered 503 on purpose (0-1)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("instance", *id)
 
 	var draining atomic.Bool
-	var served atomic.Int64
+	var served, failed atomic.Int64
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /hello", func(w http.ResponseWriter, r *http.Request) {
+		if rand.Float64() < *failRate {
+			failed.Add(1)
+			http.Error(w, *id+": failing on purpose", http.StatusServiceUnavailable)
+			return
+		}
 		served.Add(1)
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(map[string]string{
@@ -68,5 +76,5 @@ func main() {
 		log.Error("api: serve", "error", err)
 		os.Exit(1)
 	}
-	log.Info("api: stopped", "served", served.Load())
+	log.Info("api: stopped", "served", served.Load(), "failedOnPurpose", failed.Load())
 }

@@ -3,12 +3,14 @@
 // runs it; `make demo KEEP=1` leaves the mesh up; `make demo-stop` ends it.
 //
 // It starts a Consul dev agent, the control plane (policies from
-// policies/), the web, api (two instances) and store apps with one sidecar
-// each, registers them in Consul as Connect users would, sends traffic to
-// web (which calls api over HTTP and store over TCP through its sidecar),
-// stops api-2 gracefully midway to show Consul health driving the
-// endpoints, prints a summary, stops everything it started, and ends with
-// "demo: PASS ..." or "demo: FAIL ..." (exit status 0 or 1).
+// policies/), the web, api (three instances, api-3 deliberately flaky) and
+// store apps with one sidecar each, registers them in Consul as Connect
+// users would, sends traffic to web (which calls api over HTTP and store
+// over TCP through its sidecar), stops api-2 gracefully midway to show
+// Consul health driving the endpoints, prints a summary with the retries
+// and breaker openings that hid api-3's failures, stops everything it
+// started, and ends with "demo: PASS ..." or "demo: FAIL ..." (exit status
+// 0 or 1).
 package main
 
 import (
@@ -140,7 +142,7 @@ func (d *demo) run() int {
 // runMesh does steps 1-7 and returns the exit code.
 func (d *demo) runMesh() int {
 	ctx := context.Background()
-	ports, err := devconsul.FreePorts(16)
+	ports, err := devconsul.FreePorts(20)
 	if err != nil {
 		return d.fail("%v", err)
 	}
@@ -174,14 +176,15 @@ func (d *demo) runMesh() int {
 		{id: "web-1", service: "web", healthCheckIsHTTP: true},
 		{id: "api-1", service: "api", healthCheckIsHTTP: true},
 		{id: "api-2", service: "api", healthCheckIsHTTP: true},
+		{id: "api-3", service: "api", healthCheckIsHTTP: true},
 		{id: "store-1", service: "store"},
 	}
 	for _, in := range insts {
 		in.appPort, in.sidecarPort, in.adminPort = next(), next(), next()
 	}
-	web, api1, api2, store := insts[0], insts[1], insts[2], insts[3]
+	web, api1, api2, api3, store := insts[0], insts[1], insts[2], insts[3], insts[4]
 	web.upstreams = map[string]int{"api": next(), "store": next()}
-	d.stepf("registering web-1, api-1, api-2, store-1 in Consul, each with a Connect sidecar")
+	d.stepf("registering web-1, api-1, api-2, api-3, store-1 in Consul, each with a Connect sidecar")
 	for _, in := range insts {
 		in.registration = registration(in)
 		b, _ := json.MarshalIndent(in.registration, "", "  ")
@@ -196,15 +199,19 @@ func (d *demo) runMesh() int {
 	d.say("       registrations as sent to Consul: %s/*.json", filepath.Join(d.workDir, "consul"))
 
 	// 4. Apps.
-	d.stepf("starting the apps: web-1 (HTTP), api-1 and api-2 (HTTP/JSON), store-1 (TCP)")
+	d.stepf("starting the apps: web-1 (HTTP), api-1..3 (HTTP/JSON; api-3 answers 60%% of requests with 503 on purpose), store-1 (TCP)")
 	hostPort := func(p int) string { return "127.0.0.1:" + strconv.Itoa(p) }
 	web.app, err = d.ps.start("web-1", "web", "-addr", hostPort(web.appPort),
 		"-api-url", "http://"+hostPort(web.upstreams["api"]), "-store-addr", hostPort(web.upstreams["store"]))
 	if err != nil {
 		return d.fail("%v", err)
 	}
-	for _, in := range []*instance{api1, api2} {
-		if in.app, err = d.ps.start(in.id, "api", "-addr", hostPort(in.appPort), "-id", in.id); err != nil {
+	for _, in := range []*instance{api1, api2, api3} {
+		args := []string{"-addr", hostPort(in.appPort), "-id", in.id}
+		if in == api3 {
+			args = append(args, "-fail-rate", "0.6")
+		}
+		if in.app, err = d.ps.start(in.id, "api", args...); err != nil {
 			return d.fail("%v", err)
 		}
 	}
@@ -233,7 +240,7 @@ func (d *demo) runMesh() int {
 		}
 	}
 	webAdmin := "http://" + hostPort(web.adminPort)
-	want := map[string][]string{"api": {hostPort(api1.sidecarPort), hostPort(api2.sidecarPort)}, "store": {hostPort(store.sidecarPort)}}
+	want := map[string][]string{"api": {hostPort(api1.sidecarPort), hostPort(api2.sidecarPort), hostPort(api3.sidecarPort)}, "store": {hostPort(store.sidecarPort)}}
 	sort.Strings(want["api"])
 	if err := waitFor(30*time.Second, func() error {
 		got, err := clusterEndpoints(webAdmin)
@@ -249,8 +256,9 @@ func (d *demo) runMesh() int {
 	}); err != nil {
 		return d.fail("web's sidecar never saw all healthy endpoints: %v\ncontrol plane log:\n%s", err, cp.tail(20))
 	}
-	d.say("       all 4 sidecars ready and all instances passing in %.1fs", time.Since(t0).Seconds())
-	d.say("       web's sidecar: api -> %v (api-1, api-2 sidecars), store -> %v", want["api"], want["store"])
+	d.say("       all %d sidecars ready and all instances passing in %.1fs", len(insts), time.Since(t0).Seconds())
+	d.say("       web's sidecar: api -> %v (api-1..3 sidecars), store -> %v", want["api"], want["store"])
+	d.say("       policies: retries on 5xx (2, to another endpoint), a breaker per api endpoint (3 failures in a row open it for 2s)")
 	d.keepLines = append(d.keepLines,
 		fmt.Sprintf("%-26s curl http://%s/api   curl http://%s/store", "web (the frontend):", hostPort(web.appPort), hostPort(web.appPort)))
 	for _, in := range insts {
@@ -269,7 +277,79 @@ func (d *demo) runMesh() int {
 
 	// 7. Summary.
 	d.stepf("summary")
+	res.resilience = d.resilienceStats(webAdmin, hostPort(api3.sidecarPort))
 	return d.summarize(res)
+}
+
+// resilienceStats reads what web's sidecar did to hide api-3's failures.
+func (d *demo) resilienceStats(webAdmin, api3Sidecar string) resilience {
+	m, err := scrape(webAdmin + "/metrics")
+	if err != nil {
+		return resilience{err: err}
+	}
+	var r resilience
+	for _, s := range m {
+		switch {
+		case s.name == "meshlet_sidecar_upstream_retries_total" && s.labels["cluster"] == "api":
+			r.retries += int(s.value)
+		case s.name == "meshlet_sidecar_upstream_retries_denied_total" && s.labels["cluster"] == "api":
+			r.denied += int(s.value)
+		case s.name == "meshlet_sidecar_endpoint_breaker_transitions_total" && s.labels["endpoint"] == api3Sidecar && s.labels["state"] == "open":
+			r.api3Opened += int(s.value)
+		case s.name == "meshlet_sidecar_requests_total" && s.labels["reason"] != "":
+			r.sidecarFailed += int(s.value)
+		}
+	}
+	return r
+}
+
+// resilience is what web's sidecar metrics say about the run.
+type resilience struct {
+	retries, denied, api3Opened, sidecarFailed int
+	err                                        error
+}
+
+type sample struct {
+	name   string
+	labels map[string]string
+	value  float64
+}
+
+// scrape reads a Prometheus text exposition (simple label values only).
+func scrape(url string) ([]sample, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	var out []sample
+	for line := range strings.Lines(string(b)) {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		s := sample{labels: map[string]string{}}
+		rest := line
+		if i := strings.IndexByte(line, '{'); i >= 0 {
+			j := strings.LastIndexByte(line, '}')
+			s.name, rest = line[:i], strings.TrimSpace(line[j+1:])
+			for kv := range strings.SplitSeq(line[i+1:j], ",") {
+				if k, v, ok := strings.Cut(kv, "="); ok {
+					s.labels[k] = strings.Trim(v, `"`)
+				}
+			}
+		} else {
+			f := strings.Fields(line)
+			s.name, rest = f[0], f[len(f)-1]
+		}
+		s.value, _ = strconv.ParseFloat(strings.Fields(rest)[0], 64)
+		out = append(out, s)
+	}
+	return out, nil
 }
 
 // registration is the Consul registration a user would write for in: the
@@ -361,8 +441,9 @@ type result struct {
 }
 
 type trafficResult struct {
-	results []result
-	stop    *stopReport
+	results    []result
+	stop       *stopReport
+	resilience resilience
 }
 
 func (d *demo) traffic(ctx context.Context, webURL string, stopAt time.Duration, stop func() *stopReport) *trafficResult {
@@ -493,9 +574,22 @@ func (d *demo) summarize(t *trafficResult) int {
 			fmt.Printf("          %d x %s\n", n, e)
 		}
 	}
+	rs := t.resilience
+	if rs.err == nil {
+		fmt.Printf("  resilience at web's sidecar: %d retries sent (%d denied), api-3's breaker opened %d times, %d requests failed by the sidecar\n",
+			rs.retries, rs.denied, rs.api3Opened, rs.sidecarFailed)
+	}
 	fmt.Println()
 
 	var problems []string
+	switch {
+	case rs.err != nil:
+		problems = append(problems, "reading web's sidecar metrics: "+rs.err.Error())
+	case rs.retries == 0:
+		problems = append(problems, "no retries: the flaky api-3 should have needed some")
+	case rs.api3Opened == 0:
+		problems = append(problems, "api-3's endpoint breaker never opened")
+	}
 	total, ok, failed := 0, 0, 0
 	for _, s := range stats {
 		total, ok, failed = total+s.sent, ok+s.ok, failed+s.failed
@@ -528,7 +622,8 @@ func (d *demo) summarize(t *trafficResult) int {
 		d.verdict = fmt.Sprintf("FAIL %d requests, %d ok, %d failed: %s", total, ok, failed, strings.Join(problems, "; "))
 		return 1
 	}
-	d.verdict = fmt.Sprintf("PASS %d requests, %d ok, %d failed%s", total, ok, failed, removal)
+	d.verdict = fmt.Sprintf("PASS %d requests, %d ok, %d failed%s; %d retries and %d breaker openings hid api-3's failures",
+		total, ok, failed, removal, rs.retries, rs.api3Opened)
 	return 0
 }
 
