@@ -1,10 +1,8 @@
 package httpproxy
 
 import (
-	"context"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -57,28 +55,9 @@ func BenchmarkProxy(b *testing.B) {
 				VirtualHosts: []*config.VirtualHost{{Name: "vh", Domains: []string{"*"}, Routes: []*config.Route{{
 					Match: config.MatchPrefix, Path: "/", CaseSensitive: true, Cluster: "c", Retry: tc.retry, BodyBufferBytes: config.DefaultBodyBufferBytes,
 				}}}}}}}
-			s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				b.Fatal(err)
-			}
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					s.Handle(c)
-				}
-			}()
-			defer func() {
-				ln.Close()
-				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-				defer cancel()
-				s.Shutdown(ctx)
-			}()
+			addr := serve(b, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil))
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
-			url := "http://" + ln.Addr().String() + "/"
+			url := "http://" + addr + "/"
 			get := func() {
 				resp, err := client.Get(url)
 				if err != nil {

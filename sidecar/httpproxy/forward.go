@@ -39,8 +39,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The route timeout covers the whole exchange, retries included; it is
 	// disarmed at the response headers of a streaming response. The max
 	// stream duration covers everything.
-	ctx, cancel := context.WithCancel(r.Context())
-	defer cancel()
+	ctx, cancel := r.Context(), context.CancelFunc(nil)
+	if rt.Timeout > 0 || rt.MaxStreamDuration > 0 || rt.IdleTimeout > 0 {
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+	}
 	var timedOut atomic.Bool
 	var routeTimer *time.Timer
 	if rt.Timeout > 0 {

@@ -90,10 +90,15 @@ func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ..
 			{Name: "empty", Domains: []string{"no-routes.internal"}},
 		},
 	}}}
-	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	return serve(t, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil))
+}
+
+// serve runs s on a loopback listener until tb ends and returns its address.
+func serve(tb testing.TB, s *Server) string {
+	tb.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	go func() {
 		for {
@@ -104,7 +109,7 @@ func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ..
 			s.Handle(c)
 		}
 	}()
-	t.Cleanup(func() {
+	tb.Cleanup(func() {
 		ln.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
