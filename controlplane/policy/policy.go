@@ -50,6 +50,7 @@ type Metadata struct {
 //	spec:
 //	  service: api     # required: the service these defaults apply to
 //	  protocol: http   # tcp (default) | http | http2 | grpc
+//	  mtlsMode: strict # strict | permissive (default: MeshDefaults, else strict)
 //
 // A protocol set here overrides the service meta "protocol" in Consul.
 type ServiceDefaults struct {
@@ -58,6 +59,9 @@ type ServiceDefaults struct {
 	// Protocol is tcp, http, http2 or grpc. Empty leaves the protocol to
 	// Consul service meta (default tcp).
 	Protocol string `yaml:"protocol,omitempty"`
+	// MTLSMode is strict or permissive for the service's inbound listener;
+	// empty follows MeshDefaults (Consul: service-defaults MutualTLSMode).
+	MTLSMode string `yaml:"mtlsMode,omitempty"`
 
 	// Source is where the document was read from (set by the loader).
 	Source Source `yaml:"-"`
@@ -74,6 +78,7 @@ func (d *ServiceDefaults) validate(v *validator) {
 			v.errorf("spec.protocol", "unsupported protocol %q (want tcp, http, http2 or grpc)", d.Protocol)
 		}
 	}
+	validMode(v, "spec.mtlsMode", d.MTLSMode)
 }
 
 // Set is a validated set of policies, the whole content of a policy
@@ -90,6 +95,10 @@ type Set struct {
 	CircuitBreakers   map[string]*CircuitBreakerPolicy
 	OutlierDetections map[string]*OutlierDetectionPolicy
 	LoadBalancers     map[string]*LoadBalancerPolicy
+	// Authorizations by destination service.
+	Authorizations map[string]*AuthorizationPolicy
+	// Mesh is the MeshDefaults document, nil when there is none.
+	Mesh *MeshDefaults
 	// Files lists the files the set was read from, sorted.
 	Files []string
 }
@@ -102,6 +111,7 @@ func newSet() *Set {
 		CircuitBreakers:   map[string]*CircuitBreakerPolicy{},
 		OutlierDetections: map[string]*OutlierDetectionPolicy{},
 		LoadBalancers:     map[string]*LoadBalancerPolicy{},
+		Authorizations:    map[string]*AuthorizationPolicy{},
 	}
 }
 
@@ -121,6 +131,8 @@ var kinds = map[string]func(name string, src Source) spec{
 	KindCircuitBreakerPolicy:   func(n string, s Source) spec { return &CircuitBreakerPolicy{Name: n, Source: s} },
 	KindOutlierDetectionPolicy: func(n string, s Source) spec { return &OutlierDetectionPolicy{Name: n, Source: s} },
 	KindLoadBalancerPolicy:     func(n string, s Source) spec { return &LoadBalancerPolicy{Name: n, Source: s} },
+	KindMeshDefaults:           func(n string, s Source) spec { return &MeshDefaults{Name: n, Source: s} },
+	KindAuthorizationPolicy:    func(n string, s Source) spec { return &AuthorizationPolicy{Name: n, Source: s} },
 }
 
 func kindNames() []string {
@@ -250,7 +262,8 @@ func (s *Set) Summary() string {
 	}{
 		{KindServiceDefaults, len(s.ServiceDefaults)}, {KindRetryPolicy, retries}, {KindTimeoutPolicy, timeouts},
 		{KindCircuitBreakerPolicy, len(s.CircuitBreakers)}, {KindOutlierDetectionPolicy, len(s.OutlierDetections)},
-		{KindLoadBalancerPolicy, len(s.LoadBalancers)},
+		{KindLoadBalancerPolicy, len(s.LoadBalancers)}, {KindAuthorizationPolicy, len(s.Authorizations)},
+		{KindMeshDefaults, boolCount(s.Mesh != nil)},
 	} {
 		if c.n > 0 {
 			parts = append(parts, fmt.Sprintf("%d %s", c.n, c.kind))
@@ -260,6 +273,13 @@ func (s *Set) Summary() string {
 		return "no policies"
 	}
 	return strings.Join(parts, ", ")
+}
+
+func boolCount(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Protocol returns the protocol a policy declares for service, and false

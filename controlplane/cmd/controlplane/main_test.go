@@ -12,7 +12,7 @@ func TestValidate(t *testing.T) {
 		code      int
 		out, err  string
 	}{
-		{"valid directory", "../../policy/testdata/valid", 0, "OK (3 file(s): 3 ServiceDefaults, 2 RetryPolicy, 2 TimeoutPolicy, 1 CircuitBreakerPolicy, 1 OutlierDetectionPolicy, 1 LoadBalancerPolicy)", ""},
+		{"valid directory", "../../policy/testdata/valid", 0, "OK (4 file(s): 3 ServiceDefaults, 2 RetryPolicy, 2 TimeoutPolicy, 1 CircuitBreakerPolicy, 1 OutlierDetectionPolicy, 1 LoadBalancerPolicy, 1 AuthorizationPolicy, 1 MeshDefaults)", ""},
 		{"invalid files", "../../policy/testdata/invalid", 1, "", "testdata/invalid/bad-protocol.yaml:7: spec.protocol: unsupported protocol \"htp\""},
 		{"not a directory", "main.go", 1, "", "main.go: not a directory"},
 	}
