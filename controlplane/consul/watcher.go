@@ -84,6 +84,11 @@ type Watcher struct {
 	entries map[string][]*api.ServiceEntry
 	// listed is the latest service list, nil before the first answer.
 	listed map[string]bool
+	// ca, leaves (by service) and intentions (by destination) come from
+	// the Connect CA and the service-intentions config entries.
+	ca         *model.CA
+	leaves     map[string]*model.Leaf
+	intentions map[string]*model.Intentions
 }
 
 // New returns a Watcher for cfg, or an error from cfg.Validate.
@@ -92,7 +97,7 @@ func New(cfg Config) (*Watcher, error) {
 		return nil, err
 	}
 	cfg.setDefaults()
-	w := &Watcher{cfg: cfg, entries: map[string][]*api.ServiceEntry{}}
+	w := &Watcher{cfg: cfg, entries: map[string][]*api.ServiceEntry{}, leaves: map[string]*model.Leaf{}, intentions: map[string]*model.Intentions{}}
 	w.reachable.Store(-1)
 	return w, nil
 }
@@ -100,8 +105,10 @@ func New(cfg Config) (*Watcher, error) {
 // Run watches until ctx is done and calls publish with a new Catalog after
 // every change, from one goroutine, never concurrently. Changes arriving
 // while publish runs are coalesced into the next call. The first Catalog is
-// published once every listed service has answered once. Run returns
-// ctx.Err() after all its goroutines have stopped.
+// published once every listed service has answered once. Besides the
+// catalog it follows the Connect CA roots, the service-intentions config
+// entries, and the leaf certificate of every service that has a proxy. Run
+// returns ctx.Err() after all its goroutines have stopped.
 func (w *Watcher) Run(ctx context.Context, publish func(*model.Catalog)) error {
 	changed := make(chan struct{}, 1)
 	notify := func() {
@@ -111,18 +118,23 @@ func (w *Watcher) Run(ctx context.Context, publish func(*model.Catalog)) error {
 		}
 	}
 	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		w.watchServiceList(ctx, notify)
-	}()
+	for _, loop := range []func(context.Context, func()){w.watchServiceList, w.watchRoots, w.watchIntentions} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			loop(ctx, notify)
+		}()
+	}
+	leaves := &leafWatches{w: w, running: map[string]context.CancelFunc{}}
 	for {
 		select {
 		case <-ctx.Done():
+			leaves.stop()
 			wg.Wait()
 			return ctx.Err()
 		case <-changed:
 			if cat, ok := w.snapshot(); ok {
+				leaves.sync(ctx, cat.ProxiedServices(), notify)
 				publish(cat)
 			}
 		}
@@ -280,8 +292,16 @@ func (w *Watcher) snapshot() (*model.Catalog, bool) {
 		}
 		all[name] = es
 	}
+	ca := w.ca
+	leaves := make(map[string]*model.Leaf, len(w.leaves))
+	for k, v := range w.leaves {
+		leaves[k] = v
+	}
+	intentions := w.intentions
 	w.mu.Unlock()
-	return BuildCatalog(all), true
+	cat := BuildCatalog(all)
+	cat.CA, cat.Leaves, cat.Intentions = ca, leaves, intentions
+	return cat, true
 }
 
 // String describes the watcher for logs.

@@ -175,3 +175,44 @@ func TestWatcherRecoversWhenConsulComesUp(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+func TestWatcherFollowsConnectCAAndIntentions(t *testing.T) {
+	agent := devconsul.StartForTest(t)
+	register(t, agent.Client, "api-1", 9001)
+	l := runWatcher(t, agent.HTTPAddr, &safeBuffer{})
+	l.wait(t, 10*time.Second, "CA roots and api's leaf certificate", func(c *model.Catalog) bool {
+		return c.CA != nil && len(c.CA.Roots) == 1 && c.Leaves["api"] != nil
+	})
+	l.mu.Lock()
+	cat := l.cat
+	l.mu.Unlock()
+	leaf := cat.Leaves["api"]
+	want := "spiffe://" + cat.CA.TrustDomain + "/ns/default/dc/dc1/svc/api"
+	if leaf.SPIFFEID != want || !strings.Contains(leaf.CertPEM, "BEGIN CERTIFICATE") || !strings.Contains(leaf.KeyPEM, "PRIVATE KEY") {
+		t.Errorf("leaf = %s (cert %d bytes, key %d bytes), want SPIFFE ID %s", leaf.SPIFFEID, len(leaf.CertPEM), len(leaf.KeyPEM), want)
+	}
+	if !cat.CA.Roots[0].Active || !strings.Contains(cat.CA.Roots[0].CertPEM, "BEGIN CERTIFICATE") {
+		t.Errorf("root = %+v", cat.CA.Roots[0])
+	}
+
+	_, _, err := agent.Client.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
+		Kind: api.ServiceIntentions, Name: "api",
+		Sources: []*api.SourceIntention{
+			{Name: "*", Action: api.IntentionActionDeny},
+			{Name: "web", Action: api.IntentionActionAllow},
+		},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.wait(t, 2*time.Second, "intentions of api", func(c *model.Catalog) bool {
+		in := c.Intentions["api"]
+		return in != nil && len(in.Sources) == 2
+	})
+	l.mu.Lock()
+	in := l.cat.Intentions["api"]
+	l.mu.Unlock()
+	if in.Sources[0].Name != "web" || in.Sources[0].Action != "allow" || in.Sources[1].Name != "*" {
+		t.Errorf("sources = %+v, want web (more precedent) before *", in.Sources)
+	}
+}

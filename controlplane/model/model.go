@@ -20,6 +20,13 @@ type Catalog struct {
 	Services map[string]*Service
 	// Proxies by proxy service ID (the xDS node ID of the sidecar).
 	Proxies map[string]*Proxy
+	// CA is the Connect CA, nil until known.
+	CA *CA
+	// Leaves are the current leaf certificates by service name.
+	Leaves map[string]*Leaf
+	// Intentions by destination service (from Consul; policy files are
+	// merged in by the translator).
+	Intentions map[string]*Intentions
 
 	// proxiesByService indexes Proxies by destination service, each list
 	// sorted by proxy ID.
@@ -35,7 +42,8 @@ func NewCatalog(services map[string]*Service, proxies map[string]*Proxy) *Catalo
 	if proxies == nil {
 		proxies = map[string]*Proxy{}
 	}
-	c := &Catalog{Services: services, Proxies: proxies, proxiesByService: map[string][]*Proxy{}}
+	c := &Catalog{Services: services, Proxies: proxies, Leaves: map[string]*Leaf{}, Intentions: map[string]*Intentions{},
+		proxiesByService: map[string][]*Proxy{}}
 	for _, p := range proxies {
 		c.proxiesByService[p.Service] = append(c.proxiesByService[p.Service], p)
 	}
@@ -144,6 +152,17 @@ type Upstream struct {
 // BindHostPort returns "address:port" of the outbound listener.
 func (u Upstream) BindHostPort() string {
 	return net.JoinHostPort(u.BindAddress, strconv.Itoa(u.BindPort))
+}
+
+// ProxiedServices returns the names of the services that have at least one
+// proxy, sorted: those need a leaf certificate.
+func (c *Catalog) ProxiedServices() []string {
+	out := make([]string, 0, len(c.proxiesByService))
+	for s := range c.proxiesByService {
+		out = append(out, s)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // ProxiesFor returns the proxies fronting service, sorted by ID. The slice

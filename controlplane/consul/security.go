@@ -1,0 +1,155 @@
+package consul
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+)
+
+// watchRoots follows /v1/agent/connect/ca/roots.
+func (w *Watcher) watchRoots(ctx context.Context, notify func()) {
+	w.blockingLoop(ctx, "connect CA roots", func(opts *api.QueryOptions) (uint64, func(), error) {
+		list, meta, err := w.cfg.Client.Agent().ConnectCARoots(opts)
+		if err != nil {
+			return 0, nil, err
+		}
+		return meta.LastIndex, func() {
+			ca := &model.CA{TrustDomain: list.TrustDomain}
+			for _, r := range list.Roots {
+				ca.Roots = append(ca.Roots, model.Root{ID: r.ID, CertPEM: r.RootCertPEM, Active: r.ID == list.ActiveRootID || r.Active})
+			}
+			slices.SortStableFunc(ca.Roots, func(a, b model.Root) int {
+				if a.Active != b.Active {
+					if a.Active {
+						return -1
+					}
+					return 1
+				}
+				return cmp.Compare(a.ID, b.ID)
+			})
+			w.mu.Lock()
+			w.ca = ca
+			w.mu.Unlock()
+			notify()
+		}, nil
+	})
+}
+
+// watchLeaf follows /v1/agent/connect/ca/leaf/<service>: the agent renews
+// the certificate and answers the blocking query with the new one.
+func (w *Watcher) watchLeaf(ctx context.Context, service string, notify func()) {
+	w.blockingLoop(ctx, "leaf certificate of "+service, func(opts *api.QueryOptions) (uint64, func(), error) {
+		leaf, meta, err := w.cfg.Client.Agent().ConnectCALeaf(service, opts)
+		if err != nil {
+			return 0, nil, err
+		}
+		return meta.LastIndex, func() {
+			w.mu.Lock()
+			w.leaves[service] = &model.Leaf{
+				Service: service, CertPEM: leaf.CertPEM, KeyPEM: leaf.PrivateKeyPEM, SPIFFEID: leaf.ServiceURI,
+				ValidAfter: leaf.ValidAfter, ValidBefore: leaf.ValidBefore, Serial: leaf.SerialNumber,
+			}
+			w.mu.Unlock()
+			w.cfg.Logger.Info("consul: leaf certificate", "service", service, "serial", leaf.SerialNumber, "validBefore", leaf.ValidBefore)
+			notify()
+		}, nil
+	})
+}
+
+// watchIntentions follows the service-intentions config entries.
+func (w *Watcher) watchIntentions(ctx context.Context, notify func()) {
+	w.blockingLoop(ctx, "service intentions", func(opts *api.QueryOptions) (uint64, func(), error) {
+		entries, meta, err := w.cfg.Client.ConfigEntries().List(api.ServiceIntentions, opts)
+		if err != nil {
+			return 0, nil, err
+		}
+		return meta.LastIndex, func() {
+			out := map[string]*model.Intentions{}
+			for _, e := range entries {
+				if si, ok := e.(*api.ServiceIntentionsConfigEntry); ok {
+					out[si.Name] = convertIntentions(si)
+				}
+			}
+			w.mu.Lock()
+			w.intentions = out
+			w.mu.Unlock()
+			notify()
+		}, nil
+	})
+}
+
+// convertIntentions turns a service-intentions entry into model rules,
+// most precedent source first.
+func convertIntentions(e *api.ServiceIntentionsConfigEntry) *model.Intentions {
+	in := &model.Intentions{Destination: e.Name}
+	srcs := slices.Clone(e.Sources)
+	slices.SortStableFunc(srcs, func(a, b *api.SourceIntention) int { return cmp.Compare(b.Precedence, a.Precedence) })
+	for _, s := range srcs {
+		if s.Peer != "" || s.SamenessGroup != "" {
+			continue // cluster peering is not supported
+		}
+		src := model.IntentionSource{Name: s.Name, Action: string(s.Action), Origin: fmt.Sprintf("consul intention %s => %s", s.Name, e.Name)}
+		for _, p := range s.Permissions {
+			perm := model.IntentionPermission{Action: string(p.Action)}
+			if h := p.HTTP; h != nil {
+				perm.HTTP = model.HTTPMatch{PathExact: h.PathExact, PathPrefix: h.PathPrefix, PathRegex: h.PathRegex, Methods: h.Methods}
+				for _, hh := range h.Header {
+					perm.HTTP.Headers = append(perm.HTTP.Headers, model.HeaderMatch{
+						Name: hh.Name, Exact: hh.Exact, Prefix: hh.Prefix, Suffix: hh.Suffix, Regex: hh.Regex, Present: hh.Present, Invert: hh.Invert,
+					})
+				}
+			}
+			src.Permissions = append(src.Permissions, perm)
+		}
+		in.Sources = append(in.Sources, src)
+	}
+	return in
+}
+
+// leafWatches runs one leaf watch per proxied service.
+type leafWatches struct {
+	w       *Watcher
+	running map[string]context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+// sync starts watches for services that gained a proxy and stops those of
+// services that lost all theirs.
+func (l *leafWatches) sync(ctx context.Context, services []string, notify func()) {
+	want := map[string]bool{}
+	for _, s := range services {
+		want[s] = true
+		if _, ok := l.running[s]; ok {
+			continue
+		}
+		sctx, cancel := context.WithCancel(ctx)
+		l.running[s] = cancel
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			l.w.watchLeaf(sctx, s, notify)
+		}()
+	}
+	for s, cancel := range l.running {
+		if !want[s] {
+			cancel()
+			delete(l.running, s)
+			l.w.mu.Lock()
+			delete(l.w.leaves, s)
+			l.w.mu.Unlock()
+		}
+	}
+}
+
+func (l *leafWatches) stop() {
+	for _, cancel := range l.running {
+		cancel()
+	}
+	l.wg.Wait()
+}
