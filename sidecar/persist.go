@@ -17,14 +17,15 @@ import (
 
 // persistOrder is the order state is restored in: what listeners and
 // clusters reference first.
-var persistOrder = []string{xds.ClusterType, xds.EndpointType, xds.ListenerType, xds.RouteType}
+var persistOrder = []string{xds.SecretType, xds.ClusterType, xds.EndpointType, xds.ListenerType, xds.RouteType}
 
 func stateFile(dir, typeURL string) string {
 	return filepath.Join(dir, typeURL[strings.LastIndexByte(typeURL, '.')+1:]+".json")
 }
 
 // persist writes the accepted resources of typeURL to the state directory
-// as a DiscoveryResponse in JSON (write to a temporary file, then rename).
+// as a DiscoveryResponse in JSON (write to a temporary file, then rename),
+// readable by the sidecar's user only: secrets hold its private key.
 func (s *Sidecar) persist(typeURL, version string, raw map[string]*anypb.Any) error {
 	names := make([]string, 0, len(raw))
 	for n := range raw {

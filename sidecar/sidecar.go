@@ -21,6 +21,7 @@ import (
 
 	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -31,6 +32,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/listener"
 	"github.com/meshlet/meshlet/sidecar/tcpproxy"
 	"github.com/meshlet/meshlet/sidecar/telemetry"
+	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -95,6 +97,7 @@ type Sidecar struct {
 	client    *xdsclient.Client
 	adminLn   net.Listener
 	metrics   *telemetry.Metrics
+	tls       *tlsid.Store
 
 	// applyMu serialises Update and activation; the managers are called
 	// with it held (they never call back into the Sidecar).
@@ -109,6 +112,7 @@ type Sidecar struct {
 	rds      map[string]*config.RouteConfig
 	cds      map[string]*config.Cluster
 	eds      map[string]*config.LoadAssignment
+	sds      map[string]*config.Secret
 	active   *config.Snapshot
 	rejected map[string]admin.Rejection
 
@@ -137,10 +141,12 @@ func New(cfg Config) (*Sidecar, error) {
 		cfg:      cfg,
 		log:      cfg.Logger.With("node", cfg.NodeID),
 		metrics:  telemetry.New(),
+		tls:      tlsid.NewStore(),
 		state:    map[string]*resourceState{},
 		rejected: map[string]admin.Rejection{},
 	}
-	s.clusters = cluster.NewManager(s.log, s.metrics)
+	s.metrics.WatchCertificates(s.tls.All)
+	s.clusters = cluster.NewManager(s.log, s.metrics, s.tls)
 	s.listeners = listener.NewManager(s.newHandler, cfg.DrainTimeout, s.log)
 	client, err := xdsclient.New(xdsclient.Config{
 		Server: cfg.XDSAddress,
@@ -220,14 +226,31 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	return nil
 }
 
+// newHandler builds a listener's handler: per filter chain an HTTP server
+// or TCP proxy, behind TLS detection and handshakes when a chain is mTLS.
 func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listener.Handler, error) {
-	switch {
-	case l.HTTP != nil:
-		return httpproxy.NewServer(l, snap, s.clusters, s.log, s.metrics), nil
-	case l.TCP != nil:
-		return tcpproxy.New(l, s.clusters, s.log), nil
-	}
-	return nil, fmt.Errorf("listener %q has no filter", l.Name)
+	return s.newInbound(l, snap, func(secure bool) (listener.Handler, error) {
+		c := l.Chain(secure)
+		switch {
+		case c == nil:
+			return nil, fmt.Errorf("listener %q has no chain for this connection", l.Name)
+		case c.HTTP != nil:
+			var localID func() string
+			if c.TLS != nil {
+				certSecret := c.TLS.CertSecret
+				localID = func() string {
+					if sec := s.tls.Get(certSecret); sec != nil {
+						return sec.SPIFFEID
+					}
+					return ""
+				}
+			}
+			return httpproxy.NewServer(l, snap, s.clusters, s.log, httpproxy.Options{Recorder: s.metrics, Secure: secure, LocalID: localID}), nil
+		case c.TCP != nil:
+			return tcpproxy.New(l, secure, s.clusters, s.log, s.metrics), nil
+		}
+		return nil, fmt.Errorf("listener %q has no filter", l.Name)
+	})
 }
 
 // Update implements xdsclient.Handler: it validates one response, binds new
@@ -259,14 +282,18 @@ func (s *Sidecar) Update(typeURL, version string, resources []*anypb.Any) (map[s
 		s.lds = typed[*config.Listener](decoded)
 		names := config.RouteNames(s.lds)
 		s.rds = keep(s.rds, names, nil)
-		deps = map[string][]string{xds.RouteType: names}
+		deps = map[string][]string{xds.RouteType: names, xds.SecretType: s.secretNamesLocked()}
 		st.raw = raw
 	case xds.ClusterType:
 		s.cds = typed[*config.Cluster](decoded)
 		names := config.EndpointNames(s.cds)
 		s.eds = keep(s.eds, names, nil)
-		deps = map[string][]string{xds.EndpointType: names}
+		deps = map[string][]string{xds.EndpointType: names, xds.SecretType: s.secretNamesLocked()}
 		st.raw = raw
+	case xds.SecretType:
+		names := s.secretNamesLocked()
+		s.sds = keep(s.sds, names, typed[*config.Secret](decoded))
+		st.raw = keep(st.raw, names, raw)
 	case xds.RouteType:
 		names := config.RouteNames(s.lds)
 		s.rds = keep(s.rds, names, typed[*config.RouteConfig](decoded))
@@ -288,6 +315,15 @@ func (s *Sidecar) Update(typeURL, version string, resources []*anypb.Any) (map[s
 
 	s.activate(false)
 	return deps, nil
+}
+
+// secretNamesLocked returns the SDS names the accepted listeners and
+// clusters reference, pruning secrets no longer referenced. s.mu must be
+// held.
+func (s *Sidecar) secretNamesLocked() []string {
+	names := config.SecretNames(s.lds, s.cds)
+	s.sds = keep(s.sds, names, nil)
+	return names
 }
 
 // keep returns the entries of fresh, else of old, whose names are in names.
@@ -325,6 +361,11 @@ func (s *Sidecar) missingLocked() []string {
 			miss = append(miss, fmt.Sprintf("load assignment %q (EDS)", n))
 		}
 	}
+	for _, n := range config.SecretNames(s.lds, s.cds) {
+		if _, ok := s.sds[n]; !ok {
+			miss = append(miss, fmt.Sprintf("secret %q (SDS)", n))
+		}
+	}
 	return miss
 }
 
@@ -335,7 +376,7 @@ func (s *Sidecar) activate(force bool) {
 	s.mu.Lock()
 	missing := s.missingLocked()
 	haveBase := s.state[xds.ListenerType] != nil && s.state[xds.ClusterType] != nil
-	snap := &config.Snapshot{Listeners: s.lds, Routes: s.rds, Clusters: s.cds, Endpoints: s.eds}
+	snap := &config.Snapshot{Listeners: s.lds, Routes: s.rds, Clusters: s.cds, Endpoints: s.eds, Secrets: s.sds}
 	s.mu.Unlock()
 
 	if len(missing) > 0 {
@@ -358,6 +399,7 @@ func (s *Sidecar) activate(force bool) {
 		s.warmTimer.Stop()
 		s.warmTimer = nil
 	}
+	s.tls.Set(snap.Secrets) // first: new handshakes use new certificates and roots
 	s.clusters.Update(snap.Clusters, snap.Endpoints)
 	if err := s.listeners.Apply(snap); err != nil {
 		s.log.Error("xds: applying listeners", "error", err)
@@ -432,6 +474,16 @@ func (s *Sidecar) ConfigDump() *admin.ConfigDump {
 		}
 		dump.Configs = append(dump.Configs, xds.MustAny(d))
 	}
+	{
+		v, ts, raw := version(xds.SecretType)
+		d := &adminv3.SecretsConfigDump{}
+		for _, n := range sortedNames(raw) {
+			d.DynamicActiveSecrets = append(d.DynamicActiveSecrets, &adminv3.SecretsConfigDump_DynamicSecret{
+				Name: n, VersionInfo: v, LastUpdated: ts, Secret: redact(raw[n]),
+			})
+		}
+		dump.Configs = append(dump.Configs, xds.MustAny(d))
+	}
 	rej := make(map[string]admin.Rejection, len(s.rejected))
 	for k, v := range s.rejected {
 		rej[k] = v
@@ -440,6 +492,30 @@ func (s *Sidecar) ConfigDump() *admin.ConfigDump {
 		Server: s.cfg.XDSAddress, Node: s.cfg.NodeID, Connected: st.Connected,
 		Versions: st.Versions, ACKs: st.ACKs, NACKs: st.NACKs, Rejected: rej,
 	}}
+}
+
+// redact returns a secret with its private key replaced, as Envoy's
+// config_dump does; anything else is returned as is.
+func redact(a *anypb.Any) *anypb.Any {
+	var sec tlsv3.Secret
+	if a.UnmarshalTo(&sec) != nil {
+		return a
+	}
+	if c := sec.GetTlsCertificate(); c != nil && c.GetPrivateKey() != nil {
+		c.PrivateKey = &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: "[redacted]"}}
+	}
+	return xds.MustAny(&sec)
+}
+
+// Certs implements admin.Source.
+func (s *Sidecar) Certs() []config.CertInfo {
+	all := s.tls.All()
+	var out []config.CertInfo
+	now := time.Now()
+	for _, n := range sortedNames(all) {
+		out = append(out, all[n].Infos(now)...)
+	}
+	return out
 }
 
 func sortedNames[T any](m map[string]T) []string {

@@ -352,7 +352,7 @@ func TestAdminEndpoints(t *testing.T) {
 	if err := json.Unmarshal([]byte(body), &dump); err != nil {
 		t.Fatalf("config_dump is not JSON: %v\n%s", err, body)
 	}
-	if len(dump.Configs) != 4 || !dump.XDS.Connected || dump.XDS.Versions[xds.ListenerType] != "v1" {
+	if len(dump.Configs) != 5 || !dump.XDS.Connected || dump.XDS.Versions[xds.ListenerType] != "v1" {
 		t.Errorf("config_dump: %d configs, connected=%v, versions=%v", len(dump.Configs), dump.XDS.Connected, dump.XDS.Versions)
 	}
 	if !strings.Contains(body, `"name": "upstream:web"`) {

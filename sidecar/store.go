@@ -50,6 +50,11 @@ func decodeAll(typeURL string, resources []*anypb.Any) (map[string]any, map[stri
 			if la, err = config.DecodeLoadAssignment(a); err == nil {
 				name, v = la.ClusterName, la
 			}
+		case xds.SecretType:
+			var sec *config.Secret
+			if sec, err = config.DecodeSecret(a); err == nil {
+				name, v = sec.Name, sec
+			}
 		default:
 			return nil, nil, fmt.Errorf("unsupported resource type %s", typeURL)
 		}

@@ -198,6 +198,9 @@ type ClusterOptions struct {
 	Outlier *OutlierSpec
 	// Extras are meshlet-only settings carried in the cluster's metadata.
 	Extras *ClusterExtras
+	// TLS is the upstream mTLS transport socket (UpstreamTLS); nil for
+	// plaintext.
+	TLS *core.TransportSocket
 }
 
 func newCluster(name string, o ClusterOptions) *cluster.Cluster {
@@ -224,6 +227,7 @@ func newCluster(name string, o ClusterOptions) *cluster.Cluster {
 		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: MustAny(opts)}
 	}
 	applyResilience(c, o)
+	c.TransportSocket = o.TLS
 	return c
 }
 

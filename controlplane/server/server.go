@@ -66,6 +66,9 @@ type Server struct {
 	streams map[int64]*core.Node
 	// unknownLogged records node IDs already reported as unregistered.
 	unknownLogged map[string]bool
+	// notReady records, by node, the reason its snapshot was last held back
+	// (logged once per reason).
+	notReady map[string]string
 }
 
 // New returns a Server ready to Serve. Its build loop runs until Close.
@@ -83,6 +86,7 @@ func New(cfg Config) *Server {
 		versions:      map[string]string{},
 		streams:       map[int64]*core.Node{},
 		unknownLogged: map[string]bool{},
+		notReady:      map[string]string{},
 	}
 	s.cache = cache.NewSnapshotCache(true, nodeHash{}, cacheLogger{cfg.Logger})
 	s.guard = xds.NewNACKGuard(s.cache, nodeHash{})
@@ -161,7 +165,15 @@ func (s *Server) build(ctx context.Context) {
 	start := time.Now()
 	set := 0
 	for id, p := range cat.Proxies {
-		if s.publish(ctx, id, translate.Proxy(cat, pol, p)) {
+		r, err := translate.Proxy(cat, pol, p)
+		if err != nil {
+			s.holdBack(id, err)
+			continue
+		}
+		s.mu.Lock()
+		delete(s.notReady, id)
+		s.mu.Unlock()
+		if s.publish(ctx, id, r) {
 			set++
 		}
 	}
@@ -169,6 +181,17 @@ func (s *Server) build(ctx context.Context) {
 		set++
 	}
 	s.log.Debug("xds: snapshots built", "proxies", len(cat.Proxies), "changed", set, "took", time.Since(start))
+}
+
+// holdBack logs, once per reason, that node keeps its last snapshot.
+func (s *Server) holdBack(node string, err error) {
+	s.mu.Lock()
+	same := s.notReady[node] == err.Error()
+	s.notReady[node] = err.Error()
+	s.mu.Unlock()
+	if !same {
+		s.log.Info("xds: snapshot held back; the proxy keeps its last config", "node", node, "reason", err)
+	}
 }
 
 func (s *Server) publish(ctx context.Context, node string, r translate.Resources) bool {
@@ -183,6 +206,7 @@ func (s *Server) publish(ctx context.Context, node string, r translate.Resources
 	add(types.Route, toResources(r.Routes))
 	add(types.Cluster, toResources(r.Clusters))
 	add(types.Endpoint, toResources(r.Endpoints))
+	add(types.Secret, toResources(r.Secrets))
 
 	s.mu.Lock()
 	unchanged := s.versions[node] == all

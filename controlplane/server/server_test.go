@@ -3,6 +3,8 @@ package server
 import (
 	"io"
 	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,7 +19,7 @@ import (
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func catalog(apiHealthy bool) *model.Catalog {
-	return model.NewCatalog(
+	cat := model.NewCatalog(
 		map[string]*model.Service{"api": {Name: "api", Instances: []model.Instance{{ID: "api-1", Address: "127.0.0.1", Port: 9001, Healthy: apiHealthy}}}},
 		map[string]*model.Proxy{
 			"web-1-sidecar-proxy": {ID: "web-1-sidecar-proxy", Service: "web", Address: "127.0.0.1", Port: 21000, LocalAppAddress: "127.0.0.1", LocalAppPort: 9000,
@@ -25,6 +27,11 @@ func catalog(apiHealthy bool) *model.Catalog {
 			"api-1-sidecar-proxy": {ID: "api-1-sidecar-proxy", Service: "api", ServiceID: "api-1", Address: "127.0.0.1", Port: 21001,
 				LocalAppAddress: "127.0.0.1", LocalAppPort: 9001, Healthy: apiHealthy},
 		})
+	cat.CA = &model.CA{TrustDomain: "td.consul", Roots: []model.Root{{ID: "r", CertPEM: "ROOT", Active: true}}}
+	for _, s := range []string{"web", "api"} {
+		cat.Leaves[s] = &model.Leaf{Service: s, CertPEM: "CERT-" + s, KeyPEM: "KEY-" + s, SPIFFEID: "spiffe://td.consul/ns/default/dc/dc1/svc/" + s}
+	}
+	return cat
 }
 
 func versions(t *testing.T, s *Server, node string) map[string]string {
@@ -74,6 +81,41 @@ func TestOnlyChangedTypesGetNewVersions(t *testing.T) {
 	// Back to healthy: the content, hence the version, is the first one again.
 	s.SetCatalog(catalog(true))
 	waitVersions(t, s, web, func(v map[string]string) bool { return v[xds.EndpointType] == v1[xds.EndpointType] })
+}
+
+func TestSnapshotHeldBackUntilTheLeafArrives(t *testing.T) {
+	var logs safeLog
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	defer s.Close()
+	cat := catalog(true)
+	delete(cat.Leaves, "web")
+	s.SetCatalog(cat)
+	waitVersions(t, s, "api-1-sidecar-proxy", func(map[string]string) bool { return true })
+	if v := versions(t, s, "web-1-sidecar-proxy"); v != nil {
+		t.Fatalf("web got a snapshot without its leaf certificate: %v", v)
+	}
+	if !strings.Contains(logs.String(), `waiting for the leaf certificate of service \"web\"`) {
+		t.Errorf("no held-back log line:\n%s", logs.String())
+	}
+	s.SetCatalog(catalog(true))
+	waitVersions(t, s, "web-1-sidecar-proxy", func(map[string]string) bool { return true })
+}
+
+type safeLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *safeLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *safeLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func TestNodeHash(t *testing.T) {

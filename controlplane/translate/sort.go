@@ -15,6 +15,7 @@ func sortResources(r *Resources) {
 	slices.SortFunc(r.Listeners, byName)
 	slices.SortFunc(r.Routes, byName)
 	slices.SortFunc(r.Clusters, byName)
+	slices.SortFunc(r.Secrets, byName)
 	slices.SortFunc(r.Endpoints, func(a, b *endpoint.ClusterLoadAssignment) int {
 		return strings.Compare(a.GetClusterName(), b.GetClusterName())
 	})

@@ -4,10 +4,13 @@
 package translate
 
 import (
+	"cmp"
+
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
@@ -20,6 +23,7 @@ type Resources struct {
 	Routes    []*route.RouteConfiguration
 	Clusters  []*cluster.Cluster
 	Endpoints []*endpoint.ClusterLoadAssignment
+	Secrets   []*tlsv3.Secret
 }
 
 // Protocol returns the protocol of service: a ServiceDefaults policy wins,
@@ -37,29 +41,43 @@ func Protocol(cat *model.Catalog, pol *policy.Set, service string) xds.Protocol 
 }
 
 // Proxy returns the resources of the sidecar p:
-//   - the public listener on p's address and port, forwarding to the
-//     local_app static cluster (the app at LocalAppAddress:LocalAppPort),
-//     through an HTTP connection manager with an inline route configuration
-//     or a TCP proxy, by the protocol of p's service;
+//   - the secrets "default" (the leaf certificate of p's service) and
+//     "ROOTCA" (every Connect CA root);
+//   - the public listener on p's address and port: mTLS (TLS 1.3, or 1.2
+//     with MeshDefaults), authorization by RBAC from Consul intentions and
+//     AuthorizationPolicy files, then an HTTP connection manager with an
+//     inline route (the caller's SPIFFE ID in x-forwarded-client-cert) or a
+//     TCP proxy to the local_app static cluster; in permissive mode a
+//     plaintext filter chain as well;
 //   - per upstream, a listener "upstream:<service>" on its bind address and
 //     port, an RDS route configuration "<service>" (HTTP protocols only) with
 //     the service's retry and timeout policies, an EDS cluster "<service>"
-//     with its connect timeout, circuit breakers, outlier detection, load
-//     balancer and retry budget, and its load assignment: the healthy
-//     sidecars of that service.
+//     with mTLS requiring the upstream's exact SPIFFE ID, its connect
+//     timeout, circuit breakers, outlier detection, load balancer and retry
+//     budget, and its load assignment: the healthy sidecars of that service.
 //
-// Upstreams naming the same service twice keep the first.
-func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) Resources {
+// Upstreams naming the same service twice keep the first. It returns an
+// error wrapping ErrNotReady while the CA roots or the leaf certificate of
+// p's service are unknown.
+func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, error) {
 	var r Resources
-	proto := Protocol(cat, pol, p.Service)
-	if proto.IsHTTP() {
-		r.Listeners = append(r.Listeners, xds.NewHTTPListener(xds.PublicListener, p.BindAddress(), p.BindPort(), xds.HTTPListenerOptions{
-			RouteConfig: xds.NewRouteConfig(xds.LocalAppCluster, xds.LocalAppCluster, xds.RouteOptions{}),
-			Via:         p.ID,
-		}))
-	} else {
-		r.Listeners = append(r.Listeners, xds.NewTCPListener(xds.PublicListener, p.BindAddress(), p.BindPort(), xds.LocalAppCluster))
+	cert, roots, err := secrets(cat, p.Service)
+	if err != nil {
+		return r, err
 	}
+	r.Secrets = append(r.Secrets, cert, roots)
+	minTLS := pol.MinTLSVersion()
+	proto := Protocol(cat, pol, p.Service)
+	in := xds.InboundOptions{
+		HTTP:       proto.IsHTTP(),
+		TLS:        xds.DownstreamTLS(minTLS, alpn(proto, true)),
+		Permissive: pol.MTLSMode(p.Service) == policy.MTLSPermissive,
+	}
+	if in.HTTP {
+		in.Via = p.ID
+	}
+	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP)
+	r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
 	r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
 
 	seen := map[string]bool{}
@@ -79,11 +97,17 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) Resources {
 		} else {
 			r.Listeners = append(r.Listeners, xds.NewTCPListenerAttempts(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name, tcpConnectAttempts(pol, u.Service)))
 		}
-		r.Clusters = append(r.Clusters, xds.NewEDSCluster(name, clusterOptions(pol, u.Service, xds.ClusterOptions{Protocol: up})))
+		dc := p.Datacenter
+		if ps := cat.ProxiesFor(u.Service); len(ps) > 0 {
+			dc = cmp.Or(ps[0].Datacenter, dc)
+		}
+		opts := clusterOptions(pol, u.Service, xds.ClusterOptions{Protocol: up})
+		opts.TLS = xds.UpstreamTLS(minTLS, upstreamSNI(cat, u.Service, dc), upstreamID(cat, u.Service, dc), alpn(up, false))
+		r.Clusters = append(r.Clusters, xds.NewEDSCluster(name, opts))
 		r.Endpoints = append(r.Endpoints, xds.NewLoadAssignment(name, sidecarEndpoints(cat, u.Service)))
 	}
 	sortResources(&r)
-	return r
+	return r, nil
 }
 
 // sidecarEndpoints returns the public listeners of the healthy sidecars of

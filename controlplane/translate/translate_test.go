@@ -3,6 +3,8 @@ package translate
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"strings"
 	"testing"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -15,8 +17,26 @@ import (
 )
 
 // catalog is the mesh of the demo: web calls api (two healthy sidecars, one
-// failing) over HTTP and store over TCP.
+// failing) over HTTP and store over TCP; the Connect CA has one root; api
+// allows web by intention and denies everyone else.
 func catalog() *model.Catalog {
+	cat := catalogServices()
+	cat.CA = &model.CA{TrustDomain: "11111111-2222-3333-4444-555555555555.consul", Roots: []model.Root{{ID: "r1", CertPEM: "-----BEGIN CERTIFICATE-----\nROOT\n-----END CERTIFICATE-----", Active: true}}}
+	for _, svc := range []string{"web", "api", "store", "sessions"} {
+		cat.Leaves[svc] = &model.Leaf{Service: svc, CertPEM: "-----BEGIN CERTIFICATE-----\nLEAF-" + svc + "\n-----END CERTIFICATE-----",
+			KeyPEM: "-----BEGIN EC PRIVATE KEY-----\nKEY-" + svc + "\n-----END EC PRIVATE KEY-----", SPIFFEID: SPIFFEID(cat.CA.TrustDomain, "dc1", svc)}
+	}
+	cat.Intentions["api"] = &model.Intentions{Destination: "api", Sources: []model.IntentionSource{
+		{Name: "web", Action: "allow", Origin: "consul intention web => api"},
+		{Name: "*", Action: "deny", Origin: "consul intention * => api"},
+	}}
+	cat.Intentions["store"] = &model.Intentions{Destination: "store", Sources: []model.IntentionSource{
+		{Name: "web", Action: "allow", Origin: "consul intention web => store"},
+	}}
+	return cat
+}
+
+func catalogServices() *model.Catalog {
 	proxy := func(id, svc string, port int, healthy bool, ups ...model.Upstream) *model.Proxy {
 		return &model.Proxy{
 			ID: id, Node: "n1", Service: svc, ServiceID: svc + "-x", Address: "10.0.0.1", Port: port,
@@ -80,7 +100,7 @@ func render(t *testing.T, r Resources) []byte {
 		}
 		return out
 	}
-	var ls, rs, cs, es []proto.Message
+	var ls, rs, cs, es, ss []proto.Message
 	for _, x := range r.Listeners {
 		ls = append(ls, x)
 	}
@@ -93,8 +113,11 @@ func render(t *testing.T, r Resources) []byte {
 	for _, x := range r.Endpoints {
 		es = append(es, x)
 	}
+	for _, x := range r.Secrets {
+		ss = append(ss, x)
+	}
 	b, err := json.Marshal(map[string][]json.RawMessage{
-		"listeners": section(ls), "routes": section(rs), "clusters": section(cs), "endpoints": section(es),
+		"listeners": section(ls), "routes": section(rs), "clusters": section(cs), "endpoints": section(es), "secrets": section(ss),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -116,7 +139,10 @@ func TestProxyGolden(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r := Proxy(cat, pol, cat.Proxies[tc.proxy])
+			r, err := Proxy(cat, pol, cat.Proxies[tc.proxy])
+			if err != nil {
+				t.Fatal(err)
+			}
 			golden.Check(t, tc.name+".golden.json", render(t, r))
 		})
 	}
@@ -130,7 +156,23 @@ func TestNoPoliciesGolden(t *testing.T) {
 	// Without policy files every route still retries connect failures and
 	// refused streams (nothing reached the upstream) under the default budget.
 	cat := catalog()
-	golden.Check(t, "web-sidecar-no-policies.golden.json", render(t, Proxy(cat, nil, cat.Proxies["web-1-sidecar-proxy"])))
+	r, err := Proxy(cat, nil, cat.Proxies["web-1-sidecar-proxy"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden.Check(t, "web-sidecar-no-policies.golden.json", render(t, r))
+}
+
+func TestNotReadyWithoutCertificates(t *testing.T) {
+	cat := catalog()
+	delete(cat.Leaves, "api")
+	if _, err := Proxy(cat, nil, cat.Proxies["api-1-sidecar-proxy"]); !errors.Is(err, ErrNotReady) || !strings.Contains(err.Error(), `leaf certificate of service "api"`) {
+		t.Errorf("Proxy without api's leaf: %v, want ErrNotReady naming it", err)
+	}
+	cat.CA = nil
+	if _, err := Proxy(cat, nil, cat.Proxies["web-1-sidecar-proxy"]); !errors.Is(err, ErrNotReady) || !strings.Contains(err.Error(), "CA roots") {
+		t.Errorf("Proxy without CA: %v, want ErrNotReady naming the roots", err)
+	}
 }
 
 func TestProtocolPrecedence(t *testing.T) {
@@ -164,9 +206,16 @@ func TestProtocolPrecedence(t *testing.T) {
 
 func TestDeterministic(t *testing.T) {
 	cat, pol := catalog(), policies(t)
-	first := render(t, Proxy(cat, pol, cat.Proxies["web-1-sidecar-proxy"]))
+	proxy := func() Resources {
+		r, err := Proxy(cat, pol, cat.Proxies["web-1-sidecar-proxy"])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	first := render(t, proxy())
 	for range 20 {
-		if got := render(t, Proxy(cat, pol, cat.Proxies["web-1-sidecar-proxy"])); !bytes.Equal(got, first) {
+		if got := render(t, proxy()); !bytes.Equal(got, first) {
 			t.Fatal("Proxy output changed between identical calls")
 		}
 	}

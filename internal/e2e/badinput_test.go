@@ -62,13 +62,14 @@ func TestConsulDownAtControlPlaneStart(t *testing.T) {
 func TestControlPlaneDownAtSidecarStart(t *testing.T) {
 	m := newMesh(t)
 	m.writePolicy("b.yaml", serviceDefaults("b", "http"))
-	xdsAddr := hostPort(freePorts(t, 1)[0])
-	ports := freePorts(t, 3)
+	ports := freePorts(t, 5) // distinct, none bound yet
+	xdsAddr := hostPort(ports[4])
 	bApp := startApp(t, "b-1")
 	aSvc := svc{id: "a-1", name: "a", appPort: ports[0], sidecarPort: ports[1], upstreams: map[string]int{"b": ports[2]}}
-	bSvc := svc{id: "b-1", name: "b", appPort: bApp.port, sidecarPort: freePorts(t, 1)[0]}
+	bSvc := svc{id: "b-1", name: "b", appPort: bApp.port, sidecarPort: ports[3]}
 	m.register(aSvc)
 	m.register(bSvc)
+	m.allow("a", "b")
 	aProxy := m.startSidecar(aSvc.proxyID(), xdsAddr) // nothing serves xDS yet
 	bProxy := m.startSidecar(bSvc.proxyID(), xdsAddr)
 	aProxy.log.WaitFor(t, 5*time.Second, "xds: control plane unreachable")

@@ -226,6 +226,34 @@ func (m *mesh) register(s svc) {
 	}
 }
 
+// allow writes a Consul intention letting source call destination (added
+// to the destination's service-intentions entry).
+func (m *mesh) allow(source, destination string) {
+	m.t.Helper()
+	m.intention(source, destination, api.IntentionActionAllow)
+}
+
+// intention sets the L4 intention of source to destination.
+func (m *mesh) intention(source, destination string, action api.IntentionAction) {
+	m.t.Helper()
+	entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: destination}
+	if e, _, err := m.consul.Client.ConfigEntries().Get(api.ServiceIntentions, destination, nil); err == nil {
+		entry = e.(*api.ServiceIntentionsConfigEntry)
+	}
+	found := false
+	for _, s := range entry.Sources {
+		if s.Name == source {
+			s.Action, found = action, true
+		}
+	}
+	if !found {
+		entry.Sources = append(entry.Sources, &api.SourceIntention{Name: source, Action: action})
+	}
+	if _, _, err := m.consul.Client.ConfigEntries().Set(entry, nil); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
 func (m *mesh) setCheck(checkID, status string) {
 	m.t.Helper()
 	if err := m.consul.Client.Agent().UpdateTTL(checkID, "set by test", status); err != nil {

@@ -26,6 +26,7 @@ func twoServices(t *testing.T, m *mesh) (aProxy, bProxy *proxy, bApp *app, bindP
 	bSvc = svc{id: "b-1", name: "b", appPort: bApp.port, sidecarPort: ports[3]}
 	m.register(aSvc)
 	m.register(bSvc)
+	m.allow("a", "b")
 	aProxy = m.startSidecar(aSvc.proxyID(), "")
 	bProxy = m.startSidecar(bSvc.proxyID(), "")
 	aProxy.waitReady(t)

@@ -18,6 +18,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/internal/testlog"
 	"github.com/meshlet/meshlet/sidecar"
 	"github.com/meshlet/meshlet/xds/xdstest"
@@ -151,9 +152,10 @@ func newRigProtocol(t *testing.T, protocol, policies string, endpoints ...rigEnd
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := freePorts(t, 1)[0]
+	ports := freePorts(t, 2) // distinct: one for the outbound listener, one for the public one
+	port := ports[0]
 	proxies := map[string]*model.Proxy{
-		rigNode: {ID: rigNode, Service: "web", Address: "127.0.0.1", Port: freePorts(t, 1)[0], LocalAppAddress: "127.0.0.1", LocalAppPort: 1,
+		rigNode: {ID: rigNode, Service: "web", Address: "127.0.0.1", Port: ports[1], LocalAppAddress: "127.0.0.1", LocalAppPort: 1,
 			Upstreams: []model.Upstream{{Service: "api", BindAddress: "127.0.0.1", BindPort: port}}, Healthy: true},
 	}
 	for i, e := range endpoints {
@@ -163,7 +165,23 @@ func newRigProtocol(t *testing.T, protocol, policies string, endpoints ...rigEnd
 		proxies[id] = &model.Proxy{ID: id, Service: "api", Address: host, Port: pn, Weight: max(e.weight, 1), Healthy: true}
 	}
 	cat := model.NewCatalog(map[string]*model.Service{"api": {Name: "api"}}, proxies)
-	res := translate.Proxy(cat, pol, cat.Proxies[rigNode])
+	ca, err := testca.New("rig.consul")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cat.CA = &model.CA{TrustDomain: ca.TrustDomain, Roots: []model.Root{{ID: "r", CertPEM: ca.CertPEM, Active: true}}}
+	leaf := ca.MustIssue("dc1", "web")
+	cat.Leaves["web"] = &model.Leaf{Service: "web", CertPEM: leaf.CertPEM, KeyPEM: leaf.KeyPEM, SPIFFEID: leaf.SPIFFEID}
+	res, err := translate.Proxy(cat, pol, cat.Proxies[rigNode])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The upstreams here are the failing test servers themselves, not
+	// sidecars: the rig exercises the caller's resilience, so the api
+	// cluster talks to them in plaintext.
+	for _, c := range res.Clusters {
+		c.TransportSocket = nil
+	}
 	srv := xdstest.Start(t)
 	r := xdstest.Resources{}
 	for _, x := range res.Listeners {
@@ -177,6 +195,9 @@ func newRigProtocol(t *testing.T, protocol, policies string, endpoints ...rigEnd
 	}
 	for _, x := range res.Endpoints {
 		r.Endpoints = append(r.Endpoints, x)
+	}
+	for _, x := range res.Secrets {
+		r.Secrets = append(r.Secrets, x)
 	}
 	srv.Set(t, rigNode, "v1", r)
 

@@ -9,6 +9,8 @@
 //	                  ::upstream_rq_pending_active::N, ::upstream_cx_active::N; per endpoint
 //	                  cluster::address::weight::N, ::rq_active::N,
 //	                  ::health_flags::healthy|/failed_outlier_check, ::breaker::state
+//	GET /certs        every certificate of the SDS secrets: subject, SPIFFE ID, serial,
+//	                  validity, seconds and days until expiration (never a key)
 //	GET /metrics      Prometheus metrics
 package admin
 
@@ -22,6 +24,8 @@ import (
 	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/meshlet/meshlet/sidecar/config"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
@@ -36,6 +40,8 @@ type Source interface {
 	Listeners() []Listener
 	// Clusters returns the active clusters sorted by name.
 	Clusters() []Cluster
+	// Certs describes every certificate of every SDS secret (never keys).
+	Certs() []config.CertInfo
 }
 
 // ConfigDump is the body of /config_dump.
@@ -127,6 +133,18 @@ func Handler(src Source, reg *prometheus.Registry) http.Handler {
 			Configs json.RawMessage `json:"configs"`
 			XDS     XDSState        `json:"xds"`
 		}{configs.Configs, d.XDS})
+	})
+	mux.HandleFunc("GET /certs", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		certs := src.Certs()
+		if certs == nil {
+			certs = []config.CertInfo{}
+		}
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(struct {
+			Certificates []config.CertInfo `json:"certificates"`
+		}{certs})
 	})
 	mux.HandleFunc("GET /listeners", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")

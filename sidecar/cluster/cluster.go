@@ -7,6 +7,8 @@
 package cluster
 
 import (
+	"crypto/tls"
+	"errors"
 	"log/slog"
 	"net"
 	"reflect"
@@ -28,6 +30,8 @@ type Events interface {
 	// ("max_connections", "max_pending_requests", "max_requests",
 	// "max_retries").
 	Overflow(cluster, threshold string)
+	// TLSHandshake reports an upstream mTLS handshake, err nil on success.
+	TLSHandshake(cluster, endpoint string, err error)
 }
 
 // NopEvents ignores every event.
@@ -42,27 +46,37 @@ func (NopEvents) BreakerState(string, string, string) {}
 // Overflow implements Events.
 func (NopEvents) Overflow(string, string) {}
 
+// TLSHandshake implements Events.
+func (NopEvents) TLSHandshake(string, string, error) {}
+
+// TLSConfigs builds the client TLS config of an mTLS cluster.
+type TLSConfigs interface {
+	ClientConfig(*config.UpstreamTLS) *tls.Config
+}
+
 // Manager holds the clusters of the active config. Get is safe for
 // concurrent use without locks; Update and Close are serialised.
 type Manager struct {
 	clusters atomic.Pointer[map[string]*Cluster]
 	log      *slog.Logger
 	events   Events
+	tls      TLSConfigs
 
 	mu     sync.Mutex // serialises Update and Close; guards closed
 	closed bool
 }
 
-// NewManager returns a Manager without clusters, logging to log and
-// reporting to events (either may be nil).
-func NewManager(log *slog.Logger, events Events) *Manager {
+// NewManager returns a Manager without clusters, logging to log, reporting
+// to events and building mTLS configs with tlsConfigs (any may be nil;
+// without tlsConfigs a cluster asking for TLS cannot connect).
+func NewManager(log *slog.Logger, events Events, tlsConfigs TLSConfigs) *Manager {
 	if log == nil {
 		log = slog.Default()
 	}
 	if events == nil {
 		events = NopEvents{}
 	}
-	m := &Manager{log: log, events: events}
+	m := &Manager{log: log, events: events, tls: tlsConfigs}
 	empty := map[string]*Cluster{}
 	m.clusters.Store(&empty)
 	return m
@@ -95,7 +109,7 @@ func (m *Manager) Update(clusters map[string]*config.Cluster, eds map[string]*co
 			if c != nil {
 				c.retire()
 			}
-			c = newCluster(cc, m.log, m.events)
+			c = newCluster(cc, m.log, m.events, m.tls)
 		}
 		la := cc.Static
 		if cc.Type == config.ClusterEDS {
@@ -145,6 +159,7 @@ type Cluster struct {
 	log       *slog.Logger
 	events    Events
 	dialer    net.Dialer
+	tlsConfig *tls.Config // nil for plaintext
 	endpoints atomic.Pointer[endpointSet]
 	rr        uint64Counter
 	budget    *RetryBudget
@@ -160,7 +175,7 @@ type Cluster struct {
 	waitCh chan struct{} // closed and replaced when a connection frees up
 }
 
-func newCluster(given *config.Cluster, log *slog.Logger, events Events) *Cluster {
+func newCluster(given *config.Cluster, log *slog.Logger, events Events, tlsConfigs TLSConfigs) *Cluster {
 	cfg := given
 	if cfg.Thresholds == (config.Thresholds{}) {
 		withDefaults := *cfg
@@ -178,6 +193,15 @@ func newCluster(given *config.Cluster, log *slog.Logger, events Events) *Cluster
 	}
 	if cfg.Outlier != nil {
 		c.outlier = &outlierDetector{cfg: *cfg.Outlier, cluster: cfg.Name, log: log, events: events}
+	}
+	if cfg.TLS != nil {
+		if tlsConfigs != nil {
+			c.tlsConfig = tlsConfigs.ClientConfig(cfg.TLS)
+		} else {
+			c.tlsConfig = &tls.Config{GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+				return nil, errors.New("cluster: no TLS configs for an mTLS cluster")
+			}}
+		}
 	}
 	c.endpoints.Store(newEndpointSet(nil, cfg))
 	return c

@@ -21,7 +21,7 @@ func la(addrs ...string) *config.LoadAssignment {
 }
 
 func TestRoundRobin(t *testing.T) {
-	m := NewManager(nil, nil)
+	m := NewManager(nil, nil, nil)
 	defer m.Close()
 	m.Update(map[string]*config.Cluster{"c": eds("c", xds.ProtocolHTTP)}, map[string]*config.LoadAssignment{"c": la("a:1", "b:1", "c:1")})
 	counts := map[string]int{}
@@ -41,7 +41,7 @@ func TestRoundRobin(t *testing.T) {
 }
 
 func TestUpdateKeepsEndpointsThatStay(t *testing.T) {
-	m := NewManager(nil, nil)
+	m := NewManager(nil, nil, nil)
 	defer m.Close()
 	clusters := map[string]*config.Cluster{"c": eds("c", xds.ProtocolHTTP)}
 	m.Update(clusters, map[string]*config.LoadAssignment{"c": la("a:1", "b:1")})

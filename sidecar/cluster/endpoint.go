@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -181,20 +182,47 @@ func (b *endpointBreaker) available(now int64) bool {
 	return u == 0 || now >= u
 }
 
-// Dial opens a TCP connection to the endpoint within the cluster's connect
-// timeout and max_connections. The returned connection releases its slot
-// when closed; Unwrap gives the *net.TCPConn for zero-copy splicing.
+// DefaultTLSHandshakeTimeout bounds an upstream TLS handshake when the
+// context has no earlier deadline.
+const DefaultTLSHandshakeTimeout = 10 * time.Second
+
+// Dial opens a connection to the endpoint within the cluster's connect
+// timeout and max_connections, with the cluster's mTLS when it has one. The
+// connection releases its slot when closed; for plaintext, Unwrap gives the
+// *net.TCPConn for zero-copy splicing.
 func (e *Endpoint) Dial(ctx context.Context) (net.Conn, error) {
 	c := e.cluster
 	if !c.acquireConn() {
 		return nil, &UpstreamError{Kind: KindOverflow, Err: errMaxConnections}
 	}
-	conn, err := c.dialer.DialContext(ctx, "tcp", e.Address)
+	raw, err := c.dialer.DialContext(ctx, "tcp", e.Address)
 	if err != nil {
 		c.releaseConn()
 		return nil, &UpstreamError{Kind: KindConnectFailure, Err: err}
 	}
-	return &slotConn{Conn: conn, c: c}, nil
+	return e.secure(ctx, &slotConn{Conn: raw, c: c})
+}
+
+// secure runs the cluster's TLS handshake over conn, or returns conn as is
+// for a plaintext cluster. On failure conn is closed.
+func (e *Endpoint) secure(ctx context.Context, conn net.Conn) (net.Conn, error) {
+	c := e.cluster
+	if c.tlsConfig == nil {
+		return conn, nil
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultTLSHandshakeTimeout)
+		defer cancel()
+	}
+	tc := tls.Client(conn, c.tlsConfig)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		conn.Close()
+		c.events.TLSHandshake(c.cfg.Name, e.Address, err)
+		return nil, &UpstreamError{Kind: KindTLSHandshake, Err: err}
+	}
+	c.events.TLSHandshake(c.cfg.Name, e.Address, nil)
+	return tc, nil
 }
 
 // slotConn releases its cluster connection slot when closed.
@@ -217,22 +245,16 @@ func (s *slotConn) Unwrap() net.Conn { return s.Conn }
 // pool: a net/http Transport multiplexing streams on its connections.
 func (e *Endpoint) transport2() *http.Transport {
 	e.h2Once.Do(func() {
-		t := &http.Transport{
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				conn, err := e.Dial(ctx)
-				if err != nil {
-					var ue *UpstreamError
-					if errors.As(err, &ue) {
-						return nil, ue.Err // the round trip reports the dial op error
-					}
-				}
-				return conn, err
-			},
-			IdleConnTimeout:    DefaultIdleConnTimeout,
-			DisableCompression: true,
-		}
+		dial := func(ctx context.Context, _, _ string) (net.Conn, error) { return e.Dial(ctx) }
+		t := &http.Transport{IdleConnTimeout: DefaultIdleConnTimeout, DisableCompression: true}
 		t.Protocols = new(http.Protocols)
-		t.Protocols.SetUnencryptedHTTP2(true)
+		if e.cluster.tlsConfig != nil {
+			t.DialTLSContext = dial // the request scheme is https; ALPN negotiated h2
+			t.Protocols.SetHTTP2(true)
+		} else {
+			t.DialContext = dial
+			t.Protocols.SetUnencryptedHTTP2(true)
+		}
 		e.h2.Store(t)
 	})
 	return e.h2.Load()
@@ -252,6 +274,9 @@ func (e *Endpoint) RoundTrip(ctx context.Context, req *http.Request, headerTimeo
 }
 
 func (e *Endpoint) roundTrip2(ctx context.Context, req *http.Request, headerTimeout time.Duration) (*http.Response, error) {
+	if e.cluster.tlsConfig != nil {
+		req.URL.Scheme = "https"
+	}
 	if headerTimeout <= 0 {
 		resp, err := e.transport2().RoundTrip(req.WithContext(ctx))
 		if err != nil {

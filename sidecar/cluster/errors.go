@@ -26,6 +26,9 @@ const (
 	KindOverflow
 	// KindTimeout: the attempt's deadline passed before the response.
 	KindTimeout
+	// KindTLSHandshake: the mTLS handshake with the endpoint failed (wrong
+	// identity, unknown CA, expired certificate...). Nothing was sent.
+	KindTLSHandshake
 )
 
 // UpstreamError is a failed round trip.
@@ -38,7 +41,8 @@ type UpstreamError struct {
 }
 
 func (e *UpstreamError) Error() string {
-	names := map[ErrorKind]string{KindConnectFailure: "connect failure", KindRefusedStream: "refused stream", KindReset: "upstream reset", KindOverflow: "overflow", KindTimeout: "timeout"}
+	names := map[ErrorKind]string{KindConnectFailure: "connect failure", KindRefusedStream: "refused stream", KindReset: "upstream reset",
+		KindOverflow: "overflow", KindTimeout: "timeout", KindTLSHandshake: "TLS handshake failed"}
 	return fmt.Sprintf("%s: %v", names[e.Kind], e.Err)
 }
 

@@ -69,10 +69,15 @@ func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
 			return conn, true, nil
 		}
 		if c.acquireConn() {
-			conn, err := c.dialer.DialContext(ctx, "tcp", p.e.Address)
+			raw, err := c.dialer.DialContext(ctx, "tcp", p.e.Address)
 			if err != nil {
 				c.releaseConn()
 				return nil, false, &UpstreamError{Kind: KindConnectFailure, Err: err}
+			}
+			conn, err := p.e.secure(ctx, raw)
+			if err != nil {
+				c.releaseConn()
+				return nil, false, err
 			}
 			hc := &h1Conn{conn: conn, pool: p}
 			hc.br = bufio.NewReaderSize(conn, 16<<10)

@@ -43,7 +43,7 @@ func TestRetryBudget(t *testing.T) {
 
 func testCluster(t *testing.T, cfg *config.Cluster, n int) (*Cluster, []*Endpoint) {
 	t.Helper()
-	m := NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+	m := NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), nil, nil)
 	t.Cleanup(m.Close)
 	var eps []config.Endpoint
 	for i := range n {

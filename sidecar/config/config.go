@@ -19,18 +19,80 @@ type Snapshot struct {
 	Clusters  map[string]*Cluster
 	// Endpoints by cluster name (ClusterLoadAssignment.cluster_name).
 	Endpoints map[string]*LoadAssignment
+	// Secrets by name (SDS).
+	Secrets map[string]*Secret
 }
 
 // Listener is a decoded envoy.config.listener.v3.Listener: an address and
-// the one filter chain the sidecar supports, which ends either in an HTTP
-// connection manager or a TCP proxy.
+// one filter chain, or, behind the tls_inspector listener filter, one mTLS
+// chain and one plaintext chain.
 type Listener struct {
 	Name string
 	// Address is "host:port" (Listener.address.socket_address).
 	Address string
-	// Exactly one of HTTP and TCP is set.
+	// TLSInspector is set when the tls_inspector listener filter picks the
+	// chain by transport protocol.
+	TLSInspector bool
+	// Chains holds one chain, or with TLSInspector one "tls" and one
+	// "raw_buffer" chain.
+	Chains []*FilterChain
+}
+
+// FilterChain is one decoded filter chain: an optional mTLS transport
+// socket, an optional network RBAC filter, and exactly one of an HTTP
+// connection manager or a TCP proxy.
+type FilterChain struct {
+	// TransportProtocol is filter_chain_match.transport_protocol: "",
+	// "tls" or "raw_buffer".
+	TransportProtocol string
+	// TLS is the DownstreamTlsContext, nil for plaintext.
+	TLS *DownstreamTLS
+	// RBAC is envoy.filters.network.rbac, nil when absent.
+	RBAC *RBACFilter
 	HTTP *HTTPConnectionManager
 	TCP  *TCPProxy
+}
+
+// Chain returns the listener's chain for a connection that is TLS or not,
+// or nil when it has none.
+func (l *Listener) Chain(tls bool) *FilterChain {
+	for _, c := range l.Chains {
+		switch c.TransportProtocol {
+		case "":
+			return c
+		case "tls":
+			if tls {
+				return c
+			}
+		case "raw_buffer":
+			if !tls {
+				return c
+			}
+		}
+	}
+	return nil
+}
+
+// DownstreamTLS is a decoded DownstreamTlsContext.
+type DownstreamTLS struct {
+	// CertSecret and RootsSecret name the SDS secrets presented and trusted.
+	CertSecret, RootsSecret string
+	RequireClientCert       bool
+	// MinVersion and MaxVersion are crypto/tls versions.
+	MinVersion, MaxVersion uint16
+	ALPN                   []string
+	// SANs, when set, are the URI SANs a peer must present one of.
+	SANs []string
+}
+
+// UpstreamTLS is a decoded UpstreamTlsContext.
+type UpstreamTLS struct {
+	CertSecret, RootsSecret string
+	SNI                     string
+	MinVersion, MaxVersion  uint16
+	ALPN                    []string
+	// SANs are the URI SANs (SPIFFE IDs) the upstream must present one of.
+	SANs []string
 }
 
 // Codec is the downstream HTTP codec (HttpConnectionManager.codec_type).
@@ -56,7 +118,23 @@ type HTTPConnectionManager struct {
 	// Via is the received-by value appended to the Via header of requests
 	// and responses (HttpConnectionManager.via); "" adds none.
 	Via string
+	// RBAC is the envoy.filters.http.rbac filter, nil when absent.
+	RBAC *RBACFilter
+	// ForwardClientCert is forward_client_cert_details: XFCCSanitize drops
+	// any incoming x-forwarded-client-cert; XFCCSanitizeSet replaces it with
+	// the peer's (By, Hash and, with SetCurrentURI, URI).
+	ForwardClientCert XFCC
+	SetCurrentURI     bool
 }
+
+// XFCC is how x-forwarded-client-cert is handled.
+type XFCC int
+
+// XFCC modes (HttpConnectionManager.ForwardClientCertDetails).
+const (
+	XFCCSanitize XFCC = iota
+	XFCCSanitizeSet
+)
 
 // TCPProxy is the decoded envoy.filters.network.tcp_proxy config.
 type TCPProxy struct {
@@ -224,6 +302,8 @@ type OutlierDetection struct {
 
 // Cluster is a decoded envoy.config.cluster.v3.Cluster.
 type Cluster struct {
+	// TLS is the UpstreamTlsContext, nil for plaintext.
+	TLS  *UpstreamTLS
 	Name string
 	Type ClusterType
 	// EDSServiceName is the ClusterLoadAssignment name to fetch
@@ -276,10 +356,32 @@ type Endpoint struct {
 func RouteNames(listeners map[string]*Listener) []string {
 	set := map[string]bool{}
 	for _, l := range listeners {
-		if l.HTTP != nil && l.HTTP.RouteConfigName != "" {
-			set[l.HTTP.RouteConfigName] = true
+		for _, c := range l.Chains {
+			if c.HTTP != nil && c.HTTP.RouteConfigName != "" {
+				set[c.HTTP.RouteConfigName] = true
+			}
 		}
 	}
+	return sortedKeys(set)
+}
+
+// SecretNames returns the SDS names the listeners and clusters reference,
+// sorted.
+func SecretNames(listeners map[string]*Listener, clusters map[string]*Cluster) []string {
+	set := map[string]bool{}
+	for _, l := range listeners {
+		for _, c := range l.Chains {
+			if t := c.TLS; t != nil {
+				set[t.CertSecret], set[t.RootsSecret] = true, true
+			}
+		}
+	}
+	for _, c := range clusters {
+		if t := c.TLS; t != nil {
+			set[t.CertSecret], set[t.RootsSecret] = true, true
+		}
+	}
+	delete(set, "")
 	return sortedKeys(set)
 }
 

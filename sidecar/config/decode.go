@@ -1,6 +1,7 @@
 package config
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -16,10 +17,14 @@ import (
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	previoushosts "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
@@ -101,68 +106,208 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 	if len(l.GetAdditionalAddresses()) > 0 {
 		return nil, fieldErr(kind, name, "additional_addresses", "not supported")
 	}
+	out := &Listener{Name: name, Address: addr}
+	for i, lf := range l.GetListenerFilters() {
+		if !lf.GetTypedConfig().MessageIs(&tlsinspector.TlsInspector{}) {
+			return nil, fieldErr(kind, name, fmt.Sprintf("listener_filters[%d]", i), "unsupported listener filter %q (supported: %s)", lf.GetName(), xds.TLSInspectorFilter)
+		}
+		out.TLSInspector = true
+	}
 	chains := l.GetFilterChains()
 	field := "filter_chains"
 	if len(chains) == 0 && l.GetDefaultFilterChain() != nil {
 		chains, field = []*listener.FilterChain{l.GetDefaultFilterChain()}, "default_filter_chain"
 	}
-	if len(chains) != 1 {
-		return nil, fieldErr(kind, name, "filter_chains", "exactly one filter chain is supported, got %d", len(chains))
+	switch {
+	case len(chains) == 0:
+		return nil, fieldErr(kind, name, "filter_chains", "at least one filter chain is required")
+	case len(chains) > 2 || (len(chains) == 2 && !out.TLSInspector):
+		return nil, fieldErr(kind, name, "filter_chains", "one filter chain, or two (tls and raw_buffer) behind %s, are supported; got %d", xds.TLSInspectorFilter, len(chains))
 	}
-	fc := chains[0]
-	if fc.GetFilterChainMatch() != nil {
-		return nil, fieldErr(kind, name, field+"[0].filter_chain_match", "not supported")
-	}
-	if fc.GetTransportSocket() != nil {
-		return nil, fieldErr(kind, name, field+"[0].transport_socket", "not supported yet")
-	}
-	filters := fc.GetFilters()
-	if len(filters) != 1 {
-		return nil, fieldErr(kind, name, field+"[0].filters", "exactly one network filter (%s or %s) is supported, got %d",
-			xds.HTTPConnectionManagerFilter, xds.TCPProxyFilter, len(filters))
-	}
-	f := filters[0]
-	ff := field + "[0].filters[0]"
-	out := &Listener{Name: name, Address: addr}
-	tc := f.GetTypedConfig()
-	if tc == nil {
-		return nil, fieldErr(kind, name, ff+".typed_config", "required")
-	}
-	switch tc.GetTypeUrl() {
-	case "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager":
-		var m hcm.HttpConnectionManager
-		if err := tc.UnmarshalTo(&m); err != nil {
-			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
-		}
-		if err := m.ValidateAll(); err != nil {
-			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
-		}
-		h, err := decodeHCM(&m, kind, name, ff+".typed_config")
+	seen := map[string]bool{}
+	for i, fc := range chains {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		c, err := decodeFilterChain(fc, kind, name, f)
 		if err != nil {
 			return nil, err
 		}
-		out.HTTP = h
-	case "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy":
-		var m tcpproxy.TcpProxy
-		if err := tc.UnmarshalTo(&m); err != nil {
-			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+		if len(chains) == 2 && c.TransportProtocol == "" {
+			return nil, fieldErr(kind, name, f+".filter_chain_match.transport_protocol", "required with two filter chains (tls or raw_buffer)")
 		}
-		if err := m.ValidateAll(); err != nil {
-			return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+		if seen[c.TransportProtocol] {
+			return nil, fieldErr(kind, name, f+".filter_chain_match.transport_protocol", "%q matched by two filter chains", c.TransportProtocol)
 		}
-		c := m.GetCluster()
-		if c == "" {
-			return nil, fieldErr(kind, name, ff+".typed_config.cluster", "required (weighted_clusters is not supported)")
+		seen[c.TransportProtocol] = true
+		if c.TransportProtocol == "tls" && c.TLS == nil {
+			return nil, fieldErr(kind, name, f+".transport_socket", "a chain matching tls needs a TLS transport socket")
 		}
-		out.TCP = &TCPProxy{StatPrefix: m.GetStatPrefix(), Cluster: c, MaxConnectAttempts: 1}
-		if a := m.GetMaxConnectAttempts(); a != nil {
-			out.TCP.MaxConnectAttempts = int(a.GetValue())
-		}
-	default:
-		return nil, fieldErr(kind, name, ff, "unsupported network filter %q (%s): supported are %s and %s",
-			f.GetName(), tc.GetTypeUrl(), xds.HTTPConnectionManagerFilter, xds.TCPProxyFilter)
+		out.Chains = append(out.Chains, c)
 	}
 	return out, nil
+}
+
+func decodeFilterChain(fc *listener.FilterChain, kind, name, field string) (*FilterChain, error) {
+	c := &FilterChain{}
+	if m := fc.GetFilterChainMatch(); m != nil {
+		switch m.GetTransportProtocol() {
+		case "tls", "raw_buffer":
+			c.TransportProtocol = m.GetTransportProtocol()
+		default:
+			return nil, fieldErr(kind, name, field+".filter_chain_match.transport_protocol", "must be tls or raw_buffer (got %q)", m.GetTransportProtocol())
+		}
+		probe := proto.Clone(m).(*listener.FilterChainMatch)
+		probe.TransportProtocol = ""
+		if !proto.Equal(probe, &listener.FilterChainMatch{}) {
+			return nil, fieldErr(kind, name, field+".filter_chain_match", "only transport_protocol is supported")
+		}
+	}
+	if ts := fc.GetTransportSocket(); ts != nil {
+		var d tlsv3.DownstreamTlsContext
+		if err := ts.GetTypedConfig().UnmarshalTo(&d); err != nil {
+			return nil, fieldErr(kind, name, field+".transport_socket", "only %s with a DownstreamTlsContext is supported: %v", xds.TLSTransportSocket, err)
+		}
+		t, err := decodeDownstreamTLS(&d)
+		if err != nil {
+			return nil, fieldErr(kind, name, field+".transport_socket", "%v", err)
+		}
+		c.TLS = t
+	}
+	filters := fc.GetFilters()
+	for i, f := range filters {
+		ff := fmt.Sprintf("%s.filters[%d]", field, i)
+		tc := f.GetTypedConfig()
+		if tc == nil {
+			return nil, fieldErr(kind, name, ff+".typed_config", "required")
+		}
+		last := i == len(filters)-1
+		switch {
+		case tc.MessageIs(&netrbac.RBAC{}) && !last:
+			var m netrbac.RBAC
+			if err := tc.UnmarshalTo(&m); err != nil {
+				return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+			}
+			if err := m.ValidateAll(); err != nil {
+				return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+			}
+			r, err := decodeRBACFilter(m.GetRules(), m.GetShadowRules())
+			if err != nil {
+				return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+			}
+			c.RBAC = r
+		case tc.MessageIs(&hcm.HttpConnectionManager{}) && last:
+			var m hcm.HttpConnectionManager
+			if err := tc.UnmarshalTo(&m); err != nil {
+				return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+			}
+			if err := m.ValidateAll(); err != nil {
+				return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+			}
+			h, err := decodeHCM(&m, kind, name, ff+".typed_config")
+			if err != nil {
+				return nil, err
+			}
+			c.HTTP = h
+		case tc.MessageIs(&tcpproxy.TcpProxy{}) && last:
+			var m tcpproxy.TcpProxy
+			if err := tc.UnmarshalTo(&m); err != nil {
+				return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+			}
+			if err := m.ValidateAll(); err != nil {
+				return nil, fieldErr(kind, name, ff+".typed_config", "%v", err)
+			}
+			cl := m.GetCluster()
+			if cl == "" {
+				return nil, fieldErr(kind, name, ff+".typed_config.cluster", "required (weighted_clusters is not supported)")
+			}
+			c.TCP = &TCPProxy{StatPrefix: m.GetStatPrefix(), Cluster: cl, MaxConnectAttempts: 1}
+			if a := m.GetMaxConnectAttempts(); a != nil {
+				c.TCP.MaxConnectAttempts = int(a.GetValue())
+			}
+		default:
+			return nil, fieldErr(kind, name, ff, "unsupported network filter %q (%s) here: a chain is [%s] then %s or %s",
+				f.GetName(), tc.GetTypeUrl(), xds.RBACNetworkFilter, xds.HTTPConnectionManagerFilter, xds.TCPProxyFilter)
+		}
+	}
+	if c.HTTP == nil && c.TCP == nil {
+		return nil, fieldErr(kind, name, field+".filters", "must end with %s or %s", xds.HTTPConnectionManagerFilter, xds.TCPProxyFilter)
+	}
+	if c.HTTP != nil && c.RBAC != nil {
+		return nil, fieldErr(kind, name, field+".filters", "use %s inside the HTTP connection manager, not %s", xds.RBACHTTPFilter, xds.RBACNetworkFilter)
+	}
+	return c, nil
+}
+
+func tlsVersion(v tlsv3.TlsParameters_TlsProtocol, def uint16) (uint16, error) {
+	switch v {
+	case tlsv3.TlsParameters_TLS_AUTO:
+		return def, nil
+	case tlsv3.TlsParameters_TLSv1_2:
+		return tls.VersionTLS12, nil
+	case tlsv3.TlsParameters_TLSv1_3:
+		return tls.VersionTLS13, nil
+	}
+	return 0, fmt.Errorf("TLS version %s is not supported (1.2 or 1.3)", v)
+}
+
+// decodeCommonTLS reads the SDS secret names, TLS versions, ALPN and URI SAN
+// matchers of a CommonTlsContext.
+func decodeCommonTLS(c *tlsv3.CommonTlsContext) (cert, roots string, minV, maxV uint16, alpn, sans []string, err error) {
+	if len(c.GetTlsCertificates()) > 0 {
+		return "", "", 0, 0, nil, nil, errors.New("common_tls_context.tls_certificates: inline certificates are not supported; use SDS")
+	}
+	sds := c.GetTlsCertificateSdsSecretConfigs()
+	if len(sds) != 1 || !isADS(sds[0].GetSdsConfig()) {
+		return "", "", 0, 0, nil, nil, errors.New("common_tls_context.tls_certificate_sds_secret_configs: exactly one, over ADS")
+	}
+	cert = sds[0].GetName()
+	cvc := c.GetCombinedValidationContext()
+	if cvc == nil || !isADS(cvc.GetValidationContextSdsSecretConfig().GetSdsConfig()) {
+		return "", "", 0, 0, nil, nil, errors.New("common_tls_context.combined_validation_context: required, with its SDS secret over ADS")
+	}
+	roots = cvc.GetValidationContextSdsSecretConfig().GetName()
+	for i, m := range cvc.GetDefaultValidationContext().GetMatchTypedSubjectAltNames() {
+		e, ok := m.GetMatcher().GetMatchPattern().(*matcher.StringMatcher_Exact)
+		if m.GetSanType() != tlsv3.SubjectAltNameMatcher_URI || !ok {
+			return "", "", 0, 0, nil, nil, fmt.Errorf("match_typed_subject_alt_names[%d]: only exact URI matches are supported", i)
+		}
+		sans = append(sans, e.Exact)
+	}
+	if minV, err = tlsVersion(c.GetTlsParams().GetTlsMinimumProtocolVersion(), tls.VersionTLS12); err != nil {
+		return
+	}
+	if maxV, err = tlsVersion(c.GetTlsParams().GetTlsMaximumProtocolVersion(), tls.VersionTLS13); err != nil {
+		return
+	}
+	if minV > maxV {
+		err = errors.New("tls_params: minimum above maximum")
+	}
+	return cert, roots, minV, maxV, c.GetAlpnProtocols(), sans, err
+}
+
+func decodeDownstreamTLS(d *tlsv3.DownstreamTlsContext) (*DownstreamTLS, error) {
+	if err := d.ValidateAll(); err != nil {
+		return nil, err
+	}
+	cert, roots, minV, maxV, alpn, sans, err := decodeCommonTLS(d.GetCommonTlsContext())
+	if err != nil {
+		return nil, err
+	}
+	return &DownstreamTLS{CertSecret: cert, RootsSecret: roots, RequireClientCert: d.GetRequireClientCertificate().GetValue(),
+		MinVersion: minV, MaxVersion: maxV, ALPN: alpn, SANs: sans}, nil
+}
+
+func decodeUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*UpstreamTLS, error) {
+	if err := u.ValidateAll(); err != nil {
+		return nil, err
+	}
+	cert, roots, minV, maxV, alpn, sans, err := decodeCommonTLS(u.GetCommonTlsContext())
+	if err != nil {
+		return nil, err
+	}
+	if len(sans) == 0 {
+		return nil, errors.New("common_tls_context.combined_validation_context.default_validation_context.match_typed_subject_alt_names: required: the upstream's SPIFFE ID")
+	}
+	return &UpstreamTLS{CertSecret: cert, RootsSecret: roots, SNI: u.GetSni(), MinVersion: minV, MaxVersion: maxV, ALPN: alpn, SANs: sans}, nil
 }
 
 func decodeHCM(m *hcm.HttpConnectionManager, kind, name, field string) (*HTTPConnectionManager, error) {
@@ -198,15 +343,41 @@ func decodeHCM(m *hcm.HttpConnectionManager, kind, name, field string) (*HTTPCon
 	}
 	for i, f := range filters {
 		ff := fmt.Sprintf("%s.http_filters[%d]", field, i)
-		isRouter := f.GetTypedConfig().MessageIs(&router.Router{}) || (f.GetTypedConfig() == nil && f.GetName() == xds.RouterFilter)
+		tc := f.GetTypedConfig()
+		isRouter := tc.MessageIs(&router.Router{}) || (tc == nil && f.GetName() == xds.RouterFilter)
 		switch {
 		case isRouter && i != len(filters)-1:
 			return nil, fieldErr(kind, name, ff, "%s must be the last HTTP filter", xds.RouterFilter)
 		case !isRouter && i == len(filters)-1:
 			return nil, fieldErr(kind, name, ff, "the last HTTP filter must be %s", xds.RouterFilter)
+		case tc.MessageIs(&httprbac.RBAC{}):
+			var r httprbac.RBAC
+			if err := tc.UnmarshalTo(&r); err != nil {
+				return nil, fieldErr(kind, name, ff, "%v", err)
+			}
+			if err := r.ValidateAll(); err != nil {
+				return nil, fieldErr(kind, name, ff, "%v", err)
+			}
+			if r.GetMatcher() != nil || r.GetShadowMatcher() != nil {
+				return nil, fieldErr(kind, name, ff, "matchers are not supported; use rules")
+			}
+			rf, err := decodeRBACFilter(r.GetRules(), r.GetShadowRules())
+			if err != nil {
+				return nil, fieldErr(kind, name, ff, "%v", err)
+			}
+			h.RBAC = rf
 		case !isRouter && !f.GetIsOptional():
 			return nil, fieldErr(kind, name, ff, "unsupported HTTP filter %q", f.GetName())
 		}
+	}
+	switch m.GetForwardClientCertDetails() {
+	case hcm.HttpConnectionManager_SANITIZE:
+		h.ForwardClientCert = XFCCSanitize
+	case hcm.HttpConnectionManager_SANITIZE_SET:
+		h.ForwardClientCert = XFCCSanitizeSet
+		h.SetCurrentURI = m.GetSetCurrentClientCertDetails().GetUri()
+	default:
+		return nil, fieldErr(kind, name, field+".forward_client_cert_details", "only SANITIZE and SANITIZE_SET are supported")
 	}
 	return h, nil
 }
@@ -497,8 +668,16 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].endpointBreaker", "needs consecutiveFailures or failureRatio (0-1), and openInterval > 0")
 	}
 	out.RetryBudget, out.EndpointBreaker = extras.RetryBudget, extras.EndpointBreaker
-	if c.GetTransportSocket() != nil {
-		return nil, fieldErr(kind, name, "transport_socket", "not supported yet")
+	if ts := c.GetTransportSocket(); ts != nil {
+		var u tlsv3.UpstreamTlsContext
+		if err := ts.GetTypedConfig().UnmarshalTo(&u); err != nil {
+			return nil, fieldErr(kind, name, "transport_socket", "only %s with an UpstreamTlsContext is supported: %v", xds.TLSTransportSocket, err)
+		}
+		t, err := decodeUpstreamTLS(&u)
+		if err != nil {
+			return nil, fieldErr(kind, name, "transport_socket", "%v", err)
+		}
+		out.TLS = t
 	}
 	for key, opts := range c.GetTypedExtensionProtocolOptions() {
 		if key != xds.HTTPProtocolOptionsKey {

@@ -17,6 +17,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -25,11 +26,11 @@ func TestDecodeValidResources(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if l.Address != "127.0.0.1:9191" || l.HTTP == nil || l.HTTP.RouteConfigName != "api" || l.HTTP.Via != "p" || l.HTTP.Codec != CodecAuto {
-		t.Errorf("listener = %+v / %+v", l, l.HTTP)
+	if h := l.Chains[0].HTTP; l.Address != "127.0.0.1:9191" || h == nil || h.RouteConfigName != "api" || h.Via != "p" || h.Codec != CodecAuto {
+		t.Errorf("listener = %+v / %+v", l, h)
 	}
 	tl, err := DecodeListener(xds.MustAny(xds.NewTCPListener("upstream:store", "::1", 9192, "store")))
-	if err != nil || tl.TCP.Cluster != "store" || tl.Address != "[::1]:9192" {
+	if err != nil || tl.Chains[0].TCP.Cluster != "store" || tl.Address != "[::1]:9192" {
 		t.Errorf("tcp listener = %+v, %v", tl, err)
 	}
 	rc, err := DecodeRouteConfig(xds.MustAny(xds.NewRouteConfig("api", "api", xds.RouteOptions{Timeout: 3 * time.Second})))
@@ -76,7 +77,7 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 			l.FilterChains = nil
 			_, err := DecodeListener(xds.MustAny(l))
 			return err
-		}, `listener "l": filter_chains: exactly one filter chain is supported, got 0`},
+		}, `listener "l": filter_chains: at least one filter chain is required`},
 		{"unsupported network filter", func() error {
 			l := xds.NewTCPListener("l", "127.0.0.1", 80, "c")
 			l.FilterChains[0].Filters[0] = &listener.Filter{Name: "envoy.filters.network.redis_proxy",
@@ -180,14 +181,49 @@ func TestTranslatorOutputDecodes(t *testing.T) {
 		map[string]*model.Proxy{"web": {ID: "web", Service: "web", Address: "127.0.0.1", Port: 21000, LocalAppAddress: "127.0.0.1", LocalAppPort: 9000,
 			Upstreams: []model.Upstream{{Service: "api", BindAddress: "127.0.0.1", BindPort: 9191}, {Service: "store", BindAddress: "127.0.0.1", BindPort: 9192},
 				{Service: "sessions", BindAddress: "127.0.0.1", BindPort: 9193}}}})
-	res := translate.Proxy(cat, pol, cat.Proxies["web"])
+	ca, err := testca.New("test.consul")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cat.CA = &model.CA{TrustDomain: ca.TrustDomain, Roots: []model.Root{{ID: "r", CertPEM: ca.CertPEM, Active: true}}}
+	for _, svc := range []string{"web", "api", "store", "sessions"} {
+		l := ca.MustIssue("dc1", svc)
+		cat.Leaves[svc] = &model.Leaf{Service: svc, CertPEM: l.CertPEM, KeyPEM: l.KeyPEM, SPIFFEID: l.SPIFFEID}
+	}
+	cat.Intentions["web"] = &model.Intentions{Destination: "web", Sources: []model.IntentionSource{{Name: "lb", Action: "allow", Origin: "consul intention lb => web"}}}
+	res, err := translate.Proxy(cat, pol, cat.Proxies["web"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sec := range res.Secrets {
+		ds, err := DecodeSecret(xds.MustAny(sec))
+		if err != nil {
+			t.Fatalf("secret: %v", err)
+		}
+		if ds.Name == xds.SecretCert && ds.SPIFFEID != ca.SPIFFEID("dc1", "web") {
+			t.Errorf("cert secret identity %q", ds.SPIFFEID)
+		}
+	}
 	for _, l := range res.Listeners {
 		dl, err := DecodeListener(xds.MustAny(l))
 		if err != nil {
 			t.Fatalf("listener: %v", err)
 		}
-		if dl.Name == "upstream:store" && dl.TCP.MaxConnectAttempts != 5 {
-			t.Errorf("store connect attempts = %d, want 5 (numRetries 4)", dl.TCP.MaxConnectAttempts)
+		if dl.Name == "upstream:store" && dl.Chains[0].TCP.MaxConnectAttempts != 5 {
+			t.Errorf("store connect attempts = %d, want 5 (numRetries 4)", dl.Chains[0].TCP.MaxConnectAttempts)
+		}
+		if dl.Name == xds.PublicListener {
+			c := dl.Chain(true)
+			if c == nil || c.TLS == nil || !c.TLS.RequireClientCert || c.TLS.CertSecret != xds.SecretCert || c.RBAC == nil {
+				t.Fatalf("public listener chain = %+v", c)
+			}
+			lb := ca.SPIFFEID("dc2", "lb")
+			if ok, _ := c.RBAC.Decide(&RBACRequest{Principal: lb}); !ok {
+				t.Errorf("lb (allowed by intention) denied")
+			}
+			if ok, rule := c.RBAC.Decide(&RBACRequest{Principal: ca.SPIFFEID("dc1", "api")}); ok || rule != DefaultDenyRule {
+				t.Errorf("api (no intention) allowed=%v rule=%q, want default deny", ok, rule)
+			}
 		}
 	}
 	routes := map[string]*Route{}
@@ -218,6 +254,9 @@ func TestTranslatorOutputDecodes(t *testing.T) {
 		dc, err := DecodeCluster(xds.MustAny(c))
 		if err != nil {
 			t.Fatalf("cluster: %v", err)
+		}
+		if dc.Name != xds.LocalAppCluster && (dc.TLS == nil || len(dc.TLS.SANs) != 1 || dc.TLS.SANs[0] != ca.SPIFFEID("dc1", dc.Name)) {
+			t.Errorf("cluster %s TLS = %+v, want the upstream's SPIFFE ID", dc.Name, dc.TLS)
 		}
 		switch dc.Name {
 		case "api":

@@ -45,17 +45,17 @@ func BenchmarkProxy(b *testing.B) {
 	}
 	for _, tc := range cases {
 		b.Run(tc.name, func(b *testing.B) {
-			clusters := cluster.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+			clusters := cluster.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), nil, nil)
 			defer clusters.Close()
 			cc := tc.cluster
 			cc.Name, cc.Type, cc.ConnectTimeout, cc.Protocol = "c", config.ClusterStatic, time.Second, xds.ProtocolHTTP
 			cc.Static = &config.LoadAssignment{Endpoints: []config.Endpoint{{Address: up.Listener.Addr().String(), Weight: 1}}}
 			clusters.Update(map[string]*config.Cluster{"c": &cc}, nil)
-			l := &config.Listener{Name: "l", HTTP: &config.HTTPConnectionManager{RouteConfig: &config.RouteConfig{Name: "rc",
+			l := &config.Listener{Name: "l", Chains: []*config.FilterChain{{HTTP: &config.HTTPConnectionManager{RouteConfig: &config.RouteConfig{Name: "rc",
 				VirtualHosts: []*config.VirtualHost{{Name: "vh", Domains: []string{"*"}, Routes: []*config.Route{{
 					Match: config.MatchPrefix, Path: "/", CaseSensitive: true, Cluster: "c", Retry: tc.retry, BodyBufferBytes: config.DefaultBodyBufferBytes,
-				}}}}}}}
-			addr := serve(b, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil))
+				}}}}}}}}}
+			addr := serve(b, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), Options{}))
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 			url := "http://" + addr + "/"
 			get := func() {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/sidecar/tlsid"
 )
 
 // ServeHTTP routes and forwards one request: route → cluster → admission
@@ -19,6 +20,9 @@ import (
 // retry policy → the response streamed back.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t := s.table.Load()
+	if !s.authorize(w, r, t) {
+		return
+	}
 	rt := t.route(r)
 	if rt == nil {
 		s.fail(w, t, "", http.StatusNotFound, ReasonNoRoute)
@@ -113,6 +117,40 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h[http.TrailerPrefix+k] = vv
 	}
 	s.rec.Request(s.name, rt.Cluster, resp.StatusCode, "")
+}
+
+// authorize applies x-forwarded-client-cert handling and the RBAC filter
+// of the chain; it answers 403 and returns false when the request is
+// denied.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, t *routeTable) bool {
+	hc := s.chain.Load()
+	r.Header.Del("X-Forwarded-Client-Cert") // SANITIZE and SANITIZE_SET: never trust the downstream's
+	peer, _ := r.Context().Value(peerKey{}).(tlsid.Peer)
+	if hc.RBAC != nil {
+		ok, rule := hc.RBAC.Decide(&config.RBACRequest{
+			Principal: peer.SPIFFEID, Method: r.Method, Path: r.URL.Path, Authority: r.Host, Header: r.Header,
+		})
+		if !ok {
+			s.rec.AuthzDenied(s.name, rule)
+			s.log.Info("authz: request denied", "listener", s.name, "peer", peer.SPIFFEID, "method", r.Method, "path", r.URL.Path, "rule", rule)
+			w.Header().Set(RuleHeader, rule)
+			s.fail(w, t, "", http.StatusForbidden, ReasonAuthzDenied)
+			return false
+		}
+	}
+	if hc.ForwardClientCert == config.XFCCSanitizeSet && peer.SPIFFEID != "" {
+		v := "Hash=" + peer.Hash
+		if s.localID != nil {
+			if by := s.localID(); by != "" {
+				v = "By=" + by + ";" + v
+			}
+		}
+		if hc.SetCurrentURI {
+			v += ";URI=" + peer.SPIFFEID
+		}
+		r.Header.Set("X-Forwarded-Client-Cert", v)
+	}
+	return true
 }
 
 // failure is a request the sidecar fails itself.
@@ -214,8 +252,12 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 		}
 		resp, err := ep.RoundTrip(ctx, f.request(ctx, ep), perTry)
 		if err == nil {
-			cond := statusCondition(resp, p)
-			if cond == "" || !f.mayRetry(cond, true, retries) {
+			cond, sent := statusCondition(resp, p), true
+			if notReached(resp) {
+				// The upstream sidecar says the request never reached its app.
+				cond, sent = "connect-failure", false
+			}
+			if cond == "" || !f.mayRetry(cond, sent, retries) {
 				return resp, att, nil
 			}
 			resp.Body.Close()
@@ -272,6 +314,8 @@ func (f *forward) failureFor(ue *cluster.UpstreamError) (*failure, string) {
 		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, "gateway-error"
 	case ue.Kind == cluster.KindConnectFailure:
 		return &failure{http.StatusServiceUnavailable, ReasonConnectFailure}, "connect-failure"
+	case ue.Kind == cluster.KindTLSHandshake:
+		return &failure{http.StatusServiceUnavailable, ReasonTLSHandshakeFailed}, "connect-failure"
 	case ue.Kind == cluster.KindRefusedStream:
 		return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, "refused-stream"
 	case ue.Kind == cluster.KindOverflow:
@@ -358,6 +402,19 @@ func statusCondition(resp *http.Response, p *config.RetryPolicy) string {
 func isGRPCCondition(cond string) bool {
 	switch cond {
 	case "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable":
+		return true
+	}
+	return false
+}
+
+// notReached reports a 503 from an upstream meshlet sidecar whose typed
+// reason says the request never reached the application behind it.
+func notReached(resp *http.Response) bool {
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		return false
+	}
+	switch resp.Header.Get(ReasonHeader) {
+	case ReasonConnectFailure, ReasonNoHealthyUpstream, ReasonCircuitOpen, ReasonOverflow, ReasonTLSHandshakeFailed:
 		return true
 	}
 	return false

@@ -7,6 +7,7 @@ package httpproxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -21,6 +22,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/listener"
+	"github.com/meshlet/meshlet/sidecar/tlsid"
 )
 
 // ReasonHeader carries the typed reason on responses the sidecar itself
@@ -39,6 +41,7 @@ const (
 	ReasonUpstreamReset        = "upstream_reset"         // 503: the upstream closed, reset or refused the stream before answering
 	ReasonUpstreamTimeout      = "upstream_timeout"       // 504: the route or per-try timeout expired
 	ReasonRetryBudgetExhausted = "retry_budget_exhausted" // a retry was due but the budget had none left
+	ReasonTLSHandshakeFailed   = "tls_handshake_failed"   // 503: the mTLS handshake with the upstream failed
 )
 
 // Recorder receives one record per request, and the retries, for metrics.
@@ -53,6 +56,9 @@ type Recorder interface {
 	// ("retry_budget_exhausted", "max_retries", "non_idempotent",
 	// "body_too_large").
 	RetryDenied(cluster, reason string)
+	// AuthzDenied records a request refused by authorization and the rule
+	// that refused it.
+	AuthzDenied(listener, rule string)
 }
 
 type nopRecorder struct{}
@@ -60,6 +66,27 @@ type nopRecorder struct{}
 func (nopRecorder) Request(string, string, int, string) {}
 func (nopRecorder) Retry(string, string)                {}
 func (nopRecorder) RetryDenied(string, string)          {}
+func (nopRecorder) AuthzDenied(string, string)          {}
+
+// Options are the optional parts of a Server.
+type Options struct {
+	// Recorder receives metrics; nil records nothing.
+	Recorder Recorder
+	// Secure selects the listener's mTLS chain ("tls" or the only chain);
+	// otherwise its plaintext chain.
+	Secure bool
+	// LocalID returns this sidecar's SPIFFE ID, the By of
+	// x-forwarded-client-cert; nil when unknown.
+	LocalID func() string
+}
+
+// RuleHeader names the rule behind an authorization denial
+// (x-meshlet-authz-rule), next to ReasonHeader "authz_denied".
+const RuleHeader = "X-Meshlet-Authz-Rule"
+
+// ReasonAuthzDenied is the typed reason of a request authorization refused
+// (403).
+const ReasonAuthzDenied = "authz_denied"
 
 // Server is the listener.Handler of one HTTP listener.
 type Server struct {
@@ -68,7 +95,10 @@ type Server struct {
 	clusters *cluster.Manager
 	log      *slog.Logger
 	rec      Recorder
+	secure   bool
+	localID  func() string
 	table    atomic.Pointer[routeTable]
+	chain    atomic.Pointer[config.HTTPConnectionManager]
 
 	srv   *http.Server
 	conns *connQueue
@@ -77,30 +107,42 @@ type Server struct {
 
 var _ listener.Handler = (*Server)(nil)
 
-// NewServer returns the handler for the HTTP listener l, resolving its RDS
-// route configuration from snap. rec may be nil.
-func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Manager, log *slog.Logger, rec Recorder) *Server {
-	if rec == nil {
-		rec = nopRecorder{}
+// NewServer returns the handler of the HTTP connection manager of one chain
+// of listener l (see Options.Secure), resolving its RDS route
+// configuration from snap.
+func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Manager, log *slog.Logger, o Options) *Server {
+	if o.Recorder == nil {
+		o.Recorder = nopRecorder{}
 	}
-	s := &Server{name: l.Name, codec: l.HTTP.Codec, clusters: clusters, log: log, rec: rec, done: make(chan struct{})}
-	s.table.Store(tableFor(l, snap))
+	hc := l.Chain(o.Secure).HTTP
+	s := &Server{name: l.Name, codec: hc.Codec, clusters: clusters, log: log, rec: o.Recorder, secure: o.Secure, localID: o.LocalID, done: make(chan struct{})}
+	s.table.Store(tableFor(hc, snap))
+	s.chain.Store(hc)
 	s.conns = newConnQueue()
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		// The peer's identity is read once per connection.
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if tc, ok := c.(*tls.Conn); ok {
+				return context.WithValue(ctx, peerKey{}, tlsid.PeerOf(tc.ConnectionState()))
+			}
+			return ctx
+		},
 	}
 	s.srv.Protocols = new(http.Protocols)
-	switch l.HTTP.Codec {
+	switch hc.Codec {
 	case config.CodecHTTP1:
 		s.srv.Protocols.SetHTTP1(true)
 	case config.CodecHTTP2:
 		s.srv.Protocols.SetUnencryptedHTTP2(true)
+		s.srv.Protocols.SetHTTP2(true)
 	default:
 		s.srv.Protocols.SetHTTP1(true)
 		s.srv.Protocols.SetUnencryptedHTTP2(true)
+		s.srv.Protocols.SetHTTP2(true)
 	}
 	go func() {
 		defer close(s.done)
@@ -109,23 +151,28 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 	return s
 }
 
-func tableFor(l *config.Listener, snap *config.Snapshot) *routeTable {
-	rc := l.HTTP.RouteConfig
+type peerKey struct{}
+
+func tableFor(hc *config.HTTPConnectionManager, snap *config.Snapshot) *routeTable {
+	rc := hc.RouteConfig
 	if rc == nil {
-		rc = snap.Routes[l.HTTP.RouteConfigName]
+		rc = snap.Routes[hc.RouteConfigName]
 	}
-	return newRouteTable(rc, l.HTTP.Via)
+	return newRouteTable(rc, hc.Via)
 }
 
 // Handle queues conn for the HTTP server.
 func (s *Server) Handle(conn net.Conn) { s.conns.push(conn) }
 
-// Update swaps the route table in place; a codec change needs a new Server.
+// Update swaps the route table and authorization in place; a codec change
+// needs a new Server.
 func (s *Server) Update(l *config.Listener, snap *config.Snapshot) bool {
-	if l.HTTP == nil || l.HTTP.Codec != s.codec {
+	c := l.Chain(s.secure)
+	if c == nil || c.HTTP == nil || c.HTTP.Codec != s.codec {
 		return false
 	}
-	s.table.Store(tableFor(l, snap))
+	s.table.Store(tableFor(c.HTTP, snap))
+	s.chain.Store(c.HTTP)
 	return true
 }
 

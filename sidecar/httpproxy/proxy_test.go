@@ -72,7 +72,7 @@ func TestRouteTableMatching(t *testing.T) {
 // endpoints and route timeout, and returns its address.
 func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ...string) string {
 	t.Helper()
-	clusters := cluster.NewManager(nil, nil)
+	clusters := cluster.NewManager(nil, nil, nil)
 	t.Cleanup(clusters.Close)
 	var eps []config.Endpoint
 	for _, e := range endpoints {
@@ -81,7 +81,7 @@ func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ..
 	clusters.Update(map[string]*config.Cluster{
 		"c": {Name: "c", Type: config.ClusterStatic, ConnectTimeout: time.Second, Protocol: proto, Static: &config.LoadAssignment{ClusterName: "c", Endpoints: eps}},
 	}, nil)
-	l := &config.Listener{Name: "l", HTTP: &config.HTTPConnectionManager{Via: "test-proxy", RouteConfig: &config.RouteConfig{
+	l := &config.Listener{Name: "l", Chains: []*config.FilterChain{{HTTP: &config.HTTPConnectionManager{Via: "test-proxy", RouteConfig: &config.RouteConfig{
 		Name: "rc", VirtualHosts: []*config.VirtualHost{
 			{Name: "vh", Domains: []string{"*"}, Routes: []*config.Route{
 				{Match: config.MatchPrefix, Path: "/missing-cluster", CaseSensitive: true, Cluster: "nope"},
@@ -89,8 +89,8 @@ func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ..
 			}},
 			{Name: "empty", Domains: []string{"no-routes.internal"}},
 		},
-	}}}
-	return serve(t, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil))
+	}}}}}
+	return serve(t, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), Options{}))
 }
 
 // serve runs s on a loopback listener until tb ends and returns its address.

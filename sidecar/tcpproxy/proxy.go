@@ -5,6 +5,7 @@ package tcpproxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -15,14 +16,22 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/listener"
+	"github.com/meshlet/meshlet/sidecar/tlsid"
 )
 
-// Proxy is the listener.Handler of one TCP proxy listener.
+// Recorder receives authorization denials, for metrics.
+type Recorder interface {
+	AuthzDenied(listener, rule string)
+}
+
+// Proxy is the listener.Handler of the TCP proxy of one filter chain.
 type Proxy struct {
 	name     string
+	secure   bool
 	clusters *cluster.Manager
 	log      *slog.Logger
-	cfg      atomic.Pointer[config.TCPProxy]
+	rec      Recorder
+	cfg      atomic.Pointer[config.FilterChain]
 
 	mu       sync.Mutex // guards conns and shutdown
 	conns    map[net.Conn]struct{}
@@ -32,20 +41,22 @@ type Proxy struct {
 
 var _ listener.Handler = (*Proxy)(nil)
 
-// New returns the handler for the TCP proxy listener l.
-func New(l *config.Listener, clusters *cluster.Manager, log *slog.Logger) *Proxy {
-	p := &Proxy{name: l.Name, clusters: clusters, log: log, conns: map[net.Conn]struct{}{}}
-	p.cfg.Store(l.TCP)
+// New returns the handler of the TCP proxy of listener l's mTLS chain
+// (secure) or plaintext chain. rec may be nil.
+func New(l *config.Listener, secure bool, clusters *cluster.Manager, log *slog.Logger, rec Recorder) *Proxy {
+	p := &Proxy{name: l.Name, secure: secure, clusters: clusters, log: log, rec: rec, conns: map[net.Conn]struct{}{}}
+	p.cfg.Store(l.Chain(secure))
 	return p
 }
 
-// Update switches the target cluster and connect attempts for new
-// connections.
+// Update switches the target cluster, connect attempts and authorization
+// for new connections.
 func (p *Proxy) Update(l *config.Listener, _ *config.Snapshot) bool {
-	if l.TCP == nil {
+	c := l.Chain(p.secure)
+	if c == nil || c.TCP == nil {
 		return false
 	}
-	p.cfg.Store(l.TCP)
+	p.cfg.Store(c)
 	return true
 }
 
@@ -98,7 +109,21 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 // pipes bytes until both sides are done.
 func (p *Proxy) serve(down net.Conn) {
 	defer down.Close()
-	cfg := p.cfg.Load()
+	chain := p.cfg.Load()
+	if chain.RBAC != nil {
+		var peer tlsid.Peer
+		if tc, ok := down.(*tls.Conn); ok {
+			peer = tlsid.PeerOf(tc.ConnectionState())
+		}
+		if ok, rule := chain.RBAC.Decide(&config.RBACRequest{Principal: peer.SPIFFEID}); !ok {
+			if p.rec != nil {
+				p.rec.AuthzDenied(p.name, rule)
+			}
+			p.log.Info("authz: connection denied", "listener", p.name, "peer", peer.SPIFFEID, "remote", down.RemoteAddr().String(), "rule", rule)
+			return
+		}
+	}
+	cfg := chain.TCP
 	c := p.clusters.Get(cfg.Cluster)
 	if c == nil {
 		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "no_cluster")

@@ -21,11 +21,11 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // serve runs a TCP proxy to upstream and returns its address.
 func serve(t *testing.T, upstream string) string {
 	t.Helper()
-	clusters := cluster.NewManager(nil, nil)
+	clusters := cluster.NewManager(nil, nil, nil)
 	t.Cleanup(clusters.Close)
 	clusters.Update(map[string]*config.Cluster{"u": {Name: "u", Type: config.ClusterStatic, ConnectTimeout: time.Second,
 		Static: &config.LoadAssignment{Endpoints: []config.Endpoint{{Address: upstream, Weight: 1}}}}}, nil)
-	p := New(&config.Listener{Name: "l", TCP: &config.TCPProxy{Cluster: "u"}}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p := New(&config.Listener{Name: "l", Chains: []*config.FilterChain{{TCP: &config.TCPProxy{Cluster: "u", MaxConnectAttempts: 1}}}}, false, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

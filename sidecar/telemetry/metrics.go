@@ -4,12 +4,15 @@ package telemetry
 
 import (
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/meshlet/meshlet/sidecar/cluster"
+	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/httpproxy"
+	"github.com/meshlet/meshlet/sidecar/tlsid"
 )
 
 // Metrics are the sidecar's request and resilience metrics:
@@ -29,6 +32,14 @@ import (
 //	meshlet_sidecar_endpoint_breaker_transitions_total{cluster, endpoint, state}
 //	meshlet_sidecar_endpoint_breaker_state{cluster, endpoint}
 //	    0 closed, 1 half-open, 2 open
+//	meshlet_sidecar_tls_handshakes_total{side, name, result}
+//	    mTLS handshakes: side "inbound" (name = listener) or "upstream"
+//	    (name = cluster); result "ok" or the failure reason (expired,
+//	    unknown_ca, wrong_spiffe_id, plaintext, not_tls, ...)
+//	meshlet_sidecar_authz_denied_total{listener, rule}
+//	    requests and connections refused by authorization, by rule
+//	meshlet_sidecar_certificate_expiry_seconds{secret, kind, spiffe_id, serial}
+//	    seconds until each certificate of each secret expires
 //
 // plus the Go runtime and process collectors.
 type Metrics struct {
@@ -42,6 +53,8 @@ type Metrics struct {
 	ejections     *prometheus.CounterVec
 	breakerTrans  *prometheus.CounterVec
 	breakerState  *prometheus.GaugeVec
+	handshakes    *prometheus.CounterVec
+	authzDenied   *prometheus.CounterVec
 }
 
 var (
@@ -75,6 +88,13 @@ func New() *Metrics {
 			Name: "meshlet_sidecar_endpoint_breaker_state", Help: "Endpoint breaker state: 0 closed, 1 half-open, 2 open.",
 		}, []string{"cluster", "endpoint"}),
 	}
+	m.handshakes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshlet_sidecar_tls_handshakes_total", Help: "mTLS handshakes by side, listener or cluster, and result (ok or the failure reason).",
+	}, []string{"side", "name", "result"})
+	m.authzDenied = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshlet_sidecar_authz_denied_total", Help: "Requests and connections refused by authorization, by the rule that refused them.",
+	}, []string{"listener", "rule"})
+	m.Registry.MustRegister(m.handshakes, m.authzDenied)
 	m.Registry.MustRegister(m.requests, m.retries, m.retriesDenied, m.overflow, m.ejections, m.breakerTrans, m.breakerState,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -108,6 +128,52 @@ func (m *Metrics) BreakerState(cluster, endpoint, state string) {
 // Overflow implements cluster.Events.
 func (m *Metrics) Overflow(cluster, threshold string) {
 	m.overflow.WithLabelValues(cluster, threshold).Inc()
+}
+
+// InboundHandshake records an inbound handshake: reason "" for success.
+func (m *Metrics) InboundHandshake(listener, reason string) {
+	if reason == "" {
+		reason = "ok"
+	}
+	m.handshakes.WithLabelValues("inbound", listener, reason).Inc()
+}
+
+// TLSHandshake implements cluster.Events.
+func (m *Metrics) TLSHandshake(cluster, _ string, err error) {
+	result := "ok"
+	if err != nil {
+		result = tlsid.Reason(err)
+	}
+	m.handshakes.WithLabelValues("upstream", cluster, result).Inc()
+}
+
+// AuthzDenied implements httpproxy.Recorder and tcpproxy.Recorder.
+func (m *Metrics) AuthzDenied(listener, rule string) {
+	m.authzDenied.WithLabelValues(listener, rule).Inc()
+}
+
+// WatchCertificates registers meshlet_sidecar_certificate_expiry_seconds,
+// read from secrets at each scrape.
+func (m *Metrics) WatchCertificates(secrets func() map[string]*config.Secret) {
+	m.Registry.MustRegister(&certCollector{secrets: secrets, desc: prometheus.NewDesc(
+		"meshlet_sidecar_certificate_expiry_seconds", "Seconds until a certificate of an SDS secret expires.",
+		[]string{"secret", "kind", "spiffe_id", "serial"}, nil)})
+}
+
+type certCollector struct {
+	secrets func() map[string]*config.Secret
+	desc    *prometheus.Desc
+}
+
+func (c *certCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *certCollector) Collect(ch chan<- prometheus.Metric) {
+	now := time.Now()
+	for _, s := range c.secrets() {
+		for _, ci := range s.Infos(now) {
+			ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, ci.NotAfter.Sub(now).Seconds(), ci.Secret, ci.Kind, ci.SPIFFEID, ci.Serial)
+		}
+	}
 }
 
 var statusTexts = func() [600]string {

@@ -119,8 +119,8 @@ type subscription struct {
 }
 
 // typeOrder is the order of first subscriptions, Envoy's: clusters, then
-// endpoints, then listeners, then routes.
-var typeOrder = []string{xds.ClusterType, xds.EndpointType, xds.ListenerType, xds.RouteType}
+// endpoints, then listeners, then routes; secrets first.
+var typeOrder = []string{xds.SecretType, xds.ClusterType, xds.EndpointType, xds.ListenerType, xds.RouteType}
 
 // New returns a client subscribed to all listeners and clusters (wildcard).
 func New(cfg Config) (*Client, error) {

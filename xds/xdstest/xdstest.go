@@ -126,7 +126,7 @@ func (s *Server) Stop() {
 
 // Resources are the resources of one snapshot by type.
 type Resources struct {
-	Listeners, Routes, Clusters, Endpoints []types.Resource
+	Listeners, Routes, Clusters, Endpoints, Secrets []types.Resource
 }
 
 // Set publishes a snapshot for node with one version for all types. It
@@ -138,6 +138,7 @@ func (s *Server) Set(t testing.TB, node, version string, r Resources) {
 	snap.Resources[types.Route] = cache.NewResources(version, r.Routes)
 	snap.Resources[types.Cluster] = cache.NewResources(version, r.Clusters)
 	snap.Resources[types.Endpoint] = cache.NewResources(version, r.Endpoints)
+	snap.Resources[types.Secret] = cache.NewResources(version, r.Secrets)
 	if err := s.Cache.SetSnapshot(context.Background(), node, snap); err != nil {
 		t.Fatal(err)
 	}
