@@ -1,7 +1,8 @@
 // Command api is the demo's HTTP/JSON service. Each instance answers with its
 // own ID so the demo can show which instance served a request.
 //
-//	GET /hello   {"service":"api","instance":"api-1","message":"hello from api-1"}
+//	GET /hello   {"service":"api","instance":"api-1","message":"hello from api-1",
+//	             "caller":"spiffe://<trust-domain>/ns/default/dc/dc1/svc/web"}
 //	             (503 for a share of requests with -fail-rate, to play a flaky instance)
 //	GET /health  200 "ok", or 503 "draining" once SIGTERM was received
 //
@@ -24,6 +25,17 @@ import (
 	"syscall"
 	"time"
 )
+
+// callerID returns the URI (the caller's SPIFFE ID) of the
+// x-forwarded-client-cert header its sidecar sets, "" without one.
+func callerID(xfcc string) string {
+	for part := range strings.SplitSeq(xfcc, ";") {
+		if v, ok := strings.CutPrefix(part, "URI="); ok {
+			return v
+		}
+	}
+	return ""
+}
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:9001", "listen address")
@@ -49,6 +61,7 @@ func main() {
 			"instance": *id,
 			"message":  "hello from " + *id,
 			"via":      strings.Join(r.Header.Values("Via"), ", "),
+			"caller":   callerID(r.Header.Get("X-Forwarded-Client-Cert")),
 		})
 	})
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {

@@ -196,7 +196,22 @@ func (d *demo) runMesh() int {
 			return d.fail("register %s: %v", in.id, err)
 		}
 	}
-	d.say("       registrations as sent to Consul: %s/*.json", filepath.Join(d.workDir, "consul"))
+	// Intentions: with mTLS strict and default-deny authorization, callers
+	// need one. This is what `consul config write` of a service-intentions
+	// entry does.
+	for _, in := range []*api.ServiceIntentionsConfigEntry{
+		{Kind: api.ServiceIntentions, Name: "api", Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}}},
+		{Kind: api.ServiceIntentions, Name: "store", Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}}},
+	} {
+		if _, _, err := d.consul.Client.ConfigEntries().Set(in, nil); err != nil {
+			return d.fail("write intentions for %s: %v", in.Name, err)
+		}
+		b, _ := json.MarshalIndent(in, "", "  ")
+		if err := os.WriteFile(filepath.Join(d.workDir, "consul", "intentions-"+in.Name+".json"), b, 0o644); err != nil {
+			return d.fail("%v", err)
+		}
+	}
+	d.say("       registrations and intentions (web → api, web → store) as sent to Consul: %s/*.json", filepath.Join(d.workDir, "consul"))
 
 	// 4. Apps.
 	d.stepf("starting the apps: web-1 (HTTP), api-1..3 (HTTP/JSON; api-3 answers 60%% of requests with 503 on purpose), store-1 (TCP)")
@@ -437,6 +452,7 @@ type result struct {
 	started  time.Time
 	ok       bool
 	instance string
+	caller   string // the caller identity api saw (mTLS, via its sidecar)
 	err      string
 }
 
@@ -529,7 +545,7 @@ func get(ctx context.Context, client *http.Client, url, route string) result {
 		r.err = fmt.Sprintf("%s: %s", resp.Status, body["error"])
 		return r
 	}
-	r.ok, r.instance = true, body["instance"]
+	r.ok, r.instance, r.caller = true, body["instance"], body["caller"]
 	return r
 }
 
@@ -574,6 +590,18 @@ func (d *demo) summarize(t *trafficResult) int {
 			fmt.Printf("          %d x %s\n", n, e)
 		}
 	}
+	callers := map[string]bool{}
+	for _, r := range t.results {
+		if r.route == "api" && r.ok {
+			callers[r.caller] = true
+		}
+	}
+	var seen []string
+	for c := range callers {
+		seen = append(seen, c)
+	}
+	sort.Strings(seen)
+	fmt.Printf("  mTLS: api saw its caller as %s (SPIFFE ID from web's certificate, issued by Consul's Connect CA)\n", strings.Join(seen, ", "))
 	rs := t.resilience
 	if rs.err == nil {
 		fmt.Printf("  resilience at web's sidecar: %d retries sent (%d denied), api-3's breaker opened %d times, %d requests failed by the sidecar\n",
@@ -582,6 +610,9 @@ func (d *demo) summarize(t *trafficResult) int {
 	fmt.Println()
 
 	var problems []string
+	if len(seen) != 1 || !strings.HasPrefix(seen[0], "spiffe://") || !strings.HasSuffix(seen[0], "/svc/web") {
+		problems = append(problems, fmt.Sprintf("api should see web's SPIFFE ID as the caller of every request, saw %v", seen))
+	}
 	switch {
 	case rs.err != nil:
 		problems = append(problems, "reading web's sidecar metrics: "+rs.err.Error())

@@ -53,7 +53,8 @@ func main() {
 			writeJSON(w, http.StatusBadGateway, map[string]string{"route": "api", "error": "bad JSON from api: " + err.Error()})
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]string{"route": "api", "instance": hello["instance"], "message": hello["message"], "via": hello["via"]})
+		writeJSON(w, http.StatusOK, map[string]string{"route": "api", "instance": hello["instance"], "message": hello["message"],
+			"via": hello["via"], "caller": hello["caller"]})
 	})
 	mux.HandleFunc("GET /store", func(w http.ResponseWriter, r *http.Request) {
 		key := "k" + strconv.FormatInt(seq.Add(1), 10)
