@@ -171,7 +171,8 @@ func startApp(t *testing.T, id string) *app {
 	a.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		a.hits.Add(1)
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(map[string]string{"instance": id, "via": strings.Join(r.Header.Values("Via"), ", ")})
+		_ = json.NewEncoder(w).Encode(map[string]string{"instance": id, "via": strings.Join(r.Header.Values("Via"), ", "),
+			"xfcc": r.Header.Get("X-Forwarded-Client-Cert")})
 	})}
 	go func() {
 		defer close(a.done)
@@ -197,6 +198,9 @@ type svc struct {
 	// sidecarCritical registers the sidecar's check as critical, so the
 	// instance takes traffic only once the test marks it passing.
 	sidecarCritical bool
+	// sidecarBind, when set, is where the sidecar's public listener binds
+	// (Proxy.Config bind_port); sidecarPort is then what others dial.
+	sidecarBind int
 }
 
 func (s svc) proxyID() string { return s.id + "-sidecar-proxy" }
@@ -218,7 +222,7 @@ func (m *mesh) register(s svc) {
 		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
 			Port:   s.sidecarPort,
 			Checks: api.AgentServiceChecks{{CheckID: s.id + ":sidecar", TTL: "10m", Status: sidecarStatus}},
-			Proxy:  &api.AgentServiceConnectProxyConfig{Upstreams: ups},
+			Proxy:  proxyConfig(ups, s.sidecarBind),
 		}},
 	})
 	if err != nil {
@@ -254,6 +258,14 @@ func (m *mesh) intention(source, destination string, action api.IntentionAction)
 	}
 }
 
+func proxyConfig(ups []api.Upstream, bind int) *api.AgentServiceConnectProxyConfig {
+	pc := &api.AgentServiceConnectProxyConfig{Upstreams: ups}
+	if bind != 0 {
+		pc.Config = map[string]any{"bind_port": bind}
+	}
+	return pc
+}
+
 func (m *mesh) setCheck(checkID, status string) {
 	m.t.Helper()
 	if err := m.consul.Client.Agent().UpdateTTL(checkID, "set by test", status); err != nil {
@@ -287,6 +299,9 @@ type answer struct {
 	status   int
 	instance string
 	via      string
+	xfcc     string
+	reason   string // x-meshlet-reason
+	rule     string // x-meshlet-authz-rule
 	err      error
 }
 
@@ -301,6 +316,7 @@ func call(url string) answer {
 	}
 	defer resp.Body.Close()
 	a.status = resp.StatusCode
+	a.reason, a.rule = resp.Header.Get("X-Meshlet-Reason"), resp.Header.Get("X-Meshlet-Authz-Rule")
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
 		a.err = err
@@ -312,7 +328,7 @@ func call(url string) answer {
 			a.err = fmt.Errorf("bad body %q: %w", b, err)
 			return a
 		}
-		a.instance, a.via = body["instance"], body["via"]
+		a.instance, a.via, a.xfcc = body["instance"], body["via"], body["xfcc"]
 	} else {
 		a.err = fmt.Errorf("%d %s (x-meshlet-reason %s)", resp.StatusCode, strings.TrimSpace(string(b)), resp.Header.Get("X-Meshlet-Reason"))
 	}
@@ -371,3 +387,38 @@ func since(as []answer, t time.Time) map[string]int {
 }
 
 func hostPort(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
+
+// metricAt returns the sum of the samples of a metric whose labels include
+// every label="value" pair given, from a sidecar's /metrics.
+func metricAt(t *testing.T, admin, name string, labels ...string) float64 {
+	t.Helper()
+	resp, err := http.Get(admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	total := 0.0
+	for line := range strings.Lines(string(b)) {
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			if !strings.Contains(line, l) {
+				ok = false
+			}
+		}
+		if ok {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			total += v
+		}
+	}
+	return total
+}
+
+func (p *proxy) metric(t *testing.T, name string, labels ...string) float64 {
+	t.Helper()
+	return metricAt(t, p.admin, name, labels...)
+}

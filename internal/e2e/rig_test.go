@@ -237,34 +237,10 @@ func (r *rig) get(path string) (int, string, string) {
 	return r.do(req)
 }
 
-// metric returns the sum of the samples of a metric whose labels include
-// every label="value" pair given, from the sidecar's /metrics.
+// metric reads a metric of the rig's sidecar (see metricAt).
 func (r *rig) metric(name string, labels ...string) float64 {
 	r.t.Helper()
-	resp, err := http.Get("http://" + r.s.AdminAddr().String() + "/metrics")
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	total := 0.0
-	for line := range strings.Lines(string(b)) {
-		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
-			continue
-		}
-		ok := true
-		for _, l := range labels {
-			if !strings.Contains(line, l) {
-				ok = false
-			}
-		}
-		if ok {
-			f := strings.Fields(line)
-			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-			total += v
-		}
-	}
-	return total
+	return metricAt(r.t, "http://"+r.s.AdminAddr().String(), name, labels...)
 }
 
 // clusterLine returns the value of one field of an endpoint in /clusters

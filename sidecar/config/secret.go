@@ -29,19 +29,23 @@ type Secret struct {
 	Roots []*x509.Certificate
 }
 
-// Info describes a certificate for /certs and metrics; it never holds key
-// material.
+// CertInfo describes a certificate for /certs and metrics; it never holds
+// key material.
 type CertInfo struct {
-	Secret      string    `json:"secret"`
-	Kind        string    `json:"kind"` // "certificate" or "root"
-	Subject     string    `json:"subject"`
-	SPIFFEID    string    `json:"spiffe_id,omitempty"`
-	Serial      string    `json:"serial_number"`
-	NotBefore   time.Time `json:"valid_from"`
-	NotAfter    time.Time `json:"expiration_time"`
-	SHA256      string    `json:"sha256"`
-	SecondsLeft int64     `json:"seconds_until_expiration"`
-	DaysLeft    int64     `json:"days_until_expiration"`
+	Secret  string `json:"secret"`
+	Kind    string `json:"kind"` // "certificate" or "root"
+	Subject string `json:"subject"`
+	Issuer  string `json:"issuer"`
+	// AuthorityKeyID is the hex key ID of the issuing CA: during a CA
+	// rotation it tells which root signed the certificate.
+	AuthorityKeyID string    `json:"authority_key_id,omitempty"`
+	SPIFFEID       string    `json:"spiffe_id,omitempty"`
+	Serial         string    `json:"serial_number"`
+	NotBefore      time.Time `json:"valid_from"`
+	NotAfter       time.Time `json:"expiration_time"`
+	SHA256         string    `json:"sha256"`
+	SecondsLeft    int64     `json:"seconds_until_expiration"`
+	DaysLeft       int64     `json:"days_until_expiration"`
 }
 
 // Infos returns one entry per certificate of the secret (the leaf, or each
@@ -61,7 +65,8 @@ func (s *Secret) Infos(now time.Time) []CertInfo {
 	for _, c := range certs {
 		sum := sha256.Sum256(c.Raw)
 		left := c.NotAfter.Sub(now)
-		info := CertInfo{Secret: s.Name, Kind: kind, Subject: c.Subject.String(), Serial: c.SerialNumber.Text(16),
+		info := CertInfo{Secret: s.Name, Kind: kind, Subject: c.Subject.String(), Issuer: c.Issuer.String(),
+			AuthorityKeyID: hex.EncodeToString(c.AuthorityKeyId), Serial: c.SerialNumber.Text(16),
 			NotBefore: c.NotBefore, NotAfter: c.NotAfter, SHA256: hex.EncodeToString(sum[:]),
 			SecondsLeft: int64(left.Seconds()), DaysLeft: int64(left.Hours() / 24)}
 		if len(c.URIs) == 1 {
