@@ -167,4 +167,3 @@ func BenchmarkSidecarPair(b *testing.B) {
 		})
 	}
 }
-
