@@ -413,3 +413,49 @@ func TestCARotationUnderLoadLosesNothing(t *testing.T) {
 		t.Errorf("b's sidecar still presents a chain from the old root (issuer %s)", chain[0].Issuer)
 	}
 }
+
+func TestPermissiveModeAndCertificateHealth(t *testing.T) {
+	m := newMesh(t)
+	m.writePolicy("b.yaml", "apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: b}\nspec: {service: b, protocol: http, mtlsMode: permissive}\n")
+	m.startControlPlane("", "")
+	_, bProxy, _, bindPort, bSvc := twoServices(t, m)
+	td := trustDomain(t, m)
+
+	// Through the mesh: mTLS, with the caller's identity.
+	var viaMesh answer
+	waitUntil(t, 5*time.Second, "a mesh request", func() bool {
+		viaMesh = call(fmt.Sprintf("http://127.0.0.1:%d/", bindPort))
+		return viaMesh.err == nil
+	})
+	if !strings.Contains(viaMesh.xfcc, "URI=spiffe://"+td+"/ns/default/dc/dc1/svc/a") {
+		t.Errorf("mesh request xfcc %q", viaMesh.xfcc)
+	}
+	// Directly in plaintext: accepted in permissive mode, with no identity.
+	direct := call("http://" + hostPort(bSvc.sidecarPort) + "/")
+	if direct.err != nil || direct.instance != "b-1" || direct.xfcc != "" {
+		t.Errorf("plaintext request in permissive mode: %+v", direct)
+	}
+
+	// Certificate health.
+	resp, err := http.Get(bProxy.admin + "/certs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !bytes.Contains(body, []byte(`"spiffe_id": "spiffe://`+td+`/ns/default/dc/dc1/svc/b"`)) || bytes.Contains(body, []byte("PRIVATE KEY")) {
+		t.Errorf("/certs:\n%s", body)
+	}
+	if left := bProxy.metric(t, "meshlet_sidecar_certificate_expiry_seconds", `secret="default"`); left < 3600 {
+		t.Errorf("certificate expiry metric %v s, want a leaf valid for hours", left)
+	}
+	dump, err := http.Get(bProxy.admin + "/config_dump")
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, _ := io.ReadAll(dump.Body)
+	dump.Body.Close()
+	if bytes.Contains(db, []byte("PRIVATE KEY")) || !bytes.Contains(db, []byte("[redacted]")) {
+		t.Error("config_dump shows a private key or does not redact it")
+	}
+}

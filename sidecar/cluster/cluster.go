@@ -32,6 +32,8 @@ type Events interface {
 	Overflow(cluster, threshold string)
 	// TLSHandshake reports an upstream mTLS handshake, err nil on success.
 	TLSHandshake(cluster, endpoint string, err error)
+	// TLSReason names why a handshake failed (for the log line).
+	TLSReason(err error) string
 }
 
 // NopEvents ignores every event.
@@ -48,6 +50,9 @@ func (NopEvents) Overflow(string, string) {}
 
 // TLSHandshake implements Events.
 func (NopEvents) TLSHandshake(string, string, error) {}
+
+// TLSReason implements Events.
+func (NopEvents) TLSReason(error) string { return "" }
 
 // TLSConfigs builds the client TLS config of an mTLS cluster.
 type TLSConfigs interface {

@@ -219,6 +219,7 @@ func (e *Endpoint) secure(ctx context.Context, conn net.Conn) (net.Conn, error) 
 	if err := tc.HandshakeContext(ctx); err != nil {
 		conn.Close()
 		c.events.TLSHandshake(c.cfg.Name, e.Address, err)
+		c.log.Warn("tls: upstream handshake failed", "cluster", c.cfg.Name, "endpoint", e.Address, "reason", c.events.TLSReason(err), "error", err)
 		return nil, &UpstreamError{Kind: KindTLSHandshake, Err: err}
 	}
 	c.events.TLSHandshake(c.cfg.Name, e.Address, nil)

@@ -147,6 +147,9 @@ func (m *Metrics) TLSHandshake(cluster, _ string, err error) {
 	m.handshakes.WithLabelValues("upstream", cluster, result).Inc()
 }
 
+// TLSReason implements cluster.Events.
+func (m *Metrics) TLSReason(err error) string { return tlsid.Reason(err) }
+
 // AuthzDenied implements httpproxy.Recorder and tcpproxy.Recorder.
 func (m *Metrics) AuthzDenied(listener, rule string) {
 	m.authzDenied.WithLabelValues(listener, rule).Inc()
