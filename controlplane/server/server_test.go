@@ -4,7 +4,6 @@ import (
 	"io"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +12,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/internal/testlog"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -84,7 +84,7 @@ func TestOnlyChangedTypesGetNewVersions(t *testing.T) {
 }
 
 func TestSnapshotHeldBackUntilTheLeafArrives(t *testing.T) {
-	var logs safeLog
+	var logs testlog.Buffer
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	defer s.Close()
 	cat := catalog(true)
@@ -99,23 +99,6 @@ func TestSnapshotHeldBackUntilTheLeafArrives(t *testing.T) {
 	}
 	s.SetCatalog(catalog(true))
 	waitVersions(t, s, "web-1-sidecar-proxy", func(map[string]string) bool { return true })
-}
-
-type safeLog struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *safeLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *safeLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func TestNodeHash(t *testing.T) {

@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
-
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
@@ -70,25 +68,12 @@ func pair(b *testing.B, mtls bool) string {
 		if err != nil {
 			b.Fatal(err)
 		}
-		var r xdstest.Resources
-		for _, x := range res.Listeners {
-			r.Listeners = append(r.Listeners, types.Resource(x))
-		}
-		for _, x := range res.Routes {
-			r.Routes = append(r.Routes, x)
-		}
-		for _, x := range res.Clusters {
-			if !mtls {
-				x.TransportSocket = nil // plaintext to b's permissive listener
+		if !mtls {
+			for _, c := range res.Clusters {
+				c.TransportSocket = nil // plaintext to b's permissive listener
 			}
-			r.Clusters = append(r.Clusters, x)
 		}
-		for _, x := range res.Endpoints {
-			r.Endpoints = append(r.Endpoints, x)
-		}
-		for _, x := range res.Secrets {
-			r.Secrets = append(r.Secrets, x)
-		}
+		r := served(res)
 		srv.Set(b, node, "v1", r)
 		logger, _ := testlog.New(b, node)
 		s, err := sidecar.New(sidecar.Config{NodeID: node, XDSAddress: srv.Addr, AdminAddress: "127.0.0.1:0", Logger: logger})

@@ -183,22 +183,7 @@ func newRigProtocol(t *testing.T, protocol, policies string, endpoints ...rigEnd
 		c.TransportSocket = nil
 	}
 	srv := xdstest.Start(t)
-	r := xdstest.Resources{}
-	for _, x := range res.Listeners {
-		r.Listeners = append(r.Listeners, types.Resource(x))
-	}
-	for _, x := range res.Routes {
-		r.Routes = append(r.Routes, x)
-	}
-	for _, x := range res.Clusters {
-		r.Clusters = append(r.Clusters, x)
-	}
-	for _, x := range res.Endpoints {
-		r.Endpoints = append(r.Endpoints, x)
-	}
-	for _, x := range res.Secrets {
-		r.Secrets = append(r.Secrets, x)
-	}
+	r := served(res)
 	srv.Set(t, rigNode, "v1", r)
 
 	logger, buf := testlog.New(t, "sidecar")
@@ -262,4 +247,25 @@ func (r *rig) clusterLine(addr, field string) string {
 		}
 	}
 	return ""
+}
+
+// served converts translator output to the test server's resources.
+func served(res translate.Resources) xdstest.Resources {
+	var r xdstest.Resources
+	for _, x := range res.Listeners {
+		r.Listeners = append(r.Listeners, types.Resource(x))
+	}
+	for _, x := range res.Routes {
+		r.Routes = append(r.Routes, x)
+	}
+	for _, x := range res.Clusters {
+		r.Clusters = append(r.Clusters, x)
+	}
+	for _, x := range res.Endpoints {
+		r.Endpoints = append(r.Endpoints, x)
+	}
+	for _, x := range res.Secrets {
+		r.Secrets = append(r.Secrets, x)
+	}
+	return r
 }

@@ -39,8 +39,8 @@ type RBAC struct {
 // RBACPolicy matches when any permission and any principal match.
 type RBACPolicy struct {
 	Name        string
-	permissions []func(*RBACRequest) bool
-	principals  []func(*RBACRequest) bool
+	permissions []rbacMatcher
+	principals  []rbacMatcher
 }
 
 // RBACRequest is what authorization sees of a connection or request.
@@ -58,13 +58,40 @@ func (p *RBACPolicy) Matches(r *RBACRequest) bool {
 	return anyOf(p.permissions, r) && anyOf(p.principals, r)
 }
 
-func anyOf(fs []func(*RBACRequest) bool, r *RBACRequest) bool {
+type rbacMatcher = func(*RBACRequest) bool
+
+func anyOf(fs []rbacMatcher, r *RBACRequest) bool {
 	for _, f := range fs {
 		if f(r) {
 			return true
 		}
 	}
 	return false
+}
+
+func allOf(fs []rbacMatcher) rbacMatcher {
+	return func(r *RBACRequest) bool {
+		for _, f := range fs {
+			if !f(r) {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+// decodeEach decodes every item with decode, naming the failing one by
+// field[i].
+func decodeEach[T any](field string, items []T, decode func(T) (rbacMatcher, error)) ([]rbacMatcher, error) {
+	out := make([]rbacMatcher, 0, len(items))
+	for i, it := range items {
+		f, err := decode(it)
+		if err != nil {
+			return nil, fmt.Errorf("%s[%d]: %w", field, i, err)
+		}
+		out = append(out, f)
+	}
+	return out, nil
 }
 
 // DefaultDenyRule names a denial no explicit rule made.
@@ -145,42 +172,28 @@ func decodeRBAC(r *rbacv3.RBAC) (*RBAC, error) {
 		if p.GetCondition() != nil || p.GetCheckedCondition() != nil {
 			return nil, fmt.Errorf("policies[%q]: conditions are not supported", n)
 		}
-		pol := &RBACPolicy{Name: n}
-		for i, perm := range p.GetPermissions() {
-			f, err := decodePermission(perm)
-			if err != nil {
-				return nil, fmt.Errorf("policies[%q].permissions[%d]: %w", n, i, err)
-			}
-			pol.permissions = append(pol.permissions, f)
+		perms, err := decodeEach(fmt.Sprintf("policies[%q].permissions", n), p.GetPermissions(), decodePermission)
+		if err != nil {
+			return nil, err
 		}
-		for i, pr := range p.GetPrincipals() {
-			f, err := decodePrincipal(pr)
-			if err != nil {
-				return nil, fmt.Errorf("policies[%q].principals[%d]: %w", n, i, err)
-			}
-			pol.principals = append(pol.principals, f)
+		principals, err := decodeEach(fmt.Sprintf("policies[%q].principals", n), p.GetPrincipals(), decodePrincipal)
+		if err != nil {
+			return nil, err
 		}
-		out.Policies = append(out.Policies, pol)
+		out.Policies = append(out.Policies, &RBACPolicy{Name: n, permissions: perms, principals: principals})
 	}
 	return out, nil
 }
 
-func decodePermission(p *rbacv3.Permission) (func(*RBACRequest) bool, error) {
+func decodePermission(p *rbacv3.Permission) (rbacMatcher, error) {
 	switch r := p.GetRule().(type) {
 	case *rbacv3.Permission_Any:
 		return func(*RBACRequest) bool { return r.Any }, nil
 	case *rbacv3.Permission_AndRules:
-		fs, err := decodePermissions(r.AndRules.GetRules())
-		return func(q *RBACRequest) bool {
-			for _, f := range fs {
-				if !f(q) {
-					return false
-				}
-			}
-			return true
-		}, err
+		fs, err := decodeEach("rules", r.AndRules.GetRules(), decodePermission)
+		return allOf(fs), err
 	case *rbacv3.Permission_OrRules:
-		fs, err := decodePermissions(r.OrRules.GetRules())
+		fs, err := decodeEach("rules", r.OrRules.GetRules(), decodePermission)
 		return func(q *RBACRequest) bool { return anyOf(fs, q) }, err
 	case *rbacv3.Permission_NotRule:
 		f, err := decodePermission(r.NotRule)
@@ -198,19 +211,7 @@ func decodePermission(p *rbacv3.Permission) (func(*RBACRequest) bool, error) {
 	return nil, fmt.Errorf("unsupported permission %T (supported: any, and_rules, or_rules, not_rule, header, url_path)", p.GetRule())
 }
 
-func decodePermissions(ps []*rbacv3.Permission) ([]func(*RBACRequest) bool, error) {
-	out := make([]func(*RBACRequest) bool, 0, len(ps))
-	for i, p := range ps {
-		f, err := decodePermission(p)
-		if err != nil {
-			return nil, fmt.Errorf("rules[%d]: %w", i, err)
-		}
-		out = append(out, f)
-	}
-	return out, nil
-}
-
-func decodeHeaderPermission(h *route.HeaderMatcher) (func(*RBACRequest) bool, error) {
+func decodeHeaderPermission(h *route.HeaderMatcher) (rbacMatcher, error) {
 	name := h.GetName()
 	get := func(q *RBACRequest) (string, bool) {
 		switch name {
@@ -246,7 +247,7 @@ func decodeHeaderPermission(h *route.HeaderMatcher) (func(*RBACRequest) bool, er
 	}, nil
 }
 
-func decodePrincipal(p *rbacv3.Principal) (func(*RBACRequest) bool, error) {
+func decodePrincipal(p *rbacv3.Principal) (rbacMatcher, error) {
 	switch id := p.GetIdentifier().(type) {
 	case *rbacv3.Principal_Any:
 		return func(*RBACRequest) bool { return id.Any }, nil
@@ -257,35 +258,16 @@ func decodePrincipal(p *rbacv3.Principal) (func(*RBACRequest) bool, error) {
 		m, err := stringMatcher(id.Authenticated.GetPrincipalName())
 		return func(q *RBACRequest) bool { return q.Principal != "" && m(q.Principal) }, err
 	case *rbacv3.Principal_AndIds:
-		fs, err := decodePrincipals(id.AndIds.GetIds())
-		return func(q *RBACRequest) bool {
-			for _, f := range fs {
-				if !f(q) {
-					return false
-				}
-			}
-			return true
-		}, err
+		fs, err := decodeEach("ids", id.AndIds.GetIds(), decodePrincipal)
+		return allOf(fs), err
 	case *rbacv3.Principal_OrIds:
-		fs, err := decodePrincipals(id.OrIds.GetIds())
+		fs, err := decodeEach("ids", id.OrIds.GetIds(), decodePrincipal)
 		return func(q *RBACRequest) bool { return anyOf(fs, q) }, err
 	case *rbacv3.Principal_NotId:
 		f, err := decodePrincipal(id.NotId)
 		return func(q *RBACRequest) bool { return !f(q) }, err
 	}
 	return nil, fmt.Errorf("unsupported principal %T (supported: any, authenticated, and_ids, or_ids, not_id)", p.GetIdentifier())
-}
-
-func decodePrincipals(ps []*rbacv3.Principal) ([]func(*RBACRequest) bool, error) {
-	out := make([]func(*RBACRequest) bool, 0, len(ps))
-	for i, p := range ps {
-		f, err := decodePrincipal(p)
-		if err != nil {
-			return nil, fmt.Errorf("ids[%d]: %w", i, err)
-		}
-		out = append(out, f)
-	}
-	return out, nil
 }
 
 // stringMatcher compiles an Envoy StringMatcher; safe_regex uses Go's RE2
