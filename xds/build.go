@@ -69,13 +69,15 @@ type HTTPListenerOptions struct {
 	// proxy appends to requests and responses; "" adds none (Envoy:
 	// HttpConnectionManager.via).
 	Via string
+	// Tracing turns on tracing (HttpConnectionManager.tracing); nil: off.
+	Tracing *Tracing
 }
 
 // NewHTTPListener returns a listener on host:port whose single filter chain
 // is an HTTP connection manager (codec AUTO: HTTP/1.1 and h2c) ending in the
 // router filter.
 func NewHTTPListener(name, host string, port int, o HTTPListenerOptions) *listener.Listener {
-	return &listener.Listener{
+	l := &listener.Listener{
 		Name:    name,
 		Address: SocketAddress(host, port),
 		FilterChains: []*listener.FilterChain{{
@@ -85,6 +87,8 @@ func NewHTTPListener(name, host string, port int, o HTTPListenerOptions) *listen
 			}},
 		}},
 	}
+	o.Tracing.applyTo(l)
+	return l
 }
 
 func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
@@ -96,6 +100,9 @@ func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
 	}
 	if m.StatPrefix == "" {
 		m.StatPrefix = name
+	}
+	if o.Tracing != nil {
+		m.Tracing = o.Tracing.hcmTracing()
 	}
 	if o.RouteConfig != nil {
 		m.RouteSpecifier = &hcm.HttpConnectionManager_RouteConfig{RouteConfig: o.RouteConfig}

@@ -128,6 +128,8 @@ type InboundOptions struct {
 	// Rules and Shadow are the RBAC rules enforced on mTLS traffic and the
 	// shadow rules used only to name the rule behind a denial.
 	Rules, Shadow *rbacv3.RBAC
+	// Tracing turns on tracing of HTTP requests (server spans); nil: off.
+	Tracing *Tracing
 }
 
 // NewInboundListener returns the public listener: an mTLS filter chain
@@ -137,6 +139,9 @@ type InboundOptions struct {
 func NewInboundListener(name, host string, port int, o InboundOptions) *listener.Listener {
 	l := &listener.Listener{Name: name, Address: SocketAddress(host, port)}
 	tlsChain := &listener.FilterChain{Filters: inboundFilters(name, o, true), TransportSocket: o.TLS}
+	if o.HTTP {
+		o.Tracing.applyTo(l)
+	}
 	if !o.Permissive {
 		l.FilterChains = []*listener.FilterChain{tlsChain}
 		return l
@@ -158,6 +163,7 @@ func inboundFilters(name string, o InboundOptions, secure bool) []*listener.Filt
 		m := newHCM(name, HTTPListenerOptions{
 			RouteConfig: NewRouteConfig(LocalAppCluster, LocalAppCluster, RouteOptions{}),
 			Via:         o.Via,
+			Tracing:     o.Tracing,
 		})
 		m.ForwardClientCertDetails = hcm.HttpConnectionManager_SANITIZE
 		if secure {

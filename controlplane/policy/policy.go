@@ -101,6 +101,10 @@ type Set struct {
 	Mesh *MeshDefaults
 	// Files lists the files the set was read from, sorted.
 	Files []string
+
+	// defaultCollector is the OTLP collector when MeshDefaults names none
+	// (WithDefaultCollector).
+	defaultCollector *Collector
 }
 
 func newSet() *Set {

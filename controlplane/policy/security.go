@@ -42,12 +42,17 @@ const (
 //	    minTLSVersion: "1.3"    # "1.3" (default) | "1.2"
 //	  authorization:
 //	    defaultAction: deny     # deny (default in strict mode) | allow (default in permissive mode)
+//	  tracing:                  # see MeshTracing
+//	    sampling: 1             # percent of new traces (default 1)
+//	    propagation: [tracecontext, b3multi]
+//	    collector: {protocol: grpc, endpoint: "127.0.0.1:4317"}
 //
 // ServiceDefaults.mtlsMode overrides the mode per service, and
 // AuthorizationPolicy.defaultAction the default action per destination.
 type MeshDefaults struct {
 	MTLS          *MeshMTLS          `yaml:"mtls,omitempty"`
 	Authorization *MeshAuthorization `yaml:"authorization,omitempty"`
+	Tracing       *MeshTracing       `yaml:"tracing,omitempty"`
 
 	Source Source `yaml:"-"`
 	Name   string `yaml:"-"`
@@ -75,6 +80,9 @@ func (m *MeshDefaults) validate(v *validator) {
 	}
 	if a := m.Authorization; a != nil {
 		validAction(v, "spec.authorization.defaultAction", a.DefaultAction, true)
+	}
+	if t := m.Tracing; t != nil {
+		t.validate(v, "spec.tracing")
 	}
 }
 

@@ -5,6 +5,7 @@ package translate
 
 import (
 	"cmp"
+	"fmt"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
@@ -73,8 +74,10 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 		TLS:        xds.DownstreamTLS(minTLS, alpn(proto, true)),
 		Permissive: pol.MTLSMode(p.Service) == policy.MTLSPermissive,
 	}
+	tr := pol.Tracing()
 	if in.HTTP {
 		in.Via = p.ID
+		in.Tracing = tracing(tr, p.Service, false)
 	}
 	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP)
 	r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
@@ -92,6 +95,7 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 			r.Listeners = append(r.Listeners, xds.NewHTTPListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, xds.HTTPListenerOptions{
 				RouteConfigName: name,
 				Via:             p.ID,
+				Tracing:         tracing(tr, p.Service, true),
 			}))
 			r.Routes = append(r.Routes, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, u.Service, name)))
 		} else {
@@ -106,8 +110,42 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 		r.Clusters = append(r.Clusters, xds.NewEDSCluster(name, opts))
 		r.Endpoints = append(r.Endpoints, xds.NewLoadAssignment(name, sidecarEndpoints(cat, u.Service)))
 	}
+	if tr != nil && tr.Collector.Protocol == policy.CollectorHTTP && hasTracedListener(r.Listeners) {
+		c, err := xds.NewOTLPCollectorCluster(tr.Collector.Endpoint)
+		if err != nil {
+			return r, fmt.Errorf("translate: tracing collector: %w", err)
+		}
+		r.Clusters = append(r.Clusters, c)
+	}
 	sortResources(&r)
 	return r, nil
+}
+
+// tracing returns the tracing of an HTTP connection manager of a sidecar of
+// service, nil when tracing is off.
+func tracing(t *policy.Tracing, service string, outbound bool) *xds.Tracing {
+	if t == nil {
+		return nil
+	}
+	return &xds.Tracing{
+		ServiceName:     service,
+		SamplingPercent: t.SamplingPercent,
+		Protocol:        t.Collector.Protocol,
+		Endpoint:        t.Collector.Endpoint,
+		Propagation:     t.Propagation,
+		Outbound:        outbound,
+	}
+}
+
+// hasTracedListener reports whether any listener traces (tracing sets the
+// traffic direction), i.e. needs the OTLP collector cluster.
+func hasTracedListener(ls []*listener.Listener) bool {
+	for _, l := range ls {
+		if l.GetTrafficDirection() != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // sidecarEndpoints returns the public listeners of the healthy sidecars of

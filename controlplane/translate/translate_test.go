@@ -163,6 +163,19 @@ func TestNoPoliciesGolden(t *testing.T) {
 	golden.Check(t, "web-sidecar-no-policies.golden.json", render(t, r))
 }
 
+func TestTracingGolden(t *testing.T) {
+	// Tracing on through the control plane's default collector (OTLP/HTTP,
+	// which adds the otlp_collector cluster): server spans on the public
+	// listener, client spans with one span per attempt on upstream listeners.
+	cat := catalog()
+	pol := policies(t).WithDefaultCollector(&policy.Collector{Protocol: policy.CollectorHTTP, Endpoint: "http://127.0.0.1:4318/v1/traces"})
+	r, err := Proxy(cat, pol, cat.Proxies["web-1-sidecar-proxy"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden.Check(t, "web-sidecar-tracing.golden.json", render(t, r))
+}
+
 func TestNotReadyWithoutCertificates(t *testing.T) {
 	cat := catalog()
 	delete(cat.Leaves, "api")
