@@ -33,6 +33,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/tcpproxy"
 	"github.com/meshlet/meshlet/sidecar/telemetry"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
+	"github.com/meshlet/meshlet/sidecar/tracing"
 	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -78,6 +79,9 @@ type Config struct {
 	// JSON DiscoveryResponse per type), so a sidecar restarted while the
 	// control plane is away comes up serving it. Created if missing.
 	StateDir string
+	// Pprof serves net/http/pprof under /debug/pprof/ on the admin
+	// endpoint; off by default.
+	Pprof bool
 }
 
 // Validate reports a missing NodeID.
@@ -98,6 +102,7 @@ type Sidecar struct {
 	adminLn   net.Listener
 	metrics   *telemetry.Metrics
 	tls       *tlsid.Store
+	tracing   *tracing.Manager
 
 	// applyMu serialises Update and activation; the managers are called
 	// with it held (they never call back into the Sidecar).
@@ -146,7 +151,9 @@ func New(cfg Config) (*Sidecar, error) {
 		rejected: map[string]admin.Rejection{},
 	}
 	s.metrics.WatchCertificates(s.tls.All)
+	s.tracing = tracing.NewManager(s.log, s.metrics, cfg.NodeID)
 	s.clusters = cluster.NewManager(s.log, s.metrics, s.tls)
+	s.metrics.WatchClusters(s.clusterStats)
 	s.listeners = listener.NewManager(s.newHandler, cfg.DrainTimeout, s.log)
 	client, err := xdsclient.New(xdsclient.Config{
 		Server: cfg.XDSAddress,
@@ -165,6 +172,10 @@ func New(cfg Config) (*Sidecar, error) {
 		return nil, err
 	}
 	s.client = client
+	s.metrics.WatchXDS(func() telemetry.XDSStatus {
+		st := client.Status()
+		return telemetry.XDSStatus{Connected: st.Connected, Versions: st.Versions, ACKs: st.ACKsByType, NACKs: st.NACKsByType}
+	})
 	if cfg.StateDir != "" {
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("sidecar: state directory: %w", err)
@@ -187,7 +198,7 @@ func (s *Sidecar) IsReady() bool { return s.ready.Load() }
 // up to the drain timeout, and closes upstream pools. It returns nil after a
 // clean shutdown.
 func (s *Sidecar) Run(ctx context.Context) error {
-	adminSrv := &http.Server{Handler: admin.Handler(s, s.metrics.Registry), ReadHeaderTimeout: 10 * time.Second}
+	adminSrv := &http.Server{Handler: admin.Handler(s, s.metrics.Registry, admin.Options{Pprof: s.cfg.Pprof}), ReadHeaderTimeout: 10 * time.Second}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
@@ -219,6 +230,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	s.applyMu.Unlock()
 	s.listeners.Close(context.Background())
 	s.clusters.Close()
+	tctx, tcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	s.tracing.Close(tctx) // flush the spans of the last requests
+	tcancel()
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = adminSrv.Shutdown(sctx)
@@ -245,7 +259,7 @@ func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listene
 					return ""
 				}
 			}
-			return httpproxy.NewServer(l, snap, s.clusters, s.log, httpproxy.Options{Recorder: s.metrics, Secure: secure, LocalID: localID}), nil
+			return httpproxy.NewServer(l, snap, s.clusters, s.log, httpproxy.Options{Recorder: s.metrics, Secure: secure, LocalID: localID, Tracing: s.tracing.HTTP}), nil
 		case c.TCP != nil:
 			return tcpproxy.New(l, secure, s.clusters, s.log, s.metrics), nil
 		}
@@ -400,6 +414,7 @@ func (s *Sidecar) activate(force bool) {
 		s.warmTimer = nil
 	}
 	s.tls.Set(snap.Secrets) // first: new handshakes use new certificates and roots
+	s.tracing.Sync(snap.TraceProviders())
 	s.clusters.Update(snap.Clusters, snap.Endpoints)
 	if err := s.listeners.Apply(snap); err != nil {
 		s.log.Error("xds: applying listeners", "error", err)
@@ -524,6 +539,17 @@ func sortedNames[T any](m map[string]T) []string {
 		out = append(out, k)
 	}
 	slices.Sort(out)
+	return out
+}
+
+// clusterStats returns the live counters of every cluster, for metrics.
+func (s *Sidecar) clusterStats() map[string]telemetry.ClusterStats {
+	all := s.clusters.All()
+	out := make(map[string]telemetry.ClusterStats, len(all))
+	for n, c := range all {
+		st := c.Stats()
+		out[n] = telemetry.ClusterStats{Connections: st.Connections, Requests: st.Requests, Pending: st.Pending}
+	}
 	return out
 }
 

@@ -18,6 +18,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/pprof"
 	"slices"
 	"time"
 
@@ -95,9 +96,26 @@ type Endpoint struct {
 	Breaker string // endpoint breaker state, "" without one
 }
 
-// Handler returns the admin endpoints for src, with the metrics of reg.
-func Handler(src Source, reg *prometheus.Registry) http.Handler {
+// Options are the optional admin endpoints.
+type Options struct {
+	// Pprof serves net/http/pprof under /debug/pprof/ (CPU and heap
+	// profiles, goroutine dumps); off by default, as profiles expose
+	// internals.
+	Pprof bool
+}
+
+// Handler returns the admin endpoints for src, with the metrics of reg:
+// /ready, /config_dump, /certs, /listeners, /clusters, /metrics, and
+// /debug/pprof/ with o.Pprof.
+func Handler(src Source, reg *prometheus.Registry, o Options) http.Handler {
 	mux := http.NewServeMux()
+	if o.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")

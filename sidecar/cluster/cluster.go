@@ -221,6 +221,15 @@ func (c *Cluster) Config() *config.Cluster { return c.cfg }
 // Endpoints returns the current endpoints. The slice must not be modified.
 func (c *Cluster) Endpoints() []*Endpoint { return c.endpoints.Load().list }
 
+// PeerID returns the SPIFFE ID the cluster's mTLS requires of its
+// endpoints (the first exact SAN match), "" for plaintext clusters.
+func (c *Cluster) PeerID() string {
+	if t := c.cfg.TLS; t != nil && len(t.SANs) > 0 {
+		return t.SANs[0]
+	}
+	return ""
+}
+
 // Stats are a cluster's live counters (Envoy: upstream_rq_active,
 // upstream_rq_pending_active, upstream_cx_active, upstream_rq_retry active).
 type Stats struct {

@@ -125,6 +125,9 @@ type HTTPConnectionManager struct {
 	// the peer's (By, Hash and, with SetCurrentURI, URI).
 	ForwardClientCert XFCC
 	SetCurrentURI     bool
+	// Tracing is HttpConnectionManager.tracing; nil: requests are not
+	// traced (incoming trace headers still pass through untouched).
+	Tracing *Tracing
 }
 
 // XFCC is how x-forwarded-client-cert is handled.

@@ -143,6 +143,9 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 		}
 		out.Chains = append(out.Chains, c)
 	}
+	if err := decodeListenerTracing(l, out); err != nil {
+		return nil, err
+	}
 	return out, nil
 }
 
@@ -369,6 +372,13 @@ func decodeHCM(m *hcm.HttpConnectionManager, kind, name, field string) (*HTTPCon
 		case !isRouter && !f.GetIsOptional():
 			return nil, fieldErr(kind, name, ff, "unsupported HTTP filter %q", f.GetName())
 		}
+	}
+	if t := m.GetTracing(); t != nil {
+		tr, err := decodeTracing(t)
+		if err != nil {
+			return nil, fieldErr(kind, name, field+".tracing", "%v", err)
+		}
+		h.Tracing = tr
 	}
 	switch m.GetForwardClientCertDetails() {
 	case hcm.HttpConnectionManager_SANITIZE:

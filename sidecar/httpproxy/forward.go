@@ -13,28 +13,42 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
+	"github.com/meshlet/meshlet/sidecar/tracing"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // ServeHTTP routes and forwards one request: route → cluster → admission
 // (max_requests) → attempts on picked endpoints, retried per the route's
 // retry policy → the response streamed back.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	x := exchange{s: s, start: time.Now()}
 	t := s.table.Load()
-	if !s.authorize(w, r, t) {
+	rt := t.route(r)
+	if rt != nil {
+		x.cluster, x.route = rt.Cluster, rt.Name
+	}
+	if tr := s.tracer.Load(); tr != nil {
+		peer, _ := r.Context().Value(peerKey{}).(tlsid.Peer)
+		ctx, span := tr.Start(r.Context(), r, tracing.Request{Cluster: x.cluster, Route: x.route, PeerID: peer.SPIFFEID})
+		r = r.WithContext(ctx)
+		x.tr, x.span = tr, span
+	}
+	defer x.finish()
+	if !s.authorize(w, r, t, &x) {
 		return
 	}
-	rt := t.route(r)
 	if rt == nil {
-		s.fail(w, t, "", http.StatusNotFound, ReasonNoRoute)
+		s.fail(w, t, &x, http.StatusNotFound, ReasonNoRoute)
 		return
 	}
 	c := s.clusters.Get(rt.Cluster)
 	if c == nil {
-		s.fail(w, t, rt.Cluster, http.StatusServiceUnavailable, ReasonNoCluster)
+		s.fail(w, t, &x, http.StatusServiceUnavailable, ReasonNoCluster)
 		return
 	}
 	if !c.AcquireRequest() {
-		s.fail(w, t, rt.Cluster, http.StatusServiceUnavailable, ReasonOverflow)
+		s.fail(w, t, &x, http.StatusServiceUnavailable, ReasonOverflow)
 		return
 	}
 	defer c.ReleaseRequest()
@@ -59,20 +73,20 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer streamTimer.Stop()
 	}
 
-	f := &forward{s: s, r: r, rt: rt, c: c, timedOut: &timedOut, via: t.via}
+	f := &forward{s: s, r: r, rt: rt, c: c, timedOut: &timedOut, via: t.via, x: &x}
 	f.prepare()
 	resp, att, fl := f.run(ctx)
 	if fl != nil {
 		if r.Context().Err() != nil {
-			s.rec.Request(s.name, rt.Cluster, 0, "")
-			return // the downstream left: nothing to answer
+			return // the downstream left: nothing to answer (code 0)
 		}
-		s.fail(w, t, rt.Cluster, fl.status, fl.reason)
+		s.fail(w, t, &x, fl.status, fl.reason)
 		return
 	}
 	outcome := cluster.OutcomeForStatus(resp.StatusCode)
 	defer func() { att.End(outcome) }()
 	defer resp.Body.Close()
+	x.code = resp.StatusCode
 	stream := streaming(resp)
 	if stream && routeTimer != nil {
 		routeTimer.Stop()
@@ -110,19 +124,55 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			outcome = cluster.OutcomeLocalFailure
 			s.log.Debug("httpproxy: response body aborted", "listener", s.name, "cluster", c.Name(), "error", err)
 		}
-		s.rec.Request(s.name, rt.Cluster, resp.StatusCode, "")
+		x.aborted = true
 		panic(http.ErrAbortHandler) // reset the downstream stream: the response is incomplete
 	}
 	for k, vv := range resp.Trailer {
 		h[http.TrailerPrefix+k] = vv
 	}
-	s.rec.Request(s.name, rt.Cluster, resp.StatusCode, "")
+	if x.span != nil {
+		x.grpcStatus = resp.Trailer.Get("Grpc-Status")
+		if x.grpcStatus == "" {
+			x.grpcStatus = resp.Header.Get("Grpc-Status")
+		}
+	}
+}
+
+// exchange is what one request did, recorded in metrics and its span when
+// the handler returns.
+type exchange struct {
+	s               *Server
+	start           time.Time
+	cluster, route  string
+	code            int    // 0: the downstream left first
+	reason          string // the typed reason when the sidecar failed it
+	grpcStatus      string
+	aborted         bool // the response body was cut short
+	tr              *tracing.HTTP
+	span            trace.Span // nil when not traced
+	attempt         trace.Span // the open attempt span, nil when none
+	attemptEndpoint string
+}
+
+func (x *exchange) finish() {
+	x.s.rec.Request(RequestRecord{Listener: x.s.name, Cluster: x.cluster, Route: x.route, Code: x.code, Reason: x.reason, Duration: time.Since(x.start)})
+	if x.span == nil {
+		return
+	}
+	reason := x.reason
+	if x.aborted && reason == "" {
+		reason = ReasonUpstreamReset
+	}
+	if x.attempt != nil {
+		tracing.End(x.attempt, x.code, reason, x.grpcStatus, "")
+	}
+	tracing.End(x.span, x.code, reason, x.grpcStatus, "")
 }
 
 // authorize applies x-forwarded-client-cert handling and the RBAC filter
 // of the chain; it answers 403 and returns false when the request is
 // denied.
-func (s *Server) authorize(w http.ResponseWriter, r *http.Request, t *routeTable) bool {
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, t *routeTable, x *exchange) bool {
 	hc := s.chain.Load()
 	r.Header.Del("X-Forwarded-Client-Cert") // SANITIZE and SANITIZE_SET: never trust the downstream's
 	peer, _ := r.Context().Value(peerKey{}).(tlsid.Peer)
@@ -134,7 +184,8 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, t *routeTable
 			s.rec.AuthzDenied(s.name, rule)
 			s.log.Info("authz: request denied", "listener", s.name, "peer", peer.SPIFFEID, "method", r.Method, "path", r.URL.Path, "rule", rule)
 			w.Header().Set(RuleHeader, rule)
-			s.fail(w, t, "", http.StatusForbidden, ReasonAuthzDenied)
+			x.cluster, x.route = "", ""
+			s.fail(w, t, x, http.StatusForbidden, ReasonAuthzDenied)
 			return false
 		}
 	}
@@ -167,6 +218,7 @@ type forward struct {
 	c        *cluster.Cluster
 	timedOut *atomic.Bool
 	via      string
+	x        *exchange // the request's record and span
 
 	body       *replayBody // nil without a request body
 	idempotent bool
@@ -209,6 +261,9 @@ func (f *forward) request(ctx context.Context, ep *cluster.Endpoint) *http.Reque
 	u := *r.URL
 	u.Scheme, u.Host = "http", ep.Address
 	out := r.WithContext(ctx)
+	if f.x.tr != nil {
+		f.x.tr.Inject(ctx, r.Header)
+	}
 	out.URL = &u
 	out.RequestURI = ""
 	out.Close = false
@@ -250,7 +305,8 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 		if p != nil {
 			perTry = p.PerTry
 		}
-		resp, err := ep.RoundTrip(ctx, f.request(ctx, ep), perTry)
+		actx, aspan := f.startAttempt(ctx, retries+1, ep)
+		resp, err := ep.RoundTrip(ctx, f.request(actx, ep), perTry)
 		if err == nil {
 			cond, sent := statusCondition(resp, p), true
 			if notReached(resp) {
@@ -258,15 +314,18 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 				cond, sent = "connect-failure", false
 			}
 			if cond == "" || !f.mayRetry(cond, sent, retries) {
+				f.x.attempt = aspan // ended with the response
 				return resp, att, nil
 			}
 			resp.Body.Close()
 			att.End(cluster.OutcomeForStatus(resp.StatusCode))
 			last = &failure{resp.StatusCode, ""}
 			f.s.rec.Retry(f.c.Name(), cond)
+			f.endAttempt(aspan, resp.StatusCode, resp.Header.Get(ReasonHeader), cond, retries+1)
 		} else {
 			if f.r.Context().Err() != nil {
 				att.End(cluster.OutcomeCancelled)
+				f.endAttempt(aspan, 0, "", "", 0)
 				return nil, nil, &failure{0, ""}
 			}
 			att.End(cluster.OutcomeLocalFailure)
@@ -281,10 +340,12 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 				if f.budgetDenied && fl.reason != ReasonOverflow {
 					fl.reason = ReasonRetryBudgetExhausted
 				}
+				f.endAttempt(aspan, 0, fl.reason, "", 0)
 				return nil, nil, fl
 			}
 			last = fl
 			f.s.rec.Retry(f.c.Name(), cond)
+			f.endAttempt(aspan, 0, fl.reason, cond, retries+1)
 		}
 		// A retry: wait the full-jitter backoff, then go again.
 		retries++
@@ -300,6 +361,40 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 			}
 			return nil, nil, &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}
 		}
+	}
+}
+
+// startAttempt opens the span of attempt n when attempts get their own
+// spans, and returns the context whose trace context the upstream request
+// carries.
+func (f *forward) startAttempt(ctx context.Context, n int, ep *cluster.Endpoint) (context.Context, trace.Span) {
+	tr := f.x.tr
+	if tr == nil {
+		return ctx, nil
+	}
+	if !tr.SpawnAttempts() {
+		return ctx, nil
+	}
+	return tr.StartAttempt(ctx, n, ep.Address, f.c.PeerID())
+}
+
+// endAttempt ends an attempt that did not give the response: its span,
+// or, without attempt spans, an event on the request's span. cause is the
+// retry_on condition when it is retried.
+func (f *forward) endAttempt(span trace.Span, code int, reason, cause string, n int) {
+	if span != nil {
+		tracing.End(span, code, reason, "", cause)
+		return
+	}
+	if f.x.span != nil && f.x.span.IsRecording() && cause != "" {
+		attrs := []attribute.KeyValue{tracing.AttrAttempt.Int(n), tracing.AttrRetryCause.String(cause)}
+		if code > 0 {
+			attrs = append(attrs, attribute.Int("http.response.status_code", code))
+		}
+		if reason != "" {
+			attrs = append(attrs, tracing.AttrReason.String(reason))
+		}
+		f.x.span.AddEvent("retry", trace.WithAttributes(attrs...))
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/listener"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
+	"github.com/meshlet/meshlet/sidecar/tracing"
 )
 
 // ReasonHeader carries the typed reason on responses the sidecar itself
@@ -47,9 +48,8 @@ const (
 // Recorder receives one record per request, and the retries, for metrics.
 // Implementations must be safe for concurrent use.
 type Recorder interface {
-	// Request records a finished request: its status code (0 when the
-	// downstream left first) and the typed reason when the sidecar failed it.
-	Request(listener, cluster string, code int, reason string)
+	// Request records a finished request.
+	Request(RequestRecord)
 	// Retry records a retry sent, by cause (a retry_on condition).
 	Retry(cluster, cause string)
 	// RetryDenied records a retry that was due but not sent, and why
@@ -59,14 +59,32 @@ type Recorder interface {
 	// AuthzDenied records a request refused by authorization and the rule
 	// that refused it.
 	AuthzDenied(listener, rule string)
+	// Connections adds delta (+1 opened, -1 closed) to the listener's
+	// active downstream connections.
+	Connections(listener string, delta int)
+}
+
+// RequestRecord is one finished request.
+type RequestRecord struct {
+	// Listener is the listener's name; Cluster and Route name the upstream
+	// cluster and the route that matched ("" when none did).
+	Listener, Cluster, Route string
+	// Code is the response status code, 0 when the downstream left first.
+	Code int
+	// Reason is the typed reason when the sidecar failed the request, else
+	// "".
+	Reason string
+	// Duration runs from the request headers to the end of the response.
+	Duration time.Duration
 }
 
 type nopRecorder struct{}
 
-func (nopRecorder) Request(string, string, int, string) {}
-func (nopRecorder) Retry(string, string)                {}
-func (nopRecorder) RetryDenied(string, string)          {}
-func (nopRecorder) AuthzDenied(string, string)          {}
+func (nopRecorder) Request(RequestRecord)      {}
+func (nopRecorder) Retry(string, string)       {}
+func (nopRecorder) RetryDenied(string, string) {}
+func (nopRecorder) AuthzDenied(string, string) {}
+func (nopRecorder) Connections(string, int)    {}
 
 // Options are the optional parts of a Server.
 type Options struct {
@@ -78,6 +96,9 @@ type Options struct {
 	// LocalID returns this sidecar's SPIFFE ID, the By of
 	// x-forwarded-client-cert; nil when unknown.
 	LocalID func() string
+	// Tracing returns the tracing of a connection manager's config; nil
+	// (or a nil result) traces nothing.
+	Tracing func(*config.Tracing) *tracing.HTTP
 }
 
 // RuleHeader names the rule behind an authorization denial
@@ -97,8 +118,10 @@ type Server struct {
 	rec      Recorder
 	secure   bool
 	localID  func() string
+	tracers  func(*config.Tracing) *tracing.HTTP
 	table    atomic.Pointer[routeTable]
 	chain    atomic.Pointer[config.HTTPConnectionManager]
+	tracer   atomic.Pointer[tracing.HTTP] // nil: not traced
 
 	srv   *http.Server
 	conns *connQueue
@@ -115,15 +138,24 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 		o.Recorder = nopRecorder{}
 	}
 	hc := l.Chain(o.Secure).HTTP
-	s := &Server{name: l.Name, codec: hc.Codec, clusters: clusters, log: log, rec: o.Recorder, secure: o.Secure, localID: o.LocalID, done: make(chan struct{})}
+	s := &Server{name: l.Name, codec: hc.Codec, clusters: clusters, log: log, rec: o.Recorder, secure: o.Secure, localID: o.LocalID, tracers: o.Tracing, done: make(chan struct{})}
 	s.table.Store(tableFor(hc, snap))
 	s.chain.Store(hc)
+	s.tracer.Store(s.tracerFor(hc))
 	s.conns = newConnQueue()
 	s.srv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			switch st {
+			case http.StateNew:
+				o.Recorder.Connections(l.Name, 1)
+			case http.StateClosed, http.StateHijacked:
+				o.Recorder.Connections(l.Name, -1)
+			}
+		},
 		// The peer's identity is read once per connection.
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			if tc, ok := c.(*tls.Conn); ok {
@@ -173,7 +205,15 @@ func (s *Server) Update(l *config.Listener, snap *config.Snapshot) bool {
 	}
 	s.table.Store(tableFor(c.HTTP, snap))
 	s.chain.Store(c.HTTP)
+	s.tracer.Store(s.tracerFor(c.HTTP))
 	return true
+}
+
+func (s *Server) tracerFor(hc *config.HTTPConnectionManager) *tracing.HTTP {
+	if s.tracers == nil || hc.Tracing == nil {
+		return nil
+	}
+	return s.tracers(hc.Tracing)
 }
 
 // Shutdown stops accepting, closes idle connections, and waits for requests
@@ -186,9 +226,9 @@ func (s *Server) Shutdown(ctx context.Context) {
 }
 
 // fail answers a request the sidecar could not forward, with the typed
-// reason in ReasonHeader, and records it.
-func (s *Server) fail(w http.ResponseWriter, t *routeTable, cluster string, status int, reason string) {
-	s.rec.Request(s.name, cluster, status, reason)
+// reason in ReasonHeader; x records it when the handler returns.
+func (s *Server) fail(w http.ResponseWriter, t *routeTable, x *exchange, status int, reason string) {
+	x.code, x.reason = status, reason
 	h := w.Header()
 	h.Set(ReasonHeader, reason)
 	h.Set("Content-Type", "text/plain; charset=utf-8")

@@ -19,9 +19,13 @@ import (
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 )
 
-// Recorder receives authorization denials, for metrics.
+// Recorder receives authorization denials and connection counts, for
+// metrics.
 type Recorder interface {
 	AuthzDenied(listener, rule string)
+	// Connections adds delta (+1 opened, -1 closed) to the listener's
+	// active downstream connections.
+	Connections(listener string, delta int)
 }
 
 // Proxy is the listener.Handler of the TCP proxy of one filter chain.
@@ -71,8 +75,14 @@ func (p *Proxy) Handle(conn net.Conn) {
 	p.conns[conn] = struct{}{}
 	p.wg.Add(1)
 	p.mu.Unlock()
+	if p.rec != nil {
+		p.rec.Connections(p.name, 1)
+	}
 	go func() {
 		defer p.wg.Done()
+		if p.rec != nil {
+			defer p.rec.Connections(p.name, -1)
+		}
 		p.serve(conn)
 		p.mu.Lock()
 		delete(p.conns, conn)

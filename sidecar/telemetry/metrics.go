@@ -4,6 +4,7 @@ package telemetry
 
 import (
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -12,15 +13,25 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/httpproxy"
+	"github.com/meshlet/meshlet/sidecar/tcpproxy"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
+	"github.com/meshlet/meshlet/sidecar/tracing"
 )
 
-// Metrics are the sidecar's request and resilience metrics:
+// Metrics are the sidecar's request, resilience, xDS and tracing metrics:
 //
-//	meshlet_sidecar_requests_total{listener, cluster, code, reason}
+//	meshlet_sidecar_requests_total{listener, cluster, route, code, reason}
 //	    requests handled by HTTP listeners; code "0" when the downstream left
 //	    first; reason is the typed failure reason when the sidecar failed the
-//	    request, else ""
+//	    request, else ""; cluster and route are "" when no route matched
+//	meshlet_sidecar_request_duration_seconds{listener, cluster, route, code, reason}
+//	    histogram of the time from the request headers to the end of the
+//	    response
+//	meshlet_sidecar_downstream_connections_active{listener}
+//	meshlet_sidecar_upstream_connections_active{cluster}
+//	meshlet_sidecar_upstream_requests_active{cluster}
+//	meshlet_sidecar_upstream_requests_pending{cluster}
+//	    (requests waiting for a connection)
 //	meshlet_sidecar_upstream_retries_total{cluster, cause}
 //	    retries sent, by retry_on condition
 //	meshlet_sidecar_upstream_retries_denied_total{cluster, reason}
@@ -40,6 +51,16 @@ import (
 //	    requests and connections refused by authorization, by rule
 //	meshlet_sidecar_certificate_expiry_seconds{secret, kind, spiffe_id, serial}
 //	    seconds until each certificate of each secret expires
+//	meshlet_sidecar_xds_connected
+//	    1 while the ADS stream to the control plane is up, else 0
+//	meshlet_sidecar_xds_updates_total{type, result}
+//	    xDS responses by type URL, result "ack" or "nack"
+//	meshlet_sidecar_xds_version_info{type, version}
+//	    1 for the last accepted version of each type URL
+//	meshlet_sidecar_tracing_spans_exported_total
+//	meshlet_sidecar_tracing_spans_dropped_total{reason}
+//	    spans lost: queue_full (the bounded export queue was full) or
+//	    export_failed (the collector refused them or was unreachable)
 //
 // plus the Go runtime and process collectors.
 type Metrics struct {
@@ -47,6 +68,10 @@ type Metrics struct {
 	Registry *prometheus.Registry
 
 	requests      *prometheus.CounterVec
+	duration      *prometheus.HistogramVec
+	downConns     *prometheus.GaugeVec
+	spansExported prometheus.Counter
+	spansDropped  *prometheus.CounterVec
 	retries       *prometheus.CounterVec
 	retriesDenied *prometheus.CounterVec
 	overflow      *prometheus.CounterVec
@@ -55,20 +80,56 @@ type Metrics struct {
 	breakerState  *prometheus.GaugeVec
 	handshakes    *prometheus.CounterVec
 	authzDenied   *prometheus.CounterVec
+
+	// children caches the request metrics of each label set (sync.Map of
+	// requestKey → *requestChildren), sparing the hot path the label hashing
+	// and locking of WithLabelValues; conns caches gauges by listener.
+	children sync.Map
+	conns    sync.Map
+}
+
+type requestKey struct {
+	listener, cluster, route string
+	code                     int
+	reason                   string
+}
+
+type requestChildren struct {
+	count    prometheus.Counter
+	duration prometheus.Observer
 }
 
 var (
 	_ cluster.Events     = (*Metrics)(nil)
 	_ httpproxy.Recorder = (*Metrics)(nil)
+	_ tcpproxy.Recorder  = (*Metrics)(nil)
+	_ tracing.Events     = (*Metrics)(nil)
 )
+
+// DurationBuckets are the request duration histogram's buckets, in seconds
+// (0.5 ms to 60 s).
+var DurationBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}
 
 // New returns Metrics registered in a new registry.
 func New() *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "meshlet_sidecar_requests_total", Help: "HTTP requests handled, by listener, cluster, status code and typed failure reason.",
-		}, []string{"listener", "cluster", "code", "reason"}),
+			Name: "meshlet_sidecar_requests_total", Help: "HTTP requests handled, by listener, cluster, route, status code and typed failure reason.",
+		}, []string{"listener", "cluster", "route", "code", "reason"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "meshlet_sidecar_request_duration_seconds", Help: "Time from the request headers to the end of the response, by listener, cluster, route, status code and typed failure reason.",
+			Buckets: DurationBuckets,
+		}, []string{"listener", "cluster", "route", "code", "reason"}),
+		downConns: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "meshlet_sidecar_downstream_connections_active", Help: "Open downstream connections, by listener.",
+		}, []string{"listener"}),
+		spansExported: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_tracing_spans_exported_total", Help: "Spans accepted by the OTLP collector.",
+		}),
+		spansDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_sidecar_tracing_spans_dropped_total", Help: "Spans lost, by reason: queue_full or export_failed.",
+		}, []string{"reason"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshlet_sidecar_upstream_retries_total", Help: "Retries sent to upstream clusters, by retry_on condition.",
 		}, []string{"cluster", "cause"}),
@@ -95,15 +156,116 @@ func New() *Metrics {
 		Name: "meshlet_sidecar_authz_denied_total", Help: "Requests and connections refused by authorization, by the rule that refused them.",
 	}, []string{"listener", "rule"})
 	m.Registry.MustRegister(m.handshakes, m.authzDenied)
+	m.Registry.MustRegister(m.duration, m.downConns, m.spansExported, m.spansDropped)
 	m.Registry.MustRegister(m.requests, m.retries, m.retriesDenied, m.overflow, m.ejections, m.breakerTrans, m.breakerState,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
 // Request implements httpproxy.Recorder.
-func (m *Metrics) Request(listener, cluster string, code int, reason string) {
-	m.requests.WithLabelValues(listener, cluster, statusText(code), reason).Inc()
+func (m *Metrics) Request(r httpproxy.RequestRecord) {
+	k := requestKey{listener: r.Listener, cluster: r.Cluster, route: r.Route, code: r.Code, reason: r.Reason}
+	v, ok := m.children.Load(k)
+	if !ok {
+		labels := []string{r.Listener, r.Cluster, r.Route, statusText(r.Code), r.Reason}
+		v, _ = m.children.LoadOrStore(k, &requestChildren{count: m.requests.WithLabelValues(labels...), duration: m.duration.WithLabelValues(labels...)})
+	}
+	c := v.(*requestChildren)
+	c.count.Inc()
+	c.duration.Observe(r.Duration.Seconds())
 }
+
+// Connections implements httpproxy.Recorder and tcpproxy.Recorder.
+func (m *Metrics) Connections(listener string, delta int) {
+	v, ok := m.conns.Load(listener)
+	if !ok {
+		v, _ = m.conns.LoadOrStore(listener, m.downConns.WithLabelValues(listener))
+	}
+	v.(prometheus.Gauge).Add(float64(delta))
+}
+
+// SpansExported implements tracing.Events.
+func (m *Metrics) SpansExported(n int) { m.spansExported.Add(float64(n)) }
+
+// SpansDropped implements tracing.Events.
+func (m *Metrics) SpansDropped(n int, reason string) {
+	m.spansDropped.WithLabelValues(reason).Add(float64(n))
+}
+
+// ClusterStats are the live counters of one upstream cluster, read at each
+// scrape.
+type ClusterStats struct {
+	Connections, Requests, Pending int64
+}
+
+// WatchClusters registers the upstream_* gauges, read from stats at each
+// scrape (by cluster name).
+func (m *Metrics) WatchClusters(stats func() map[string]ClusterStats) {
+	m.Registry.MustRegister(&funcCollector{
+		descs: []*prometheus.Desc{
+			prometheus.NewDesc("meshlet_sidecar_upstream_connections_active", "Open upstream connections, by cluster.", []string{"cluster"}, nil),
+			prometheus.NewDesc("meshlet_sidecar_upstream_requests_active", "Requests in flight to the cluster.", []string{"cluster"}, nil),
+			prometheus.NewDesc("meshlet_sidecar_upstream_requests_pending", "Requests waiting for an upstream connection.", []string{"cluster"}, nil),
+		},
+		collect: func(d []*prometheus.Desc, ch chan<- prometheus.Metric) {
+			for name, st := range stats() {
+				ch <- prometheus.MustNewConstMetric(d[0], prometheus.GaugeValue, float64(st.Connections), name)
+				ch <- prometheus.MustNewConstMetric(d[1], prometheus.GaugeValue, float64(st.Requests), name)
+				ch <- prometheus.MustNewConstMetric(d[2], prometheus.GaugeValue, float64(st.Pending), name)
+			}
+		},
+	})
+}
+
+// XDSStatus is the ADS client's state, read at each scrape.
+type XDSStatus struct {
+	Connected bool
+	// Versions, ACKs and NACKs by type URL.
+	Versions    map[string]string
+	ACKs, NACKs map[string]uint64
+}
+
+// WatchXDS registers the xds_* metrics, read from status at each scrape.
+func (m *Metrics) WatchXDS(status func() XDSStatus) {
+	m.Registry.MustRegister(&funcCollector{
+		descs: []*prometheus.Desc{
+			prometheus.NewDesc("meshlet_sidecar_xds_connected", "1 while the ADS stream to the control plane is up.", nil, nil),
+			prometheus.NewDesc("meshlet_sidecar_xds_updates_total", "xDS responses by type URL and result (ack or nack).", []string{"type", "result"}, nil),
+			prometheus.NewDesc("meshlet_sidecar_xds_version_info", "The last accepted version of each xDS type (value 1).", []string{"type", "version"}, nil),
+		},
+		collect: func(d []*prometheus.Desc, ch chan<- prometheus.Metric) {
+			st := status()
+			up := 0.0
+			if st.Connected {
+				up = 1
+			}
+			ch <- prometheus.MustNewConstMetric(d[0], prometheus.GaugeValue, up)
+			for t, n := range st.ACKs {
+				ch <- prometheus.MustNewConstMetric(d[1], prometheus.CounterValue, float64(n), t, "ack")
+			}
+			for t, n := range st.NACKs {
+				ch <- prometheus.MustNewConstMetric(d[1], prometheus.CounterValue, float64(n), t, "nack")
+			}
+			for t, v := range st.Versions {
+				ch <- prometheus.MustNewConstMetric(d[2], prometheus.GaugeValue, 1, t, v)
+			}
+		},
+	})
+}
+
+// funcCollector reads values at scrape time.
+type funcCollector struct {
+	descs   []*prometheus.Desc
+	collect func([]*prometheus.Desc, chan<- prometheus.Metric)
+}
+
+func (c *funcCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d
+	}
+}
+
+func (c *funcCollector) Collect(ch chan<- prometheus.Metric) { c.collect(c.descs, ch) }
 
 // Retry implements httpproxy.Recorder.
 func (m *Metrics) Retry(cluster, cause string) { m.retries.WithLabelValues(cluster, cause).Inc() }

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -87,6 +88,8 @@ type Status struct {
 	Versions map[string]string
 	ACKs     uint64
 	NACKs    uint64
+	// ACKsByType and NACKsByType count ACKs and NACKs per type URL.
+	ACKsByType, NACKsByType map[string]uint64
 	// LastNACK is the error_detail of the last rejected response, "" if none.
 	LastNACK string
 }
@@ -145,7 +148,7 @@ func New(cfg Config) (*Client, error) {
 			xds.ClusterType:  {wildcard: true},
 			xds.ListenerType: {wildcard: true},
 		},
-		status:  Status{Versions: map[string]string{}},
+		status:  Status{Versions: map[string]string{}, ACKsByType: map[string]uint64{}, NACKsByType: map[string]uint64{}},
 		repeats: map[string]nackRepeat{},
 	}, nil
 }
@@ -155,10 +158,9 @@ func (c *Client) Status() Status {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.status
-	s.Versions = make(map[string]string, len(c.status.Versions))
-	for k, v := range c.status.Versions {
-		s.Versions[k] = v
-	}
+	s.Versions = maps.Clone(c.status.Versions)
+	s.ACKsByType = maps.Clone(c.status.ACKsByType)
+	s.NACKsByType = maps.Clone(c.status.NACKsByType)
 	return s
 }
 
@@ -296,6 +298,7 @@ func (c *Client) handle(resp *discovery.DiscoveryResponse) ([]*discovery.Discove
 	sub.version = resp.GetVersionInfo()
 	c.status.Versions[t] = sub.version
 	c.status.ACKs++
+	c.status.ACKsByType[t]++
 	c.mu.Unlock()
 	c.cfg.Logger.Debug("xds: ACK", "type", t, "version", resp.GetVersionInfo(), "resources", len(resp.GetResources()))
 	reqs := []*discovery.DiscoveryRequest{c.request(t, resp.GetNonce(), nil, false)}
@@ -320,6 +323,7 @@ func (c *Client) nack(t string, resp *discovery.DiscoveryResponse, err error) ([
 	v := resp.GetVersionInfo()
 	c.mu.Lock()
 	c.status.NACKs++
+	c.status.NACKsByType[t]++
 	c.status.LastNACK = fmt.Sprintf("%s version %s: %v", t, v, err)
 	rep := c.repeats[t]
 	if rep.version == v {

@@ -28,10 +28,11 @@ func run(args []string, stderr io.Writer) int {
 	fs.StringVar(&cfg.NodeID, "node-id", os.Getenv("MESHLET_NODE_ID"), "xDS node ID: the proxy's service ID in Consul, e.g. web-sidecar-proxy (required; env MESHLET_NODE_ID)")
 	fs.StringVar(&cfg.Service, "service", os.Getenv("MESHLET_SERVICE"), "service this sidecar fronts (informational; env MESHLET_SERVICE)")
 	fs.StringVar(&cfg.XDSAddress, "xds-addr", cli.EnvOr("MESHLET_XDS_ADDR", sidecar.DefaultXDSAddress), "control plane ADS address host:port (env MESHLET_XDS_ADDR)")
-	fs.StringVar(&cfg.AdminAddress, "admin-addr", sidecar.DefaultAdminAddress, "admin endpoint host:port (/ready, /config_dump, /listeners, /clusters)")
+	fs.StringVar(&cfg.AdminAddress, "admin-addr", sidecar.DefaultAdminAddress, "admin endpoint host:port, loopback by default (/ready, /config_dump, /listeners, /clusters, /certs, /metrics)")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", listener.DefaultDrainTimeout, "how long removed listeners, and all listeners at shutdown, wait for open connections")
 	fs.DurationVar(&cfg.WarmTimeout, "warm-timeout", sidecar.DefaultWarmTimeout, "how long a new config waits for the routes and endpoints it references")
 	fs.StringVar(&cfg.StateDir, "state-dir", os.Getenv("MESHLET_STATE_DIR"), "keep the last accepted config here, so a restart while the control plane is away comes up serving it (env MESHLET_STATE_DIR; off when empty)")
+	fs.BoolVar(&cfg.Pprof, "admin-pprof", false, "serve Go profiles under /debug/pprof/ on the admin endpoint")
 	logger := cli.LogLevel(fs, stderr)
 	if err := fs.Parse(args); err != nil {
 		return 2

@@ -1,0 +1,233 @@
+package tracing
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"go.opentelemetry.io/contrib/propagators/b3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	semconv "go.opentelemetry.io/otel/semconv/v1.40.0"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/meshlet/meshlet/sidecar/config"
+)
+
+// Attribute keys meshlet adds next to the OpenTelemetry semantic
+// conventions (HTTP and RPC spans, semconv v1.40).
+const (
+	// AttrReason is the typed failure reason when the sidecar failed the
+	// request or the attempt (x-meshlet-reason), also in error.type.
+	AttrReason = attribute.Key("meshlet.reason")
+	// AttrPeerSPIFFEID is the SPIFFE ID of the peer: the caller on inbound
+	// spans, the upstream's expected identity on attempts.
+	AttrPeerSPIFFEID = attribute.Key("meshlet.peer.spiffe_id")
+	// AttrUpstreamCluster is the cluster the request was routed to (Envoy's
+	// upstream_cluster tag).
+	AttrUpstreamCluster = attribute.Key("meshlet.upstream_cluster")
+	// AttrRoute is the name of the route that matched.
+	AttrRoute = attribute.Key("meshlet.route")
+	// AttrAttempt is the 1-based attempt number on attempt spans.
+	AttrAttempt = attribute.Key("meshlet.attempt")
+	// AttrRetryCause is the retry_on condition that made an attempt be
+	// retried, on the attempt it ends.
+	AttrRetryCause = attribute.Key("meshlet.retry_cause")
+)
+
+// HTTP is the tracing of one HTTP connection manager: its tracer, sampling
+// and propagation. A nil *HTTP traces nothing.
+type HTTP struct {
+	tracer   trace.Tracer
+	prop     propagation.TextMapPropagator
+	outbound bool
+	spawn    bool
+}
+
+// propagator returns the composite propagator of the formats in names.
+func propagator(names []string) propagation.TextMapPropagator {
+	var ps []propagation.TextMapPropagator
+	var enc b3.Encoding
+	for _, n := range names {
+		switch n {
+		case config.PropagationTraceContext:
+			ps = append(ps, propagation.TraceContext{})
+		case config.PropagationB3:
+			enc |= b3.B3SingleHeader
+		case config.PropagationB3Multi:
+			enc |= b3.B3MultipleHeader
+		}
+	}
+	if enc != 0 {
+		ps = append(ps, b3.New(b3.WithInjectEncoding(enc)))
+	}
+	if len(ps) == 0 {
+		ps = append(ps, propagation.TraceContext{})
+	}
+	return propagation.NewCompositeTextMapPropagator(ps...)
+}
+
+// SpawnAttempts reports whether each upstream attempt gets its own span
+// (spawn_upstream_span).
+func (h *HTTP) SpawnAttempts() bool { return h != nil && h.spawn }
+
+// Request describes a request for its span.
+type Request struct {
+	// Cluster and Route are the upstream cluster and the route's name; ""
+	// when no route matched.
+	Cluster, Route string
+	// PeerID is the downstream's SPIFFE ID on inbound mTLS listeners.
+	PeerID string
+}
+
+// Start continues the trace in r's headers (or starts one, sampled per the
+// configured percentage) with the request's span: a server span on inbound
+// listeners, a client span on outbound ones. It returns the context holding
+// the span.
+func (h *HTTP) Start(ctx context.Context, r *http.Request, q Request) (context.Context, trace.Span) {
+	ctx = h.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
+	kind, name := trace.SpanKindServer, "inbound "+r.Method
+	if h.outbound {
+		kind, name = trace.SpanKindClient, "outbound "+r.Method+" "+q.Cluster
+	}
+	ctx, span := h.tracer.Start(ctx, name, trace.WithSpanKind(kind))
+	if !span.IsRecording() {
+		return ctx, span
+	}
+	attrs := make([]attribute.KeyValue, 0, 12)
+	attrs = append(attrs,
+		semconv.HTTPRequestMethodKey.String(r.Method),
+		semconv.URLPath(r.URL.Path),
+		semconv.ServerAddress(r.Host),
+		semconv.NetworkProtocolVersion(protoVersion(r)),
+	)
+	if ua := r.UserAgent(); ua != "" {
+		attrs = append(attrs, semconv.UserAgentOriginal(ua))
+	}
+	if q.Route != "" {
+		attrs = append(attrs, AttrRoute.String(q.Route))
+	}
+	if q.Cluster != "" {
+		attrs = append(attrs, AttrUpstreamCluster.String(q.Cluster))
+	}
+	if h.outbound {
+		if q.Cluster != "" {
+			attrs = append(attrs, semconv.ServicePeerName(q.Cluster))
+		}
+	} else {
+		if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+			attrs = append(attrs, semconv.ClientAddress(host))
+		}
+		if q.PeerID != "" {
+			attrs = append(attrs, AttrPeerSPIFFEID.String(q.PeerID))
+			if svc := serviceOf(q.PeerID); svc != "" {
+				attrs = append(attrs, semconv.ServicePeerName(svc))
+			}
+		}
+	}
+	if m, ok := grpcMethod(r); ok {
+		attrs = append(attrs, semconv.RPCSystemNameGRPC, semconv.RPCMethod(m))
+	}
+	span.SetAttributes(attrs...)
+	return ctx, span
+}
+
+// Inject writes the trace context of ctx into header in every configured
+// format.
+func (h *HTTP) Inject(ctx context.Context, header http.Header) {
+	h.prop.Inject(ctx, propagation.HeaderCarrier(header))
+}
+
+// StartAttempt starts the client span of attempt n (1-based) to endpoint
+// (host:port) under the request's span in ctx.
+func (h *HTTP) StartAttempt(ctx context.Context, n int, endpoint, peerID string) (context.Context, trace.Span) {
+	ctx, span := h.tracer.Start(ctx, "attempt "+strconv.Itoa(n), trace.WithSpanKind(trace.SpanKindClient))
+	if !span.IsRecording() {
+		return ctx, span
+	}
+	attrs := []attribute.KeyValue{AttrAttempt.Int(n)}
+	if n > 1 {
+		attrs = append(attrs, semconv.HTTPRequestResendCount(n-1))
+	}
+	if host, port, err := net.SplitHostPort(endpoint); err == nil {
+		p, _ := strconv.Atoi(port)
+		attrs = append(attrs, semconv.NetworkPeerAddress(host), semconv.NetworkPeerPort(p))
+	}
+	if peerID != "" {
+		attrs = append(attrs, AttrPeerSPIFFEID.String(peerID))
+	}
+	span.SetAttributes(attrs...)
+	return ctx, span
+}
+
+// End records the outcome on span and ends it: the response status code
+// (0 when there was none), the typed reason when the sidecar failed it,
+// the grpc-status when there is one, and for attempts the retry_on
+// condition that made it be retried. Server spans are errors from 500
+// up, client spans from 400 up (OpenTelemetry HTTP conventions).
+func End(span trace.Span, code int, reason, grpcStatus, retryCause string) {
+	if span.IsRecording() {
+		attrs := make([]attribute.KeyValue, 0, 5)
+		if code > 0 {
+			attrs = append(attrs, semconv.HTTPResponseStatusCode(code))
+		}
+		if grpcStatus != "" {
+			attrs = append(attrs, semconv.RPCResponseStatusCodeKey.String(grpcStatus))
+		}
+		if retryCause != "" {
+			attrs = append(attrs, AttrRetryCause.String(retryCause))
+		}
+		switch {
+		case reason != "":
+			attrs = append(attrs, AttrReason.String(reason), semconv.ErrorTypeKey.String(reason))
+			span.SetStatus(codes.Error, reason)
+		case code == 0:
+			attrs = append(attrs, semconv.ErrorTypeKey.String("cancelled"))
+		case code >= 500, code >= 400 && isClient(span):
+			attrs = append(attrs, semconv.ErrorTypeKey.String(strconv.Itoa(code)))
+			span.SetStatus(codes.Error, "")
+		}
+		span.SetAttributes(attrs...)
+	}
+	span.End()
+}
+
+// isClient reports whether span is a client span (the SDK's read-only view
+// exposes the kind).
+func isClient(span trace.Span) bool {
+	if ro, ok := span.(interface{ SpanKind() trace.SpanKind }); ok {
+		return ro.SpanKind() == trace.SpanKindClient
+	}
+	return false
+}
+
+// serviceOf returns the service of a Consul SPIFFE ID
+// (spiffe://<td>/ns/<ns>/dc/<dc>/svc/<service>), "" when it has none.
+func serviceOf(id string) string {
+	i := strings.LastIndex(id, "/svc/")
+	if i < 0 {
+		return ""
+	}
+	return id[i+len("/svc/"):]
+}
+
+// grpcMethod returns "package.Service/Method" of a gRPC request.
+func grpcMethod(r *http.Request) (string, bool) {
+	if !strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
+		return "", false
+	}
+	return strings.TrimPrefix(r.URL.Path, "/"), true
+}
+
+func protoVersion(r *http.Request) string {
+	if r.ProtoMajor == 2 {
+		return "2"
+	}
+	if r.ProtoMinor == 0 {
+		return "1.0"
+	}
+	return "1.1"
+}
