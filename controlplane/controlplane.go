@@ -39,6 +39,10 @@ type Config struct {
 	// PolicyDir is the policy directory; DefaultPolicyDir when empty. It must
 	// exist.
 	PolicyDir string
+	// TraceCollector is the OTLP collector sidecars export spans to when
+	// MeshDefaults.tracing names none; nil or an empty endpoint leaves
+	// tracing to the policy files (off when they name no collector).
+	TraceCollector *policy.Collector
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// Ready, if set, is called with the bound xDS address once serving.
@@ -66,6 +70,11 @@ func (c *Config) setDefaults() {
 // unreachable Consul agent is not fatal: it is logged and retried.
 func Run(ctx context.Context, cfg Config) error {
 	cfg.setDefaults()
+	if c := cfg.TraceCollector; c != nil && c.Endpoint != "" {
+		if err := c.Validate(); err != nil {
+			return fmt.Errorf("controlplane: trace collector: %w", err)
+		}
+	}
 	log := cfg.Logger
 
 	cc := api.DefaultConfig()
@@ -95,7 +104,8 @@ func Run(ctx context.Context, cfg Config) error {
 	wg.Add(3)
 	go func() {
 		defer wg.Done()
-		if err := policy.Watch(ctx, cfg.PolicyDir, log, srv.SetPolicies); err != nil {
+		setPolicies := func(set *policy.Set) { srv.SetPolicies(set.WithDefaultCollector(cfg.TraceCollector)) }
+		if err := policy.Watch(ctx, cfg.PolicyDir, log, setPolicies); err != nil {
 			cancel(err)
 		}
 	}()

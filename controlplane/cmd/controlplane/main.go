@@ -69,6 +69,9 @@ func serve(args []string, stderr io.Writer) int {
 	fs.StringVar(&cfg.ConsulAddress, "consul-addr", cli.EnvOr("CONSUL_HTTP_ADDR", controlplane.DefaultConsulAddress), "Consul agent HTTP address (env CONSUL_HTTP_ADDR)")
 	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "Consul ACL token (env CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", controlplane.DefaultPolicyDir, "directory of policy files (watched for changes)")
+	var collector policy.Collector
+	fs.StringVar(&collector.Endpoint, "otlp-endpoint", os.Getenv("MESHLET_OTLP_ENDPOINT"), "OTLP collector sidecars export spans to when MeshDefaults.tracing names none: host:port for grpc, a URL for http (env MESHLET_OTLP_ENDPOINT; tracing is off when neither names one)")
+	fs.StringVar(&collector.Protocol, "otlp-protocol", policy.CollectorGRPC, "OTLP protocol of -otlp-endpoint: grpc or http")
 	logger := cli.LogLevel(fs, stderr)
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -77,6 +80,13 @@ func serve(args []string, stderr io.Writer) int {
 	if cfg.Logger, err = logger(); err != nil {
 		fmt.Fprintf(stderr, "controlplane: %v\n", err)
 		return 2
+	}
+	if collector.Endpoint != "" {
+		if err := collector.Validate(); err != nil {
+			fmt.Fprintf(stderr, "controlplane: -otlp-endpoint: %v\n", err)
+			return 2
+		}
+		cfg.TraceCollector = &collector
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
