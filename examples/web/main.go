@@ -7,6 +7,9 @@
 //	GET /health  200 "ok"
 //
 // Upstream failures answer 502 with the error, so the demo can count them.
+// Trace context headers (W3C traceparent/tracestate, B3) of a request are
+// copied onto the calls it makes, as a mesh asks of every application, so
+// the sidecars' spans of all hops join one trace.
 package main
 
 import (
@@ -36,7 +39,9 @@ func main() {
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api", func(w http.ResponseWriter, r *http.Request) {
-		resp, err := client.Get(*apiURL + "/hello")
+		req, _ := http.NewRequestWithContext(r.Context(), http.MethodGet, *apiURL+"/hello", nil)
+		forwardTraceHeaders(r.Header, req.Header)
+		resp, err := client.Do(req)
 		if err != nil {
 			writeJSON(w, http.StatusBadGateway, map[string]string{"route": "api", "error": err.Error()})
 			return
@@ -114,6 +119,18 @@ func setGet(addr, key, val string) (value, instance string, err error) {
 		return "", "", err
 	}
 	return value, instance, nil
+}
+
+// traceHeaders are the trace context headers an application forwards:
+// W3C Trace Context and Zipkin B3 (single and multi header).
+var traceHeaders = []string{"Traceparent", "Tracestate", "B3", "X-B3-Traceid", "X-B3-Spanid", "X-B3-Parentspanid", "X-B3-Sampled", "X-B3-Flags"}
+
+func forwardTraceHeaders(from, to http.Header) {
+	for _, k := range traceHeaders {
+		if v := from.Values(k); len(v) > 0 {
+			to[k] = v
+		}
+	}
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

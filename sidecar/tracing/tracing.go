@@ -60,6 +60,10 @@ type Manager struct {
 	events Events
 	node   string
 
+	// spanExporter builds the OTLP exporter of a provider (otlpExporter;
+	// tests swap in an in-memory one).
+	spanExporter func(config.TraceProvider) (sdktrace.SpanExporter, error)
+
 	mu sync.Mutex // guards exporters and tracers
 	// exporters by provider; tracers by provider and sampling.
 	exporters map[config.TraceProvider]*exporter
@@ -81,7 +85,8 @@ func NewManager(log *slog.Logger, events Events, node string) *Manager {
 	if events == nil {
 		events = nopEvents{}
 	}
-	return &Manager{log: log, events: events, node: node, exporters: map[config.TraceProvider]*exporter{}, tracers: map[tracerKey]*HTTP{}}
+	return &Manager{log: log, events: events, node: node, spanExporter: otlpExporter,
+		exporters: map[config.TraceProvider]*exporter{}, tracers: map[tracerKey]*HTTP{}}
 }
 
 // Sync starts an exporter for every provider in used that has none, and
@@ -111,12 +116,12 @@ func (m *Manager) Sync(used []config.TraceProvider) {
 	}
 	for p := range want {
 		if m.exporters[p] == nil {
-			e, err := newExporter(p, m.log, m.events)
+			exp, err := m.spanExporter(p)
 			if err != nil {
 				m.log.Error("tracing: cannot export spans; requests are not traced", "collector", p.Endpoint, "protocol", p.Protocol, "error", err)
 				continue
 			}
-			m.exporters[p] = e
+			m.exporters[p] = startExporter(exp, p.MaxQueue, p.Protocol+" "+p.Endpoint, m.log, m.events)
 			m.log.Info("tracing: exporting spans", "collector", p.Endpoint, "protocol", p.Protocol, "service", p.ServiceName)
 		}
 	}
@@ -215,7 +220,9 @@ type exporter struct {
 
 var _ sdktrace.SpanProcessor = (*exporter)(nil)
 
-func newExporter(p config.TraceProvider, log *slog.Logger, events Events) (*exporter, error) {
+// otlpExporter returns the OTLP exporter of p, without retries (a failed
+// batch is dropped and counted; the next one tries again).
+func otlpExporter(p config.TraceProvider) (sdktrace.SpanExporter, error) {
 	var (
 		exp sdktrace.SpanExporter
 		err error
@@ -234,19 +241,24 @@ func newExporter(p config.TraceProvider, log *slog.Logger, events Events) (*expo
 	if err != nil {
 		return nil, fmt.Errorf("tracing: OTLP exporter for %s: %w", p.Endpoint, err)
 	}
-	q := p.MaxQueue
-	if q <= 0 {
-		q = config.DefaultTraceQueue
+	return exp, nil
+}
+
+// startExporter queues up to queue spans (config.DefaultTraceQueue when
+// 0) for exp and starts the goroutine that sends them.
+func startExporter(exp sdktrace.SpanExporter, queue int, what string, log *slog.Logger, events Events) *exporter {
+	if queue <= 0 {
+		queue = config.DefaultTraceQueue
 	}
 	e := &exporter{
-		exp: exp, log: log, events: events, what: p.Protocol + " " + p.Endpoint,
-		queue: make(chan sdktrace.ReadOnlySpan, q),
+		exp: exp, log: log, events: events, what: what,
+		queue: make(chan sdktrace.ReadOnlySpan, queue),
 		flush: make(chan chan struct{}),
 		stop:  make(chan struct{}),
 		done:  make(chan struct{}),
 	}
 	go e.run()
-	return e, nil
+	return e
 }
 
 // OnStart implements sdktrace.SpanProcessor.
