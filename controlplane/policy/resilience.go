@@ -109,10 +109,19 @@ func (m *Match) validate(v *validator, field string) {
 }
 
 // Retry conditions (Envoy retry_on values): HTTP ones and gRPC status codes
-// read from the response headers of a trailers-only gRPC response.
-var retryConditions = []string{
+// read from the response headers of a trailers-only gRPC response, which
+// meshlet's sidecar implements, then Envoy-only conditions (envoyRetryConditions).
+var retryConditions = append([]string{
 	"connect-failure", "refused-stream", "reset", "5xx", "gateway-error", "retriable-status-codes",
 	"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+}, envoyRetryConditions...)
+
+// envoyRetryConditions are Envoy retry_on conditions that meshlet's sidecar
+// does not implement. They are accepted because the control plane serves
+// standard xDS (Envoy, proxyless gRPC) and passes retryOn through as
+// retry_on; a meshlet sidecar rejects them with a NACK naming the field.
+var envoyRetryConditions = []string{
+	"envoy-ratelimited", "retriable-4xx", "reset-before-request", "http3-post-connect-failure", "retriable-headers",
 }
 
 // Retry defaults.
@@ -190,6 +199,15 @@ const (
 // all POSTs: listing a gRPC status (cancelled, deadline-exceeded, internal,
 // resource-exhausted, unavailable) in retryOn opts those responses in, as
 // gRPC's own retry policy does per service.
+//
+// retryOn is Envoy's retry_on vocabulary, passed through unchanged: it also
+// accepts the Envoy conditions envoy-ratelimited, retriable-4xx,
+// reset-before-request, http3-post-connect-failure and retriable-headers,
+// for Envoy and other standard xDS clients of the control plane. meshlet's
+// sidecar does not implement those: it rejects the route configuration
+// with a NACK naming the field (retry_on: unsupported condition), keeps its
+// last accepted config, and `controlplane status` traces the rejection back
+// to this document's file and line.
 type RetryPolicy struct {
 	Service              string        `yaml:"service"`
 	Match                *Match        `yaml:"match,omitempty"`
