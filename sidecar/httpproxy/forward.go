@@ -250,6 +250,11 @@ func (f *forward) prepare() {
 	if f.via != "" {
 		r.Header.Add("Via", protoVersion(r.ProtoMajor, r.ProtoMinor)+" "+f.via)
 	}
+	if f.x.tr != nil {
+		// The request's trace context; an attempt span replaces it with its
+		// own (startAttempt).
+		f.x.tr.Inject(r.Context(), r.Header)
+	}
 	if r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
 		f.body = newReplayBody(r.Body, f.rt.BodyBufferBytes, r.ContentLength)
 	}
@@ -261,9 +266,6 @@ func (f *forward) request(ctx context.Context, ep *cluster.Endpoint) *http.Reque
 	u := *r.URL
 	u.Scheme, u.Host = "http", ep.Address
 	out := r.WithContext(ctx)
-	if f.x.tr != nil {
-		f.x.tr.Inject(ctx, r.Header)
-	}
 	out.URL = &u
 	out.RequestURI = ""
 	out.Close = false
@@ -369,13 +371,12 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 // carries.
 func (f *forward) startAttempt(ctx context.Context, n int, ep *cluster.Endpoint) (context.Context, trace.Span) {
 	tr := f.x.tr
-	if tr == nil {
+	if tr == nil || !tr.SpawnAttempts() || !f.x.span.IsRecording() {
 		return ctx, nil
 	}
-	if !tr.SpawnAttempts() {
-		return ctx, nil
-	}
-	return tr.StartAttempt(ctx, n, ep.Address, f.c.PeerID())
+	actx, span := tr.StartAttempt(ctx, n, ep.Address, f.c.PeerID())
+	tr.Inject(actx, f.r.Header)
+	return actx, span
 }
 
 // endAttempt ends an attempt that did not give the response: its span,

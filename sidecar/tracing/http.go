@@ -70,6 +70,12 @@ func propagator(names []string) propagation.TextMapPropagator {
 	return propagation.NewCompositeTextMapPropagator(ps...)
 }
 
+// Span start options, built once (each With* call allocates).
+var (
+	serverSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindServer)}
+	clientSpan = []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindClient)}
+)
+
 // SpawnAttempts reports whether each upstream attempt gets its own span
 // (spawn_upstream_span).
 func (h *HTTP) SpawnAttempts() bool { return h != nil && h.spawn }
@@ -88,12 +94,12 @@ type Request struct {
 // listeners, a client span on outbound ones. It returns the context holding
 // the span.
 func (h *HTTP) Start(ctx context.Context, r *http.Request, q Request) (context.Context, trace.Span) {
-	ctx = h.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
-	kind, name := trace.SpanKindServer, "inbound "+r.Method
+	ctx = h.prop.Extract(ctx, headerCarrier(r.Header))
+	opts, name := serverSpan, "inbound "+r.Method
 	if h.outbound {
-		kind, name = trace.SpanKindClient, "outbound "+r.Method+" "+q.Cluster
+		opts, name = clientSpan, "outbound "+r.Method+" "+q.Cluster
 	}
-	ctx, span := h.tracer.Start(ctx, name, trace.WithSpanKind(kind))
+	ctx, span := h.tracer.Start(ctx, name, opts...)
 	if !span.IsRecording() {
 		return ctx, span
 	}
@@ -138,13 +144,15 @@ func (h *HTTP) Start(ctx context.Context, r *http.Request, q Request) (context.C
 // Inject writes the trace context of ctx into header in every configured
 // format.
 func (h *HTTP) Inject(ctx context.Context, header http.Header) {
-	h.prop.Inject(ctx, propagation.HeaderCarrier(header))
+	h.prop.Inject(ctx, headerCarrier(header))
 }
 
 // StartAttempt starts the client span of attempt n (1-based) to endpoint
-// (host:port) under the request's span in ctx.
+// (host:port) under the request's span in ctx. Callers skip it when the
+// request's span is not recording (not sampled): the request's context
+// then propagates the decision.
 func (h *HTTP) StartAttempt(ctx context.Context, n int, endpoint, peerID string) (context.Context, trace.Span) {
-	ctx, span := h.tracer.Start(ctx, "attempt "+strconv.Itoa(n), trace.WithSpanKind(trace.SpanKindClient))
+	ctx, span := h.tracer.Start(ctx, "attempt "+strconv.Itoa(n), clientSpan...)
 	if !span.IsRecording() {
 		return ctx, span
 	}
@@ -203,6 +211,44 @@ func isClient(span trace.Span) bool {
 	}
 	return false
 }
+
+// headerCarrier is propagation.HeaderCarrier without the allocation of
+// canonicalising the propagators' lower-case keys on every Get and Set.
+type headerCarrier http.Header
+
+// canonical maps the keys of the W3C and B3 propagators to their canonical
+// MIME form.
+var canonical = map[string]string{
+	"traceparent": "Traceparent", "tracestate": "Tracestate", "b3": "B3",
+	"x-b3-traceid": "X-B3-Traceid", "x-b3-spanid": "X-B3-Spanid", "x-b3-parentspanid": "X-B3-Parentspanid",
+	"x-b3-sampled": "X-B3-Sampled", "x-b3-flags": "X-B3-Flags",
+}
+
+func canonicalKey(k string) string {
+	if c, ok := canonical[k]; ok {
+		return c
+	}
+	return http.CanonicalHeaderKey(k)
+}
+
+func (c headerCarrier) Get(key string) string {
+	if v := c[canonicalKey(key)]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+func (c headerCarrier) Set(key, value string) { c[canonicalKey(key)] = []string{value} }
+
+func (c headerCarrier) Keys() []string {
+	out := make([]string, 0, len(c))
+	for k := range c {
+		out = append(out, k)
+	}
+	return out
+}
+
+var _ propagation.TextMapCarrier = headerCarrier(nil)
 
 // serviceOf returns the service of a Consul SPIFFE ID
 // (spiffe://<td>/ns/<ns>/dc/<dc>/svc/<service>), "" when it has none.
