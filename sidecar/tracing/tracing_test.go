@@ -248,7 +248,7 @@ func (b *blockingExporter) Shutdown(context.Context) error {
 
 type countingEvents struct{ exported, dropped atomic.Int64 }
 
-func (c *countingEvents) SpansExported(n int)         { c.exported.Add(int64(n)) }
+func (c *countingEvents) SpansExported(n int)          { c.exported.Add(int64(n)) }
 func (c *countingEvents) SpansDropped(n int, _ string) { c.dropped.Add(int64(n)) }
 
 func TestFullQueueDropsWithoutBlocking(t *testing.T) {
