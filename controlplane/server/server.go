@@ -7,9 +7,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	xdsserver "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
@@ -44,11 +47,15 @@ type Config struct {
 
 // Server builds one snapshot per sidecar and one for all proxyless gRPC
 // clients whenever the catalog or the policy set changes, and serves them.
+// It records every ADS exchange (versions sent and acknowledged, NACKs with
+// the policy documents and Consul entries behind the rejected resources)
+// for Status, and counts them in its metrics (Collector).
 type Server struct {
-	log   *slog.Logger
-	cache cache.SnapshotCache
-	grpc  *grpc.Server
-	guard *xds.NACKGuard
+	log     *slog.Logger
+	cache   cache.SnapshotCache
+	grpc    *grpc.Server
+	guard   *xds.NACKGuard
+	metrics *metrics
 
 	changed chan struct{} // capacity 1: a rebuild is due
 	stop    context.CancelFunc
@@ -60,15 +67,31 @@ type Server struct {
 	// first one arrives (no snapshot is built before that).
 	catalog  *model.Catalog
 	policies *policy.Set
+	// pending holds, by trigger (TriggerConsul, TriggerPolicy), the time of
+	// the first input change no build has consumed yet.
+	pending map[string]time.Time
 	// versions is the last published per-type version string by node key.
 	versions map[string]string
-	// streams maps an open stream ID to its node (set on first request).
-	streams map[int64]*core.Node
+	// published holds the last maxPublished snapshots set per node key,
+	// oldest first.
+	published map[string][]*published
+	// streams maps an open stream ID to its state (added on the first
+	// request that carries a node).
+	streams map[int64]*streamState
 	// unknownLogged records node IDs already reported as unregistered.
 	unknownLogged map[string]bool
-	// notReady records, by node, the reason its snapshot was last held back
-	// (logged once per reason).
+	// notReady records, by node key, the reason its snapshot was last held
+	// back (logged once per reason); heldBack the reason's kind
+	// (HeldNotReady, ...).
 	notReady map[string]string
+	heldBack map[string]string
+	// rejections holds the NACKs not followed by an ACK of the same type.
+	rejections map[rejectionKey]*Rejection
+	// seq numbers NACKs and ACKs; lastACK is the number of the last ACK
+	// per node and type, so a NACK explained outside the lock is not
+	// recorded after a newer ACK.
+	seq     uint64
+	lastACK map[rejectionKey]uint64
 }
 
 // New returns a Server ready to Serve. Its build loop runs until Close.
@@ -83,11 +106,17 @@ func New(cfg Config) *Server {
 		stop:          cancel,
 		done:          make(chan struct{}),
 		policies:      &policy.Set{},
+		pending:       map[string]time.Time{},
 		versions:      map[string]string{},
-		streams:       map[int64]*core.Node{},
+		published:     map[string][]*published{},
+		streams:       map[int64]*streamState{},
 		unknownLogged: map[string]bool{},
 		notReady:      map[string]string{},
+		heldBack:      map[string]string{},
+		rejections:    map[rejectionKey]*Rejection{},
+		lastACK:       map[rejectionKey]uint64{},
 	}
+	s.metrics = newMetrics(s)
 	s.cache = cache.NewSnapshotCache(true, nodeHash{}, cacheLogger{cfg.Logger})
 	s.guard = xds.NewNACKGuard(s.cache, nodeHash{})
 	opts := append([]grpc.ServerOption{
@@ -102,20 +131,36 @@ func New(cfg Config) *Server {
 }
 
 // SetCatalog replaces the mesh model; snapshots are rebuilt asynchronously.
+// The push latency of TriggerConsul is measured from this call.
 func (s *Server) SetCatalog(cat *model.Catalog) {
 	s.mu.Lock()
 	s.catalog = cat
+	s.markPending(TriggerConsul)
 	s.mu.Unlock()
 	s.kick()
 }
 
 // SetPolicies replaces the policy set; snapshots are rebuilt asynchronously.
+// The push latency of TriggerPolicy is measured from this call.
 func (s *Server) SetPolicies(set *policy.Set) {
 	s.mu.Lock()
 	s.policies = set
+	s.markPending(TriggerPolicy)
 	s.mu.Unlock()
 	s.kick()
 }
+
+// markPending records the first unbuilt change of trigger. s.mu must be
+// held.
+func (s *Server) markPending(trigger string) {
+	if _, ok := s.pending[trigger]; !ok {
+		s.pending[trigger] = time.Now()
+	}
+}
+
+// Collector returns the server's Prometheus metrics (see the metrics type
+// for names and labels), to register in the caller's registry.
+func (s *Server) Collector() prometheus.Collector { return s.metrics }
 
 func (s *Server) kick() {
 	select {
@@ -157,74 +202,156 @@ func (s *Server) buildLoop(ctx context.Context) {
 // not Consistent() is logged and not set: the node keeps its last one.
 func (s *Server) build(ctx context.Context) {
 	s.mu.Lock()
-	cat, pol := s.catalog, s.policies
+	cat, pol, pending := s.catalog, s.policies, s.pending
+	if cat != nil {
+		s.pending = map[string]time.Time{}
+	}
 	s.mu.Unlock()
 	if cat == nil {
 		return
 	}
 	start := time.Now()
 	set := 0
+	in := inputs{cat: cat, pol: pol, pending: pending}
 	for id, p := range cat.Proxies {
 		r, err := translate.Proxy(cat, pol, p)
 		if err != nil {
-			s.holdBack(id, err)
+			reason := HeldError
+			if errors.Is(err, translate.ErrNotReady) {
+				reason = HeldNotReady
+			}
+			s.holdBack(id, reason, err)
 			continue
 		}
-		s.mu.Lock()
-		delete(s.notReady, id)
-		s.mu.Unlock()
-		if s.publish(ctx, id, r) {
+		if s.publish(ctx, id, r, in) {
 			set++
 		}
 	}
-	if s.publish(ctx, ProxylessGroup, translate.Proxyless(cat, pol)) {
+	if s.publish(ctx, ProxylessGroup, translate.Proxyless(cat, pol), in) {
 		set++
 	}
-	s.log.Debug("xds: snapshots built", "proxies", len(cat.Proxies), "changed", set, "took", time.Since(start))
+	took := time.Since(start)
+	s.metrics.build.Observe(took.Seconds())
+	s.prune(cat)
+	s.log.Debug("xds: snapshots built", "proxies", len(cat.Proxies), "changed", set, "took", took)
+}
+
+// inputs are what one build pass reads.
+type inputs struct {
+	cat     *model.Catalog
+	pol     *policy.Set
+	pending map[string]time.Time // by trigger, see Server.pending
 }
 
 // holdBack logs, once per reason, that node keeps its last snapshot.
-func (s *Server) holdBack(node string, err error) {
+func (s *Server) holdBack(node, reason string, err error) {
 	s.mu.Lock()
 	same := s.notReady[node] == err.Error()
 	s.notReady[node] = err.Error()
+	s.heldBack[node] = reason
 	s.mu.Unlock()
 	if !same {
 		s.log.Info("xds: snapshot held back; the proxy keeps its last config", "node", node, "reason", err)
 	}
 }
 
-func (s *Server) publish(ctx context.Context, node string, r translate.Resources) bool {
+// prune forgets the state of sidecars that are neither in cat nor
+// connected.
+func (s *Server) prune(cat *model.Catalog) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	connected := map[string]bool{}
+	for _, st := range s.streams {
+		connected[st.node.GetId()] = true
+	}
+	gone := func(node string) bool {
+		_, registered := cat.Proxies[node]
+		return node != ProxylessGroup && !registered && !connected[node]
+	}
+	for _, m := range []map[string]string{s.notReady, s.heldBack} {
+		for node := range m {
+			if gone(node) {
+				delete(m, node)
+			}
+		}
+	}
+	for node := range s.published {
+		if gone(node) {
+			delete(s.published, node)
+		}
+	}
+	for k := range s.rejections {
+		if gone(k.node) {
+			delete(s.rejections, k)
+		}
+	}
+	for k := range s.lastACK {
+		if gone(k.node) {
+			delete(s.lastACK, k)
+		}
+	}
+}
+
+// publish sets node's snapshot from r when its content changed, and
+// reports whether it did.
+func (s *Server) publish(ctx context.Context, node string, r translate.Resources, in inputs) bool {
 	snap := &cache.Snapshot{}
+	rec := &published{versions: map[string]string{}, names: map[string][]string{}, cat: in.cat, pol: in.pol}
 	var all string
-	add := func(t types.ResponseType, items []types.Resource) {
+	add := func(t types.ResponseType, typeURL string, items []types.Resource) {
 		v := version(items)
 		snap.Resources[t] = cache.NewResources(v, items)
 		all += v + "/"
+		rec.versions[typeURL] = v
+		for _, it := range items {
+			rec.names[typeURL] = append(rec.names[typeURL], cache.GetResourceName(it))
+		}
 	}
-	add(types.Listener, toResources(r.Listeners))
-	add(types.Route, toResources(r.Routes))
-	add(types.Cluster, toResources(r.Clusters))
-	add(types.Endpoint, toResources(r.Endpoints))
-	add(types.Secret, toResources(r.Secrets))
+	add(types.Listener, xds.ListenerType, toResources(r.Listeners))
+	add(types.Route, xds.RouteType, toResources(r.Routes))
+	add(types.Cluster, xds.ClusterType, toResources(r.Clusters))
+	add(types.Endpoint, xds.EndpointType, toResources(r.Endpoints))
+	add(types.Secret, xds.SecretType, toResources(r.Secrets))
 
 	s.mu.Lock()
 	unchanged := s.versions[node] == all
+	if unchanged {
+		delete(s.notReady, node)
+		delete(s.heldBack, node)
+	}
 	s.mu.Unlock()
 	if unchanged {
 		return false
 	}
 	if err := snap.Consistent(); err != nil {
+		s.mu.Lock()
+		s.notReady[node] = "inconsistent snapshot: " + err.Error()
+		s.heldBack[node] = HeldInconsistent
+		s.mu.Unlock()
 		s.log.Error("xds: inconsistent snapshot not published; node keeps its last one", "node", node, "error", err)
 		return false
 	}
 	if err := s.cache.SetSnapshot(ctx, node, snap); err != nil {
+		s.mu.Lock()
+		s.notReady[node] = "set snapshot: " + err.Error()
+		s.heldBack[node] = HeldError
+		s.mu.Unlock()
 		s.log.Error("xds: set snapshot", "node", node, "error", err)
 		return false
 	}
+	now := time.Now()
 	s.mu.Lock()
 	s.versions[node] = all
+	delete(s.notReady, node)
+	delete(s.heldBack, node)
+	h := append(s.published[node], rec)
+	if len(h) > maxPublished {
+		h = slices.Clone(h[len(h)-maxPublished:])
+	}
+	s.published[node] = h
 	s.mu.Unlock()
+	s.metrics.snapshotsSet.Inc()
+	s.metrics.observePush(in.pending, now)
 	return true
 }
 
@@ -267,38 +394,85 @@ func (nodeHash) ID(node *core.Node) string {
 
 func (s *Server) callbacks() xdsserver.CallbackFuncs {
 	return xdsserver.CallbackFuncs{
-		StreamRequestFunc: s.onRequest,
-		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
-			s.guard.OnStreamResponse(id, resp)
-		},
-		StreamClosedFunc: func(id int64, node *core.Node) {
-			s.guard.OnStreamClosed(id)
-			s.mu.Lock()
-			delete(s.streams, id)
-			s.mu.Unlock()
-			s.log.Info("xds: stream closed", "stream", id, "node", node.GetId())
-		},
+		StreamRequestFunc:  s.onRequest,
+		StreamResponseFunc: s.onResponse,
+		StreamClosedFunc:   s.onClosed,
 	}
 }
 
-// onRequest logs each new node and every NACK (a request carrying
-// error_detail) with the node, the type, the rejected version and the
-// error, and parks the NACKed watch until the snapshot changes.
-func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
-	node := req.GetNode()
+// onResponse records the version and nonce of each response sent.
+func (s *Server) onResponse(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
+	s.guard.OnStreamResponse(id, resp)
 	s.mu.Lock()
-	first := s.streams[id] == nil
-	if first && node != nil {
-		s.streams[id] = node
-	} else {
-		node = s.streams[id]
+	if st := s.streams[id]; st != nil {
+		ts := st.typ(resp.GetTypeUrl())
+		ts.sentVersion, ts.sentNonce, ts.sentAt = resp.GetVersionInfo(), resp.GetNonce(), time.Now()
 	}
+	s.mu.Unlock()
+}
+
+// onClosed forgets the stream; a node that is gone from the catalog and
+// has no other stream loses its rejections.
+func (s *Server) onClosed(id int64, node *core.Node) {
+	s.guard.OnStreamClosed(id)
+	s.mu.Lock()
+	delete(s.streams, id)
+	cat := s.catalog
+	s.mu.Unlock()
+	if cat != nil {
+		s.prune(cat)
+	}
+	s.log.Info("xds: stream closed", "stream", id, "node", node.GetId())
+}
+
+// onRequest logs each new node; records ACKs (a request acknowledging the
+// version of the last response sent on the stream), which clear the node's
+// rejection of that type; and records and logs every NACK (a request
+// carrying error_detail) with the node, the type, the rejected version, the
+// error and the sources of the rejected resources, and parks the NACKed
+// watch until the snapshot changes.
+func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
+	now := time.Now()
+	typeURL := req.GetTypeUrl()
+	s.mu.Lock()
+	st := s.streams[id]
+	first := st == nil
+	if first {
+		if req.GetNode() == nil {
+			s.mu.Unlock()
+			s.guard.OnStreamRequest(id, req)
+			return nil
+		}
+		st = &streamState{node: req.GetNode(), opened: now, types: map[string]*typeState{}}
+		s.streams[id] = st
+	}
+	node := st.node
+	key := rejectionKey{node.GetId(), typeURL}
 	var unknown bool
 	if first && s.catalog != nil && !xds.IsProxylessGRPC(node) {
 		if _, ok := s.catalog.Proxies[node.GetId()]; !ok && !s.unknownLogged[node.GetId()] {
 			unknown = true
 			s.unknownLogged[node.GetId()] = true
 		}
+	}
+	ts := st.typ(typeURL)
+	s.seq++
+	seq := s.seq
+	var ack bool
+	var snap *published
+	rejected := ""
+	if req.GetErrorDetail() == nil {
+		if n := req.GetResponseNonce(); n != "" && n == ts.sentNonce && n != ts.ackedNonce && req.GetVersionInfo() == ts.sentVersion {
+			ack = true
+			ts.ackedNonce, ts.ackedVersion, ts.ackedAt = n, req.GetVersionInfo(), now
+			s.lastACK[key] = seq
+			delete(s.rejections, key)
+		}
+	} else {
+		if req.GetResponseNonce() == ts.sentNonce {
+			rejected = ts.sentVersion
+		}
+		snap = s.publishedLocked(nodeHash{}.ID(node), typeURL, rejected)
 	}
 	s.mu.Unlock()
 	if first {
@@ -308,14 +482,58 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 		s.log.Warn("xds: no connect-proxy is registered in Consul with this node ID; it gets config once one is",
 			"node", node.GetId())
 	}
+	if ack {
+		s.metrics.acks.WithLabelValues(typeLabel(typeURL)).Inc()
+	}
 	if d := req.GetErrorDetail(); d != nil {
 		accepted := req.GetVersionInfo()
-		rejected, parked := s.guard.OnStreamRequest(id, req)
+		guarded, parked := s.guard.OnStreamRequest(id, req)
+		if rejected == "" {
+			rejected = guarded
+		}
+		res, named := explain(nodeHash{}.ID(node), node.GetId(), snap, typeURL, d.GetMessage())
+		r := &Rejection{Node: node.GetId(), TypeURL: typeURL, Version: rejected, AcceptedVersion: accepted,
+			Error: d.GetMessage(), Time: now, FirstTime: now, Count: 1, Named: named, Resources: res}
+		s.mu.Lock()
+		if s.lastACK[key] < seq {
+			if prev := s.rejections[key]; prev != nil && prev.Version == r.Version {
+				r.FirstTime, r.Count = prev.FirstTime, prev.Count+1
+			}
+			s.rejections[key] = r
+		}
+		s.mu.Unlock()
+		s.metrics.nacks.WithLabelValues(node.GetId(), typeLabel(typeURL)).Inc()
+		var sources []string
+		for _, src := range r.Sources() {
+			sources = append(sources, src.String())
+		}
 		s.log.Warn("xds: NACK: the proxy rejected an update and keeps its last accepted config",
-			"node", node.GetId(), "type", req.GetTypeUrl(), "rejectedVersion", rejected,
-			"acceptedVersion", accepted, "error", d.GetMessage(), "heldUntilConfigChanges", parked)
+			"node", node.GetId(), "type", typeURL, "rejectedVersion", rejected,
+			"acceptedVersion", accepted, "error", d.GetMessage(), "resources", resourceNames(res),
+			"sources", sources, "heldUntilConfigChanges", parked)
 	}
 	return nil
+}
+
+// publishedLocked returns the newest snapshot published for key whose
+// typeURL version is version (the newest one when version is ""), or nil.
+// s.mu must be held.
+func (s *Server) publishedLocked(key, typeURL, version string) *published {
+	h := s.published[key]
+	for i := len(h) - 1; i >= 0; i-- {
+		if version == "" || h[i].versions[typeURL] == version {
+			return h[i]
+		}
+	}
+	return nil
+}
+
+func resourceNames(res []RejectedResource) []string {
+	out := make([]string, len(res))
+	for i, r := range res {
+		out[i] = r.Name
+	}
+	return out
 }
 
 // cacheLogger adapts slog to go-control-plane's logger at debug level.

@@ -1,0 +1,261 @@
+package server
+
+import (
+	"cmp"
+	"maps"
+	"slices"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/xds"
+)
+
+// Status is what the control plane knows of its proxies at one moment: the
+// body of the admin endpoint's /status (JSON) and what `controlplane
+// status` prints.
+type Status struct {
+	// Time is when the status was taken.
+	Time time.Time `json:"time"`
+	// Ready is Server.Ready; Waiting says what it still waits for.
+	Ready   bool   `json:"ready"`
+	Waiting string `json:"waiting,omitempty"`
+	// Proxies lists every sidecar registered in the Consul catalog and
+	// every node with an open ADS stream, sorted by node ID.
+	Proxies []ProxyStatus `json:"proxies"`
+	// Rejections lists the NACKs not yet followed by an ACK of the same
+	// type from the same node, sorted by node and type URL.
+	Rejections []Rejection `json:"rejections"`
+}
+
+// ProxyStatus is one node in Status.
+type ProxyStatus struct {
+	// Node is the xDS node ID (a sidecar's proxy service ID in Consul).
+	Node string `json:"node"`
+	// Kind is KindSidecar or KindProxyless.
+	Kind string `json:"kind"`
+	// Service is the service a sidecar fronts ("" when not registered, and
+	// for proxyless clients).
+	Service string `json:"service,omitempty"`
+	// Registered is true for a sidecar in the Consul catalog (a
+	// connect-proxy registration with this ID).
+	Registered bool `json:"registered"`
+	// Connected is true while the node has an open ADS stream; Streams
+	// counts them and ConnectedSince is when the newest one sent its first
+	// request.
+	Connected      bool       `json:"connected"`
+	Streams        int        `json:"streams,omitempty"`
+	ConnectedSince *time.Time `json:"connectedSince,omitempty"`
+	// HeldBack is why the node's latest build was not published (it keeps
+	// its last snapshot), e.g. "not ready: waiting for the leaf
+	// certificate of service \"web\""; "" when its snapshot is current.
+	HeldBack string `json:"heldBack,omitempty"`
+	// Snapshot is the version of each type in the node's current snapshot
+	// (by type URL; the proxyless group's for proxyless clients).
+	Snapshot map[string]string `json:"snapshot,omitempty"`
+	// Sent and ACKed are, by type URL, the version last sent to the node
+	// and the version it last acknowledged (on its newest stream).
+	Sent  map[string]string `json:"sent,omitempty"`
+	ACKed map[string]string `json:"acked,omitempty"`
+}
+
+// Rejection is a NACK: a proxy rejected a response and keeps its last
+// accepted config of that type.
+type Rejection struct {
+	// Node is the rejecting node's ID; TypeURL the rejected type.
+	Node    string `json:"node"`
+	TypeURL string `json:"typeUrl"`
+	// Version is the rejected version ("" when the NACK did not answer the
+	// last response sent on its stream); AcceptedVersion is the version the
+	// proxy keeps ("" when it has accepted none).
+	Version         string `json:"version"`
+	AcceptedVersion string `json:"acceptedVersion"`
+	// Error is the NACK's error_detail message.
+	Error string `json:"error"`
+	// Time is when the latest NACK of this version arrived, FirstTime the
+	// first, Count how many arrived.
+	Time      time.Time `json:"time"`
+	FirstTime time.Time `json:"firstTime"`
+	Count     int       `json:"count"`
+	// Named is true when the resources below were named in Error; false
+	// when Error names none, and every resource of the type in the
+	// rejected snapshot is listed.
+	Named bool `json:"named"`
+	// Resources are the rejected resources with the inputs they were built
+	// from (translate.ProxySources); empty when the rejected version is no
+	// longer known.
+	Resources []RejectedResource `json:"resources"`
+}
+
+// RejectedResource is one resource blamed by a Rejection.
+type RejectedResource struct {
+	Name    string             `json:"name"`
+	Sources []translate.Source `json:"sources"`
+}
+
+// Sources returns the inputs of every resource of r, merged, sorted and
+// without duplicates.
+func (r Rejection) Sources() []translate.Source {
+	byName := map[string][]translate.Source{}
+	names := make([]string, 0, len(r.Resources))
+	for _, res := range r.Resources {
+		byName[res.Name] = append(byName[res.Name], res.Sources...)
+		names = append(names, res.Name)
+	}
+	return translate.SourceMap{r.TypeURL: byName}.For(r.TypeURL, names...)
+}
+
+// streamState is what the server tracks of one ADS stream.
+type streamState struct {
+	node   *core.Node
+	opened time.Time // first request
+	types  map[string]*typeState
+}
+
+func (st *streamState) typ(typeURL string) *typeState {
+	t := st.types[typeURL]
+	if t == nil {
+		t = &typeState{}
+		st.types[typeURL] = t
+	}
+	return t
+}
+
+// typeState is one type's exchange on one stream.
+type typeState struct {
+	sentVersion, sentNonce   string
+	sentAt                   time.Time
+	ackedVersion, ackedNonce string
+	ackedAt                  time.Time
+}
+
+// published is one snapshot set for a node, with what it was built from,
+// so a later NACK of one of its versions can be explained.
+type published struct {
+	versions map[string]string   // by type URL
+	names    map[string][]string // resource names by type URL
+	cat      *model.Catalog
+	pol      *policy.Set
+}
+
+// maxPublished is how many snapshots per node are kept for explaining
+// NACKs of versions that are no longer current.
+const maxPublished = 4
+
+// rejectionKey identifies a Rejection: one per node and type.
+type rejectionKey struct{ node, typeURL string }
+
+func proxyKind(node *core.Node) string {
+	if xds.IsProxylessGRPC(node) {
+		return KindProxyless
+	}
+	return KindSidecar
+}
+
+// Ready reports whether the server has built snapshots: true once the
+// first Consul catalog has arrived; otherwise false and what it waits for.
+func (s *Server) Ready() (bool, string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.catalog == nil {
+		return false, "waiting for the first Consul catalog"
+	}
+	return true, ""
+}
+
+// Status returns what the server knows of every proxy now (see Status).
+func (s *Server) Status() *Status {
+	out := &Status{Time: time.Now(), Proxies: []ProxyStatus{}, Rejections: []Rejection{}}
+	out.Ready, out.Waiting = s.Ready()
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	byNode := map[string]*ProxyStatus{}
+	get := func(id, kind string) *ProxyStatus {
+		p := byNode[id]
+		if p == nil {
+			p = &ProxyStatus{Node: id, Kind: kind}
+			byNode[id] = p
+		}
+		return p
+	}
+	if s.catalog != nil {
+		for id, p := range s.catalog.Proxies {
+			ps := get(id, KindSidecar)
+			ps.Service, ps.Registered = p.Service, true
+		}
+	}
+	// newest[id] is the newest stream of each node, whose exchange is shown.
+	newest := map[string]*streamState{}
+	for _, st := range s.streams {
+		id := st.node.GetId()
+		ps := get(id, proxyKind(st.node))
+		ps.Connected = true
+		ps.Streams++
+		if n := newest[id]; n == nil || st.opened.After(n.opened) {
+			newest[id] = st
+		}
+	}
+	for id, st := range newest {
+		ps := byNode[id]
+		since := st.opened
+		ps.ConnectedSince = &since
+		for typ, ts := range st.types {
+			if ts.sentVersion != "" {
+				if ps.Sent == nil {
+					ps.Sent = map[string]string{}
+				}
+				ps.Sent[typ] = ts.sentVersion
+			}
+			if ts.ackedNonce != "" {
+				if ps.ACKed == nil {
+					ps.ACKed = map[string]string{}
+				}
+				ps.ACKed[typ] = ts.ackedVersion
+			}
+		}
+	}
+	for id, ps := range byNode {
+		key := id
+		if ps.Kind == KindProxyless {
+			key = ProxylessGroup
+		}
+		if h := s.published[key]; len(h) > 0 {
+			ps.Snapshot = maps.Clone(h[len(h)-1].versions)
+		}
+		ps.HeldBack = s.notReady[key]
+		out.Proxies = append(out.Proxies, *ps)
+	}
+	slices.SortFunc(out.Proxies, func(a, b ProxyStatus) int { return cmp.Compare(a.Node, b.Node) })
+	for _, r := range s.rejections {
+		out.Rejections = append(out.Rejections, *r)
+	}
+	slices.SortFunc(out.Rejections, func(a, b Rejection) int {
+		return cmp.Or(cmp.Compare(a.Node, b.Node), cmp.Compare(a.TypeURL, b.TypeURL))
+	})
+	return out
+}
+
+// explain returns the resources of typeURL a NACK's detail blames in the
+// snapshot snap of node (cache key key), with their sources. It runs
+// without the lock: snap's inputs are immutable.
+func explain(key, node string, snap *published, typeURL, detail string) (res []RejectedResource, named bool) {
+	if snap == nil {
+		return []RejectedResource{}, false
+	}
+	blamed, named := NACKResources(typeURL, detail, snap.names[typeURL])
+	var sm translate.SourceMap
+	if key == ProxylessGroup {
+		sm = translate.ProxylessSources(snap.cat, snap.pol)
+	} else if p := snap.cat.Proxies[node]; p != nil {
+		sm, _ = translate.ProxySources(snap.cat, snap.pol, p)
+	}
+	res = make([]RejectedResource, 0, len(blamed))
+	for _, n := range blamed {
+		res = append(res, RejectedResource{Name: n, Sources: sm.For(typeURL, n)})
+	}
+	return res, named
+}

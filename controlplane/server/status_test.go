@@ -1,0 +1,300 @@
+package server
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+	dto "github.com/prometheus/client_model/go"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/xds"
+)
+
+// adsClient is a bare ADS stream to a Server, driven by the test.
+type adsClient struct {
+	t      *testing.T
+	conn   *grpc.ClientConn
+	stream discovery.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+	node   *core.Node
+	cancel context.CancelFunc
+}
+
+func dialADS(t *testing.T, addr, node string) *adsClient {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := discovery.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		cancel()
+		conn.Close()
+		t.Fatal(err)
+	}
+	c := &adsClient{t: t, conn: conn, stream: stream, node: &core.Node{Id: node, UserAgentName: xds.UserAgentName}, cancel: cancel}
+	t.Cleanup(c.close)
+	return c
+}
+
+func (c *adsClient) close() {
+	c.cancel()
+	c.conn.Close()
+}
+
+func (c *adsClient) send(req *discovery.DiscoveryRequest) {
+	c.t.Helper()
+	req.Node = c.node
+	if err := c.stream.Send(req); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// recv waits up to 5 s for the next response.
+func (c *adsClient) recv() *discovery.DiscoveryResponse {
+	c.t.Helper()
+	type result struct {
+		resp *discovery.DiscoveryResponse
+		err  error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		r, err := c.stream.Recv()
+		ch <- result{r, err}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			c.t.Fatal(r.err)
+		}
+		return r.resp
+	case <-time.After(5 * time.Second):
+		c.t.Fatal("no response within 5s")
+		return nil
+	}
+}
+
+func servePolicies(t *testing.T, files map[string]string) *policy.Set {
+	t.Helper()
+	in := map[string][]byte{}
+	for k, v := range files {
+		in[k] = []byte(v)
+	}
+	set, err := policy.Parse(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return set
+}
+
+const apiHTTP = "apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: api}\nspec: {service: api, protocol: http}\n"
+
+func retryOn(cond string) string {
+	return "apiVersion: meshlet.io/v1alpha1\nkind: RetryPolicy\nmetadata: {name: api-retries}\nspec:\n  service: api\n  retryOn: [" + cond + "]\n"
+}
+
+func waitStatus(t *testing.T, s *Server, what string, cond func(*Status) bool) *Status {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st := s.Status()
+		if cond(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status never showed %s: %+v", what, st)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func proxyStatus(st *Status, node string) ProxyStatus {
+	for _, p := range st.Proxies {
+		if p.Node == node {
+			return p
+		}
+	}
+	return ProxyStatus{}
+}
+
+// TestNACKRecordedWithSourcesAndClearedByACK drives a real ADS stream: the
+// route configuration "api" is NACKed, the rejection shows in Status with
+// the policy document behind it and in the metrics; a fixed policy set
+// brings a new version, whose ACK clears the rejection.
+func TestNACKRecordedWithSourcesAndClearedByACK(t *testing.T) {
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer s.Close()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(s.Collector())
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = s.Serve(lis)
+	}()
+	defer func() {
+		s.Close()
+		<-done
+	}()
+
+	if ok, why := s.Ready(); ok || !strings.Contains(why, "Consul catalog") {
+		t.Errorf("Ready before any catalog = %v, %q", ok, why)
+	}
+	s.SetPolicies(servePolicies(t, map[string]string{"policies/api.yaml": apiHTTP, "policies/retry.yaml": retryOn("envoy-ratelimited")}))
+	s.SetCatalog(catalog(true))
+	const web = "web-1-sidecar-proxy"
+	waitVersions(t, s, web, func(map[string]string) bool { return true })
+	if ok, _ := s.Ready(); !ok {
+		t.Error("not ready after the first catalog")
+	}
+
+	c := dialADS(t, lis.Addr().String(), web)
+	c.send(&discovery.DiscoveryRequest{TypeUrl: xds.RouteType, ResourceNames: []string{"api"}})
+	r1 := c.recv()
+	detail := `resources[0]: route configuration "api": virtual_hosts[0].routes[0]: route.retry_policy: retry_on: unsupported condition "envoy-ratelimited"`
+	c.send(&discovery.DiscoveryRequest{TypeUrl: xds.RouteType, ResourceNames: []string{"api"}, ResponseNonce: r1.GetNonce(),
+		ErrorDetail: &status.Status{Code: 3, Message: detail}})
+
+	st := waitStatus(t, s, "the rejection", func(st *Status) bool { return len(st.Rejections) == 1 })
+	rej := st.Rejections[0]
+	if rej.Node != web || rej.TypeURL != xds.RouteType || rej.Version != r1.GetVersionInfo() || rej.AcceptedVersion != "" ||
+		rej.Error != detail || !rej.Named || rej.Count != 1 || rej.Time.IsZero() {
+		t.Errorf("rejection = %+v", rej)
+	}
+	if len(rej.Resources) != 1 || rej.Resources[0].Name != "api" {
+		t.Fatalf("rejected resources = %+v, want route configuration api", rej.Resources)
+	}
+	var srcs []string
+	for _, src := range rej.Sources() {
+		srcs = append(srcs, src.String())
+	}
+	all := strings.Join(srcs, "\n")
+	for _, want := range []string{"policies/retry.yaml:1 (RetryPolicy api-retries)", "policies/api.yaml:1 (ServiceDefaults api)",
+		`consul connect-proxy registration "web-1-sidecar-proxy" (upstream api)`} {
+		if !strings.Contains(all, want) {
+			t.Errorf("sources lack %q:\n%s", want, all)
+		}
+	}
+	p := proxyStatus(st, web)
+	if !p.Connected || !p.Registered || p.Service != "web" || p.Kind != KindSidecar || p.Sent[xds.RouteType] != r1.GetVersionInfo() ||
+		p.ACKed[xds.RouteType] != "" || p.Snapshot[xds.RouteType] != r1.GetVersionInfo() {
+		t.Errorf("web's status = %+v", p)
+	}
+	if api := proxyStatus(st, "api-1-sidecar-proxy"); api.Connected || !api.Registered {
+		t.Errorf("api's status = %+v, want registered and not connected", api)
+	}
+
+	// The fix: a condition the sidecar implements. The new version is ACKed.
+	s.SetPolicies(servePolicies(t, map[string]string{"policies/api.yaml": apiHTTP, "policies/retry.yaml": retryOn("5xx")}))
+	r2 := c.recv()
+	if r2.GetVersionInfo() == r1.GetVersionInfo() {
+		t.Fatalf("the fixed policy did not change the route version %s", r2.GetVersionInfo())
+	}
+	c.send(&discovery.DiscoveryRequest{TypeUrl: xds.RouteType, ResourceNames: []string{"api"}, ResponseNonce: r2.GetNonce(), VersionInfo: r2.GetVersionInfo()})
+	st = waitStatus(t, s, "the rejection cleared by the ACK", func(st *Status) bool { return len(st.Rejections) == 0 })
+	if got := proxyStatus(st, web).ACKed[xds.RouteType]; got != r2.GetVersionInfo() {
+		t.Errorf("ACKed route version = %q, want %q", got, r2.GetVersionInfo())
+	}
+
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := sample(mfs, "meshlet_controlplane_xds_nacks_total", map[string]string{"node": web, "type": xds.RouteType}); v != 1 {
+		t.Errorf("nacks_total{node=web, type=route} = %v, want 1", v)
+	}
+	if v := sample(mfs, "meshlet_controlplane_xds_acks_total", map[string]string{"type": xds.RouteType}); v != 1 {
+		t.Errorf("acks_total{type=route} = %v, want 1", v)
+	}
+	if v := sample(mfs, "meshlet_controlplane_proxies_connected", map[string]string{"kind": KindSidecar}); v != 1 {
+		t.Errorf("proxies_connected{kind=sidecar} = %v, want 1", v)
+	}
+	for _, trigger := range []string{TriggerConsul, TriggerPolicy} {
+		if v := sample(mfs, "meshlet_controlplane_push_latency_seconds", map[string]string{"trigger": trigger}); v < 1 {
+			t.Errorf("push_latency_seconds{trigger=%s} has %v observations, want some", trigger, v)
+		}
+	}
+	if v := sample(mfs, "meshlet_controlplane_snapshots_set_total", nil); v < 4 {
+		t.Errorf("snapshots_set_total = %v, want at least 4 (web, api, proxyless, web again)", v)
+	}
+	problems, err := promlint.NewWithMetricFamilies(mfs).Lint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
+	}
+}
+
+// sample returns the value of the counter or gauge, or the observation
+// count of the histogram, name whose labels include labels.
+func sample(mfs []*dto.MetricFamily, name string, labels map[string]string) float64 {
+	total := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	metric:
+		for _, m := range mf.GetMetric() {
+			for k, v := range labels {
+				found := false
+				for _, lp := range m.GetLabel() {
+					if lp.GetName() == k && lp.GetValue() == v {
+						found = true
+					}
+				}
+				if !found {
+					continue metric
+				}
+			}
+			switch {
+			case m.Counter != nil:
+				total += m.GetCounter().GetValue()
+			case m.Gauge != nil:
+				total += m.GetGauge().GetValue()
+			case m.Histogram != nil:
+				total += float64(m.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	return total
+}
+
+func TestHeldBackCountedAndShown(t *testing.T) {
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer s.Close()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(s.Collector())
+	cat := catalog(true)
+	delete(cat.Leaves, "web")
+	s.SetCatalog(cat)
+	waitVersions(t, s, "api-1-sidecar-proxy", func(map[string]string) bool { return true })
+	st := waitStatus(t, s, "web held back", func(st *Status) bool { return proxyStatus(st, "web-1-sidecar-proxy").HeldBack != "" })
+	if hb := proxyStatus(st, "web-1-sidecar-proxy").HeldBack; !strings.Contains(hb, `leaf certificate of service "web"`) {
+		t.Errorf("HeldBack = %q", hb)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := sample(mfs, "meshlet_controlplane_snapshots_held_back", map[string]string{"reason": HeldNotReady}); v != 1 {
+		t.Errorf("snapshots_held_back{reason=not_ready} = %v, want 1", v)
+	}
+	s.SetCatalog(catalog(true))
+	waitStatus(t, s, "web no longer held back", func(st *Status) bool { return proxyStatus(st, "web-1-sidecar-proxy").HeldBack == "" })
+}
