@@ -71,7 +71,7 @@ func sampleStatus() *server.Status {
 				}},
 			{Node: "web-1-sidecar-proxy", TypeURL: xds.RouteType, Version: "2222222222222222", AcceptedVersion: "0000000000000000",
 				Error: `resources[0]: route configuration "api": virtual_hosts[0].routes[0]: route.retry_policy: retry_on: unsupported condition "envoy-ratelimited"`,
-				Time: at, FirstTime: at.Add(-3 * time.Second), Count: 2, Named: true,
+				Time:  at, FirstTime: at.Add(-3 * time.Second), Count: 2, Named: true,
 				Resources: []server.RejectedResource{{Name: "api", Sources: []translate.Source{
 					{Origin: translate.OriginPolicy, Kind: "RetryPolicy", Name: "api-retries", File: "policies/retry.yaml", Line: 1},
 					{Origin: translate.OriginPolicy, Kind: "ServiceDefaults", Name: "api", File: "policies/services.yaml", Line: 7},
