@@ -4,21 +4,23 @@ SHELL := /bin/bash
 GO    ?= go
 BIN   := bin
 CONSUL_VERSION := 1.19.2
+JAEGER_VERSION := 1.76.0
 
 BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul demo demo-stop test test-short vet fmt docker clean help
+.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help
 
 all: build
 
 help:
 	@echo "make demo        build everything, run the example app through the mesh, print PASS/FAIL (KEEP=1 leaves it up)"
 	@echo "make demo-stop   stop a mesh left up by KEEP=1"
-	@echo "make test        run all tests (builds Consul $(CONSUL_VERSION) into bin/ first)"
+	@echo "make test        run all tests (builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
 	@echo "make build       build bin/controlplane and bin/sidecar"
 	@echo "make consul      build bin/consul from deploy/tools/consul"
+	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
 	@echo "make docker      build the container image (needs a Docker engine)"
 
 build: $(BINARIES)
@@ -46,6 +48,15 @@ $(BIN)/consul: deploy/tools/consul/go.mod deploy/tools/consul/go.sum
 	@deploy/tools/build-tool.sh deploy/tools/consul github.com/hashicorp/consul $@ "Consul v$(CONSUL_VERSION)"
 	@touch $@
 
+# Jaeger (v2, cmd/jaeger) likewise, from deploy/tools/jaeger: about 5 minutes
+# the first time. Module builds have no web UI; see README "Tracing with Jaeger".
+jaeger: $(BIN)/jaeger
+
+$(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
+	@mkdir -p $(BIN)
+	@deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
+	@touch $@
+
 demo: $(BIN)/consul build examples
 	@$(BIN)/meshlet-demo $(if $(KEEP),-keep)
 
@@ -53,9 +64,9 @@ demo-stop: $(BIN)/meshlet-demo
 	@$(BIN)/meshlet-demo -stop
 
 # TESTFLAGS can add e.g. -run or -v.
-test: $(BIN)/consul
+test: $(BIN)/consul $(BIN)/jaeger
 	$(GO) vet ./...
-	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
 
 test-short:
 	$(GO) test -short -count=1 ./...
