@@ -9,10 +9,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/meshlet/meshlet/controlplane/admin"
 	"github.com/meshlet/meshlet/controlplane/consul"
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
@@ -24,6 +29,9 @@ const (
 	DefaultXDSAddress    = "127.0.0.1:18000"
 	DefaultConsulAddress = "127.0.0.1:8500"
 	DefaultPolicyDir     = "policies"
+	// DefaultAdminAddress is the admin API address of the controlplane
+	// command (flag -admin-addr) and where `controlplane status` looks.
+	DefaultAdminAddress = admin.DefaultAddress
 )
 
 // Config configures Run.
@@ -43,8 +51,23 @@ type Config struct {
 	// MeshDefaults.tracing names none; nil or an empty endpoint leaves
 	// tracing to the policy files (off when they name no collector).
 	TraceCollector *policy.Collector
+	// AdminAddress is where the admin HTTP API listens (host:port): /ready,
+	// /status (every proxy, its versions, and every rejected update with
+	// the policy file or Consul entry behind it), /metrics (Prometheus; the
+	// control plane's own registry). It is unauthenticated: keep it on
+	// loopback. Port 0 picks a free port (see AdminReady). Empty serves no
+	// admin API, so embedding Run (tests) binds nothing unasked; the
+	// controlplane command's -admin-addr defaults to DefaultAdminAddress.
+	AdminAddress string
+	// AdminPprof also serves Go profiles under /debug/pprof/ on the admin
+	// API (off by default: profiles expose internals).
+	AdminPprof bool
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// AdminReady, if set, is called with the bound admin address once the
+	// admin API serves, before Ready. It is not called without
+	// AdminAddress.
+	AdminReady func(adminAddr net.Addr)
 	// Ready, if set, is called with the bound xDS address once serving.
 	Ready func(xdsAddr net.Addr)
 }
@@ -65,9 +88,9 @@ func (c *Config) setDefaults() {
 }
 
 // Run serves until ctx is done. It returns nil after a clean shutdown, or
-// the first fatal error: the xDS address cannot be bound, the policy
-// directory cannot be watched, or the Consul client cannot be built. An
-// unreachable Consul agent is not fatal: it is logged and retried.
+// the first fatal error: the xDS or admin address cannot be bound, the
+// policy directory cannot be watched, or the Consul client cannot be built.
+// An unreachable Consul agent is not fatal: it is logged and retried.
 func Run(ctx context.Context, cfg Config) error {
 	cfg.setDefaults()
 	if c := cfg.TraceCollector; c != nil && c.Endpoint != "" {
@@ -94,13 +117,45 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("controlplane: listen for xDS on %s: %w", cfg.XDSAddress, err)
 	}
+	var adminLis net.Listener
+	if cfg.AdminAddress != "" {
+		if adminLis, err = net.Listen("tcp", cfg.AdminAddress); err != nil {
+			lis.Close()
+			return fmt.Errorf("controlplane: listen for the admin API on %s: %w", cfg.AdminAddress, err)
+		}
+	}
 
 	srv := server.New(server.Config{Logger: log})
 	defer srv.Close()
+	reg := prometheus.NewRegistry()
+	for _, c := range []prometheus.Collector{srv.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
+		if err := reg.Register(c); err != nil {
+			lis.Close()
+			if adminLis != nil {
+				adminLis.Close()
+			}
+			return fmt.Errorf("controlplane: register metrics: %w", err)
+		}
+	}
 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var wg sync.WaitGroup
+	var adminSrv *http.Server
+	if adminLis != nil {
+		adminSrv = &http.Server{Handler: admin.Handler(srv, reg, admin.Options{Pprof: cfg.AdminPprof}), ReadHeaderTimeout: 10 * time.Second}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := adminSrv.Serve(adminLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				cancel(fmt.Errorf("controlplane: serve the admin API: %w", err))
+			}
+		}()
+		log.Info("controlplane: serving the admin API", "admin", adminLis.Addr().String(), "pprof", cfg.AdminPprof)
+		if cfg.AdminReady != nil {
+			cfg.AdminReady(adminLis.Addr())
+		}
+	}
 	wg.Add(3)
 	go func() {
 		defer wg.Done()
@@ -127,6 +182,9 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Ready(lis.Addr())
 	}
 	<-ctx.Done()
+	if adminSrv != nil {
+		adminSrv.Close()
+	}
 	srv.Close()
 	wg.Wait()
 	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {

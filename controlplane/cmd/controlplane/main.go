@@ -1,8 +1,11 @@
 // Command controlplane serves meshlet's xDS configuration, built from Consul
 // and policy files, to sidecars and proxyless gRPC clients.
 //
-//	controlplane [serve] [flags]   serve ADS (default)
+//	controlplane [serve] [flags]   serve ADS (default) and the admin API
 //	controlplane validate <dir>    check policy files and exit (1 on errors)
+//	controlplane status [flags]    print proxies and rejected updates from the admin API;
+//	                               exit 0 when none is rejected, 1 when some are,
+//	                               2 when the admin API is unreachable
 package main
 
 import (
@@ -15,6 +18,7 @@ import (
 	"syscall"
 
 	"github.com/meshlet/meshlet/controlplane"
+	"github.com/meshlet/meshlet/controlplane/admin"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/internal/cli"
 )
@@ -25,12 +29,14 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate" || args[0] == "status") {
 		cmd, args = args[0], args[1:]
 	}
 	switch cmd {
 	case "validate":
 		return validate(args, stdout, stderr)
+	case "status":
+		return admin.StatusCommand(context.Background(), args, stdout, stderr)
 	default:
 		return serve(args, stderr)
 	}
@@ -69,6 +75,8 @@ func serve(args []string, stderr io.Writer) int {
 	fs.StringVar(&cfg.ConsulAddress, "consul-addr", cli.EnvOr("CONSUL_HTTP_ADDR", controlplane.DefaultConsulAddress), "Consul agent HTTP address (env CONSUL_HTTP_ADDR)")
 	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "Consul ACL token (env CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", controlplane.DefaultPolicyDir, "directory of policy files (watched for changes)")
+	fs.StringVar(&cfg.AdminAddress, "admin-addr", controlplane.DefaultAdminAddress, "host:port of the admin API (/ready, /status, /metrics; unauthenticated, keep it on loopback; port 0 picks one; empty turns it off)")
+	fs.BoolVar(&cfg.AdminPprof, "admin-pprof", false, "serve Go profiles under /debug/pprof/ on the admin API")
 	var collector policy.Collector
 	fs.StringVar(&collector.Endpoint, "otlp-endpoint", os.Getenv("MESHLET_OTLP_ENDPOINT"), "OTLP collector sidecars export spans to when MeshDefaults.tracing names none: host:port for grpc, a URL for http (env MESHLET_OTLP_ENDPOINT; tracing is off when neither names one)")
 	fs.StringVar(&collector.Protocol, "otlp-protocol", policy.CollectorGRPC, "OTLP protocol of -otlp-endpoint: grpc or http")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"net"
 	"strings"
 	"testing"
 )
@@ -29,5 +30,18 @@ func TestValidate(t *testing.T) {
 	var out, errb bytes.Buffer
 	if code := run([]string{"validate"}, &out, &errb); code != 2 || !strings.Contains(errb.String(), "usage") {
 		t.Errorf("no directory: exit %d, stderr %q; want 2 with usage", code, errb.String())
+	}
+}
+
+func TestStatusUnreachable(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	var out, errb bytes.Buffer
+	if code := run([]string{"status", "-admin-addr", addr}, &out, &errb); code != 2 || !strings.Contains(errb.String(), "unreachable at "+addr) {
+		t.Errorf("status with nothing at %s: exit %d, stderr %q; want 2 naming the address", addr, code, errb.String())
 	}
 }
