@@ -6,6 +6,9 @@
 //	controlplane status [flags]    print proxies and rejected updates from the admin API;
 //	                               exit 0 when none is rejected, 1 when some are,
 //	                               2 when the admin API is unreachable
+//	controlplane trace [flags] <trace-id>
+//	                               print a trace from Jaeger's query API as a tree of
+//	                               spans with durations (exit 1 when not found)
 package main
 
 import (
@@ -16,10 +19,12 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/meshlet/meshlet/controlplane"
 	"github.com/meshlet/meshlet/controlplane/admin"
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/traceview"
 	"github.com/meshlet/meshlet/internal/cli"
 )
 
@@ -29,7 +34,7 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate" || args[0] == "status") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate" || args[0] == "status" || args[0] == "trace") {
 		cmd, args = args[0], args[1:]
 	}
 	switch cmd {
@@ -37,9 +42,53 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return validate(args, stdout, stderr)
 	case "status":
 		return admin.StatusCommand(context.Background(), args, stdout, stderr)
+	case "trace":
+		return trace(args, stdout, stderr)
 	default:
 		return serve(args, stderr)
 	}
+}
+
+// DefaultJaegerURL is Jaeger's query API on its default port.
+const DefaultJaegerURL = "http://127.0.0.1:16686"
+
+// trace prints one trace from Jaeger as an indented tree. The module-built
+// Jaeger has no web UI; this is how traces are read without one.
+func trace(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("controlplane trace", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	jaegerURL := fs.String("jaeger-url", cli.EnvOr("MESHLET_JAEGER_URL", DefaultJaegerURL), "Jaeger query API base URL (env MESHLET_JAEGER_URL)")
+	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for Jaeger")
+	wait := fs.Int("wait-spans", 0, "poll until the trace has at least this many spans (Jaeger ingests asynchronously); 0 fetches once")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: controlplane trace [-jaeger-url URL] [-wait-spans N] <trace-id>")
+		fmt.Fprintln(stderr, "Prints the trace as a tree: service, span, duration, offset from the trace's start, kind and key tags.")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil || fs.NArg() != 1 {
+		fs.Usage()
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	var (
+		t   *traceview.Trace
+		err error
+	)
+	if *wait > 0 {
+		t, err = traceview.WaitTrace(ctx, *jaegerURL, fs.Arg(0), *wait)
+	} else {
+		t, err = traceview.Fetch(ctx, *jaegerURL, fs.Arg(0))
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "controlplane trace: %v\n", err)
+		return 1
+	}
+	if err := traceview.Render(stdout, t); err != nil {
+		fmt.Fprintf(stderr, "controlplane trace: %v\n", err)
+		return 1
+	}
+	return 0
 }
 
 func validate(args []string, stdout, stderr io.Writer) int {
