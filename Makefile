@@ -57,7 +57,7 @@ $(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
 	@deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
 	@touch $@
 
-demo: $(BIN)/consul build examples
+demo: $(BIN)/consul $(BIN)/jaeger build examples
 	@$(BIN)/meshlet-demo $(if $(KEEP),-keep)
 
 demo-stop: $(BIN)/meshlet-demo

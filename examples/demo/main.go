@@ -10,11 +10,15 @@
 // Consul health driving the endpoints, prints a summary with the retries
 // and breaker openings that hid api-3's failures, stops everything it
 // started, and ends with "demo: PASS ..." or "demo: FAIL ..." (exit status
-// 0 or 1).
+// 0 or 1). Every request starts a W3C trace that the sidecars continue and
+// export to a Jaeger the demo runs; the summary prints a request's trace
+// tree and a retried one's, read back from Jaeger's query API.
 package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -22,6 +26,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -33,7 +38,9 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/meshlet/meshlet/controlplane/traceview"
 	"github.com/meshlet/meshlet/internal/devconsul"
+	"github.com/meshlet/meshlet/internal/devjaeger"
 )
 
 func main() {
@@ -64,6 +71,7 @@ type demo struct {
 
 	ps           *procs
 	consul       *devconsul.Agent
+	jaeger       *devjaeger.Jaeger
 	start        time.Time
 	trafficStart time.Time
 	step         int
@@ -72,7 +80,7 @@ type demo struct {
 	verdict string
 }
 
-const steps = 8
+const steps = 10
 
 func (d *demo) say(format string, args ...any) {
 	fmt.Printf("demo: "+format+"\n", args...)
@@ -113,7 +121,7 @@ func (d *demo) run() int {
 		_ = stopFromPIDFile(filepath.Join(d.workDir, "pids"))
 	}
 	d.ps = &procs{binDir: d.binDir, logDir: logDir, keep: d.keep}
-	for _, b := range []string{"consul", "controlplane", "sidecar", "web", "api", "store"} {
+	for _, b := range []string{"consul", "jaeger", "controlplane", "sidecar", "web", "api", "store"} {
 		if _, err := os.Stat(filepath.Join(d.binDir, b)); err != nil {
 			d.fail("missing %s: run `make demo` (it builds everything first)", filepath.Join(d.binDir, b))
 			d.say("%s", d.verdict)
@@ -130,11 +138,14 @@ func (d *demo) run() int {
 	if d.consul != nil {
 		d.consul.Stop()
 	}
+	if d.jaeger != nil {
+		d.jaeger.Stop()
+	}
 	if len(left) > 0 {
 		d.say("FAIL processes still running after stop: %s (%s)", strings.Join(left, ", "), d.verdict)
 		return 1
 	}
-	d.say("       all %d processes stopped (logs in %s)", len(d.ps.list)+1, logDir)
+	d.say("       all %d processes stopped (logs in %s)", len(d.ps.list)+2, logDir)
 	d.say("%s", d.verdict)
 	return code
 }
@@ -160,16 +171,31 @@ func (d *demo) runMesh() int {
 	}
 	d.say("       Consul is up: http://%s (UI at /ui)", d.consul.HTTPAddr)
 
-	// 2. Control plane.
+	// 2. Jaeger, where the sidecars send their spans.
+	d.stepf("starting Jaeger (%s/jaeger: OTLP in, query API out, memory storage)", d.binDir)
+	jaegerLog, err := os.Create(filepath.Join(d.workDir, "logs", "jaeger.log"))
+	if err != nil {
+		return d.fail("%v", err)
+	}
+	d.jaeger, err = devjaeger.Start(ctx, devjaeger.Options{Binary: filepath.Join(d.binDir, "jaeger"), Log: jaegerLog, Detached: d.keep})
+	if err != nil {
+		return d.fail("Jaeger did not start: %v (log: %s)", err, jaegerLog.Name())
+	}
+	d.say("       Jaeger is up: OTLP/gRPC on %s, query API at %s/api/traces/<trace-id>", d.jaeger.OTLPGRPCAddr, d.jaeger.QueryURL)
+
+	// 3. Control plane.
 	xdsAddr := "127.0.0.1:" + strconv.Itoa(next())
-	d.stepf("starting the control plane (ADS on %s, policies from %s/)", xdsAddr, d.policyDir)
-	cp, err := d.ps.start("controlplane", "controlplane", "-consul-addr", d.consul.HTTPAddr, "-xds-addr", xdsAddr, "-policy-dir", d.policyDir)
+	cpAdmin := "127.0.0.1:" + strconv.Itoa(next())
+	d.stepf("starting the control plane (ADS on %s, policies from %s/, spans to Jaeger at %s)", xdsAddr, d.policyDir, d.jaeger.OTLPGRPCAddr)
+	cp, err := d.ps.start("controlplane", "controlplane", "-consul-addr", d.consul.HTTPAddr, "-xds-addr", xdsAddr, "-policy-dir", d.policyDir,
+		"-otlp-endpoint", d.jaeger.OTLPGRPCAddr, "-admin-addr", cpAdmin)
 	if err != nil {
 		return d.fail("%v", err)
 	}
 	if err := waitFor(10*time.Second, func() error { return dialOK(xdsAddr) }); err != nil {
 		return d.fail("control plane not serving on %s: %v\n%s", xdsAddr, err, cp.tail(20))
 	}
+	d.keepLines = append(d.keepLines, fmt.Sprintf("%-26s bin/controlplane status -admin-addr %s   (http://%s/status /metrics)", "control plane:", cpAdmin, cpAdmin))
 
 	// 3. Registrations.
 	insts := []*instance{
@@ -290,10 +316,97 @@ func (d *demo) runMesh() int {
 		return d.stopAPI2(api2, webAdmin, hostPort(api2.sidecarPort))
 	})
 
-	// 7. Summary.
+	// 8. Traces.
+	d.stepf("reading traces back from Jaeger")
+	res.traces = d.traces(res)
+
+	// 9. Summary.
 	d.stepf("summary")
 	res.resilience = d.resilienceStats(webAdmin, hostPort(api3.sidecarPort))
 	return d.summarize(res)
+}
+
+// traceReport is what Jaeger holds of the demo's requests.
+type traceReport struct {
+	plain, retried string // trace IDs: an /api request, and one that was retried
+	err            error
+}
+
+// traces finds an /api request's trace and a retried one in Jaeger and
+// prints their trees.
+func (d *demo) traces(t *trafficResult) traceReport {
+	var rep traceReport
+	var id string
+	for _, r := range t.results {
+		if r.route == "api" && r.ok && r.traceID != "" {
+			id = r.traceID
+			break
+		}
+	}
+	if id == "" {
+		rep.err = errors.New("no successful /api request to look up")
+		return rep
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	// web's outbound span, an attempt, and api's inbound span at least.
+	tr, err := traceview.WaitTrace(ctx, d.jaeger.QueryURL, id, 3)
+	if err != nil {
+		rep.err = fmt.Errorf("trace %s of an /api request: %w", id, err)
+		return rep
+	}
+	rep.plain = id
+	d.say("       a request to /api, as one trace across web's and api's sidecars:")
+	d.printTrace(tr)
+	ids, err := searchTag(ctx, d.jaeger.QueryURL, "web", "meshlet.retry_cause", "5xx")
+	if err == nil && len(ids) > 0 {
+		if tr, err := traceview.Fetch(ctx, d.jaeger.QueryURL, ids[0]); err == nil {
+			rep.retried = ids[0]
+			d.say("       a request api-3 failed and web's sidecar retried on another endpoint (each attempt is a span):")
+			d.printTrace(tr)
+		}
+	}
+	d.keepLines = append(d.keepLines, fmt.Sprintf("%-26s %s/api/traces/%s   (bin/controlplane trace -jaeger-url %s %s)",
+		"Jaeger query API:", d.jaeger.QueryURL, id, d.jaeger.QueryURL, id))
+	return rep
+}
+
+func (d *demo) printTrace(tr *traceview.Trace) {
+	var b strings.Builder
+	if err := traceview.Render(&b, tr); err != nil {
+		d.say("       (cannot render: %v)", err)
+		return
+	}
+	for line := range strings.Lines(b.String()) {
+		fmt.Print("         " + line)
+	}
+	d.say("       query: curl %s/api/traces/%s   or: bin/controlplane trace -jaeger-url %s %s", d.jaeger.QueryURL, tr.ID, d.jaeger.QueryURL, tr.ID)
+}
+
+// searchTag returns the IDs of recent traces of service with a span tagged
+// key=value (Jaeger's /api/traces?service=&tags= search).
+func searchTag(ctx context.Context, queryURL, service, key, value string) ([]string, error) {
+	tags, _ := json.Marshal(map[string]string{key: value})
+	u := queryURL + "/api/traces?limit=5&lookback=1h&service=" + url.QueryEscape(service) + "&tags=" + url.QueryEscape(string(tags))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Data []struct {
+			TraceID string `json:"traceID"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		return nil, fmt.Errorf("jaeger search: %w", err)
+	}
+	ids := make([]string, 0, len(out.Data))
+	for _, t := range out.Data {
+		ids = append(ids, t.TraceID)
+	}
+	return ids, nil
 }
 
 // resilienceStats reads what web's sidecar did to hide api-3's failures.
@@ -454,12 +567,14 @@ type result struct {
 	instance string
 	caller   string // the caller identity api saw (mTLS, via its sidecar)
 	err      string
+	traceID  string // the W3C trace the request started
 }
 
 type trafficResult struct {
 	results    []result
 	stop       *stopReport
 	resilience resilience
+	traces     traceReport
 }
 
 func (d *demo) traffic(ctx context.Context, webURL string, stopAt time.Duration, stop func() *stopReport) *trafficResult {
@@ -532,6 +647,12 @@ func progressLine(rs []result) string {
 func get(ctx context.Context, client *http.Client, url, route string) result {
 	r := result{route: route, started: time.Now()}
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	// Each request starts a sampled W3C trace, as an edge proxy or an
+	// instrumented client would; web forwards it, its sidecar continues it.
+	var ids [24]byte
+	_, _ = rand.Read(ids[:])
+	r.traceID = hex.EncodeToString(ids[:16])
+	req.Header.Set("traceparent", "00-"+r.traceID+"-"+hex.EncodeToString(ids[16:])+"-01")
 	resp, err := client.Do(req)
 	if err != nil {
 		r.err = err.Error()
@@ -603,6 +724,13 @@ func (d *demo) summarize(t *trafficResult) int {
 	sort.Strings(seen)
 	fmt.Printf("  mTLS: api saw its caller as %s (SPIFFE ID from web's certificate, issued by Consul's Connect CA)\n", strings.Join(seen, ", "))
 	rs := t.resilience
+	if tr := t.traces; tr.err == nil {
+		fmt.Printf("  tracing: every request is one trace in Jaeger, e.g. %s", tr.plain)
+		if tr.retried != "" {
+			fmt.Printf("; a retried one: %s", tr.retried)
+		}
+		fmt.Println()
+	}
 	if rs.err == nil {
 		fmt.Printf("  resilience at web's sidecar: %d retries sent (%d denied), api-3's breaker opened %d times, %d requests failed by the sidecar\n",
 			rs.retries, rs.denied, rs.api3Opened, rs.sidecarFailed)
@@ -612,6 +740,9 @@ func (d *demo) summarize(t *trafficResult) int {
 	var problems []string
 	if len(seen) != 1 || !strings.HasPrefix(seen[0], "spiffe://") || !strings.HasSuffix(seen[0], "/svc/web") {
 		problems = append(problems, fmt.Sprintf("api should see web's SPIFFE ID as the caller of every request, saw %v", seen))
+	}
+	if t.traces.err != nil {
+		problems = append(problems, "tracing: "+t.traces.err.Error())
 	}
 	switch {
 	case rs.err != nil:
@@ -675,7 +806,7 @@ func formatCounts(m map[string]int) string {
 }
 
 func (d *demo) printKeep() {
-	pids := map[string]int{"consul": d.consul.Pid()}
+	pids := map[string]int{"consul": d.consul.Pid(), "jaeger": d.jaeger.PID()}
 	for _, p := range d.ps.list {
 		if p.alive() {
 			pids[p.name] = p.cmd.Process.Pid
@@ -686,6 +817,7 @@ func (d *demo) printKeep() {
 		d.say("cannot write %s: %v", pidFile, err)
 	}
 	d.consul.Release()
+	d.jaeger.Release()
 	d.say("KEEP=1: the mesh stays up. Where to look:")
 	for _, l := range d.keepLines {
 		fmt.Println("    " + l)

@@ -145,6 +145,11 @@ func Start(ctx context.Context, o Options) (*Jaeger, error) {
 		}
 		o.Binary = b
 	}
+	// Jaeger runs in its temporary directory: a relative path would not
+	// resolve there.
+	if abs, err := filepath.Abs(o.Binary); err == nil {
+		o.Binary = abs
+	}
 	if o.ReadyTimeout == 0 {
 		o.ReadyTimeout = DefaultReadyTimeout
 	}
