@@ -94,35 +94,44 @@ func (t *MeshTracing) validate(v *validator, field string) {
 		seen[p] = true
 	}
 	if c := t.Collector; c != nil {
-		if err := c.Validate(); err != nil {
-			v.errorf(field+".collector", "%v", err)
+		if sub, msg := c.problem(); msg != "" {
+			v.errorf(field+".collector."+sub, "%s", msg)
 		}
 	}
 }
 
 // Validate checks the protocol and the endpoint's shape for it. It returns
-// an error naming what is wrong.
+// an error naming the field and what is wrong with it.
 func (c *Collector) Validate() error {
+	if sub, msg := c.problem(); msg != "" {
+		return fmt.Errorf("%s: %s", sub, msg)
+	}
+	return nil
+}
+
+// problem returns the field (protocol or endpoint) and what is wrong with
+// it, or "" when c is valid.
+func (c *Collector) problem() (field, msg string) {
 	switch c.Protocol {
 	case "", CollectorGRPC:
 		if c.Endpoint == "" {
-			return fmt.Errorf("endpoint: required (host:port of an OTLP/gRPC collector, e.g. 127.0.0.1:4317)")
+			return "endpoint", "required (host:port of an OTLP/gRPC collector, e.g. 127.0.0.1:4317)"
 		}
 		if strings.Contains(c.Endpoint, "://") {
-			return fmt.Errorf("endpoint: %q: a grpc endpoint is host:port, not a URL", c.Endpoint)
+			return "endpoint", fmt.Sprintf("%q: a grpc endpoint is host:port, not a URL", c.Endpoint)
 		}
 		if _, _, err := net.SplitHostPort(c.Endpoint); err != nil {
-			return fmt.Errorf("endpoint: %q: %v", c.Endpoint, err)
+			return "endpoint", fmt.Sprintf("%q: %v", c.Endpoint, err)
 		}
 	case CollectorHTTP:
 		u, err := url.Parse(c.Endpoint)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return fmt.Errorf("endpoint: %q: an http endpoint is the URL of the traces path, e.g. http://127.0.0.1:4318/v1/traces", c.Endpoint)
+			return "endpoint", fmt.Sprintf("%q: an http endpoint is the URL of the traces path, e.g. http://127.0.0.1:4318/v1/traces", c.Endpoint)
 		}
 	default:
-		return fmt.Errorf("protocol: must be %s or %s (got %q)", CollectorGRPC, CollectorHTTP, c.Protocol)
+		return "protocol", fmt.Sprintf("must be %s or %s (got %q)", CollectorGRPC, CollectorHTTP, c.Protocol)
 	}
-	return nil
+	return "", ""
 }
 
 // WithDefaultCollector returns a copy of s (nil: an empty set) whose
