@@ -72,7 +72,9 @@ func (a *attemptBody) Read(p []byte) (int, error) {
 			if len(b.buf)+n <= b.limit {
 				b.buf = append(b.buf, p[:n]...)
 			} else {
-				b.overflow, b.buf = true, nil
+				// The recording is dropped; this attempt reads on from src,
+				// its position now that of the empty recording.
+				b.overflow, b.buf, a.pos = true, nil, 0
 			}
 		}
 		if !b.overflow {
