@@ -86,6 +86,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	outcome := cluster.OutcomeForStatus(resp.StatusCode)
 	defer func() { att.End(outcome) }()
 	defer resp.Body.Close()
+	if r.ProtoMajor == 2 && f.body != nil {
+		// Runs before resp.Body.Close, which waits for the HTTP/2
+		// transport's request body writer: that writer may be blocked on a
+		// client that keeps its stream open after the response (a gRPC
+		// stream the server ended with its status). The exchange is over,
+		// so the downstream's request body is closed, which stops it.
+		defer r.Body.Close()
+	}
 	x.code = resp.StatusCode
 	stream := streaming(resp)
 	if stream && routeTimer != nil {
