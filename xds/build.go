@@ -83,7 +83,7 @@ func NewHTTPListener(name, host string, port int, o HTTPListenerOptions) *listen
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{{
 				Name:       HTTPConnectionManagerFilter,
-				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(newHCM(name, o))},
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(withUpgrades(newHCM(name, o)))},
 			}},
 		}},
 	}
@@ -112,6 +112,16 @@ func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
 			ConfigSource:    ADSConfigSource(),
 		}}
 	}
+	return m
+}
+
+// WebSocketUpgrade is the upgrade type sidecars tunnel
+// (HttpConnectionManager.upgrade_configs), on by default as in Istio.
+const WebSocketUpgrade = "websocket"
+
+// withUpgrades enables WebSocket upgrades on m and returns it.
+func withUpgrades(m *hcm.HttpConnectionManager) *hcm.HttpConnectionManager {
+	m.UpgradeConfigs = []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: WebSocketUpgrade}}
 	return m
 }
 

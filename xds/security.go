@@ -160,11 +160,11 @@ func NewInboundListener(name, host string, port int, o InboundOptions) *listener
 
 func inboundFilters(name string, o InboundOptions, secure bool) []*listener.Filter {
 	if o.HTTP {
-		m := newHCM(name, HTTPListenerOptions{
+		m := withUpgrades(newHCM(name, HTTPListenerOptions{
 			RouteConfig: NewRouteConfig(LocalAppCluster, LocalAppCluster, RouteOptions{}),
 			Via:         o.Via,
 			Tracing:     o.Tracing,
-		})
+		}))
 		m.ForwardClientCertDetails = hcm.HttpConnectionManager_SANITIZE
 		if secure {
 			m.ForwardClientCertDetails = hcm.HttpConnectionManager_SANITIZE_SET

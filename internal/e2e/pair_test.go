@@ -1,7 +1,17 @@
 package e2e
 
 import (
+	"bufio"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -15,10 +25,13 @@ type sidecarPair struct {
 	// Addr is where a client of "up" connects: down's sidecar's outbound
 	// listener for up (plaintext, loopback), as an app in the mesh would.
 	Addr string
-	// Down and Up are the two sidecars; UpPublic is up's sidecar's public
-	// listener (mTLS only).
+	// Down and Up are the two sidecars when they run in the test process;
+	// UpPublic is up's sidecar's public listener (mTLS only).
 	Down, Up *proxy
 	UpPublic string
+	// DownProc and UpProc are the sidecars when they run as bin/sidecar
+	// processes (pairOptions.Processes), for memory figures.
+	DownProc, UpProc *sidecarProc
 }
 
 // pairOptions shape startPair.
@@ -29,6 +42,10 @@ type pairOptions struct {
 	AppPort int
 	// Policies are extra policy documents (YAML, without "---").
 	Policies []string
+	// Processes runs the sidecars as separate bin/sidecar processes
+	// (MESHLET_SIDECAR_BIN, else built once into a temporary directory), so
+	// their resident memory can be read from /proc.
+	Processes bool
 }
 
 // startPair starts Consul, the control plane and both sidecars, and waits
@@ -47,6 +64,15 @@ func startPair(t *testing.T, o pairOptions) *sidecarPair {
 	m.register(svc{id: "up-1", name: "up", appPort: o.AppPort, sidecarPort: upSidecar})
 	m.allow("down", "up")
 	p := &sidecarPair{m: m, Addr: hostPort(bind), UpPublic: hostPort(upSidecar)}
+	if o.Processes {
+		p.DownProc = startSidecarProc(t, "down-1-sidecar-proxy", m.xdsAddr)
+		p.UpProc = startSidecarProc(t, "up-1-sidecar-proxy", m.xdsAddr)
+		waitUntil(t, 15*time.Second, "sidecar processes ready", func() bool { return p.DownProc.ready() && p.UpProc.ready() })
+		waitUntil(t, 10*time.Second, "down's sidecar reaching up's", func() bool {
+			return strings.Contains(p.DownProc.get(t, "/clusters"), "up::"+p.UpPublic+"::")
+		})
+		return p
+	}
 	p.Down = m.startSidecar("down-1-sidecar-proxy", "")
 	p.Up = m.startSidecar("up-1-sidecar-proxy", "")
 	p.Down.waitReady(t)
@@ -56,4 +82,135 @@ func startPair(t *testing.T, o pairOptions) *sidecarPair {
 		return len(eps) == 1 && eps[0] == p.UpPublic
 	})
 	return p
+}
+
+// sidecarProc is a sidecar running as its own process.
+type sidecarProc struct {
+	cmd   *exec.Cmd
+	admin string // http://host:port
+}
+
+var sidecarBin struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// sidecarBinary returns $MESHLET_SIDECAR_BIN, else a sidecar built once
+// per test binary run.
+func sidecarBinary(t *testing.T) string {
+	t.Helper()
+	if p := os.Getenv("MESHLET_SIDECAR_BIN"); p != "" {
+		return p
+	}
+	sidecarBin.once.Do(func() {
+		dir, err := os.MkdirTemp("", "meshlet-sidecar-bin-")
+		if err != nil {
+			sidecarBin.err = err
+			return
+		}
+		sidecarBin.path = filepath.Join(dir, "sidecar")
+		out, err := exec.Command("go", "build", "-o", sidecarBin.path, "github.com/meshlet/meshlet/sidecar/cmd/sidecar").CombinedOutput()
+		if err != nil {
+			sidecarBin.err = fmt.Errorf("go build sidecar: %v\n%s", err, out)
+		}
+	})
+	if sidecarBin.err != nil {
+		t.Fatal(sidecarBin.err)
+	}
+	return sidecarBin.path
+}
+
+// startSidecarProc runs bin/sidecar for node against xdsAddr; it is
+// stopped (SIGTERM, then SIGKILL) at cleanup, its log shown on failure.
+func startSidecarProc(t *testing.T, node, xdsAddr string) *sidecarProc {
+	t.Helper()
+	admin := hostPort(freePorts(t, 1)[0])
+	logf, err := os.Create(filepath.Join(t.TempDir(), node+".log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(sidecarBinary(t), "-node-id", node, "-xds-addr", xdsAddr, "-admin-addr", admin, "-drain-timeout", "1s", "-admin-pprof")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sp := &sidecarProc{cmd: cmd, admin: "http://" + admin}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		logf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("--- %s (process) log:\n%s", node, b)
+		}
+	})
+	return sp
+}
+
+func (sp *sidecarProc) ready() bool {
+	resp, err := http.Get(sp.admin + "/ready")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
+}
+
+func (sp *sidecarProc) get(t *testing.T, path string) string {
+	t.Helper()
+	resp, err := http.Get(sp.admin + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// memory returns the process's resident set now and at its peak (VmRSS,
+// VmHWM from /proc/<pid>/status), in bytes.
+func (sp *sidecarProc) memory(t *testing.T) (rss, peak int64) {
+	t.Helper()
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", sp.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		fs := strings.Fields(v)
+		if len(fs) == 0 {
+			continue
+		}
+		n, _ := strconv.ParseInt(fs[0], 10, 64)
+		switch k {
+		case "VmRSS":
+			rss = n << 10
+		case "VmHWM":
+			peak = n << 10
+		}
+	}
+	return rss, peak
+}
+
+// resetPeak resets the process's peak RSS (VmHWM), so a later memory() call
+// reports the peak of what happened since (Linux clear_refs 5).
+func (sp *sidecarProc) resetPeak(t *testing.T) {
+	t.Helper()
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", sp.cmd.Process.Pid), []byte("5"), 0); err != nil {
+		t.Fatalf("resetting the peak RSS: %v", err)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -237,8 +238,103 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTim
 		}
 		return fail(err)
 	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// The connection now carries the upgraded protocol (WebSocket...):
+		// it leaves the pool for good, as the response body.
+		conn.conn.SetDeadline(time.Time{})
+		conn.bw = nil // flushed; writes now go straight to the socket
+		resp.Body = &upgradedConn{conn: conn, br: conn.br, stop: stop}
+		return resp, nil
+	}
 	resp.Body = &h1Body{rc: resp.Body, conn: conn, stop: stop, reuse: !resp.Close && !req.Close}
 	return resp, nil
+}
+
+// upgradedConn is the body of a 101 Switching Protocols response: the
+// upstream connection itself, read through the bytes already buffered.
+// It implements io.ReadWriteCloser (as net/http's Transport does for 101)
+// and CloseWrite. Closing it closes the connection and frees its slot
+// under max_connections.
+type upgradedConn struct {
+	conn *h1Conn
+	br   *bufio.Reader // dropped once drained, sparing idle tunnels its buffer
+	stop func() bool
+}
+
+func (u *upgradedConn) Read(p []byte) (int, error) {
+	if u.br != nil {
+		if u.br.Buffered() > 0 {
+			return u.br.Read(p)
+		}
+		u.br, u.conn.br = nil, nil
+	}
+	return u.conn.conn.Read(p)
+}
+
+func (u *upgradedConn) Write(p []byte) (int, error) { return u.conn.conn.Write(p) }
+
+// WaitReadable blocks until the connection has bytes to read, without a
+// buffer, when it is a plain socket with nothing buffered; it returns at
+// once otherwise (TLS may hold decrypted bytes the socket does not show).
+func (u *upgradedConn) WaitReadable() error {
+	if u.br != nil {
+		if u.br.Buffered() > 0 {
+			return nil
+		}
+		u.br, u.conn.br = nil, nil // drained: an idle tunnel keeps no buffer
+	}
+	return WaitReadable(u.conn.conn)
+}
+
+// WaitReadable blocks until the plain TCP connection c is readable (or
+// closed, or past its read deadline), holding no buffer; for any other
+// kind of connection it returns nil at once.
+func WaitReadable(c net.Conn) error {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var peekErr error
+	err = rc.Read(func(fd uintptr) bool {
+		// Peek, as the poller only reports readiness edges after a read
+		// that found nothing: data, EOF and errors all end the wait.
+		var b [1]byte
+		for {
+			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			switch err {
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				return false
+			}
+			peekErr = nil
+			return true
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return peekErr
+}
+
+// CloseWrite half-closes the connection (TCP FIN, or TLS close_notify),
+// so the upstream reads EOF while its answers still flow back.
+func (u *upgradedConn) CloseWrite() error {
+	if cw, ok := u.conn.conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// Close closes the upstream connection.
+func (u *upgradedConn) Close() error {
+	u.stop()
+	u.conn.close()
+	return nil
 }
 
 var (

@@ -6,6 +6,7 @@
 package config
 
 import (
+	"slices"
 	"time"
 
 	"github.com/meshlet/meshlet/xds"
@@ -128,6 +129,22 @@ type HTTPConnectionManager struct {
 	// Tracing is HttpConnectionManager.tracing; nil: requests are not
 	// traced (incoming trace headers still pass through untouched).
 	Tracing *Tracing
+	// Upgrades are the lower-case upgrade types (HTTP/1.1 Upgrade, e.g.
+	// "websocket") the connection manager tunnels
+	// (HttpConnectionManager.upgrade_configs, enabled ones).
+	Upgrades []string
+}
+
+// UpgradeAllowed reports whether an upgrade of type typ (lower case) is
+// tunnelled on route r: the route's upgrade_configs decide when they name
+// typ, else the connection manager's.
+func (h *HTTPConnectionManager) UpgradeAllowed(r *Route, typ string) bool {
+	if r != nil {
+		if on, ok := r.Upgrades[typ]; ok {
+			return on
+		}
+	}
+	return slices.Contains(h.Upgrades, typ)
 }
 
 // XFCC is how x-forwarded-client-cert is handled.
@@ -202,6 +219,9 @@ type Route struct {
 	// bodies up to this size can be replayed on retry (default
 	// DefaultBodyBufferBytes).
 	BodyBufferBytes int
+	// Upgrades overrides the connection manager's upgrade types on this
+	// route (RouteAction.upgrade_configs: type → enabled); nil: none.
+	Upgrades map[string]bool
 }
 
 // DefaultBodyBufferBytes is Route.per_request_buffer_limit_bytes when unset.

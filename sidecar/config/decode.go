@@ -373,6 +373,14 @@ func decodeHCM(m *hcm.HttpConnectionManager, kind, name, field string) (*HTTPCon
 			return nil, fieldErr(kind, name, ff, "unsupported HTTP filter %q", f.GetName())
 		}
 	}
+	for i, u := range m.GetUpgradeConfigs() {
+		if len(u.GetFilters()) > 0 {
+			return nil, fieldErr(kind, name, fmt.Sprintf("%s.upgrade_configs[%d].filters", field, i), "per-upgrade filter chains are not supported")
+		}
+		if u.GetEnabled() == nil || u.GetEnabled().GetValue() {
+			h.Upgrades = append(h.Upgrades, strings.ToLower(u.GetUpgradeType()))
+		}
+	}
 	if t := m.GetTracing(); t != nil {
 		tr, err := decodeTracing(t)
 		if err != nil {
@@ -517,6 +525,15 @@ func decodeRoute(r *route.Route) (*Route, error) {
 			return nil, fmt.Errorf("metadata.filter_metadata[%q].nonIdempotent: %q is not safe or retry", xds.MetadataNamespace, extras.NonIdempotent)
 		}
 		out.Retry = p
+	}
+	for i, u := range a.GetUpgradeConfigs() {
+		if u.GetConnectConfig() != nil {
+			return nil, fmt.Errorf("route.upgrade_configs[%d].connect_config: CONNECT termination is not supported", i)
+		}
+		if out.Upgrades == nil {
+			out.Upgrades = map[string]bool{}
+		}
+		out.Upgrades[strings.ToLower(u.GetUpgradeType())] = u.GetEnabled() == nil || u.GetEnabled().GetValue()
 	}
 	return out, nil
 }

@@ -42,6 +42,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, t, &x, http.StatusNotFound, ReasonNoRoute)
 		return
 	}
+	// An HTTP/1.1 Upgrade (WebSocket) is tunnelled when enabled; h2c
+	// upgrades are ignored (served as HTTP/1.1), others refused.
+	upgrade := upgradeType(r)
+	if upgrade == "h2c" {
+		upgrade = ""
+	} else if upgrade != "" && !s.chain.Load().UpgradeAllowed(rt, upgrade) {
+		s.fail(w, t, &x, http.StatusForbidden, ReasonUpgradeNotAllowed)
+		return
+	}
 	c := s.clusters.Get(rt.Cluster)
 	if c == nil {
 		s.fail(w, t, &x, http.StatusServiceUnavailable, ReasonNoCluster)
@@ -74,6 +83,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	f := &forward{s: s, r: r, rt: rt, c: c, timedOut: &timedOut, via: t.via, x: &x}
+	if upgrade != "" {
+		f.upgrade = r.Header.Get("Upgrade")
+	}
 	f.prepare()
 	resp, att, fl := f.run(ctx)
 	if fl != nil {
@@ -85,6 +97,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	outcome := cluster.OutcomeForStatus(resp.StatusCode)
 	defer func() { att.End(outcome) }()
+	if resp.StatusCode == http.StatusSwitchingProtocols && f.upgrade != "" {
+		if routeTimer != nil {
+			routeTimer.Stop() // a tunnel outlives any request timeout
+		}
+		s.tunnel(w, resp, &x, rt, t.via, ctx)
+		return
+	}
 	defer resp.Body.Close()
 	if r.ProtoMajor == 2 && f.body != nil {
 		// Runs before resp.Body.Close, which waits for the HTTP/2
@@ -227,6 +246,7 @@ type forward struct {
 	timedOut *atomic.Bool
 	via      string
 	x        *exchange // the request's record and span
+	upgrade  string    // the Upgrade header of a tunnelled upgrade, else ""
 
 	body       *replayBody // nil without a request body
 	idempotent bool
@@ -255,6 +275,10 @@ func (f *forward) prepare() {
 		f.idempotent = true
 	}
 	removeHopByHop(r.Header, true)
+	if f.upgrade != "" {
+		r.Header.Set("Connection", "Upgrade")
+		r.Header.Set("Upgrade", f.upgrade)
+	}
 	if f.via != "" {
 		r.Header.Add("Via", protoVersion(r.ProtoMajor, r.ProtoMinor)+" "+f.via)
 	}

@@ -126,6 +126,12 @@ type Server struct {
 	srv   *http.Server
 	conns *connQueue
 	done  chan struct{} // closed when srv.Serve returns
+
+	// tunnels counts upgraded connections (WebSockets), which the HTTP
+	// server no longer tracks; tunnelCtx ends them at shutdown.
+	tunnels      sync.WaitGroup
+	tunnelCtx    context.Context
+	tunnelCancel context.CancelFunc
 }
 
 var _ listener.Handler = (*Server)(nil)
@@ -142,6 +148,7 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 	s.table.Store(tableFor(hc, snap))
 	s.chain.Store(hc)
 	s.tracer.Store(s.tracerFor(hc))
+	s.tunnelCtx, s.tunnelCancel = context.WithCancel(context.Background())
 	s.conns = newConnQueue()
 	s.srv = &http.Server{
 		Handler:           s,
@@ -217,12 +224,23 @@ func (s *Server) tracerFor(hc *config.HTTPConnectionManager) *tracing.HTTP {
 }
 
 // Shutdown stops accepting, closes idle connections, and waits for requests
-// in flight until ctx is done, then closes everything.
+// in flight and upgraded tunnels until ctx is done, then closes everything.
 func (s *Server) Shutdown(ctx context.Context) {
 	if err := s.srv.Shutdown(ctx); err != nil {
 		s.srv.Close()
 	}
 	<-s.done
+	tunnelsDone := make(chan struct{})
+	go func() {
+		s.tunnels.Wait()
+		close(tunnelsDone)
+	}()
+	select {
+	case <-tunnelsDone:
+	case <-ctx.Done():
+	}
+	s.tunnelCancel()
+	<-tunnelsDone
 }
 
 // fail answers a request the sidecar could not forward, with the typed
