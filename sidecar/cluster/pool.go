@@ -3,6 +3,7 @@ package cluster
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -119,11 +120,43 @@ func (p *h1Pool) popIdle() *h1Conn {
 		p.idle[n-1] = nil
 		p.idle = p.idle[:n-1]
 		p.mu.Unlock()
-		if now.Sub(conn.idleAt) < DefaultIdleConnTimeout {
+		if now.Sub(conn.idleAt) < DefaultIdleConnTimeout && conn.alive() {
 			return conn
 		}
 		conn.close()
 	}
+}
+
+// alive reports whether an idle connection can carry a request: its socket
+// has nothing to read. An upstream that closed it while idle (keep-alive
+// timeout, restart) left an EOF or a TLS close_notify there; a request
+// sent on it would be lost as a reset, which a POST could not retry.
+func (c *h1Conn) alive() bool {
+	raw := c.conn
+	if tc, ok := raw.(*tls.Conn); ok {
+		raw = tc.NetConn()
+	}
+	tcp, ok := raw.(*net.TCPConn)
+	if !ok {
+		return true
+	}
+	rc, err := tcp.SyscallConn()
+	if err != nil {
+		return true
+	}
+	readable := false
+	_ = rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		for {
+			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			if err == syscall.EINTR {
+				continue
+			}
+			readable = err != syscall.EAGAIN
+			return true
+		}
+	})
+	return !readable && c.br.Buffered() == 0
 }
 
 func (p *h1Pool) put(conn *h1Conn) {
