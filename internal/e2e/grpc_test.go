@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 	if target := os.Getenv(grpcClientEnv); target != "" {
 		os.Exit(runGRPCClient(target))
 	}
+	if addr := os.Getenv(interopClientEnv); addr != "" {
+		os.Exit(runInteropClient(addr))
+	}
 	os.Exit(m.Run())
 }
 
