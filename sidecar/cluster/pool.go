@@ -253,17 +253,37 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTim
 	if req.Header["User-Agent"] == nil {
 		req.Header["User-Agent"] = emptyValue // keep net/http from adding its own
 	}
-	if err := req.Write(conn.bw); err != nil {
-		return fail(err)
+	// A request with a body is written while the response is read (full
+	// duplex), so an upstream that answers early (413, 401, a streaming
+	// echo) is heard instead of blocking the writer or dying as a reset.
+	var writeDone chan error
+	if req.Body != nil && req.Body != http.NoBody {
+		writeDone = make(chan error, 1)
+		go func() {
+			err := req.Write(conn.bw)
+			if err == nil {
+				err = conn.bw.Flush()
+			}
+			writeDone <- err
+		}()
+	} else {
+		if err := req.Write(conn.bw); err != nil {
+			return fail(err)
+		}
+		if err := conn.bw.Flush(); err != nil {
+			return fail(err)
+		}
 	}
-	if err := conn.bw.Flush(); err != nil {
-		return fail(err)
-	}
-	resp, err := http.ReadResponse(conn.br, req)
+	resp, err := readFinalResponse(conn.br, req)
 	if err == nil && headerTimeout > 0 {
 		conn.conn.SetDeadline(time.Time{}) // the per-try timeout ends at the headers
 	}
 	if err != nil {
+		if writeDone != nil {
+			// The writer may be the one that failed (the upstream stopped
+			// reading): wait for it once the connection is closed.
+			defer func() { <-writeDone }()
+		}
 		if reused && errors.Is(err, io.EOF) {
 			// The upstream closed an idle connection as the request went out
 			// (keep-alive race): it did not process the request.
@@ -274,13 +294,29 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTim
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// The connection now carries the upgraded protocol (WebSocket...):
 		// it leaves the pool for good, as the response body.
+		if writeDone != nil {
+			if err := <-writeDone; err != nil {
+				return fail(err)
+			}
+		}
 		conn.conn.SetDeadline(time.Time{})
 		conn.bw = nil // flushed; writes now go straight to the socket
 		resp.Body = &upgradedConn{conn: conn, br: conn.br, stop: stop}
 		return resp, nil
 	}
-	resp.Body = &h1Body{rc: resp.Body, conn: conn, stop: stop, reuse: !resp.Close && !req.Close}
+	resp.Body = &h1Body{rc: resp.Body, conn: conn, stop: stop, reuse: !resp.Close && !req.Close, writeDone: writeDone}
 	return resp, nil
+}
+
+// readFinalResponse reads the response to req, skipping interim 1xx
+// responses (100 Continue, 103 Early Hints) other than 101.
+func readFinalResponse(br *bufio.Reader, req *http.Request) (*http.Response, error) {
+	for {
+		resp, err := http.ReadResponse(br, req)
+		if err != nil || resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols || resp.StatusCode < 100 {
+			return resp, err
+		}
+	}
 }
 
 // upgradedConn is the body of a 101 Switching Protocols response: the
@@ -375,13 +411,17 @@ var (
 	errStaleConn = errors.New("pooled connection closed by the upstream before the response")
 )
 
-// h1Body returns its connection to the pool once fully read.
+// h1Body returns its connection to the pool once fully read and once the
+// request body has been written.
 type h1Body struct {
 	rc    io.ReadCloser
 	conn  *h1Conn
 	stop  func() bool
 	reuse bool
 	done  atomic.Bool
+	// writeDone reports the end of the request's writer (full duplex); nil
+	// for requests written before the response was read.
+	writeDone chan error
 }
 
 func (b *h1Body) Read(p []byte) (int, error) {
@@ -404,6 +444,21 @@ func (b *h1Body) Close() error {
 func (b *h1Body) release(reuse bool) {
 	if !b.done.CompareAndSwap(false, true) {
 		return
+	}
+	if b.writeDone != nil {
+		select {
+		case err := <-b.writeDone:
+			if err != nil {
+				reuse = false
+			}
+		default:
+			// The upstream answered before the request body was all sent:
+			// the connection cannot be reused. Closing it ends the writer;
+			// wait for it, so the request body is no longer read.
+			b.conn.close()
+			<-b.writeDone
+			reuse = false
+		}
 	}
 	if !b.stop() { // the context fired: the deadline is poisoned
 		reuse = false

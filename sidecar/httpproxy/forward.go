@@ -275,6 +275,20 @@ func (f *forward) prepare() {
 		f.idempotent = true
 	}
 	removeHopByHop(r.Header, true)
+	// Expect: 100-continue is answered here (the server sends 100 Continue
+	// when the body is first read, as the request goes upstream), as Envoy
+	// does by default; the upstream gets a plain request.
+	delete(r.Header, "Expect")
+	// X-Forwarded-Proto tells the app the scheme its client used; one set by
+	// an earlier hop (the caller's sidecar) is kept (Envoy's sidecar default,
+	// use_remote_address false). X-Forwarded-For and -Host pass unchanged.
+	if _, ok := r.Header["X-Forwarded-Proto"]; !ok {
+		if r.TLS != nil {
+			r.Header["X-Forwarded-Proto"] = httpsValue
+		} else {
+			r.Header["X-Forwarded-Proto"] = httpValue
+		}
+	}
 	if f.upgrade != "" {
 		r.Header.Set("Connection", "Upgrade")
 		r.Header.Set("Upgrade", f.upgrade)
@@ -291,6 +305,11 @@ func (f *forward) prepare() {
 		f.body = newReplayBody(r.Body, f.rt.BodyBufferBytes, r.ContentLength)
 	}
 }
+
+var (
+	httpValue  = []string{"http"}
+	httpsValue = []string{"https"}
+)
 
 // request builds the upstream request of one attempt.
 func (f *forward) request(ctx context.Context, ep *cluster.Endpoint) *http.Request {
