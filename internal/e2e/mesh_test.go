@@ -45,10 +45,13 @@ func TestRequestTraversesBothSidecars(t *testing.T) {
 		eps := aProxy.endpoints("b")
 		return len(eps) == 1 && eps[0] == hostPort(bSvc.sidecarPort)
 	})
-	got := call(fmt.Sprintf("http://127.0.0.1:%d/hello", bindPort))
-	if got.err != nil {
-		t.Fatalf("request through the mesh: %v", got.err)
-	}
+	// The intention a → b may reach b's sidecar just after it is ready: a
+	// request denied meanwhile never reaches b's app.
+	var got answer
+	waitUntil(t, 5*time.Second, "a request through the mesh", func() bool {
+		got = call(fmt.Sprintf("http://127.0.0.1:%d/hello", bindPort))
+		return got.err == nil
+	})
 	want := "1.1 a-1-sidecar-proxy, 1.1 b-1-sidecar-proxy"
 	if got.instance != "b-1" || got.via != want {
 		t.Errorf("b's app saw instance %q via %q, want b-1 via %q (both sidecars, in order)", got.instance, got.via, want)
