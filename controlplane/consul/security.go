@@ -77,7 +77,7 @@ func (w *Watcher) watchIntentions(ctx context.Context, notify func()) {
 				}
 			}
 			w.mu.Lock()
-			w.intentions = out
+			w.intentions, w.intentionsSeen = out, true
 			w.mu.Unlock()
 			notify()
 		}, nil

@@ -89,6 +89,10 @@ type Watcher struct {
 	ca         *model.CA
 	leaves     map[string]*model.Leaf
 	intentions map[string]*model.Intentions
+	// intentionsSeen is set once the intentions have answered: no Catalog
+	// is published before, so no proxy starts on a deny-all that only
+	// reflects intentions not read yet (a control plane restart).
+	intentionsSeen bool
 }
 
 // New returns a Watcher for cfg, or an error from cfg.Validate.
@@ -105,7 +109,8 @@ func New(cfg Config) (*Watcher, error) {
 // Run watches until ctx is done and calls publish with a new Catalog after
 // every change, from one goroutine, never concurrently. Changes arriving
 // while publish runs are coalesced into the next call. The first Catalog is
-// published once every listed service has answered once. Besides the
+// published once every listed service and the intentions have answered
+// once. Besides the
 // catalog it follows the Connect CA roots, the service-intentions config
 // entries, and the leaf certificate of every service that has a proxy. Run
 // returns ctx.Err() after all its goroutines have stopped.
@@ -279,7 +284,7 @@ func (w *Watcher) reached() {
 // listed service has answered once.
 func (w *Watcher) snapshot() (*model.Catalog, bool) {
 	w.mu.Lock()
-	if w.listed == nil {
+	if w.listed == nil || !w.intentionsSeen {
 		w.mu.Unlock()
 		return nil, false
 	}

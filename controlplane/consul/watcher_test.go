@@ -21,14 +21,18 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // latest keeps the last published catalog.
 type latest struct {
-	mu  sync.Mutex
-	cat *model.Catalog
-	n   int
+	mu    sync.Mutex
+	cat   *model.Catalog
+	first *model.Catalog
+	n     int
 }
 
 func (l *latest) publish(c *model.Catalog) {
 	l.mu.Lock()
 	l.cat, l.n = c, l.n+1
+	if l.first == nil {
+		l.first = c
+	}
 	l.mu.Unlock()
 }
 
@@ -214,5 +218,27 @@ func TestWatcherFollowsConnectCAAndIntentions(t *testing.T) {
 	l.mu.Unlock()
 	if in.Sources[0].Name != "web" || in.Sources[0].Action != "allow" || in.Sources[1].Name != "*" {
 		t.Errorf("sources = %+v, want web (more precedent) before *", in.Sources)
+	}
+}
+
+// TestFirstCatalogCarriesTheIntentions: intentions written before the
+// control plane starts are in the very first Catalog, so a proxy never
+// gets a deny-all that only reflects intentions not read yet.
+func TestFirstCatalogCarriesTheIntentions(t *testing.T) {
+	agent := devconsul.StartForTest(t)
+	register(t, agent.Client, "api-1", 9001)
+	if _, _, err := agent.Client.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
+		Kind: api.ServiceIntentions, Name: "api",
+		Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}},
+	}, nil); err != nil {
+		t.Fatal(err)
+	}
+	l := runWatcher(t, agent.HTTPAddr, &safeBuffer{})
+	l.wait(t, 10*time.Second, "a catalog", func(*model.Catalog) bool { return true })
+	l.mu.Lock()
+	first := l.first
+	l.mu.Unlock()
+	if in := first.Intentions["api"]; in == nil || len(in.Sources) != 1 || in.Sources[0].Name != "web" {
+		t.Errorf("first catalog's intentions of api: %+v, want web allowed", in)
 	}
 }

@@ -71,6 +71,9 @@ func startPair(t *testing.T, o pairOptions) *sidecarPair {
 		waitUntil(t, 10*time.Second, "down's sidecar reaching up's", func() bool {
 			return strings.Contains(p.DownProc.get(t, "/clusters"), "up::"+p.UpPublic+"::")
 		})
+		waitUntil(t, 10*time.Second, "up's sidecar allowing down (the intention)", func() bool {
+			return strings.Contains(p.UpProc.get(t, "/config_dump"), "/svc/down")
+		})
 		return p
 	}
 	p.Down = m.startSidecar("down-1-sidecar-proxy", "")
@@ -81,7 +84,21 @@ func startPair(t *testing.T, o pairOptions) *sidecarPair {
 		eps := p.Down.endpoints("up")
 		return len(eps) == 1 && eps[0] == p.UpPublic
 	})
+	waitUntil(t, 10*time.Second, "up's sidecar allowing down (the intention)", func() bool {
+		return strings.Contains(getURL(t, p.Up.admin+"/config_dump"), "/svc/down")
+	})
 	return p
+}
+
+func getURL(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }
 
 // sidecarProc is a sidecar running as its own process.
