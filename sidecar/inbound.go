@@ -3,9 +3,11 @@ package sidecar
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +26,14 @@ const HandshakeTimeout = 10 * time.Second
 // plaintext by the first byte (as Envoy's tls_inspector does), runs the
 // mTLS handshake off the accept loop, reports failures by reason, and hands
 // the connection to the handler of the matching filter chain.
+//
+// With a plaintext chain (permissive mode), the wait for the first byte is
+// bounded by the listener's listener_filters_timeout; a connection that has
+// sent nothing by then — the plaintext client of a server-first protocol,
+// waiting for the server's greeting — goes to the plaintext chain when
+// continue_on_listener_filters_timeout is set, as with Envoy, and is closed
+// otherwise. Without a plaintext chain (strict mode) nothing ever falls
+// back: a silent client is closed after HandshakeTimeout.
 type inbound struct {
 	name    string
 	log     *slog.Logger
@@ -37,6 +47,12 @@ type inbound struct {
 	ctx       context.Context            // ended by Shutdown: aborts handshakes
 	stop      context.CancelFunc         //
 	wg        sync.WaitGroup             // handshakes in progress
+
+	// detect is the wait for the first byte in nanoseconds (at most
+	// HandshakeTimeout) and fallback whether a connection silent that long
+	// gets the plaintext chain; both follow Update.
+	detect   atomic.Int64
+	fallback atomic.Bool
 }
 
 var _ listener.Handler = (*inbound)(nil)
@@ -62,6 +78,7 @@ func chainShape(l *config.Listener) string {
 func (s *Sidecar) newInbound(l *config.Listener, snap *config.Snapshot, chainHandler func(secure bool) (listener.Handler, error)) (listener.Handler, error) {
 	in := &inbound{name: l.Name, log: s.log, metrics: s.metrics, store: s.tls, shape: chainShape(l)}
 	in.ctx, in.stop = context.WithCancel(context.Background())
+	in.setDetect(l)
 	if c := l.Chain(true); c != nil && c.TLS != nil {
 		h, err := chainHandler(true)
 		if err != nil {
@@ -93,16 +110,46 @@ func (in *inbound) Handle(conn net.Conn) {
 	}()
 }
 
+// setDetect sets the first-byte wait and fallback from l: tls_inspector's
+// listener_filters_timeout (0 is no limit of its own) and
+// continue_on_listener_filters_timeout, with a plaintext chain only.
+func (in *inbound) setDetect(l *config.Listener) {
+	wait := HandshakeTimeout
+	if l.TLSInspector && l.FiltersTimeout > 0 {
+		wait = min(wait, l.FiltersTimeout)
+	}
+	in.detect.Store(int64(wait))
+	plain := l.Chain(false)
+	in.fallback.Store(l.TLSInspector && l.FiltersTimeout > 0 && l.ContinueOnFiltersTimeout && plain != nil && plain.TLS == nil)
+}
+
 func (in *inbound) accept(conn net.Conn) {
 	remote := conn.RemoteAddr().String()
-	_ = conn.SetDeadline(time.Now().Add(HandshakeTimeout))
+	start := time.Now()
+	wait := time.Duration(in.detect.Load())
+	_ = conn.SetDeadline(start.Add(wait))
 	stop := context.AfterFunc(in.ctx, func() { conn.Close() })
 	defer stop()
 	var first [1]byte
-	if _, err := io.ReadFull(conn, first[:]); err != nil {
-		conn.Close()
-		return // closed before sending anything: not worth a log line
+	_, err := io.ReadFull(conn, first[:])
+	if errors.Is(err, os.ErrDeadlineExceeded) && wait < HandshakeTimeout {
+		// A deadline that passed before this goroutine got to read fails
+		// the read even with a byte waiting: look once more.
+		_ = conn.SetDeadline(time.Now().Add(time.Millisecond))
+		_, err = io.ReadFull(conn, first[:])
 	}
+	if errors.Is(err, os.ErrDeadlineExceeded) && in.fallback.Load() && in.ctx.Err() == nil {
+		// Nothing sent: a client waiting for the server to speak first.
+		_ = conn.SetDeadline(time.Time{})
+		in.log.Debug("tls: no first byte; plaintext chain", "listener", in.name, "remote", remote, "waited", time.Since(start))
+		in.plain.Handle(conn)
+		return
+	}
+	if err != nil {
+		conn.Close()
+		return // closed (or silent) before sending anything: not worth a log line
+	}
+	_ = conn.SetDeadline(start.Add(HandshakeTimeout))
 	pc := &prefixConn{Conn: conn, prefix: first[:]}
 	if first[0] != 0x16 { // not a TLS handshake record
 		if in.plain != nil {
@@ -150,6 +197,7 @@ func (in *inbound) Update(l *config.Listener, snap *config.Snapshot) bool {
 	if c := l.Chain(true); c != nil && c.TLS != nil {
 		in.tlsConfig.Store(in.store.ServerConfig(c.TLS))
 	}
+	in.setDetect(l)
 	return true
 }
 

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"strings"
+	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -13,6 +14,7 @@ import (
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
@@ -132,10 +134,20 @@ type InboundOptions struct {
 	Tracing *Tracing
 }
 
+// PermissiveDetectTimeout is a permissive listener's
+// listener_filters_timeout: how long tls_inspector waits for a connection's
+// first byte. A client that has sent nothing by then, the plaintext client
+// of a server-first protocol (MySQL, SMTP, FTP...) waiting for the server's
+// greeting, gets the plaintext chain (continue_on_listener_filters_timeout)
+// rather than being closed; a TLS client's ClientHello comes with its first
+// packet, long before. Istio's PROTOCOL_DETECTION_TIMEOUT was the same.
+const PermissiveDetectTimeout = 100 * time.Millisecond
+
 // NewInboundListener returns the public listener: an mTLS filter chain
 // (RBAC, then the HTTP connection manager or TCP proxy to the local app,
 // with the caller's SPIFFE ID in x-forwarded-client-cert for HTTP) and, in
-// permissive mode, a plaintext chain.
+// permissive mode, a plaintext chain chosen by tls_inspector (plaintext as
+// well when no byte arrives within PermissiveDetectTimeout).
 func NewInboundListener(name, host string, port int, o InboundOptions) *listener.Listener {
 	l := &listener.Listener{Name: name, Address: SocketAddress(host, port)}
 	tlsChain := &listener.FilterChain{Filters: inboundFilters(name, o, true), TransportSocket: o.TLS}
@@ -150,6 +162,8 @@ func NewInboundListener(name, host string, port int, o InboundOptions) *listener
 		Name:       TLSInspectorFilter,
 		ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: MustAny(&tlsinspector.TlsInspector{})},
 	}}
+	l.ListenerFiltersTimeout = durationpb.New(PermissiveDetectTimeout)
+	l.ContinueOnListenerFiltersTimeout = true
 	tlsChain.FilterChainMatch = &listener.FilterChainMatch{TransportProtocol: "tls"}
 	l.FilterChains = []*listener.FilterChain{tlsChain, {
 		FilterChainMatch: &listener.FilterChainMatch{TransportProtocol: "raw_buffer"},

@@ -34,6 +34,15 @@ type Listener struct {
 	// TLSInspector is set when the tls_inspector listener filter picks the
 	// chain by transport protocol.
 	TLSInspector bool
+	// FiltersTimeout is listener_filters_timeout: how long tls_inspector
+	// waits for a connection's first byte (DefaultListenerFiltersTimeout
+	// when unset; 0: no limit of its own).
+	FiltersTimeout time.Duration
+	// ContinueOnFiltersTimeout is continue_on_listener_filters_timeout: a
+	// connection that sent nothing within FiltersTimeout (the client of a
+	// server-first protocol) gets the plaintext chain instead of being
+	// closed.
+	ContinueOnFiltersTimeout bool
 	// Chains holds one chain, or with TLSInspector one "tls" and one
 	// "raw_buffer" chain.
 	Chains []*FilterChain
@@ -53,6 +62,10 @@ type FilterChain struct {
 	HTTP *HTTPConnectionManager
 	TCP  *TCPProxy
 }
+
+// DefaultListenerFiltersTimeout is Listener.FiltersTimeout when
+// listener_filters_timeout is unset (Envoy's default).
+const DefaultListenerFiltersTimeout = 15 * time.Second
 
 // Chain returns the listener's chain for a connection that is TLS or not,
 // or nil when it has none.

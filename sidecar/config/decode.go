@@ -113,6 +113,13 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 		}
 		out.TLSInspector = true
 	}
+	out.FiltersTimeout = DefaultListenerFiltersTimeout
+	if d := l.GetListenerFiltersTimeout(); d != nil {
+		if out.FiltersTimeout = d.AsDuration(); out.FiltersTimeout < 0 || !d.IsValid() {
+			return nil, fieldErr(kind, name, "listener_filters_timeout", "must be a valid duration of 0 or more")
+		}
+	}
+	out.ContinueOnFiltersTimeout = l.GetContinueOnListenerFiltersTimeout()
 	chains := l.GetFilterChains()
 	field := "filter_chains"
 	if len(chains) == 0 && l.GetDefaultFilterChain() != nil {
