@@ -195,7 +195,7 @@ func Pipe(a, b net.Conn) {
 	}
 	half := func(dst, src net.Conn) {
 		defer wg.Done()
-		_, err := io.Copy(dst, src) // splices between TCP connections
+		err := copyConn(dst, src)
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			abort()
 			return
@@ -211,6 +211,47 @@ func Pipe(a, b net.Conn) {
 	go half(b, a)
 	go half(a, b)
 	wg.Wait()
+}
+
+// copyBufSize is the buffer of one direction of a connection with a TLS
+// side: a full TLS record's plaintext.
+const copyBufSize = 16 << 10
+
+var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// copyConn copies src to dst until src's EOF (nil) or an error. Between two
+// plain TCP sockets io.Copy splices in the kernel. Otherwise each chunk goes
+// through a pooled buffer, taken from a plain socket only once it has bytes
+// to read: an idle connection holds no buffer on its plain side (a TLS side
+// may have bytes buffered inside crypto/tls, so its read waits in a buffer).
+func copyConn(dst, src net.Conn) error {
+	_, srcTCP := src.(*net.TCPConn)
+	if _, dstTCP := dst.(*net.TCPConn); srcTCP && dstTCP {
+		_, err := io.Copy(dst, src)
+		return err
+	}
+	for {
+		if srcTCP {
+			if err := cluster.WaitReadable(src); err != nil {
+				return err
+			}
+		}
+		bp := copyBufPool.Get().(*[]byte)
+		n, rerr := src.Read(*bp)
+		var werr error
+		if n > 0 {
+			_, werr = dst.Write((*bp)[:n])
+		}
+		copyBufPool.Put(bp)
+		switch {
+		case werr != nil:
+			return werr
+		case rerr == io.EOF:
+			return nil
+		case rerr != nil:
+			return rerr
+		}
+	}
 }
 
 func unwrap(c net.Conn) net.Conn {
