@@ -116,7 +116,8 @@ func redisCLI(t *testing.T, bin, addr string, stdin []byte, args ...string) stri
 // through both sidecars with mTLS. Every operation runs without error,
 // INCR counts exactly the requests sent through the mesh, LPUSH/LPOP
 // balance, a 1 MiB value round-trips intact, and afterwards no proxied
-// connection or goroutine is left.
+// connection or goroutine is left; 200 idle connections hold a bounded
+// amount of memory each.
 func TestOpaqueTCPRedisBenchmark(t *testing.T) {
 	bench := debTool(t, "redis-benchmark", "redis-tools")
 	cli := debTool(t, "redis-cli", "redis-tools")
@@ -163,6 +164,52 @@ func TestOpaqueTCPRedisBenchmark(t *testing.T) {
 		}
 	}
 	sanity.check(t, p, "after redis-benchmark")
+	idleConnections(t, p, 200)
+}
+
+// idleConnections opens n Redis connections through the pair, one PING
+// each, and checks what they hold while idle in the test process (both
+// sidecars): at most 100 KiB of heap and 3 goroutines per sidecar each.
+// Then they close, and the sidecars let go of everything.
+func idleConnections(t *testing.T, p *sidecarPair, n int) {
+	t.Helper()
+	sanity := startSanity()
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range n {
+		c, err := net.Dial("tcp", p.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "PING\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 7)
+		if _, err := io.ReadFull(c, b); err != nil || string(b) != "+PONG\r\n" {
+			t.Fatalf("PING through the mesh: %q, %v", b, err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	heapPer := (int64(ms.HeapInuse) - int64(sanity.heap)) / int64(n)
+	goroutinesPer := float64(runtime.NumGoroutine()-sanity.goroutines) / float64(n)
+	t.Logf("%d idle Redis connections through the mesh: %d KiB heap and %.1f goroutines each (both sidecars)", n, heapPer>>10, goroutinesPer)
+	if heapPer > 100<<10 || goroutinesPer > 6.5 {
+		t.Errorf("an idle connection through the mesh holds %d KiB of heap and %.1f goroutines; want at most 100 KiB and 6", heapPer>>10, goroutinesPer)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	conns = nil
+	sanity.check(t, p, "after closing the idle connections")
 }
 
 // TestOpaqueTCPMQTT: the mosquitto broker behind the sidecars;
