@@ -27,16 +27,16 @@ import (
 // tool fails the test (it is not skipped): the message names the package.
 func debTool(t *testing.T, name, pkg string) string {
 	t.Helper()
-	if p, err := exec.LookPath(name); err == nil {
-		return p
-	}
-	// Daemons live in sbin, which a non-root PATH may lack; PostgreSQL's
-	// server programs in a versioned directory (newest first).
-	candidates := []string{"/usr/sbin/" + name, "/sbin/" + name}
+	// PostgreSQL's programs first from their versioned directory (newest
+	// first): /usr/bin/pgbench is a wrapper that fails without the server
+	// package. Then PATH, then sbin, which a non-root PATH may lack.
 	pg, _ := filepath.Glob("/usr/lib/postgresql/*/bin/" + name)
 	slices.SortFunc(pg, func(a, b string) int { return pgVersion(b) - pgVersion(a) })
-	for _, p := range append(candidates, pg...) {
-		if fi, err := os.Stat(p); err == nil && fi.Mode()&0o111 != 0 {
+	if p, err := exec.LookPath(name); err == nil {
+		pg = append(pg, p)
+	}
+	for _, p := range append(pg, "/usr/sbin/"+name, "/sbin/"+name) {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
 			return p
 		}
 	}

@@ -383,7 +383,7 @@ func parsePgbench(t *testing.T, out string) pgbenchResult {
 // results through the mesh equal those read directly (100 000 rows
 // included).
 func TestOpaqueTCPPostgres(t *testing.T) {
-	pgbench := debTool(t, "pgbench", "postgresql-client")
+	pgbench := debTool(t, "pgbench", "postgresql")
 	psql := debTool(t, "psql", "postgresql-client")
 	port := startPostgres(t)
 	p := startPair(t, pairOptions{Protocol: "tcp", AppPort: port})
@@ -531,7 +531,7 @@ func TestOpaqueTCPServerFirstMariaDB(t *testing.T) {
 //     real `nc -N -l`); the client reads it to EOF, then sends its data, which
 //     the server still receives in full before the client closes.
 func TestOpaqueTCPHalfClose(t *testing.T) {
-	nc := debTool(t, "nc", "netcat-openbsd")
+	nc := debTool(t, "nc.openbsd", "netcat-openbsd")
 
 	t.Run("client closes its write side first", func(t *testing.T) {
 		srv := startHalfCloseServer(t)
