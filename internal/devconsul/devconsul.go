@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +18,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/meshlet/meshlet/internal/freeport"
 )
 
 // BinaryEnv names the environment variable that may point at the consul
@@ -71,6 +72,9 @@ type Options struct {
 	// Detached leaves the agent running when this process exits (no
 	// PR_SET_PDEATHSIG), for `make demo KEEP=1`.
 	Detached bool
+	// Args are appended to the agent's command line, e.g.
+	// {"-hcl", "limits { http_max_conns_per_client = 4096 }"}.
+	Args []string
 }
 
 // Agent is a running dev agent.
@@ -132,6 +136,7 @@ func start(ctx context.Context, o Options) (*Agent, error) {
 		"-http-port", p(0), "-grpc-port", p(1), "-grpc-tls-port", "-1",
 		"-serf-lan-port", p(2), "-serf-wan-port", p(3), "-server-port", p(4),
 		"-dns-port", "-1", "-log-level", "warn")
+	cmd.Args = append(cmd.Args, o.Args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if !o.Detached {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
@@ -246,23 +251,13 @@ func StartForTestWith(t testing.TB, o Options) *Agent {
 	return a
 }
 
-// FreePorts returns n distinct TCP ports free on 127.0.0.1 at the time of
-// the call.
+// FreePorts returns n distinct ports free on 127.0.0.1 at the time of the
+// call, outside the kernel's ephemeral range (see internal/freeport), so no
+// socket bound to port 0 can take one before it is used.
 func FreePorts(n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	ports := make([]int, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("devconsul: free port: %w", err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	p, err := freeport.Ports(n)
+	if err != nil {
+		return nil, fmt.Errorf("devconsul: %w", err)
 	}
-	return ports, nil
+	return p, nil
 }

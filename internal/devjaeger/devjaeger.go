@@ -27,6 +27,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/freeport"
 )
 
 // BinaryEnv names the environment variable that may point at the jaeger
@@ -405,23 +407,13 @@ func StartForTestWith(t testing.TB, o Options) *Jaeger {
 	return j
 }
 
-// FreePorts returns n distinct TCP ports free on 127.0.0.1 at the time of
-// the call.
+// FreePorts returns n distinct ports free on 127.0.0.1 at the time of the
+// call, outside the kernel's ephemeral range (see internal/freeport), so no
+// socket bound to port 0 can take one before it is used.
 func FreePorts(n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	ports := make([]int, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("devjaeger: free port: %w", err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	p, err := freeport.Ports(n)
+	if err != nil {
+		return nil, fmt.Errorf("devjaeger: %w", err)
 	}
-	return ports, nil
+	return p, nil
 }
