@@ -152,23 +152,48 @@ func NewTCPListener(name, host string, port int, clusterName string) *listener.L
 // NewTCPListenerAttempts is NewTCPListener with TcpProxy.max_connect_attempts
 // (0 leaves Envoy's default of 1).
 func NewTCPListenerAttempts(name, host string, port int, clusterName string, connectAttempts int) *listener.Listener {
-	tp := &tcpproxy.TcpProxy{
-		StatPrefix:       name,
-		ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: clusterName},
-	}
-	if connectAttempts > 0 {
-		tp.MaxConnectAttempts = wrapperspb.UInt32(uint32(connectAttempts))
-	}
+	return NewTCPProxyListener(name, host, port, clusterName, TCPProxyOptions{MaxConnectAttempts: connectAttempts})
+}
+
+// TCPProxyOptions configure the TcpProxy of NewTCPProxyListener and of an
+// inbound TCP listener (InboundOptions.TCP).
+type TCPProxyOptions struct {
+	// MaxConnectAttempts is TcpProxy.max_connect_attempts; 0 leaves Envoy's
+	// default of 1.
+	MaxConnectAttempts int
+	// IdleTimeout is TcpProxy.idle_timeout: no byte either way for this
+	// long closes the connection. 0 leaves the field unset, which is
+	// Envoy's default of 1 h (a set 0s would disable it).
+	IdleTimeout time.Duration
+}
+
+// NewTCPProxyListener returns a listener on host:port whose single filter
+// chain is a TCP proxy to clusterName shaped by o.
+func NewTCPProxyListener(name, host string, port int, clusterName string, o TCPProxyOptions) *listener.Listener {
 	return &listener.Listener{
 		Name:    name,
 		Address: SocketAddress(host, port),
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{{
 				Name:       TCPProxyFilter,
-				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(tp)},
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(newTCPProxy(name, clusterName, o))},
 			}},
 		}},
 	}
+}
+
+func newTCPProxy(statPrefix, clusterName string, o TCPProxyOptions) *tcpproxy.TcpProxy {
+	tp := &tcpproxy.TcpProxy{
+		StatPrefix:       statPrefix,
+		ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: clusterName},
+	}
+	if o.MaxConnectAttempts > 0 {
+		tp.MaxConnectAttempts = wrapperspb.UInt32(uint32(o.MaxConnectAttempts))
+	}
+	if o.IdleTimeout > 0 {
+		tp.IdleTimeout = durationpb.New(o.IdleTimeout)
+	}
+	return tp
 }
 
 // RouteOptions configure the single route of NewRouteConfig.

@@ -11,7 +11,6 @@ import (
 	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
-	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -132,6 +131,9 @@ type InboundOptions struct {
 	Rules, Shadow *rbacv3.RBAC
 	// Tracing turns on tracing of HTTP requests (server spans); nil: off.
 	Tracing *Tracing
+	// TCP shapes the TCP proxy to LocalAppCluster when HTTP is false
+	// (its idle timeout; connect attempts stay 1).
+	TCP TCPProxyOptions
 }
 
 // PermissiveDetectTimeout is a permissive listener's
@@ -200,7 +202,5 @@ func inboundFilters(name string, o InboundOptions, secure bool) []*listener.Filt
 			Rules: o.Rules, ShadowRules: o.Shadow, StatPrefix: name, ShadowRulesStatPrefix: "denied_by_",
 		})}})
 	}
-	return append(fs, &listener.Filter{Name: TCPProxyFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(&tcpproxy.TcpProxy{
-		StatPrefix: name, ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: LocalAppCluster},
-	})}})
+	return append(fs, &listener.Filter{Name: TCPProxyFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(newTCPProxy(name, LocalAppCluster, o.TCP))}})
 }

@@ -15,7 +15,8 @@ const (
 	// KindRetryPolicy configures retries (Envoy RouteAction.retry_policy).
 	KindRetryPolicy = "RetryPolicy"
 	// KindTimeoutPolicy configures timeouts (Envoy RouteAction.timeout,
-	// idle_timeout, max_stream_duration, Cluster.connect_timeout).
+	// idle_timeout, max_stream_duration, Cluster.connect_timeout; for TCP
+	// services TcpProxy.idle_timeout).
 	KindTimeoutPolicy = "TimeoutPolicy"
 	// KindCircuitBreakerPolicy configures connection-pool limits (Envoy
 	// Cluster.circuit_breakers) and a per-endpoint breaker (gobreaker).
@@ -297,7 +298,9 @@ func (p *RetryPolicy) validate(v *validator) {
 //	  request: 5s               # whole exchange, retries included, until the response is
 //	                            # complete; for streaming responses (SSE, gRPC streams)
 //	                            # only until the response headers (default: none)
-//	  idle: 1m                  # no bytes either way for this long resets the request (default: none)
+//	  idle: 1m                  # no bytes either way for this long resets the request (default: none);
+//	                            # for a tcp service, from the document without match, it closes
+//	                            # the connection at both sidecars (TcpProxy.idle_timeout, default 1h)
 //	  maxStreamDuration: 1h     # caps any request, streams included (default: none)
 //	  connect: 2s               # TCP connect to an endpoint (default 5s); service-wide
 //

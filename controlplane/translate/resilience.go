@@ -157,6 +157,20 @@ func tcpConnectAttempts(pol *policy.Set, service string) int {
 	return s.NumRetries + 1
 }
 
+// tcpIdleTimeout is TcpProxy.idle_timeout for a TCP service: the idle of
+// its service-wide TimeoutPolicy (a TCP connection has no paths to match),
+// 0 when unset (the field stays unset: Envoy's default of 1 h). Both ends
+// take it: the callers' outbound listeners and the service's own inbound
+// listener, so neither closes the connection before the other.
+func tcpIdleTimeout(pol *policy.Set, service string) time.Duration {
+	for _, t := range pol.TimeoutsFor(service) {
+		if t.Match == nil {
+			return t.Idle.D()
+		}
+	}
+	return 0
+}
+
 // clusterOptions applies the service-wide policies of service to o.
 func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions) xds.ClusterOptions {
 	budget := &xds.RetryBudget{Ratio: policy.DefaultBudgetRatio, MinRetriesPerSecond: policy.DefaultBudgetMinPerSecond, TTL: xds.Duration(policy.DefaultBudgetTTL)}

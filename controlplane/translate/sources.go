@@ -155,12 +155,13 @@ func (m SourceMap) normalize() {
 //   - public_listener: p's connect-proxy registration, the protocol of p's
 //     service (its ServiceDefaults, else Consul service meta), its
 //     ServiceDefaults (mtlsMode), MeshDefaults (mTLS, default action,
-//     tracing), its AuthorizationPolicy and Consul service-intentions, and
+//     tracing), its service-wide TimeoutPolicy (idle) when it is TCP, its
+//     AuthorizationPolicy and Consul service-intentions, and
 //     the Connect CA (trust domain of the RBAC principals); cluster
 //     local_app: the registration and the protocol;
 //   - per upstream service u: listener "upstream:u" (the registration's
-//     upstream, u's protocol, the service-wide RetryPolicy of a TCP
-//     upstream, MeshDefaults when it traces), route configuration "u" (every
+//     upstream, u's protocol, the service-wide RetryPolicy and
+//     TimeoutPolicy (idle) of a TCP upstream, MeshDefaults when it traces), route configuration "u" (every
 //     RetryPolicy and TimeoutPolicy of u, a ringHash LoadBalancerPolicy),
 //     cluster "u" (CircuitBreakerPolicy, OutlierDetectionPolicy,
 //     LoadBalancerPolicy, the RetryPolicy with the retry budget, the
@@ -210,6 +211,9 @@ func ProxySources(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (SourceMa
 			if a := pol.Authorization(p.Service); a != nil {
 				m.add(xds.ListenerType, name, docSource(policy.KindAuthorizationPolicy, a.Name, a.Source))
 			}
+			if !Protocol(cat, pol, p.Service).IsHTTP() {
+				m.add(xds.ListenerType, name, tcpIdleSources(pol, p.Service)...)
+			}
 			if cat.Intentions[p.Service] != nil {
 				m.add(xds.ListenerType, name, Source{Origin: OriginConsul, Kind: ConsulIntentions, Name: p.Service})
 			}
@@ -231,6 +235,7 @@ func ProxySources(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (SourceMa
 					m.add(xds.ListenerType, name, docSource(policy.KindRetryPolicy, rp.Name, rp.Source))
 				}
 			}
+			m.add(xds.ListenerType, name, tcpIdleSources(pol, u)...)
 		}
 		if l.GetTrafficDirection() != 0 {
 			m.add(xds.ListenerType, name, tracing...)
@@ -375,6 +380,17 @@ func routeSources(pol *policy.Set, service string) []Source {
 		out = append(out, docSource(policy.KindLoadBalancerPolicy, lb.Name, lb.Source))
 	}
 	return out
+}
+
+// tcpIdleSources is the service-wide TimeoutPolicy with an idle timeout
+// that tcpIdleTimeout reads for a TCP service.
+func tcpIdleSources(pol *policy.Set, service string) []Source {
+	for _, p := range pol.TimeoutsFor(service) {
+		if p.Match == nil && p.Idle > 0 {
+			return []Source{docSource(policy.KindTimeoutPolicy, p.Name, p.Source)}
+		}
+	}
+	return nil
 }
 
 // clusterSources are the documents clusterOptions reads for service.

@@ -48,7 +48,8 @@ func Protocol(cat *model.Catalog, pol *policy.Set, service string) xds.Protocol 
 //     with MeshDefaults), authorization by RBAC from Consul intentions and
 //     AuthorizationPolicy files, then an HTTP connection manager with an
 //     inline route (the caller's SPIFFE ID in x-forwarded-client-cert) or a
-//     TCP proxy to the local_app static cluster; in permissive mode a
+//     TCP proxy to the local_app static cluster (idle_timeout from the
+//     service's own service-wide TimeoutPolicy idle); in permissive mode a
 //     plaintext filter chain as well;
 //   - per upstream, a listener "upstream:<service>" on its bind address and
 //     port, an RDS route configuration "<service>" (HTTP protocols only) with
@@ -79,6 +80,9 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 		in.Via = p.ID
 		in.Tracing = tracing(tr, p.Service, false)
 	}
+	if !in.HTTP {
+		in.TCP.IdleTimeout = tcpIdleTimeout(pol, p.Service)
+	}
 	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP)
 	r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
 	r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
@@ -99,7 +103,10 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 			}))
 			r.Routes = append(r.Routes, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, u.Service, name)))
 		} else {
-			r.Listeners = append(r.Listeners, xds.NewTCPListenerAttempts(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name, tcpConnectAttempts(pol, u.Service)))
+			r.Listeners = append(r.Listeners, xds.NewTCPProxyListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name, xds.TCPProxyOptions{
+				MaxConnectAttempts: tcpConnectAttempts(pol, u.Service),
+				IdleTimeout:        tcpIdleTimeout(pol, u.Service),
+			}))
 		}
 		dc := p.Datacenter
 		if ps := cat.ProxiesFor(u.Service); len(ps) > 0 {

@@ -176,7 +176,16 @@ type TCPProxy struct {
 	// MaxConnectAttempts is TcpProxy.max_connect_attempts (default 1): a
 	// failed connect is retried on another endpoint this many times minus one.
 	MaxConnectAttempts int
+	// IdleTimeout is TcpProxy.idle_timeout: a connection through which no
+	// byte has moved either way (downstream or upstream) for this long is
+	// closed on both sides. DefaultTCPIdleTimeout (1 h) when the field is
+	// unset, as in Envoy; 0 (the field set to 0s) disables it.
+	IdleTimeout time.Duration
 }
+
+// DefaultTCPIdleTimeout is TCPProxy.IdleTimeout when TcpProxy.idle_timeout
+// is unset (Envoy's default).
+const DefaultTCPIdleTimeout = time.Hour
 
 // RouteConfig is a decoded envoy.config.route.v3.RouteConfiguration.
 type RouteConfig struct {

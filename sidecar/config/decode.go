@@ -28,6 +28,7 @@ import (
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -229,9 +230,17 @@ func decodeFilterChain(fc *listener.FilterChain, kind, name, field string) (*Fil
 			if cl == "" {
 				return nil, fieldErr(kind, name, ff+".typed_config.cluster", "required (weighted_clusters is not supported)")
 			}
-			c.TCP = &TCPProxy{StatPrefix: m.GetStatPrefix(), Cluster: cl, MaxConnectAttempts: 1}
+			if f := unsupportedField(&m, "stat_prefix", "cluster", "max_connect_attempts", "idle_timeout"); f != "" {
+				return nil, fieldErr(kind, name, ff+".typed_config."+f, "not supported (supported: stat_prefix, cluster, max_connect_attempts, idle_timeout)")
+			}
+			c.TCP = &TCPProxy{StatPrefix: m.GetStatPrefix(), Cluster: cl, MaxConnectAttempts: 1, IdleTimeout: DefaultTCPIdleTimeout}
 			if a := m.GetMaxConnectAttempts(); a != nil {
 				c.TCP.MaxConnectAttempts = int(a.GetValue())
+			}
+			if d := m.GetIdleTimeout(); d != nil {
+				if c.TCP.IdleTimeout = d.AsDuration(); !d.IsValid() || c.TCP.IdleTimeout < 0 {
+					return nil, fieldErr(kind, name, ff+".typed_config.idle_timeout", "must be a valid duration of 0 (no idle timeout) or more")
+				}
 			}
 		default:
 			return nil, fieldErr(kind, name, ff, "unsupported network filter %q (%s) here: a chain is [%s] then %s or %s",
@@ -245,6 +254,23 @@ func decodeFilterChain(fc *listener.FilterChain, kind, name, field string) (*Fil
 		return nil, fieldErr(kind, name, field+".filters", "use %s inside the HTTP connection manager, not %s", xds.RBACHTTPFilter, xds.RBACNetworkFilter)
 	}
 	return c, nil
+}
+
+// unsupportedField returns the name of the first field set in m that is
+// not among supported (proto field names), or "" when there is none, so a
+// NACK can name a field the sidecar would otherwise silently ignore.
+func unsupportedField(m proto.Message, supported ...string) string {
+	var found protoreflect.FieldDescriptor
+	m.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, _ protoreflect.Value) bool {
+		if !slices.Contains(supported, string(fd.Name())) && (found == nil || fd.Number() < found.Number()) {
+			found = fd // the lowest field number, for a stable message
+		}
+		return true
+	})
+	if found == nil {
+		return ""
+	}
+	return string(found.Name())
 }
 
 func tlsVersion(v tlsv3.TlsParameters_TlsProtocol, def uint16) (uint16, error) {

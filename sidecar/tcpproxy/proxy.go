@@ -10,8 +10,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
@@ -26,6 +28,9 @@ type Recorder interface {
 	// Connections adds delta (+1 opened, -1 closed) to the listener's
 	// active downstream connections.
 	Connections(listener string, delta int)
+	// IdleTimeout counts a connection closed by the listener's TCP proxy
+	// idle timeout (TcpProxy.idle_timeout).
+	IdleTimeout(listener string)
 }
 
 // Proxy is the listener.Handler of the TCP proxy of one filter chain.
@@ -171,7 +176,12 @@ func (p *Proxy) serve(down net.Conn) {
 				"reason", "connect_failure", "attempts", attempt, "error", err)
 			return
 		}
-		Pipe(down, up)
+		if PipeIdle(down, up, cfg.IdleTimeout) {
+			if p.rec != nil {
+				p.rec.IdleTimeout(p.name)
+			}
+			p.log.Debug("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "idle_timeout", "idle", cfg.IdleTimeout)
+		}
 		up.Close()
 		att.End(cluster.OutcomeSuccess)
 		return
@@ -181,10 +191,27 @@ func (p *Proxy) serve(down net.Conn) {
 // Pipe copies a→b and b→a until both directions end. A clean EOF on one
 // side half-closes the other (CloseWrite), so protocols that half-close keep
 // working; an error in either direction closes both connections.
-func Pipe(a, b net.Conn) {
+func Pipe(a, b net.Conn) { PipeIdle(a, b, 0) }
+
+// PipeIdle is Pipe with an idle timeout (Envoy's TcpProxy.idle_timeout):
+// when no byte has moved in either direction for idle, both connections are
+// closed and it reports true. 0 disables the timeout.
+//
+// No timer is armed per read: each direction reads under a deadline that is
+// moved at most once per idleSlice(idle) (an eighth of idle, at most 10 s),
+// and a direction that moved bytes within its slice records the time. So
+// the check costs nothing per byte or per read, spliced copies between two
+// plain sockets stay spliced, and a connection is closed between idle and
+// idle + idleSlice(idle) after its last byte.
+func PipeIdle(a, b net.Conn, idle time.Duration) (timedOut bool) {
 	// Copy between the raw TCP connections so io.Copy can splice; wrappers
 	// (connection-slot accounting) still get their Close from the caller.
 	a, b = unwrap(a), unwrap(b)
+	var clock *idleClock
+	if idle > 0 {
+		clock = &idleClock{idle: idle, slice: idleSlice(idle)}
+		clock.last.Store(time.Now().UnixNano())
+	}
 	var wg sync.WaitGroup
 	var once sync.Once
 	abort := func() {
@@ -195,7 +222,12 @@ func Pipe(a, b net.Conn) {
 	}
 	half := func(dst, src net.Conn) {
 		defer wg.Done()
-		err := copyConn(dst, src)
+		var err error
+		if clock == nil {
+			_, err = copyConn(dst, src)
+		} else {
+			err = clock.copy(dst, src)
+		}
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			abort()
 			return
@@ -211,6 +243,56 @@ func Pipe(a, b net.Conn) {
 	go half(b, a)
 	go half(a, b)
 	wg.Wait()
+	return clock != nil && clock.expired.Load()
+}
+
+// maxIdleSlice caps idleSlice, so long idle timeouts (Envoy's default is an
+// hour) are still enforced within seconds of their due time.
+const maxIdleSlice = 10 * time.Second
+
+// idleSlice is how long a direction of PipeIdle reads before it records
+// whether it moved bytes: an eighth of idle, between 1 ms and maxIdleSlice.
+func idleSlice(idle time.Duration) time.Duration {
+	return min(max(idle/8, time.Millisecond), maxIdleSlice)
+}
+
+// errIdle ends a direction of PipeIdle whose connection timed out.
+var errIdle = errors.New("tcpproxy: idle timeout")
+
+// idleClock is the idle state shared by both directions of one PipeIdle.
+type idleClock struct {
+	idle, slice time.Duration
+	// last is when a direction last saw bytes move (UnixNano), recorded at
+	// the end of the slice in which they moved.
+	last    atomic.Int64
+	expired atomic.Bool
+}
+
+// copy is copyConn under the idle clock: it reads src in slices bounded by
+// read deadlines and returns errIdle (having closed nothing itself) once
+// neither direction has moved a byte for c.idle.
+func (c *idleClock) copy(dst, src net.Conn) error {
+	for {
+		now := time.Now()
+		deadline := time.Unix(0, c.last.Load()).Add(c.idle)
+		if slice := now.Add(c.slice); slice.Before(deadline) {
+			deadline = slice
+		}
+		if err := src.SetReadDeadline(deadline); err != nil {
+			return err
+		}
+		n, err := copyConn(dst, src)
+		if n > 0 {
+			c.last.Store(time.Now().UnixNano())
+		}
+		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		if time.Since(time.Unix(0, c.last.Load())) >= c.idle {
+			c.expired.Store(true)
+			return errIdle
+		}
+	}
 }
 
 // copyBufSize is the buffer of one direction of a connection with a TLS
@@ -219,37 +301,40 @@ const copyBufSize = 16 << 10
 
 var copyBufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
-// copyConn copies src to dst until src's EOF (nil) or an error. Between two
-// plain TCP sockets io.Copy splices in the kernel. Otherwise each chunk goes
-// through a pooled buffer, taken from a plain socket only once it has bytes
-// to read: an idle connection holds no buffer on its plain side (a TLS side
-// may have bytes buffered inside crypto/tls, so its read waits in a buffer).
-func copyConn(dst, src net.Conn) error {
+// copyConn copies src to dst until src's EOF (nil) or an error, and returns
+// the bytes written. Between two plain TCP sockets io.Copy splices in the
+// kernel. Otherwise each chunk goes through a pooled buffer, taken from a
+// plain socket only once it has bytes to read: an idle connection holds no
+// buffer on its plain side (a TLS side may have bytes buffered inside
+// crypto/tls, so its read waits in a buffer).
+func copyConn(dst, src net.Conn) (int64, error) {
 	_, srcTCP := src.(*net.TCPConn)
 	if _, dstTCP := dst.(*net.TCPConn); srcTCP && dstTCP {
-		_, err := io.Copy(dst, src)
-		return err
+		return io.Copy(dst, src)
 	}
+	var written int64
 	for {
 		if srcTCP {
 			if err := cluster.WaitReadable(src); err != nil {
-				return err
+				return written, err
 			}
 		}
 		bp := copyBufPool.Get().(*[]byte)
 		n, rerr := src.Read(*bp)
 		var werr error
 		if n > 0 {
-			_, werr = dst.Write((*bp)[:n])
+			var w int
+			w, werr = dst.Write((*bp)[:n])
+			written += int64(w)
 		}
 		copyBufPool.Put(bp)
 		switch {
 		case werr != nil:
-			return werr
+			return written, werr
 		case rerr == io.EOF:
-			return nil
+			return written, nil
 		case rerr != nil:
-			return rerr
+			return written, rerr
 		}
 	}
 }

@@ -28,6 +28,8 @@ import (
 //	    histogram of the time from the request headers to the end of the
 //	    response
 //	meshlet_sidecar_downstream_connections_active{listener}
+//	meshlet_sidecar_tcp_idle_timeouts_total{listener}
+//	    TCP proxy connections closed by their idle timeout
 //	meshlet_sidecar_upstream_connections_active{cluster}
 //	meshlet_sidecar_upstream_requests_active{cluster}
 //	meshlet_sidecar_upstream_requests_pending{cluster}
@@ -70,6 +72,7 @@ type Metrics struct {
 	requests      *prometheus.CounterVec
 	duration      *prometheus.HistogramVec
 	downConns     *prometheus.GaugeVec
+	tcpIdle       *prometheus.CounterVec
 	spansExported prometheus.Counter
 	spansDropped  *prometheus.CounterVec
 	retries       *prometheus.CounterVec
@@ -155,7 +158,10 @@ func New() *Metrics {
 	m.authzDenied = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "meshlet_sidecar_authz_denied_total", Help: "Requests and connections refused by authorization, by the rule that refused them.",
 	}, []string{"listener", "rule"})
-	m.Registry.MustRegister(m.handshakes, m.authzDenied)
+	m.tcpIdle = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshlet_sidecar_tcp_idle_timeouts_total", Help: "TCP proxy connections closed because no byte moved either way for the idle timeout, by listener.",
+	}, []string{"listener"})
+	m.Registry.MustRegister(m.handshakes, m.authzDenied, m.tcpIdle)
 	m.Registry.MustRegister(m.duration, m.downConns, m.spansExported, m.spansDropped)
 	m.Registry.MustRegister(m.requests, m.retries, m.retriesDenied, m.overflow, m.ejections, m.breakerTrans, m.breakerState,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -183,6 +189,9 @@ func (m *Metrics) Connections(listener string, delta int) {
 	}
 	v.(prometheus.Gauge).Add(float64(delta))
 }
+
+// IdleTimeout implements tcpproxy.Recorder.
+func (m *Metrics) IdleTimeout(listener string) { m.tcpIdle.WithLabelValues(listener).Inc() }
 
 // SpansExported implements tracing.Events.
 func (m *Metrics) SpansExported(n int) { m.spansExported.Add(float64(n)) }

@@ -32,6 +32,7 @@ func known(m *Metrics) {
 	m.Connections("public_listener", 1)
 	m.Connections("public_listener", 1)
 	m.Connections("public_listener", -1)
+	m.IdleTimeout("upstream:store")
 	m.SpansExported(7)
 	m.SpansDropped(2, "queue_full")
 	m.WatchClusters(func() map[string]ClusterStats {
@@ -77,6 +78,7 @@ func TestMetricsCountsAndLabels(t *testing.T) {
 		{"handshake failures", `meshlet_sidecar_tls_handshakes_total{name="public_listener",result="unknown_ca",side="inbound"} 1`},
 		{"authz denials", `meshlet_sidecar_authz_denied_total{listener="public_listener",rule="deny-all"} 1`},
 		{"active downstream connections", `meshlet_sidecar_downstream_connections_active{listener="public_listener"} 1`},
+		{"TCP idle timeouts", `meshlet_sidecar_tcp_idle_timeouts_total{listener="upstream:store"} 1`},
 		{"active upstream connections", `meshlet_sidecar_upstream_connections_active{cluster="api"} 4`},
 		{"pending upstream requests", `meshlet_sidecar_upstream_requests_pending{cluster="api"} 1`},
 		{"xDS connected", `meshlet_sidecar_xds_connected 1`},
