@@ -21,88 +21,191 @@ const DefaultLocalAddress = "127.0.0.1"
 // become Proxies; typical services become Services; other kinds (gateways)
 // are ignored. It is pure and deterministic.
 func BuildCatalog(entries map[string][]*api.ServiceEntry) *model.Catalog {
-	services := map[string]*model.Service{}
-	proxies := map[string]*model.Proxy{}
-	type key struct{ node, id string }
-	instances := map[key]model.Instance{}
-
+	b := newCatalogBuilder()
 	for name, es := range entries {
-		for _, e := range es {
-			if e.Service == nil || e.Service.Kind != api.ServiceKindTypical {
-				continue
-			}
-			s := services[name]
-			if s == nil {
-				s = &model.Service{Name: name}
-				services[name] = s
-			}
-			in := model.Instance{
-				ID:         e.Service.ID,
-				Node:       nodeName(e),
-				Datacenter: datacenter(e),
-				Address:    serviceAddress(e),
-				Port:       e.Service.Port,
-				Meta:       e.Service.Meta,
-				Weight:     passingWeight(e.Service.Weights),
-				Healthy:    e.Checks.AggregatedStatus() == api.HealthPassing,
-			}
-			s.Instances = append(s.Instances, in)
-			instances[key{in.Node, in.ID}] = in
-		}
+		b.update(name, es)
 	}
-	for _, s := range services {
-		slices.SortFunc(s.Instances, func(a, b model.Instance) int {
+	return b.build()
+}
+
+// catalogBuilder builds Catalogs incrementally, as BuildCatalog does from
+// scratch: it keeps the conversion of each service's entries and converts
+// again only the services it is told changed (update, remove), and it
+// reuses the *model.Service and *model.Proxy values of the previous
+// Catalog whose content is unchanged, so that consumers find what changed
+// by identity (model.Catalog.Same, Scope). It is not safe for concurrent
+// use.
+type catalogBuilder struct {
+	// byName holds the conversion of each service's entries.
+	byName map[string]*converted
+	// healthy is the health of every typical instance by node and ID, the
+	// input of a proxy's health besides its own checks.
+	healthy map[instanceKey]bool
+	// proxies are the proxies of the last build by ID, with the
+	// conversion they were derived from.
+	proxies map[string]builtProxy
+}
+
+type instanceKey struct{ node, id string }
+
+// converted is one service name's entries as model values. Proxies carry
+// the health of their own checks only.
+type converted struct {
+	service   *model.Service // nil when no typical instance
+	proxies   []*model.Proxy
+	instances []instanceKey // keys this name put in catalogBuilder.healthy
+}
+
+type builtProxy struct {
+	base, p *model.Proxy
+}
+
+func newCatalogBuilder() *catalogBuilder {
+	return &catalogBuilder{byName: map[string]*converted{}, healthy: map[instanceKey]bool{}, proxies: map[string]builtProxy{}}
+}
+
+// update converts the entries of service name, replacing its previous ones.
+func (b *catalogBuilder) update(name string, entries []*api.ServiceEntry) {
+	old := b.byName[name]
+	b.remove(name)
+	cv := &converted{}
+	var svc *model.Service
+	for _, e := range entries {
+		if e.Service == nil || e.Service.Kind != api.ServiceKindTypical {
+			continue
+		}
+		if svc == nil {
+			svc = &model.Service{Name: name}
+		}
+		in := model.Instance{
+			ID:         e.Service.ID,
+			Node:       nodeName(e),
+			Datacenter: datacenter(e),
+			Address:    serviceAddress(e),
+			Port:       e.Service.Port,
+			Meta:       e.Service.Meta,
+			Weight:     passingWeight(e.Service.Weights),
+			Healthy:    e.Checks.AggregatedStatus() == api.HealthPassing,
+		}
+		svc.Instances = append(svc.Instances, in)
+		k := instanceKey{in.Node, in.ID}
+		b.healthy[k] = in.Healthy
+		cv.instances = append(cv.instances, k)
+	}
+	if svc != nil {
+		slices.SortFunc(svc.Instances, func(a, b model.Instance) int {
 			return cmp.Or(cmp.Compare(a.ID, b.ID), cmp.Compare(a.Node, b.Node))
 		})
-		for _, in := range s.Instances {
+		for _, in := range svc.Instances {
 			if p := in.Meta["protocol"]; p != "" {
-				s.Protocol = p
+				svc.Protocol = p
 				break
 			}
 		}
-	}
-
-	for _, es := range entries {
-		for _, e := range es {
-			if e.Service == nil || e.Service.Kind != api.ServiceKindConnectProxy || e.Service.Proxy == nil {
-				continue
-			}
-			pc := e.Service.Proxy
-			p := &model.Proxy{
-				ID:              e.Service.ID,
-				Node:            nodeName(e),
-				Datacenter:      datacenter(e),
-				Service:         pc.DestinationServiceName,
-				ServiceID:       pc.DestinationServiceID,
-				Address:         serviceAddress(e),
-				Port:            e.Service.Port,
-				LocalAppAddress: cmp.Or(pc.LocalServiceAddress, DefaultLocalAddress),
-				LocalAppPort:    pc.LocalServicePort,
-				Weight:          passingWeight(e.Service.Weights),
-				Healthy:         e.Checks.AggregatedStatus() == api.HealthPassing,
-			}
-			p.ListenAddress, _ = pc.Config["bind_address"].(string)
-			p.ListenPort = intFromConfig(pc.Config["bind_port"])
-			if p.Healthy && p.ServiceID != "" {
-				if in, ok := instances[key{p.Node, p.ServiceID}]; ok && !in.Healthy {
-					p.Healthy = false
-				}
-			}
-			for _, u := range pc.Upstreams {
-				if u.DestinationType != "" && u.DestinationType != api.UpstreamDestTypeService {
-					continue // prepared queries are not supported
-				}
-				p.Upstreams = append(p.Upstreams, model.Upstream{
-					Service:     u.DestinationName,
-					BindAddress: cmp.Or(u.LocalBindAddress, DefaultLocalAddress),
-					BindPort:    u.LocalBindPort,
-				})
-			}
-			slices.SortStableFunc(p.Upstreams, func(a, b model.Upstream) int { return cmp.Compare(a.Service, b.Service) })
-			proxies[p.ID] = p
+		if old != nil && old.service.Equal(svc) {
+			svc = old.service
 		}
 	}
+	cv.service = svc
+
+	var oldProxies map[string]*model.Proxy
+	if old != nil && len(old.proxies) > 0 {
+		oldProxies = make(map[string]*model.Proxy, len(old.proxies))
+		for _, p := range old.proxies {
+			oldProxies[p.ID] = p
+		}
+	}
+	for _, e := range entries {
+		if e.Service == nil || e.Service.Kind != api.ServiceKindConnectProxy || e.Service.Proxy == nil {
+			continue
+		}
+		p := convertProxy(e)
+		if prev := oldProxies[p.ID]; prev.Equal(p) {
+			p = prev
+		}
+		cv.proxies = append(cv.proxies, p)
+	}
+	b.byName[name] = cv
+}
+
+// remove forgets service name.
+func (b *catalogBuilder) remove(name string) {
+	cv := b.byName[name]
+	if cv == nil {
+		return
+	}
+	for _, k := range cv.instances {
+		delete(b.healthy, k)
+	}
+	delete(b.byName, name)
+}
+
+// build returns the Catalog of every service updated and not removed. A
+// proxy is healthy when its checks pass and, when its destination instance
+// (same node, DestinationServiceID) is registered, that instance's checks
+// pass too.
+func (b *catalogBuilder) build() *model.Catalog {
+	services := make(map[string]*model.Service, len(b.byName))
+	proxies := make(map[string]*model.Proxy, len(b.proxies))
+	built := make(map[string]builtProxy, len(b.proxies))
+	for name, cv := range b.byName {
+		if cv.service != nil {
+			services[name] = cv.service
+		}
+		for _, base := range cv.proxies {
+			healthy := base.Healthy
+			if healthy && base.ServiceID != "" {
+				if h, ok := b.healthy[instanceKey{base.Node, base.ServiceID}]; ok && !h {
+					healthy = false
+				}
+			}
+			p := base
+			if prev, ok := b.proxies[base.ID]; ok && prev.base == base && prev.p.Healthy == healthy {
+				p = prev.p
+			} else if healthy != base.Healthy {
+				cp := *base
+				cp.Healthy = healthy
+				p = &cp
+			}
+			proxies[p.ID] = p
+			built[p.ID] = builtProxy{base: base, p: p}
+		}
+	}
+	b.proxies = built
 	return model.NewCatalog(services, proxies)
+}
+
+// convertProxy converts a connect-proxy entry; Healthy reflects its own
+// checks only.
+func convertProxy(e *api.ServiceEntry) *model.Proxy {
+	pc := e.Service.Proxy
+	p := &model.Proxy{
+		ID:              e.Service.ID,
+		Node:            nodeName(e),
+		Datacenter:      datacenter(e),
+		Service:         pc.DestinationServiceName,
+		ServiceID:       pc.DestinationServiceID,
+		Address:         serviceAddress(e),
+		Port:            e.Service.Port,
+		LocalAppAddress: cmp.Or(pc.LocalServiceAddress, DefaultLocalAddress),
+		LocalAppPort:    pc.LocalServicePort,
+		Weight:          passingWeight(e.Service.Weights),
+		Healthy:         e.Checks.AggregatedStatus() == api.HealthPassing,
+	}
+	p.ListenAddress, _ = pc.Config["bind_address"].(string)
+	p.ListenPort = intFromConfig(pc.Config["bind_port"])
+	for _, u := range pc.Upstreams {
+		if u.DestinationType != "" && u.DestinationType != api.UpstreamDestTypeService {
+			continue // prepared queries are not supported
+		}
+		p.Upstreams = append(p.Upstreams, model.Upstream{
+			Service:     u.DestinationName,
+			BindAddress: cmp.Or(u.LocalBindAddress, DefaultLocalAddress),
+			BindPort:    u.LocalBindPort,
+		})
+	}
+	slices.SortStableFunc(p.Upstreams, func(a, b model.Upstream) int { return cmp.Compare(a.Service, b.Service) })
+	return p
 }
 
 func nodeName(e *api.ServiceEntry) string {

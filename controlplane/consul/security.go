@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"reflect"
 	"slices"
 	"sync"
 
@@ -34,7 +35,9 @@ func (w *Watcher) watchRoots(ctx context.Context, notify func()) {
 				return cmp.Compare(a.ID, b.ID)
 			})
 			w.mu.Lock()
-			w.ca = ca
+			if !reflect.DeepEqual(w.ca, ca) { // unchanged roots keep their value: no rebuild
+				w.ca = ca
+			}
 			w.mu.Unlock()
 			notify()
 		}, nil
@@ -77,6 +80,13 @@ func (w *Watcher) watchIntentions(ctx context.Context, notify func()) {
 				}
 			}
 			w.mu.Lock()
+			// Unchanged intentions keep their value: the proxies of
+			// their destination are not rebuilt (model.Catalog.Same).
+			for dest, in := range out {
+				if prev := w.intentions[dest]; prev != nil && reflect.DeepEqual(prev, in) {
+					out[dest] = prev
+				}
+			}
 			w.intentions, w.intentionsSeen = out, true
 			w.mu.Unlock()
 			notify()

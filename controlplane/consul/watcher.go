@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,17 +72,36 @@ func (c *Config) Validate() error {
 
 // Watcher runs one blocking query on the catalog's service list and one per
 // service on its health endpoint (/v1/health/service/<name>, all instances
-// with their checks). Each change produces a new Catalog.
+// with their checks). Each change produces a new Catalog, which keeps the
+// values of the previous one for what did not change.
+//
+// Each blocking query holds one HTTP connection to the agent: N service
+// names (a sidecar's connect-proxy registration is a name of its own) and P
+// services with proxies (their leaf certificates) take N+P+3. An agent lets
+// one address hold limits.http_max_conns_per_client of them (200 by
+// default), so a mesh of more than about 60 services with sidecars needs
+// that limit raised; the Watcher logs so when the agent refuses.
 type Watcher struct {
 	cfg Config
 
 	// reachable is the last known state of the agent, for logging only
 	// transitions: 1 reachable, 0 unreachable, -1 unknown (start).
 	reachable atomic.Int32
+	// queries counts the blocking queries running now (each holds one
+	// HTTP connection to the agent); limitLogged is when the agent's
+	// connection limit was last reported (unix nanoseconds).
+	queries     atomic.Int64
+	limitLogged atomic.Int64
+
+	// builder converts entries into Catalogs; only Run's goroutine uses it.
+	builder *catalogBuilder
 
 	mu sync.Mutex // guards the fields below
 	// entries by service name; nil until that service's first answer.
 	entries map[string][]*api.ServiceEntry
+	// dirty names the services whose entries changed (or that went away)
+	// since builder last saw them.
+	dirty map[string]bool
 	// listed is the latest service list, nil before the first answer.
 	listed map[string]bool
 	// ca, leaves (by service) and intentions (by destination) come from
@@ -101,7 +121,8 @@ func New(cfg Config) (*Watcher, error) {
 		return nil, err
 	}
 	cfg.setDefaults()
-	w := &Watcher{cfg: cfg, entries: map[string][]*api.ServiceEntry{}, leaves: map[string]*model.Leaf{}, intentions: map[string]*model.Intentions{}}
+	w := &Watcher{cfg: cfg, builder: newCatalogBuilder(), entries: map[string][]*api.ServiceEntry{}, dirty: map[string]bool{},
+		leaves: map[string]*model.Leaf{}, intentions: map[string]*model.Intentions{}}
 	w.reachable.Store(-1)
 	return w, nil
 }
@@ -189,6 +210,7 @@ func (w *Watcher) watchServiceList(ctx context.Context, notify func()) {
 		for name := range w.entries {
 			if !listed[name] {
 				delete(w.entries, name)
+				w.dirty[name] = true
 			}
 		}
 		w.mu.Unlock()
@@ -213,6 +235,7 @@ func (w *Watcher) watchService(ctx context.Context, name string, notify func()) 
 		return meta.LastIndex, func() {
 			w.mu.Lock()
 			w.entries[name] = entries
+			w.dirty[name] = true
 			w.mu.Unlock()
 			notify()
 		}, nil
@@ -231,6 +254,8 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 	bo.InitialInterval = w.cfg.MinBackoff
 	bo.MaxInterval = w.cfg.MaxBackoff
 	bo.Reset()
+	w.queries.Add(1)
+	defer w.queries.Add(-1)
 	for ctx.Err() == nil {
 		opts := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime}).WithContext(ctx)
 		next, apply, err := query(opts)
@@ -238,7 +263,17 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 			if ctx.Err() != nil {
 				return
 			}
-			w.unreachable(what, err)
+			switch se := (api.StatusError{}); {
+			case errors.As(err, &se) && se.Code == http.StatusTooManyRequests:
+				w.connectionLimit(what, err)
+			case time.Now().UnixNano()-w.limitLogged.Load() < int64(time.Minute):
+				// Over its limit the agent also answers 429 on
+				// connections idle in the pool and closes them:
+				// not an outage.
+				w.cfg.Logger.Debug("consul: query failed while over the connection limit", "query", what, "error", err)
+			default:
+				w.unreachable(what, err)
+			}
 			select {
 			case <-ctx.Done():
 				return
@@ -263,6 +298,23 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 	}
 }
 
+// connectionLimit reports, at most once a minute, that the agent refuses
+// connections beyond its per-client limit: the agent is reachable, but
+// the watcher needs one connection per blocking query.
+func (w *Watcher) connectionLimit(what string, err error) {
+	now := time.Now().UnixNano()
+	last := w.limitLogged.Load()
+	if now-last < int64(time.Minute) || !w.limitLogged.CompareAndSwap(last, now) {
+		w.cfg.Logger.Debug("consul: query refused by the connection limit", "query", what, "error", err)
+		return
+	}
+	w.cfg.Logger.Error("consul: the agent refuses more concurrent connections from this address "+
+		"(HTTP 429: its limits.http_max_conns_per_client, 200 by default, is reached); the control plane "+
+		"holds one blocking query, hence one connection, per Consul service name and per proxied service's "+
+		"leaf certificate: raise the limit on the agent above the number of queries; retrying with backoff",
+		"agent", w.cfg.Address, "queries", w.queries.Load(), "query", what, "error", err)
+}
+
 func (w *Watcher) unreachable(what string, err error) {
 	if w.reachable.Swap(0) != 0 {
 		w.cfg.Logger.Error("consul: agent unreachable; retrying with backoff, last good state kept",
@@ -281,22 +333,31 @@ func (w *Watcher) reached() {
 }
 
 // snapshot builds a Catalog from the current entries, and false until every
-// listed service has answered once.
+// listed service has answered once. Only the services whose entries changed
+// since the last Catalog are converted again; what did not change keeps its
+// values (see catalogBuilder). Only Run's goroutine calls it.
 func (w *Watcher) snapshot() (*model.Catalog, bool) {
 	w.mu.Lock()
 	if w.listed == nil || !w.intentionsSeen {
 		w.mu.Unlock()
 		return nil, false
 	}
-	all := make(map[string][]*api.ServiceEntry, len(w.entries))
 	for name := range w.listed {
-		es, ok := w.entries[name]
-		if !ok {
+		if _, ok := w.entries[name]; !ok {
 			w.mu.Unlock()
 			return nil, false
 		}
-		all[name] = es
 	}
+	changed := make(map[string][]*api.ServiceEntry, len(w.dirty))
+	var removed []string
+	for name := range w.dirty {
+		if es, ok := w.entries[name]; ok && w.listed[name] {
+			changed[name] = es
+		} else {
+			removed = append(removed, name)
+		}
+	}
+	clear(w.dirty)
 	ca := w.ca
 	leaves := make(map[string]*model.Leaf, len(w.leaves))
 	for k, v := range w.leaves {
@@ -304,7 +365,13 @@ func (w *Watcher) snapshot() (*model.Catalog, bool) {
 	}
 	intentions := w.intentions
 	w.mu.Unlock()
-	cat := BuildCatalog(all)
+	for _, name := range removed {
+		w.builder.remove(name)
+	}
+	for name, es := range changed {
+		w.builder.update(name, es)
+	}
+	cat := w.builder.build()
 	cat.CA, cat.Leaves, cat.Intentions = ca, leaves, intentions
 	return cat, true
 }

@@ -56,6 +56,11 @@ var LatencyBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25
 //	    trigger pending in the build (histogram)
 //	meshlet_controlplane_snapshot_build_seconds
 //	    one build pass over every proxy and the proxyless group (histogram)
+//	meshlet_controlplane_translations_total{kind}
+//	    snapshots translated again because their inputs changed, by kind:
+//	    sidecar (one proxy whose catalog scope or policy set changed) or
+//	    proxyless (one service of the proxyless group); the others of a
+//	    build pass are kept as they were
 //	meshlet_controlplane_snapshots_set_total
 //	    snapshots set in the cache (a node whose content changed)
 //	meshlet_controlplane_snapshots_held_back{reason}
@@ -73,6 +78,7 @@ type metrics struct {
 
 	pushLatency  *prometheus.HistogramVec
 	build        prometheus.Histogram
+	translated   *prometheus.CounterVec
 	snapshotsSet prometheus.Counter
 	acks         *prometheus.CounterVec
 	nacks        *prometheus.CounterVec
@@ -95,6 +101,10 @@ func newMetrics(s *Server) *metrics {
 			Help:    "Duration of one build pass over every proxy and the proxyless group.",
 			Buckets: LatencyBuckets,
 		}),
+		translated: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "meshlet_controlplane_translations_total",
+			Help: "Snapshots translated again because their inputs changed, by kind: sidecar (a proxy whose catalog scope or policies changed) or proxyless (one service of the proxyless group).",
+		}, []string{"kind"}),
 		snapshotsSet: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meshlet_controlplane_snapshots_set_total",
 			Help: "Snapshots set in the cache (nodes whose resources changed).",
@@ -118,6 +128,7 @@ func newMetrics(s *Server) *metrics {
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.pushLatency.Describe(ch)
 	m.build.Describe(ch)
+	m.translated.Describe(ch)
 	m.snapshotsSet.Describe(ch)
 	m.acks.Describe(ch)
 	m.nacks.Describe(ch)
@@ -130,6 +141,7 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.pushLatency.Collect(ch)
 	m.build.Collect(ch)
+	m.translated.Collect(ch)
 	m.snapshotsSet.Collect(ch)
 	m.acks.Collect(ch)
 	m.nacks.Collect(ch)

@@ -58,6 +58,13 @@ type Server struct {
 	metrics *metrics
 
 	changed chan struct{} // capacity 1: a rebuild is due
+
+	// built and proxyless are owned by the build loop (no lock): what
+	// each sidecar's snapshot was last built from, and the proxyless
+	// group's resources by service. A build translates only what changed.
+	built     map[string]builtNode
+	proxyless proxylessCache
+
 	stop    context.CancelFunc
 	done    chan struct{} // closed when the build loop has exited
 	closeMu sync.Once
@@ -106,6 +113,7 @@ func New(cfg Config) *Server {
 		stop:          cancel,
 		done:          make(chan struct{}),
 		policies:      &policy.Set{},
+		built:         map[string]builtNode{},
 		pending:       map[string]time.Time{},
 		versions:      map[string]string{},
 		published:     map[string][]*published{},
@@ -197,9 +205,17 @@ func (s *Server) buildLoop(ctx context.Context) {
 	}
 }
 
-// build translates the latest inputs for every proxy and the proxyless
-// group, and sets the snapshots whose content changed. A snapshot that is
-// not Consistent() is logged and not set: the node keeps its last one.
+// build translates the latest inputs for the proxies whose inputs changed
+// and for the proxyless group, and sets the snapshots whose content
+// changed. A proxy's inputs are its scope of the catalog
+// (model.Catalog.Scope: itself, its service, its upstreams' services and
+// sidecars, leaves, intentions, the CA) and the policy set; when both are
+// the very values of its last build (the Consul watcher keeps the values
+// of what did not change) it is not translated again. So an endpoint
+// change rebuilds only the sidecars with that service upstream (and the
+// proxyless group's resources of that service), and pushes only to them.
+// A snapshot that is not Consistent() is logged and not set: the node keeps
+// its last one.
 func (s *Server) build(ctx context.Context) {
 	s.mu.Lock()
 	cat, pol, pending := s.catalog, s.policies, s.pending
@@ -211,34 +227,61 @@ func (s *Server) build(ctx context.Context) {
 		return
 	}
 	start := time.Now()
-	set := 0
-	in := inputs{cat: cat, pol: pol, pending: pending}
+	set, rebuilt := 0, 0
 	for id, p := range cat.Proxies {
-		r, err := translate.Proxy(cat, pol, p)
+		if b, ok := s.built[id]; ok && b.pol == pol && b.scope.IsScopeOf(cat, p) {
+			continue
+		}
+		rebuilt++
+		scope := cat.Scope(p)
+		r, err := translate.Proxy(scope, pol, p)
 		if err != nil {
 			reason := HeldError
 			if errors.Is(err, translate.ErrNotReady) {
 				reason = HeldNotReady
 			}
 			s.holdBack(id, reason, err)
+			s.built[id] = builtNode{scope: scope, pol: pol}
 			continue
 		}
-		if s.publish(ctx, id, r, in) {
+		changed, ok := s.publish(ctx, id, proxyResources(r), inputs{cat: scope, pol: pol, pending: pending})
+		if changed {
 			set++
 		}
+		if ok {
+			s.built[id] = builtNode{scope: scope, pol: pol}
+		} else {
+			delete(s.built, id) // try again next build
+		}
 	}
-	if s.publish(ctx, ProxylessGroup, translate.Proxyless(cat, pol), in) {
-		set++
+	for id := range s.built {
+		if _, ok := cat.Proxies[id]; !ok {
+			delete(s.built, id)
+		}
+	}
+	s.metrics.translated.WithLabelValues(KindSidecar).Add(float64(rebuilt))
+	res, ok, n := s.proxyless.update(cat, pol)
+	s.metrics.translated.WithLabelValues(KindProxyless).Add(float64(n))
+	if ok {
+		if changed, _ := s.publish(ctx, ProxylessGroup, res, inputs{cat: cat, pol: pol, pending: pending}); changed {
+			set++
+		}
 	}
 	took := time.Since(start)
 	s.metrics.build.Observe(took.Seconds())
 	s.prune(cat)
-	s.log.Debug("xds: snapshots built", "proxies", len(cat.Proxies), "changed", set, "took", took)
+	s.log.Debug("xds: snapshots built", "proxies", len(cat.Proxies), "rebuilt", rebuilt, "changed", set, "took", took)
 }
 
-// inputs are what one build pass reads.
+// builtNode is what a sidecar's snapshot was last built from.
+type builtNode struct {
+	scope *model.Catalog
+	pol   *policy.Set
+}
+
+// inputs are what one snapshot is built from.
 type inputs struct {
-	cat     *model.Catalog
+	cat     *model.Catalog // a sidecar's scope, or the whole catalog (proxyless)
 	pol     *policy.Set
 	pending map[string]time.Time // by trigger, see Server.pending
 }
@@ -292,26 +335,47 @@ func (s *Server) prune(cat *model.Catalog) {
 	}
 }
 
-// publish sets node's snapshot from r when its content changed, and
-// reports whether it did.
-func (s *Server) publish(ctx context.Context, node string, r translate.Resources, in inputs) bool {
+// typedResources are the resources of one type in a snapshot, with their
+// version (a content hash).
+type typedResources struct {
+	t       types.ResponseType
+	typeURL string
+	items   []types.Resource
+	version string
+}
+
+// proxyResources returns r by type, each with its content hash as version.
+func proxyResources(r translate.Resources) []typedResources {
+	out := []typedResources{
+		{t: types.Listener, typeURL: xds.ListenerType, items: toResources(r.Listeners)},
+		{t: types.Route, typeURL: xds.RouteType, items: toResources(r.Routes)},
+		{t: types.Cluster, typeURL: xds.ClusterType, items: toResources(r.Clusters)},
+		{t: types.Endpoint, typeURL: xds.EndpointType, items: toResources(r.Endpoints)},
+		{t: types.Secret, typeURL: xds.SecretType, items: toResources(r.Secrets)},
+	}
+	for i := range out {
+		out[i].version = version(out[i].items)
+	}
+	return out
+}
+
+// publish sets node's snapshot from res when its content changed. changed
+// reports whether it did; ok is false when the snapshot could not be set
+// (inconsistent, or the cache refused it) and the node keeps its last one.
+func (s *Server) publish(ctx context.Context, node string, res []typedResources, in inputs) (changed, ok bool) {
 	snap := &cache.Snapshot{}
 	rec := &published{versions: map[string]string{}, names: map[string][]string{}, cat: in.cat, pol: in.pol}
 	var all string
-	add := func(t types.ResponseType, typeURL string, items []types.Resource) {
-		v := version(items)
-		snap.Resources[t] = cache.NewResources(v, items)
-		all += v + "/"
-		rec.versions[typeURL] = v
-		for _, it := range items {
-			rec.names[typeURL] = append(rec.names[typeURL], cache.GetResourceName(it))
+	for _, tr := range res {
+		snap.Resources[tr.t] = cache.NewResources(tr.version, tr.items)
+		all += tr.version + "/"
+		rec.versions[tr.typeURL] = tr.version
+		names := make([]string, 0, len(tr.items))
+		for _, it := range tr.items {
+			names = append(names, cache.GetResourceName(it))
 		}
+		rec.names[tr.typeURL] = names
 	}
-	add(types.Listener, xds.ListenerType, toResources(r.Listeners))
-	add(types.Route, xds.RouteType, toResources(r.Routes))
-	add(types.Cluster, xds.ClusterType, toResources(r.Clusters))
-	add(types.Endpoint, xds.EndpointType, toResources(r.Endpoints))
-	add(types.Secret, xds.SecretType, toResources(r.Secrets))
 
 	s.mu.Lock()
 	unchanged := s.versions[node] == all
@@ -321,7 +385,7 @@ func (s *Server) publish(ctx context.Context, node string, r translate.Resources
 	}
 	s.mu.Unlock()
 	if unchanged {
-		return false
+		return false, true
 	}
 	if err := snap.Consistent(); err != nil {
 		s.mu.Lock()
@@ -329,7 +393,7 @@ func (s *Server) publish(ctx context.Context, node string, r translate.Resources
 		s.heldBack[node] = HeldInconsistent
 		s.mu.Unlock()
 		s.log.Error("xds: inconsistent snapshot not published; node keeps its last one", "node", node, "error", err)
-		return false
+		return false, false
 	}
 	if err := s.cache.SetSnapshot(ctx, node, snap); err != nil {
 		s.mu.Lock()
@@ -337,7 +401,7 @@ func (s *Server) publish(ctx context.Context, node string, r translate.Resources
 		s.heldBack[node] = HeldError
 		s.mu.Unlock()
 		s.log.Error("xds: set snapshot", "node", node, "error", err)
-		return false
+		return false, false
 	}
 	now := time.Now()
 	s.mu.Lock()
@@ -352,7 +416,7 @@ func (s *Server) publish(ctx context.Context, node string, r translate.Resources
 	s.mu.Unlock()
 	s.metrics.snapshotsSet.Inc()
 	s.metrics.observePush(in.pending, now)
-	return true
+	return true, true
 }
 
 func toResources[T types.Resource](in []T) []types.Resource {
@@ -368,8 +432,10 @@ func toResources[T types.Resource](in []T) []types.Resource {
 func version(items []types.Resource) string {
 	h := sha256.New()
 	opts := proto.MarshalOptions{Deterministic: true}
+	var b []byte
 	for _, r := range items {
-		b, err := opts.Marshal(r)
+		var err error
+		b, err = opts.MarshalAppend(b[:0], r)
 		if err != nil {
 			panic(fmt.Sprintf("server: marshal %T: %v", r, err)) // generated messages always marshal
 		}

@@ -137,8 +137,12 @@ type typeState struct {
 type published struct {
 	versions map[string]string   // by type URL
 	names    map[string][]string // resource names by type URL
-	cat      *model.Catalog
-	pol      *policy.Set
+	// cat is what the snapshot was built from: for a sidecar its scope of
+	// the catalog (model.Catalog.Scope, a few values, so keeping
+	// maxPublished of them per node costs little), for the proxyless group
+	// the whole catalog.
+	cat *model.Catalog
+	pol *policy.Set
 }
 
 // maxPublished is how many snapshots per node are kept for explaining

@@ -1,0 +1,297 @@
+package server
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
+	"github.com/meshlet/meshlet/xds"
+)
+
+// mesh is web → api and admin → store, each with one sidecar.
+func mesh() *model.Catalog {
+	proxy := func(svc string, port int, ups ...string) *model.Proxy {
+		p := &model.Proxy{ID: svc + "-1-sidecar-proxy", Service: svc, ServiceID: svc + "-1", Address: "127.0.0.1", Port: port,
+			LocalAppAddress: "127.0.0.1", LocalAppPort: port - 1000, Weight: 1, Healthy: true}
+		for i, u := range ups {
+			p.Upstreams = append(p.Upstreams, model.Upstream{Service: u, BindAddress: "127.0.0.1", BindPort: 9191 + i})
+		}
+		return p
+	}
+	services := map[string]*model.Service{}
+	proxies := map[string]*model.Proxy{}
+	for i, p := range []*model.Proxy{proxy("web", 21000, "api"), proxy("api", 21001), proxy("admin", 21002, "store"), proxy("store", 21003)} {
+		proxies[p.ID] = p
+		services[p.Service] = &model.Service{Name: p.Service, Instances: []model.Instance{{ID: p.ServiceID, Address: "127.0.0.1", Port: 20000 + i, Weight: 1, Healthy: true}}}
+	}
+	cat := model.NewCatalog(services, proxies)
+	cat.CA = &model.CA{TrustDomain: "td.consul", Roots: []model.Root{{ID: "r", CertPEM: "ROOT", Active: true}}}
+	for s := range services {
+		cat.Leaves[s] = &model.Leaf{Service: s, CertPEM: "CERT-" + s, KeyPEM: "KEY-" + s, SPIFFEID: "spiffe://td.consul/ns/default/dc/dc1/svc/" + s}
+	}
+	return cat
+}
+
+// with returns a copy of c sharing every value, as the Consul watcher
+// builds the next catalog, with the given proxies and services replaced.
+func with(c *model.Catalog, proxies []*model.Proxy, services ...*model.Service) *model.Catalog {
+	ps, ss := map[string]*model.Proxy{}, map[string]*model.Service{}
+	for k, v := range c.Proxies {
+		ps[k] = v
+	}
+	for k, v := range c.Services {
+		ss[k] = v
+	}
+	for _, p := range proxies {
+		ps[p.ID] = p
+	}
+	for _, s := range services {
+		ss[s.Name] = s
+	}
+	out := model.NewCatalog(ss, ps)
+	out.CA, out.Leaves, out.Intentions = c.CA, c.Leaves, c.Intentions
+	return out
+}
+
+// recorder is a simulated sidecar: it accepts everything, subscribes to
+// what it is told to (RDS and EDS names, both secrets), and records the
+// type of every response and each cluster's endpoints.
+type recorder struct {
+	mu        sync.Mutex
+	types     []string
+	endpoints map[string][]string
+}
+
+func (r *recorder) Update(typeURL, _ string, res []*anypb.Any) (map[string][]string, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.types = append(r.types, typeURL)
+	switch typeURL {
+	case xds.ListenerType:
+		return map[string][]string{xds.SecretType: {xds.SecretRoots, xds.SecretCert}}, nil
+	case xds.ClusterType:
+		var eds []string
+		for _, a := range res {
+			c := &cluster.Cluster{}
+			if err := a.UnmarshalTo(c); err != nil {
+				return nil, err
+			}
+			if c.GetType() == cluster.Cluster_EDS {
+				eds = append(eds, c.GetName())
+			}
+		}
+		return map[string][]string{xds.EndpointType: eds}, nil
+	case xds.EndpointType:
+		if r.endpoints == nil {
+			r.endpoints = map[string][]string{}
+		}
+		for _, a := range res {
+			cla := &endpoint.ClusterLoadAssignment{}
+			if err := a.UnmarshalTo(cla); err != nil {
+				return nil, err
+			}
+			var eps []string
+			for _, l := range cla.GetEndpoints() {
+				for _, e := range l.GetLbEndpoints() {
+					sa := e.GetEndpoint().GetAddress().GetSocketAddress()
+					eps = append(eps, net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))))
+				}
+			}
+			r.endpoints[cla.GetClusterName()] = eps
+		}
+	}
+	return nil, nil
+}
+
+func (r *recorder) snapshot() (types []string, endpoints map[string][]string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string][]string{}
+	for k, v := range r.endpoints {
+		out[k] = slices.Clone(v)
+	}
+	return slices.Clone(r.types), out
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestEndpointChangePushesOnlyToAffectedSidecars: when api's sidecar
+// fails, web (api upstream) gets one EDS update and admin (store upstream)
+// gets nothing; only web's snapshot is set again.
+func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { defer close(served); _ = s.Serve(lis) }()
+	ctx, cancel := context.WithCancel(context.Background())
+	var clients sync.WaitGroup
+	defer func() {
+		cancel()
+		clients.Wait()
+		s.Close()
+		<-served
+	}()
+	cat := mesh()
+	s.SetCatalog(cat)
+
+	sidecars := map[string]*recorder{"web-1-sidecar-proxy": {}, "admin-1-sidecar-proxy": {}}
+	for id, r := range sidecars {
+		c, err := xdsclient.New(xdsclient.Config{Server: lis.Addr().String(), Node: &core.Node{Id: id}, Handler: r,
+			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients.Add(1)
+		go func() { defer clients.Done(); _ = c.Run(ctx) }()
+	}
+	for id, r := range sidecars {
+		waitFor(t, id+"'s endpoints", func() bool {
+			_, eps := r.snapshot()
+			return len(eps) > 0
+		})
+	}
+	time.Sleep(200 * time.Millisecond) // the initial exchange settles
+	webBefore, _ := sidecars["web-1-sidecar-proxy"].snapshot()
+	adminBefore, _ := sidecars["admin-1-sidecar-proxy"].snapshot()
+	setBefore := testutil.ToFloat64(s.metrics.snapshotsSet)
+	translated := func() float64 { return testutil.ToFloat64(s.metrics.translated.WithLabelValues(KindSidecar)) }
+	translatedBefore := translated()
+
+	failing := *cat.Proxies["api-1-sidecar-proxy"]
+	failing.Healthy = false
+	s.SetCatalog(with(cat, []*model.Proxy{&failing}))
+	web := sidecars["web-1-sidecar-proxy"]
+	waitFor(t, "web's api endpoints to be empty", func() bool {
+		_, eps := web.snapshot()
+		return len(eps["api"]) == 0
+	})
+	time.Sleep(300 * time.Millisecond) // room for a wrong push to arrive
+	webAfter, _ := web.snapshot()
+	adminAfter, _ := sidecars["admin-1-sidecar-proxy"].snapshot()
+	if got := webAfter[len(webBefore):]; !slices.Equal(got, []string{xds.EndpointType}) {
+		t.Errorf("web got %v, want one EDS update", got)
+	}
+	if got := adminAfter[len(adminBefore):]; len(got) > 0 {
+		t.Errorf("admin, which has no api upstream, got %v", got)
+	}
+	if d := testutil.ToFloat64(s.metrics.snapshotsSet) - setBefore; d != 1 {
+		t.Errorf("%v snapshots set, want 1 (web's)", d)
+	}
+	// Translated: api's sidecar (its own value changed, not its resources)
+	// and web (api upstream); not admin nor store.
+	if d := translated() - translatedBefore; d != 2 {
+		t.Errorf("%v sidecars translated, want 2 (api's and web's)", d)
+	}
+
+	// A new catalog with the same values (the watcher's answer to a change
+	// of something no proxy reads) sets nothing.
+	setBefore, translatedBefore = testutil.ToFloat64(s.metrics.snapshotsSet), translated()
+	s.SetCatalog(with(cat, []*model.Proxy{&failing}))
+	time.Sleep(200 * time.Millisecond)
+	if d := testutil.ToFloat64(s.metrics.snapshotsSet) - setBefore; d != 0 {
+		t.Errorf("%v snapshots set for an unchanged catalog", d)
+	}
+	if d := translated() - translatedBefore; d != 0 {
+		t.Errorf("%v sidecars translated for an unchanged catalog", d)
+	}
+}
+
+// TestProxylessGroupServiceByService: the group's snapshot, built service by
+// service and only for the services that changed, holds what
+// translate.Proxyless gives for the whole catalog, and its versions follow
+// the content.
+func TestProxylessGroupServiceByService(t *testing.T) {
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer s.Close()
+	pol := &policy.Set{}
+	check := func(cat *model.Catalog) map[string]string {
+		t.Helper()
+		want := translate.Proxyless(cat, pol)
+		var snap cache.ResourceSnapshot
+		waitFor(t, "the proxyless group's snapshot", func() bool {
+			sn, err := s.Cache().GetSnapshot(ProxylessGroup)
+			if err != nil {
+				return false
+			}
+			eps := sn.GetResources(xds.EndpointType)
+			for _, e := range want.Endpoints {
+				got, ok := eps[e.GetClusterName()]
+				if !ok || !proto.Equal(got, e) {
+					return false
+				}
+			}
+			snap = sn
+			return len(eps) == len(want.Endpoints)
+		})
+		for typ, list := range map[string][]types.Resource{
+			xds.ListenerType: toResources(want.Listeners), xds.ClusterType: toResources(want.Clusters), xds.EndpointType: toResources(want.Endpoints),
+		} {
+			got := snap.GetResources(typ)
+			if len(got) != len(list) {
+				t.Fatalf("%s: %d resources, want %d", typ, len(got), len(list))
+			}
+			for _, r := range list {
+				if !proto.Equal(got[getName(r)], r) {
+					t.Errorf("%s %q differs from translate.Proxyless", typ, getName(r))
+				}
+			}
+		}
+		return map[string]string{xds.ListenerType: snap.GetVersion(xds.ListenerType), xds.ClusterType: snap.GetVersion(xds.ClusterType),
+			xds.EndpointType: snap.GetVersion(xds.EndpointType)}
+	}
+	cat := mesh()
+	s.SetCatalog(cat)
+	v1 := check(cat)
+
+	api := *cat.Services["api"]
+	api.Instances = []model.Instance{api.Instances[0]}
+	api.Instances[0].Healthy = false
+	cat2 := with(cat, nil, &api)
+	s.SetCatalog(cat2)
+	v2 := check(cat2)
+	if v2[xds.EndpointType] == v1[xds.EndpointType] || v2[xds.ListenerType] != v1[xds.ListenerType] || v2[xds.ClusterType] != v1[xds.ClusterType] {
+		t.Errorf("versions %v → %v: want only the endpoints' to change", v1, v2)
+	}
+	s.SetCatalog(mesh()) // the first content in new values
+	if v3 := check(mesh()); v3[xds.EndpointType] != v1[xds.EndpointType] {
+		t.Errorf("the same content got endpoints version %s, first %s", v3[xds.EndpointType], v1[xds.EndpointType])
+	}
+}
+
+func getName(r types.Resource) string {
+	if e, ok := r.(*endpoint.ClusterLoadAssignment); ok {
+		return e.GetClusterName()
+	}
+	return r.(interface{ GetName() string }).GetName()
+}
