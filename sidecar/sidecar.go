@@ -1,6 +1,6 @@
 // Package sidecar wires meshlet's per-service proxy: an ADS client feeding
 // validated config into the cluster and listener managers, whose listeners
-// run the HTTP and TCP proxies, plus the admin endpoints. The sidecar knows
+// run the HTTP, TCP and UDP proxies, plus the admin endpoints. The sidecar knows
 // only xDS; it keeps serving its last accepted config while the control
 // plane is away.
 package sidecar
@@ -34,6 +34,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/telemetry"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
+	"github.com/meshlet/meshlet/sidecar/udpproxy"
 	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -154,7 +155,7 @@ func New(cfg Config) (*Sidecar, error) {
 	s.tracing = tracing.NewManager(s.log, s.metrics, cfg.NodeID)
 	s.clusters = cluster.NewManager(s.log, s.metrics, s.tls)
 	s.metrics.WatchClusters(s.clusterStats)
-	s.listeners = listener.NewManager(s.newHandler, cfg.DrainTimeout, s.log)
+	s.listeners = listener.NewManager(s.newHandler, cfg.DrainTimeout, s.log, listener.WithPacketFactory(s.newPacketHandler))
 	client, err := xdsclient.New(xdsclient.Config{
 		Server: cfg.XDSAddress,
 		Node: &core.Node{
@@ -265,6 +266,14 @@ func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listene
 		}
 		return nil, fmt.Errorf("listener %q has no filter", l.Name)
 	})
+}
+
+// newPacketHandler builds a UDP listener's proxy. Its datagrams pass in
+// plaintext, which it logs once per listener.
+func (s *Sidecar) newPacketHandler(l *config.Listener, _ *config.Snapshot) (listener.PacketHandler, error) {
+	s.log.Info("udp listener: datagrams pass in plaintext, without mTLS, peer identity or authorization (UDP has no TLS)",
+		"listener", l.Name, "cluster", l.UDP.Cluster, "idle", l.UDP.IdleTimeout)
+	return udpproxy.New(l, s.clusters, s.log, s.metrics), nil
 }
 
 // Update implements xdsclient.Handler: it validates one response, binds new

@@ -33,6 +33,9 @@ const (
 	// LocalAppCluster is the static cluster pointing at the local app
 	// (Consul: Proxy.LocalServiceAddress:LocalServicePort).
 	LocalAppCluster = "local_app"
+	// PublicUDPListener is the inbound UDP listener of a udp service's
+	// sidecar, on the same address and port as PublicListener.
+	PublicUDPListener = "public_listener_udp"
 	// upstreamListenerPrefix prefixes outbound listener names.
 	upstreamListenerPrefix = "upstream:"
 )
@@ -55,8 +58,9 @@ func ServiceCluster(service string) string { return service }
 
 // Protocol is the application protocol a service declares. It chooses the
 // sidecar's filter chain: an HTTP connection manager for http, http2 and
-// grpc, a TCP proxy for tcp. Values follow Consul's service-defaults
-// "Protocol" field.
+// grpc, a TCP proxy for tcp, a UDP listener with a UDP proxy for udp.
+// Values follow Consul's service-defaults "Protocol" field (udp is
+// meshlet's).
 type Protocol string
 
 // Protocols a service may declare.
@@ -65,13 +69,17 @@ const (
 	ProtocolHTTP  Protocol = "http"  // HTTP/1.1 to the upstream (downstream may be HTTP/1.1 or h2c)
 	ProtocolHTTP2 Protocol = "http2" // HTTP/2 cleartext (h2c, prior knowledge) to the upstream
 	ProtocolGRPC  Protocol = "grpc"  // gRPC: HTTP/2 to the upstream
+	// ProtocolUDP is datagrams (DNS, media...), proxied per session by UDP
+	// listeners, in plaintext between sidecars: no mTLS, no identity, no
+	// authorization (Envoy's udp_proxy has none either).
+	ProtocolUDP Protocol = "udp"
 )
 
 // ParseProtocol returns the Protocol named by s, and false when s is not one
-// of tcp, http, http2, grpc. Matching is case-insensitive.
+// of tcp, http, http2, grpc, udp. Matching is case-insensitive.
 func ParseProtocol(s string) (Protocol, bool) {
 	switch p := Protocol(strings.ToLower(s)); p {
-	case ProtocolTCP, ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC:
+	case ProtocolTCP, ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolUDP:
 		return p, true
 	}
 	return "", false

@@ -49,15 +49,16 @@ type Metadata struct {
 //	metadata: {name: api}
 //	spec:
 //	  service: api     # required: the service these defaults apply to
-//	  protocol: http   # tcp (default) | http | http2 | grpc
+//	  protocol: http   # tcp (default) | http | http2 | grpc | udp
 //	  mtlsMode: strict # strict | permissive (default: MeshDefaults, else strict)
 //
 // A protocol set here overrides the service meta "protocol" in Consul.
 type ServiceDefaults struct {
 	// Service is the Consul service name the defaults apply to. Required.
 	Service string `yaml:"service"`
-	// Protocol is tcp, http, http2 or grpc. Empty leaves the protocol to
-	// Consul service meta (default tcp).
+	// Protocol is tcp, http, http2, grpc or udp (plaintext between the
+	// sidecars: no mTLS and no authorization for UDP). Empty leaves the
+	// protocol to Consul service meta (default tcp).
 	Protocol string `yaml:"protocol,omitempty"`
 	// MTLSMode is strict or permissive for the service's inbound listener;
 	// empty follows MeshDefaults (Consul: service-defaults MutualTLSMode).
@@ -75,7 +76,7 @@ func (d *ServiceDefaults) validate(v *validator) {
 	}
 	if d.Protocol != "" {
 		if _, ok := xds.ParseProtocol(d.Protocol); !ok {
-			v.errorf("spec.protocol", "unsupported protocol %q (want tcp, http, http2 or grpc)", d.Protocol)
+			v.errorf("spec.protocol", "unsupported protocol %q (want tcp, http, http2, grpc or udp)", d.Protocol)
 		}
 	}
 	validMode(v, "spec.mtlsMode", d.MTLSMode)

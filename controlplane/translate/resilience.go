@@ -157,11 +157,12 @@ func tcpConnectAttempts(pol *policy.Set, service string) int {
 	return s.NumRetries + 1
 }
 
-// tcpIdleTimeout is TcpProxy.idle_timeout for a TCP service: the idle of
-// its service-wide TimeoutPolicy (a TCP connection has no paths to match),
-// 0 when unset (the field stays unset: Envoy's default of 1 h). Both ends
-// take it: the callers' outbound listeners and the service's own inbound
-// listener, so neither closes the connection before the other.
+// tcpIdleTimeout is TcpProxy.idle_timeout for a TCP service, and
+// UdpProxyConfig.idle_timeout (the session's) for a UDP one: the idle of
+// its service-wide TimeoutPolicy (a connection has no paths to match), 0
+// when unset (the field stays unset: Envoy's defaults of 1 h for TCP, 1 min
+// for UDP). Both ends take it: the callers' outbound listeners and the
+// service's own inbound listener, so neither closes before the other.
 func tcpIdleTimeout(pol *policy.Set, service string) time.Duration {
 	for _, t := range pol.TimeoutsFor(service) {
 		if t.Match == nil {

@@ -159,9 +159,12 @@ func (m SourceMap) normalize() {
 //     AuthorizationPolicy and Consul service-intentions, and
 //     the Connect CA (trust domain of the RBAC principals); cluster
 //     local_app: the registration and the protocol;
+//   - public_listener_udp of a udp service: the registration, the
+//     protocol, the service-wide TimeoutPolicy (idle);
 //   - per upstream service u: listener "upstream:u" (the registration's
 //     upstream, u's protocol, the service-wide RetryPolicy and
-//     TimeoutPolicy (idle) of a TCP upstream, MeshDefaults when it traces), route configuration "u" (every
+//     TimeoutPolicy (idle) of a TCP or UDP upstream, MeshDefaults when it
+//     traces), route configuration "u" (every
 //     RetryPolicy and TimeoutPolicy of u, a ringHash LoadBalancerPolicy),
 //     cluster "u" (CircuitBreakerPolicy, OutlierDetectionPolicy,
 //     LoadBalancerPolicy, the RetryPolicy with the retry budget, the
@@ -201,6 +204,12 @@ func ProxySources(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (SourceMa
 	}
 	for _, l := range r.Listeners {
 		name := l.GetName()
+		if name == xds.PublicUDPListener {
+			m.add(xds.ListenerType, name, registration("public listener"))
+			m.add(xds.ListenerType, name, protocolSources(cat, pol, p.Service)...)
+			m.add(xds.ListenerType, name, tcpIdleSources(pol, p.Service)...)
+			continue
+		}
 		if name == xds.PublicListener {
 			m.add(xds.ListenerType, name, registration("public listener"), caSource("trust domain"))
 			m.add(xds.ListenerType, name, protocolSources(cat, pol, p.Service)...)
@@ -259,6 +268,9 @@ func ProxySources(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (SourceMa
 			m.add(xds.ClusterType, name, registration("upstream "+name))
 			m.add(xds.ClusterType, name, protocolSources(cat, pol, name)...)
 			m.add(xds.ClusterType, name, clusterSources(pol, name)...)
+			if Protocol(cat, pol, name) == xds.ProtocolUDP {
+				break // plaintext: no TLS version, no identity
+			}
 			if pol != nil && pol.Mesh != nil && pol.Mesh.MTLS != nil && pol.Mesh.MTLS.MinTLSVersion != "" {
 				m.add(xds.ClusterType, name, mesh...)
 			}

@@ -51,10 +51,15 @@ func Protocol(cat *model.Catalog, pol *policy.Set, service string) xds.Protocol 
 //     TCP proxy to the local_app static cluster (idle_timeout from the
 //     service's own service-wide TimeoutPolicy idle); in permissive mode a
 //     plaintext filter chain as well;
+//   - for a udp service, also "public_listener_udp", a UDP listener on the
+//     same address and port proxying each caller's datagrams to local_app
+//     (UdpProxyConfig, idle_timeout from the service-wide TimeoutPolicy
+//     idle), plaintext and without authorization: UDP has no mTLS;
 //   - per upstream, a listener "upstream:<service>" on its bind address and
-//     port, an RDS route configuration "<service>" (HTTP protocols only) with
-//     the service's retry and timeout policies, an EDS cluster "<service>"
-//     with mTLS requiring the upstream's exact SPIFFE ID, its connect
+//     port (a UDP listener for a udp service), an RDS route configuration
+//     "<service>" (HTTP protocols only) with the service's retry and timeout
+//     policies, an EDS cluster "<service>" with mTLS requiring the
+//     upstream's exact SPIFFE ID (plaintext for udp), its connect
 //     timeout, circuit breakers, outlier detection, load balancer and retry
 //     budget, and its load assignment: the healthy sidecars of that service.
 //
@@ -85,6 +90,12 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 	}
 	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP)
 	r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
+	if proto == xds.ProtocolUDP {
+		// Only a service declared udp gets a UDP listener: it is plaintext
+		// and unauthorized, so it is never opened implicitly.
+		r.Listeners = append(r.Listeners, xds.NewUDPListener(xds.PublicUDPListener, p.BindAddress(), p.BindPort(), xds.LocalAppCluster,
+			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, p.Service)}))
+	}
 	r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
 
 	seen := map[string]bool{}
@@ -102,6 +113,9 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 				Tracing:         tracing(tr, p.Service, true),
 			}))
 			r.Routes = append(r.Routes, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, u.Service, name)))
+		} else if up == xds.ProtocolUDP {
+			r.Listeners = append(r.Listeners, xds.NewUDPListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name,
+				xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, u.Service)}))
 		} else {
 			r.Listeners = append(r.Listeners, xds.NewTCPProxyListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name, xds.TCPProxyOptions{
 				MaxConnectAttempts: tcpConnectAttempts(pol, u.Service),
@@ -113,7 +127,9 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 			dc = cmp.Or(ps[0].Datacenter, dc)
 		}
 		opts := clusterOptions(pol, u.Service, xds.ClusterOptions{Protocol: up})
-		opts.TLS = xds.UpstreamTLS(minTLS, upstreamSNI(cat, u.Service, dc), upstreamID(cat, u.Service, dc), alpn(up, false))
+		if up != xds.ProtocolUDP { // datagrams go in plaintext to the sidecars' public UDP listeners
+			opts.TLS = xds.UpstreamTLS(minTLS, upstreamSNI(cat, u.Service, dc), upstreamID(cat, u.Service, dc), alpn(up, false))
+		}
 		r.Clusters = append(r.Clusters, xds.NewEDSCluster(name, opts))
 		r.Endpoints = append(r.Endpoints, xds.NewLoadAssignment(name, sidecarEndpoints(cat, u.Service)))
 	}

@@ -26,7 +26,7 @@ func TestMalformedPolicyIsReportedAndLastGoodSetKept(t *testing.T) {
 
 	m.writePolicy("b.yaml", serviceDefaults("b", "htp"))
 	line := m.cpLog.WaitFor(t, 5*time.Second, "policy: invalid policy files")
-	if !strings.Contains(line, `b.yaml:7: spec.protocol: unsupported protocol \"htp\" (want tcp, http, http2 or grpc)`) ||
+	if !strings.Contains(line, `b.yaml:7: spec.protocol: unsupported protocol \"htp\" (want tcp, http, http2, grpc or udp)`) ||
 		!strings.Contains(line, "keeping the last good policy set") {
 		t.Errorf("log line lacks file:line: field: error:\n%s", line)
 	}

@@ -44,8 +44,11 @@ type Listener struct {
 	// closed.
 	ContinueOnFiltersTimeout bool
 	// Chains holds one chain, or with TLSInspector one "tls" and one
-	// "raw_buffer" chain.
+	// "raw_buffer" chain. A UDP listener has none.
 	Chains []*FilterChain
+	// UDP is set on a UDP listener (Listener.address.socket_address.protocol
+	// UDP): its udp_proxy listener filter. Such a listener has no chains.
+	UDP *UDPProxy
 }
 
 // FilterChain is one decoded filter chain: an optional mTLS transport
@@ -186,6 +189,42 @@ type TCPProxy struct {
 // DefaultTCPIdleTimeout is TCPProxy.IdleTimeout when TcpProxy.idle_timeout
 // is unset (Envoy's default).
 const DefaultTCPIdleTimeout = time.Hour
+
+// UDPProxy is the decoded envoy.filters.udp_listener.udp_proxy config
+// (UdpProxyConfig) of a UDP listener, with the listener's datagram size.
+// Datagrams travel in plaintext: there is no TLS, identity or
+// authorization for UDP (Envoy's udp_proxy has none either).
+type UDPProxy struct {
+	StatPrefix string
+	// Cluster receives every session: UdpProxyConfig.cluster, or the
+	// cluster of the Route action of UdpProxyConfig.matcher.on_no_match.
+	// Each downstream address is a session with its own upstream socket to
+	// an endpoint the cluster's load balancer picks; the cluster's
+	// circuit-breaker max_connections bounds the sessions, as in Envoy.
+	Cluster string
+	// IdleTimeout is UdpProxyConfig.idle_timeout: a session without a
+	// datagram either way for this long ends (DefaultUDPIdleTimeout when
+	// unset, as in Envoy; 0 keeps sessions until the listener goes).
+	IdleTimeout time.Duration
+	// MaxDownstreamDatagram and MaxUpstreamDatagram are the largest
+	// datagrams read from clients and from the upstream
+	// (udp_listener_config.downstream_socket_config and
+	// UdpProxyConfig.upstream_socket_config max_rx_datagram_size); larger
+	// ones are dropped. MaxDatagramSize when unset (Envoy's default is 1500
+	// bytes; meshlet reads every datagram into a pooled 64 KiB buffer
+	// anyway, so it takes any size by default).
+	MaxDownstreamDatagram, MaxUpstreamDatagram int
+}
+
+// UDP proxy defaults and limits.
+const (
+	// DefaultUDPIdleTimeout is UDPProxy.IdleTimeout when
+	// UdpProxyConfig.idle_timeout is unset (Envoy's default).
+	DefaultUDPIdleTimeout = time.Minute
+	// MaxDatagramSize is the largest UDP payload meshlet handles (65,535
+	// bytes, a 64 KiB buffer), and the default datagram limit.
+	MaxDatagramSize = 65535
+)
 
 // RouteConfig is a decoded envoy.config.route.v3.RouteConfiguration.
 type RouteConfig struct {

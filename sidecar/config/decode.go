@@ -100,7 +100,7 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 	if l.GetApiListener() != nil {
 		return nil, fieldErr(kind, name, "api_listener", "API listeners are for proxyless gRPC clients; a sidecar needs an address")
 	}
-	addr, err := socketAddress(l.GetAddress(), true)
+	addr, udp, err := socketAddressUDP(l.GetAddress(), true)
 	if err != nil {
 		return nil, fieldErr(kind, name, "address", "%v", err)
 	}
@@ -108,6 +108,12 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 		return nil, fieldErr(kind, name, "additional_addresses", "not supported")
 	}
 	out := &Listener{Name: name, Address: addr}
+	if udp {
+		return decodeUDPListener(l, out)
+	}
+	if l.GetUdpListenerConfig() != nil {
+		return nil, fieldErr(kind, name, "udp_listener_config", "only for a listener whose address protocol is UDP")
+	}
 	for i, lf := range l.GetListenerFilters() {
 		if !lf.GetTypedConfig().MessageIs(&tlsinspector.TlsInspector{}) {
 			return nil, fieldErr(kind, name, fmt.Sprintf("listener_filters[%d]", i), "unsupported listener filter %q (supported: %s)", lf.GetName(), xds.TLSInspectorFilter)
@@ -831,7 +837,8 @@ func decodeLoadAssignment(la *endpoint.ClusterLoadAssignment) (*LoadAssignment, 
 			if ep == nil {
 				return nil, fmt.Errorf("%s.endpoint: required (named endpoints are not supported)", f)
 			}
-			addr, err := socketAddress(ep.GetAddress(), false)
+			// TCP or UDP: a UDP cluster's datagrams go to the same host:port.
+			addr, _, err := socketAddressUDP(ep.GetAddress(), false)
 			if err != nil {
 				return nil, fmt.Errorf("%s.endpoint.address: %w", f, err)
 			}
@@ -850,15 +857,21 @@ func decodeLoadAssignment(la *endpoint.ClusterLoadAssignment) (*LoadAssignment, 
 	return out, nil
 }
 
-// socketAddress returns "host:port" of a TCP socket address. For listeners
-// the host must be an IP address and port 0 is refused.
-func socketAddress(a *core.Address, forListener bool) (string, error) {
+// socketAddressUDP returns "host:port" of a TCP or UDP socket address, and
+// whether it is UDP. For listeners the host must be an IP address and port
+// 0 is refused.
+func socketAddressUDP(a *core.Address, forListener bool) (string, bool, error) {
+	addr, err := socketHostPort(a, forListener)
+	return addr, a.GetSocketAddress().GetProtocol() == core.SocketAddress_UDP, err
+}
+
+func socketHostPort(a *core.Address, forListener bool) (string, error) {
 	sa := a.GetSocketAddress()
 	if sa == nil {
 		return "", errors.New("a socket_address is required (pipes and internal addresses are not supported)")
 	}
-	if sa.GetProtocol() != core.SocketAddress_TCP {
-		return "", fmt.Errorf("protocol %s is not supported", sa.GetProtocol())
+	if p := sa.GetProtocol(); p != core.SocketAddress_TCP && p != core.SocketAddress_UDP {
+		return "", fmt.Errorf("protocol %s is not supported", p)
 	}
 	pv, ok := sa.GetPortSpecifier().(*core.SocketAddress_PortValue)
 	if !ok {

@@ -2,7 +2,9 @@
 // addresses a new listener config needs (so a bind failure can be NACKed
 // before anything changes), runs one accept loop per listener that hands
 // connections to the listener's current Handler, updates handlers in place
-// when it can, and drains what is removed or replaced.
+// when it can, and drains what is removed or replaced. UDP listeners
+// (config.Listener.UDP) get a bound UDP socket served by a PacketHandler,
+// which reads it itself.
 package listener
 
 import (
@@ -34,21 +36,54 @@ type Handler interface {
 // Factory makes the Handler for a listener config.
 type Factory func(l *config.Listener, snap *config.Snapshot) (Handler, error)
 
+// PacketHandler serves a UDP listener: it reads the listener's socket
+// itself (there is nothing to accept).
+type PacketHandler interface {
+	// Serve reads and answers datagrams on pc until pc is closed, then
+	// returns. The Manager calls it once, in a goroutine of its own.
+	Serve(pc net.PacketConn)
+	// Update applies a new config of the same UDP listener (or of one
+	// renamed at the same address) in place; every UDP proxy setting can
+	// change on a running socket.
+	Update(l *config.Listener, snap *config.Snapshot)
+	// Shutdown ends the handler's sessions, waiting for them until ctx is
+	// done. Its socket has been closed already.
+	Shutdown(ctx context.Context)
+}
+
+// PacketFactory makes the PacketHandler for a UDP listener config.
+type PacketFactory func(l *config.Listener, snap *config.Snapshot) (PacketHandler, error)
+
+// Option configures a Manager.
+type Option func(*Manager)
+
+// WithPacketFactory lets the Manager run UDP listeners with handlers made by
+// f. Without it, binding a UDP listener fails (and is NACKed).
+func WithPacketFactory(f PacketFactory) Option {
+	return func(m *Manager) { m.packetFactory = f }
+}
+
 // DefaultDrainTimeout bounds how long removed or replaced listeners wait for
 // open connections (Envoy's --drain-time-s plays this role).
 const DefaultDrainTimeout = 60 * time.Second
 
 // Manager runs the listeners of the active config.
 type Manager struct {
-	factory Factory
-	drain   time.Duration
-	log     *slog.Logger
+	factory       Factory
+	packetFactory PacketFactory // nil: no UDP listeners
+	drain         time.Duration
+	log           *slog.Logger
 
 	mu sync.Mutex // guards the fields below; never held while draining
 	// sockets are bound listening sockets by address, both those of active
 	// listeners and those bound ahead of the next Apply.
 	sockets map[string]net.Listener
 	active  map[string]*runningListener
+	// packets and udp are the same for UDP listeners: bound UDP sockets by
+	// address (a UDP and a TCP listener may share an address), active UDP
+	// listeners by name.
+	packets map[string]net.PacketConn
+	udp     map[string]*runningPacket
 	closed  bool
 	// draining counts handlers being drained in the background.
 	draining sync.WaitGroup
@@ -56,14 +91,27 @@ type Manager struct {
 
 // NewManager returns a Manager that builds handlers with factory and drains
 // for up to drain (DefaultDrainTimeout when 0).
-func NewManager(factory Factory, drain time.Duration, log *slog.Logger) *Manager {
+func NewManager(factory Factory, drain time.Duration, log *slog.Logger, opts ...Option) *Manager {
 	if drain == 0 {
 		drain = DefaultDrainTimeout
 	}
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Manager{factory: factory, drain: drain, log: log, sockets: map[string]net.Listener{}, active: map[string]*runningListener{}}
+	m := &Manager{factory: factory, drain: drain, log: log, sockets: map[string]net.Listener{}, active: map[string]*runningListener{},
+		packets: map[string]net.PacketConn{}, udp: map[string]*runningPacket{}}
+	for _, o := range opts {
+		o(m)
+	}
+	return m
+}
+
+// runningPacket is an active UDP listener.
+type runningPacket struct {
+	name, addr string
+	pc         net.PacketConn
+	h          PacketHandler
+	done       chan struct{} // closed when Serve returns
 }
 
 type runningListener struct {
@@ -84,17 +132,41 @@ func (m *Manager) Bind(listeners map[string]*config.Listener) error {
 	if m.closed {
 		return errors.New("listener: manager closed")
 	}
-	var fresh []string
+	var fresh, freshUDP []string
+	undo := func() {
+		for _, a := range fresh {
+			m.sockets[a].Close()
+			delete(m.sockets, a)
+		}
+		for _, a := range freshUDP {
+			m.packets[a].Close()
+			delete(m.packets, a)
+		}
+	}
 	for _, l := range listeners {
+		if l.UDP != nil {
+			if _, ok := m.packets[l.Address]; ok {
+				continue
+			}
+			if m.packetFactory == nil {
+				undo()
+				return fmt.Errorf("listener %q: UDP listeners are not supported here", l.Name)
+			}
+			pc, err := net.ListenPacket("udp", l.Address)
+			if err != nil {
+				undo()
+				return fmt.Errorf("listener %q: cannot bind UDP %s: %w", l.Name, l.Address, err)
+			}
+			m.packets[l.Address] = pc
+			freshUDP = append(freshUDP, l.Address)
+			continue
+		}
 		if _, ok := m.sockets[l.Address]; ok {
 			continue
 		}
 		sock, err := net.Listen("tcp", l.Address)
 		if err != nil {
-			for _, a := range fresh {
-				m.sockets[a].Close()
-				delete(m.sockets, a)
-			}
+			undo()
 			return fmt.Errorf("listener %q: cannot bind %s: %w", l.Name, l.Address, err)
 		}
 		m.sockets[l.Address] = sock
@@ -115,12 +187,18 @@ func (m *Manager) Apply(snap *config.Snapshot) error {
 		return errors.New("listener: manager closed")
 	}
 	var firstErr error
-	keepAddr := map[string]bool{}
+	keepAddr, keepUDP := map[string]bool{}, map[string]bool{}
 	byAddr := make(map[string]string, len(m.active))
 	for name, rl := range m.active {
 		byAddr[rl.addr] = name
 	}
 	for name, l := range snap.Listeners {
+		if l.UDP != nil {
+			if err := m.applyPacketLocked(name, l, snap, keepUDP); err != nil {
+				firstErr = cmpErr(firstErr, fmt.Errorf("listener %q: %w", name, err))
+			}
+			continue
+		}
 		rl := m.active[name]
 		if rl == nil {
 			// A listener renamed at the same address takes over the running
@@ -172,8 +250,13 @@ func (m *Manager) Apply(snap *config.Snapshot) error {
 		m.log.Info("listener: started", "listener", name, "address", l.Address)
 	}
 	for name, rl := range m.active {
-		if _, ok := snap.Listeners[name]; !ok {
+		if l, ok := snap.Listeners[name]; !ok || l.UDP != nil {
 			m.stopLocked(rl)
+		}
+	}
+	for name, rp := range m.udp {
+		if l, ok := snap.Listeners[name]; !ok || l.UDP == nil {
+			m.stopPacketLocked(rp)
 		}
 	}
 	for addr, sock := range m.sockets {
@@ -182,7 +265,68 @@ func (m *Manager) Apply(snap *config.Snapshot) error {
 			delete(m.sockets, addr)
 		}
 	}
+	for addr, pc := range m.packets {
+		if !keepUDP[addr] {
+			pc.Close()
+			delete(m.packets, addr)
+		}
+	}
 	return firstErr
+}
+
+// applyPacketLocked makes the UDP listener l active under name: updated in
+// place when it runs (or when it is the rename of one at the same address
+// that goes), else served on the socket Bind made. It records the address
+// in keep. m.mu must be held.
+func (m *Manager) applyPacketLocked(name string, l *config.Listener, snap *config.Snapshot, keep map[string]bool) error {
+	rp := m.udp[name]
+	if rp == nil {
+		for prev, p := range m.udp {
+			if next, stays := snap.Listeners[prev]; p.addr == l.Address && (!stays || next.UDP == nil || next.Address != l.Address) {
+				rp = p
+				delete(m.udp, prev)
+				rp.name = name
+				m.udp[name] = rp
+				break
+			}
+		}
+	}
+	if rp != nil && rp.addr != l.Address {
+		m.stopPacketLocked(rp)
+		rp = nil
+	}
+	if rp != nil {
+		rp.h.Update(l, snap)
+		keep[l.Address] = true
+		return nil
+	}
+	pc, ok := m.packets[l.Address]
+	if !ok {
+		return fmt.Errorf("UDP address %s was not bound", l.Address)
+	}
+	h, err := m.packetFactory(l, snap)
+	if err != nil {
+		return err
+	}
+	rp = &runningPacket{name: name, addr: l.Address, pc: pc, h: h, done: make(chan struct{})}
+	m.udp[name] = rp
+	keep[l.Address] = true
+	go func() {
+		defer close(rp.done)
+		h.Serve(pc)
+	}()
+	m.log.Info("listener: started", "listener", name, "address", l.Address, "protocol", "udp")
+	return nil
+}
+
+// stopPacketLocked closes rp's socket (ending its Serve) and shuts its
+// handler down in the background. m.mu must be held.
+func (m *Manager) stopPacketLocked(rp *runningPacket) {
+	delete(m.udp, rp.name)
+	delete(m.packets, rp.addr)
+	rp.pc.Close()
+	m.drainInBackground(rp.name, rp.h)
+	m.log.Info("listener: removed", "listener", rp.name, "address", rp.addr, "protocol", "udp")
 }
 
 func cmpErr(first, err error) error {
@@ -202,7 +346,9 @@ func (m *Manager) stopLocked(rl *runningListener) {
 	m.log.Info("listener: removed; draining", "listener", rl.name, "address", rl.addr, "drain", m.drain)
 }
 
-func (m *Manager) drainInBackground(name string, h Handler) {
+// drainInBackground shuts h (a Handler or PacketHandler) down within the
+// drain timeout, without holding m.mu.
+func (m *Manager) drainInBackground(name string, h interface{ Shutdown(context.Context) }) {
 	m.draining.Add(1)
 	go func() {
 		defer m.draining.Done()
@@ -237,9 +383,12 @@ func (m *Manager) acceptLoop(rl *runningListener) {
 func (m *Manager) Addresses() map[string]string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := make(map[string]string, len(m.active))
+	out := make(map[string]string, len(m.active)+len(m.udp))
 	for name, rl := range m.active {
 		out[name] = rl.sock.Addr().String()
+	}
+	for name, rp := range m.udp {
+		out[name] = rp.pc.LocalAddr().String()
 	}
 	return out
 }
@@ -255,17 +404,27 @@ func (m *Manager) Close(ctx context.Context) {
 	}
 	m.closed = true
 	var loops []chan struct{}
-	var handlers []Handler
+	var handlers []interface{ Shutdown(context.Context) }
 	for _, rl := range m.active {
 		rl.sock.Close()
 		loops = append(loops, rl.done)
 		handlers = append(handlers, rl.handler.Load().h)
 	}
+	for _, rp := range m.udp {
+		rp.pc.Close()
+		loops = append(loops, rp.done)
+		handlers = append(handlers, rp.h)
+	}
 	for _, sock := range m.sockets {
 		sock.Close()
 	}
+	for _, pc := range m.packets {
+		pc.Close()
+	}
 	m.active = map[string]*runningListener{}
 	m.sockets = map[string]net.Listener{}
+	m.udp = map[string]*runningPacket{}
+	m.packets = map[string]net.PacketConn{}
 	m.mu.Unlock()
 
 	for _, d := range loops {

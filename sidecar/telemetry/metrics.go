@@ -16,6 +16,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/tcpproxy"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
+	"github.com/meshlet/meshlet/sidecar/udpproxy"
 )
 
 // Metrics are the sidecar's request, resilience, xDS and tracing metrics:
@@ -30,6 +31,18 @@ import (
 //	meshlet_sidecar_downstream_connections_active{listener}
 //	meshlet_sidecar_tcp_idle_timeouts_total{listener}
 //	    TCP proxy connections closed by their idle timeout
+//	meshlet_sidecar_udp_sessions_active{listener}
+//	meshlet_sidecar_udp_sessions_total{listener}
+//	    UDP sessions opened (one per downstream address)
+//	meshlet_sidecar_udp_sessions_closed_total{listener, reason}
+//	    idle_timeout, endpoint_gone, upstream_refused, upstream_error, shutdown
+//	meshlet_sidecar_udp_datagrams_total{listener, direction}
+//	meshlet_sidecar_udp_bytes_total{listener, direction}
+//	    forwarded datagrams and their payload bytes; direction to_upstream
+//	    or to_downstream
+//	meshlet_sidecar_udp_datagrams_dropped_total{listener, reason}
+//	    no_cluster, no_healthy_upstream, circuit_open, overflow,
+//	    connect_failure, too_large, upstream_send_error, downstream_send_error
 //	meshlet_sidecar_upstream_connections_active{cluster}
 //	meshlet_sidecar_upstream_requests_active{cluster}
 //	meshlet_sidecar_upstream_requests_pending{cluster}
@@ -73,6 +86,7 @@ type Metrics struct {
 	duration      *prometheus.HistogramVec
 	downConns     *prometheus.GaugeVec
 	tcpIdle       *prometheus.CounterVec
+	udp           *udpVecs
 	spansExported prometheus.Counter
 	spansDropped  *prometheus.CounterVec
 	retries       *prometheus.CounterVec
@@ -106,6 +120,7 @@ var (
 	_ cluster.Events     = (*Metrics)(nil)
 	_ httpproxy.Recorder = (*Metrics)(nil)
 	_ tcpproxy.Recorder  = (*Metrics)(nil)
+	_ udpproxy.Recorder  = (*Metrics)(nil)
 	_ tracing.Events     = (*Metrics)(nil)
 )
 
@@ -162,6 +177,7 @@ func New() *Metrics {
 		Name: "meshlet_sidecar_tcp_idle_timeouts_total", Help: "TCP proxy connections closed because no byte moved either way for the idle timeout, by listener.",
 	}, []string{"listener"})
 	m.Registry.MustRegister(m.handshakes, m.authzDenied, m.tcpIdle)
+	m.udp = newUDPVecs(m.Registry)
 	m.Registry.MustRegister(m.duration, m.downConns, m.spansExported, m.spansDropped)
 	m.Registry.MustRegister(m.requests, m.retries, m.retriesDenied, m.overflow, m.ejections, m.breakerTrans, m.breakerState,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

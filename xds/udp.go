@@ -1,0 +1,71 @@
+package xds
+
+import (
+	"time"
+
+	xdscore "github.com/cncf/xds/go/xds/core/v3"
+	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	udpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/udp/udp_proxy/v3"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// UDPProxyFilter is the UDP listener filter that proxies datagrams to a
+// cluster, one session per downstream address (Envoy's udp_proxy).
+const UDPProxyFilter = "envoy.filters.udp_listener.udp_proxy"
+
+// UDPRouteAction is the name of the action of a udp_proxy matcher that
+// sends a session to a cluster (its typed config is a udp_proxy Route).
+const UDPRouteAction = "route"
+
+// DefaultUDPIdleTimeout is how long a UDP session lives without a datagram
+// either way when UdpProxyConfig.idle_timeout is unset (Envoy's default).
+const DefaultUDPIdleTimeout = time.Minute
+
+// UDPSocketAddress returns a UDP core.Address for host:port.
+func UDPSocketAddress(host string, port int) *core.Address {
+	a := SocketAddress(host, port)
+	a.GetSocketAddress().Protocol = core.SocketAddress_UDP
+	return a
+}
+
+// UDPProxyOptions configure NewUDPListener.
+type UDPProxyOptions struct {
+	// IdleTimeout is UdpProxyConfig.idle_timeout: a session without a
+	// datagram either way for this long ends. 0 leaves the field unset:
+	// DefaultUDPIdleTimeout.
+	IdleTimeout time.Duration
+}
+
+// NewUDPListener returns a UDP listener on host:port (Envoy's shape: a UDP
+// socket address, no filter chains, the udp_proxy listener filter) proxying
+// each downstream address's datagrams to clusterName, named as Envoy
+// prefers now (UdpProxyConfig.matcher whose on_no_match is a Route action;
+// the older UdpProxyConfig.cluster is deprecated). Nothing secures the
+// datagrams: there is no TLS for UDP.
+func NewUDPListener(name, host string, port int, clusterName string, o UDPProxyOptions) *listener.Listener {
+	cfg := &udpproxy.UdpProxyConfig{
+		StatPrefix:     name,
+		RouteSpecifier: &udpproxy.UdpProxyConfig_Matcher{Matcher: UDPClusterMatcher(clusterName)},
+	}
+	if o.IdleTimeout > 0 {
+		cfg.IdleTimeout = durationpb.New(o.IdleTimeout)
+	}
+	return &listener.Listener{
+		Name:    name,
+		Address: UDPSocketAddress(host, port),
+		ListenerFilters: []*listener.ListenerFilter{{
+			Name:       UDPProxyFilter,
+			ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: MustAny(cfg)},
+		}},
+	}
+}
+
+// UDPClusterMatcher returns the udp_proxy matcher that sends every session
+// to clusterName: no match tree, only on_no_match with a Route action.
+func UDPClusterMatcher(clusterName string) *matcher.Matcher {
+	return &matcher.Matcher{OnNoMatch: &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{
+		Action: &xdscore.TypedExtensionConfig{Name: UDPRouteAction, TypedConfig: MustAny(&udpproxy.Route{Cluster: clusterName})},
+	}}}
+}
