@@ -10,7 +10,7 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help
+.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help bench-cp
 
 all: build
 
@@ -22,6 +22,7 @@ help:
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
 	@echo "make docker      build the container image (needs a Docker engine)"
+	@echo "make bench-cp    control-plane scale benchmark: 1,000 services / 10,000 instances in Consul, 1,000 simulated sidecars (BENCHCPFLAGS adds flags)"
 
 build: $(BINARIES)
 
@@ -67,6 +68,12 @@ demo-stop: $(BIN)/meshlet-demo
 test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar
 	$(GO) vet ./...
 	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+
+# Control-plane scale benchmark (issue 7; internal/benchcp): prints a table and
+# writes .work/bench-cp/result.json. A few minutes; BENCHCPFLAGS adds flags
+# (e.g. -changes 600 -rate 20, -profile; go run ./internal/benchcp -h).
+bench-cp: $(BIN)/consul $(BIN)/controlplane
+	$(GO) run ./internal/benchcp -consul $(BIN)/consul -controlplane $(BIN)/controlplane -out .work/bench-cp $(BENCHCPFLAGS)
 
 test-short:
 	$(GO) test -short -count=1 ./...
