@@ -177,6 +177,14 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 			},
 			detail: `both listen on 127.0.0.1:`,
 		},
+		{
+			name: "two UDP listeners on one address", version: "v6", typeURL: xds.ListenerType,
+			mutate: func(r *xdstest.Resources) {
+				r.Listeners = append(r.Listeners, xds.NewUDPListener("upstream:dns1", "127.0.0.1", port+1, "web", xds.UDPProxyOptions{}),
+					xds.NewUDPListener("upstream:dns2", "127.0.0.1", port+1, "web", xds.UDPProxyOptions{}))
+			},
+			detail: `listeners "upstream:dns1" and "upstream:dns2" both listen on 127.0.0.1:` + strconv.Itoa(port+1) + `/udp`,
+		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -68,14 +68,25 @@ func decodeAll(typeURL string, resources []*anypb.Any) (map[string]any, map[stri
 		raw[name] = a
 	}
 	if typeURL == xds.ListenerType {
-		byAddr := map[string]string{}
+		// A TCP and a UDP listener may share an address (a udp service's
+		// public listeners); two of one protocol may not.
+		type sock struct {
+			udp  bool
+			addr string
+		}
+		byAddr := map[sock]string{}
 		for name, v := range decoded {
 			l := v.(*config.Listener)
-			if other, dup := byAddr[l.Address]; dup {
+			k := sock{udp: l.UDP != nil, addr: l.Address}
+			if other, dup := byAddr[k]; dup {
 				a, b := min(name, other), max(name, other)
-				return nil, nil, fmt.Errorf("listeners %q and %q both listen on %s", a, b, l.Address)
+				proto := "tcp"
+				if k.udp {
+					proto = "udp"
+				}
+				return nil, nil, fmt.Errorf("listeners %q and %q both listen on %s/%s", a, b, l.Address, proto)
 			}
-			byAddr[l.Address] = name
+			byAddr[k] = name
 		}
 	}
 	return decoded, raw, nil
