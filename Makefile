@@ -10,7 +10,7 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help bench-cp
+.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help bench bench-cp
 
 all: build
 
@@ -22,6 +22,7 @@ help:
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
 	@echo "make docker      build the container image (needs a Docker engine)"
+	@echo "make bench       data-path benchmark: direct, one sidecar, two sidecars with mTLS, HAProxy, nginx side by side (BENCHFLAGS adds flags, e.g. -quick)"
 	@echo "make bench-cp    control-plane scale benchmark: 1,000 services / 10,000 instances in Consul, 1,000 simulated sidecars (BENCHCPFLAGS adds flags)"
 
 build: $(BINARIES)
@@ -68,6 +69,24 @@ demo-stop: $(BIN)/meshlet-demo
 test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar
 	$(GO) vet ./...
 	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+
+# Data-path benchmark (issue 7; internal/bench): installs the reference
+# proxies and load generators it needs (deploy/tools/bench-deps.sh), then
+# runs every workload against direct, one sidecar, two sidecars with mTLS,
+# HAProxy and nginx, alternating systems over rounds; prints tables and
+# writes .work/bench/bench-results.json (+ .md). About 15 minutes;
+# BENCHFLAGS adds flags (-quick for a 2-minute smoke run; -h lists them).
+bench: $(BIN)/sidecar $(BIN)/meshlet-bench
+	@deploy/tools/bench-deps.sh
+	$(BIN)/meshlet-bench -sidecar $(BIN)/sidecar -out .work/bench/bench-results.json $(BENCHFLAGS)
+
+$(BIN)/meshlet-bench: $(GO_SOURCES)
+	$(GO) build -o $@ ./internal/bench/cmd/meshlet-bench
+
+$(BIN)/vegeta: deploy/tools/vegeta/go.mod deploy/tools/vegeta/go.sum
+	@mkdir -p $(BIN)
+	@deploy/tools/build-tool.sh deploy/tools/vegeta github.com/tsenart/vegeta/v12 $@ "vegeta v12.12.0"
+	@touch $@
 
 # Control-plane scale benchmark (issue 7; internal/benchcp): prints a table and
 # writes .work/bench-cp/result.json. A few minutes; BENCHCPFLAGS adds flags
