@@ -3,7 +3,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"net/http"
 	"regexp"
 	"slices"
 	"strings"
@@ -50,7 +49,15 @@ type RBACRequest struct {
 	// Method, Path (without query) and Header are empty for a TCP
 	// connection.
 	Method, Path, Authority string
-	Header                  http.Header
+	// Header gives the request's header values (an http.Header, or the
+	// HTTP/1.1 fast path's parsed head); nil for a TCP connection.
+	Header HeaderValues
+}
+
+// HeaderValues looks up the values of a request header by name,
+// case-insensitively, as http.Header.Values does.
+type HeaderValues interface {
+	Values(name string) []string
 }
 
 // Matches reports whether r matches the policy.
@@ -221,6 +228,9 @@ func decodeHeaderPermission(h *route.HeaderMatcher) (rbacMatcher, error) {
 			return q.Path, q.Path != ""
 		case ":authority", "host":
 			return q.Authority, q.Authority != ""
+		}
+		if q.Header == nil {
+			return "", false
 		}
 		vs := q.Header.Values(name)
 		return strings.Join(vs, ","), len(vs) > 0

@@ -283,7 +283,7 @@ func (f *forward) prepare() {
 	// an earlier hop (the caller's sidecar) is kept (Envoy's sidecar default,
 	// use_remote_address false). X-Forwarded-For and -Host pass unchanged.
 	if _, ok := r.Header["X-Forwarded-Proto"]; !ok {
-		if r.TLS != nil {
+		if r.TLS != nil || f.s.secure {
 			r.Header["X-Forwarded-Proto"] = httpsValue
 		} else {
 			r.Header["X-Forwarded-Proto"] = httpValue
@@ -361,8 +361,8 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 		actx, aspan := f.startAttempt(ctx, retries+1, ep)
 		resp, err := ep.RoundTrip(ctx, f.request(actx, ep), perTry)
 		if err == nil {
-			cond, sent := statusCondition(resp, p), true
-			if notReached(resp) {
+			cond, sent := statusCondition(resp.StatusCode, resp.Header.Get("Grpc-Status"), p), true
+			if notReached(resp.StatusCode, resp.Header.Get(ReasonHeader)) {
 				// The upstream sidecar says the request never reached its app.
 				cond, sent = "connect-failure", false
 			}
@@ -517,11 +517,10 @@ func matches(p *config.RetryPolicy, cond string) bool {
 // statusCondition returns the retry_on condition a response meets under p
 // ("" when none): a retriable status code, 5xx / gateway-error, or a gRPC
 // status in the headers of a trailers-only response.
-func statusCondition(resp *http.Response, p *config.RetryPolicy) string {
+func statusCondition(code int, grpcStatus string, p *config.RetryPolicy) string {
 	if p == nil {
 		return ""
 	}
-	code := resp.StatusCode
 	if p.On&config.RetryRetriableStatusCodes != 0 {
 		for _, c := range p.StatusCodes {
 			if c == code {
@@ -537,7 +536,7 @@ func statusCondition(resp *http.Response, p *config.RetryPolicy) string {
 	if code >= 500 && p.On&config.Retry5xx != 0 {
 		return "5xx"
 	}
-	if gs := resp.Header.Get("Grpc-Status"); gs != "" {
+	if gs := grpcStatus; gs != "" {
 		cond := grpcConditions[gs]
 		if c, ok := config.RetryConditions[cond]; ok && p.On&c != 0 {
 			return cond
@@ -556,11 +555,11 @@ func isGRPCCondition(cond string) bool {
 
 // notReached reports a 503 from an upstream meshlet sidecar whose typed
 // reason says the request never reached the application behind it.
-func notReached(resp *http.Response) bool {
-	if resp.StatusCode != http.StatusServiceUnavailable {
+func notReached(code int, reason string) bool {
+	if code != http.StatusServiceUnavailable {
 		return false
 	}
-	switch resp.Header.Get(ReasonHeader) {
+	switch reason {
 	case ReasonConnectFailure, ReasonNoHealthyUpstream, ReasonCircuitOpen, ReasonOverflow, ReasonTLSHandshakeFailed:
 		return true
 	}

@@ -99,6 +99,10 @@ type Options struct {
 	// Tracing returns the tracing of a connection manager's config; nil
 	// (or a nil result) traces nothing.
 	Tracing func(*config.Tracing) *tracing.HTTP
+	// NetHTTPOnly serves every connection with net/http's server, without
+	// the HTTP/1.1 fast path (h1fast.go). Default false: HTTP/1.1
+	// connections start on the fast path.
+	NetHTTPOnly bool
 }
 
 // RuleHeader names the rule behind an authorization denial
@@ -127,6 +131,10 @@ type Server struct {
 	conns *connQueue
 	done  chan struct{} // closed when srv.Serve returns
 
+	// fast is the HTTP/1.1 fast path; off when fastOff.
+	fast    fastServer
+	fastOff bool
+
 	// tunnels counts upgraded connections (WebSockets), which the HTTP
 	// server no longer tracks; tunnelCtx ends them at shutdown.
 	tunnels      sync.WaitGroup
@@ -144,7 +152,8 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 		o.Recorder = nopRecorder{}
 	}
 	hc := l.Chain(o.Secure).HTTP
-	s := &Server{name: l.Name, codec: hc.Codec, clusters: clusters, log: log, rec: o.Recorder, secure: o.Secure, localID: o.LocalID, tracers: o.Tracing, done: make(chan struct{})}
+	s := &Server{name: l.Name, codec: hc.Codec, clusters: clusters, log: log, rec: o.Recorder, secure: o.Secure, localID: o.LocalID, tracers: o.Tracing, done: make(chan struct{}),
+		fastOff: o.NetHTTPOnly || hc.Codec == config.CodecHTTP2}
 	s.table.Store(tableFor(hc, snap))
 	s.chain.Store(hc)
 	s.tracer.Store(s.tracerFor(hc))
@@ -163,9 +172,10 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 				o.Recorder.Connections(l.Name, -1)
 			}
 		},
-		// The peer's identity is read once per connection.
+		// The peer's identity is read once per connection (a *tls.Conn, or
+		// one the fast path handed over).
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			if tc, ok := c.(*tls.Conn); ok {
+			if tc, ok := c.(interface{ ConnectionState() tls.ConnectionState }); ok {
 				return context.WithValue(ctx, peerKey{}, tlsid.PeerOf(tc.ConnectionState()))
 			}
 			return ctx
@@ -187,6 +197,12 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 		defer close(s.done)
 		_ = s.srv.Serve(s.conns)
 	}()
+	s.fast.init()
+	if s.fastOff {
+		close(s.fast.done)
+	} else {
+		go s.monitor()
+	}
 	return s
 }
 
@@ -200,8 +216,19 @@ func tableFor(hc *config.HTTPConnectionManager, snap *config.Snapshot) *routeTab
 	return newRouteTable(rc, hc.Via)
 }
 
-// Handle queues conn for the HTTP server.
-func (s *Server) Handle(conn net.Conn) { s.conns.push(conn) }
+// Handle serves conn: on the HTTP/1.1 fast path, or on net/http's server
+// for HTTP/2 (an h2 ALPN, an http2 codec) and when the fast path is off.
+func (s *Server) Handle(conn net.Conn) {
+	if s.fastOff {
+		s.conns.push(conn)
+		return
+	}
+	if tc, ok := conn.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol == "h2" {
+		s.conns.push(conn)
+		return
+	}
+	s.handleFast(conn)
+}
 
 // Update swaps the route table and authorization in place; a codec change
 // needs a new Server.
@@ -226,6 +253,14 @@ func (s *Server) tracerFor(hc *config.HTTPConnectionManager) *tracing.HTTP {
 // Shutdown stops accepting, closes idle connections, and waits for requests
 // in flight and upgraded tunnels until ctx is done, then closes everything.
 func (s *Server) Shutdown(ctx context.Context) {
+	fastDone := make(chan struct{})
+	go func() {
+		defer close(fastDone)
+		s.shutdownFast(ctx)
+	}()
+	// Connections handed over during the fast path's drain still reach
+	// srv until the fast path is done.
+	<-fastDone
 	if err := s.srv.Shutdown(ctx); err != nil {
 		s.srv.Close()
 	}

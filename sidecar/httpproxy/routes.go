@@ -88,10 +88,26 @@ func (t *routeTable) virtualHost(authority string) *config.VirtualHost {
 // route returns the first route of the matching virtual host whose path
 // and header matches accept the request, or nil.
 func (t *routeTable) route(r *http.Request) *config.Route {
-	return t.routeFor(r.Host, r.URL.Path, r.Method, r.Header)
+	return t.routeFor(r.Host, r.URL.Path, r.Method, stdHeader(r.Header))
 }
 
-func (t *routeTable) routeFor(authority, path, method string, h http.Header) *config.Route {
+// headerLookup finds the first value of a request header by its canonical
+// name (case-insensitively).
+type headerLookup interface {
+	lookup(name string) (string, bool)
+}
+
+// stdHeader is an http.Header as a headerLookup.
+type stdHeader http.Header
+
+func (h stdHeader) lookup(name string) (string, bool) {
+	if vs := h[name]; len(vs) > 0 {
+		return vs[0], true
+	}
+	return "", false
+}
+
+func (t *routeTable) routeFor(authority, path, method string, h headerLookup) *config.Route {
 	vh := t.virtualHost(authority)
 	if vh == nil {
 		return nil
@@ -126,14 +142,14 @@ func (t *routeTable) routeFor(authority, path, method string, h http.Header) *co
 }
 
 // headersMatch applies RouteMatch.headers; ":method" reads the method.
-func headersMatch(ms []config.HeaderMatch, method string, h http.Header) bool {
+func headersMatch(ms []config.HeaderMatch, method string, h headerLookup) bool {
 	for _, m := range ms {
 		var v string
 		var present bool
 		if m.Name == ":method" {
 			v, present = method, true
-		} else if vs := h[m.Name]; len(vs) > 0 {
-			v, present = vs[0], true
+		} else if h != nil {
+			v, present = h.lookup(m.Name)
 		}
 		ok := present && (m.Present || v == m.Exact)
 		if ok == m.Invert {

@@ -1,0 +1,522 @@
+package httpproxy
+
+import (
+	"bytes"
+	"strconv"
+)
+
+// HTTP/1.1 message heads for the fast path (h1fast.go): parsed in place in
+// the connection's buffer, strictly. Anything the fast path does not handle
+// the way net/http would (obs-fold, bare LF, absolute-form or encoded
+// targets, HTTP/1.0, duplicated framing headers, Upgrade, Expect,
+// Transfer-Encoding on requests, too many fields) makes parseRequest say
+// so, and the connection goes to net/http, which answers it (including its
+// 400s and 431s).
+
+// maxFastFields bounds the header fields of a request the fast path takes.
+const maxFastFields = 128
+
+// field is one header field of a head, as it is on the wire (name case
+// kept), its value without surrounding whitespace.
+type field struct {
+	name, value []byte
+	drop        bool // not forwarded: hop-by-hop, or replaced by the proxy
+}
+
+// reqHead is a parsed request head. Its slices point into the buffer it
+// was parsed from and are valid while that buffer is not reused.
+type reqHead struct {
+	method, target []byte
+	path           []byte // target without the query
+	fields         []field
+	host           []byte
+	// contentLength is the body length, 0 when the request has none.
+	contentLength int64
+	closeConn     bool // Connection: close
+	teTrailers    bool // TE: trailers (kept end to end, for gRPC-style apps)
+	xfp           bool // X-Forwarded-Proto present (kept)
+	idempotencyKey bool
+	// size is the length of the head, blank line included.
+	size int
+}
+
+// parseResult says what parseRequest made of a buffer.
+type parseResult int
+
+const (
+	parseNeedMore parseResult = iota // no blank line yet: read more
+	parseOK
+	parseFallback // not for the fast path: hand the connection to net/http
+)
+
+// tchar reports RFC 9110 token characters.
+var tchar = func() (t [256]bool) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+		t[c-'a'+'A'] = true
+	}
+	for _, c := range "!#$%&'*+-.^_`|~" {
+		t[c] = true
+	}
+	return t
+}()
+
+// eqLower reports whether b equals the lower-case ASCII s, ignoring case.
+func eqLower(b []byte, s string) bool {
+	if len(b) != len(s) {
+		return false
+	}
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != s[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// hasToken reports whether the comma-separated list v holds token (lower
+// case), ignoring case and whitespace.
+func hasToken(v []byte, token string) bool {
+	for len(v) > 0 {
+		var item []byte
+		if i := bytes.IndexByte(v, ','); i >= 0 {
+			item, v = v[:i], v[i+1:]
+		} else {
+			item, v = v, nil
+		}
+		if eqLower(bytes.TrimSpace(item), token) {
+			return true
+		}
+	}
+	return false
+}
+
+// trimOWS trims spaces and tabs.
+func trimOWS(b []byte) []byte {
+	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t') {
+		b = b[1:]
+	}
+	for len(b) > 0 && (b[len(b)-1] == ' ' || b[len(b)-1] == '\t') {
+		b = b[:len(b)-1]
+	}
+	return b
+}
+
+// validValue reports field-value bytes net/http accepts without question:
+// visible characters, spaces and tabs, obs-text.
+func validValue(v []byte) bool {
+	for _, c := range v {
+		if (c < 0x20 && c != '\t') || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// parseRequest parses the request head at the start of b into h.
+func (h *reqHead) parseRequest(b []byte) parseResult {
+	*h = reqHead{fields: h.fields[:0], contentLength: 0}
+	// Request line.
+	i := bytes.IndexByte(b, '\n')
+	if i < 0 {
+		if len(b) > 0 && !tchar[b[0]] {
+			return parseFallback // not a request line: net/http answers
+		}
+		return parseNeedMore
+	}
+	if i == 0 || b[i-1] != '\r' {
+		return parseFallback
+	}
+	line := b[:i-1]
+	rest := b[i+1:]
+	off := i + 1
+	sp := bytes.IndexByte(line, ' ')
+	if sp <= 0 {
+		return parseFallback
+	}
+	h.method = line[:sp]
+	for _, c := range h.method {
+		if !tchar[c] {
+			return parseFallback
+		}
+	}
+	line = line[sp+1:]
+	sp = bytes.IndexByte(line, ' ')
+	if sp <= 0 || string(line[sp+1:]) != "HTTP/1.1" {
+		return parseFallback // HTTP/1.0, HTTP/2 preface, malformed
+	}
+	h.target = line[:sp]
+	if h.target[0] != '/' {
+		return parseFallback // absolute-form, asterisk-form
+	}
+	for _, c := range h.target {
+		if c <= ' ' || c == 0x7f || c == '%' || c == '#' {
+			// '%': net/http routes on the decoded path; keep one behaviour.
+			return parseFallback
+		}
+	}
+	h.path = h.target
+	if q := bytes.IndexByte(h.target, '?'); q >= 0 {
+		h.path = h.target[:q]
+	}
+
+	// Fields, up to the blank line.
+	hosts, lengths := 0, 0
+	var connection [4][]byte
+	nconn := 0
+	for {
+		i := bytes.IndexByte(rest, '\n')
+		if i < 0 {
+			return parseNeedMore
+		}
+		if i == 0 || rest[i-1] != '\r' {
+			return parseFallback // bare LF
+		}
+		line := rest[:i-1]
+		rest = rest[i+1:]
+		off += i + 1
+		if len(line) == 0 {
+			break
+		}
+		if line[0] == ' ' || line[0] == '\t' {
+			return parseFallback // obs-fold
+		}
+		colon := bytes.IndexByte(line, ':')
+		if colon <= 0 {
+			return parseFallback
+		}
+		name := line[:colon]
+		for _, c := range name {
+			if !tchar[c] {
+				return parseFallback
+			}
+		}
+		value := trimOWS(line[colon+1:])
+		if !validValue(value) {
+			return parseFallback
+		}
+		if len(h.fields) == maxFastFields {
+			return parseFallback
+		}
+		f := field{name: name, value: value}
+		switch len(name) {
+		case 2:
+			if eqLower(name, "te") {
+				h.teTrailers = h.teTrailers || hasToken(value, "trailers")
+				f.drop = true
+			}
+		case 4:
+			if eqLower(name, "host") {
+				hosts++
+				h.host = value
+			}
+		case 6:
+			if eqLower(name, "expect") {
+				return parseFallback
+			}
+		case 7:
+			switch {
+			case eqLower(name, "upgrade"):
+				return parseFallback // an upgrade (WebSocket) or h2c
+			case eqLower(name, "trailer"):
+				f.drop = true
+			}
+		case 10:
+			switch {
+			case eqLower(name, "connection"):
+				if nconn == len(connection) {
+					return parseFallback
+				}
+				connection[nconn] = value
+				nconn++
+				f.drop = true
+			case eqLower(name, "keep-alive"):
+				f.drop = true
+			}
+		case 14:
+			if eqLower(name, "content-length") {
+				lengths++
+				n, err := strconv.ParseInt(string(value), 10, 64)
+				if err != nil || n < 0 || len(value) == 0 || value[0] == '+' {
+					return parseFallback
+				}
+				h.contentLength = n
+			}
+		case 15:
+			if eqLower(name, "idempotency-key") {
+				h.idempotencyKey = true
+			}
+		case 16:
+			if eqLower(name, "proxy-connection") {
+				f.drop = true
+			}
+		case 17:
+			if eqLower(name, "transfer-encoding") {
+				return parseFallback // chunked request bodies go to net/http
+			} else if eqLower(name, "x-forwarded-proto") {
+				h.xfp = true
+			}
+		case 18:
+			if eqLower(name, "proxy-authenticate") {
+				f.drop = true
+			}
+		case 19:
+			if eqLower(name, "proxy-authorization") {
+				f.drop = true
+			}
+		case 23:
+			if eqLower(name, "x-forwarded-client-cert") {
+				f.drop = true // never trust the downstream's (SANITIZE, SANITIZE_SET)
+			}
+		}
+		h.fields = append(h.fields, f)
+	}
+	if hosts != 1 || lengths > 1 {
+		return parseFallback // net/http answers 400
+	}
+	// Fields named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+	for _, v := range connection[:nconn] {
+		for len(v) > 0 {
+			var tok []byte
+			if j := bytes.IndexByte(v, ','); j >= 0 {
+				tok, v = v[:j], v[j+1:]
+			} else {
+				tok, v = v, nil
+			}
+			tok = bytes.TrimSpace(tok)
+			switch {
+			case len(tok) == 0:
+			case eqLower(tok, "close"):
+				h.closeConn = true
+			case eqLower(tok, "keep-alive"):
+			default:
+				for k := range h.fields {
+					if bytes.EqualFold(h.fields[k].name, tok) {
+						if eqLower(tok, "x-forwarded-proto") {
+							h.xfp = false
+						}
+						h.fields[k].drop = true
+					}
+				}
+			}
+		}
+	}
+	h.size = off
+	return parseOK
+}
+
+// lookup implements headerLookup (routes' header matches, hash policy).
+func (h *reqHead) lookup(name string) (string, bool) {
+	for i := range h.fields {
+		if f := &h.fields[i]; bytes.EqualFold(f.name, []byte(name)) {
+			return string(f.value), true
+		}
+	}
+	return "", false
+}
+
+// Values implements config.HeaderValues (RBAC header permissions).
+func (h *reqHead) Values(name string) []string {
+	var vs []string
+	for i := range h.fields {
+		if f := &h.fields[i]; bytes.EqualFold(f.name, []byte(name)) {
+			vs = append(vs, string(f.value))
+		}
+	}
+	return vs
+}
+
+// respHead is a parsed response head (status line and the fields that
+// matter to the proxy).
+type respHead struct {
+	code  int
+	minor int    // HTTP/1.minor
+	rest  []byte // status line after the version: "200 OK"
+	// Framing: contentLength >= 0, or chunked, or neither (read until the
+	// upstream closes).
+	contentLength int64
+	chunked       bool
+	closeConn     bool // the upstream will close the connection after it
+	reason        []byte
+	grpcStatus    []byte
+	eventStream   bool // Content-Type: text/event-stream
+	fields        []field
+	size          int
+}
+
+// parseResponse parses the response head at the start of b into h.
+func (h *respHead) parseResponse(b []byte) parseResult {
+	*h = respHead{fields: h.fields[:0], contentLength: -1}
+	i := bytes.IndexByte(b, '\n')
+	if i < 0 {
+		return parseNeedMore
+	}
+	if i < 13 || b[i-1] != '\r' {
+		return parseFallback
+	}
+	line := b[:i-1]
+	rest := b[i+1:]
+	off := i + 1
+	switch string(line[:9]) {
+	case "HTTP/1.1 ":
+		h.minor = 1
+	case "HTTP/1.0 ":
+	default:
+		return parseFallback
+	}
+	h.rest = line[9:]
+	c := h.rest
+	if len(c) < 3 || (len(c) > 3 && c[3] != ' ') {
+		return parseFallback
+	}
+	for _, d := range c[:3] {
+		if d < '0' || d > '9' {
+			return parseFallback
+		}
+	}
+	h.code = int(c[0]-'0')*100 + int(c[1]-'0')*10 + int(c[2]-'0')
+	keepAlive := false
+	lengths := 0
+	var connection [4][]byte
+	nconn := 0
+	for {
+		i := bytes.IndexByte(rest, '\n')
+		if i < 0 {
+			return parseNeedMore
+		}
+		if i == 0 || rest[i-1] != '\r' {
+			return parseFallback
+		}
+		line := rest[:i-1]
+		rest = rest[i+1:]
+		off += i + 1
+		if len(line) == 0 {
+			break
+		}
+		if line[0] == ' ' || line[0] == '\t' {
+			return parseFallback
+		}
+		colon := bytes.IndexByte(line, ':')
+		if colon <= 0 {
+			return parseFallback
+		}
+		name := line[:colon]
+		value := trimOWS(line[colon+1:])
+		if !validValue(value) || len(h.fields) == maxFastFields {
+			return parseFallback
+		}
+		f := field{name: name, value: value}
+		switch len(name) {
+		case 7:
+			if eqLower(name, "upgrade") {
+				f.drop = true
+			}
+		case 10:
+			switch {
+			case eqLower(name, "connection"):
+				if nconn == len(connection) {
+					return parseFallback
+				}
+				connection[nconn] = value
+				nconn++
+				f.drop = true
+			case eqLower(name, "keep-alive"):
+				f.drop = true
+			}
+		case 11:
+			if eqLower(name, "grpc-status") {
+				h.grpcStatus = value
+			}
+		case 12:
+			if eqLower(name, "content-type") {
+				h.eventStream = len(value) >= 17 && eqLower(value[:17], "text/event-stream")
+			}
+		case 14:
+			if eqLower(name, "content-length") {
+				n, err := strconv.ParseInt(string(value), 10, 64)
+				if err != nil || n < 0 || (lengths > 0 && n != h.contentLength) {
+					return parseFallback
+				}
+				if lengths > 0 {
+					f.drop = true // an identical duplicate
+				}
+				lengths++
+				h.contentLength = n
+			}
+		case 16:
+			switch {
+			case eqLower(name, "proxy-connection"):
+				f.drop = true
+			case eqLower(name, "x-meshlet-reason"):
+				h.reason = value
+			}
+		case 17:
+			if eqLower(name, "transfer-encoding") {
+				// Only "chunked" alone is passed through as is; any other
+				// coding is read until the upstream closes (RFC 9112 §6.3).
+				if eqLower(value, "chunked") && h.minor == 1 {
+					h.chunked = true
+				} else {
+					h.closeConn = true
+					f.drop = true
+				}
+			}
+		case 18:
+			if eqLower(name, "proxy-authenticate") {
+				f.drop = true
+			}
+		}
+		h.fields = append(h.fields, f)
+	}
+	for _, v := range connection[:nconn] {
+		for len(v) > 0 {
+			var tok []byte
+			if j := bytes.IndexByte(v, ','); j >= 0 {
+				tok, v = v[:j], v[j+1:]
+			} else {
+				tok, v = v, nil
+			}
+			tok = bytes.TrimSpace(tok)
+			switch {
+			case len(tok) == 0:
+			case eqLower(tok, "close"):
+				h.closeConn = true
+			case eqLower(tok, "keep-alive"):
+				keepAlive = true
+			default:
+				for k := range h.fields {
+					if bytes.EqualFold(h.fields[k].name, tok) {
+						h.fields[k].drop = true
+					}
+				}
+			}
+		}
+	}
+	if h.chunked && lengths > 0 {
+		// RFC 9112 §6.3: Transfer-Encoding wins; Content-Length goes.
+		h.contentLength = -1
+		for k := range h.fields {
+			if eqLower(h.fields[k].name, "content-length") {
+				h.fields[k].drop = true
+			}
+		}
+	}
+	if h.minor == 0 && !keepAlive {
+		h.closeConn = true
+	}
+	h.size = off
+	return parseOK
+}
+
+// bodyless reports a response that has no body whatever its fields say
+// (RFC 9112 §6.3): to HEAD, 1xx, 204, 304.
+func (h *respHead) bodyless(method []byte) bool {
+	return string(method) == "HEAD" || h.code < 200 || h.code == 204 || h.code == 304
+}
