@@ -31,10 +31,10 @@ type reqHead struct {
 	fields         []field
 	host           []byte
 	// contentLength is the body length, 0 when the request has none.
-	contentLength int64
-	closeConn     bool // Connection: close
-	teTrailers    bool // TE: trailers (kept end to end, for gRPC-style apps)
-	xfp           bool // X-Forwarded-Proto present (kept)
+	contentLength  int64
+	closeConn      bool // Connection: close
+	teTrailers     bool // TE: trailers (kept end to end, for gRPC-style apps)
+	xfp            bool // X-Forwarded-Proto present (kept)
 	idempotencyKey bool
 	// size is the length of the head, blank line included.
 	size int
