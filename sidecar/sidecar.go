@@ -83,6 +83,10 @@ type Config struct {
 	// Pprof serves net/http/pprof under /debug/pprof/ on the admin
 	// endpoint; off by default.
 	Pprof bool
+	// NetHTTPOnly turns the HTTP/1.1 fast path off: every HTTP connection
+	// is served by net/http's server (httpproxy.Options.NetHTTPOnly). Off
+	// by default; for comparison and as an escape hatch.
+	NetHTTPOnly bool
 }
 
 // Validate reports a missing NodeID.
@@ -260,7 +264,7 @@ func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listene
 					return ""
 				}
 			}
-			return httpproxy.NewServer(l, snap, s.clusters, s.log, httpproxy.Options{Recorder: s.metrics, Secure: secure, LocalID: localID, Tracing: s.tracing.HTTP}), nil
+			return httpproxy.NewServer(l, snap, s.clusters, s.log, httpproxy.Options{Recorder: s.metrics, Secure: secure, LocalID: localID, Tracing: s.tracing.HTTP, NetHTTPOnly: s.cfg.NetHTTPOnly}), nil
 		case c.TCP != nil:
 			return tcpproxy.New(l, secure, s.clusters, s.log, s.metrics), nil
 		}

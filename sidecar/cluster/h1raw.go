@@ -26,11 +26,14 @@ func (c *Cluster) HTTP1() bool {
 // GetH1 returns an idle pooled connection to the endpoint (reused true) or
 // a new one, as RoundTrip would use: within max_connections, waiting as
 // pending (max_pending_requests) for a slot, with the cluster's mTLS. ctx
-// bounds the connect and the wait. Errors are *UpstreamError: KindOverflow,
-// KindConnectFailure, KindTLSHandshake, or KindTimeout when ctx ended the
-// wait.
-func (e *Endpoint) GetH1(ctx context.Context) (H1Conn, bool, error) {
-	c, reused, err := e.h1.get(ctx)
+// bounds the connect and the wait. An idle connection is first checked for
+// an EOF the upstream left while it was idle (one peek syscall) unless
+// trustIdle is set, for a request the caller can send again on another
+// connection when the first read finds the connection closed. Errors are
+// *UpstreamError: KindOverflow, KindConnectFailure, KindTLSHandshake, or
+// KindTimeout when ctx ended the wait.
+func (e *Endpoint) GetH1(ctx context.Context, trustIdle bool) (H1Conn, bool, error) {
+	c, reused, err := e.h1.get(ctx, trustIdle)
 	if err != nil {
 		return H1Conn{}, false, err
 	}

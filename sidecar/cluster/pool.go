@@ -57,8 +57,11 @@ func (c *h1Conn) close() {
 	})
 }
 
-// get returns an idle connection (reused=true) or a new one.
-func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
+// get returns an idle connection (reused=true) or a new one. An idle
+// connection is checked alive (a peek at its socket) unless trustIdle is
+// set: the caller then detects a connection the upstream closed while idle
+// from the EOF or reset of its first read, and sends the request again.
+func (p *h1Pool) get(ctx context.Context, trustIdle bool) (*h1Conn, bool, error) {
 	c := p.e.cluster
 	pending := false
 	defer func() {
@@ -67,7 +70,7 @@ func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
 		}
 	}()
 	for {
-		if conn := p.popIdle(); conn != nil {
+		if conn := p.popIdle(trustIdle); conn != nil {
 			return conn, true, nil
 		}
 		if c.acquireConn() {
@@ -107,7 +110,7 @@ func (p *h1Pool) get(ctx context.Context) (*h1Conn, bool, error) {
 	}
 }
 
-func (p *h1Pool) popIdle() *h1Conn {
+func (p *h1Pool) popIdle(trustIdle bool) *h1Conn {
 	now := time.Now()
 	for {
 		p.mu.Lock()
@@ -120,7 +123,7 @@ func (p *h1Pool) popIdle() *h1Conn {
 		p.idle[n-1] = nil
 		p.idle = p.idle[:n-1]
 		p.mu.Unlock()
-		if now.Sub(conn.idleAt) < DefaultIdleConnTimeout && conn.alive() {
+		if now.Sub(conn.idleAt) < DefaultIdleConnTimeout && (trustIdle || conn.alive()) {
 			return conn
 		}
 		conn.close()
@@ -230,7 +233,7 @@ func isIdempotent(req *http.Request) bool {
 }
 
 func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTimeout time.Duration) (*http.Response, error) {
-	conn, reused, err := p.get(ctx)
+	conn, reused, err := p.get(ctx, false)
 	if err != nil {
 		return nil, err
 	}

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -87,6 +88,9 @@ type fastServer struct {
 	closed bool
 
 	draining atomic.Bool
+	// now is a coarse clock (UnixNano), moved by the monitor every
+	// watchAfter, for decisions that need no precision.
+	now      atomic.Int64
 	wg       sync.WaitGroup // one per connection goroutine
 	stop     chan struct{}  // ends the monitor
 	done     chan struct{}  // closed when the monitor has returned
@@ -94,6 +98,7 @@ type fastServer struct {
 }
 
 func (f *fastServer) init() {
+	f.now.Store(time.Now().UnixNano())
 	f.conns = map[*fastConn]struct{}{}
 	f.stop = make(chan struct{})
 	f.done = make(chan struct{})
@@ -115,8 +120,8 @@ type fastConn struct {
 	since atomic.Int64 // UnixNano when the current exchange went upstream
 
 	// idleSet is when the read deadline (DownstreamIdleTimeout) was last
-	// set: it is moved at most once a minute.
-	idleSet time.Time
+	// set (UnixNano): it is moved at most once a minute.
+	idleSet int64
 
 	// xfcc caches the x-forwarded-client-cert value for chain xfccFor.
 	xfccFor *config.HTTPConnectionManager
@@ -127,6 +132,7 @@ type fastConn struct {
 	// response is written, as the net/http path does when its handler
 	// returns: a scrape or a new request after the response sees both.
 	x           *exchange
+	ex          exchange // x's storage
 	heldRequest *cluster.Cluster
 	settled     bool
 
@@ -171,6 +177,7 @@ func (s *Server) monitor() {
 		case <-s.fast.stop:
 			return
 		case now := <-t.C:
+			s.fast.now.Store(now.UnixNano())
 			limit := now.Add(-watchAfter).UnixNano()
 			s.fast.mu.Lock()
 			for fc := range s.fast.conns {
@@ -296,8 +303,9 @@ func (fc *fastConn) readHead() (parseResult, bool) {
 		if fc.w == len(fc.buf) {
 			fc.grow(fc.w - fc.r + 1)
 		}
-		if now := time.Now(); now.Sub(fc.idleSet) > time.Minute {
-			fc.idleSet = now
+		if fc.s.fast.now.Load()-fc.idleSet > int64(time.Minute) {
+			now := time.Now()
+			fc.idleSet = now.UnixNano()
 			_ = fc.conn.SetReadDeadline(now.Add(DownstreamIdleTimeout))
 		}
 		n, err := fc.conn.Read(fc.buf[fc.w:])
@@ -395,13 +403,14 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 	msg := fc.buf[fc.r : fc.r+h.size+int(h.contentLength)]
 	body := msg[h.size:]
 
-	x := exchange{s: s, start: time.Now()}
+	x := &fc.ex
+	*x = exchange{s: s, start: time.Now()}
 	if rt != nil {
 		x.cluster, x.route = rt.Cluster, rt.Name
 	}
 	keep = !h.closeConn
 	fc.settled = false
-	fc.x, fc.heldRequest = &x, nil
+	fc.x, fc.heldRequest = x, nil
 	defer func() {
 		fc.r += len(msg)
 		fc.settle()
@@ -416,17 +425,17 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 			s.rec.AuthzDenied(s.name, rule)
 			s.log.Info("authz: request denied", "listener", s.name, "peer", fc.peer.SPIFFEID, "method", string(h.method), "path", string(h.path), "rule", rule)
 			x.cluster, x.route = "", ""
-			return fc.fail(&x, t, http.StatusForbidden, ReasonAuthzDenied, rule) && keep, false
+			return fc.fail(x, t, http.StatusForbidden, ReasonAuthzDenied, rule) && keep, false
 		}
 	}
 	if rt == nil {
-		return fc.fail(&x, t, http.StatusNotFound, ReasonNoRoute, "") && keep, false
+		return fc.fail(x, t, http.StatusNotFound, ReasonNoRoute, "") && keep, false
 	}
 	if c == nil {
-		return fc.fail(&x, t, http.StatusServiceUnavailable, ReasonNoCluster, "") && keep, false
+		return fc.fail(x, t, http.StatusServiceUnavailable, ReasonNoCluster, "") && keep, false
 	}
 	if !c.AcquireRequest() {
-		return fc.fail(&x, t, http.StatusServiceUnavailable, ReasonOverflow, "") && keep, false
+		return fc.fail(x, t, http.StatusServiceUnavailable, ReasonOverflow, "") && keep, false
 	}
 	fc.heldRequest = c
 	c.Budget().Deposit()
@@ -480,7 +489,7 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 			keep = false
 		}
 	}()
-	return fc.forward(&x, t, rt, c, out, len(body) > 0) && keep, false
+	return fc.forward(x, t, rt, c, out, len(body) > 0) && keep, false
 }
 
 // settle records the exchange and releases its request slot, once.
@@ -737,6 +746,13 @@ func (fc *fastConn) mayRetry(rt *config.Route, c *cluster.Cluster, cond string, 
 	return true
 }
 
+// staleConn reports the errors of a pooled connection the upstream closed
+// while it was idle, met by the request's write or its first read: EOF,
+// reset, broken pipe.
+func staleConn(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
 var errResponseHead = errors.New("httpproxy: malformed or oversized response head")
 
 // attempt sends req on a connection to ep and reads the final response
@@ -746,7 +762,7 @@ var errResponseHead = errors.New("httpproxy: malformed or oversized response hea
 // body, idempotent), as net/http does.
 func (fc *fastConn) attempt(ctx context.Context, ep *cluster.Endpoint, req []byte, perTry time.Duration, routeDeadline time.Time, resend bool) (cluster.H1Conn, error) {
 	for try := 0; ; try++ {
-		uc, reused, err := ep.GetH1(ctx)
+		uc, reused, err := ep.GetH1(ctx, resend && try == 0)
 		if err != nil {
 			return uc, err
 		}
@@ -763,6 +779,7 @@ func (fc *fastConn) attempt(ctx context.Context, ep *cluster.Endpoint, req []byt
 		if !deadline.IsZero() {
 			_ = uc.SetDeadline(deadline)
 		}
+		fc.resp.size = 0
 		_, err = uc.Write(req)
 		if err == nil {
 			err = readResponseHead(uc.Reader(), &fc.resp)
@@ -773,7 +790,7 @@ func (fc *fastConn) attempt(ctx context.Context, ep *cluster.Endpoint, req []byt
 		sent := uc.Written() > 0
 		uc.Release(false)
 		fc.setUp(nil)
-		if reused && errors.Is(err, io.EOF) && fc.resp.size == 0 {
+		if reused && fc.resp.size == 0 && staleConn(err) {
 			// The upstream closed an idle connection as the request went out
 			// (keep-alive race): it did not process the request.
 			if resend && try == 0 {
@@ -1162,7 +1179,6 @@ func (fc *fastConn) watch() {
 		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			// The idle deadline of a long exchange: push it on.
-			fc.idleSet = time.Time{}
 			_ = fc.conn.SetReadDeadline(time.Now().Add(DownstreamIdleTimeout))
 			continue
 		}
@@ -1190,8 +1206,9 @@ func (fc *fastConn) endBusy() bool {
 	_ = fc.conn.SetReadDeadline(aLongTimeAgo)
 	fc.watchWG.Wait()
 	fc.watchAbort.Store(false)
-	fc.idleSet = time.Now()
-	_ = fc.conn.SetReadDeadline(fc.idleSet.Add(DownstreamIdleTimeout))
+	now := time.Now()
+	fc.idleSet = now.UnixNano()
+	_ = fc.conn.SetReadDeadline(now.Add(DownstreamIdleTimeout))
 	fc.state.Store(fcReading)
 	gone := fc.watchErr != nil || fc.cancelled
 	if fc.watchN > 0 {
