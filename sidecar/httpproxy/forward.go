@@ -374,11 +374,11 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 			att.End(cluster.OutcomeForStatus(resp.StatusCode))
 			last = &failure{resp.StatusCode, ""}
 			f.s.rec.Retry(f.c.Name(), cond)
-			f.endAttempt(aspan, resp.StatusCode, resp.Header.Get(ReasonHeader), cond, retries+1)
+			f.x.endAttempt(aspan, resp.StatusCode, resp.Header.Get(ReasonHeader), cond, retries+1)
 		} else {
 			if f.r.Context().Err() != nil {
 				att.End(cluster.OutcomeCancelled)
-				f.endAttempt(aspan, 0, "", "", 0)
+				f.x.endAttempt(aspan, 0, "", "", 0)
 				return nil, nil, &failure{0, ""}
 			}
 			att.End(cluster.OutcomeLocalFailure)
@@ -393,12 +393,12 @@ func (f *forward) run(ctx context.Context) (*http.Response, *cluster.Attempt, *f
 				if f.budgetDenied && fl.reason != ReasonOverflow {
 					fl.reason = ReasonRetryBudgetExhausted
 				}
-				f.endAttempt(aspan, 0, fl.reason, "", 0)
+				f.x.endAttempt(aspan, 0, fl.reason, "", 0)
 				return nil, nil, fl
 			}
 			last = fl
 			f.s.rec.Retry(f.c.Name(), cond)
-			f.endAttempt(aspan, 0, fl.reason, cond, retries+1)
+			f.x.endAttempt(aspan, 0, fl.reason, cond, retries+1)
 		}
 		// A retry: wait the full-jitter backoff, then go again.
 		retries++
@@ -433,12 +433,12 @@ func (f *forward) startAttempt(ctx context.Context, n int, ep *cluster.Endpoint)
 // endAttempt ends an attempt that did not give the response: its span,
 // or, without attempt spans, an event on the request's span. cause is the
 // retry_on condition when it is retried.
-func (f *forward) endAttempt(span trace.Span, code int, reason, cause string, n int) {
+func (x *exchange) endAttempt(span trace.Span, code int, reason, cause string, n int) {
 	if span != nil {
 		tracing.End(span, code, reason, "", cause)
 		return
 	}
-	if f.x.span != nil && f.x.span.IsRecording() && cause != "" {
+	if x.span != nil && x.span.IsRecording() && cause != "" {
 		attrs := []attribute.KeyValue{tracing.AttrAttempt.Int(n), tracing.AttrRetryCause.String(cause)}
 		if code > 0 {
 			attrs = append(attrs, attribute.Int("http.response.status_code", code))
@@ -446,7 +446,7 @@ func (f *forward) endAttempt(span trace.Span, code int, reason, cause string, n 
 		if reason != "" {
 			attrs = append(attrs, tracing.AttrReason.String(reason))
 		}
-		f.x.span.AddEvent("retry", trace.WithAttributes(attrs...))
+		x.span.AddEvent("retry", trace.WithAttributes(attrs...))
 	}
 }
 

@@ -19,6 +19,8 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
+	"github.com/meshlet/meshlet/sidecar/tracing"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // The HTTP/1.1 fast path.
@@ -32,15 +34,17 @@ import (
 // it has before each read that would block: a small response costs one
 // read and one write on each side, and a streamed one (SSE, chunked) is
 // flushed chunk by chunk. Retries, per-try and route timeouts, the retry
-// budget, circuit breakers, outlier detection, RBAC and
-// x-forwarded-client-cert behave as on the net/http path (forward.go).
+// budget, circuit breakers, outlier detection, RBAC,
+// x-forwarded-client-cert and tracing (request and attempt spans, trace
+// context continued and injected) behave as on the net/http path
+// (forward.go).
 //
 // What the fast path does not do the connection does on net/http's
 // server, for the rest of its life: the bytes read so far are replayed to
 // it. That is HTTP/1.0, h2c (prior knowledge), Upgrade (WebSockets),
 // Expect, request bodies sent chunked or larger than the route's replay
 // buffer, requests to HTTP/2 clusters, routes with an idle timeout or a
-// max stream duration, traced listeners, and anything unusual in a head
+// max stream duration, and anything unusual in a head
 // (net/http answers its 400s and 431s).
 //
 // A downstream that goes away is noticed while its request is in flight: a
@@ -132,7 +136,8 @@ type fastConn struct {
 	// response is written, as the net/http path does when its handler
 	// returns: a scrape or a new request after the response sees both.
 	x           *exchange
-	ex          exchange // x's storage
+	ex          exchange        // x's storage
+	traceCtx    context.Context // the request span's context, when traced
 	heldRequest *cluster.Cluster
 	settled     bool
 
@@ -371,9 +376,7 @@ func bstr(b []byte) string {
 func (fc *fastConn) exchange() (keep, fallback bool) {
 	s := fc.s
 	h := &fc.head
-	if s.tracer.Load() != nil {
-		return false, true
-	}
+	tr := s.tracer.Load()
 	t := s.table.Load()
 	hc := s.chain.Load()
 	method := bstr(h.method)
@@ -409,6 +412,11 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 		x.cluster, x.route = rt.Cluster, rt.Name
 	}
 	keep = !h.closeConn
+	if tr != nil {
+		x.tr = tr
+		fc.traceCtx, x.span = tr.StartHead(context.Background(), reqCarrier{h}, methodName(h.method),
+			tracing.Request{Cluster: x.cluster, Route: x.route, PeerID: fc.peer.SPIFFEID}, fc.describe)
+	}
 	fc.settled = false
 	fc.x, fc.heldRequest = x, nil
 	defer func() {
@@ -450,8 +458,12 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 	out = append(out, ' ')
 	out = append(out, h.target...)
 	out = append(out, " HTTP/1.1\r\n"...)
+	var traceFields []string
+	if tr != nil {
+		traceFields = tr.Fields() // injected anew below
+	}
 	for i := range h.fields {
-		if f := &h.fields[i]; !f.drop {
+		if f := &h.fields[i]; !f.drop && !isField(f.name, traceFields) {
 			out = append(out, f.name...)
 			out = append(out, ": "...)
 			out = append(out, f.value...)
@@ -478,9 +490,8 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 		out = append(out, t.via...)
 		out = append(out, "\r\n"...)
 	}
-	out = append(out, "\r\n"...)
-	out = append(out, body...)
 	*op = out
+	prefix := len(out) // the rest (trace context, blank line, body) is per attempt
 
 	fc.since.Store(x.start.UnixNano())
 	fc.state.Store(fcBusy)
@@ -489,8 +500,95 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 			keep = false
 		}
 	}()
-	return fc.forward(x, t, rt, c, out, len(body) > 0) && keep, false
+	return fc.forward(x, t, rt, c, op, prefix, body) && keep, false
 }
+
+// requestTail completes the upstream request in *op after its first prefix
+// bytes: the trace context of ctx (when traced), the blank line, the body.
+func (fc *fastConn) requestTail(op *[]byte, prefix int, ctx context.Context, body []byte) []byte {
+	*op = (*op)[:prefix]
+	if x := fc.x; x.tr != nil {
+		x.tr.InjectInto(ctx, outCarrier{op})
+	}
+	out := append(*op, "\r\n"...)
+	out = append(out, body...)
+	*op = out
+	return out
+}
+
+// describe gives the request's head to its span when it is sampled.
+func (fc *fastConn) describe() tracing.Head {
+	h := &fc.head
+	hd := tracing.Head{Method: methodName(h.method), Path: string(h.path), Host: string(h.host), Proto: "1.1",
+		RemoteAddr: fc.conn.RemoteAddr().String()}
+	hd.UserAgent, _ = h.lookup("User-Agent")
+	hd.ContentType, _ = h.lookup("Content-Type")
+	return hd
+}
+
+// methodName returns the method as a string, without allocating for the
+// common ones.
+func methodName(m []byte) string {
+	switch string(m) {
+	case http.MethodGet:
+		return http.MethodGet
+	case http.MethodPost:
+		return http.MethodPost
+	case http.MethodPut:
+		return http.MethodPut
+	case http.MethodDelete:
+		return http.MethodDelete
+	case http.MethodHead:
+		return http.MethodHead
+	case http.MethodPatch:
+		return http.MethodPatch
+	case http.MethodOptions:
+		return http.MethodOptions
+	}
+	return string(m)
+}
+
+// isField reports whether name is one of names (lower case), ignoring case.
+func isField(name []byte, names []string) bool {
+	for _, n := range names {
+		if eqLower(name, n) {
+			return true
+		}
+	}
+	return false
+}
+
+// reqCarrier reads a parsed request head's fields for trace propagation.
+type reqCarrier struct{ h *reqHead }
+
+func (c reqCarrier) Get(key string) string {
+	v, _ := c.h.lookup(key)
+	return v
+}
+
+func (c reqCarrier) Set(string, string) {}
+
+func (c reqCarrier) Keys() []string {
+	keys := make([]string, 0, len(c.h.fields))
+	for i := range c.h.fields {
+		keys = append(keys, string(c.h.fields[i].name))
+	}
+	return keys
+}
+
+// outCarrier appends the fields a propagator sets to a request head.
+type outCarrier struct{ b *[]byte }
+
+func (c outCarrier) Get(string) string { return "" }
+
+func (c outCarrier) Set(key, value string) {
+	b := append(*c.b, key...)
+	b = append(b, ": "...)
+	b = append(b, value...)
+	*c.b = append(b, "\r\n"...)
+}
+
+func (c outCarrier) Keys() []string { return nil }
 
 // settle records the exchange and releases its request slot, once.
 func (fc *fastConn) settle() {
@@ -597,8 +695,11 @@ func appendStatusLine(b []byte, code int) []byte {
 // forward sends req (head and body) on attempts until one gives the
 // response to relay, or the request fails; it reports whether the
 // downstream connection may carry another request.
-func (fc *fastConn) forward(x *exchange, t *routeTable, rt *config.Route, c *cluster.Cluster, req []byte, hasBody bool) bool {
+func (fc *fastConn) forward(x *exchange, t *routeTable, rt *config.Route, c *cluster.Cluster, op *[]byte, prefix int, body []byte) bool {
 	h := &fc.head
+	hasBody := len(body) > 0
+	spawn := x.tr != nil && x.tr.SpawnAttempts() && x.span.IsRecording()
+	req := fc.requestTail(op, prefix, fc.traceCtx, body)
 	p := rt.Retry
 	var hashKey uint64
 	var hasKey bool
@@ -647,6 +748,13 @@ func (fc *fastConn) forward(x *exchange, t *routeTable, rt *config.Route, c *clu
 		if p != nil {
 			perTry = p.PerTry
 		}
+		var aspan trace.Span
+		if spawn {
+			// Each attempt its own span, whose context the request carries.
+			var actx context.Context
+			actx, aspan = x.tr.StartAttempt(fc.traceCtx, retries+1, ep.Address, c.PeerID())
+			req = fc.requestTail(op, prefix, actx, body)
+		}
 		uc, err := fc.attempt(ctx, ep, req, perTry, routeDeadline, !hasBody && idempotent)
 		var cond string
 		sent := true
@@ -657,17 +765,21 @@ func (fc *fastConn) forward(x *exchange, t *routeTable, rt *config.Route, c *clu
 				cond, sent = "connect-failure", false
 			}
 			if cond == "" || !fc.mayRetry(rt, c, cond, sent, retries, idempotent, &budgetDenied) {
+				x.attempt = aspan // ended with the response
 				return fc.relay(x, t, rt, att, uc, routeDeadline, perTry, budgetDenied)
 			}
 			code := rh.code
+			reason := string(rh.reason)
 			uc.Release(false)
 			fc.setUp(nil)
 			att.End(cluster.OutcomeForStatus(code))
 			last = &failure{code, ""}
 			fc.s.rec.Retry(c.Name(), cond)
+			x.endAttempt(aspan, code, reason, cond, retries+1)
 		} else {
 			if fc.isCancelled() {
 				att.End(cluster.OutcomeCancelled)
+				x.endAttempt(aspan, 0, "", "", 0)
 				return false
 			}
 			att.End(cluster.OutcomeLocalFailure)
@@ -683,10 +795,12 @@ func (fc *fastConn) forward(x *exchange, t *routeTable, rt *config.Route, c *clu
 				if budgetDenied && fl.reason != ReasonOverflow {
 					fl.reason = ReasonRetryBudgetExhausted
 				}
+				x.endAttempt(aspan, 0, fl.reason, "", 0)
 				return fc.failWith(x, t, fl)
 			}
 			last = fl
 			fc.s.rec.Retry(c.Name(), cond)
+			x.endAttempt(aspan, 0, fl.reason, cond, retries+1)
 		}
 		retries++
 		if !c.AcquireRetry() {
@@ -861,6 +975,9 @@ func (fc *fastConn) relay(x *exchange, t *routeTable, rt *config.Route, att *clu
 	rh := &fc.resp
 	h := &fc.head
 	x.code = rh.code
+	if x.span != nil && len(rh.grpcStatus) > 0 {
+		x.grpcStatus = string(rh.grpcStatus)
+	}
 	outcome := cluster.OutcomeForStatus(rh.code)
 	bodyless := rh.bodyless(h.method)
 	untilClose := !bodyless && rh.contentLength < 0 && !rh.chunked

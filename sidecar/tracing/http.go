@@ -94,24 +94,47 @@ type Request struct {
 // listeners, a client span on outbound ones. It returns the context holding
 // the span.
 func (h *HTTP) Start(ctx context.Context, r *http.Request, q Request) (context.Context, trace.Span) {
-	ctx = h.prop.Extract(ctx, headerCarrier(r.Header))
-	opts, name := serverSpan, "inbound "+r.Method
+	return h.StartHead(ctx, headerCarrier(r.Header), r.Method, q, func() Head {
+		return Head{Method: r.Method, Path: r.URL.Path, Host: r.Host, UserAgent: r.UserAgent(), RemoteAddr: r.RemoteAddr,
+			ContentType: r.Header.Get("Content-Type"), Proto: protoVersion(r)}
+	})
+}
+
+// Head is what a request's span records of its head, for callers that
+// have no *http.Request (the HTTP/1.1 fast path).
+type Head struct {
+	// Method and Path (without the query) of the request; Host its
+	// authority; UserAgent and ContentType those fields ("" when absent);
+	// RemoteAddr the downstream's host:port.
+	Method, Path, Host, UserAgent, ContentType, RemoteAddr string
+	// Proto is the HTTP version: "1.1", "1.0" or "2".
+	Proto string
+}
+
+// StartHead is Start for a request of method whose trace context is read
+// from carrier; describe, called only when the span records (is sampled),
+// gives the rest of the head for its attributes. method must not change
+// after the call (it names the span).
+func (h *HTTP) StartHead(ctx context.Context, carrier propagation.TextMapCarrier, method string, q Request, describe func() Head) (context.Context, trace.Span) {
+	ctx = h.prop.Extract(ctx, carrier)
+	opts, name := serverSpan, "inbound "+method
 	if h.outbound {
-		opts, name = clientSpan, "outbound "+r.Method+" "+q.Cluster
+		opts, name = clientSpan, "outbound "+method+" "+q.Cluster
 	}
 	ctx, span := h.tracer.Start(ctx, name, opts...)
 	if !span.IsRecording() {
 		return ctx, span
 	}
+	hd := describe()
 	attrs := make([]attribute.KeyValue, 0, 12)
 	attrs = append(attrs,
-		semconv.HTTPRequestMethodKey.String(r.Method),
-		semconv.URLPath(r.URL.Path),
-		semconv.ServerAddress(r.Host),
-		semconv.NetworkProtocolVersion(protoVersion(r)),
+		semconv.HTTPRequestMethodKey.String(hd.Method),
+		semconv.URLPath(hd.Path),
+		semconv.ServerAddress(hd.Host),
+		semconv.NetworkProtocolVersion(hd.Proto),
 	)
-	if ua := r.UserAgent(); ua != "" {
-		attrs = append(attrs, semconv.UserAgentOriginal(ua))
+	if hd.UserAgent != "" {
+		attrs = append(attrs, semconv.UserAgentOriginal(hd.UserAgent))
 	}
 	if q.Route != "" {
 		attrs = append(attrs, AttrRoute.String(q.Route))
@@ -124,7 +147,7 @@ func (h *HTTP) Start(ctx context.Context, r *http.Request, q Request) (context.C
 			attrs = append(attrs, semconv.ServicePeerName(q.Cluster))
 		}
 	} else {
-		if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		if host, _, err := net.SplitHostPort(hd.RemoteAddr); err == nil {
 			attrs = append(attrs, semconv.ClientAddress(host))
 		}
 		if q.PeerID != "" {
@@ -134,11 +157,22 @@ func (h *HTTP) Start(ctx context.Context, r *http.Request, q Request) (context.C
 			}
 		}
 	}
-	if m, ok := grpcMethod(r); ok {
-		attrs = append(attrs, semconv.RPCSystemNameGRPC, semconv.RPCMethod(m))
+	if strings.HasPrefix(hd.ContentType, "application/grpc") {
+		attrs = append(attrs, semconv.RPCSystemNameGRPC, semconv.RPCMethod(strings.TrimPrefix(hd.Path, "/")))
 	}
 	span.SetAttributes(attrs...)
 	return ctx, span
+}
+
+// Fields returns the header names (lower case) the configured propagation
+// formats read and write, so a caller that writes a request's header
+// itself can leave out the incoming ones it injects anew.
+func (h *HTTP) Fields() []string { return h.prop.Fields() }
+
+// InjectInto writes the trace context of ctx into carrier in every
+// configured format.
+func (h *HTTP) InjectInto(ctx context.Context, carrier propagation.TextMapCarrier) {
+	h.prop.Inject(ctx, carrier)
 }
 
 // Inject writes the trace context of ctx into header in every configured
@@ -258,14 +292,6 @@ func serviceOf(id string) string {
 		return ""
 	}
 	return id[i+len("/svc/"):]
-}
-
-// grpcMethod returns "package.Service/Method" of a gRPC request.
-func grpcMethod(r *http.Request) (string, bool) {
-	if !strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
-		return "", false
-	}
-	return strings.TrimPrefix(r.URL.Path, "/"), true
 }
 
 func protoVersion(r *http.Request) string {
