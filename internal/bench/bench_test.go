@@ -106,10 +106,10 @@ func TestProcParsers(t *testing.T) {
 	if n, err := parseStatCPU([]byte(stat)); err != nil || n != 300 {
 		t.Errorf("parseStatCPU = %d, %v; want 300", n, err)
 	}
-	status := "Name:\tsidecar\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\nThreads:\t5\n"
-	rss, hwm, err := parseStatusMemory(strings.NewReader(status))
-	if err != nil || rss != 10<<20 || hwm != 20<<20 {
-		t.Errorf("parseStatusMemory = %d, %d, %v", rss, hwm, err)
+	status := "Name:\tsidecar\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\nRssAnon:\t    4096 kB\nRssFile:\t    6144 kB\nThreads:\t5\n"
+	rss, hwm, anon, err := parseStatusMemory(strings.NewReader(status))
+	if err != nil || rss != 10<<20 || hwm != 20<<20 || anon != 4<<20 {
+		t.Errorf("parseStatusMemory = %d, %d, %d, %v", rss, hwm, anon, err)
 	}
 	procStat := "cpu  10 0 10 100 0 0 0 0 0 0\ncpu0 5 1 5 50 4 1 1 2 7 0\ncpu1 5 0 5 50 0 0 0 0 0 0\n"
 	busy, total, err := parseCoreTicks([]byte(procStat), 0)

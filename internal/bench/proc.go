@@ -150,38 +150,44 @@ func parseStatCPU(b []byte) (int64, error) {
 	return u + s, nil
 }
 
-// memory returns VmRSS and VmHWM of pid in bytes.
-func memory(pid int) (rss, hwm int64, err error) {
+// memory returns VmRSS, VmHWM and RssAnon of pid in bytes.
+func memory(pid int) (rss, hwm, anon int64, err error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	defer f.Close()
 	return parseStatusMemory(f)
 }
 
-func parseStatusMemory(f interface{ Read([]byte) (int, error) }) (rss, hwm int64, err error) {
+// parseStatusMemory reads VmRSS, VmHWM and RssAnon (the anonymous part of
+// VmRSS: heap, stacks; the rest is file-backed, mostly the binary's own
+// pages, shared through the page cache) from /proc/PID/status.
+func parseStatusMemory(f interface{ Read([]byte) (int, error) }) (rss, hwm, anon int64, err error) {
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		k, v, ok := strings.Cut(sc.Text(), ":")
-		if !ok || (k != "VmRSS" && k != "VmHWM") {
+		if !ok || (k != "VmRSS" && k != "VmHWM" && k != "RssAnon") {
 			continue
 		}
 		fs := strings.Fields(v)
 		if len(fs) != 2 || fs[1] != "kB" {
-			return 0, 0, fmt.Errorf("bench: %s: unexpected %q", k, v)
+			return 0, 0, 0, fmt.Errorf("bench: %s: unexpected %q", k, v)
 		}
 		n, err := strconv.ParseInt(fs[0], 10, 64)
 		if err != nil {
-			return 0, 0, fmt.Errorf("bench: %s: %w", k, err)
+			return 0, 0, 0, fmt.Errorf("bench: %s: %w", k, err)
 		}
-		if k == "VmRSS" {
+		switch k {
+		case "VmRSS":
 			rss = n * 1024
-		} else {
+		case "VmHWM":
 			hwm = n * 1024
+		default:
+			anon = n * 1024
 		}
 	}
-	return rss, hwm, sc.Err()
+	return rss, hwm, anon, sc.Err()
 }
 
 // coreTicks returns the busy and total ticks of one CPU from /proc/stat.
@@ -258,20 +264,22 @@ type usageMeter struct {
 	stopc chan struct{}
 	wg    sync.WaitGroup
 
-	mu     sync.Mutex // guards maxRSS
-	maxRSS map[string]int64
+	mu      sync.Mutex // guards maxRSS, maxAnon
+	maxRSS  map[string]int64
+	maxAnon map[string]int64 // RssAnon at the sample of maxRSS
 }
 
 // procUsage is one process's share of a run.
 type procUsage struct {
 	Name       string  `json:"name"`
 	CPUSeconds float64 `json:"cpu_seconds"`
-	RSSMB      float64 `json:"rss_mb"` // largest VmRSS sampled during the window (process tree)
-	HWMMB      float64 `json:"hwm_mb"` // VmHWM at the end (process tree)
+	RSSMB      float64 `json:"rss_mb"`  // largest VmRSS sampled during the window (process tree)
+	AnonMB     float64 `json:"anon_mb"` // its anonymous part (RssAnon)
+	HWMMB      float64 `json:"hwm_mb"`  // VmHWM at the end (process tree)
 }
 
 func startUsage(procs []*proc, cpu int) *usageMeter {
-	m := &usageMeter{procs: procs, cpu: cpu, startTicks: map[int]int64{}, stopc: make(chan struct{}), maxRSS: map[string]int64{}}
+	m := &usageMeter{procs: procs, cpu: cpu, startTicks: map[int]int64{}, stopc: make(chan struct{}), maxRSS: map[string]int64{}, maxAnon: map[string]int64{}}
 	for _, p := range procs {
 		for _, pid := range p.tree() {
 			t, _ := cpuTicks(pid)
@@ -299,15 +307,18 @@ func startUsage(procs []*proc, cpu int) *usageMeter {
 
 func (m *usageMeter) sample() {
 	for _, p := range m.procs {
-		var sum int64
+		var sum, anonSum int64
 		for _, pid := range p.tree() {
-			rss, _, err := memory(pid)
+			rss, _, anon, err := memory(pid)
 			if err == nil {
 				sum += rss
+				anonSum += anon
 			}
 		}
 		m.mu.Lock()
-		m.maxRSS[p.name] = max(m.maxRSS[p.name], sum)
+		if sum > m.maxRSS[p.name] {
+			m.maxRSS[p.name], m.maxAnon[p.name] = sum, anonSum
+		}
 		m.mu.Unlock()
 	}
 }
@@ -330,7 +341,7 @@ func (m *usageMeter) stop() ([]procUsage, float64) {
 				continue
 			}
 			ticks += t - m.startTicks[pid] // a new PID started at 0
-			if _, h, err := memory(pid); err == nil {
+			if _, h, _, err := memory(pid); err == nil {
 				hwm += h
 			}
 		}
@@ -338,6 +349,7 @@ func (m *usageMeter) stop() ([]procUsage, float64) {
 		u.CPUSeconds = float64(ticks) / clockTicks
 		m.mu.Lock()
 		u.RSSMB = float64(m.maxRSS[p.name]) / (1 << 20)
+		u.AnonMB = float64(m.maxAnon[p.name]) / (1 << 20)
 		m.mu.Unlock()
 		u.HWMMB = float64(hwm) / (1 << 20)
 		out = append(out, u)

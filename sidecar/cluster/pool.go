@@ -86,7 +86,8 @@ func (p *h1Pool) get(ctx context.Context, trustIdle bool) (*h1Conn, bool, error)
 			}
 			hc := &h1Conn{conn: conn, pool: p}
 			hc.br = bufio.NewReaderSize(conn, 16<<10)
-			hc.bw = bufio.NewWriterSize(hc, 16<<10)
+			// bw is made on first use: the HTTP/1.1 fast path writes
+			// requests straight to the connection (H1Conn.Write).
 			return hc, false, nil
 		}
 		if c.evictIdle(p) {
@@ -255,6 +256,9 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTim
 	}
 	if req.Header["User-Agent"] == nil {
 		req.Header["User-Agent"] = emptyValue // keep net/http from adding its own
+	}
+	if conn.bw == nil {
+		conn.bw = bufio.NewWriterSize(conn, 16<<10)
 	}
 	// A request with a body is written while the response is read (full
 	// duplex), so an upstream that answers early (413, 401, a streaming

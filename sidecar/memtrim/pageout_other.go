@@ -1,0 +1,5 @@
+//go:build !linux
+
+package memtrim
+
+func pageout(uintptr, uintptr) error { return ErrUnsupported }
