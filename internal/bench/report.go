@@ -66,9 +66,9 @@ type RunResult struct {
 	// RSSMB is the largest sum of the processes' VmRSS sampled during the
 	// run; HWMMB the sum of their VmHWM after it. MaxSidecarRSSMB is the
 	// largest single sidecar's VmRSS (pairs).
-	RSSMB           num         `json:"rss_mb"`
-	HWMMB           num         `json:"hwm_mb"`
-	MaxSidecarRSSMB num         `json:"max_sidecar_rss_mb"`
+	RSSMB           num `json:"rss_mb"`
+	HWMMB           num `json:"hwm_mb"`
+	MaxSidecarRSSMB num `json:"max_sidecar_rss_mb"`
 	// AnonMB is the anonymous part (RssAnon) of RSSMB; MaxSidecarAnonMB
 	// that of the largest sidecar.
 	AnonMB           num         `json:"anon_mb"`
@@ -186,7 +186,7 @@ type Summary struct {
 	// MaxSidecarRSSMB (RssAnon: heap, stacks; the rest is file-backed).
 	AnonMB           Figure `json:"anon_mb"`
 	MaxSidecarAnonMB Figure `json:"max_sidecar_anon_mb"`
-	OtherLoad       num    `json:"proxy_cpu_other_load"`
+	OtherLoad        num    `json:"proxy_cpu_other_load"`
 }
 
 // Goal is where one of issue 7's goals stands.
