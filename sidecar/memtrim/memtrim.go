@@ -8,9 +8,15 @@
 // freshly started sidecar has most of its binary resident: about 20 MB of
 // its RSS, of which the proxy's steady state uses a few. Reclaim asks the
 // kernel to reclaim those file-backed pages (madvise MADV_PAGEOUT, Linux
-// 5.4+); the ones still in use fault back in as minor faults, from the
-// page cache when another process keeps them there. Anonymous memory
-// (heap, stacks) is not touched.
+// 5.4+); the ones still in use fault back in (from disk if the kernel let
+// them go). Anonymous memory (heap, stacks) and the writable data segment
+// are not touched.
+//
+// The kernel reclaims only the pages no other process maps: with several
+// processes of one binary (sidecars of one image on a node) the shared
+// pages stay, and are paid once for all of them rather than per sidecar.
+// MADV_DONTNEED would unmap them anyway, but the next fault maps back
+// every cached neighbour (fault-around), which undoes it.
 package memtrim
 
 import (
