@@ -363,9 +363,13 @@ func (u *upgradedConn) WaitReadable() error {
 }
 
 // WaitReadable blocks until the plain TCP connection c is readable (or
-// closed, or past its read deadline), holding no buffer; for any other
-// kind of connection it returns nil at once.
+// closed, or past its read deadline), holding no buffer; a connection with
+// a WaitReadable method of its own (one replaying bytes it read) answers
+// for itself; for any other kind it returns nil at once.
 func WaitReadable(c net.Conn) error {
+	if w, ok := c.(interface{ WaitReadable() error }); ok {
+		return w.WaitReadable() // a wrapper that knows what it buffers
+	}
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		return nil
