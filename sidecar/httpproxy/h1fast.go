@@ -5,11 +5,13 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -227,6 +229,7 @@ func (s *Server) shutdownFast(ctx context.Context) {
 	case <-ctx.Done():
 		f.mu.Lock()
 		for fc := range f.conns {
+			fc.cancel() // an exchange blocked on its upstream ends too
 			fc.conn.Close()
 		}
 		f.mu.Unlock()
@@ -954,17 +957,71 @@ func readResponseHead(br *bufio.Reader, rh *respHead) error {
 			}
 			return nil
 		case parseFallback:
+			// More fields than the in-place parser takes, or an irregular
+			// head: net/http's reader decides, as on the other path.
 			rh.size = 1
-			return errResponseHead
+			return readResponseHeadStd(br, rh)
 		}
 		if n == br.Size() {
 			rh.size = 1
-			return errResponseHead
+			return readResponseHeadStd(br, rh) // a head larger than the buffer
 		}
 		if _, err := br.Peek(n + 1); err != nil {
 			rh.size = 1 // part of a head arrived: not a stale connection
 			return err
 		}
+	}
+}
+
+// readResponseHeadStd reads the final response head with net/http's
+// reader (http.ReadResponse: lines of any length, up to its limits) for
+// the heads the in-place parser does not take, and describes it in rh
+// with fields of their own (rh.size 0: the head is consumed already), the
+// framing fields written anew; br is left at the start of the body, which
+// is relayed raw as for any other response.
+func readResponseHeadStd(br *bufio.Reader, rh *respHead) error {
+	for {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return fmt.Errorf("%w: %w", errResponseHead, err)
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			return errResponseHead
+		}
+		if resp.StatusCode < 200 {
+			continue
+		}
+		*rh = respHead{code: resp.StatusCode, minor: resp.ProtoMinor, contentLength: resp.ContentLength, closeConn: resp.Close,
+			fields: rh.fields[:0]}
+		rh.rest = fmt.Appendf(nil, "%03d %s", resp.StatusCode, strings.TrimPrefix(resp.Status, strconv.Itoa(resp.StatusCode)+" "))
+		rh.chunked = len(resp.TransferEncoding) > 0 && resp.TransferEncoding[len(resp.TransferEncoding)-1] == "chunked"
+		if len(resp.TransferEncoding) > 0 && !rh.chunked {
+			rh.closeConn = true
+		}
+		h := resp.Header
+		removeHopByHop(h, false)
+		delete(h, "Content-Length")
+		if rh.chunked {
+			h["Transfer-Encoding"] = []string{"chunked"}
+		} else if rh.contentLength >= 0 {
+			h["Content-Length"] = []string{strconv.FormatInt(rh.contentLength, 10)}
+		}
+		if rh.chunked && len(resp.Trailer) > 0 {
+			names := make([]string, 0, len(resp.Trailer))
+			for k := range resp.Trailer {
+				names = append(names, k)
+			}
+			h["Trailer"] = []string{strings.Join(names, ", ")}
+		}
+		rh.reason = []byte(h.Get(ReasonHeader))
+		rh.grpcStatus = []byte(h.Get("Grpc-Status"))
+		rh.eventStream = strings.HasPrefix(h.Get("Content-Type"), "text/event-stream")
+		for k, vs := range h {
+			for _, v := range vs {
+				rh.fields = append(rh.fields, field{name: []byte(k), value: []byte(v)})
+			}
+		}
+		return nil
 	}
 }
 
@@ -1038,7 +1095,7 @@ func (fc *fastConn) relay(x *exchange, t *routeTable, rt *config.Route, att *clu
 	default:
 		err = bc.untilEOF()
 	}
-	fc.setUp(nil)
+	live := fc.setUp(nil) // false: the watcher poisoned the connection's deadline
 	if err != nil {
 		*op = bc.out[:0]
 		switch {
@@ -1056,7 +1113,7 @@ func (fc *fastConn) relay(x *exchange, t *routeTable, rt *config.Route, att *clu
 	if !routeDeadline.IsZero() && !streaming {
 		_ = uc.SetDeadline(time.Time{})
 	}
-	uc.Release(!rh.closeConn && !untilClose)
+	uc.Release(live && !rh.closeConn && !untilClose)
 	att.End(outcome)
 	// Accounting first, then the last bytes of the response.
 	fc.settle()
@@ -1300,13 +1357,19 @@ func (fc *fastConn) watch() {
 			continue
 		}
 		fc.watchErr = err
-		fc.mu.Lock()
-		fc.cancelled = true
-		if fc.up != nil {
-			_ = fc.up.SetDeadline(aLongTimeAgo)
-		}
-		fc.mu.Unlock()
+		fc.cancel()
 		return
+	}
+}
+
+// cancel marks the exchange in flight cancelled (the downstream left, or
+// the server stops) and unblocks its upstream reads and writes.
+func (fc *fastConn) cancel() {
+	fc.mu.Lock()
+	defer fc.mu.Unlock()
+	fc.cancelled = true
+	if fc.up != nil {
+		_ = fc.up.SetDeadline(aLongTimeAgo)
 	}
 }
 

@@ -2,7 +2,7 @@ package httpproxy
 
 import (
 	"bytes"
-	"strconv"
+	"strings"
 )
 
 // HTTP/1.1 message heads for the fast path (h1fast.go): parsed in place in
@@ -96,6 +96,31 @@ func hasToken(v []byte, token string) bool {
 		}
 	}
 	return false
+}
+
+// lastTokenIs reports whether the last item of the comma-separated list v
+// is token (lower case), ignoring case and whitespace.
+func lastTokenIs(v []byte, token string) bool {
+	if i := bytes.LastIndexByte(v, ','); i >= 0 {
+		v = v[i+1:]
+	}
+	return eqLower(bytes.TrimSpace(v), token)
+}
+
+// parseLength parses a Content-Length value: 1DIGIT (RFC 9110 §8.6), no
+// sign, at most 18 digits.
+func parseLength(v []byte) (int64, bool) {
+	if len(v) == 0 || len(v) > 18 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range v {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n, true
 }
 
 // trimOWS trims spaces and tabs.
@@ -243,8 +268,8 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 		case 14:
 			if eqLower(name, "content-length") {
 				lengths++
-				n, err := strconv.ParseInt(string(value), 10, 64)
-				if err != nil || n < 0 || len(value) == 0 || value[0] == '+' {
+				n, ok := parseLength(value)
+				if !ok {
 					return parseFallback
 				}
 				h.contentLength = n
@@ -296,7 +321,14 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 			case eqLower(tok, "close"):
 				h.closeConn = true
 			case eqLower(tok, "keep-alive"):
+			case eqLower(tok, "content-length"), eqLower(tok, "host"):
+				// Never hop-by-hop: dropping them would unframe the body
+				// (request smuggling) or lose the authority. net/http keeps
+				// them too.
 			default:
+				if eqLower(tok, "te") {
+					h.teTrailers = false // TE named in Connection goes entirely
+				}
 				for k := range h.fields {
 					if bytes.EqualFold(h.fields[k].name, tok) {
 						if eqLower(tok, "x-forwarded-proto") {
@@ -322,8 +354,13 @@ func (h *reqHead) lookup(name string) (string, bool) {
 	return "", false
 }
 
-// Values implements config.HeaderValues (RBAC header permissions).
+// Values implements config.HeaderValues (RBAC header permissions). The
+// downstream's x-forwarded-client-cert is never seen: it is not trusted
+// (the net/http path deletes it before RBAC too).
 func (h *reqHead) Values(name string) []string {
+	if strings.EqualFold(name, "x-forwarded-client-cert") {
+		return nil
+	}
 	var vs []string
 	for i := range h.fields {
 		if f := &h.fields[i]; bytes.EqualFold(f.name, []byte(name)) {
@@ -440,8 +477,8 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 			}
 		case 14:
 			if eqLower(name, "content-length") {
-				n, err := strconv.ParseInt(string(value), 10, 64)
-				if err != nil || n < 0 || (lengths > 0 && n != h.contentLength) {
+				n, ok := parseLength(value)
+				if !ok || (lengths > 0 && n != h.contentLength) {
 					return parseFallback
 				}
 				if lengths > 0 {
@@ -459,9 +496,11 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 			}
 		case 17:
 			if eqLower(name, "transfer-encoding") {
-				// Only "chunked" alone is passed through as is; any other
-				// coding is read until the upstream closes (RFC 9112 §6.3).
-				if eqLower(value, "chunked") && h.minor == 1 {
+				// A coding list ending in chunked is passed through as is
+				// (chunk framing relayed, the field kept); without a final
+				// chunked the body runs until the upstream closes (RFC 9112
+				// §6.3).
+				if h.minor == 1 && lastTokenIs(value, "chunked") {
 					h.chunked = true
 				} else {
 					h.closeConn = true
@@ -490,6 +529,9 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 				h.closeConn = true
 			case eqLower(tok, "keep-alive"):
 				keepAlive = true
+			case eqLower(tok, "content-length"), eqLower(tok, "transfer-encoding"):
+				// The body's framing is never dropped (it would leave the
+				// client an unframed response).
 			default:
 				for k := range h.fields {
 					if bytes.EqualFold(h.fields[k].name, tok) {
