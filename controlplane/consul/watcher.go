@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"strings"
 	"time"
 
 	"github.com/cenkalti/backoff/v5"
@@ -89,9 +90,11 @@ type Watcher struct {
 	reachable atomic.Int32
 	// queries counts the blocking queries running now (each holds one
 	// HTTP connection to the agent); limitLogged is when the agent's
-	// connection limit was last reported (unix nanoseconds).
+	// connection limit was last reported, csrLogged the Connect CA's
+	// signing rate limit (unix nanoseconds).
 	queries     atomic.Int64
 	limitLogged atomic.Int64
+	csrLogged   atomic.Int64
 
 	// builder converts entries into Catalogs; only Run's goroutine uses it.
 	builder *catalogBuilder
@@ -264,6 +267,10 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 				return
 			}
 			switch se := (api.StatusError{}); {
+			case errors.As(err, &se) && se.Code == http.StatusTooManyRequests && strings.Contains(se.Body, "Rate limit reached"):
+				// The Connect CA's signing rate limit (csr_max_per_second),
+				// not the connection limit: leaves come as the CA allows.
+				w.csrRateLimited(what, err)
 			case errors.As(err, &se) && se.Code == http.StatusTooManyRequests:
 				w.connectionLimit(what, err)
 			case time.Now().UnixNano()-w.limitLogged.Load() < int64(time.Minute):
@@ -313,6 +320,22 @@ func (w *Watcher) connectionLimit(what string, err error) {
 		"holds one blocking query, hence one connection, per Consul service name and per proxied service's "+
 		"leaf certificate: raise the limit on the agent above the number of queries; retrying with backoff",
 		"agent", w.cfg.Address, "queries", w.queries.Load(), "query", what, "error", err)
+}
+
+// csrRateLimited reports, at most once a minute, that the Connect CA
+// refuses to sign leaf certificates faster than its csr_max_per_second
+// (HTTP 429 "Rate limit reached"): the proxies of the services still
+// waiting keep their last config until their leaf comes.
+func (w *Watcher) csrRateLimited(what string, err error) {
+	now := time.Now().UnixNano()
+	last := w.csrLogged.Load()
+	if now-last < int64(time.Minute) || !w.csrLogged.CompareAndSwap(last, now) {
+		w.cfg.Logger.Debug("consul: leaf certificate signing rate-limited", "query", what, "error", err)
+		return
+	}
+	w.cfg.Logger.Warn("consul: the Connect CA rate-limits leaf certificate signing (HTTP 429: its "+
+		"csr_max_per_second, 50 by default); proxies of services without a leaf yet keep their last config; "+
+		"retrying with backoff", "agent", w.cfg.Address, "query", what, "error", err)
 }
 
 func (w *Watcher) unreachable(what string, err error) {
