@@ -86,8 +86,9 @@ type Config struct {
 	Pprof bool
 	// ReclaimStartupMemory, once the first config is applied, gives the
 	// kernel back the pages of the binary that only start-up touched
-	// (memtrim.Reclaim: madvise MADV_PAGEOUT of its text and read-only
-	// data; about 20 MB of RSS). Off by default for embedders (tests run
+	// (memtrim.Reclaim: madvise MADV_DONTNEED of its text and read-only
+	// data, then POSIX_FADV_DONTNEED of the unmapped cached pages; about
+	// 20 MB of RSS). Off by default for embedders (tests run
 	// several sidecars in one process); the sidecar command turns it on.
 	ReclaimStartupMemory bool
 	// NetHTTPOnly turns the HTTP/1.1 fast path off: every HTTP connection

@@ -4,19 +4,20 @@
 // A Go binary's code and read-only data are mapped from its file; the
 // package initialisers of everything linked in (protobuf descriptors of the
 // Envoy APIs, gRPC, OpenTelemetry...) run once, scattered over the whole
-// text, and the kernel maps pages around each fault (fault-around), so a
-// freshly started sidecar has most of its binary resident: about 20 MB of
-// its RSS, of which the proxy's steady state uses a few. Reclaim asks the
-// kernel to reclaim those file-backed pages (madvise MADV_PAGEOUT, Linux
-// 5.4+); the ones still in use fault back in (from disk if the kernel let
-// them go). Anonymous memory (heap, stacks) and the writable data segment
-// are not touched.
+// text, and the kernel maps every cached page around each fault
+// (fault-around), so a freshly started sidecar has most of its binary
+// resident: about 20 MB of its RSS, of which the proxy's steady state uses
+// a few. Reclaim drops the process's mappings of those never-written pages
+// (madvise MADV_DONTNEED) and asks the kernel to evict the binary's cached
+// pages that no process maps any more (posix_fadvise POSIX_FADV_DONTNEED),
+// so that later faults do not map them back; the pages still in use fault
+// back in (read from disk, with read-around, when evicted). Pages other processes of the binary map stay cached, and
+// anonymous memory (heap, stacks) and the writable data segment are not
+// touched.
 //
-// The kernel reclaims only the pages no other process maps: with several
-// processes of one binary (sidecars of one image on a node) the shared
-// pages stay, and are paid once for all of them rather than per sidecar.
-// MADV_DONTNEED would unmap them anyway, but the next fault maps back
-// every cached neighbour (fault-around), which undoes it.
+// (MADV_PAGEOUT alone would skip every page another process maps: with
+// two sidecars of one binary on a host, whichever reclaims first keeps
+// almost everything.)
 package memtrim
 
 import (
@@ -27,7 +28,7 @@ import (
 	"strings"
 )
 
-// ErrUnsupported is returned where the platform has no MADV_PAGEOUT.
+// ErrUnsupported is returned off Linux.
 var ErrUnsupported = errors.New("memtrim: not supported on this platform")
 
 // Mapping is one read-only mapping of the executable, [Start, End).
@@ -39,12 +40,13 @@ type Mapping struct {
 // Size returns the mapping's length in bytes.
 func (m Mapping) Size() uintptr { return m.End - m.Start }
 
-// Reclaim pages out the read-only file mappings of the running executable
-// (its text and read-only data) and returns them. It errors when
-// /proc/self/maps cannot be read, with ErrUnsupported off Linux, and with
-// the madvise error (EINVAL before Linux 5.4) of the first mapping that
-// failed; nothing is lost either way: pages are only dropped from this
-// process's page tables and faulted back on use.
+// Reclaim drops the resident pages of the read-only file mappings of the
+// running executable (its text and read-only data) and returns those
+// mappings. It errors when /proc/self/maps cannot be read, with
+// ErrUnsupported off Linux, and with the madvise or fadvise error of the
+// first step that failed; nothing is lost either way: the pages are only
+// dropped from this process's page tables (and the page cache) and faulted
+// back on use.
 func Reclaim() ([]Mapping, error) {
 	exe, err := os.Executable()
 	if err != nil {
@@ -54,10 +56,18 @@ func Reclaim() ([]Mapping, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(maps) == 0 {
+		return nil, nil
+	}
 	for _, m := range maps {
-		if err := pageout(m.Start, m.Size()); err != nil {
-			return maps, fmt.Errorf("memtrim: madvise(MADV_PAGEOUT) %x-%x: %w", m.Start, m.End, err)
+		if err := dropMapped(m.Start, m.Size()); err != nil {
+			return maps, fmt.Errorf("memtrim: madvise(MADV_DONTNEED) %x-%x: %w", m.Start, m.End, err)
 		}
+	}
+	// What runs between the two steps (this code, the runtime) is mapped
+	// back with its cached neighbours and stays: well under a megabyte.
+	if err := dropCached(exe); err != nil {
+		return maps, fmt.Errorf("memtrim: posix_fadvise(POSIX_FADV_DONTNEED) %s: %w", exe, err)
 	}
 	return maps, nil
 }

@@ -2,4 +2,6 @@
 
 package memtrim
 
-func pageout(uintptr, uintptr) error { return ErrUnsupported }
+func dropMapped(uintptr, uintptr) error { return ErrUnsupported }
+
+func dropCached(string) error { return ErrUnsupported }

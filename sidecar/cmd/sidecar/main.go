@@ -33,7 +33,7 @@ func run(args []string, stderr io.Writer) int {
 	fs.DurationVar(&cfg.WarmTimeout, "warm-timeout", sidecar.DefaultWarmTimeout, "how long a new config waits for the routes and endpoints it references")
 	fs.StringVar(&cfg.StateDir, "state-dir", os.Getenv("MESHLET_STATE_DIR"), "keep the last accepted config here, so a restart while the control plane is away comes up serving it (env MESHLET_STATE_DIR; off when empty)")
 	fs.BoolVar(&cfg.Pprof, "admin-pprof", false, "serve Go profiles under /debug/pprof/ on the admin endpoint")
-	fs.BoolVar(&cfg.ReclaimStartupMemory, "reclaim-startup-memory", true, "once ready, give the kernel back the pages of the binary only start-up used (madvise MADV_PAGEOUT; about 20 MB of RSS)")
+	fs.BoolVar(&cfg.ReclaimStartupMemory, "reclaim-startup-memory", true, "once ready, give the kernel back the pages of the binary only start-up used (madvise MADV_DONTNEED of its text and read-only data; about 20 MB of RSS)")
 	fs.BoolVar(&cfg.NetHTTPOnly, "http1-nethttp-only", os.Getenv("MESHLET_HTTP1_NETHTTP_ONLY") != "", "serve every HTTP connection with net/http's server, without the HTTP/1.1 fast path (env MESHLET_HTTP1_NETHTTP_ONLY)")
 	logger := cli.LogLevel(fs, stderr)
 	if err := fs.Parse(args); err != nil {
