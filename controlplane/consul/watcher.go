@@ -95,6 +95,9 @@ type Watcher struct {
 	queries     atomic.Int64
 	limitLogged atomic.Int64
 	csrLogged   atomic.Int64
+	// lastAnswer is when a query last had an answer (unix nanoseconds):
+	// a failure within outageAfter of it is not an outage.
+	lastAnswer atomic.Int64
 
 	// builder converts entries into Catalogs; only Run's goroutine uses it.
 	builder *catalogBuilder
@@ -338,7 +341,18 @@ func (w *Watcher) csrRateLimited(what string, err error) {
 		"retrying with backoff", "agent", w.cfg.Address, "query", what, "error", err)
 }
 
+// outageAfter is how long after the last answer a failed query means the
+// agent is unreachable.
+const outageAfter = time.Second
+
 func (w *Watcher) unreachable(what string, err error) {
+	if time.Now().UnixNano()-w.lastAnswer.Load() < int64(outageAfter) {
+		// Another query had an answer just now: this connection failed
+		// (closed by the agent over its connection limit before any 429,
+		// an idle pooled connection), the agent did not.
+		w.cfg.Logger.Debug("consul: query failed", "query", what, "error", err)
+		return
+	}
 	if w.reachable.Swap(0) != 0 {
 		w.cfg.Logger.Error("consul: agent unreachable; retrying with backoff, last good state kept",
 			"agent", w.cfg.Address, "query", what, "error", err)
@@ -348,6 +362,7 @@ func (w *Watcher) unreachable(what string, err error) {
 }
 
 func (w *Watcher) reached() {
+	w.lastAnswer.Store(time.Now().UnixNano())
 	if old := w.reachable.Swap(1); old == 0 {
 		w.cfg.Logger.Info("consul: agent reachable again", "agent", w.cfg.Address)
 	} else if old == -1 {
