@@ -312,9 +312,7 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 // connections beyond its per-client limit: the agent is reachable, but
 // the watcher needs one connection per blocking query.
 func (w *Watcher) connectionLimit(what string, err error) {
-	now := time.Now().UnixNano()
-	last := w.limitLogged.Load()
-	if now-last < int64(time.Minute) || !w.limitLogged.CompareAndSwap(last, now) {
+	if !onceAMinute(&w.limitLogged) {
 		w.cfg.Logger.Debug("consul: query refused by the connection limit", "query", what, "error", err)
 		return
 	}
@@ -325,14 +323,20 @@ func (w *Watcher) connectionLimit(what string, err error) {
 		"agent", w.cfg.Address, "queries", w.queries.Load(), "query", what, "error", err)
 }
 
+// onceAMinute reports whether a minute has passed since *last (unix
+// nanoseconds), and if so moves it to now: one caller wins.
+func onceAMinute(last *atomic.Int64) bool {
+	now := time.Now().UnixNano()
+	l := last.Load()
+	return now-l >= int64(time.Minute) && last.CompareAndSwap(l, now)
+}
+
 // csrRateLimited reports, at most once a minute, that the Connect CA
 // refuses to sign leaf certificates faster than its csr_max_per_second
 // (HTTP 429 "Rate limit reached"): the proxies of the services still
 // waiting keep their last config until their leaf comes.
 func (w *Watcher) csrRateLimited(what string, err error) {
-	now := time.Now().UnixNano()
-	last := w.csrLogged.Load()
-	if now-last < int64(time.Minute) || !w.csrLogged.CompareAndSwap(last, now) {
+	if !onceAMinute(&w.csrLogged) {
 		w.cfg.Logger.Debug("consul: leaf certificate signing rate-limited", "query", what, "error", err)
 		return
 	}

@@ -453,8 +453,15 @@ func (x *exchange) endAttempt(span trace.Span, code int, reason, cause string, n
 // failureFor maps a failed attempt to the failure to report and the
 // retry_on condition it matches.
 func (f *forward) failureFor(ue *cluster.UpstreamError) (*failure, string) {
+	return failureFor(ue, f.timedOut.Load())
+}
+
+// failureFor maps a failed attempt to the failure to report and the
+// retry_on condition it matches; timedOut says the route timeout has
+// passed (504, not retried).
+func failureFor(ue *cluster.UpstreamError, timedOut bool) (*failure, string) {
 	switch {
-	case f.timedOut.Load():
+	case timedOut:
 		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, ""
 	case ue.Kind == cluster.KindTimeout:
 		// Envoy treats a per-try timeout as a 504: retried under 5xx and gateway-error.
@@ -478,21 +485,41 @@ func (f *forward) failureFor(ue *cluster.UpstreamError) (*failure, string) {
 // (every gRPC call is a POST) is itself the opt-in, as in gRPC's own retry
 // policy, where retryable status codes are declared per service.
 func (f *forward) mayRetry(cond string, sent bool, retries int) bool {
-	p := f.rt.Retry
-	if p == nil || cond == "" || retries >= p.NumRetries || !matches(p, cond) || f.r.Context().Err() != nil {
+	return retryAllowed(retryAsk{p: f.rt.Retry, c: f.c, rec: f.s.rec, cond: cond, sent: sent, retries: retries,
+		idempotent: f.idempotent, replayable: f.body == nil || f.body.replayable(), gone: f.r.Context().Err() != nil}, &f.budgetDenied)
+}
+
+// retryAsk is what deciding one retry reads, on either path.
+type retryAsk struct {
+	p       *config.RetryPolicy
+	c       *cluster.Cluster
+	rec     Recorder
+	cond    string // the retry_on condition the attempt met
+	sent    bool   // something may have reached the upstream
+	retries int    // retries sent so far
+	// idempotent: the request may be sent twice; replayable: its body can
+	// be sent again; gone: the downstream left.
+	idempotent, replayable, gone bool
+}
+
+// retryAllowed is the retry decision of mayRetry; a budget refusal sets
+// *budgetDenied. Denials are recorded by reason.
+func retryAllowed(a retryAsk, budgetDenied *bool) bool {
+	p := a.p
+	if p == nil || a.cond == "" || a.retries >= p.NumRetries || !matches(p, a.cond) || a.gone {
 		return false
 	}
-	if sent && !f.idempotent && !p.NonIdempotentRetry && !isGRPCCondition(cond) {
-		f.s.rec.RetryDenied(f.c.Name(), "non_idempotent")
+	if a.sent && !a.idempotent && !p.NonIdempotentRetry && !isGRPCCondition(a.cond) {
+		a.rec.RetryDenied(a.c.Name(), "non_idempotent")
 		return false
 	}
-	if f.body != nil && !f.body.replayable() {
-		f.s.rec.RetryDenied(f.c.Name(), "body_too_large")
+	if !a.replayable {
+		a.rec.RetryDenied(a.c.Name(), "body_too_large")
 		return false
 	}
-	if !f.c.Budget().TryWithdraw() {
-		f.budgetDenied = true
-		f.s.rec.RetryDenied(f.c.Name(), ReasonRetryBudgetExhausted)
+	if !a.c.Budget().TryWithdraw() {
+		*budgetDenied = true
+		a.rec.RetryDenied(a.c.Name(), ReasonRetryBudgetExhausted)
 		return false
 	}
 	return true

@@ -826,41 +826,11 @@ func (fc *fastConn) failWith(x *exchange, t *routeTable, fl *failure) bool {
 	return fc.fail(x, t, fl.status, fl.reason, "") && !fc.head.closeConn
 }
 
-// failureFor maps a failed attempt to the failure to report and the
-// retry_on condition it matches (forward.failureFor, for the fast path).
-func failureFor(ue *cluster.UpstreamError, timedOut bool) (*failure, string) {
-	switch {
-	case timedOut:
-		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, ""
-	case ue.Kind == cluster.KindTimeout:
-		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, "gateway-error"
-	case ue.Kind == cluster.KindConnectFailure:
-		return &failure{http.StatusServiceUnavailable, ReasonConnectFailure}, "connect-failure"
-	case ue.Kind == cluster.KindTLSHandshake:
-		return &failure{http.StatusServiceUnavailable, ReasonTLSHandshakeFailed}, "connect-failure"
-	case ue.Kind == cluster.KindOverflow:
-		return &failure{http.StatusServiceUnavailable, ReasonOverflow}, ""
-	}
-	return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, "reset"
-}
-
 // mayRetry is forward.mayRetry for the fast path (bodies are always
 // buffered whole, so replayable).
 func (fc *fastConn) mayRetry(rt *config.Route, c *cluster.Cluster, cond string, sent bool, retries int, idempotent bool, budgetDenied *bool) bool {
-	p := rt.Retry
-	if p == nil || cond == "" || retries >= p.NumRetries || !matches(p, cond) || fc.isCancelled() {
-		return false
-	}
-	if sent && !idempotent && !p.NonIdempotentRetry && !isGRPCCondition(cond) {
-		fc.s.rec.RetryDenied(c.Name(), "non_idempotent")
-		return false
-	}
-	if !c.Budget().TryWithdraw() {
-		*budgetDenied = true
-		fc.s.rec.RetryDenied(c.Name(), ReasonRetryBudgetExhausted)
-		return false
-	}
-	return true
+	return retryAllowed(retryAsk{p: rt.Retry, c: c, rec: fc.s.rec, cond: cond, sent: sent, retries: retries,
+		idempotent: idempotent, replayable: true, gone: fc.isCancelled()}, budgetDenied)
 }
 
 // staleConn reports the errors of a pooled connection the upstream closed

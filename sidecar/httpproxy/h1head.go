@@ -81,17 +81,22 @@ func eqLower(b []byte, s string) bool {
 	return true
 }
 
+// nextToken splits the first item off the comma-separated list v,
+// trimmed of whitespace (possibly empty), and returns the rest.
+func nextToken(v []byte) (tok, rest []byte) {
+	if i := bytes.IndexByte(v, ','); i >= 0 {
+		return bytes.TrimSpace(v[:i]), v[i+1:]
+	}
+	return bytes.TrimSpace(v), nil
+}
+
 // hasToken reports whether the comma-separated list v holds token (lower
 // case), ignoring case and whitespace.
 func hasToken(v []byte, token string) bool {
 	for len(v) > 0 {
 		var item []byte
-		if i := bytes.IndexByte(v, ','); i >= 0 {
-			item, v = v[:i], v[i+1:]
-		} else {
-			item, v = v, nil
-		}
-		if eqLower(bytes.TrimSpace(item), token) {
+		item, v = nextToken(v)
+		if eqLower(item, token) {
 			return true
 		}
 	}
@@ -310,12 +315,7 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 	for _, v := range connection[:nconn] {
 		for len(v) > 0 {
 			var tok []byte
-			if j := bytes.IndexByte(v, ','); j >= 0 {
-				tok, v = v[:j], v[j+1:]
-			} else {
-				tok, v = v, nil
-			}
-			tok = bytes.TrimSpace(tok)
+			tok, v = nextToken(v)
 			switch {
 			case len(tok) == 0:
 			case eqLower(tok, "close"):
@@ -517,12 +517,7 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 	for _, v := range connection[:nconn] {
 		for len(v) > 0 {
 			var tok []byte
-			if j := bytes.IndexByte(v, ','); j >= 0 {
-				tok, v = v[:j], v[j+1:]
-			} else {
-				tok, v = v, nil
-			}
-			tok = bytes.TrimSpace(tok)
+			tok, v = nextToken(v)
 			switch {
 			case len(tok) == 0:
 			case eqLower(tok, "close"):
