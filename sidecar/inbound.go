@@ -14,6 +14,7 @@ import (
 
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/listener"
+	"github.com/meshlet/meshlet/sidecar/rawsock"
 	"github.com/meshlet/meshlet/sidecar/telemetry"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 )
@@ -166,7 +167,9 @@ func (in *inbound) accept(conn net.Conn) {
 		conn.Close()
 		return
 	}
-	tc := tls.Server(pc, in.tlsConfig.Load())
+	// TLS records go through raw system calls (rawsock); the plaintext
+	// paths above keep the *net.TCPConn (the TCP proxy splices it).
+	tc := tls.Server(&prefixConn{Conn: rawsock.Wrap(conn), prefix: first[:]}, in.tlsConfig.Load())
 	if err := tc.HandshakeContext(in.ctx); err != nil {
 		reason := tlsid.Reason(err)
 		peer := ""

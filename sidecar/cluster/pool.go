@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/meshlet/meshlet/sidecar/rawsock"
 )
 
 // Pool defaults.
@@ -79,7 +81,9 @@ func (p *h1Pool) get(ctx context.Context, trustIdle bool) (*h1Conn, bool, error)
 				c.releaseConn()
 				return nil, false, &UpstreamError{Kind: KindConnectFailure, Err: err}
 			}
-			conn, err := p.e.secure(ctx, raw)
+			// Requests and responses go through raw system calls (see
+			// rawsock), TLS records included.
+			conn, err := p.e.secure(ctx, rawsock.Wrap(raw))
 			if err != nil {
 				c.releaseConn()
 				return nil, false, err
@@ -140,7 +144,7 @@ func (c *h1Conn) alive() bool {
 	if tc, ok := raw.(*tls.Conn); ok {
 		raw = tc.NetConn()
 	}
-	tcp, ok := raw.(*net.TCPConn)
+	tcp, ok := raw.(syscall.Conn) // a *net.TCPConn or a *rawsock.Conn
 	if !ok {
 		return true
 	}
@@ -370,7 +374,7 @@ func WaitReadable(c net.Conn) error {
 	if w, ok := c.(interface{ WaitReadable() error }); ok {
 		return w.WaitReadable() // a wrapper that knows what it buffers
 	}
-	tc, ok := c.(*net.TCPConn)
+	tc, ok := c.(syscall.Conn) // a *net.TCPConn or a *rawsock.Conn
 	if !ok {
 		return nil
 	}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/sidecar/rawsock"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
 	"go.opentelemetry.io/otel/trace"
@@ -114,6 +115,9 @@ func (f *fastServer) init() {
 type fastConn struct {
 	s    *Server
 	conn net.Conn
+	// rw reads and writes conn: with raw system calls for a plain TCP
+	// connection (rawsock), else conn itself. The watcher reads conn.
+	rw   io.ReadWriter
 	peer tlsid.Peer
 	// buf holds what was read and not yet used: buf[r:w].
 	buf  []byte
@@ -157,7 +161,10 @@ type fastConn struct {
 // handleFast serves conn on the fast path; false when the Server is shut
 // down (conn is then closed).
 func (s *Server) handleFast(conn net.Conn) {
-	fc := &fastConn{s: s, conn: conn}
+	fc := &fastConn{s: s, conn: conn, rw: conn}
+	if rc, ok := rawsock.Wrap(conn).(*rawsock.Conn); ok {
+		fc.rw = rc
+	}
 	if tc, ok := conn.(*tls.Conn); ok {
 		fc.peer = tlsid.PeerOf(tc.ConnectionState())
 	}
@@ -316,7 +323,7 @@ func (fc *fastConn) readHead() (parseResult, bool) {
 			fc.idleSet = now.UnixNano()
 			_ = fc.conn.SetReadDeadline(now.Add(DownstreamIdleTimeout))
 		}
-		n, err := fc.conn.Read(fc.buf[fc.w:])
+		n, err := fc.rw.Read(fc.buf[fc.w:])
 		fc.w += n
 		if err != nil && n == 0 {
 			return 0, false
@@ -616,7 +623,7 @@ func (fc *fastConn) readBody(n int) bool {
 		fc.grow(n - (fc.w - fc.r))
 	}
 	for fc.w-fc.r < n {
-		m, err := fc.conn.Read(fc.buf[fc.w:])
+		m, err := fc.rw.Read(fc.buf[fc.w:])
 		fc.w += m
 		if err != nil && fc.w-fc.r < n {
 			return false
@@ -684,7 +691,7 @@ func (fc *fastConn) fail(x *exchange, t *routeTable, status int, reason, rule st
 	}
 	*op = out
 	fc.settle()
-	_, err := fc.conn.Write(out)
+	_, err := fc.rw.Write(out)
 	return err == nil
 }
 
@@ -1054,7 +1061,7 @@ func (fc *fastConn) relay(x *exchange, t *routeTable, rt *config.Route, att *clu
 		_ = uc.SetDeadline(time.Time{})
 	}
 
-	bc := bodyCopier{dst: fc.conn, br: br, out: out}
+	bc := bodyCopier{dst: fc.rw, br: br, out: out}
 	var err error
 	switch {
 	case bodyless:
