@@ -22,7 +22,8 @@ import (
 // "bare" has no retry policy, outlier detection or endpoint breaker;
 // "resilience" has a retry policy with a per-try timeout, the retry budget,
 // outlier detection and an endpoint breaker. The difference is the layer's
-// cost per request.
+// cost per request. "bare_nethttp" is "bare" served by net/http's server
+// instead of the HTTP/1.1 fast path.
 func BenchmarkProxy(b *testing.B) {
 	payload := strings.Repeat("x", 1024)
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, payload) }))
@@ -36,8 +37,10 @@ func BenchmarkProxy(b *testing.B) {
 		name    string
 		retry   *config.RetryPolicy
 		cluster config.Cluster
+		netHTTP bool // Options.NetHTTPOnly: the same request on net/http's server
 	}{
 		{name: "bare"},
+		{name: "bare_nethttp", netHTTP: true},
 		{name: "resilience", retry: retry, cluster: config.Cluster{
 			Outlier: &config.OutlierDetection{Consecutive5xx: 5, ConsecutiveLocalOriginFailures: 5, SplitLocalOrigin: true,
 				Interval: 10 * time.Second, BaseEjectionTime: 30 * time.Second, MaxEjectionTime: 300 * time.Second, MaxEjectionPercent: 10},
@@ -57,7 +60,7 @@ func BenchmarkProxy(b *testing.B) {
 				VirtualHosts: []*config.VirtualHost{{Name: "vh", Domains: []string{"*"}, Routes: []*config.Route{{
 					Match: config.MatchPrefix, Path: "/", CaseSensitive: true, Cluster: "c", Retry: tc.retry, BodyBufferBytes: config.DefaultBodyBufferBytes,
 				}}}}}}}}}
-			addr := serve(b, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), Options{}))
+			addr := serve(b, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.NewTextHandler(io.Discard, nil)), Options{NetHTTPOnly: tc.netHTTP}))
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 			url := "http://" + addr + "/"
 			get := func() {
