@@ -150,6 +150,43 @@ func validValue(v []byte) bool {
 	return true
 }
 
+// nextField reads the header field line at the start of b: its name and
+// value (trimmed) and the length of the line with its CRLF. At the blank
+// line that ends a head, name is nil. parseNeedMore when the line is not
+// whole yet; parseFallback for a bare LF, an obs-fold, a line without a
+// colon, a name that is not a token or a value with control characters.
+func nextField(b []byte) (name, value []byte, n int, res parseResult) {
+	i := bytes.IndexByte(b, '\n')
+	if i < 0 {
+		return nil, nil, 0, parseNeedMore
+	}
+	if i == 0 || b[i-1] != '\r' {
+		return nil, nil, 0, parseFallback // bare LF
+	}
+	line := b[:i-1]
+	if len(line) == 0 {
+		return nil, nil, i + 1, parseOK
+	}
+	if line[0] == ' ' || line[0] == '\t' {
+		return nil, nil, 0, parseFallback // obs-fold
+	}
+	colon := bytes.IndexByte(line, ':')
+	if colon <= 0 {
+		return nil, nil, 0, parseFallback
+	}
+	name = line[:colon]
+	for _, c := range name {
+		if !tchar[c] {
+			return nil, nil, 0, parseFallback
+		}
+	}
+	value = trimOWS(line[colon+1:])
+	if !validValue(value) {
+		return nil, nil, 0, parseFallback
+	}
+	return name, value, i + 1, parseOK
+}
+
 // parseRequest parses the request head at the start of b into h.
 func (h *reqHead) parseRequest(b []byte) parseResult {
 	*h = reqHead{fields: h.fields[:0], contentLength: 0}
@@ -202,35 +239,14 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 	var connection [4][]byte
 	nconn := 0
 	for {
-		i := bytes.IndexByte(rest, '\n')
-		if i < 0 {
-			return parseNeedMore
+		name, value, n, res := nextField(rest)
+		if res != parseOK {
+			return res
 		}
-		if i == 0 || rest[i-1] != '\r' {
-			return parseFallback // bare LF
-		}
-		line := rest[:i-1]
-		rest = rest[i+1:]
-		off += i + 1
-		if len(line) == 0 {
-			break
-		}
-		if line[0] == ' ' || line[0] == '\t' {
-			return parseFallback // obs-fold
-		}
-		colon := bytes.IndexByte(line, ':')
-		if colon <= 0 {
-			return parseFallback
-		}
-		name := line[:colon]
-		for _, c := range name {
-			if !tchar[c] {
-				return parseFallback
-			}
-		}
-		value := trimOWS(line[colon+1:])
-		if !validValue(value) {
-			return parseFallback
+		rest = rest[n:]
+		off += n
+		if name == nil {
+			break // the blank line
 		}
 		if len(h.fields) == maxFastFields {
 			return parseFallback
@@ -424,29 +440,16 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 	var connection [4][]byte
 	nconn := 0
 	for {
-		i := bytes.IndexByte(rest, '\n')
-		if i < 0 {
-			return parseNeedMore
+		name, value, n, res := nextField(rest)
+		if res != parseOK {
+			return res
 		}
-		if i == 0 || rest[i-1] != '\r' {
-			return parseFallback
+		rest = rest[n:]
+		off += n
+		if name == nil {
+			break // the blank line
 		}
-		line := rest[:i-1]
-		rest = rest[i+1:]
-		off += i + 1
-		if len(line) == 0 {
-			break
-		}
-		if line[0] == ' ' || line[0] == '\t' {
-			return parseFallback
-		}
-		colon := bytes.IndexByte(line, ':')
-		if colon <= 0 {
-			return parseFallback
-		}
-		name := line[:colon]
-		value := trimOWS(line[colon+1:])
-		if !validValue(value) || len(h.fields) == maxFastFields {
+		if len(h.fields) == maxFastFields {
 			return parseFallback
 		}
 		f := field{name: name, value: value}
