@@ -52,10 +52,6 @@ func (h H1Conn) Write(p []byte) (int, error) { return h.c.Write(p) }
 // request can have reached the upstream.
 func (h H1Conn) Written() int64 { return h.c.written.Load() }
 
-// SetReadDeadline sets the connection's read deadline (the zero time
-// clears it).
-func (h H1Conn) SetReadDeadline(t time.Time) error { return h.c.conn.SetReadDeadline(t) }
-
 // SetDeadline sets the connection's read and write deadlines.
 func (h H1Conn) SetDeadline(t time.Time) error { return h.c.conn.SetDeadline(t) }
 

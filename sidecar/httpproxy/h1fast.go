@@ -137,15 +137,15 @@ type fastConn struct {
 	xfccFor *config.HTTPConnectionManager
 	xfcc    []byte
 
-	// x is the exchange in progress; settle records it and releases its
-	// max_requests slot (heldRequest) once, before the last byte of the
-	// response is written, as the net/http path does when its handler
-	// returns: a scrape or a new request after the response sees both.
+	// x is the exchange in progress, nil once settled: settle records it
+	// and releases its max_requests slot (heldRequest) once, before the
+	// last byte of the response is written, as the net/http path does when
+	// its handler returns: a scrape or a new request after the response
+	// sees both.
 	x           *exchange
 	ex          exchange        // x's storage
 	traceCtx    context.Context // the request span's context, when traced
 	heldRequest *cluster.Cluster
-	settled     bool
 
 	mu        sync.Mutex // guards up and cancelled, between the exchange and its watcher
 	up        net.Conn   // the upstream connection of the attempt in flight
@@ -427,7 +427,6 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 		fc.traceCtx, x.span = tr.StartHead(context.Background(), reqCarrier{h}, methodName(h.method),
 			tracing.Request{Cluster: x.cluster, Route: x.route, PeerID: fc.peer.SPIFFEID}, fc.describe)
 	}
-	fc.settled = false
 	fc.x, fc.heldRequest = x, nil
 	defer func() {
 		fc.r += len(msg)
@@ -602,16 +601,15 @@ func (c outCarrier) Keys() []string { return nil }
 
 // settle records the exchange and releases its request slot, once.
 func (fc *fastConn) settle() {
-	if fc.settled {
-		return
+	if fc.x == nil {
+		return // settled already
 	}
-	fc.settled = true
 	if fc.heldRequest != nil {
 		fc.heldRequest.ReleaseRequest()
 		fc.heldRequest = nil
 	}
 	fc.x.finish()
-	fc.x = nil
+	fc.x, fc.traceCtx = nil, nil
 }
 
 // readBody reads until buf[r:r+n] is all there.

@@ -327,37 +327,52 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 	if hosts != 1 || lengths > 1 {
 		return parseFallback // net/http answers 400
 	}
-	// Fields named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-	for _, v := range connection[:nconn] {
-		for len(v) > 0 {
-			var tok []byte
-			tok, v = nextToken(v)
-			switch {
-			case len(tok) == 0:
-			case eqLower(tok, "close"):
-				h.closeConn = true
-			case eqLower(tok, "keep-alive"):
-			case eqLower(tok, "content-length"), eqLower(tok, "host"):
-				// Never hop-by-hop: dropping them would unframe the body
-				// (request smuggling) or lose the authority. net/http keeps
-				// them too.
-			default:
-				if eqLower(tok, "te") {
-					h.teTrailers = false // TE named in Connection goes entirely
-				}
-				for k := range h.fields {
-					if bytes.EqualFold(h.fields[k].name, tok) {
-						if eqLower(tok, "x-forwarded-proto") {
-							h.xfp = false
-						}
-						h.fields[k].drop = true
-					}
+	if nconn > 0 {
+		lists := connection[:nconn]
+		h.closeConn, _ = connectionOptions(lists, h.fields, "content-length", "host")
+		for _, v := range lists {
+			if hasToken(v, "te") {
+				h.teTrailers = false // TE named in Connection goes entirely
+			}
+		}
+		if h.xfp { // it stays only if Connection did not name it
+			h.xfp = false
+			for k := range h.fields {
+				if f := &h.fields[k]; !f.drop && eqLower(f.name, "x-forwarded-proto") {
+					h.xfp = true
 				}
 			}
 		}
 	}
 	h.size = off
 	return parseOK
+}
+
+// connectionOptions applies a head's Connection field lists (RFC 9110
+// §7.6.1): every field they name is dropped but the two in keep (a
+// message's framing or authority: dropping them would unframe the body),
+// and the close and keep-alive options are reported.
+func connectionOptions(lists [][]byte, fields []field, keep0, keep1 string) (closeConn, keepAlive bool) {
+	for _, v := range lists {
+		for len(v) > 0 {
+			var tok []byte
+			tok, v = nextToken(v)
+			switch {
+			case len(tok) == 0, eqLower(tok, keep0), eqLower(tok, keep1):
+			case eqLower(tok, "close"):
+				closeConn = true
+			case eqLower(tok, "keep-alive"):
+				keepAlive = true
+			default:
+				for k := range fields {
+					if bytes.EqualFold(fields[k].name, tok) {
+						fields[k].drop = true
+					}
+				}
+			}
+		}
+	}
+	return closeConn, keepAlive
 }
 
 // lookup implements headerLookup (routes' header matches, hash policy).
@@ -435,7 +450,6 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 		}
 	}
 	h.code = int(c[0]-'0')*100 + int(c[1]-'0')*10 + int(c[2]-'0')
-	keepAlive := false
 	lengths := 0
 	var connection [4][]byte
 	nconn := 0
@@ -517,28 +531,8 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 		}
 		h.fields = append(h.fields, f)
 	}
-	for _, v := range connection[:nconn] {
-		for len(v) > 0 {
-			var tok []byte
-			tok, v = nextToken(v)
-			switch {
-			case len(tok) == 0:
-			case eqLower(tok, "close"):
-				h.closeConn = true
-			case eqLower(tok, "keep-alive"):
-				keepAlive = true
-			case eqLower(tok, "content-length"), eqLower(tok, "transfer-encoding"):
-				// The body's framing is never dropped (it would leave the
-				// client an unframed response).
-			default:
-				for k := range h.fields {
-					if bytes.EqualFold(h.fields[k].name, tok) {
-						h.fields[k].drop = true
-					}
-				}
-			}
-		}
-	}
+	closeOpt, keepAlive := connectionOptions(connection[:nconn], h.fields, "content-length", "transfer-encoding")
+	h.closeConn = h.closeConn || closeOpt
 	if h.chunked && lengths > 0 {
 		// RFC 9112 §6.3: Transfer-Encoding wins; Content-Length goes.
 		h.contentLength = -1

@@ -43,6 +43,7 @@ const (
 type HTTP struct {
 	tracer   trace.Tracer
 	prop     propagation.TextMapPropagator
+	fields   []string // prop.Fields(), which makes a new slice per call
 	outbound bool
 	spawn    bool
 }
@@ -167,7 +168,8 @@ func (h *HTTP) StartHead(ctx context.Context, carrier propagation.TextMapCarrier
 // Fields returns the header names (lower case) the configured propagation
 // formats read and write, so a caller that writes a request's header
 // itself can leave out the incoming ones it injects anew.
-func (h *HTTP) Fields() []string { return h.prop.Fields() }
+// The slice is shared: callers must not modify it.
+func (h *HTTP) Fields() []string { return h.fields }
 
 // InjectInto writes the trace context of ctx into carrier in every
 // configured format.

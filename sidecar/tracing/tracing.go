@@ -168,6 +168,7 @@ func (m *Manager) HTTP(t *config.Tracing) *HTTP {
 		outbound: t.Outbound,
 		spawn:    t.SpawnUpstreamSpan,
 	}
+	h.fields = h.prop.Fields()
 	m.tracers[k] = h
 	return h
 }
