@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -152,7 +153,12 @@ const (
 	DefaultMaxConnections     = 1024 // Envoy CircuitBreakers.Thresholds defaults
 	DefaultMaxPendingRequests = 1024
 	DefaultMaxRequests        = 1024
-	DefaultMaxRetries         = 3
+	// DefaultMaxRetries is unlimited (2^32-1): every cluster has a retry
+	// budget, and Envoy ignores max_retries when a retry budget is set
+	// (CircuitBreakers.Thresholds.retry_budget); Istio sets 2^32-1 for the
+	// same reason. Envoy's own default of 3 retries in flight denied
+	// retries at low load with four clients.
+	DefaultMaxRetries = math.MaxUint32
 
 	DefaultBreakerConsecutiveFailures = 5
 	DefaultBreakerMinRequests         = 10
@@ -339,7 +345,7 @@ func (p *TimeoutPolicy) validate(v *validator) {
 //	  maxConnections: 1024       # connections to all endpoints (Envoy default 1024)
 //	  maxPendingRequests: 1024   # requests waiting for a connection (default 1024)
 //	  maxRequests: 1024          # requests in flight (default 1024)
-//	  maxRetries: 3              # retries in flight (default 3)
+//	  maxRetries: 3              # retries in flight (default: unlimited, the retry budget bounds them)
 //	  endpoint:                  # a breaker per endpoint (github.com/sony/gobreaker); off by default
 //	    consecutiveFailures: 5   # opens after this many failures in a row (default 5)
 //	    failureRatio: 0.5        # or when this share of at least minRequests fail (default off)

@@ -6,6 +6,7 @@
 package config
 
 import (
+	"math"
 	"slices"
 	"time"
 
@@ -370,8 +371,16 @@ type Thresholds struct {
 	MaxConnections, MaxPendingRequests, MaxRequests, MaxRetries int
 }
 
-// DefaultThresholds are Envoy's circuit breaker defaults.
+// DefaultThresholds are Envoy's circuit breaker defaults. A cluster with a
+// retry budget (Cluster.RetryBudget) and no explicit max_retries gets
+// UnlimitedRetries instead of 3: the budget bounds its retries, as Envoy's
+// CircuitBreakers.Thresholds.retry_budget overrides max_retries.
 var DefaultThresholds = Thresholds{MaxConnections: 1024, MaxPendingRequests: 1024, MaxRequests: 1024, MaxRetries: 3}
+
+// UnlimitedRetries is Thresholds.MaxRetries when nothing but the retry
+// budget limits retries in flight: the largest max_retries xDS can carry
+// (2^32-1, the value Istio sets).
+const UnlimitedRetries = math.MaxUint32
 
 // OutlierDetection is a decoded envoy.config.cluster.v3.OutlierDetection.
 // A consecutive count of 0 means that detector is off (enforcing 0).

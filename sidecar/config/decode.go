@@ -696,6 +696,7 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 		return nil, fieldErr(kind, name, "lb_policy", "unsupported %s (supported: ROUND_ROBIN, LEAST_REQUEST, RING_HASH)", c.GetLbPolicy())
 	}
 	out.Thresholds = DefaultThresholds
+	maxRetriesSet := false
 	for i, t := range c.GetCircuitBreakers().GetThresholds() {
 		if t.GetPriority() != core.RoutingPriority_DEFAULT {
 			continue // no route asks for HIGH priority
@@ -704,6 +705,7 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 			return nil, fieldErr(kind, name, fmt.Sprintf("circuit_breakers.thresholds[%d].retry_budget", i),
 				"not supported: meshlet's retry budget is metadata.filter_metadata[%q].retryBudget", xds.MetadataNamespace)
 		}
+		maxRetriesSet = maxRetriesSet || t.GetMaxRetries() != nil
 		for _, f := range []struct {
 			dst *int
 			v   *wrapperspb.UInt32Value
@@ -734,6 +736,13 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].endpointBreaker", "needs consecutiveFailures or failureRatio (0-1), and openInterval > 0")
 	}
 	out.RetryBudget, out.EndpointBreaker = extras.RetryBudget, extras.EndpointBreaker
+	if out.RetryBudget != nil && !maxRetriesSet {
+		// A retry budget bounds retries; Envoy ignores max_retries when
+		// CircuitBreakers.Thresholds.retry_budget is set, and Istio sets it
+		// to the maximum for the same reason. Only an explicit max_retries
+		// still caps the retries in flight.
+		out.Thresholds.MaxRetries = UnlimitedRetries
+	}
 	if ts := c.GetTransportSocket(); ts != nil {
 		var u tlsv3.UpstreamTlsContext
 		if err := ts.GetTypedConfig().UnmarshalTo(&u); err != nil {

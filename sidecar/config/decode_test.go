@@ -272,3 +272,35 @@ func TestTranslatorOutputDecodes(t *testing.T) {
 		}
 	}
 }
+
+// TestMaxRetriesWithRetryBudget: a cluster with a retry budget and no
+// explicit max_retries does not cap retries in flight at Envoy's default of
+// 3 (Envoy ignores max_retries when a retry budget is set); an explicit
+// max_retries still applies, and without a budget Envoy's default stays.
+func TestMaxRetriesWithRetryBudget(t *testing.T) {
+	budget := &xds.ClusterExtras{RetryBudget: &xds.RetryBudget{Ratio: 0.2, MinRetriesPerSecond: 10, TTL: xds.Duration(10 * time.Second)}}
+	for _, tc := range []struct {
+		name       string
+		opts       xds.ClusterOptions
+		maxRetries int
+	}{
+		{"budget, no circuit breakers", xds.ClusterOptions{Extras: budget}, UnlimitedRetries},
+		{"budget, thresholds without max_retries", xds.ClusterOptions{Extras: budget}, UnlimitedRetries},
+		{"budget, explicit max_retries", xds.ClusterOptions{Extras: budget, Thresholds: &xds.Thresholds{MaxConnections: 1, MaxPendingRequests: 1, MaxRequests: 1, MaxRetries: 7}}, 7},
+		{"no budget", xds.ClusterOptions{}, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := xds.NewEDSCluster("api", tc.opts)
+			if tc.name == "budget, thresholds without max_retries" {
+				c.CircuitBreakers = &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{MaxConnections: wrapperspb.UInt32(9)}}}
+			}
+			got, err := DecodeCluster(xds.MustAny(c))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Thresholds.MaxRetries != tc.maxRetries {
+				t.Errorf("MaxRetries = %d, want %d", got.Thresholds.MaxRetries, tc.maxRetries)
+			}
+		})
+	}
+}
