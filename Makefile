@@ -10,14 +10,15 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help bench bench-cp
+.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help bench bench-cp deps
 
 all: build
 
 help:
 	@echo "make demo        build everything, run the example app through the mesh, print PASS/FAIL (KEEP=1 leaves it up)"
 	@echo "make demo-stop   stop a mesh left up by KEEP=1"
-	@echo "make test        run all tests (builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
+	@echo "make test        run all tests (installs the test peers, builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
+	@echo "make deps        install what make demo and make test run (Debian packages, Go tools); silent when all is there"
 	@echo "make build       build bin/controlplane and bin/sidecar"
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
@@ -59,7 +60,13 @@ $(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
 	@deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
 	@touch $@
 
+# deploy/tools/deps.sh installs what a target runs (Debian packages, Go
+# tools) and prints nothing when all of it is there.
+deps:
+	@deploy/tools/deps.sh demo test
+
 demo: $(BIN)/consul $(BIN)/jaeger build examples
+	@deploy/tools/deps.sh demo
 	@$(BIN)/meshlet-demo $(if $(KEEP),-keep)
 
 demo-stop: $(BIN)/meshlet-demo
@@ -67,17 +74,18 @@ demo-stop: $(BIN)/meshlet-demo
 
 # TESTFLAGS can add e.g. -run or -v.
 test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar
+	@deploy/tools/deps.sh test
 	$(GO) vet ./...
 	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
 
 # Data-path benchmark (issue 7; internal/bench): installs the reference
-# proxies and load generators it needs (deploy/tools/bench-deps.sh), then
+# proxies and load generators it needs (deploy/tools/deps.sh bench), then
 # runs every workload against direct, one sidecar, two sidecars with mTLS,
 # HAProxy and nginx, alternating systems over rounds; prints tables and
 # writes .work/bench/bench-results.json (+ .md). About 15 minutes;
 # BENCHFLAGS adds flags (-quick for a 2-minute smoke run; -h lists them).
 bench: $(BIN)/sidecar $(BIN)/meshlet-bench
-	@deploy/tools/bench-deps.sh
+	@deploy/tools/deps.sh bench
 	$(BIN)/meshlet-bench -sidecar $(BIN)/sidecar -out .work/bench/bench-results.json $(BENCHFLAGS)
 
 $(BIN)/meshlet-bench: $(GO_SOURCES)
