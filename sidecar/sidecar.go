@@ -26,6 +26,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/meshlet/meshlet/sidecar/admin"
+	"github.com/meshlet/meshlet/sidecar/apphealth"
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/httpproxy"
@@ -91,6 +92,15 @@ type Config struct {
 	// 20 MB of RSS). Off by default for embedders (tests run
 	// several sidecars in one process); the sidecar command turns it on.
 	ReclaimStartupMemory bool
+	// HealthAddress, when set, is where the health port listens
+	// (apphealth: xds.ReadyPath and the application's rewritten probes),
+	// e.g. ":15020" in a Kubernetes pod, where the kubelet must reach it
+	// on the pod's address. Empty opens none (outside Kubernetes, the
+	// admin endpoint's /ready serves the same).
+	HealthAddress string
+	// AppProbes are the application probes the health port runs (the
+	// injection webhook's rewrite of the pod's probes); see xds.AppProbes.
+	AppProbes xds.AppProbes
 	// NetHTTPOnly turns the HTTP/1.1 fast path off: every HTTP connection
 	// is served by net/http's server (httpproxy.Options.NetHTTPOnly). Off
 	// by default; for comparison and as an escape hatch.
@@ -113,6 +123,7 @@ type Sidecar struct {
 	listeners *listener.Manager
 	client    *xdsclient.Client
 	adminLn   net.Listener
+	healthLn  net.Listener // nil without Config.HealthAddress
 	metrics   *telemetry.Metrics
 	tls       *tlsid.Store
 	tracing   *tracing.Manager
@@ -198,7 +209,22 @@ func New(cfg Config) (*Sidecar, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sidecar: admin listener on %s: %w", cfg.AdminAddress, err)
 	}
+	if cfg.HealthAddress != "" {
+		if s.healthLn, err = net.Listen("tcp", cfg.HealthAddress); err != nil {
+			s.adminLn.Close()
+			return nil, fmt.Errorf("sidecar: health listener on %s: %w", cfg.HealthAddress, err)
+		}
+	}
 	return s, nil
+}
+
+// HealthAddr returns the bound health port address, nil without
+// Config.HealthAddress.
+func (s *Sidecar) HealthAddr() net.Addr {
+	if s.healthLn == nil {
+		return nil
+	}
+	return s.healthLn.Addr()
 }
 
 // AdminAddr returns the bound admin address.
@@ -225,6 +251,17 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			s.log.Warn("sidecar: could not restore all persisted config; waiting for the control plane", "dir", s.cfg.StateDir, "error", err)
 		}
 	}
+	var healthSrv *http.Server
+	if s.healthLn != nil {
+		healthSrv = &http.Server{Handler: apphealth.Handler(s.IsReady, s.cfg.AppProbes), ReadHeaderTimeout: 10 * time.Second}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := healthSrv.Serve(s.healthLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("sidecar: health server failed", "error", err)
+			}
+		}()
+	}
 	xctx, stopXDS := context.WithCancel(context.Background())
 	go func() {
 		defer wg.Done()
@@ -249,6 +286,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = adminSrv.Shutdown(sctx)
+	if healthSrv != nil {
+		_ = healthSrv.Shutdown(sctx)
+	}
 	wg.Wait()
 	return nil
 }
