@@ -1,0 +1,389 @@
+// Package inject is meshlet's sidecar injection: a Kubernetes mutating
+// admission webhook that adds the sidecar to the pods of opted-in
+// namespaces as a native sidecar (an init container with restartPolicy
+// Always, KEP-753), rewrites their probes to the sidecar's health port, and
+// records what it decided in the pod's meshlet.io/injected annotation for
+// the registration controller (controlplane/kube). The mutation itself
+// (Injector.Mutate) is pure: the pod in, the pod out.
+package inject
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/meshlet/meshlet/xds"
+)
+
+// Defaults for Config.
+const (
+	// DefaultMeshNamespace is where meshlet itself runs (deploy/kubernetes).
+	DefaultMeshNamespace = "meshlet-system"
+	// DefaultXDSAddress is the control plane's ADS Service in the mesh
+	// namespace.
+	DefaultXDSAddress = "meshlet-controlplane.meshlet-system.svc:18000"
+	// DefaultImage is the image the dev overlay builds and imports.
+	DefaultImage = "meshlet.local/meshlet:dev"
+	// SidecarBinary is the sidecar's path in the image.
+	SidecarBinary = "/sidecar"
+	// StateDir is where the sidecar keeps its last accepted config (an
+	// emptyDir: the root filesystem is read-only).
+	StateDir = "/var/run/meshlet"
+	// StateVolume is the emptyDir volume mounted at StateDir.
+	StateVolume = "meshlet-state"
+)
+
+// DefaultResources are the sidecar's resources when no annotation sets
+// them: requests 50m CPU and 64Mi (a sidecar at 1,000 req/s holds about
+// 22 MB resident, README Performance), a 512Mi memory limit and no CPU
+// limit (CPU limits throttle the data path; Istio's 2-CPU limit is as
+// good as none on small nodes).
+var DefaultResources = corev1.ResourceRequirements{
+	Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("50m"), corev1.ResourceMemory: resource.MustParse("64Mi")},
+	Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("512Mi")},
+}
+
+// excludedNamespaces never get sidecars, whatever their labels say.
+var excludedNamespaces = []string{"kube-system", "kube-public", "kube-node-lease"}
+
+// Config configures an Injector.
+type Config struct {
+	// Image is the meshlet image (both binaries); DefaultImage when empty.
+	Image string
+	// ImagePullPolicy of the sidecar container; empty leaves Kubernetes'
+	// default (IfNotPresent for tagged images).
+	ImagePullPolicy corev1.PullPolicy
+	// XDSAddress is the control plane's ADS address as pods reach it
+	// (host:port); DefaultXDSAddress when empty.
+	XDSAddress string
+	// MeshNamespace is meshlet's own namespace, never injected;
+	// DefaultMeshNamespace when empty.
+	MeshNamespace string
+	// NativeSidecars adds the sidecar as an init container with
+	// restartPolicy Always (Kubernetes ≥ 1.29, on by default since 1.29);
+	// when false it goes first in containers with a postStart hook that
+	// waits for it (`sidecar wait-ready`).
+	NativeSidecars bool
+}
+
+func (c *Config) setDefaults() {
+	c.Image = cmp.Or(c.Image, DefaultImage)
+	c.XDSAddress = cmp.Or(c.XDSAddress, DefaultXDSAddress)
+	c.MeshNamespace = cmp.Or(c.MeshNamespace, DefaultMeshNamespace)
+}
+
+// Record is what the webhook decided for a pod, kept as JSON in its
+// AnnotationInjected: the registration controller registers the pod in
+// Consul from it.
+type Record struct {
+	// Service is the pod's service name in Consul.
+	Service string `json:"service"`
+	// Port is the application's port; 0 for a client-only proxy.
+	Port int `json:"port,omitempty"`
+	// Upstreams are the explicit upstreams (AnnotationUpstreams).
+	Upstreams []Upstream `json:"upstreams,omitempty"`
+	// PublicPort is the sidecar's public listener port (xds.PodPublicPort).
+	PublicPort int `json:"publicPort"`
+}
+
+// Upstream is one entry of AnnotationUpstreams.
+type Upstream struct {
+	Service   string `json:"service"`
+	LocalPort int    `json:"localPort"`
+}
+
+// ParseRecord reads a pod's AnnotationInjected; ok is false when the pod
+// has none.
+func ParseRecord(pod *corev1.Pod) (r Record, ok bool, err error) {
+	v, ok := pod.Annotations[AnnotationInjected]
+	if !ok {
+		return r, false, nil
+	}
+	if err := json.Unmarshal([]byte(v), &r); err != nil {
+		return r, true, fmt.Errorf("inject: annotation %s: %w", AnnotationInjected, err)
+	}
+	if r.Service == "" {
+		return r, true, fmt.Errorf("inject: annotation %s: no service", AnnotationInjected)
+	}
+	return r, true, nil
+}
+
+// Skip is why a pod was left as it is (Mutate's second result).
+type Skip string
+
+// Reasons Mutate leaves a pod alone. SkipInjected and SkipOptedOut are
+// silent; the others are reported as Events when the pod asked for a
+// sidecar.
+const (
+	SkipNone          Skip = ""
+	SkipInjected      Skip = "AlreadyInjected"
+	SkipOptedOut      Skip = "OptedOut"
+	SkipHostNetwork   Skip = "HostNetwork"
+	SkipMeshNamespace Skip = "ExcludedNamespace"
+)
+
+// ErrRefused wraps every error Mutate returns for a pod that cannot be
+// injected as it is (a malformed annotation, a probe naming no port, several
+// Services and no meshlet.io/service); the webhook refuses such a pod with
+// the message, which names the annotation and its value or the field.
+var ErrRefused = errors.New("inject: refused")
+
+// Injector mutates pods. It is safe for concurrent use.
+type Injector struct {
+	cfg Config
+}
+
+// New returns an Injector for cfg.
+func New(cfg Config) *Injector {
+	cfg.setDefaults()
+	return &Injector{cfg: cfg}
+}
+
+// Config returns the injector's configuration with its defaults applied.
+func (in *Injector) Config() Config { return in.cfg }
+
+// Mutate returns a copy of pod with the sidecar injected, or pod itself
+// and why it was skipped. selecting names the Kubernetes Services whose
+// selector matches the pod (the service name when no annotation gives
+// one). Errors wrap ErrRefused.
+func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string) (*corev1.Pod, Skip, error) {
+	switch {
+	case pod.Annotations[AnnotationInjected] != "" || hasContainer(pod, SidecarContainer):
+		return pod, SkipInjected, nil
+	case pod.Labels[LabelInject] == "false":
+		return pod, SkipOptedOut, nil
+	case namespace == in.cfg.MeshNamespace || slices.Contains(excludedNamespaces, namespace):
+		return pod, SkipMeshNamespace, nil
+	case pod.Spec.HostNetwork:
+		return pod, SkipHostNetwork, nil
+	}
+	rec, err := in.record(pod, selecting)
+	if err != nil {
+		return nil, SkipNone, err
+	}
+	res, err := resources(pod.Annotations)
+	if err != nil {
+		return nil, SkipNone, err
+	}
+	logLevel := cmp.Or(pod.Annotations[AnnotationLogLevel], "info")
+	if !slices.Contains([]string{"debug", "info", "warn", "error"}, logLevel) {
+		return nil, SkipNone, annotationErr(AnnotationLogLevel, logLevel, "want debug, info, warn or error")
+	}
+
+	out := pod.DeepCopy()
+	if out.Annotations == nil {
+		out.Annotations = map[string]string{}
+	}
+	if out.Labels == nil {
+		out.Labels = map[string]string{}
+	}
+	out.Labels[LabelInjected] = "true"
+	b, _ := json.Marshal(rec)
+	out.Annotations[AnnotationInjected] = string(b)
+
+	var probes xds.AppProbes
+	if pod.Annotations[AnnotationRewriteProbes] != "false" {
+		var original map[string]map[string]*corev1.Probe
+		probes, original, err = rewriteProbes(out)
+		if err != nil {
+			return nil, SkipNone, err
+		}
+		if len(original) > 0 {
+			b, _ := json.Marshal(original)
+			out.Annotations[AnnotationOriginalProbes] = string(b)
+		}
+	} else if v := pod.Annotations[AnnotationRewriteProbes]; v != "false" && v != "true" {
+		return nil, SkipNone, annotationErr(AnnotationRewriteProbes, v, "want true or false")
+	}
+
+	sc := in.sidecar(rec, probes, res, logLevel)
+	out.Spec.Volumes = append(out.Spec.Volumes, corev1.Volume{Name: StateVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}})
+	if in.cfg.NativeSidecars {
+		always := corev1.ContainerRestartPolicyAlways
+		sc.RestartPolicy = &always
+		// First among init containers: the pod's own init containers can
+		// use the mesh too.
+		out.Spec.InitContainers = append([]corev1.Container{sc}, out.Spec.InitContainers...)
+	} else {
+		sc.Lifecycle = &corev1.Lifecycle{PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{
+			Command: []string{SidecarBinary, "wait-ready", "-timeout", "2m"},
+		}}}
+		out.Spec.Containers = append([]corev1.Container{sc}, out.Spec.Containers...)
+	}
+	return out, SkipNone, nil
+}
+
+// record decides the pod's service, port and upstreams.
+func (in *Injector) record(pod *corev1.Pod, selecting []string) (Record, error) {
+	rec := Record{PublicPort: xds.PodPublicPort}
+	switch v, ok := pod.Annotations[AnnotationService]; {
+	case ok:
+		if errs := validation.IsDNS1123Label(v); len(errs) > 0 {
+			return rec, annotationErr(AnnotationService, v, strings.Join(errs, "; "))
+		}
+		rec.Service = v
+	case len(selecting) == 1:
+		rec.Service = selecting[0]
+	case len(selecting) > 1:
+		s := slices.Clone(selecting)
+		slices.Sort(s)
+		return rec, fmt.Errorf("%w: Services %s all select this pod: set %s to the one it serves", ErrRefused, strings.Join(s, ", "), AnnotationService)
+	default:
+		rec.Service = workloadName(pod)
+		if errs := validation.IsDNS1123Label(rec.Service); rec.Service == "" || len(errs) > 0 {
+			return rec, fmt.Errorf("%w: no Service selects this pod and its workload name %q is not a service name: set %s", ErrRefused, rec.Service, AnnotationService)
+		}
+	}
+	port, err := appPort(pod)
+	if err != nil {
+		return rec, err
+	}
+	rec.Port = port
+	if rec.Upstreams, err = parseUpstreams(pod.Annotations[AnnotationUpstreams]); err != nil {
+		return rec, err
+	}
+	for _, u := range rec.Upstreams {
+		if u.LocalPort == rec.Port || u.LocalPort == xds.PodPublicPort || u.LocalPort == xds.PodHealthPort {
+			return rec, annotationErr(AnnotationUpstreams, pod.Annotations[AnnotationUpstreams],
+				fmt.Sprintf("local port %d of %s is taken (application %d, sidecar %d and %d)", u.LocalPort, u.Service, rec.Port, xds.PodPublicPort, xds.PodHealthPort))
+		}
+	}
+	return rec, nil
+}
+
+func annotationErr(name, value, why string) error {
+	return fmt.Errorf("%w %s=%q: %s", ErrRefused, name, value, why)
+}
+
+// appPort is AnnotationPort resolved, or the first container port.
+func appPort(pod *corev1.Pod) (int, error) {
+	v, ok := pod.Annotations[AnnotationPort]
+	if !ok {
+		for _, c := range pod.Spec.Containers {
+			for _, p := range c.Ports {
+				if p.Protocol == "" || p.Protocol == corev1.ProtocolTCP {
+					return int(p.ContainerPort), nil
+				}
+			}
+		}
+		return 0, nil
+	}
+	if n, err := strconv.Atoi(v); err == nil {
+		if n < 1 || n > 65535 {
+			return 0, annotationErr(AnnotationPort, v, "port out of range 1-65535")
+		}
+		return n, nil
+	}
+	for _, c := range pod.Spec.Containers {
+		for _, p := range c.Ports {
+			if p.Name == v {
+				return int(p.ContainerPort), nil
+			}
+		}
+	}
+	return 0, annotationErr(AnnotationPort, v, "not a number nor the name of a container port")
+}
+
+// parseUpstreams reads "<service>:<port>,..." (spaces allowed).
+func parseUpstreams(v string) ([]Upstream, error) {
+	if strings.TrimSpace(v) == "" {
+		return nil, nil
+	}
+	var out []Upstream
+	ports := map[int]string{}
+	for item := range strings.SplitSeq(v, ",") {
+		item = strings.TrimSpace(item)
+		name, portStr, ok := strings.Cut(item, ":")
+		if !ok {
+			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("%q: want <service>:<local port>", item))
+		}
+		if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
+			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("%q: service name: %s", item, strings.Join(errs, "; ")))
+		}
+		port, err := strconv.Atoi(portStr)
+		if err != nil || port < 1 || port > 65535 {
+			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("%q: %q is not a port (1-65535)", item, portStr))
+		}
+		if prev, dup := ports[port]; dup {
+			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("local port %d given to both %s and %s", port, prev, name))
+		}
+		ports[port] = name
+		out = append(out, Upstream{Service: name, LocalPort: port})
+	}
+	return out, nil
+}
+
+// workloadName is the name of the pod's controller: a Deployment's (its
+// ReplicaSet's name without the pod-template-hash), a Job's, a
+// StatefulSet's, or the pod's own (generateName without its dash).
+func workloadName(pod *corev1.Pod) string {
+	for _, o := range pod.OwnerReferences {
+		if o.Controller == nil || !*o.Controller {
+			continue
+		}
+		if o.Kind == "ReplicaSet" {
+			if h := pod.Labels["pod-template-hash"]; h != "" {
+				return strings.TrimSuffix(o.Name, "-"+h)
+			}
+		}
+		return o.Name
+	}
+	if pod.Name != "" {
+		return pod.Name
+	}
+	return strings.TrimSuffix(pod.GenerateName, "-")
+}
+
+// resources reads the resource annotations over DefaultResources.
+func resources(ann map[string]string) (corev1.ResourceRequirements, error) {
+	r := *DefaultResources.DeepCopy()
+	for _, a := range []struct {
+		name string
+		list corev1.ResourceList
+		key  corev1.ResourceName
+	}{
+		{AnnotationCPURequest, r.Requests, corev1.ResourceCPU},
+		{AnnotationCPULimit, r.Limits, corev1.ResourceCPU},
+		{AnnotationMemoryRequest, r.Requests, corev1.ResourceMemory},
+		{AnnotationMemoryLimit, r.Limits, corev1.ResourceMemory},
+	} {
+		v, ok := ann[a.name]
+		if !ok {
+			continue
+		}
+		q, err := resource.ParseQuantity(v)
+		if err != nil {
+			return r, annotationErr(a.name, v, "not a Kubernetes quantity")
+		}
+		if q.IsZero() {
+			delete(a.list, a.key)
+			continue
+		}
+		a.list[a.key] = q
+	}
+	for k, lim := range r.Limits {
+		if req, ok := r.Requests[k]; ok && req.Cmp(lim) > 0 {
+			return r, fmt.Errorf("%w: sidecar %s request %s is above its limit %s", ErrRefused, k, req.String(), lim.String())
+		}
+	}
+	return r, nil
+}
+
+func hasContainer(pod *corev1.Pod, name string) bool {
+	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, c := range cs {
+			if c.Name == name {
+				return true
+			}
+		}
+	}
+	return false
+}

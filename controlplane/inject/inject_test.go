@@ -1,0 +1,228 @@
+package inject
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	jsonpatchv5 "github.com/evanphx/json-patch/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	admissionv1 "k8s.io/api/admission/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"sigs.k8s.io/yaml"
+
+	"github.com/meshlet/meshlet/internal/golden"
+	"github.com/meshlet/meshlet/xds"
+)
+
+// testCase is one testdata/*.yaml file: a pod as the API server sends it
+// for admission, its namespace, and the Services that select it.
+type testCase struct {
+	Namespace string          `json:"namespace"`
+	Services  []string        `json:"services"`
+	Native    *bool           `json:"native"`
+	Pod       json.RawMessage `json:"pod"`
+}
+
+type fixedServices []string
+
+func (f fixedServices) SelectingServices(string, map[string]string) ([]string, error) { return f, nil }
+
+type events struct {
+	mu  sync.Mutex
+	got []string
+}
+
+func (e *events) Skipped(ref *corev1.ObjectReference, reason Skip, msg string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.got = append(e.got, ref.Kind+"/"+ref.Name+": "+string(reason)+": "+msg)
+}
+
+// review sends pod to a webhook as the API server would and returns the
+// response.
+func review(t *testing.T, h http.Handler, ns string, pod []byte) *admissionv1.AdmissionResponse {
+	t.Helper()
+	in := admissionv1.AdmissionReview{
+		TypeMeta: metav1.TypeMeta{APIVersion: "admission.k8s.io/v1", Kind: "AdmissionReview"},
+		Request: &admissionv1.AdmissionRequest{
+			UID:       "4f6a0a5e-0000-4000-8000-000000000001",
+			Kind:      metav1.GroupVersionKind{Version: "v1", Kind: "Pod"},
+			Resource:  metav1.GroupVersionResource{Version: "v1", Resource: "pods"},
+			Namespace: ns,
+			Operation: admissionv1.Create,
+			Object:    runtime.RawExtension{Raw: pod},
+		},
+	}
+	b, _ := json.Marshal(in)
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, Path, bytes.NewReader(b)))
+	if rec.Code != 200 {
+		t.Fatalf("webhook answered %d: %s", rec.Code, rec.Body)
+	}
+	var out admissionv1.AdmissionReview
+	if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.Response == nil || out.Response.UID != in.Request.UID || out.APIVersion != "admission.k8s.io/v1" || out.Kind != "AdmissionReview" {
+		t.Fatalf("response %+v does not answer the request", out)
+	}
+	return out.Response
+}
+
+// TestGolden: AdmissionReview in → allowed/refused, patch and events out,
+// for real pod specs (testdata/*.yaml → testdata/*.golden.json). The patch
+// applied to the pod gives a pod the webhook leaves alone (idempotent).
+func TestGolden(t *testing.T) {
+	files, _ := filepath.Glob("testdata/*.yaml")
+	if len(files) == 0 {
+		t.Fatal("no test cases")
+	}
+	for _, f := range files {
+		name := strings.TrimSuffix(filepath.Base(f), ".yaml")
+		t.Run(name, func(t *testing.T) {
+			raw, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var tc testCase
+			if err := yaml.UnmarshalStrict(raw, &tc); err != nil {
+				t.Fatal(err)
+			}
+			podJSON, err := yaml.YAMLToJSON(tc.Pod)
+			if err != nil {
+				t.Fatal(err)
+			}
+			native := tc.Native == nil || *tc.Native
+			ev := &events{}
+			wh := NewWebhook(New(Config{NativeSidecars: native, ImagePullPolicy: corev1.PullNever}), WebhookOptions{Services: fixedServices(tc.Services), Events: ev, Registerer: prometheus.NewRegistry()})
+			resp := review(t, wh, tc.Namespace, podJSON)
+
+			got := map[string]any{"allowed": resp.Allowed}
+			if resp.Result != nil {
+				got["result"] = map[string]any{"code": resp.Result.Code, "message": resp.Result.Message}
+			}
+			if len(resp.Patch) > 0 {
+				if resp.PatchType == nil || *resp.PatchType != admissionv1.PatchTypeJSONPatch {
+					t.Errorf("patch type %v, want JSONPatch", resp.PatchType)
+				}
+				var ops []any
+				if err := json.Unmarshal(resp.Patch, &ops); err != nil {
+					t.Fatal(err)
+				}
+				got["patch"] = ops
+			}
+			if len(ev.got) > 0 {
+				got["events"] = ev.got
+			}
+			out, _ := json.MarshalIndent(got, "", "  ")
+			golden.Check(t, name+".golden.json", append(out, '\n'))
+
+			if len(resp.Patch) == 0 {
+				return
+			}
+			// The patch applies, and the result is left alone.
+			p, err := jsonpatchv5.DecodePatch(resp.Patch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			patched, err := p.Apply(podJSON)
+			if err != nil {
+				t.Fatalf("patch does not apply: %v", err)
+			}
+			var pod corev1.Pod
+			if err := json.Unmarshal(patched, &pod); err != nil {
+				t.Fatal(err)
+			}
+			checkInjected(t, &pod, native)
+			if again := review(t, wh, tc.Namespace, patched); !again.Allowed || len(again.Patch) != 0 {
+				t.Errorf("re-submitting the injected pod: allowed %v, patch %s; want it unchanged", again.Allowed, again.Patch)
+			}
+		})
+	}
+}
+
+// checkInjected checks what every injected pod must have.
+func checkInjected(t *testing.T, pod *corev1.Pod, native bool) {
+	t.Helper()
+	rec, ok, err := ParseRecord(pod)
+	if !ok || err != nil {
+		t.Fatalf("record: %v %v", ok, err)
+	}
+	var sc *corev1.Container
+	if native {
+		sc = &pod.Spec.InitContainers[0]
+		if sc.RestartPolicy == nil || *sc.RestartPolicy != corev1.ContainerRestartPolicyAlways {
+			t.Errorf("native sidecar restartPolicy = %v, want Always", sc.RestartPolicy)
+		}
+	} else {
+		sc = &pod.Spec.Containers[0]
+		if sc.Lifecycle == nil || sc.Lifecycle.PostStart == nil {
+			t.Error("sidecar without native sidecars has no postStart hook")
+		}
+	}
+	if sc.Name != SidecarContainer {
+		t.Fatalf("first container %q, want the sidecar", sc.Name)
+	}
+	s := sc.SecurityContext
+	if s == nil || *s.RunAsUser != xds.SidecarUID || !*s.RunAsNonRoot || !*s.ReadOnlyRootFilesystem || *s.AllowPrivilegeEscalation || len(s.Capabilities.Add) != 0 {
+		t.Errorf("sidecar security context %+v: want non-root, read-only root, no capabilities", s)
+	}
+	if sc.StartupProbe == nil || sc.StartupProbe.HTTPGet == nil || sc.StartupProbe.HTTPGet.Path != xds.ReadyPath {
+		t.Errorf("startup probe %+v, want %s", sc.StartupProbe, xds.ReadyPath)
+	}
+	if !strings.Contains(strings.Join(sc.Args, " "), "-node-id=$("+xds.EnvPodName+")-"+rec.Service+"-sidecar-proxy") {
+		t.Errorf("args %v: node ID is not the proxy's Consul service ID", sc.Args)
+	}
+	if pod.Labels[LabelInjected] != "true" {
+		t.Errorf("label %s missing", LabelInjected)
+	}
+}
+
+func TestParseUpstreams(t *testing.T) {
+	for _, tc := range []struct {
+		in, err string
+		n       int
+	}{
+		{"", "", 0},
+		{"api:9191", "", 1},
+		{" api:9191 , store:9192 ", "", 2},
+		{"api:notaport", `meshlet.io/upstreams="api:notaport": "api:notaport": "notaport" is not a port`, 0},
+		{"api", "want <service>:<local port>", 0},
+		{"api:0", "is not a port", 0},
+		{"Api_x:80", "service name", 0},
+		{"api:80,store:80", "local port 80 given to both api and store", 0},
+	} {
+		ups, err := parseUpstreams(tc.in)
+		if (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+			t.Errorf("%q: err %v, want %q", tc.in, err, tc.err)
+		}
+		if len(ups) != tc.n {
+			t.Errorf("%q: %d upstreams, want %d", tc.in, len(ups), tc.n)
+		}
+	}
+}
+
+func TestNotAReview(t *testing.T) {
+	wh := NewWebhook(New(Config{}), WebhookOptions{})
+	for _, body := range []string{"", "{", `{"kind":"AdmissionReview"}`} {
+		rec := httptest.NewRecorder()
+		wh.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, Path, strings.NewReader(body)))
+		if rec.Code != http.StatusBadRequest {
+			t.Errorf("%q: %d, want 400", body, rec.Code)
+		}
+	}
+	rec := httptest.NewRecorder()
+	wh.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, Path, nil))
+	if rec.Code != http.StatusMethodNotAllowed {
+		t.Errorf("GET: %d, want 405", rec.Code)
+	}
+}

@@ -1,0 +1,187 @@
+package inject
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/meshlet/meshlet/xds"
+)
+
+// sidecar returns the sidecar container for a pod of rec.
+func (in *Injector) sidecar(rec Record, probes xds.AppProbes, res corev1.ResourceRequirements, logLevel string) corev1.Container {
+	env := []corev1.EnvVar{
+		{Name: xds.EnvPodName, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
+		{Name: xds.EnvPodNamespace, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
+	}
+	if len(probes) > 0 {
+		b, _ := json.Marshal(probes) // map keys sorted: stable output
+		env = append(env, corev1.EnvVar{Name: xds.EnvAppProbes, Value: string(b)})
+	}
+	ready := &corev1.Probe{
+		ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: xds.ReadyPath, Port: intstr.FromInt32(xds.PodHealthPort)}},
+	}
+	startup := ready.DeepCopy()
+	// Up to two minutes for the first config (registration in Consul,
+	// then a leaf certificate), polled every second so the application
+	// starts as soon as the sidecar serves.
+	startup.PeriodSeconds, startup.FailureThreshold = 1, 120
+	ready.PeriodSeconds = 5
+	uid := int64(xds.SidecarUID)
+	yes, no := true, false
+	return corev1.Container{
+		Name:            SidecarContainer,
+		Image:           in.cfg.Image,
+		ImagePullPolicy: in.cfg.ImagePullPolicy,
+		Command:         []string{SidecarBinary},
+		Args: []string{
+			// The pod's name is known only once it is created
+			// (generateName): the kubelet expands $(MESHLET_POD_NAME).
+			"-node-id=" + xds.ProxyID("$("+xds.EnvPodName+")", rec.Service),
+			"-service=" + rec.Service,
+			"-xds-addr=" + in.cfg.XDSAddress,
+			"-health-addr=:" + strconv.Itoa(xds.PodHealthPort),
+			"-state-dir=" + StateDir,
+			"-log-level=" + logLevel,
+		},
+		Env: env,
+		Ports: []corev1.ContainerPort{
+			{Name: "meshlet-public", ContainerPort: int32(rec.PublicPort), Protocol: corev1.ProtocolTCP},
+			{Name: "meshlet-health", ContainerPort: xds.PodHealthPort, Protocol: corev1.ProtocolTCP},
+		},
+		Resources:      res,
+		StartupProbe:   startup,
+		ReadinessProbe: ready,
+		VolumeMounts:   []corev1.VolumeMount{{Name: StateVolume, MountPath: StateDir}},
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                &uid,
+			RunAsGroup:               &uid,
+			RunAsNonRoot:             &yes,
+			ReadOnlyRootFilesystem:   &yes,
+			AllowPrivilegeEscalation: &no,
+			Privileged:               &no,
+			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+			SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+		},
+		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+	}
+}
+
+// Probe kinds as they appear in health port paths.
+const (
+	probeLiveness  = "livez"
+	probeReadiness = "readyz"
+	probeStartup   = "startupz"
+)
+
+// rewriteProbes points the HTTP, TCP and gRPC probes of pod's containers
+// at the sidecar's health port, and returns what the sidecar must run for
+// each and the original probes by container and field name. Exec probes
+// and probes of another host are left alone.
+func rewriteProbes(pod *corev1.Pod) (xds.AppProbes, map[string]map[string]*corev1.Probe, error) {
+	probes := xds.AppProbes{}
+	original := map[string]map[string]*corev1.Probe{}
+	for i := range pod.Spec.Containers {
+		c := &pod.Spec.Containers[i]
+		for _, p := range []struct {
+			field, kind string
+			probe       **corev1.Probe
+		}{
+			{"livenessProbe", probeLiveness, &c.LivenessProbe},
+			{"readinessProbe", probeReadiness, &c.ReadinessProbe},
+			{"startupProbe", probeStartup, &c.StartupProbe},
+		} {
+			pr := *p.probe
+			if pr == nil {
+				continue
+			}
+			ap, ok, err := appProbe(c, pr)
+			if err != nil {
+				return nil, nil, fmt.Errorf("%w: container %s %s: %v", ErrRefused, c.Name, p.field, err)
+			}
+			if !ok {
+				continue
+			}
+			if original[c.Name] == nil {
+				original[c.Name] = map[string]*corev1.Probe{}
+			}
+			original[c.Name][p.field] = pr.DeepCopy()
+			path := xds.AppHealthPath(c.Name, p.kind)
+			probes[path] = ap
+			np := pr.DeepCopy()
+			np.ProbeHandler = corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(xds.PodHealthPort), Scheme: corev1.URISchemeHTTP}}
+			*p.probe = np
+		}
+	}
+	if len(probes) == 0 {
+		return nil, nil, nil
+	}
+	return probes, original, nil
+}
+
+// appProbe describes pr for the sidecar; ok is false for a probe that is
+// not rewritten.
+func appProbe(c *corev1.Container, pr *corev1.Probe) (xds.AppProbe, bool, error) {
+	ap := xds.AppProbe{TimeoutSeconds: pr.TimeoutSeconds}
+	switch h := pr.ProbeHandler; {
+	case h.HTTPGet != nil:
+		if h.HTTPGet.Host != "" {
+			return ap, false, nil // the kubelet probes another host: not the app's port
+		}
+		port, err := containerPort(c, h.HTTPGet.Port)
+		if err != nil {
+			return ap, false, err
+		}
+		g := &xds.HTTPGetProbe{Port: port, Path: h.HTTPGet.Path, Scheme: string(h.HTTPGet.Scheme)}
+		for _, hd := range h.HTTPGet.HTTPHeaders {
+			g.Headers = append(g.Headers, xds.HTTPHeader{Name: hd.Name, Value: hd.Value})
+		}
+		ap.HTTPGet = g
+	case h.TCPSocket != nil:
+		if h.TCPSocket.Host != "" {
+			return ap, false, nil
+		}
+		port, err := containerPort(c, h.TCPSocket.Port)
+		if err != nil {
+			return ap, false, err
+		}
+		ap.TCPSocket = &xds.PortProbe{Port: port}
+	case h.GRPC != nil:
+		ap.GRPC = &xds.GRPCProbe{Port: int(h.GRPC.Port)}
+		if h.GRPC.Service != nil {
+			ap.GRPC.Service = *h.GRPC.Service
+		}
+	default:
+		return ap, false, nil // exec probes run in the container: nothing to rewrite
+	}
+	return ap, true, nil
+}
+
+// containerPort resolves a probe's port, a number or a named port of c.
+func containerPort(c *corev1.Container, p intstr.IntOrString) (int, error) {
+	if p.Type == intstr.Int {
+		return p.IntValue(), nil
+	}
+	for _, cp := range c.Ports {
+		if cp.Name == p.StrVal {
+			return int(cp.ContainerPort), nil
+		}
+	}
+	names := slices.Sorted(maps.Keys(portNames(c)))
+	return 0, fmt.Errorf("port %q is not a named port of the container (named: %v)", p.StrVal, names)
+}
+
+func portNames(c *corev1.Container) map[string]bool {
+	m := map[string]bool{}
+	for _, cp := range c.Ports {
+		if cp.Name != "" {
+			m[cp.Name] = true
+		}
+	}
+	return m
+}
