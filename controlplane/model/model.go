@@ -119,6 +119,12 @@ type Proxy struct {
 	Healthy bool
 }
 
+// ClientOnly reports a proxy without a local application port (a Job or
+// a client pod that no Service selects, registered from Kubernetes): it
+// gets no public listener and is no endpoint of its service, only its
+// upstreams.
+func (p *Proxy) ClientOnly() bool { return p.LocalAppPort == 0 }
+
 // BindAddress returns the address the public listener binds.
 func (p *Proxy) BindAddress() string {
 	if p.ListenAddress != "" {

@@ -44,7 +44,8 @@ func Protocol(cat *model.Catalog, pol *policy.Set, service string) xds.Protocol 
 // Proxy returns the resources of the sidecar p:
 //   - the secrets "default" (the leaf certificate of p's service) and
 //     "ROOTCA" (every Connect CA root);
-//   - the public listener on p's address and port: mTLS (TLS 1.3, or 1.2
+//   - the public listener on p's address and port (none for a client-only
+//     proxy, see model.Proxy.ClientOnly): mTLS (TLS 1.3, or 1.2
 //     with MeshDefaults), authorization by RBAC from Consul intentions and
 //     AuthorizationPolicy files, then an HTTP connection manager with an
 //     inline route (the caller's SPIFFE ID in x-forwarded-client-cert) or a
@@ -89,14 +90,18 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 		in.TCP.IdleTimeout = tcpIdleTimeout(pol, p.Service)
 	}
 	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP)
-	r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
-	if proto == xds.ProtocolUDP {
+	if !p.ClientOnly() {
+		r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
+	}
+	if proto == xds.ProtocolUDP && !p.ClientOnly() {
 		// Only a service declared udp gets a UDP listener: it is plaintext
 		// and unauthorized, so it is never opened implicitly.
 		r.Listeners = append(r.Listeners, xds.NewUDPListener(xds.PublicUDPListener, p.BindAddress(), p.BindPort(), xds.LocalAppCluster,
 			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, p.Service)}))
 	}
-	r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
+	if !p.ClientOnly() {
+		r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
+	}
 
 	seen := map[string]bool{}
 	for _, u := range p.Upstreams {
@@ -172,11 +177,12 @@ func hasTracedListener(ls []*listener.Listener) bool {
 }
 
 // sidecarEndpoints returns the public listeners of the healthy sidecars of
-// service: in the mesh, traffic to a service enters through its sidecars.
+// service (client-only proxies have none): in the mesh, traffic to a
+// service enters through its sidecars.
 func sidecarEndpoints(cat *model.Catalog, service string) []xds.Endpoint {
 	var eps []xds.Endpoint
 	for _, p := range cat.ProxiesFor(service) {
-		if p.Healthy {
+		if p.Healthy && !p.ClientOnly() {
 			eps = append(eps, xds.Endpoint{Host: p.Address, Port: p.Port, Weight: p.Weight, Region: p.Datacenter})
 		}
 	}

@@ -66,6 +66,11 @@ func catalogServices() *model.Catalog {
 			"api-2-sidecar-proxy":   inDC("dc2", proxy("api-2-sidecar-proxy", "api", 21002, true)),
 			"api-3-sidecar-proxy":   proxy("api-3-sidecar-proxy", "api", 21003, false),
 			"store-1-sidecar-proxy": proxy("store-1-sidecar-proxy", "store", 21100, true),
+			// A client-only proxy (a Job's pod): no application port, so no
+			// public listener and no endpoint of api anywhere.
+			"api-job-sidecar-proxy": {ID: "api-job-sidecar-proxy", Node: "n1", Service: "api", ServiceID: "api-job", Address: "10.0.0.9", Port: 20000,
+				LocalAppAddress: "127.0.0.1", Weight: 1, Healthy: true,
+				Upstreams: []model.Upstream{{Service: "store", BindAddress: "127.0.0.1", BindPort: 9192}}},
 		},
 	)
 }
@@ -136,6 +141,7 @@ func TestProxyGolden(t *testing.T) {
 		{name: "web-sidecar", proxy: "web-1-sidecar-proxy"},     // HTTP inbound; HTTP and TCP upstreams
 		{name: "api-sidecar", proxy: "api-1-sidecar-proxy"},     // protocol from a policy file, no upstreams
 		{name: "store-sidecar", proxy: "store-1-sidecar-proxy"}, // TCP inbound from service meta
+		{name: "client-only-sidecar", proxy: "api-job-sidecar-proxy"}, // no public listener, no local_app
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
