@@ -19,6 +19,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/admin"
 	"github.com/meshlet/meshlet/controlplane/consul"
+	"github.com/meshlet/meshlet/controlplane/kube"
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/server"
@@ -70,6 +71,11 @@ type Config struct {
 	AdminReady func(adminAddr net.Addr)
 	// Ready, if set, is called with the bound xDS address once serving.
 	Ready func(xdsAddr net.Addr)
+	// Kube, when set, also runs the Kubernetes side (kube.Run): the
+	// injection webhook and the registration controller, which writes
+	// injected pods to the same Consul. Its Consul, Registerer and Logger
+	// are filled in here.
+	Kube *kube.Config
 }
 
 func (c *Config) setDefaults() {
@@ -155,6 +161,17 @@ func Run(ctx context.Context, cfg Config) error {
 		if cfg.AdminReady != nil {
 			cfg.AdminReady(adminLis.Addr())
 		}
+	}
+	if cfg.Kube != nil {
+		kc := *cfg.Kube
+		kc.Consul, kc.Registerer, kc.Logger = client.Catalog(), reg, log
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := kube.Run(ctx, kc); err != nil {
+				cancel(err)
+			}
+		}()
 	}
 	wg.Add(3)
 	go func() {

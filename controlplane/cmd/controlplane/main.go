@@ -21,8 +21,12 @@ import (
 	"syscall"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/meshlet/meshlet/controlplane"
 	"github.com/meshlet/meshlet/controlplane/admin"
+	"github.com/meshlet/meshlet/controlplane/inject"
+	"github.com/meshlet/meshlet/controlplane/kube"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/traceview"
 	"github.com/meshlet/meshlet/internal/cli"
@@ -129,6 +133,21 @@ func serve(args []string, stderr io.Writer) int {
 	var collector policy.Collector
 	fs.StringVar(&collector.Endpoint, "otlp-endpoint", os.Getenv("MESHLET_OTLP_ENDPOINT"), "OTLP collector sidecars export spans to when MeshDefaults.tracing names none: host:port for grpc, a URL for http (env MESHLET_OTLP_ENDPOINT; tracing is off when neither names one)")
 	fs.StringVar(&collector.Protocol, "otlp-protocol", policy.CollectorGRPC, "OTLP protocol of -otlp-endpoint: grpc or http")
+	var kc kube.Config
+	kubeOn := fs.Bool("kube", false, "also run the Kubernetes side: the sidecar injection webhook and the registration of injected pods in Consul (see README, Kubernetes)")
+	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "with -kube: kubeconfig file (env KUBECONFIG); in-cluster configuration when empty")
+	fs.StringVar(&kc.Namespace, "mesh-namespace", cli.EnvOr("POD_NAMESPACE", inject.DefaultMeshNamespace), "with -kube: meshlet's own namespace, never injected (env POD_NAMESPACE)")
+	fs.StringVar(&kc.WebhookAddress, "webhook-addr", kube.DefaultWebhookAddress, "with -kube: where the injection webhook serves HTTPS ("+inject.Path+", "+kube.HealthPath+")")
+	fs.StringVar(&kc.CertDir, "webhook-cert-dir", "", "with -kube: serve the webhook with tls.crt/tls.key from this directory (cert-manager); default: self-managed certificates in a Secret, caBundle patched")
+	fs.StringVar(&kc.WebhookConfigName, "webhook-config", kube.DefaultWebhookConfigName, "with -kube: the MutatingWebhookConfiguration whose caBundle the self-managed CA goes into")
+	fs.StringVar(&kc.ServiceName, "webhook-service", kube.DefaultServiceName, "with -kube: the webhook's Service (the certificate's DNS names)")
+	fs.StringVar(&kc.Injector.Image, "sidecar-image", inject.DefaultImage, "with -kube: image of the injected sidecar")
+	pullPolicy := fs.String("sidecar-pull-policy", "", "with -kube: imagePullPolicy of the injected sidecar (Always, IfNotPresent, Never; default Kubernetes')")
+	fs.StringVar(&kc.Injector.XDSAddress, "sidecar-xds-addr", inject.DefaultXDSAddress, "with -kube: the ADS address injected sidecars dial")
+	fs.StringVar(&kc.NativeSidecars, "native-sidecars", "auto", "with -kube: inject native sidecars (init containers with restartPolicy Always): true, false, or auto (API server 1.29 or later)")
+	fs.BoolVar(&kc.Register, "register", true, "with -kube: register injected pods in Consul")
+	fs.BoolVar(&kc.LeaderElect, "leader-elect", true, "with -kube: run the registration in one replica at a time (Lease "+kube.DefaultLeaseName+")")
+	fs.StringVar(&kc.Identity, "identity", os.Getenv("POD_NAME"), "with -kube: this replica's name in the lease (env POD_NAME; default the host name)")
 	logger := cli.LogLevel(fs, stderr)
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -137,6 +156,20 @@ func serve(args []string, stderr io.Writer) int {
 	if cfg.Logger, err = logger(); err != nil {
 		fmt.Fprintf(stderr, "controlplane: %v\n", err)
 		return 2
+	}
+	if *kubeOn {
+		switch p := corev1.PullPolicy(*pullPolicy); p {
+		case "", corev1.PullAlways, corev1.PullIfNotPresent, corev1.PullNever:
+			kc.Injector.ImagePullPolicy = p
+		default:
+			fmt.Fprintf(stderr, "controlplane: -sidecar-pull-policy %q: want Always, IfNotPresent or Never\n", p)
+			return 2
+		}
+		if kc.Client, err = kube.NewClient(*kubeconfig); err != nil {
+			fmt.Fprintf(stderr, "controlplane: %v\n", err)
+			return 2
+		}
+		cfg.Kube = &kc
 	}
 	if collector.Endpoint != "" {
 		if err := collector.Validate(); err != nil {

@@ -1,0 +1,381 @@
+package kube
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+)
+
+// Lifetimes of the self-managed webhook certificates. The serving
+// certificate is renewed when a third of its life is left (as
+// cert-manager's default renewBefore); the CA lives ten years and is
+// renewed likewise, both CAs staying in the caBundle until the old one
+// expires.
+const (
+	CALifetime      = 10 * 365 * 24 * time.Hour
+	ServingLifetime = 365 * 24 * time.Hour
+	// CertCheckInterval is how often the certificates are checked against
+	// the Secret and their expiry.
+	CertCheckInterval = time.Hour
+)
+
+// Keys of the webhook's TLS Secret (type kubernetes.io/tls, plus the CA).
+const (
+	secretCACert = "ca.crt"
+	secretCAKey  = "ca.key"
+)
+
+// WebhookCertsConfig configures SelfManagedCerts.
+type WebhookCertsConfig struct {
+	Client kubernetes.Interface
+	// Namespace holds the Secret and the webhook's Service.
+	Namespace string
+	// SecretName is the Secret keeping the CA and serving certificate,
+	// shared by every replica.
+	SecretName string
+	// ServiceName is the webhook's Service: the certificate's DNS names
+	// are <svc>, <svc>.<ns>, <svc>.<ns>.svc, <svc>.<ns>.svc.cluster.local.
+	ServiceName string
+	// WebhookConfigName is the MutatingWebhookConfiguration whose webhooks
+	// pointing at ServiceName get the CA as caBundle.
+	WebhookConfigName string
+	Logger            *slog.Logger
+	// Now defaults to time.Now (tests move it).
+	Now func() time.Time
+}
+
+// SelfManagedCerts serves the webhook with a certificate it makes and
+// keeps itself: a CA and a serving certificate in a Secret (created by the
+// first replica, read by the others), the CA written into the webhook
+// configuration's caBundle, both renewed before they expire.
+type SelfManagedCerts struct {
+	cfg  WebhookCertsConfig
+	log  *slog.Logger
+	cert atomic.Pointer[tls.Certificate]
+	mu   sync.Mutex // serialises Ensure
+}
+
+// NewSelfManagedCerts returns the manager; call Ensure before serving.
+func NewSelfManagedCerts(cfg WebhookCertsConfig) *SelfManagedCerts {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	m := &SelfManagedCerts{cfg: cfg, log: cfg.Logger}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
+	return m
+}
+
+// GetCertificate is tls.Config.GetCertificate.
+func (m *SelfManagedCerts) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	c := m.cert.Load()
+	if c == nil {
+		return nil, errors.New("kube: webhook certificate not loaded yet")
+	}
+	return c, nil
+}
+
+// Run checks the certificates every CertCheckInterval until ctx is done.
+func (m *SelfManagedCerts) Run(ctx context.Context) {
+	t := time.NewTicker(CertCheckInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := m.Ensure(ctx); err != nil {
+				m.log.Warn("kube: webhook certificate check failed; retrying in an hour", "error", err)
+			}
+		}
+	}
+}
+
+// Ensure loads the Secret, creating or renewing what is missing, invalid
+// or due, loads the serving certificate and makes the webhook
+// configuration trust the CA. Replicas racing on the Secret settle on one
+// writer (create and update conflict; the loser reads the winner's).
+func (m *SelfManagedCerts) Ensure(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for attempt := 0; attempt < 5; attempt++ {
+		sec, err := m.cfg.Client.CoreV1().Secrets(m.cfg.Namespace).Get(ctx, m.cfg.SecretName, metav1.GetOptions{})
+		exists := err == nil
+		if err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("kube: webhook secret %s/%s: %w", m.cfg.Namespace, m.cfg.SecretName, err)
+		}
+		var data map[string][]byte
+		if exists {
+			data = sec.Data
+		}
+		next, changed, err := m.renew(data)
+		if err != nil {
+			return err
+		}
+		if changed {
+			if !exists {
+				sec = &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: m.cfg.SecretName, Namespace: m.cfg.Namespace,
+					Labels: map[string]string{"app.kubernetes.io/managed-by": "meshlet"}}, Type: corev1.SecretTypeTLS, Data: next}
+				_, err = m.cfg.Client.CoreV1().Secrets(m.cfg.Namespace).Create(ctx, sec, metav1.CreateOptions{})
+			} else {
+				sec = sec.DeepCopy()
+				sec.Data = next
+				_, err = m.cfg.Client.CoreV1().Secrets(m.cfg.Namespace).Update(ctx, sec, metav1.UpdateOptions{})
+			}
+			if apierrors.IsAlreadyExists(err) || apierrors.IsConflict(err) {
+				continue // another replica wrote it first: use theirs
+			}
+			if err != nil {
+				return fmt.Errorf("kube: write webhook secret: %w", err)
+			}
+			m.log.Info("kube: webhook certificate written", "secret", m.cfg.Namespace+"/"+m.cfg.SecretName, "dns", m.dnsNames()[2])
+		}
+		cert, err := tls.X509KeyPair(next[corev1.TLSCertKey], next[corev1.TLSPrivateKeyKey])
+		if err != nil {
+			return fmt.Errorf("kube: webhook certificate: %w", err)
+		}
+		m.cert.Store(&cert)
+		return m.patchCABundle(ctx, next[secretCACert])
+	}
+	return errors.New("kube: webhook secret kept changing under us")
+}
+
+func (m *SelfManagedCerts) dnsNames() []string {
+	s, ns := m.cfg.ServiceName, m.cfg.Namespace
+	return []string{s, s + "." + ns, s + "." + ns + ".svc", s + "." + ns + ".svc.cluster.local"}
+}
+
+// renew returns the Secret data to use: data itself when its CA and
+// serving certificate are valid, match the Service and are not due, else
+// data with what is due made again.
+func (m *SelfManagedCerts) renew(data map[string][]byte) (map[string][]byte, bool, error) {
+	now := m.cfg.Now()
+	due := func(c *x509.Certificate) bool {
+		return c == nil || now.After(c.NotAfter.Add(-c.NotAfter.Sub(c.NotBefore)/3))
+	}
+	caCerts, _ := parseCerts(data[secretCACert])
+	var ca *x509.Certificate
+	if len(caCerts) > 0 {
+		ca = caCerts[0]
+	}
+	caKey, _ := parseKey(data[secretCAKey])
+	out := map[string][]byte{}
+	changed := false
+	if ca == nil || caKey == nil || due(ca) || !ca.IsCA {
+		var err error
+		if ca, caKey, err = newCA(now); err != nil {
+			return nil, false, err
+		}
+		changed = true
+		bundle := pemCert(ca.Raw)
+		for _, old := range caCerts { // keep CAs still valid until they expire
+			if now.Before(old.NotAfter) && !old.Equal(ca) {
+				bundle = append(bundle, pemCert(old.Raw)...)
+			}
+		}
+		out[secretCACert] = bundle
+		kb, _ := x509.MarshalECPrivateKey(caKey)
+		out[secretCAKey] = pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
+	} else {
+		out[secretCACert], out[secretCAKey] = data[secretCACert], data[secretCAKey]
+	}
+	serving, _ := parseCerts(data[corev1.TLSCertKey])
+	okServing := !changed && len(serving) > 0 && !due(serving[0]) && slices.Equal(serving[0].DNSNames, m.dnsNames()) &&
+		serving[0].CheckSignatureFrom(ca) == nil
+	if okServing {
+		if _, err := tls.X509KeyPair(data[corev1.TLSCertKey], data[corev1.TLSPrivateKeyKey]); err != nil {
+			okServing = false
+		}
+	}
+	if okServing {
+		out[corev1.TLSCertKey], out[corev1.TLSPrivateKeyKey] = data[corev1.TLSCertKey], data[corev1.TLSPrivateKeyKey]
+		return out, changed, nil
+	}
+	certPEM, keyPEM, err := newServing(now, ca, caKey, m.dnsNames())
+	if err != nil {
+		return nil, false, err
+	}
+	out[corev1.TLSCertKey], out[corev1.TLSPrivateKeyKey] = certPEM, keyPEM
+	return out, true, nil
+}
+
+// patchCABundle sets caBundle on every webhook of the configuration that
+// calls our Service.
+func (m *SelfManagedCerts) patchCABundle(ctx context.Context, bundle []byte) error {
+	api := m.cfg.Client.AdmissionregistrationV1().MutatingWebhookConfigurations()
+	for attempt := 0; attempt < 5; attempt++ {
+		wc, err := api.Get(ctx, m.cfg.WebhookConfigName, metav1.GetOptions{})
+		if err != nil {
+			return fmt.Errorf("kube: webhook configuration %s: %w", m.cfg.WebhookConfigName, err)
+		}
+		wc = wc.DeepCopy()
+		changed := false
+		for i := range wc.Webhooks {
+			s := wc.Webhooks[i].ClientConfig.Service
+			if s == nil || s.Name != m.cfg.ServiceName || s.Namespace != m.cfg.Namespace {
+				continue
+			}
+			if !bytes.Equal(wc.Webhooks[i].ClientConfig.CABundle, bundle) {
+				wc.Webhooks[i].ClientConfig.CABundle = bundle
+				changed = true
+			}
+		}
+		if !changed {
+			return nil
+		}
+		_, err = api.Update(ctx, wc, metav1.UpdateOptions{})
+		if apierrors.IsConflict(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("kube: patch caBundle of %s: %w", m.cfg.WebhookConfigName, err)
+		}
+		m.log.Info("kube: webhook configuration trusts the webhook's CA", "configuration", m.cfg.WebhookConfigName)
+		return nil
+	}
+	return fmt.Errorf("kube: webhook configuration %s kept changing", m.cfg.WebhookConfigName)
+}
+
+func newCA(now time.Time) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kube: ca key: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(), Subject: pkix.Name{CommonName: "meshlet webhook CA"},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(CALifetime),
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kube: ca certificate: %w", err)
+	}
+	c, err := x509.ParseCertificate(der)
+	return c, key, err
+}
+
+func newServing(now time.Time, ca *x509.Certificate, caKey *ecdsa.PrivateKey, dns []string) (certPEM, keyPEM []byte, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kube: serving key: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(), Subject: pkix.Name{CommonName: dns[2]}, DNSNames: dns,
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(ServingLifetime),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("kube: serving certificate: %w", err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	return pemCert(der), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), nil
+}
+
+func serial() *big.Int {
+	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	return n
+}
+
+func pemCert(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}) }
+
+func parseCerts(b []byte) ([]*x509.Certificate, error) {
+	var out []*x509.Certificate
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			return out, nil
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, c)
+	}
+}
+
+func parseKey(b []byte) (*ecdsa.PrivateKey, error) {
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, errors.New("no PEM key")
+	}
+	return x509.ParseECPrivateKey(blk.Bytes)
+}
+
+// FileCerts serves the webhook with tls.crt and tls.key from a directory,
+// a Secret mounted from cert-manager (whose CA injector fills caBundle),
+// read again when they change (checked at most every 10 s).
+type FileCerts struct {
+	dir string
+
+	mu      sync.Mutex // guards the fields below
+	cert    *tls.Certificate
+	modTime time.Time
+	checked time.Time
+}
+
+// NewFileCerts loads the certificate in dir, or returns the error.
+func NewFileCerts(dir string) (*FileCerts, error) {
+	f := &FileCerts{dir: dir}
+	if _, err := f.GetCertificate(nil); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// GetCertificate is tls.Config.GetCertificate.
+func (f *FileCerts) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	if f.cert != nil && now.Sub(f.checked) < 10*time.Second {
+		return f.cert, nil
+	}
+	f.checked = now
+	certFile, keyFile := filepath.Join(f.dir, corev1.TLSCertKey), filepath.Join(f.dir, corev1.TLSPrivateKeyKey)
+	st, err := os.Stat(certFile)
+	if err != nil {
+		if f.cert != nil {
+			return f.cert, nil
+		}
+		return nil, fmt.Errorf("kube: webhook certificate: %w", err)
+	}
+	if f.cert != nil && st.ModTime().Equal(f.modTime) {
+		return f.cert, nil
+	}
+	c, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		if f.cert != nil {
+			return f.cert, nil // a half-written rotation: keep the last good
+		}
+		return nil, fmt.Errorf("kube: webhook certificate: %w", err)
+	}
+	f.cert, f.modTime = &c, st.ModTime()
+	return f.cert, nil
+}
