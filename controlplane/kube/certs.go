@@ -299,7 +299,9 @@ func serial() *big.Int {
 	return n
 }
 
-func pemCert(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}) }
+func pemCert(der []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
 
 func parseCerts(b []byte) ([]*x509.Certificate, error) {
 	var out []*x509.Certificate

@@ -175,7 +175,7 @@ type Registrar struct {
 	synced   []cache.InformerSynced
 	queue    workqueue.TypedRateLimitingInterface[string]
 
-	mu         sync.Mutex             // guards registered
+	mu         sync.Mutex            // guards registered
 	registered map[string]registered // by pod key (namespace/name)
 }
 

@@ -138,9 +138,9 @@ func render(t *testing.T, r Resources) []byte {
 func TestProxyGolden(t *testing.T) {
 	cat, pol := catalog(), policies(t)
 	tests := []struct{ name, proxy string }{
-		{name: "web-sidecar", proxy: "web-1-sidecar-proxy"},     // HTTP inbound; HTTP and TCP upstreams
-		{name: "api-sidecar", proxy: "api-1-sidecar-proxy"},     // protocol from a policy file, no upstreams
-		{name: "store-sidecar", proxy: "store-1-sidecar-proxy"}, // TCP inbound from service meta
+		{name: "web-sidecar", proxy: "web-1-sidecar-proxy"},           // HTTP inbound; HTTP and TCP upstreams
+		{name: "api-sidecar", proxy: "api-1-sidecar-proxy"},           // protocol from a policy file, no upstreams
+		{name: "store-sidecar", proxy: "store-1-sidecar-proxy"},       // TCP inbound from service meta
 		{name: "client-only-sidecar", proxy: "api-job-sidecar-proxy"}, // no public listener, no local_app
 	}
 	for _, tc := range tests {
