@@ -33,7 +33,7 @@ const (
 	// DefaultImage is the image the dev overlay builds and imports.
 	DefaultImage = "meshlet.local/meshlet:dev"
 	// SidecarBinary is the sidecar's path in the image.
-	SidecarBinary = "/sidecar"
+	SidecarBinary = "/usr/local/bin/sidecar"
 	// StateDir is where the sidecar keeps its last accepted config (an
 	// emptyDir: the root filesystem is read-only).
 	StateDir = "/var/run/meshlet"

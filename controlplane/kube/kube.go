@@ -62,7 +62,9 @@ type Config struct {
 	// pod); inject.DefaultMeshNamespace when empty.
 	Namespace string
 	// Injector configures injection; its MeshNamespace is set to
-	// Namespace, and NativeSidecars from NativeSidecars.
+	// Namespace, and NativeSidecars from NativeSidecars. An empty Image is
+	// the control plane's own (its pod's "controlplane" container, found
+	// by Identity in Namespace).
 	Injector inject.Config
 	// NativeSidecars is "true", "false" or "auto" (default): auto injects
 	// native sidecars when the API server is 1.29 or later.
@@ -144,6 +146,11 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cfg.Injector.NativeSidecars = native
+	if cfg.Injector.Image == "" {
+		if cfg.Injector.Image, err = ownImage(ctx, cfg.Client, cfg.Namespace, cfg.Identity); err != nil {
+			return err
+		}
+	}
 
 	var getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 	var selfCerts *SelfManagedCerts
@@ -307,6 +314,22 @@ func nativeSidecars(c kubernetes.Interface, mode string) (bool, error) {
 	major, _ := strconv.Atoi(strings.TrimRight(v.Major, "+"))
 	minor, _ := strconv.Atoi(strings.TrimRight(v.Minor, "+"))
 	return major > 1 || major == 1 && minor >= 29, nil
+}
+
+// ownImage is the image of the control plane's own container (the
+// Deployment's one image: the sidecar's binary is in it too), read from
+// its pod (the downward API does not give images).
+func ownImage(ctx context.Context, c kubernetes.Interface, ns, pod string) (string, error) {
+	p, err := c.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("kube: the sidecar image is the control plane's own, but its pod %s/%s cannot be read (set -sidecar-image): %w", ns, pod, err)
+	}
+	for _, c := range p.Spec.Containers {
+		if c.Name == "controlplane" {
+			return c.Image, nil
+		}
+	}
+	return p.Spec.Containers[0].Image, nil
 }
 
 // serviceSelector is inject.ServiceSelector over a Service lister.

@@ -141,7 +141,7 @@ func serve(args []string, stderr io.Writer) int {
 	fs.StringVar(&kc.CertDir, "webhook-cert-dir", "", "with -kube: serve the webhook with tls.crt/tls.key from this directory (cert-manager); default: self-managed certificates in a Secret, caBundle patched")
 	fs.StringVar(&kc.WebhookConfigName, "webhook-config", kube.DefaultWebhookConfigName, "with -kube: the MutatingWebhookConfiguration whose caBundle the self-managed CA goes into")
 	fs.StringVar(&kc.ServiceName, "webhook-service", kube.DefaultServiceName, "with -kube: the webhook's Service (the certificate's DNS names)")
-	fs.StringVar(&kc.Injector.Image, "sidecar-image", inject.DefaultImage, "with -kube: image of the injected sidecar")
+	fs.StringVar(&kc.Injector.Image, "sidecar-image", os.Getenv("MESHLET_SIDECAR_IMAGE"), "with -kube: image of the injected sidecar (env MESHLET_SIDECAR_IMAGE; default: the control plane's own image, read from its pod)")
 	pullPolicy := fs.String("sidecar-pull-policy", "", "with -kube: imagePullPolicy of the injected sidecar (Always, IfNotPresent, Never; default Kubernetes')")
 	fs.StringVar(&kc.Injector.XDSAddress, "sidecar-xds-addr", inject.DefaultXDSAddress, "with -kube: the ADS address injected sidecars dial")
 	fs.StringVar(&kc.NativeSidecars, "native-sidecars", "auto", "with -kube: inject native sidecars (init containers with restartPolicy Always): true, false, or auto (API server 1.29 or later)")
