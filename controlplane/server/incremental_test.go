@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"slices"
 	"strconv"
@@ -15,7 +16,6 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -227,10 +227,26 @@ func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
 	}
 }
 
-// TestProxylessGroupServiceByService: the group's snapshot, built service by
-// service and only for the services that changed, holds what
-// translate.Proxyless gives for the whole catalog, and its versions follow
-// the content.
+// proxylessState returns the resources of the proxyless clients' caches
+// by type and name, and the types' current versions.
+func proxylessState(s *Server) (map[string]map[string]types.Resource, map[string]string) {
+	res := map[string]map[string]types.Resource{}
+	for typ, lt := range s.linear {
+		res[typ] = lt.lc.GetResources()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v := map[string]string{}
+	if h := s.published[ProxylessGroup]; len(h) > 0 {
+		v = maps.Clone(h[len(h)-1].versions)
+	}
+	return res, v
+}
+
+// TestProxylessGroupServiceByService: the proxyless clients' caches, built
+// service by service and only for the services that changed, hold what
+// translate.Proxyless gives for the whole catalog, and a type's version
+// changes only when one of its resources does.
 func TestProxylessGroupServiceByService(t *testing.T) {
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	defer s.Close()
@@ -238,26 +254,24 @@ func TestProxylessGroupServiceByService(t *testing.T) {
 	check := func(cat *model.Catalog) map[string]string {
 		t.Helper()
 		want := translate.Proxyless(cat, pol)
-		var snap cache.ResourceSnapshot
-		waitFor(t, "the proxyless group's snapshot", func() bool {
-			sn, err := s.Cache().GetSnapshot(ProxylessGroup)
-			if err != nil {
-				return false
-			}
-			eps := sn.GetResources(xds.EndpointType)
+		var res map[string]map[string]types.Resource
+		var versions map[string]string
+		waitFor(t, "the proxyless caches", func() bool {
+			res, versions = proxylessState(s)
+			eps := res[xds.EndpointType]
 			for _, e := range want.Endpoints {
 				got, ok := eps[e.GetClusterName()]
 				if !ok || !proto.Equal(got, e) {
 					return false
 				}
 			}
-			snap = sn
 			return len(eps) == len(want.Endpoints)
 		})
 		for typ, list := range map[string][]types.Resource{
 			xds.ListenerType: toResources(want.Listeners), xds.ClusterType: toResources(want.Clusters), xds.EndpointType: toResources(want.Endpoints),
+			xds.RouteType: toResources(want.Routes), xds.SecretType: toResources(want.Secrets),
 		} {
-			got := snap.GetResources(typ)
+			got := res[typ]
 			if len(got) != len(list) {
 				t.Fatalf("%s: %d resources, want %d", typ, len(got), len(list))
 			}
@@ -267,25 +281,59 @@ func TestProxylessGroupServiceByService(t *testing.T) {
 				}
 			}
 		}
-		return map[string]string{xds.ListenerType: snap.GetVersion(xds.ListenerType), xds.ClusterType: snap.GetVersion(xds.ClusterType),
-			xds.EndpointType: snap.GetVersion(xds.EndpointType)}
+		return versions
 	}
+	translated := func() float64 { return testutil.ToFloat64(s.metrics.translated.WithLabelValues(KindProxyless)) }
 	cat := mesh()
 	s.SetCatalog(cat)
 	v1 := check(cat)
+	if n := translated(); n != float64(len(cat.Services)) {
+		t.Errorf("%v services translated for the first catalog, want %d", n, len(cat.Services))
+	}
 
 	api := *cat.Services["api"]
 	api.Instances = []model.Instance{api.Instances[0]}
 	api.Instances[0].Healthy = false
 	cat2 := with(cat, nil, &api)
+	before := translated()
 	s.SetCatalog(cat2)
 	v2 := check(cat2)
 	if v2[xds.EndpointType] == v1[xds.EndpointType] || v2[xds.ListenerType] != v1[xds.ListenerType] || v2[xds.ClusterType] != v1[xds.ClusterType] {
 		t.Errorf("versions %v → %v: want only the endpoints' to change", v1, v2)
 	}
-	s.SetCatalog(mesh()) // the first content in new values
-	if v3 := check(mesh()); v3[xds.EndpointType] != v1[xds.EndpointType] {
-		t.Errorf("the same content got endpoints version %s, first %s", v3[xds.EndpointType], v1[xds.EndpointType])
+	if d := translated() - before; d != 1 {
+		t.Errorf("%v services translated for api's change, want 1", d)
+	}
+
+	// The first content again, in new values: every service is translated,
+	// only api's endpoints are updated.
+	s.SetCatalog(mesh())
+	v3 := check(mesh())
+	if v3[xds.EndpointType] == v2[xds.EndpointType] || v3[xds.ListenerType] != v1[xds.ListenerType] || v3[xds.ClusterType] != v1[xds.ClusterType] {
+		t.Errorf("versions %v → %v: want only the endpoints' to change", v2, v3)
+	}
+	// The same content in new values once more: every service is
+	// translated, nothing is updated. Then api's change again, which the
+	// versions show as the only update since v3.
+	before = translated()
+	cat4 := mesh()
+	s.SetCatalog(cat4)
+	waitFor(t, "the new values to be translated", func() bool { return translated()-before == float64(len(cat.Services)) })
+	cat5 := with(cat4, nil, &api)
+	s.SetCatalog(cat5)
+	v5 := check(cat5)
+	if d := translated() - before; d != float64(len(cat.Services)+1) {
+		t.Errorf("%v services translated, want %d (all, then api)", d, len(cat.Services)+1)
+	}
+	counter := func(v string) uint64 {
+		n, ok := parseLinearVersion(s.versionPrefix, v)
+		if !ok {
+			t.Fatalf("version %q is not a proxyless cache version", v)
+		}
+		return n
+	}
+	if counter(v5[xds.EndpointType]) != counter(v3[xds.EndpointType])+1 || v5[xds.ListenerType] != v3[xds.ListenerType] || v5[xds.ClusterType] != v3[xds.ClusterType] {
+		t.Errorf("versions %v → %v: want one endpoints update (api's)", v3, v5)
 	}
 }
 
