@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"maps"
@@ -251,37 +252,40 @@ func TestProxylessGroupServiceByService(t *testing.T) {
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	defer s.Close()
 	pol := &policy.Set{}
+	// check waits until the caches hold what translate.Proxyless gives for
+	// cat (every type: the build updates them one after the other), and
+	// returns the types' versions.
 	check := func(cat *model.Catalog) map[string]string {
 		t.Helper()
 		want := translate.Proxyless(cat, pol)
-		var res map[string]map[string]types.Resource
 		var versions map[string]string
-		waitFor(t, "the proxyless caches", func() bool {
+		var diff string
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			var res map[string]map[string]types.Resource
 			res, versions = proxylessState(s)
-			eps := res[xds.EndpointType]
-			for _, e := range want.Endpoints {
-				got, ok := eps[e.GetClusterName()]
-				if !ok || !proto.Equal(got, e) {
-					return false
+			diff = ""
+			for typ, list := range map[string][]types.Resource{
+				xds.ListenerType: toResources(want.Listeners), xds.ClusterType: toResources(want.Clusters), xds.EndpointType: toResources(want.Endpoints),
+				xds.RouteType: toResources(want.Routes), xds.SecretType: toResources(want.Secrets),
+			} {
+				if got := res[typ]; len(got) != len(list) {
+					diff += fmt.Sprintf("%s: %d resources, want %d; ", typ, len(got), len(list))
+				}
+				for _, r := range list {
+					if !proto.Equal(res[typ][getName(r)], r) {
+						diff += fmt.Sprintf("%s %q differs from translate.Proxyless; ", typ, getName(r))
+					}
 				}
 			}
-			return len(eps) == len(want.Endpoints)
-		})
-		for typ, list := range map[string][]types.Resource{
-			xds.ListenerType: toResources(want.Listeners), xds.ClusterType: toResources(want.Clusters), xds.EndpointType: toResources(want.Endpoints),
-			xds.RouteType: toResources(want.Routes), xds.SecretType: toResources(want.Secrets),
-		} {
-			got := res[typ]
-			if len(got) != len(list) {
-				t.Fatalf("%s: %d resources, want %d", typ, len(got), len(list))
+			if diff == "" {
+				return versions
 			}
-			for _, r := range list {
-				if !proto.Equal(got[getName(r)], r) {
-					t.Errorf("%s %q differs from translate.Proxyless", typ, getName(r))
-				}
+			if time.Now().After(deadline) {
+				t.Fatalf("the proxyless caches: %s", diff)
 			}
+			time.Sleep(5 * time.Millisecond)
 		}
-		return versions
 	}
 	translated := func() float64 { return testutil.ToFloat64(s.metrics.translated.WithLabelValues(KindProxyless)) }
 	cat := mesh()
@@ -334,6 +338,19 @@ func TestProxylessGroupServiceByService(t *testing.T) {
 	}
 	if counter(v5[xds.EndpointType]) != counter(v3[xds.EndpointType])+1 || v5[xds.ListenerType] != v3[xds.ListenerType] || v5[xds.ClusterType] != v3[xds.ClusterType] {
 		t.Errorf("versions %v → %v: want one endpoints update (api's)", v3, v5)
+	}
+
+	// store leaves Consul: its listener, cluster and endpoints are deleted.
+	services := maps.Clone(cat5.Services)
+	delete(services, "store")
+	cat6 := model.NewCatalog(services, cat5.Proxies)
+	cat6.CA, cat6.Leaves = cat5.CA, cat5.Leaves
+	s.SetCatalog(cat6)
+	v6 := check(cat6)
+	for _, typ := range []string{xds.ListenerType, xds.ClusterType, xds.EndpointType} {
+		if counter(v6[typ]) != counter(v5[typ])+1 {
+			t.Errorf("%s: version %s → %s, want one update (store's deletion)", typ, v5[typ], v6[typ])
+		}
 	}
 }
 
