@@ -15,11 +15,15 @@ import (
 // As the xDS protocol intends, the guard parks the watch instead: when a
 // NACK rejects the snapshot version that is still current, it rewrites the
 // request's version_info to that version, so the cache answers only once the
-// snapshot changes. Call its methods from the server callbacks of the same
-// names; they are safe for concurrent use.
+// snapshot changes. Nodes served from a cache that versions each resource
+// (WithPerResourceVersions) are parked on every NACK of the last response.
+// Call its methods from the server callbacks of the same names; they are
+// safe for concurrent use.
 type NACKGuard struct {
 	cache cache.SnapshotCache
 	hash  cache.NodeHash
+	// perResource reports the nodes of WithPerResourceVersions (nil: none).
+	perResource func(*core.Node) bool
 
 	mu   sync.Mutex // guards sent
 	sent map[int64]map[string]sentResponse
@@ -27,15 +31,39 @@ type NACKGuard struct {
 
 type sentResponse struct{ nonce, version string }
 
+// NACKGuardOption configures a NACKGuard.
+type NACKGuardOption func(*NACKGuard)
+
+// WithPerResourceVersions names the nodes (match returns true) that are
+// served not from the guard's snapshot cache but from caches that track
+// the version of each resource sent on a stream, such as go-control-plane's
+// LinearCache (pkg/cache/v3/linear.go). Such a cache answers a request
+// carrying one of its versions only with the resources that changed since
+// its last response on the stream, but answers at once a request without
+// version_info, or with another cache's version: the NACK of a client that
+// has accepted nothing of the type yet would get the rejected resources
+// again, and again. For these nodes every NACK of the last response sent
+// is parked: its version_info is rewritten to the rejected version, and the
+// cache answers when a resource the client names changes. Default: no
+// node.
+func WithPerResourceVersions(match func(*core.Node) bool) NACKGuardOption {
+	return func(g *NACKGuard) { g.perResource = match }
+}
+
 // NewNACKGuard returns a guard for the snapshots in c, keyed by hash.
-func NewNACKGuard(c cache.SnapshotCache, hash cache.NodeHash) *NACKGuard {
-	return &NACKGuard{cache: c, hash: hash, sent: map[int64]map[string]sentResponse{}}
+func NewNACKGuard(c cache.SnapshotCache, hash cache.NodeHash, opts ...NACKGuardOption) *NACKGuard {
+	g := &NACKGuard{cache: c, hash: hash, sent: map[int64]map[string]sentResponse{}}
+	for _, o := range opts {
+		o(g)
+	}
+	return g
 }
 
 // OnStreamRequest inspects req before the cache sees it. For a NACK of the
 // response last sent on the stream it returns the rejected version, and
-// parked=true when that version is still the snapshot's (req was rewritten
-// to wait for a change).
+// parked=true when req was rewritten to wait for a change: when that
+// version is still the snapshot's, or always for the nodes of
+// WithPerResourceVersions.
 func (g *NACKGuard) OnStreamRequest(streamID int64, req *discovery.DiscoveryRequest) (rejected string, parked bool) {
 	if req.GetErrorDetail() == nil {
 		return "", false
@@ -46,7 +74,7 @@ func (g *NACKGuard) OnStreamRequest(streamID int64, req *discovery.DiscoveryRequ
 	if !ok || last.nonce != req.GetResponseNonce() {
 		return "", false
 	}
-	if g.currentVersion(req.GetNode(), req.GetTypeUrl()) == last.version {
+	if (g.perResource != nil && g.perResource(req.GetNode())) || g.currentVersion(req.GetNode(), req.GetTypeUrl()) == last.version {
 		req.VersionInfo = last.version
 		return last.version, true
 	}

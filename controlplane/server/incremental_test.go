@@ -2,8 +2,10 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"slices"
 	"strconv"
@@ -15,7 +17,6 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -227,65 +228,129 @@ func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
 	}
 }
 
-// TestProxylessGroupServiceByService: the group's snapshot, built service by
-// service and only for the services that changed, holds what
-// translate.Proxyless gives for the whole catalog, and its versions follow
-// the content.
+// proxylessState returns the resources of the proxyless clients' caches
+// by type and name, and the types' current versions.
+func proxylessState(s *Server) (map[string]map[string]types.Resource, map[string]string) {
+	res := map[string]map[string]types.Resource{}
+	for typ, lt := range s.linear {
+		res[typ] = lt.lc.GetResources()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v := map[string]string{}
+	if h := s.published[ProxylessGroup]; len(h) > 0 {
+		v = maps.Clone(h[len(h)-1].versions)
+	}
+	return res, v
+}
+
+// TestProxylessGroupServiceByService: the proxyless clients' caches, built
+// service by service and only for the services that changed, hold what
+// translate.Proxyless gives for the whole catalog, and a type's version
+// changes only when one of its resources does.
 func TestProxylessGroupServiceByService(t *testing.T) {
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	defer s.Close()
 	pol := &policy.Set{}
+	// check waits until the caches hold what translate.Proxyless gives for
+	// cat (every type: the build updates them one after the other), and
+	// returns the types' versions.
 	check := func(cat *model.Catalog) map[string]string {
 		t.Helper()
 		want := translate.Proxyless(cat, pol)
-		var snap cache.ResourceSnapshot
-		waitFor(t, "the proxyless group's snapshot", func() bool {
-			sn, err := s.Cache().GetSnapshot(ProxylessGroup)
-			if err != nil {
-				return false
-			}
-			eps := sn.GetResources(xds.EndpointType)
-			for _, e := range want.Endpoints {
-				got, ok := eps[e.GetClusterName()]
-				if !ok || !proto.Equal(got, e) {
-					return false
+		var versions map[string]string
+		var diff string
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			var res map[string]map[string]types.Resource
+			res, versions = proxylessState(s)
+			diff = ""
+			for typ, list := range map[string][]types.Resource{
+				xds.ListenerType: toResources(want.Listeners), xds.ClusterType: toResources(want.Clusters), xds.EndpointType: toResources(want.Endpoints),
+				xds.RouteType: toResources(want.Routes), xds.SecretType: toResources(want.Secrets),
+			} {
+				if got := res[typ]; len(got) != len(list) {
+					diff += fmt.Sprintf("%s: %d resources, want %d; ", typ, len(got), len(list))
+				}
+				for _, r := range list {
+					if !proto.Equal(res[typ][getName(r)], r) {
+						diff += fmt.Sprintf("%s %q differs from translate.Proxyless; ", typ, getName(r))
+					}
 				}
 			}
-			snap = sn
-			return len(eps) == len(want.Endpoints)
-		})
-		for typ, list := range map[string][]types.Resource{
-			xds.ListenerType: toResources(want.Listeners), xds.ClusterType: toResources(want.Clusters), xds.EndpointType: toResources(want.Endpoints),
-		} {
-			got := snap.GetResources(typ)
-			if len(got) != len(list) {
-				t.Fatalf("%s: %d resources, want %d", typ, len(got), len(list))
+			if diff == "" {
+				return versions
 			}
-			for _, r := range list {
-				if !proto.Equal(got[getName(r)], r) {
-					t.Errorf("%s %q differs from translate.Proxyless", typ, getName(r))
-				}
+			if time.Now().After(deadline) {
+				t.Fatalf("the proxyless caches: %s", diff)
 			}
+			time.Sleep(5 * time.Millisecond)
 		}
-		return map[string]string{xds.ListenerType: snap.GetVersion(xds.ListenerType), xds.ClusterType: snap.GetVersion(xds.ClusterType),
-			xds.EndpointType: snap.GetVersion(xds.EndpointType)}
 	}
+	translated := func() float64 { return testutil.ToFloat64(s.metrics.translated.WithLabelValues(KindProxyless)) }
 	cat := mesh()
 	s.SetCatalog(cat)
 	v1 := check(cat)
+	if n := translated(); n != float64(len(cat.Services)) {
+		t.Errorf("%v services translated for the first catalog, want %d", n, len(cat.Services))
+	}
 
 	api := *cat.Services["api"]
 	api.Instances = []model.Instance{api.Instances[0]}
 	api.Instances[0].Healthy = false
 	cat2 := with(cat, nil, &api)
+	before := translated()
 	s.SetCatalog(cat2)
 	v2 := check(cat2)
 	if v2[xds.EndpointType] == v1[xds.EndpointType] || v2[xds.ListenerType] != v1[xds.ListenerType] || v2[xds.ClusterType] != v1[xds.ClusterType] {
 		t.Errorf("versions %v → %v: want only the endpoints' to change", v1, v2)
 	}
-	s.SetCatalog(mesh()) // the first content in new values
-	if v3 := check(mesh()); v3[xds.EndpointType] != v1[xds.EndpointType] {
-		t.Errorf("the same content got endpoints version %s, first %s", v3[xds.EndpointType], v1[xds.EndpointType])
+	if d := translated() - before; d != 1 {
+		t.Errorf("%v services translated for api's change, want 1", d)
+	}
+
+	// The first content again, in new values: every service is translated,
+	// only api's endpoints are updated.
+	s.SetCatalog(mesh())
+	v3 := check(mesh())
+	if v3[xds.EndpointType] == v2[xds.EndpointType] || v3[xds.ListenerType] != v1[xds.ListenerType] || v3[xds.ClusterType] != v1[xds.ClusterType] {
+		t.Errorf("versions %v → %v: want only the endpoints' to change", v2, v3)
+	}
+	// The same content in new values once more: every service is
+	// translated, nothing is updated. Then api's change again, which the
+	// versions show as the only update since v3.
+	before = translated()
+	cat4 := mesh()
+	s.SetCatalog(cat4)
+	waitFor(t, "the new values to be translated", func() bool { return translated()-before == float64(len(cat.Services)) })
+	cat5 := with(cat4, nil, &api)
+	s.SetCatalog(cat5)
+	v5 := check(cat5)
+	if d := translated() - before; d != float64(len(cat.Services)+1) {
+		t.Errorf("%v services translated, want %d (all, then api)", d, len(cat.Services)+1)
+	}
+	counter := func(v string) uint64 {
+		n, ok := parseLinearVersion(s.versionPrefix, v)
+		if !ok {
+			t.Fatalf("version %q is not a proxyless cache version", v)
+		}
+		return n
+	}
+	if counter(v5[xds.EndpointType]) != counter(v3[xds.EndpointType])+1 || v5[xds.ListenerType] != v3[xds.ListenerType] || v5[xds.ClusterType] != v3[xds.ClusterType] {
+		t.Errorf("versions %v → %v: want one endpoints update (api's)", v3, v5)
+	}
+
+	// store leaves Consul: its listener, cluster and endpoints are deleted.
+	services := maps.Clone(cat5.Services)
+	delete(services, "store")
+	cat6 := model.NewCatalog(services, cat5.Proxies)
+	cat6.CA, cat6.Leaves = cat5.CA, cat5.Leaves
+	s.SetCatalog(cat6)
+	v6 := check(cat6)
+	for _, typ := range []string{xds.ListenerType, xds.ClusterType, xds.EndpointType} {
+		if counter(v6[typ]) != counter(v5[typ])+1 {
+			t.Errorf("%s: version %s → %s, want one update (store's deletion)", typ, v5[typ], v6[typ])
+		}
 	}
 }
 

@@ -51,9 +51,11 @@ var LatencyBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25
 //	meshlet_controlplane_push_latency_seconds{trigger}
 //	    time from an input change (trigger consul: the watcher delivered a
 //	    new catalog; policy: the policy watcher applied a new set) to a
-//	    snapshot built from it being set in the cache; one observation per
-//	    node (sidecar or the proxyless group) whose snapshot changed, per
-//	    trigger pending in the build (histogram)
+//	    snapshot built from it being set in the cache (for the proxyless
+//	    clients: the changed resources set in their caches); one
+//	    observation per sidecar whose snapshot changed, and one for the
+//	    proxyless clients when their resources changed, per trigger pending
+//	    in the build (histogram)
 //	meshlet_controlplane_snapshot_build_seconds
 //	    one build pass over every proxy and the proxyless group (histogram)
 //	meshlet_controlplane_translations_total{kind}
@@ -62,7 +64,8 @@ var LatencyBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25
 //	    proxyless (one service of the proxyless group); the others of a
 //	    build pass are kept as they were
 //	meshlet_controlplane_snapshots_set_total
-//	    snapshots set in the cache (a node whose content changed)
+//	    snapshots set in the cache (a sidecar whose content changed), and
+//	    builds that changed resources of the proxyless clients' caches
 //	meshlet_controlplane_snapshots_held_back{reason}
 //	    nodes whose last build was not published and who keep their last
 //	    snapshot, by reason: not_ready, inconsistent, error (gauge)
@@ -93,7 +96,7 @@ func newMetrics(s *Server) *metrics {
 		s: s,
 		pushLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "meshlet_controlplane_push_latency_seconds",
-			Help:    "Time from a Consul catalog or policy change to a snapshot built from it being set, per node whose snapshot changed, by trigger (consul or policy).",
+			Help:    "Time from a Consul catalog or policy change to a snapshot built from it being set, per sidecar whose snapshot changed and for the proxyless clients when their resources changed, by trigger (consul or policy).",
 			Buckets: LatencyBuckets,
 		}, []string{"trigger"}),
 		build: prometheus.NewHistogram(prometheus.HistogramOpts{
@@ -107,7 +110,7 @@ func newMetrics(s *Server) *metrics {
 		}, []string{"kind"}),
 		snapshotsSet: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "meshlet_controlplane_snapshots_set_total",
-			Help: "Snapshots set in the cache (nodes whose resources changed).",
+			Help: "Snapshots set in the cache (sidecars whose resources changed), and builds that changed the proxyless clients' resources.",
 		}),
 		acks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshlet_controlplane_xds_acks_total",

@@ -1,6 +1,8 @@
-// Package server publishes xDS snapshots built from the mesh model and the
-// policy set, and serves them over ADS (state of the world) with
-// go-control-plane's snapshot cache.
+// Package server publishes xDS resources built from the mesh model and the
+// policy set, and serves them over ADS (state of the world): sidecars from
+// go-control-plane's snapshot cache (one snapshot per node), proxyless gRPC
+// clients from one go-control-plane LinearCache per type, which answers
+// each client with the resources it names (see proxyless.go).
 package server
 
 import (
@@ -12,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -31,10 +34,14 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-// ProxylessGroup is the snapshot-cache key shared by all proxyless gRPC
-// clients (see xds.IsProxylessGRPC). The leading "~" keeps it apart from
-// Consul service IDs in logs.
+// ProxylessGroup is the key under which the server records what it serves
+// all proxyless gRPC clients (see xds.IsProxylessGRPC): the node hash of
+// every such client, and the key of their published versions. The leading
+// "~" keeps it apart from Consul service IDs in logs.
 const ProxylessGroup = "~proxyless-grpc"
+
+// sidecarCacheKey is the MuxCache key of the snapshot cache.
+const sidecarCacheKey = "snapshot"
 
 // Config configures a Server.
 type Config struct {
@@ -45,23 +52,30 @@ type Config struct {
 	GRPCOptions []grpc.ServerOption
 }
 
-// Server builds one snapshot per sidecar and one for all proxyless gRPC
-// clients whenever the catalog or the policy set changes, and serves them.
+// Server builds one snapshot per sidecar, and the resources of all
+// proxyless gRPC clients, whenever the catalog or the policy set changes,
+// and serves them: each sidecar its snapshot, each proxyless client the
+// resources it asks for.
 // It records every ADS exchange (versions sent and acknowledged, NACKs with
 // the policy documents and Consul entries behind the rejected resources)
 // for Status, and counts them in its metrics (Collector).
 type Server struct {
-	log     *slog.Logger
-	cache   cache.SnapshotCache
-	grpc    *grpc.Server
-	guard   *xds.NACKGuard
-	metrics *metrics
+	log   *slog.Logger
+	cache cache.SnapshotCache
+	// linear holds the proxyless clients' LinearCache of each type of
+	// proxylessTypes(); the map is immutable after New, its values'
+	// mirrors guarded by mu. versionPrefix prefixes their versions.
+	linear        map[string]*linearType
+	versionPrefix string
+	grpc          *grpc.Server
+	guard         *xds.NACKGuard
+	metrics       *metrics
 
 	changed chan struct{} // capacity 1: a rebuild is due
 
 	// built and proxyless are owned by the build loop (no lock): what
 	// each sidecar's snapshot was last built from, and the proxyless
-	// group's resources by service. A build translates only what changed.
+	// clients' resources by service. A build translates only what changed.
 	built     map[string]builtNode
 	proxyless proxylessCache
 
@@ -77,9 +91,11 @@ type Server struct {
 	// pending holds, by trigger (TriggerConsul, TriggerPolicy), the time of
 	// the first input change no build has consumed yet.
 	pending map[string]time.Time
-	// versions is the last published per-type version string by node key.
+	// versions is the last published per-type version string by sidecar
+	// node ID.
 	versions map[string]string
-	// published holds the last maxPublished snapshots set per node key,
+	// published holds the last maxPublished snapshots set per node key
+	// (ProxylessGroup: the proxyless caches' versions after each update),
 	// oldest first.
 	published map[string][]*published
 	// streams maps an open stream ID to its state (added on the first
@@ -126,13 +142,32 @@ func New(cfg Config) *Server {
 	}
 	s.metrics = newMetrics(s)
 	s.cache = cache.NewSnapshotCache(true, nodeHash{}, cacheLogger{cfg.Logger})
-	s.guard = xds.NewNACKGuard(s.cache, nodeHash{})
+	s.versionPrefix = strconv.FormatInt(time.Now().UnixMilli(), 36) + "-"
+	s.linear = map[string]*linearType{}
+	mux := &cache.MuxCache{
+		Classify:      func(r *cache.Request) string { return s.classify(r.GetNode(), r.GetTypeUrl()) },
+		ClassifyDelta: func(r *cache.DeltaRequest) string { return s.classify(r.GetNode(), r.GetTypeUrl()) },
+		Caches:        map[string]cache.Cache{sidecarCacheKey: s.cache},
+	}
+	for _, typeURL := range proxylessTypes() {
+		lt := &linearType{
+			lc:        cache.NewLinearCache(typeURL, cache.WithVersionPrefix(s.versionPrefix), cache.WithLogger(cacheLogger{cfg.Logger})),
+			fullState: cache.ResourceRequiresFullStateInSotw(typeURL),
+			changed:   map[string]uint64{},
+		}
+		s.linear[typeURL] = lt
+		mux.Caches[typeURL] = lt.lc
+	}
+	// Proxyless clients' NACKs are always parked: a LinearCache answers a
+	// request carrying one of its versions only with what changed since
+	// the response on the stream.
+	s.guard = xds.NewNACKGuard(s.cache, nodeHash{}, xds.WithPerResourceVersions(xds.IsProxylessGRPC))
 	opts := append([]grpc.ServerOption{
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1 << 16),
 	}, cfg.GRPCOptions...)
 	s.grpc = grpc.NewServer(opts...)
-	srv := xdsserver.NewServer(ctx, s.cache, s.callbacks())
+	srv := xdsserver.NewServer(ctx, mux, s.callbacks())
 	discovery.RegisterAggregatedDiscoveryServiceServer(s.grpc, srv)
 	go s.buildLoop(ctx)
 	return s
@@ -190,8 +225,22 @@ func (s *Server) Close() {
 	})
 }
 
-// Cache exposes the snapshot cache for inspection (tests, status).
+// Cache exposes the sidecars' snapshot cache for inspection (tests,
+// status). The proxyless clients' resources are not in it (see
+// proxyless.go).
 func (s *Server) Cache() cache.SnapshotCache { return s.cache }
+
+// classify is the MuxCache key of a request: its type URL (that type's
+// LinearCache) for a proxyless client asking for one of proxylessTypes(),
+// else the snapshot cache.
+func (s *Server) classify(node *core.Node, typeURL string) string {
+	if xds.IsProxylessGRPC(node) {
+		if _, ok := s.linear[typeURL]; ok {
+			return typeURL
+		}
+	}
+	return sidecarCacheKey
+}
 
 func (s *Server) buildLoop(ctx context.Context) {
 	defer close(s.done)
@@ -206,16 +255,20 @@ func (s *Server) buildLoop(ctx context.Context) {
 }
 
 // build translates the latest inputs for the proxies whose inputs changed
-// and for the proxyless group, and sets the snapshots whose content
-// changed. A proxy's inputs are its scope of the catalog
+// and for the proxyless clients, sets the snapshots whose content changed
+// and updates the proxyless resources that changed. A proxy's inputs are
+// its scope of the catalog
 // (model.Catalog.Scope: itself, its service, its upstreams' services and
 // sidecars, leaves, intentions, the CA) and the policy set; when both are
 // the very values of its last build (the Consul watcher keeps the values
 // of what did not change) it is not translated again. So an endpoint
 // change rebuilds only the sidecars with that service upstream (and the
-// proxyless group's resources of that service), and pushes only to them.
-// A snapshot that is not Consistent() is logged and not set: the node keeps
-// its last one.
+// proxyless resources of that service), and pushes only to them (and to
+// the proxyless clients that asked for that service's resources). A
+// sidecar's snapshot that is not Consistent() is logged and not set: the
+// node keeps its last one. (The proxyless resources are consistent by
+// construction: translate.Proxyless gives each service its listener, with
+// an inline route to its cluster, and the cluster's endpoints.)
 func (s *Server) build(ctx context.Context) {
 	s.mu.Lock()
 	cat, pol, pending := s.catalog, s.policies, s.pending
@@ -260,12 +313,10 @@ func (s *Server) build(ctx context.Context) {
 		}
 	}
 	s.metrics.translated.WithLabelValues(KindSidecar).Add(float64(rebuilt))
-	res, ok, n := s.proxyless.update(cat, pol)
+	changes, n := s.proxyless.update(cat, pol)
 	s.metrics.translated.WithLabelValues(KindProxyless).Add(float64(n))
-	if ok {
-		if changed, _ := s.publish(ctx, ProxylessGroup, res, inputs{cat: cat, pol: pol, pending: pending}); changed {
-			set++
-		}
+	if changes != nil && s.publishProxyless(changes, s.proxyless.names(), inputs{cat: cat, pol: pol, pending: pending}) {
+		set++
 	}
 	took := time.Since(start)
 	s.metrics.build.Observe(took.Seconds())
@@ -408,15 +459,21 @@ func (s *Server) publish(ctx context.Context, node string, res []typedResources,
 	s.versions[node] = all
 	delete(s.notReady, node)
 	delete(s.heldBack, node)
-	h := append(s.published[node], rec)
-	if len(h) > maxPublished {
-		h = slices.Clone(h[len(h)-maxPublished:])
-	}
-	s.published[node] = h
+	s.recordPublishedLocked(node, rec)
 	s.mu.Unlock()
 	s.metrics.snapshotsSet.Inc()
 	s.metrics.observePush(in.pending, now)
 	return true, true
+}
+
+// recordPublishedLocked appends rec to key's history of published
+// snapshots, keeping the last maxPublished. s.mu must be held.
+func (s *Server) recordPublishedLocked(key string, rec *published) {
+	h := append(s.published[key], rec)
+	if len(h) > maxPublished {
+		h = slices.Clone(h[len(h)-maxPublished:])
+	}
+	s.published[key] = h
 }
 
 func toResources[T types.Resource](in []T) []types.Resource {
@@ -496,7 +553,8 @@ func (s *Server) onClosed(id int64, node *core.Node) {
 // rejection of that type; and records and logs every NACK (a request
 // carrying error_detail) with the node, the type, the rejected version, the
 // error and the sources of the rejected resources, and parks the NACKed
-// watch until the snapshot changes.
+// watch until the snapshot changes (for a proxyless client: until a
+// resource it names changes).
 func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 	now := time.Now()
 	typeURL := req.GetTypeUrl()
@@ -522,6 +580,7 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 		}
 	}
 	ts := st.typ(typeURL)
+	ts.subscribed = req.GetResourceNames()
 	s.seq++
 	seq := s.seq
 	var ack bool
@@ -557,7 +616,7 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 		if rejected == "" {
 			rejected = guarded
 		}
-		res, named := explain(nodeHash{}.ID(node), node.GetId(), snap, typeURL, d.GetMessage())
+		res, named := explain(nodeHash{}.ID(node), node.GetId(), snap, typeURL, d.GetMessage(), req.GetResourceNames())
 		r := &Rejection{Node: node.GetId(), TypeURL: typeURL, Version: rejected, AcceptedVersion: accepted,
 			Error: d.GetMessage(), Time: now, FirstTime: now, Count: 1, Named: named, Resources: res}
 		s.mu.Lock()

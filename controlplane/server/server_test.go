@@ -68,7 +68,6 @@ func TestOnlyChangedTypesGetNewVersions(t *testing.T) {
 	s.SetCatalog(catalog(true))
 	const web = "web-1-sidecar-proxy"
 	v1 := waitVersions(t, s, web, func(map[string]string) bool { return true })
-	waitVersions(t, s, ProxylessGroup, func(map[string]string) bool { return true })
 
 	// api-1 fails: only web's endpoints change.
 	s.SetCatalog(catalog(false))

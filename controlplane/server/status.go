@@ -52,14 +52,23 @@ type ProxyStatus struct {
 	// HeldBack is why the node's latest build was not published (it keeps
 	// its last snapshot), e.g. "not ready: waiting for the leaf
 	// certificate of service \"web\""; "" when its snapshot is current.
+	// Always "" for proxyless clients, whose resources are consistent by
+	// construction and need no certificates.
 	HeldBack string `json:"heldBack,omitempty"`
 	// Snapshot is the version of each type in the node's current snapshot
-	// (by type URL; the proxyless group's for proxyless clients).
+	// (by type URL). For a proxyless client, which is sent a new version
+	// only when a resource it names changes, it is, for each type sent to
+	// it, the version it would hold if up to date: the version last sent
+	// when none of the resources it names changed since, else the type's
+	// current version.
 	Snapshot map[string]string `json:"snapshot,omitempty"`
 	// Sent and ACKed are, by type URL, the version last sent to the node
 	// and the version it last acknowledged (on its newest stream).
 	Sent  map[string]string `json:"sent,omitempty"`
 	ACKed map[string]string `json:"acked,omitempty"`
+	// Subscribed lists, by type URL, the resource names the node's newest
+	// stream last asked for (an empty list: every resource of the type).
+	Subscribed map[string][]string `json:"subscribed,omitempty"`
 }
 
 // Rejection is a NACK: a proxy rejected a response and keeps its last
@@ -82,7 +91,8 @@ type Rejection struct {
 	Count     int       `json:"count"`
 	// Named is true when the resources below were named in Error; false
 	// when Error names none, and every resource of the type in the
-	// rejected snapshot is listed.
+	// rejected snapshot is listed (for a proxyless client, every one it
+	// names).
 	Named bool `json:"named"`
 	// Resources are the rejected resources with the inputs they were built
 	// from (translate.ProxySources); empty when the rejected version is no
@@ -126,6 +136,8 @@ func (st *streamState) typ(typeURL string) *typeState {
 
 // typeState is one type's exchange on one stream.
 type typeState struct {
+	// subscribed are the resource names of the latest request.
+	subscribed               []string
 	sentVersion, sentNonce   string
 	sentAt                   time.Time
 	ackedVersion, ackedNonce string
@@ -157,6 +169,25 @@ func proxyKind(node *core.Node) string {
 		return KindProxyless
 	}
 	return KindSidecar
+}
+
+// proxylessCurrentLocked returns, by type sent on st (a proxyless
+// client's stream), the version the client would hold if up to date (see
+// ProxyStatus.Snapshot). s.mu must be held.
+func (s *Server) proxylessCurrentLocked(st *streamState) map[string]string {
+	out := map[string]string{}
+	for typ, ts := range st.types {
+		lt := s.linear[typ]
+		if lt == nil || ts.sentVersion == "" {
+			continue
+		}
+		if sent, ok := parseLinearVersion(s.versionPrefix, ts.sentVersion); ok && !lt.changedSince(ts.subscribed, sent) {
+			out[typ] = ts.sentVersion
+		} else {
+			out[typ] = linearVersion(s.versionPrefix, lt.version)
+		}
+	}
+	return out
 }
 
 // Ready reports whether the server has built snapshots: true once the
@@ -207,7 +238,14 @@ func (s *Server) Status() *Status {
 		ps := byNode[id]
 		since := st.opened
 		ps.ConnectedSince = &since
+		if ps.Kind == KindProxyless {
+			ps.Snapshot = s.proxylessCurrentLocked(st)
+		}
 		for typ, ts := range st.types {
+			if ps.Subscribed == nil {
+				ps.Subscribed = map[string][]string{}
+			}
+			ps.Subscribed[typ] = slices.Clone(ts.subscribed)
 			if ts.sentVersion != "" {
 				if ps.Sent == nil {
 					ps.Sent = map[string]string{}
@@ -223,14 +261,12 @@ func (s *Server) Status() *Status {
 		}
 	}
 	for id, ps := range byNode {
-		key := id
-		if ps.Kind == KindProxyless {
-			key = ProxylessGroup
+		if ps.Kind == KindSidecar {
+			if h := s.published[id]; len(h) > 0 {
+				ps.Snapshot = maps.Clone(h[len(h)-1].versions)
+			}
+			ps.HeldBack = s.notReady[id]
 		}
-		if h := s.published[key]; len(h) > 0 {
-			ps.Snapshot = maps.Clone(h[len(h)-1].versions)
-		}
-		ps.HeldBack = s.notReady[key]
 		out.Proxies = append(out.Proxies, *ps)
 	}
 	slices.SortFunc(out.Proxies, func(a, b ProxyStatus) int { return cmp.Compare(a.Node, b.Node) })
@@ -244,13 +280,19 @@ func (s *Server) Status() *Status {
 }
 
 // explain returns the resources of typeURL a NACK's detail blames in the
-// snapshot snap of node (cache key key), with their sources. It runs
-// without the lock: snap's inputs are immutable.
-func explain(key, node string, snap *published, typeURL, detail string) (res []RejectedResource, named bool) {
+// snapshot snap of node (cache key key), with their sources. For the
+// proxyless group, whose clients are sent only the resources they name,
+// the candidates are those of subscribed (the NACK's resource names; all
+// when empty). It runs without the lock: snap's inputs are immutable.
+func explain(key, node string, snap *published, typeURL, detail string, subscribed []string) (res []RejectedResource, named bool) {
 	if snap == nil {
 		return []RejectedResource{}, false
 	}
-	blamed, named := NACKResources(typeURL, detail, snap.names[typeURL])
+	names := snap.names[typeURL]
+	if key == ProxylessGroup && len(subscribed) > 0 && !slices.Contains(subscribed, "*") {
+		names = slices.DeleteFunc(slices.Clone(names), func(n string) bool { return !slices.Contains(subscribed, n) })
+	}
+	blamed, named := NACKResources(typeURL, detail, names)
 	var sm translate.SourceMap
 	if key == ProxylessGroup {
 		sm = translate.ProxylessSources(snap.cat, snap.pol)

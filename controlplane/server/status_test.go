@@ -33,6 +33,12 @@ type adsClient struct {
 
 func dialADS(t *testing.T, addr, node string) *adsClient {
 	t.Helper()
+	return dialADSNode(t, addr, &core.Node{Id: node, UserAgentName: xds.UserAgentName})
+}
+
+// dialADSNode opens an ADS stream whose requests carry node.
+func dialADSNode(t *testing.T, addr string, node *core.Node) *adsClient {
+	t.Helper()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +50,7 @@ func dialADS(t *testing.T, addr, node string) *adsClient {
 		conn.Close()
 		t.Fatal(err)
 	}
-	c := &adsClient{t: t, conn: conn, stream: stream, node: &core.Node{Id: node, UserAgentName: xds.UserAgentName}, cancel: cancel}
+	c := &adsClient{t: t, conn: conn, stream: stream, node: node, cancel: cancel}
 	t.Cleanup(c.close)
 	return c
 }
