@@ -289,7 +289,9 @@ func (s *Server) Shutdown(ctx context.Context) {
 }
 
 // fail answers a request the sidecar could not forward, with the typed
-// reason in ReasonHeader; x records it when the handler returns.
+// reason in ReasonHeader; x records it when the handler returns. An
+// answer given before the request body was all read says Connection:
+// close and the connection closes lingering (exchange.endEarly).
 func (s *Server) fail(w http.ResponseWriter, t *routeTable, x *exchange, status int, reason string) {
 	x.code, x.reason = status, reason
 	h := w.Header()
