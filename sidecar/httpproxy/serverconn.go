@@ -20,7 +20,7 @@ type serverConn struct {
 	pending []byte // read by the fast path, replayed first
 
 	linger   atomic.Bool // set by lingerOnClose
-	lingered atomic.Bool // the linger ran (or was skipped)
+	lingered atomic.Bool // the linger ran
 	closing  atomic.Bool // Close was called
 }
 
@@ -29,16 +29,16 @@ type serverConn struct {
 type serverConnKey struct{}
 
 // serverConn wraps conn for net/http's server; a TLS connection keeps its
-// ConnectionState (handoffTLSConn).
+// ConnectionState (serverTLSConn).
 func (s *Server) serverConn(conn net.Conn, pending []byte) net.Conn {
 	sc := &serverConn{Conn: conn, s: s, pending: pending}
 	if tc, ok := conn.(*tls.Conn); ok {
-		return &handoffTLSConn{serverConn: sc, tc: tc}
+		return &serverTLSConn{serverConn: sc, tc: tc}
 	}
 	return sc
 }
 
-// base returns c itself (and, promoted, a handoffTLSConn's serverConn),
+// base returns c itself (and, promoted, a serverTLSConn's serverConn),
 // for the server's ConnContext.
 func (c *serverConn) base() *serverConn { return c }
 
@@ -110,12 +110,12 @@ func (c *serverConn) WaitReadable() error {
 	return cluster.WaitReadable(c.Conn)
 }
 
-// handoffTLSConn is a serverConn over TLS: ConnectionState gives the
+// serverTLSConn is a serverConn over TLS: ConnectionState gives the
 // peer's identity to the server's ConnContext.
-type handoffTLSConn struct {
+type serverTLSConn struct {
 	*serverConn
 	tc *tls.Conn
 }
 
 // ConnectionState returns the TLS connection's state.
-func (c *handoffTLSConn) ConnectionState() tls.ConnectionState { return c.tc.ConnectionState() }
+func (c *serverTLSConn) ConnectionState() tls.ConnectionState { return c.tc.ConnectionState() }
