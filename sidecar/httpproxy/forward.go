@@ -184,17 +184,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // exchange is what one request did, recorded in metrics and its span when
 // the handler returns.
 type exchange struct {
-	s               *Server
-	start           time.Time
-	cluster, route  string
-	code            int    // 0: the downstream left first
-	reason          string // the typed reason when the sidecar failed it
-	grpcStatus      string
-	aborted         bool // the response body was cut short
-	tr              *tracing.HTTP
-	span            trace.Span // nil when not traced
-	attempt         trace.Span // the open attempt span, nil when none
-	attemptEndpoint string
+	s              *Server
+	start          time.Time
+	cluster, route string
+	code           int    // 0: the downstream left first
+	reason         string // the typed reason when the sidecar failed it
+	grpcStatus     string
+	aborted        bool // the response body was cut short
+	tr             *tracing.HTTP
+	span           trace.Span // nil when not traced
+	attempt        trace.Span // the open attempt span, nil when none
 
 	// down is the request on the net/http path when it is HTTP/1.x and has
 	// a body (nil otherwise, and on the fast path, which reads bodies
