@@ -435,7 +435,8 @@ type h1Body struct {
 	reuse bool
 	done  atomic.Bool
 	// writeDone reports the end of the request's writer (full duplex); nil
-	// for requests written before the response was read.
+	// for requests written before the response was read, and once the
+	// writer's end was seen. Read and Close are called by one goroutine.
 	writeDone chan error
 }
 
@@ -447,11 +448,22 @@ func (b *h1Body) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// Close releases the connection: to the pool after a full read, else
-// closed (closing first keeps the body from draining a long stream).
+// Close releases the connection (to the pool after a full read, else
+// closed: closing first keeps the body from draining a long stream) and
+// waits for the request's writer, so that the request body is no longer
+// read once Close returns. A writer still running is one the upstream
+// answered before the request body was all sent (a 413, a 401 before an
+// upload): the connection is closed under it, which ends its writes, but
+// a writer blocked reading the request body (from a client that paused)
+// holds Close until that read returns: the caller makes it return first
+// (the HTTP proxy sets a past read deadline on its downstream).
 func (b *h1Body) Close() error {
 	if !b.done.Load() {
 		b.release(false)
+	}
+	if b.writeDone != nil {
+		<-b.writeDone
+		b.writeDone = nil
 	}
 	return nil
 }
@@ -463,15 +475,15 @@ func (b *h1Body) release(reuse bool) {
 	if b.writeDone != nil {
 		select {
 		case err := <-b.writeDone:
+			b.writeDone = nil
 			if err != nil {
 				reuse = false
 			}
 		default:
-			// The upstream answered before the request body was all sent:
-			// the connection cannot be reused. Closing it ends the writer;
-			// wait for it, so the request body is no longer read.
-			b.conn.close()
-			<-b.writeDone
+			// The upstream answered before the request body was all sent: the
+			// connection cannot be reused, and closing it (below) ends the
+			// writer's writes. The answer is whole; Close waits for the
+			// writer, which may have to be unblocked by its caller first.
 			reuse = false
 		}
 	}

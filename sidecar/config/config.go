@@ -150,7 +150,22 @@ type HTTPConnectionManager struct {
 	// "websocket") the connection manager tunnels
 	// (HttpConnectionManager.upgrade_configs, enabled ones).
 	Upgrades []string
+	// DelayedCloseTimeout is HttpConnectionManager.delayed_close_timeout:
+	// after an HTTP/1.1 answer sent before the request body was all read
+	// (a 413, a 401 before an upload), the downstream connection's write
+	// side is shut down and what the client still sends is read and
+	// discarded for up to this long (and a bounded size), so its kernel
+	// does not reset the connection over the answer; then it is closed.
+	// DefaultDelayedCloseTimeout (1 s) when the field is unset, as in
+	// Envoy; 0 (the field set to 0s) disables it: the connection is closed
+	// at once.
+	DelayedCloseTimeout time.Duration
 }
+
+// DefaultDelayedCloseTimeout is HTTPConnectionManager.DelayedCloseTimeout
+// when HttpConnectionManager.delayed_close_timeout is unset (Envoy's
+// default, 1000 ms).
+const DefaultDelayedCloseTimeout = time.Second
 
 // UpgradeAllowed reports whether an upgrade of type typ (lower case) is
 // tunnelled on route r: the route's upgrade_configs decide when they name

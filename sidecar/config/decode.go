@@ -353,7 +353,12 @@ func decodeUpstreamTLS(u *tlsv3.UpstreamTlsContext) (*UpstreamTLS, error) {
 }
 
 func decodeHCM(m *hcm.HttpConnectionManager, kind, name, field string) (*HTTPConnectionManager, error) {
-	h := &HTTPConnectionManager{StatPrefix: m.GetStatPrefix(), Via: m.GetVia()}
+	h := &HTTPConnectionManager{StatPrefix: m.GetStatPrefix(), Via: m.GetVia(), DelayedCloseTimeout: DefaultDelayedCloseTimeout}
+	if d := m.GetDelayedCloseTimeout(); d != nil {
+		if h.DelayedCloseTimeout = d.AsDuration(); !d.IsValid() || h.DelayedCloseTimeout < 0 {
+			return nil, fieldErr(kind, name, field+".delayed_close_timeout", "must be a valid duration of 0 (no delayed close) or more")
+		}
+	}
 	switch m.GetCodecType() {
 	case hcm.HttpConnectionManager_AUTO:
 		h.Codec = CodecAuto

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // replayBody lets a request body be sent more than once: what is read from
@@ -19,6 +20,9 @@ type replayBody struct {
 	overflow bool // more than limit bytes read: the recording is incomplete
 	eof      bool // src is exhausted
 	read     bool // any byte was read from src
+	// srcDone is eof, readable without mu (which an attempt holds while
+	// it waits for the downstream).
+	srcDone atomic.Bool
 }
 
 func newReplayBody(src io.ReadCloser, limit int, contentLength int64) *replayBody {
@@ -35,6 +39,10 @@ func (b *replayBody) replayable() bool {
 	defer b.mu.Unlock()
 	return !b.read || !b.overflow
 }
+
+// complete reports whether the downstream body was read to its end. It
+// does not wait for an attempt blocked reading the downstream.
+func (b *replayBody) complete() bool { return b.srcDone.Load() }
 
 // attempt returns the body reader for one attempt.
 func (b *replayBody) attempt() *attemptBody { return &attemptBody{b: b} }
@@ -83,6 +91,7 @@ func (a *attemptBody) Read(p []byte) (int, error) {
 	}
 	if errors.Is(err, io.EOF) {
 		b.eof = true
+		b.srcDone.Store(true)
 	}
 	return n, err
 }

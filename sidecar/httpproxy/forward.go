@@ -23,6 +23,9 @@ import (
 // retry policy → the response streamed back.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	x := exchange{s: s, start: time.Now()}
+	if r.ProtoMajor == 1 && r.Body != nil && r.Body != http.NoBody {
+		x.down = r // its answer may come before its body was all read
+	}
 	t := s.table.Load()
 	rt := t.route(r)
 	if rt != nil {
@@ -87,6 +90,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.upgrade = r.Header.Get("Upgrade")
 	}
 	f.prepare()
+	x.body = f.body
 	resp, att, fl := f.run(ctx)
 	if fl != nil {
 		if r.Context().Err() != nil {
@@ -137,6 +141,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		h["Trailer"] = []string{strings.Join(names, ", ")}
 	}
+	x.closeIfBodyLeft(h)
 	w.WriteHeader(resp.StatusCode)
 
 	body := io.Reader(resp.Body)
@@ -152,6 +157,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.log.Debug("httpproxy: response body aborted", "listener", s.name, "cluster", c.Name(), "error", err)
 		}
 		x.aborted = true
+		if x.bodyLeft() {
+			// resp.Body.Close waits for the attempt's request writer, which
+			// may be blocked reading the body from a client that paused.
+			_ = http.NewResponseController(w).SetReadDeadline(aLongTimeAgo)
+		}
 		panic(http.ErrAbortHandler) // reset the downstream stream: the response is incomplete
 	}
 	for k, vv := range resp.Trailer {
@@ -163,22 +173,69 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			x.grpcStatus = resp.Header.Get("Grpc-Status")
 		}
 	}
+	if x.bodyLeft() {
+		// The upstream answered before the request body was all sent (a
+		// 413, a 401 before an upload): the answer is the response, and the
+		// rest of the body goes nowhere.
+		x.endEarly(w)
+	}
 }
 
 // exchange is what one request did, recorded in metrics and its span when
 // the handler returns.
 type exchange struct {
-	s               *Server
-	start           time.Time
-	cluster, route  string
-	code            int    // 0: the downstream left first
-	reason          string // the typed reason when the sidecar failed it
-	grpcStatus      string
-	aborted         bool // the response body was cut short
-	tr              *tracing.HTTP
-	span            trace.Span // nil when not traced
-	attempt         trace.Span // the open attempt span, nil when none
-	attemptEndpoint string
+	s              *Server
+	start          time.Time
+	cluster, route string
+	code           int    // 0: the downstream left first
+	reason         string // the typed reason when the sidecar failed it
+	grpcStatus     string
+	aborted        bool // the response body was cut short
+	tr             *tracing.HTTP
+	span           trace.Span // nil when not traced
+	attempt        trace.Span // the open attempt span, nil when none
+
+	// down is the request on the net/http path when it is HTTP/1.x and has
+	// a body (nil otherwise, and on the fast path, which reads bodies
+	// whole first); body is its replay body once forwarding began.
+	down *http.Request
+	body *replayBody
+}
+
+// bodyLeft reports whether the request's body (net/http path, HTTP/1.x)
+// is not known to have been read to its end: an answer now is an early
+// one, which ends the connection (closeIfBodyLeft, endEarly).
+func (x *exchange) bodyLeft() bool {
+	return x.down != nil && (x.body == nil || !x.body.complete())
+}
+
+// closeIfBodyLeft adds Connection: close to the answer's head h when the
+// request body is left: the connection cannot carry another request
+// (RFC 9112 §9.6; Envoy closes an HTTP/1 connection whose response ends
+// before its request, and net/http's server does for a request with
+// Expect: 100-continue). Called before WriteHeader.
+func (x *exchange) closeIfBodyLeft(h http.Header) {
+	if x.bodyLeft() {
+		h["Connection"] = closeValue
+	}
+}
+
+var closeValue = []string{"close"}
+
+// endEarly ends an answer written while the request body was left unread:
+// it flushes the answer, stops reading the body (a past read deadline: a
+// read blocked on a client that paused returns, so an attempt's request
+// writer ends and the upstream response's Close, which waits for it,
+// returns), and has the connection close lingering after the response
+// (serverConn.Close), so the client's kernel does not reset the
+// connection over the answer while the client still sends.
+func (x *exchange) endEarly(w http.ResponseWriter) {
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	_ = rc.SetReadDeadline(aLongTimeAgo)
+	if sc, ok := x.down.Context().Value(serverConnKey{}).(*serverConn); ok {
+		sc.lingerOnClose()
+	}
 }
 
 func (x *exchange) finish() {

@@ -151,6 +151,11 @@ type fastConn struct {
 	up        net.Conn   // the upstream connection of the attempt in flight
 	cancelled bool       // the downstream left during the exchange
 
+	// answered says the last exchange's response was written whole; when
+	// the connection then ends with bytes of another request pending,
+	// serve closes it lingering (linger.go).
+	answered bool
+
 	watchWG    sync.WaitGroup // the watcher goroutine, when state is fcWatched
 	watchAbort atomic.Bool
 	watchByte  [1]byte
@@ -250,8 +255,12 @@ func (fc *fastConn) serve() {
 	s := fc.s
 	handedOff := false
 	s.rec.Connections(s.name, 1)
+	lingering := false
 	defer func() {
 		if !handedOff {
+			if lingering {
+				fc.lingerClose()
+			}
 			fc.conn.Close()
 			s.rec.Connections(s.name, -1)
 		}
@@ -278,9 +287,31 @@ func (fc *fastConn) serve() {
 			return
 		}
 		if !keep || s.fast.draining.Load() {
+			lingering = fc.answered && fc.inputLeft()
 			return
 		}
 	}
+}
+
+// inputLeft reports whether the client sent bytes past the request just
+// answered: read already (pipelined), or waiting in the socket when the
+// client did not say it would send no more (Connection: close).
+func (fc *fastConn) inputLeft() bool {
+	return fc.w > fc.r || (!fc.head.closeConn && inputPending(fc.conn))
+}
+
+// lingerClose half-closes the connection and reads and discards what the
+// client still sends, for up to the chain's DelayedCloseTimeout (none when
+// 0) and lingerMaxBytes, through a pooled output buffer; serve closes it
+// after. A Shutdown that gives up closes the connection, which ends it.
+func (fc *fastConn) lingerClose() {
+	d := fc.s.chain.Load().DelayedCloseTimeout
+	if d <= 0 || fc.state.Load() == fcClosed {
+		return
+	}
+	op := outPool.Get().(*[]byte)
+	lingerClose(fc.conn, fc.rw, time.Now().Add(d), (*op)[:cap(*op)])
+	outPool.Put(op)
 }
 
 // readHead reads until buf holds a whole request head, or says to fall
@@ -364,12 +395,7 @@ func (fc *fastConn) handoff() {
 	fc.buf, fc.r, fc.w = nil, 0, 0
 	_ = fc.conn.SetReadDeadline(time.Time{})
 	s.rec.Connections(s.name, -1) // net/http counts it again
-	hc := &handoffConn{Conn: fc.conn, pending: pending}
-	if tc, ok := fc.conn.(*tls.Conn); ok {
-		s.conns.push(&handoffTLSConn{handoffConn: hc, tc: tc})
-		return
-	}
-	s.conns.push(hc)
+	s.conns.push(s.serverConn(fc.conn, pending))
 }
 
 // bstr is b as a string without a copy, for lookups that do not keep it.
@@ -385,6 +411,7 @@ func bstr(b []byte) string {
 // net/http's server (nothing was consumed).
 func (fc *fastConn) exchange() (keep, fallback bool) {
 	s := fc.s
+	fc.answered = false
 	h := &fc.head
 	tr := s.tracer.Load()
 	t := s.table.Load()
@@ -690,6 +717,7 @@ func (fc *fastConn) fail(x *exchange, t *routeTable, status int, reason, rule st
 	*op = out
 	fc.settle()
 	_, err := fc.rw.Write(out)
+	fc.answered = err == nil
 	return err == nil
 }
 
@@ -875,6 +903,16 @@ func (fc *fastConn) attempt(ctx context.Context, ep *cluster.Endpoint, req []byt
 		_, err = uc.Write(req)
 		if err == nil {
 			err = readResponseHead(uc.Reader(), &fc.resp)
+		} else if uc.Written() > 0 && (errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)) &&
+			readResponseHead(uc.Reader(), &fc.resp) == nil {
+			// The upstream closed while the body was being written, after
+			// answering (a 413, a 401 before an upload; its kernel reset the
+			// connection over the unread body): that answer, already in the
+			// socket, is the response, not a reset, as net/http's transport
+			// has it. The rest of the body goes nowhere, and the connection
+			// cannot be reused.
+			fc.resp.closeConn = true
+			return uc, nil
 		}
 		if err == nil {
 			return uc, nil
@@ -1094,6 +1132,7 @@ func (fc *fastConn) relay(x *exchange, t *routeTable, rt *config.Route, att *clu
 	fc.settle()
 	err = bc.flush()
 	*op = bc.out[:0]
+	fc.answered = err == nil
 	return keep && err == nil
 }
 
@@ -1380,49 +1419,3 @@ func (fc *fastConn) endBusy() bool {
 	fc.mu.Unlock()
 	return !gone
 }
-
-// handoffConn is a connection given to net/http's server after the fast
-// path read from it: it replays those bytes first.
-type handoffConn struct {
-	net.Conn
-	pending []byte
-}
-
-func (c *handoffConn) Read(p []byte) (int, error) {
-	if len(c.pending) > 0 {
-		n := copy(p, c.pending)
-		c.pending = c.pending[n:]
-		if len(c.pending) == 0 {
-			c.pending = nil
-		}
-		return n, nil
-	}
-	return c.Conn.Read(p)
-}
-
-// CloseWrite half-closes the connection when the underlying one can.
-func (c *handoffConn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return nil
-}
-
-// WaitReadable blocks until the connection has bytes, holding no buffer
-// (cluster.WaitReadable), or returns at once when replayed bytes are left.
-func (c *handoffConn) WaitReadable() error {
-	if len(c.pending) > 0 {
-		return nil
-	}
-	return cluster.WaitReadable(c.Conn)
-}
-
-// handoffTLSConn is a handoffConn over TLS: ConnectionState gives the
-// peer's identity to the server's ConnContext.
-type handoffTLSConn struct {
-	*handoffConn
-	tc *tls.Conn
-}
-
-// ConnectionState returns the TLS connection's state.
-func (c *handoffTLSConn) ConnectionState() tls.ConnectionState { return c.tc.ConnectionState() }

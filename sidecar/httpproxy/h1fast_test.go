@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -109,11 +110,20 @@ type proxyOpts struct {
 	retry       *config.RetryPolicy
 	upgrades    []string
 	rbac        *config.RBACFilter
+	bodyBuffer  int // the "/" route's BodyBufferBytes; 0: DefaultBodyBufferBytes
+	// rcvBuf, when positive, is the SO_RCVBUF of the proxy's downstream
+	// sockets: a small one stands for a network that buffers less than a
+	// loopback with autotuning (up to tcp_rmem's 32 MiB here).
+	rcvBuf int
+	// delayedClose is the chain's DelayedCloseTimeout: 0 is
+	// DefaultDelayedCloseTimeout (as decoded from xDS without the field),
+	// negative is 0 (off).
+	delayedClose time.Duration
 }
 
 // startProxy runs a Server (Via "test-proxy") whose virtual host "*" routes
 // "/missing-cluster" to an unknown cluster and "/" to cluster "c" (HTTP/1.1,
-// o.endpoints, DefaultBodyBufferBytes), and whose virtual host
+// o.endpoints, o.bodyBuffer or DefaultBodyBufferBytes), and whose virtual host
 // "no-routes.internal" has no route. It returns the Server's address.
 func startProxy(t *testing.T, o proxyOpts) (string, *Server) {
 	t.Helper()
@@ -127,18 +137,26 @@ func startProxy(t *testing.T, o proxyOpts) (string, *Server) {
 		"c": {Name: "c", Type: config.ClusterStatic, ConnectTimeout: time.Second, Protocol: xds.ProtocolHTTP,
 			Static: &config.LoadAssignment{ClusterName: "c", Endpoints: eps}},
 	}, nil)
-	hc := &config.HTTPConnectionManager{Via: "test-proxy", Upgrades: o.upgrades, RBAC: o.rbac, RouteConfig: &config.RouteConfig{
+	bodyBuffer := config.DefaultBodyBufferBytes
+	if o.bodyBuffer > 0 {
+		bodyBuffer = o.bodyBuffer
+	}
+	delayedClose := config.DefaultDelayedCloseTimeout
+	if o.delayedClose != 0 {
+		delayedClose = max(o.delayedClose, 0)
+	}
+	hc := &config.HTTPConnectionManager{Via: "test-proxy", Upgrades: o.upgrades, RBAC: o.rbac, DelayedCloseTimeout: delayedClose, RouteConfig: &config.RouteConfig{
 		Name: "rc", VirtualHosts: []*config.VirtualHost{
 			{Name: "vh", Domains: []string{"*"}, Routes: []*config.Route{
 				{Name: "missing", Match: config.MatchPrefix, Path: "/missing-cluster", CaseSensitive: true, Cluster: "nope", BodyBufferBytes: config.DefaultBodyBufferBytes},
-				{Name: "default", Match: config.MatchPrefix, Path: "/", CaseSensitive: true, Cluster: "c", Retry: o.retry, BodyBufferBytes: config.DefaultBodyBufferBytes},
+				{Name: "default", Match: config.MatchPrefix, Path: "/", CaseSensitive: true, Cluster: "c", Retry: o.retry, BodyBufferBytes: bodyBuffer},
 			}},
 			{Name: "empty", Domains: []string{"no-routes.internal"}},
 		},
 	}}
 	l := &config.Listener{Name: "l", Chains: []*config.FilterChain{{HTTP: hc}}}
 	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.DiscardHandler), Options{Recorder: o.rec, NetHTTPOnly: o.netHTTPOnly})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := listenWith(o.rcvBuf, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +209,14 @@ type rawUpstream struct {
 
 func newRawUpstream(t *testing.T, handle func(c net.Conn, br *bufio.Reader)) *rawUpstream {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return newRawUpstreamWith(t, 0, 0, handle)
+}
+
+// newRawUpstreamWith is newRawUpstream whose sockets have SO_RCVBUF
+// rcvBuf and TCP_MAXSEG mss (see listenWith).
+func newRawUpstreamWith(t *testing.T, rcvBuf, mss int, handle func(c net.Conn, br *bufio.Reader)) *rawUpstream {
+	t.Helper()
+	ln, err := listenWith(rcvBuf, mss)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,6 +260,30 @@ func newRawUpstream(t *testing.T, handle func(c net.Conn, br *bufio.Reader)) *ra
 }
 
 func (u *rawUpstream) addr() string { return u.ln.Addr().String() }
+
+// listenWith listens on a loopback port whose accepted sockets have
+// SO_RCVBUF rcvBuf and advertise TCP_MAXSEG mss (each set before listen,
+// so the window scale and the handshake see them; 0 keeps the kernel's
+// autotuned buffer, and loopback's 64 KiB MSS). A small MSS makes the
+// peer's send buffer small too (Linux sizes it from the MSS), as on a
+// real network path.
+func listenWith(rcvBuf, mss int) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			if rcvBuf > 0 {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, rcvBuf)
+			}
+			if mss > 0 && serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, mss)
+			}
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	return lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+}
 
 // readReq reads one request and its body from an upstream connection.
 func readReq(br *bufio.Reader) (*http.Request, []byte, error) {

@@ -130,6 +130,9 @@ type Server struct {
 	srv   *http.Server
 	conns *connQueue
 	done  chan struct{} // closed when srv.Serve returns
+	// closeNow is set when Shutdown's context ends: connections close at
+	// once, without lingering.
+	closeNow atomic.Bool
 
 	// fast is the HTTP/1.1 fast path; off when fastOff.
 	fast    fastServer
@@ -173,10 +176,14 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 			}
 		},
 		// The peer's identity is read once per connection (a *tls.Conn, or
-		// one the fast path handed over).
+		// one the fast path handed over); handlers reach an HTTP/1.1
+		// connection's serverConn to close it lingering.
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			if tc, ok := c.(interface{ ConnectionState() tls.ConnectionState }); ok {
-				return context.WithValue(ctx, peerKey{}, tlsid.PeerOf(tc.ConnectionState()))
+				ctx = context.WithValue(ctx, peerKey{}, tlsid.PeerOf(tc.ConnectionState()))
+			}
+			if sc, ok := c.(interface{ base() *serverConn }); ok {
+				ctx = context.WithValue(ctx, serverConnKey{}, sc.base())
 			}
 			return ctx
 		},
@@ -217,14 +224,16 @@ func tableFor(hc *config.HTTPConnectionManager, snap *config.Snapshot) *routeTab
 }
 
 // Handle serves conn: on the HTTP/1.1 fast path, or on net/http's server
-// for HTTP/2 (an h2 ALPN, an http2 codec) and when the fast path is off.
+// for HTTP/2 (an h2 ALPN, an http2 codec) and when the fast path is off
+// (wrapped as a serverConn, which closes lingering after an early answer,
+// unless it is TLS with h2, which net/http must see as a *tls.Conn).
 func (s *Server) Handle(conn net.Conn) {
-	if s.fastOff {
+	if tc, ok := conn.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol == "h2" {
 		s.conns.push(conn)
 		return
 	}
-	if tc, ok := conn.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol == "h2" {
-		s.conns.push(conn)
+	if s.fastOff {
+		s.conns.push(s.serverConn(conn, nil))
 		return
 	}
 	s.handleFast(conn)
@@ -262,6 +271,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 	// srv until the fast path is done.
 	<-fastDone
 	if err := s.srv.Shutdown(ctx); err != nil {
+		s.closeNow.Store(true) // no lingering: Close closes at once
 		s.srv.Close()
 	}
 	<-s.done
@@ -279,7 +289,9 @@ func (s *Server) Shutdown(ctx context.Context) {
 }
 
 // fail answers a request the sidecar could not forward, with the typed
-// reason in ReasonHeader; x records it when the handler returns.
+// reason in ReasonHeader; x records it when the handler returns. An
+// answer given before the request body was all read says Connection:
+// close and the connection closes lingering (exchange.endEarly).
 func (s *Server) fail(w http.ResponseWriter, t *routeTable, x *exchange, status int, reason string) {
 	x.code, x.reason = status, reason
 	h := w.Header()
@@ -288,8 +300,12 @@ func (s *Server) fail(w http.ResponseWriter, t *routeTable, x *exchange, status 
 	if t.via != "" {
 		h.Add("Via", "1.1 "+t.via)
 	}
+	x.closeIfBodyLeft(h)
 	w.WriteHeader(status)
 	io.WriteString(w, reason+"\n")
+	if x.bodyLeft() {
+		x.endEarly(w)
+	}
 }
 
 // hopByHop are the connection-specific fields of RFC 9110 §7.6.1 plus the
