@@ -4,10 +4,12 @@
 package devconsul
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -75,11 +77,22 @@ type Options struct {
 	// Args are appended to the agent's command line, e.g.
 	// {"-hcl", "limits { http_max_conns_per_client = 4096 }"}.
 	Args []string
+	// Netns, when set, runs the agent in that network namespace (a path
+	// such as /run/netns/<name>, entered with nsenter), e.g. beside a
+	// devkube cluster; Dial must then reach into it.
+	Netns string
+	// BindAddress is the agent's -bind and -client address; 127.0.0.1 when
+	// empty (in a cluster's namespace, its node address, so pods reach it).
+	BindAddress string
+	// Dial, when set, is how the Agent's Client connects (a dialer inside
+	// Netns).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Agent is a running dev agent.
 type Agent struct {
-	// HTTPAddr is the agent's HTTP API address, "127.0.0.1:port".
+	// HTTPAddr is the agent's HTTP API address, "127.0.0.1:port" (or
+	// Options.BindAddress).
 	HTTPAddr string
 	// Client talks to the agent.
 	Client *api.Client
@@ -131,12 +144,16 @@ func start(ctx context.Context, o Options) (*Agent, error) {
 		ports[0] = o.HTTPPort
 	}
 	p := func(i int) string { return strconv.Itoa(ports[i]) }
+	bind := cmp.Or(o.BindAddress, "127.0.0.1")
 	cmd := exec.Command(o.Binary, "agent", "-dev",
-		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", o.NodeName,
+		"-bind", bind, "-client", bind, "-node", o.NodeName,
 		"-http-port", p(0), "-grpc-port", p(1), "-grpc-tls-port", "-1",
 		"-serf-lan-port", p(2), "-serf-wan-port", p(3), "-server-port", p(4),
 		"-dns-port", "-1", "-log-level", "warn")
 	cmd.Args = append(cmd.Args, o.Args...)
+	if o.Netns != "" {
+		cmd = exec.Command("nsenter", append([]string{"--net=" + o.Netns, "--"}, cmd.Args...)...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if !o.Detached {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
@@ -147,13 +164,16 @@ func start(ctx context.Context, o Options) (*Agent, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("devconsul: start %s: %w", o.Binary, err)
 	}
-	a := &Agent{HTTPAddr: "127.0.0.1:" + p(0), cmd: cmd, exited: make(chan struct{})}
+	a := &Agent{HTTPAddr: net.JoinHostPort(bind, p(0)), cmd: cmd, exited: make(chan struct{})}
 	go func() {
 		_ = cmd.Wait()
 		close(a.exited)
 	}()
 	cc := api.DefaultNonPooledConfig()
 	cc.Address = a.HTTPAddr
+	if o.Dial != nil {
+		cc.Transport.DialContext = o.Dial
+	}
 	a.Client, err = api.NewClient(cc)
 	if err != nil {
 		a.Stop()
