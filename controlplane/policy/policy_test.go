@@ -3,6 +3,7 @@ package policy
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -172,4 +173,73 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.w.Write(p)
+}
+
+// TestWatchFollowsConfigMapUpdates: a ConfigMap mounted as a volume is
+// updated the way the kubelet's AtomicWriter does it (a new timestamped
+// directory, the ..data symlink swapped by rename, the file names being
+// symlinks through ..data); each update is applied.
+func TestWatchFollowsConfigMapUpdates(t *testing.T) {
+	dir := t.TempDir()
+	gen := 0
+	publish := func(content string) {
+		t.Helper()
+		gen++
+		ts := fmt.Sprintf("..2026_12_04_00_00_%02d.%d", gen, gen)
+		if err := os.Mkdir(filepath.Join(dir, ts), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, ts, "api.yaml"), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		old, _ := os.Readlink(filepath.Join(dir, "..data"))
+		if err := os.Symlink(ts, filepath.Join(dir, "..data_tmp")); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(filepath.Join(dir, "..data_tmp"), filepath.Join(dir, "..data")); err != nil {
+			t.Fatal(err)
+		}
+		if gen == 1 {
+			if err := os.Symlink("..data/api.yaml", filepath.Join(dir, "api.yaml")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if old != "" {
+			if err := os.RemoveAll(filepath.Join(dir, old)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	doc := func(protocol string) string {
+		return "apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: api}\nspec:\n  service: api\n  protocol: " + protocol + "\n"
+	}
+	publish(doc("http"))
+	applied := make(chan string, 10)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Watch(ctx, dir, slog.New(slog.NewTextHandler(io.Discard, nil)), func(s *Set) {
+			p, _ := s.Protocol("api")
+			applied <- string(p)
+		})
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Watch: %v", err)
+		}
+	}()
+	for _, want := range []string{"http", "grpc", "tcp"} {
+		if want != "http" {
+			publish(doc(want))
+		}
+		select {
+		case got := <-applied:
+			if got != want {
+				t.Fatalf("applied %q, want %q", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("update to %q not applied", want)
+		}
+	}
 }
