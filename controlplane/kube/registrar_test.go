@@ -210,7 +210,10 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 	if _, err := client.CoreV1().Pods("shop").Update(ctx, term, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("deregistered while terminating", func() bool { s := services(); return s != nil && s["api-1-api"] == nil && s["api-1-api-sidecar-proxy"] == nil })
+	waitFor("deregistered while terminating", func() bool {
+		s := services()
+		return s != nil && s["api-1-api"] == nil && s["api-1-api-sidecar-proxy"] == nil
+	})
 
 	// A second pod, then deleted.
 	if _, err := client.CoreV1().Pods("shop").Create(ctx, injectedPod("api-2", "api", 8080, true), metav1.CreateOptions{}); err != nil {
