@@ -162,7 +162,7 @@ func newRigProtocol(t *testing.T, protocol, policies string, endpoints ...rigEnd
 		host, p, _ := net.SplitHostPort(e.addr)
 		pn, _ := strconv.Atoi(p)
 		id := fmt.Sprintf("api-%d-sidecar-proxy", i+1)
-		proxies[id] = &model.Proxy{ID: id, Service: "api", Address: host, Port: pn, Weight: max(e.weight, 1), Healthy: true}
+		proxies[id] = &model.Proxy{ID: id, Service: "api", Address: host, Port: pn, LocalAppAddress: "127.0.0.1", LocalAppPort: 1, Weight: max(e.weight, 1), Healthy: true}
 	}
 	cat := model.NewCatalog(map[string]*model.Service{"api": {Name: "api"}}, proxies)
 	ca, err := testca.New("rig.consul")

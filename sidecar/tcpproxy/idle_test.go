@@ -228,7 +228,7 @@ func TestPipeIdleBulkTransferIntact(t *testing.T) {
 		go func() { defer wg.Done(); gotA, errA = readN(p.a, len(down)) }()
 		wg.Wait()
 		if errB != nil || !bytes.Equal(gotB, up) {
-			t.Errorf("upstream got %d bytes (%v), want the %d sent intact", len(gotB), errB, len(up))
+			t.Errorf("upstream got %d bytes (%v), want the %d sent intact (timed out %v)", len(gotB), errB, len(up), p.timedOut.Load())
 		}
 		if errA != nil || !bytes.Equal(gotA, down) {
 			t.Errorf("downstream got %d bytes (%v), want the %d sent intact", len(gotA), errA, len(down))
