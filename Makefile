@@ -5,12 +5,14 @@ GO    ?= go
 BIN   := bin
 CONSUL_VERSION := 1.19.2
 JAEGER_VERSION := 1.76.0
+KUBE_VERSION   := 1.36.3
+COREDNS_VERSION := 1.15.0
 
 BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help bench bench-cp
+.PHONY: all build examples consul jaeger kube coredns images demo demo-stop test test-short vet fmt docker clean help bench bench-cp
 
 all: build
 
@@ -21,6 +23,9 @@ help:
 	@echo "make build       build bin/controlplane and bin/sidecar"
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
+	@echo "make kube        build Kubernetes v$(KUBE_VERSION) (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl) and CoreDNS v$(COREDNS_VERSION) into bin/"
+	@echo "make images      write the OCI image tarballs the dev cluster imports (meshlet, pause, coredns, test app) into bin/images/"
+	@echo "make test-kube   run internal/devkube's tests against a real one-node cluster (root; Debian packages: see internal/devkube)"
 	@echo "make docker      build the container image (needs a Docker engine)"
 	@echo "make bench       data-path benchmark: direct, one sidecar, two sidecars with mTLS, HAProxy, nginx side by side (BENCHFLAGS adds flags, e.g. -quick)"
 	@echo "make bench-cp    control-plane scale benchmark: 1,000 services / 10,000 instances in Consul, 1,000 simulated sidecars (BENCHCPFLAGS adds flags)"
@@ -57,6 +62,31 @@ jaeger: $(BIN)/jaeger
 $(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
 	@mkdir -p $(BIN)
 	@deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
+	@touch $@
+
+# Kubernetes from one tool module (deploy/tools/kubernetes; ../shared/PEERS.md):
+# ~15 minutes and ~2.5 GB the first time on 2 cores, seconds once Go's build
+# cache holds it. The version stamps let kubectl parse the server version.
+KUBE_CMDS := kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl
+KUBE_BINS := $(addprefix $(BIN)/,$(KUBE_CMDS))
+KUBE_LDFLAGS := -s -w $(foreach p,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
+	-X $(p).gitVersion=v$(KUBE_VERSION) -X $(p).gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION))) \
+	-X $(p).gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))) -X $(p).gitTreeState=clean)
+
+kube: $(KUBE_BINS) $(BIN)/coredns
+
+$(KUBE_BINS) &: deploy/tools/kubernetes/go.mod deploy/tools/kubernetes/go.sum
+	@mkdir -p $(BIN)
+	@LDFLAGS="$(KUBE_LDFLAGS)" deploy/tools/build-tool.sh deploy/tools/kubernetes \
+		"$(addprefix k8s.io/kubernetes/cmd/,$(KUBE_CMDS))" $(BIN)/ "Kubernetes v$(KUBE_VERSION)"
+	@touch $(KUBE_BINS)
+
+# CoreDNS (cluster DNS of internal/devkube) from deploy/tools/coredns.
+coredns: $(BIN)/coredns
+
+$(BIN)/coredns: deploy/tools/coredns/go.mod deploy/tools/coredns/go.sum
+	@mkdir -p $(BIN)
+	@LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/coredns github.com/coredns/coredns $@ "CoreDNS v$(COREDNS_VERSION)"
 	@touch $@
 
 demo: $(BIN)/consul $(BIN)/jaeger build examples
