@@ -12,7 +12,7 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger kube coredns images demo demo-stop test test-short vet fmt docker clean help bench bench-cp
+.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-stop test test-short vet fmt docker clean help bench bench-cp
 
 all: build
 
@@ -26,6 +26,7 @@ help:
 	@echo "make kube        build Kubernetes v$(KUBE_VERSION) (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl) and CoreDNS v$(COREDNS_VERSION) into bin/"
 	@echo "make images      write the OCI image tarballs the dev cluster imports (meshlet, pause, coredns, test app) into bin/images/"
 	@echo "make test-kube   run internal/devkube's tests against a real one-node cluster (root; Debian packages: see internal/devkube)"
+	@echo "make kube-up     start a one-node cluster in its own network namespace and leave it running (kube-down stops it)"
 	@echo "make docker      build the container image (needs a Docker engine)"
 	@echo "make bench       data-path benchmark: direct, one sidecar, two sidecars with mTLS, HAProxy, nginx side by side (BENCHFLAGS adds flags, e.g. -quick)"
 	@echo "make bench-cp    control-plane scale benchmark: 1,000 services / 10,000 instances in Consul, 1,000 simulated sidecars (BENCHCPFLAGS adds flags)"
@@ -86,8 +87,64 @@ coredns: $(BIN)/coredns
 
 $(BIN)/coredns: deploy/tools/coredns/go.mod deploy/tools/coredns/go.sum
 	@mkdir -p $(BIN)
-	@LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/coredns github.com/coredns/coredns $@ "CoreDNS v$(COREDNS_VERSION)"
+	@CGO_ENABLED=0 LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/coredns github.com/coredns/coredns $@ "CoreDNS v$(COREDNS_VERSION)"
 	@touch $@
+
+# Image tarballs for the dev cluster (internal/devkube), written without a
+# Docker daemon by internal/ociimage from static binaries (CGO_ENABLED=0):
+# meshlet (both binaries, like the Dockerfile's image), the pause (sandbox)
+# image, CoreDNS and the devkube tests' app. `make image` is the meshlet one.
+STATIC := $(BIN)/static
+IMAGES := $(BIN)/images
+MESHLET_IMAGE := meshlet.local/meshlet:dev
+POLICY_FILES := $(wildcard policies/*.yaml)
+
+$(STATIC)/controlplane: PKG := ./controlplane/cmd/controlplane
+$(STATIC)/sidecar: PKG := ./sidecar/cmd/sidecar
+$(STATIC)/pause: PKG := ./internal/devkube/pause
+$(STATIC)/devkube-testapp: PKG := ./internal/devkube/testapp
+$(STATIC)/controlplane $(STATIC)/sidecar $(STATIC)/pause $(STATIC)/devkube-testapp: $(GO_SOURCES)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags="-s -w" -o $@ $(PKG)
+
+$(BIN)/ociimage: $(GO_SOURCES)
+	$(GO) build -o $@ ./internal/ociimage/cmd/ociimage
+
+image: $(IMAGES)/meshlet.tar
+images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar
+
+$(IMAGES)/meshlet.tar: $(STATIC)/controlplane $(STATIC)/sidecar $(POLICY_FILES) $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag $(MESHLET_IMAGE) \
+		-file $(STATIC)/controlplane:/usr/local/bin/controlplane -file $(STATIC)/sidecar:/usr/local/bin/sidecar \
+		$(foreach f,$(POLICY_FILES),-file $(f):/etc/meshlet/$(f):644) \
+		-dir /tmp:1777 -entrypoint '["/usr/local/bin/sidecar"]'
+
+$(IMAGES)/pause.tar: $(STATIC)/pause $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/pause:dev -file $(STATIC)/pause:/pause -entrypoint /pause
+
+$(IMAGES)/coredns.tar: $(BIN)/coredns $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/coredns:$(COREDNS_VERSION) -file $(BIN)/coredns:/coredns -entrypoint /coredns
+
+$(IMAGES)/devkube-testapp.tar: $(STATIC)/devkube-testapp $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/devkube-testapp:dev -file $(STATIC)/devkube-testapp:/testapp \
+		-entrypoint /testapp -cmd '["serve", ":8080"]'
+
+# The one-node cluster's own tests (root; the Debian packages of
+# internal/devkube.DebianPackages). `make kube-up` leaves a cluster running
+# for humans and the Kubernetes demo; `make kube-down` removes it.
+KUBE_ENV = MESHLET_KUBE_BIN_DIR=$(CURDIR)/$(BIN) MESHLET_KUBE_IMAGE_DIR=$(CURDIR)/$(IMAGES)
+
+test-kube: kube images
+	$(KUBE_ENV) $(GO) test -count=1 -v -timeout 15m $(TESTFLAGS) ./internal/devkube/
+
+kube-up: kube images
+	$(KUBE_ENV) $(GO) run ./internal/devkube/cmd/devkube up -image $(IMAGES)/meshlet.tar
+
+kube-down:
+	$(GO) run ./internal/devkube/cmd/devkube down
 
 demo: $(BIN)/consul $(BIN)/jaeger build examples
 	@$(BIN)/meshlet-demo $(if $(KEEP),-keep)
@@ -96,9 +153,9 @@ demo-stop: $(BIN)/meshlet-demo
 	@$(BIN)/meshlet-demo -stop
 
 # TESTFLAGS can add e.g. -run or -v.
-test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar
+test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar kube images
 	$(GO) vet ./...
-	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+	$(KUBE_ENV) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
 
 # Data-path benchmark (issue 7; internal/bench): installs the reference
 # proxies and load generators it needs (deploy/tools/bench-deps.sh), then
@@ -137,4 +194,4 @@ docker:
 	docker build -t meshlet:dev .
 
 clean:
-	rm -rf .work $(BINARIES) $(EXAMPLES)
+	rm -rf .work $(BINARIES) $(EXAMPLES) $(STATIC) $(IMAGES) $(BIN)/ociimage
