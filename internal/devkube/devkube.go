@@ -192,7 +192,7 @@ func (c *Cluster) RESTConfig() *rest.Config { return rest.CopyConfig(c.restConfi
 // the kube-dns ClusterIP. On error everything started is stopped again and
 // the error names the step and, for a daemon that died, its log's tail. A
 // *MissingError means the host lacks a prerequisite.
-func Start(ctx context.Context, o Options) (c *Cluster, err error) {
+func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	o.defaults()
 	if err := o.Validate(); err != nil {
 		return nil, err
@@ -220,7 +220,7 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 			return nil, fmt.Errorf("devkube: work dir %s is not empty", o.WorkDir)
 		}
 	}
-	c = &Cluster{
+	c := &Cluster{
 		name: o.Name, l: layout{dir: o.WorkDir}, netns: netnsPath(o.Name), binDir: o.BinDir,
 		log: o.Log.With("cluster", o.Name), detached: o.Detached, keepLogs: o.KeepLogs,
 	}

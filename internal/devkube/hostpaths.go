@@ -198,7 +198,17 @@ func removeOwnSharedEntries(name, workDir, containerdAddr string, ids, podNetns 
 			errs = append(errs, err)
 		}
 	}
-	if ms, err := filepath.Glob("/var/lib/cni/results/" + name + "-*"); err == nil {
+	// CNI caches results as <network>-<sandbox id>-<ifname>: our network's
+	// and the CRI's loopback ("cni-loopback") of our sandboxes.
+	patterns := []string{"/var/lib/cni/results/" + name + "-*"}
+	for _, id := range ids {
+		patterns = append(patterns, "/var/lib/cni/results/*-"+id+"-*")
+	}
+	for _, pat := range patterns {
+		ms, err := filepath.Glob(pat)
+		if err != nil {
+			continue
+		}
 		for _, m := range ms {
 			if err := os.Remove(m); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				errs = append(errs, err)

@@ -158,8 +158,10 @@ func (c *Cluster) stopDaemon(name string) {
 	if d == nil || d.gone() {
 		return
 	}
+	begin := time.Now()
 	_ = syscall.Kill(-d.Pid, syscall.SIGTERM)
 	if d.wait(10 * time.Second) {
+		c.log.Debug("devkube: stopped", "daemon", name, "took", time.Since(begin).Round(time.Millisecond).String())
 		return
 	}
 	c.log.Warn("devkube: daemon ignored SIGTERM, killing it", "daemon", name, "pid", d.Pid)

@@ -14,7 +14,8 @@
 //
 // The binaries come from bin/ (or $MESHLET_KUBE_BIN_DIR) and the pause and
 // CoreDNS images from bin/images/ (or $MESHLET_KUBE_IMAGE_DIR): `make kube
-// images`. It needs root. Exit status 1 on failure, 2 on bad usage.
+// images`. It needs root. DEVKUBE_DEBUG=1 logs every daemon start, wait and
+// stop. Exit status 1 on failure, 2 on bad usage.
 package main
 
 import (
@@ -38,7 +39,11 @@ func (i *images) String() string     { return strings.Join(*i, ",") }
 func (i *images) Set(v string) error { *i = append(*i, v); return nil }
 
 func main() {
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	level := slog.LevelInfo
+	if os.Getenv("DEVKUBE_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	err := run(os.Args[1:], log)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "devkube:", err)
