@@ -21,7 +21,8 @@ const netnsDir = "/run/netns"
 func netnsPath(name string) string { return filepath.Join(netnsDir, name) }
 
 // createNetns makes the namespace <name> (ip netns add), brings up lo,
-// creates BridgeName with NodeIP/24 (the node IP and the pods' gateway), and
+// creates BridgeName with NodeIP/24 (the node IP and the pods' gateway) and
+// a route of ServiceCIDR through it, and
 // enables IPv4 forwarding and bridge netfilter inside it (both per
 // namespace; the host's settings are untouched).
 func createNetns(ctx context.Context, name string) error {
@@ -31,6 +32,11 @@ func createNetns(ctx context.Context, name string) error {
 		{"ip", "-n", name, "link", "add", BridgeName, "type", "bridge"},
 		{"ip", "-n", name, "addr", "add", NodeIP + "/24", "dev", BridgeName},
 		{"ip", "-n", name, "link", "set", BridgeName, "up"},
+		// A route to the ClusterIPs, so a connect() from the node (the
+		// namespace) to one gets past routing to kube-proxy's OUTPUT DNAT
+		// instead of failing with ENETUNREACH (the namespace has no
+		// default route).
+		{"ip", "-n", name, "route", "add", ServiceCIDR, "dev", BridgeName},
 	}
 	for _, s := range steps {
 		if out, err := exec.CommandContext(ctx, s[0], s[1:]...).CombinedOutput(); err != nil {
