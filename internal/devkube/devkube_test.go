@@ -60,15 +60,35 @@ func TestCluster(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
+	// A second cluster starts beside the first: each has its own
+	// namespace, cgroups and work dir, and stopping one leaves the other
+	// (and the host paths they share) working.
+	type started struct {
+		c   *Cluster
+		err error
+	}
+	second := make(chan started, 1)
+	go func() {
+		c2, err := Start(ctx, Options{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		second <- started{c2, err}
+	}()
 	begin := time.Now()
 	c, err := Start(ctx, Options{
 		Log:    slog.New(slog.NewTextHandler(tlog{t}, nil)),
 		Images: []string{filepath.Join(imageDir, testAppImageFile)},
 	})
+	s2 := <-second
+	if s2.c != nil {
+		t.Cleanup(func() {
+			if err := s2.c.Stop(); err != nil {
+				t.Error(err)
+			}
+		})
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("cluster %s ready in %v", c.Name(), time.Since(begin).Round(100*time.Millisecond))
+	t.Logf("clusters %s and the second one ready in %v", c.Name(), time.Since(begin).Round(100*time.Millisecond))
 	stopped := false
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -80,6 +100,9 @@ func TestCluster(t *testing.T) {
 			}
 		}
 	})
+	if s2.err != nil {
+		t.Fatalf("second cluster: %v", s2.err)
+	}
 	appImage := "meshlet.local/devkube-testapp:dev"
 	cs := c.Client()
 	const ns = "devkube-test"
@@ -221,6 +244,32 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("SecondCluster", func(t *testing.T) {
+		c2 := s2.c
+		if c2.Name() == c.Name() || c2.Netns() == c.Netns() || c2.WorkDir() == c.WorkDir() {
+			t.Fatalf("clusters share a name, namespace or dir: %s %s", c.Name(), c2.Name())
+		}
+		if _, err := c2.Client().CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{}); err == nil {
+			t.Fatalf("namespace %s of the first cluster exists in the second: they share an apiserver", ns)
+		}
+		addrs, err := c2.Resolver().LookupHost(ctx, "kube-dns.kube-system.svc."+ClusterDomain)
+		if err != nil || len(addrs) != 1 || addrs[0] != DNSServiceIP {
+			t.Fatalf("second cluster's DNS: %v %v, want [%s]", addrs, err, DNSServiceIP)
+		}
+		pids := daemonPids(c2)
+		if err := c2.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		checkClusterGone(t, c2, pids)
+		// The first cluster still runs: the shared host paths stay.
+		if _, err := os.Stat(registryDir); err != nil {
+			t.Errorf("registry removed while a cluster runs: %v", err)
+		}
+		if _, err := cs.CoreV1().Nodes().Get(ctx, NodeName, metav1.GetOptions{}); err != nil {
+			t.Errorf("first cluster after the second stopped: %v", err)
+		}
+	})
+
 	t.Run("JobCompletes", func(t *testing.T) {
 		// A fresh pod that reaches the Service by its short name: the pod's
 		// resolv.conf search path, CoreDNS and kube-proxy together.
@@ -265,12 +314,7 @@ func TestCluster(t *testing.T) {
 	})
 
 	// Stop, then look for anything of the cluster left on the host.
-	c.mu.Lock()
-	var pids []int
-	for _, d := range c.procs {
-		pids = append(pids, d.Pid)
-	}
-	c.mu.Unlock()
+	pids := daemonPids(c)
 	stopBegin := time.Now()
 	stopped = true
 	if err := c.Stop(); err != nil {
@@ -281,35 +325,7 @@ func TestCluster(t *testing.T) {
 		t.Errorf("second Stop: %v", err)
 	}
 	t.Run("NothingLeftBehind", func(t *testing.T) {
-		for _, pid := range pids {
-			if processAlive(pid) {
-				t.Errorf("daemon pid %d still running", pid)
-			}
-		}
-		if left := processesOf(t, c.Name(), c.WorkDir()); len(left) > 0 {
-			t.Errorf("processes of the cluster still running: %v", left)
-		}
-		if _, err := os.Stat(c.Netns()); !os.IsNotExist(err) {
-			t.Errorf("network namespace %s: %v, want it gone", c.Netns(), err)
-		}
-		if mps, err := mountsUnder(c.WorkDir()); err != nil || len(mps) > 0 {
-			t.Errorf("mounts under %s: %v %v", c.WorkDir(), mps, err)
-		}
-		if mps := mountsNaming(t, c.Name()); len(mps) > 0 {
-			t.Errorf("mounts naming %s: %v", c.Name(), mps)
-		}
-		hs, err := cgroupHierarchies()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, h := range hs {
-			if _, err := os.Stat(filepath.Join(h, c.Name())); !os.IsNotExist(err) {
-				t.Errorf("cgroup %s/%s: %v, want it gone", h, c.Name(), err)
-			}
-		}
-		if _, err := os.Stat(c.WorkDir()); !os.IsNotExist(err) {
-			t.Errorf("work dir %s: %v, want it removed", c.WorkDir(), err)
-		}
+		checkClusterGone(t, c, pids)
 		after := snapshotHost(t)
 		for p, b := range before {
 			if a := after[p]; a != b {
@@ -317,6 +333,56 @@ func TestCluster(t *testing.T) {
 			}
 		}
 	})
+}
+
+func daemonPids(c *Cluster) []int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var pids []int
+	for _, d := range c.procs {
+		pids = append(pids, d.Pid)
+	}
+	return pids
+}
+
+// checkClusterGone asserts that nothing of a stopped cluster remains: its
+// daemons, any process in its cgroups or naming its work dir, its network
+// namespace, mounts under its work dir or naming it, its cgroups in every
+// hierarchy, its work dir.
+func checkClusterGone(t *testing.T, c *Cluster, pids []int) {
+	t.Helper()
+	if len(pids) < 7 {
+		t.Errorf("only %d daemon pids recorded: %v", len(pids), pids)
+	}
+	for _, pid := range pids {
+		if processAlive(pid) {
+			t.Errorf("daemon pid %d still running", pid)
+		}
+	}
+	if left := processesOf(t, c.Name(), c.WorkDir()); len(left) > 0 {
+		t.Errorf("processes of the cluster still running: %v", left)
+	}
+	if _, err := os.Stat(c.Netns()); !os.IsNotExist(err) {
+		t.Errorf("network namespace %s: %v, want it gone", c.Netns(), err)
+	}
+	if mps, err := mountsUnder(c.WorkDir()); err != nil || len(mps) > 0 {
+		t.Errorf("mounts under %s: %v %v", c.WorkDir(), mps, err)
+	}
+	if mps := mountsNaming(t, c.Name()); len(mps) > 0 {
+		t.Errorf("mounts naming %s: %v", c.Name(), mps)
+	}
+	hs, err := cgroupHierarchies()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hs {
+		if _, err := os.Stat(filepath.Join(h, c.Name())); !os.IsNotExist(err) {
+			t.Errorf("cgroup %s/%s: %v, want it gone", h, c.Name(), err)
+		}
+	}
+	if _, err := os.Stat(c.WorkDir()); !os.IsNotExist(err) {
+		t.Errorf("work dir %s: %v, want it removed", c.WorkDir(), err)
+	}
 }
 
 // hostPathsToWatch are the host paths containerd, the kubelet, etcd and the
