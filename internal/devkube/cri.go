@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"time"
 
 	"google.golang.org/grpc"
@@ -117,4 +118,29 @@ func criReady(ctx context.Context, sock string) error {
 		}
 	}
 	return nil
+}
+
+// bundles reads containerd's task bundles under its state dir
+// (io.containerd.runtime.v2.task/k8s.io/<id>/config.json, the OCI runtime
+// spec of each running container and sandbox): their IDs and the network
+// namespaces of the sandboxes. Stop uses it when containerd is no longer
+// there to ask, e.g. after the process that started the cluster died.
+func bundles(stateDir string) criTeardown {
+	var td criTeardown
+	dir := filepath.Join(stateDir, "io.containerd.runtime.v2.task", "k8s.io")
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		return td
+	}
+	for _, de := range des {
+		td.ids = append(td.ids, de.Name())
+		b, err := os.ReadFile(filepath.Join(dir, de.Name(), "config.json"))
+		if err != nil {
+			continue
+		}
+		if p := sandboxNetns(`{"runtimeSpec":` + string(b) + `}`); p != "" {
+			td.netns = append(td.netns, p)
+		}
+	}
+	return td
 }

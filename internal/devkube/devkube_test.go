@@ -1,6 +1,7 @@
 package devkube
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -543,5 +545,88 @@ func dumpLogs(t *testing.T, c *Cluster) {
 	}
 	if out, err := c.Kubectl(context.Background(), "get", "pods", "-A", "-o", "wide"); err == nil {
 		t.Logf("--- pods\n%s", out)
+	}
+}
+
+// helperEnv makes the test binary, re-executed by TestReapStale, start a
+// cluster, print its work dir and wait to be killed (TestMain).
+const helperEnv = "DEVKUBE_TEST_HELPER"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) != "" {
+		c, err := Start(context.Background(), Options{})
+		if err != nil {
+			fmt.Println("ERROR", err)
+			os.Exit(1)
+		}
+		fmt.Println("READY", c.WorkDir(), c.Name())
+		select {} // until TestReapStale kills this process
+	}
+	os.Exit(m.Run())
+}
+
+// TestReapStale kills the process that started a cluster (as a crashed test
+// would be): its daemons die with it (parent-death signal) but the pod
+// containers and their shims do not, nor do the namespace, mounts and
+// cgroups. The next Start's ReapStale must remove all of it.
+func TestReapStale(t *testing.T) {
+	requireCluster(t)
+	before := snapshotHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	helper := exec.CommandContext(ctx, os.Args[0])
+	helper.Env = append(os.Environ(), helperEnv+"=1")
+	out, err := helper.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := helper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var workDir, name string
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == "READY" {
+			workDir, name = f[1], f[2]
+			break
+		} else if len(f) > 0 && f[0] == "ERROR" {
+			t.Fatalf("helper: %s", sc.Text())
+		}
+	}
+	if workDir == "" {
+		_ = helper.Process.Kill()
+		t.Fatalf("helper ended without starting a cluster (%v)", helper.Wait())
+	}
+	go io.Copy(io.Discard, out) //nolint:errcheck // drain until the helper dies
+	c, err := Open(workDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The cluster runs pods (CoreDNS) whose containers outlive the helper.
+	if pids, _ := cgroupPids(filepath.Join(cgroupRoot, "freezer", name, "kubepods")); len(pids) == 0 {
+		t.Fatalf("no pod processes in the cluster's kubepods cgroup")
+	}
+	pids := daemonPids(c)
+
+	if err := helper.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = helper.Wait()
+	if left := processesOf(t, name, workDir); len(left) == 0 {
+		t.Fatal("nothing of the cluster survived its owner: this test would prove nothing")
+	}
+	n, err := ReapStale(ctx, slog.New(slog.NewTextHandler(tlog{t}, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Fatalf("ReapStale stopped %d clusters, want 1", n)
+	}
+	checkClusterGone(t, c, pids)
+	after := snapshotHost(t)
+	for p, b := range before {
+		if a := after[p]; a != b {
+			t.Errorf("host path %s changed:\n before: %s\n after:  %s", p, b, a)
+		}
 	}
 }

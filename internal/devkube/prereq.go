@@ -78,6 +78,10 @@ type MissingError struct {
 	Images []string
 }
 
+// Error names every missing piece and how to get it, e.g. "devkube: cannot
+// start a cluster: Debian packages missing: etcd-server (apt-get install
+// etcd-server); Kubernetes binaries missing: bin/kubelet (run `make kube`,
+// or set MESHLET_KUBE_BIN_DIR)".
 func (e *MissingError) Error() string {
 	var parts []string
 	if e.NotRoot {

@@ -34,13 +34,17 @@ func (c *Cluster) stop() error {
 	for _, n := range []string{"kube-proxy", "kube-scheduler", "kube-controller-manager", "kubelet"} {
 		c.stopDaemon(n)
 	}
-	var td criTeardown
+	// What the running containers leave on the host, from their bundles
+	// (all that is left to go by when containerd died with its owner) and
+	// from the CRI.
+	td := bundles(c.l.path("containerd", "state"))
 	if c.running("containerd") {
-		var err error
-		td, err = teardownPods(context.Background(), c.l.containerdSock())
+		cri, err := teardownPods(context.Background(), c.l.containerdSock())
 		if err != nil {
 			errs = append(errs, err)
 		}
+		td.ids = append(td.ids, cri.ids...)
+		td.netns = append(td.netns, cri.netns...)
 	}
 	for _, n := range []string{"containerd", "kube-apiserver", "etcd"} {
 		c.stopDaemon(n)
