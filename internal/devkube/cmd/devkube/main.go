@@ -154,15 +154,19 @@ func up(ctx context.Context, dir, name string, imgs []string, log *slog.Logger) 
 		return err
 	}
 	k := kubectlPath()
+	dirFlag := ""
+	if dir != defaultDir() {
+		dirFlag = " -dir " + dir
+	}
 	fmt.Printf(`
 devkube: cluster %[1]s is up (Kubernetes v1.36.3, one node, CoreDNS at %[2]s)
   network namespace  %[3]s (every daemon, port and iptables rule of the cluster is in it)
   kubectl            ip netns exec %[1]s %[4]s --kubeconfig %[5]s get pods -A
-                     or: go run ./internal/devkube/cmd/devkube kubectl get pods -A
+                     or: go run ./internal/devkube/cmd/devkube kubectl%[7]s get pods -A
   a shell inside     ip netns exec %[1]s bash   (then: export KUBECONFIG=%[5]s)
-  import an image    go run ./internal/devkube/cmd/devkube import bin/images/meshlet.tar
+  import an image    go run ./internal/devkube/cmd/devkube import%[7]s bin/images/meshlet.tar
   logs               %[6]s/
-  stop               go run ./internal/devkube/cmd/devkube down   (or make kube-down)
-`, c.Name(), devkube.DNSServiceIP, c.Netns(), k, c.Kubeconfig(), c.LogDir())
+  stop               go run ./internal/devkube/cmd/devkube down%[7]s   (or make kube-down)
+`, c.Name(), devkube.DNSServiceIP, c.Netns(), k, c.Kubeconfig(), c.LogDir(), dirFlag)
 	return nil
 }
