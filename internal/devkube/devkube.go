@@ -23,6 +23,8 @@ package devkube
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -39,9 +41,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"crypto/rand"
-	"encoding/hex"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -109,7 +108,9 @@ func (o *Options) defaults() {
 	}
 }
 
-// Validate checks the name.
+// Validate reports a Name that is not lowercase letters, digits and '-'
+// starting with a letter, at most 31 characters (it names a network
+// namespace, cgroups and a CNI network). Start calls it after defaults.
 func (o *Options) Validate() error {
 	if !nameRE.MatchString(o.Name) {
 		return fmt.Errorf("devkube: name %q: want %s", o.Name, nameRE)
@@ -224,6 +225,13 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 		name: o.Name, l: layout{dir: o.WorkDir}, netns: netnsPath(o.Name), binDir: o.BinDir,
 		log: o.Log.With("cluster", o.Name), detached: o.Detached, keepLogs: o.KeepLogs,
 	}
+	defer func() {
+		if err != nil {
+			if serr := c.Stop(); serr != nil {
+				c.log.Warn("devkube: cleanup after failed start", "err", serr)
+			}
+		}
+	}()
 	for _, d := range []string{c.l.logs(), c.l.etcd(), c.l.kubeletRoot(), c.l.path("apiserver")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("devkube: work dir: %w", err)
@@ -241,13 +249,6 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			if serr := c.Stop(); serr != nil {
-				c.log.Warn("devkube: cleanup after failed start", "err", serr)
-			}
-		}
-	}()
 	begin := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, o.ReadyTimeout)
 	defer cancel()
