@@ -246,6 +246,29 @@ func TestCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("ServerInNetnsFromPod", func(t *testing.T) {
+		// A server of this process, listening in the cluster's namespace on
+		// the node IP (as Consul or a webhook beside the cluster would), is
+		// reachable from a pod.
+		l, err := c.Listen("tcp", NodeIP+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "node server to %s\n", r.RemoteAddr)
+		}), ReadHeaderTimeout: 5 * time.Second}
+		done := make(chan struct{})
+		go func() { defer close(done); _ = srv.Serve(l) }()
+		defer func() { _ = srv.Close(); <-done }()
+		out, err := c.Kubectl(ctx, "-n", ns, "exec", "deploy/echo", "--", "/testapp", "get", "-timeout", "20s", "http://"+l.Addr().String()+"/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(out, "node server to 10.244.0.") {
+			t.Fatalf("GET %s from a pod: %q, want the node server answering a pod address", l.Addr(), out)
+		}
+	})
+
 	t.Run("SecondCluster", func(t *testing.T) {
 		c2 := s2.c
 		if c2.Name() == c.Name() || c2.Netns() == c.Netns() || c2.WorkDir() == c.WorkDir() {
