@@ -7,6 +7,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -17,8 +18,18 @@ func main() {
 		fmt.Println("pause (meshlet devkube)")
 		return
 	}
+	run(nil)
+}
+
+// run waits for signals: SIGCHLD reaps, SIGTERM and SIGINT exit 0. Once its
+// handlers are in place it writes "ready" to ready, when not nil (tests).
+func run(ready io.Writer) {
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGCHLD)
+	if ready != nil {
+		fmt.Fprintln(ready, "ready")
+	}
+	reap() // children that exited before the handler was in place
 	for s := range sigs {
 		if s != syscall.SIGCHLD {
 			os.Exit(0)
