@@ -271,6 +271,7 @@ func (l layout) writeKubeProxyConfig() error {
 		MetricsBindAddress: "127.0.0.1:" + strconv.Itoa(kubeProxyMetricsPort),
 		Mode:               "iptables",
 		ClusterCIDR:        PodCIDR,
+		NodePortAddresses:  []string{"primary"}, // the node IP only
 		OOMScoreAdj:        &zero,
 		Conntrack: kubeproxyv1alpha1.KubeProxyConntrackConfiguration{
 			MaxPerCore:            &zero,
