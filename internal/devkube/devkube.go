@@ -448,6 +448,9 @@ func (c *Cluster) startControllers(p *pki) error {
 		"--cluster-signing-cert-file="+p.path("ca.crt"), "--cluster-signing-key-file="+p.path("ca.key"),
 		"--use-service-account-credentials=false",
 		"--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+		// Its default, /usr/libexec/kubernetes/kubelet-plugins/volume/exec/,
+		// would be created on the host.
+		"--flex-volume-plugin-dir="+c.l.path("kubelet", "volume-plugins"),
 		"--profiling=false",
 	); err != nil {
 		return err
@@ -593,11 +596,18 @@ func (c *Cluster) Command(ctx context.Context, name string, args ...string) *exe
 	return cmd
 }
 
+// KubectlFlags returns the flags that point kubectl at the cluster: the
+// admin kubeconfig and a cache dir in the work dir (kubectl's default,
+// ~/.kube/cache, would be left behind on the host).
+func (c *Cluster) KubectlFlags() []string {
+	return []string{"--kubeconfig=" + c.Kubeconfig(), "--cache-dir=" + c.l.path("kubectl-cache")}
+}
+
 // Kubectl runs bin/kubectl with the admin kubeconfig inside the cluster's
 // namespace and returns its standard output. The error carries the exit
 // status and standard error.
 func (c *Cluster) Kubectl(ctx context.Context, args ...string) (string, error) {
-	cmd := c.Command(ctx, filepath.Join(c.binDir, "kubectl"), append([]string{"--kubeconfig=" + c.Kubeconfig()}, args...)...)
+	cmd := c.Command(ctx, filepath.Join(c.binDir, "kubectl"), append(c.KubectlFlags(), args...)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {

@@ -414,7 +414,8 @@ func checkClusterGone(t *testing.T, c *Cluster, pids []int) {
 // CNI plugins use by default; the cluster redirects most of them into its
 // work dir, and Stop must leave all of them as they were.
 func hostPathsToWatch() []string {
-	return append(sharedHostPaths(), registryDir, "/run/containerd/s", "/run/containerd/fifo", "/run/containerd/runc",
+	home, _ := os.UserHomeDir()
+	return append(sharedHostPaths(), registryDir, filepath.Join(home, ".kube"), "/run/containerd/s", "/run/containerd/fifo", "/run/containerd/runc",
 		"/var/lib/containerd", "/opt/containerd", "/etc/cni", "/var/lib/etcd", "/etc/kubernetes",
 		"/var/run/kubernetes", "/usr/libexec/kubernetes", "/var/log/pods", "/var/lib/kubelet/device-plugins",
 		"/var/lib/cni/results", "/var/lib/cni/networks")

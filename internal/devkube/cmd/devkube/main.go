@@ -105,8 +105,8 @@ func run(args []string, log *slog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("no cluster at %s: %w", *dir, err)
 		}
-		fmt.Printf("export KUBECONFIG=%s\nexport DEVKUBE_NETNS=%s\nalias kubectl='ip netns exec %s %s --kubeconfig %s'\n",
-			c.Kubeconfig(), c.Name(), c.Name(), kubectlPath(), c.Kubeconfig())
+		fmt.Printf("export KUBECONFIG=%s\nexport DEVKUBE_NETNS=%s\nalias kubectl='ip netns exec %s %s %s'\n",
+			c.Kubeconfig(), c.Name(), c.Name(), kubectlPath(), strings.Join(c.KubectlFlags(), " "))
 		return nil
 	case "import":
 		c, err := devkube.Open(*dir, log)
@@ -126,7 +126,7 @@ func run(args []string, log *slog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("no cluster at %s: %w", *dir, err)
 		}
-		k := c.Command(ctx, kubectlPath(), append([]string{"--kubeconfig=" + c.Kubeconfig()}, fl.Args()...)...)
+		k := c.Command(ctx, kubectlPath(), append(c.KubectlFlags(), fl.Args()...)...)
 		k.Stdin, k.Stdout, k.Stderr = os.Stdin, os.Stdout, os.Stderr
 		return k.Run()
 	default:
@@ -161,12 +161,12 @@ func up(ctx context.Context, dir, name string, imgs []string, log *slog.Logger) 
 	fmt.Printf(`
 devkube: cluster %[1]s is up (Kubernetes v1.36.3, one node, CoreDNS at %[2]s)
   network namespace  %[3]s (every daemon, port and iptables rule of the cluster is in it)
-  kubectl            ip netns exec %[1]s %[4]s --kubeconfig %[5]s get pods -A
+  kubectl            ip netns exec %[1]s %[4]s %[8]s get pods -A
                      or: go run ./internal/devkube/cmd/devkube kubectl%[7]s get pods -A
   a shell inside     ip netns exec %[1]s bash   (then: export KUBECONFIG=%[5]s)
   import an image    go run ./internal/devkube/cmd/devkube import%[7]s bin/images/meshlet.tar
   logs               %[6]s/
   stop               go run ./internal/devkube/cmd/devkube down%[7]s   (or make kube-down)
-`, c.Name(), devkube.DNSServiceIP, c.Netns(), k, c.Kubeconfig(), c.LogDir(), dirFlag)
+`, c.Name(), devkube.DNSServiceIP, c.Netns(), k, c.Kubeconfig(), c.LogDir(), dirFlag, strings.Join(c.KubectlFlags(), " "))
 	return nil
 }
