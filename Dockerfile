@@ -3,6 +3,9 @@
 #   docker build -t meshlet .
 #   docker run meshlet sidecar -h          (the default entrypoint is the sidecar)
 #   docker run --entrypoint controlplane meshlet -h
+# Without a Docker engine, `make image` writes the same image (same paths,
+# user and entrypoint, on an empty base instead of distroless) as a tarball
+# with internal/ociimage: bin/images/meshlet.tar, tag meshlet.local/meshlet:dev.
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
 COPY go.mod go.sum ./

@@ -5,12 +5,14 @@ GO    ?= go
 BIN   := bin
 CONSUL_VERSION := 1.19.2
 JAEGER_VERSION := 1.76.0
+KUBE_VERSION   := 1.36.3
+COREDNS_VERSION := 1.15.0
 
 BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger demo demo-stop test test-short vet fmt docker clean help bench bench-cp deps
+.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-stop test test-short vet fmt docker clean help bench bench-cp deps
 
 all: build
 
@@ -22,6 +24,10 @@ help:
 	@echo "make build       build bin/controlplane and bin/sidecar"
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
+	@echo "make kube        build Kubernetes v$(KUBE_VERSION) (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl) and CoreDNS v$(COREDNS_VERSION) into bin/"
+	@echo "make images      write the OCI image tarballs the dev cluster imports (meshlet, pause, coredns, test app) into bin/images/"
+	@echo "make test-kube   run internal/devkube's tests against a real one-node cluster (root; Debian packages: see internal/devkube)"
+	@echo "make kube-up     start a one-node cluster in its own network namespace and leave it running (kube-down stops it)"
 	@echo "make docker      build the container image (needs a Docker engine)"
 	@echo "make bench       data-path benchmark: direct, one sidecar, two sidecars with mTLS, HAProxy, nginx side by side (BENCHFLAGS adds flags, e.g. -quick)"
 	@echo "make bench-cp    control-plane scale benchmark: 1,000 services / 10,000 instances in Consul, 1,000 simulated sidecars (BENCHCPFLAGS adds flags)"
@@ -63,7 +69,97 @@ $(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
 # deploy/tools/deps.sh installs what a target runs (Debian packages, Go
 # tools) and prints nothing when all of it is there.
 deps:
-	@deploy/tools/deps.sh demo test
+	@deploy/tools/deps.sh demo test kube
+
+# Kubernetes from one tool module (deploy/tools/kubernetes; ../shared/PEERS.md):
+# ~15 minutes and ~2.5 GB the first time on 2 cores, seconds once Go's build
+# cache holds it. The version stamps let kubectl parse the server version.
+KUBE_CMDS := kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl
+KUBE_BINS := $(addprefix $(BIN)/,$(KUBE_CMDS))
+KUBE_LDFLAGS := -s -w $(foreach p,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
+	-X $(p).gitVersion=v$(KUBE_VERSION) -X $(p).gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION))) \
+	-X $(p).gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))) -X $(p).gitTreeState=clean)
+
+kube: $(KUBE_BINS) $(BIN)/coredns
+
+$(KUBE_BINS) &: deploy/tools/kubernetes/go.mod deploy/tools/kubernetes/go.sum
+	@mkdir -p $(BIN)
+	@LDFLAGS="$(KUBE_LDFLAGS)" deploy/tools/build-tool.sh deploy/tools/kubernetes \
+		"$(addprefix k8s.io/kubernetes/cmd/,$(KUBE_CMDS))" $(BIN)/ "Kubernetes v$(KUBE_VERSION)"
+	@touch $(KUBE_BINS)
+
+# CoreDNS (cluster DNS of internal/devkube) from deploy/tools/coredns.
+coredns: $(BIN)/coredns
+
+$(BIN)/coredns: deploy/tools/coredns/go.mod deploy/tools/coredns/go.sum
+	@mkdir -p $(BIN)
+	@CGO_ENABLED=0 LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/coredns github.com/coredns/coredns $@ "CoreDNS v$(COREDNS_VERSION)"
+	@touch $@
+
+# Image tarballs for the dev cluster (internal/devkube), written without a
+# Docker daemon by internal/ociimage from static binaries (CGO_ENABLED=0):
+# meshlet (both binaries, like the Dockerfile's image), the pause (sandbox)
+# image, CoreDNS and the devkube tests' app. `make image` is the meshlet one.
+STATIC := $(BIN)/static
+IMAGES := $(BIN)/images
+MESHLET_IMAGE := meshlet.local/meshlet:dev
+POLICY_FILES := $(wildcard policies/*.yaml)
+
+$(STATIC)/controlplane: PKG := ./controlplane/cmd/controlplane
+$(STATIC)/sidecar: PKG := ./sidecar/cmd/sidecar
+$(STATIC)/pause: PKG := ./internal/devkube/pause
+$(STATIC)/devkube-testapp: PKG := ./internal/devkube/testapp
+$(STATIC)/web: PKG := ./examples/web
+$(STATIC)/api: PKG := ./examples/api
+$(STATIC)/store: PKG := ./examples/store
+$(STATIC)/controlplane $(STATIC)/sidecar $(STATIC)/pause $(STATIC)/devkube-testapp $(STATIC)/web $(STATIC)/api $(STATIC)/store: $(GO_SOURCES)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags="-s -w" -o $@ $(PKG)
+
+$(BIN)/ociimage: $(GO_SOURCES)
+	$(GO) build -o $@ ./internal/ociimage/cmd/ociimage
+
+image: $(IMAGES)/meshlet.tar
+images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar $(IMAGES)/examples.tar
+
+# The example application (examples/kubernetes): web, api and store.
+$(IMAGES)/examples.tar: $(STATIC)/web $(STATIC)/api $(STATIC)/store $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/examples:dev \
+		-file $(STATIC)/web:/usr/local/bin/web -file $(STATIC)/api:/usr/local/bin/api -file $(STATIC)/store:/usr/local/bin/store
+
+$(IMAGES)/meshlet.tar: $(STATIC)/controlplane $(STATIC)/sidecar $(POLICY_FILES) $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag $(MESHLET_IMAGE) \
+		-file $(STATIC)/controlplane:/usr/local/bin/controlplane -file $(STATIC)/sidecar:/usr/local/bin/sidecar \
+		$(foreach f,$(POLICY_FILES),-file $(f):/etc/meshlet/$(f):644) \
+		-dir /tmp:1777 -entrypoint '["/usr/local/bin/sidecar"]'
+
+$(IMAGES)/pause.tar: $(STATIC)/pause $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/pause:dev -file $(STATIC)/pause:/pause -entrypoint /pause
+
+$(IMAGES)/coredns.tar: $(BIN)/coredns $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/coredns:$(COREDNS_VERSION) -file $(BIN)/coredns:/coredns -entrypoint /coredns
+
+$(IMAGES)/devkube-testapp.tar: $(STATIC)/devkube-testapp $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/devkube-testapp:dev -file $(STATIC)/devkube-testapp:/testapp \
+		-entrypoint /testapp -cmd '["serve", ":8080"]'
+
+# The one-node cluster's own tests (root; the Debian packages of
+# internal/devkube.DebianPackages). `make kube-up` leaves a cluster running
+# for humans and the Kubernetes demo; `make kube-down` removes it.
+KUBE_ENV = MESHLET_KUBE_BIN_DIR=$(CURDIR)/$(BIN) MESHLET_KUBE_IMAGE_DIR=$(CURDIR)/$(IMAGES)
+
+test-kube: kube images
+	$(KUBE_ENV) $(GO) test -count=1 -v -timeout 15m $(TESTFLAGS) ./internal/devkube/
+
+kube-up: kube images
+	$(KUBE_ENV) $(GO) run ./internal/devkube/cmd/devkube up -image $(IMAGES)/meshlet.tar
+
+kube-down:
+	$(GO) run ./internal/devkube/cmd/devkube down
 
 demo: $(BIN)/consul $(BIN)/jaeger build examples
 	@deploy/tools/deps.sh demo
@@ -73,10 +169,10 @@ demo-stop: $(BIN)/meshlet-demo
 	@$(BIN)/meshlet-demo -stop
 
 # TESTFLAGS can add e.g. -run or -v.
-test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar
-	@deploy/tools/deps.sh test
+test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar kube images
+	@deploy/tools/deps.sh test kube
 	$(GO) vet ./...
-	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+	$(KUBE_ENV) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
 
 # Data-path benchmark (issue 7; internal/bench): installs the reference
 # proxies and load generators it needs (deploy/tools/deps.sh bench), then
@@ -115,4 +211,4 @@ docker:
 	docker build -t meshlet:dev .
 
 clean:
-	rm -rf .work $(BINARIES) $(EXAMPLES)
+	rm -rf .work $(BINARIES) $(EXAMPLES) $(STATIC) $(IMAGES) $(BIN)/ociimage

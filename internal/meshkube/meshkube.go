@@ -1,0 +1,240 @@
+// Package meshkube brings up meshlet on a real one-node Kubernetes cluster
+// (internal/devkube) the way users install it: a Consul agent beside the
+// cluster in its network namespace, meshlet's image imported, the
+// kustomize overlay deploy/kubernetes/overlays/dev applied with kubectl,
+// the policy files loaded into the meshlet-policies ConfigMap. The
+// Kubernetes tests (internal/kubee2e) and `make demo-k8s` share it.
+package meshkube
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/meshlet/meshlet/controlplane/inject"
+	"github.com/meshlet/meshlet/internal/devconsul"
+	"github.com/meshlet/meshlet/internal/devkube"
+)
+
+// Names of what Up installs (deploy/kubernetes).
+const (
+	Namespace      = inject.DefaultMeshNamespace
+	Deployment     = "meshlet-controlplane"
+	PoliciesConfig = "meshlet-policies"
+	// ConsulHTTPPort is the Consul agent's HTTP port on devkube.NodeIP, as
+	// the dev overlay's meshlet-consul ConfigMap says.
+	ConsulHTTPPort = 8500
+	// Overlay is the kustomization Up applies, relative to the module root.
+	Overlay = "deploy/kubernetes/overlays/dev"
+	// MeshletImage is the tarball of meshlet's image in the image
+	// directory, ExamplesImage the example application's.
+	MeshletImage  = "meshlet.tar"
+	ExamplesImage = "examples.tar"
+	TestAppImage  = "devkube-testapp.tar"
+)
+
+// Options configure Up.
+type Options struct {
+	// Root is the module root (deploy/kubernetes, policies); found from the
+	// working directory when empty.
+	Root string
+	// ImageDir holds the image tarballs; devkube.FindImageDir() when
+	// empty. Images lists those to import besides meshlet's (base names).
+	ImageDir string
+	Images   []string
+	// PolicyDir is loaded into the meshlet-policies ConfigMap (every
+	// *.yaml); none when empty (the base's mesh.yaml stays).
+	PolicyDir string
+	// Log receives progress lines; discarded when nil.
+	Log *slog.Logger
+	// ConsulLog receives Consul's output; discarded when nil.
+	ConsulLog io.Writer
+	// KeepLogs keeps the cluster's logs after Stop (devkube.Options).
+	KeepLogs bool
+}
+
+// Env is meshlet running on a dev cluster.
+type Env struct {
+	Cluster *devkube.Cluster
+	Consul  *devconsul.Agent
+	Root    string
+	log     *slog.Logger
+}
+
+// Client is the cluster's admin client.
+func (e *Env) Client() kubernetes.Interface { return e.Cluster.Client() }
+
+// Up starts the cluster and Consul, installs meshlet and waits until its
+// webhook injects. On error everything started is stopped.
+func Up(ctx context.Context, o Options) (_ *Env, err error) {
+	if o.Log == nil {
+		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if o.Root == "" {
+		if o.Root, err = moduleRoot(); err != nil {
+			return nil, err
+		}
+	}
+	o.ImageDir = cmp.Or(o.ImageDir, devkube.FindImageDir())
+	images := []string{filepath.Join(o.ImageDir, MeshletImage)}
+	for _, im := range o.Images {
+		images = append(images, filepath.Join(o.ImageDir, im))
+	}
+	for _, im := range images {
+		if _, err := os.Stat(im); err != nil {
+			return nil, fmt.Errorf("meshkube: image %s: %w (make images builds it)", im, err)
+		}
+	}
+	start := time.Now()
+	c, err := devkube.Start(ctx, devkube.Options{Images: images, Log: o.Log, KeepLogs: o.KeepLogs})
+	if err != nil {
+		return nil, err
+	}
+	e := &Env{Cluster: c, Root: o.Root, log: o.Log}
+	defer func() {
+		if err != nil {
+			e.Stop()
+		}
+	}()
+	o.Log.Info("meshkube: cluster up; starting Consul beside it", "netns", c.Netns(), "after", time.Since(start).Round(time.Second))
+	e.Consul, err = devconsul.Start(ctx, devconsul.Options{Netns: c.Netns(), BindAddress: devkube.NodeIP, HTTPPort: ConsulHTTPPort,
+		Dial: c.DialContext, Log: o.ConsulLog, NodeName: "consul"})
+	if err != nil {
+		return nil, err
+	}
+	o.Log.Info("meshkube: installing meshlet (kubectl apply -k " + Overlay + ")")
+	if out, err := c.Kubectl(ctx, "apply", "-k", filepath.Join(o.Root, Overlay)); err != nil {
+		return nil, fmt.Errorf("meshkube: %w\n%s", err, out)
+	}
+	if o.PolicyDir != "" {
+		if err := e.SetPolicies(ctx, o.PolicyDir); err != nil {
+			return nil, err
+		}
+	}
+	if err := e.WaitInjecting(ctx, 3*time.Minute); err != nil {
+		return nil, err
+	}
+	o.Log.Info("meshkube: meshlet is up: the control plane serves and its webhook injects", "after", time.Since(start).Round(time.Second))
+	return e, nil
+}
+
+// Stop stops Consul and the cluster, removing everything they made.
+func (e *Env) Stop() error {
+	var errs []error
+	if e.Consul != nil {
+		errs = append(errs, e.Consul.Stop())
+	}
+	if e.Cluster != nil {
+		errs = append(errs, e.Cluster.Stop())
+	}
+	return errors.Join(errs...)
+}
+
+// SetPolicies replaces the meshlet-policies ConfigMap with the *.yaml
+// files of dir (what `kubectl create configmap --from-file` does).
+func (e *Env) SetPolicies(ctx context.Context, dir string) error {
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil {
+		return err
+	}
+	data := map[string]string{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return err
+		}
+		data[filepath.Base(f)] = string(b)
+	}
+	return e.SetPolicyData(ctx, data)
+}
+
+// SetPolicyData replaces the meshlet-policies ConfigMap's data.
+func (e *Env) SetPolicyData(ctx context.Context, data map[string]string) error {
+	cms := e.Client().CoreV1().ConfigMaps(Namespace)
+	cm, err := cms.Get(ctx, PoliciesConfig, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("meshkube: policies: %w", err)
+	}
+	cm.Data = data
+	if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("meshkube: policies: %w", err)
+	}
+	return nil
+}
+
+// WaitInjecting waits until the control plane's Deployment is available
+// and its webhook injects a pod (a server-side dry run in a labelled
+// namespace, which calls the webhook without creating anything).
+func (e *Env) WaitInjecting(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	ns := "meshkube-probe"
+	_, err := e.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns,
+		Labels: map[string]string{inject.LabelInject: inject.NamespaceEnabled}}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("meshkube: %w", err)
+	}
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{GenerateName: "probe-", Namespace: ns, Annotations: map[string]string{inject.AnnotationService: "probe"}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "c", Image: "meshlet.local/pause:dev"}}}}
+	var last error
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	next := time.Now()
+	for {
+		got, err := e.Client().CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		switch {
+		case err != nil:
+			last = err
+		case len(got.Spec.InitContainers) == 0 || got.Spec.InitContainers[0].Name != inject.SidecarContainer:
+			last = errors.New("the dry-run pod came back without a sidecar")
+		default:
+			_ = e.Client().CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{})
+			return nil
+		}
+		if time.Now().After(next) {
+			e.log.Info("meshkube: waiting for the webhook", "last", firstLine(last.Error()))
+			next = time.Now().Add(10 * time.Second)
+		}
+		select {
+		case <-ctx.Done():
+			logs, _ := e.Cluster.Kubectl(context.Background(), "-n", Namespace, "logs", "deploy/"+Deployment, "--tail=30")
+			pods, _ := e.Cluster.Kubectl(context.Background(), "-n", Namespace, "get", "pods", "-o", "wide")
+			return fmt.Errorf("meshkube: the webhook does not inject after %v: %v\n%s\n%s", timeout, last, pods, logs)
+		case <-tick.C:
+		}
+	}
+}
+
+func firstLine(s string) string {
+	s, _, _ = strings.Cut(s, "\n")
+	return s
+}
+
+// moduleRoot finds go.mod from the working directory upwards.
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		if b, err := os.ReadFile(filepath.Join(d, "go.mod")); err == nil && bytes.HasPrefix(b, []byte("module github.com/meshlet/meshlet")) {
+			return d, nil
+		}
+		if filepath.Dir(d) == d {
+			return "", errors.New("meshkube: module root not found above " + dir)
+		}
+	}
+}
