@@ -132,3 +132,18 @@ func (c *Cluster) Listen(network, addr string) (net.Listener, error) {
 	})
 	return l, err
 }
+
+// DialInNetns connects to addr from inside the network namespace at path
+// (e.g. /proc/<pid>/ns/net of a container's process, to reach what a pod
+// serves on its loopback). Errors are those of opening the namespace and
+// of net.Dialer.
+func DialInNetns(ctx context.Context, path, network, addr string) (net.Conn, error) {
+	var conn net.Conn
+	err := inNetns(path, func() error {
+		var d net.Dialer
+		var err error
+		conn, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return conn, err
+}
