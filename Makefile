@@ -12,13 +12,14 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-stop test test-short vet fmt docker clean help bench bench-cp deps
+.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short vet fmt docker clean help bench bench-cp deps
 
 all: build
 
 help:
 	@echo "make demo        build everything, run the example app through the mesh, print PASS/FAIL (KEEP=1 leaves it up)"
 	@echo "make demo-stop   stop a mesh left up by KEEP=1"
+	@echo "make demo-k8s    the example app on a real one-node Kubernetes cluster with meshlet injected (root; KEEP=1 leaves it up, demo-k8s-stop ends it)"
 	@echo "make test        run all tests (installs the test peers, builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
 	@echo "make deps        install what make demo and make test run (Debian packages, Go tools); silent when all is there"
 	@echo "make build       build bin/controlplane and bin/sidecar"
@@ -167,6 +168,20 @@ demo: $(BIN)/consul $(BIN)/jaeger build examples
 
 demo-stop: $(BIN)/meshlet-demo
 	@$(BIN)/meshlet-demo -stop
+
+# The example app on a real one-node Kubernetes cluster with meshlet
+# installed from deploy/kubernetes (root; builds Kubernetes, CoreDNS and the
+# images the first time: about 15 minutes cold, under a minute warm).
+demo-k8s: $(BIN)/consul kube images $(BIN)/meshlet-demo-k8s
+	@deploy/tools/deps.sh demo kube
+	@MESHLET_KUBE_BIN_DIR=$(CURDIR)/$(BIN) MESHLET_KUBE_IMAGE_DIR=$(CURDIR)/$(IMAGES) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul \
+		$(BIN)/meshlet-demo-k8s $(if $(KEEP),-keep)
+
+demo-k8s-stop: $(BIN)/meshlet-demo-k8s
+	@$(BIN)/meshlet-demo-k8s -stop
+
+$(BIN)/meshlet-demo-k8s: $(GO_SOURCES)
+	$(GO) build -o $@ ./examples/demok8s
 
 # TESTFLAGS can add e.g. -run or -v.
 test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar kube images

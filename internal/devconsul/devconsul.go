@@ -206,6 +206,9 @@ func (a *Agent) waitReady(ctx context.Context, timeout time.Duration) error {
 	}
 }
 
+// PID is the agent's process ID (its process group's too).
+func (a *Agent) PID() int { return a.cmd.Process.Pid }
+
 // Stop terminates the agent (SIGTERM, then SIGKILL to the process group
 // after 10 s) and waits for it. It is idempotent.
 func (a *Agent) Stop() error {

@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -64,6 +66,12 @@ type Options struct {
 	ConsulLog io.Writer
 	// KeepLogs keeps the cluster's logs after Stop (devkube.Options).
 	KeepLogs bool
+	// WorkDir is the cluster's work directory (devkube.Options.WorkDir);
+	// a new temporary one when empty.
+	WorkDir string
+	// Detached lets the cluster and Consul outlive this process (`make
+	// demo-k8s KEEP=1`): Save records them, StopSaved ends them.
+	Detached bool
 }
 
 // Env is meshlet running on a dev cluster.
@@ -99,7 +107,7 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 		}
 	}
 	start := time.Now()
-	c, err := devkube.Start(ctx, devkube.Options{Images: images, Log: o.Log, KeepLogs: o.KeepLogs})
+	c, err := devkube.Start(ctx, devkube.Options{Images: images, Log: o.Log, KeepLogs: o.KeepLogs, WorkDir: o.WorkDir, Detached: o.Detached})
 	if err != nil {
 		return nil, err
 	}
@@ -111,7 +119,7 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 	}()
 	o.Log.Info("meshkube: cluster up; starting Consul beside it", "netns", c.Netns(), "after", time.Since(start).Round(time.Second))
 	e.Consul, err = devconsul.Start(ctx, devconsul.Options{Netns: c.Netns(), BindAddress: devkube.NodeIP, HTTPPort: ConsulHTTPPort,
-		Dial: c.DialContext, Log: o.ConsulLog, NodeName: "consul"})
+		Dial: c.DialContext, Log: o.ConsulLog, NodeName: "consul", Detached: o.Detached})
 	if err != nil {
 		return nil, err
 	}
@@ -140,6 +148,54 @@ func (e *Env) Stop() error {
 	if e.Cluster != nil {
 		errs = append(errs, e.Cluster.Stop())
 	}
+	return errors.Join(errs...)
+}
+
+// saved is what Save writes: enough to stop a detached Env later.
+type saved struct {
+	ClusterDir string `json:"clusterDir"`
+	ConsulPID  int    `json:"consulPid"`
+}
+
+// Save records a detached Env in path (JSON) for StopSaved.
+func (e *Env) Save(path string) error {
+	b, _ := json.Marshal(saved{ClusterDir: e.Cluster.WorkDir(), ConsulPID: e.Consul.PID()})
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
+// StopSaved stops the Env recorded in path by Save (Consul's process
+// group, then the cluster) and removes path. A missing path is no error.
+func StopSaved(path string, log *slog.Logger) error {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var s saved
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("meshkube: %s: %w", path, err)
+	}
+	var errs []error
+	if s.ConsulPID > 0 {
+		if err := syscall.Kill(-s.ConsulPID, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, err)
+		}
+		for i := 0; i < 100 && syscall.Kill(s.ConsulPID, 0) == nil; i++ {
+			time.Sleep(100 * time.Millisecond)
+		}
+		_ = syscall.Kill(-s.ConsulPID, syscall.SIGKILL)
+	}
+	if c, err := devkube.Open(s.ClusterDir, log); err == nil {
+		errs = append(errs, c.Stop())
+	} else if !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	errs = append(errs, os.Remove(path))
 	return errors.Join(errs...)
 }
 
