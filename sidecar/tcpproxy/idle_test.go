@@ -10,6 +10,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 // the downstream client and the upstream see them.
 type idlePiped struct {
 	a, b     net.Conn
+	bNear    net.Conn // the proxy's end facing b
 	done     chan struct{}
 	timedOut atomic.Bool
 	took     time.Duration // from the start of PipeIdle to its return
@@ -31,9 +33,48 @@ type idlePiped struct {
 // (spliced).
 func newIdlePiped(t *testing.T, idle time.Duration, tlsSide bool) *idlePiped {
 	t.Helper()
+	return newIdlePipedMSS(t, idle, tlsSide, 0)
+}
+
+// newIdlePipedMSS is newIdlePiped whose connections carry segments of at
+// most mss bytes (TCP_MAXSEG), as on Ethernet (1448) rather than loopback
+// (64 KiB), with 32 KiB socket buffers (the far ends' receive buffers, the
+// proxy's send buffers) set before they connect, when mss is not 0.
+func newIdlePipedMSS(t *testing.T, idle time.Duration, tlsSide bool, mss int) *idlePiped {
+	t.Helper()
 	ln, cfg := tlsSetup(t)
+	dial := net.Dial
+	if mss > 0 {
+		setopts := func(opts ...[2]int) func(_, _ string, rc syscall.RawConn) error {
+			return func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				if err := rc.Control(func(fd uintptr) {
+					for _, o := range opts {
+						level := syscall.SOL_SOCKET
+						if o[0] == syscall.TCP_MAXSEG {
+							level = syscall.IPPROTO_TCP
+						}
+						if err := syscall.SetsockoptInt(int(fd), level, o[0], o[1]); err != nil && serr == nil {
+							serr = err
+						}
+					}
+				}); err != nil {
+					return err
+				}
+				return serr
+			}
+		}
+		lc := net.ListenConfig{Control: setopts([2]int{syscall.TCP_MAXSEG, mss}, [2]int{syscall.SO_SNDBUF, 32 << 10})}
+		d := net.Dialer{Control: setopts([2]int{syscall.TCP_MAXSEG, mss}, [2]int{syscall.SO_RCVBUF, 32 << 10})}
+		dial = d.Dial
+		var err error
+		if ln, err = lc.Listen(context.Background(), "tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+	}
 	pair := func() (far, near net.Conn) {
-		far, err := net.Dial("tcp", ln.Addr().String())
+		far, err := dial("tcp", ln.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -58,7 +99,7 @@ func newIdlePiped(t *testing.T, idle time.Duration, tlsSide bool) *idlePiped {
 		}
 		bFar, bNear = peer, proxy
 	}
-	p := &idlePiped{a: aFar, b: bFar, done: make(chan struct{})}
+	p := &idlePiped{a: aFar, b: bFar, bNear: bNear, done: make(chan struct{})}
 	start := time.Now()
 	go func() {
 		defer close(p.done)
@@ -354,6 +395,53 @@ func TestProxyIdleTimeout(t *testing.T) {
 		echo(t, c) // still open
 		if rec.idle.Load() != 0 {
 			t.Errorf("%d idle timeouts counted, want 0", rec.idle.Load())
+		}
+	})
+}
+
+// TestPipeIdleSlowReaderIsNotIdle: bytes draining to a slow reader count as
+// activity (Envoy's idle timeout counts bytes sent), even while the
+// direction feeding it waits in one write for longer than the idle timeout
+// and the other direction is silent; a reader that stops reading
+// altogether idles out.
+func TestPipeIdleSlowReaderIsNotIdle(t *testing.T) {
+	sides(t, func(t *testing.T, tlsSide bool) {
+		const idle = 300 * time.Millisecond
+		// Ethernet-sized segments and 32 KiB buffers: the proxy's writes
+		// (16 KiB through TLS, all the reader has sent when spliced) wait
+		// on the reader, whose window reopens as it reads, as on a real
+		// network (a loopback's 64 KiB segments make TCP wait for half the
+		// buffer to be free).
+		p := newIdlePipedMSS(t, idle, tlsSide, 1448)
+		data := randomData(t, 256<<10)
+		go func() { _, _ = p.a.Write(data) }()
+		// The reader takes 8 KiB every 40 ms (200 KiB/s): bytes move all
+		// the time, but one write of the proxy takes longer than the
+		// timeout to drain.
+		got := make([]byte, 0, len(data))
+		buf := make([]byte, 8<<10)
+		_ = p.b.SetReadDeadline(time.Now().Add(30 * time.Second))
+		for len(got) < len(data) {
+			time.Sleep(40 * time.Millisecond)
+			n, err := p.b.Read(buf)
+			got = append(got, buf[:n]...)
+			if err != nil {
+				t.Fatalf("after %d of %d bytes: %v (idle timeout fired: %v)", len(got), len(data), err, p.timedOut.Load())
+			}
+		}
+		if !bytes.Equal(got, data) {
+			t.Fatal("data differs")
+		}
+		// A reader that stops: nothing is delivered any more, the
+		// connection idles out.
+		go func() { _, _ = p.a.Write(randomData(t, 4<<20)) }()
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a stalled reader kept the connection open")
+		}
+		if !p.timedOut.Load() {
+			t.Error("not reported as an idle timeout")
 		}
 	})
 }

@@ -194,8 +194,10 @@ func (p *Proxy) serve(down net.Conn) {
 func Pipe(a, b net.Conn) { PipeIdle(a, b, 0) }
 
 // PipeIdle is Pipe with an idle timeout (Envoy's TcpProxy.idle_timeout):
-// when no byte has moved in either direction for idle, both connections are
-// closed and it reports true. 0 disables the timeout.
+// when no byte has moved in either direction for idle (none received, and
+// none sent: a connection draining its bytes to a slow reader is not
+// idle, as in Envoy), both connections are closed and it reports true. 0
+// disables the timeout.
 //
 // No timer is armed per read: each direction reads under a deadline that is
 // moved at most once per idleSlice(idle) (an eighth of idle, at most 10 s),
@@ -209,8 +211,9 @@ func PipeIdle(a, b net.Conn, idle time.Duration) (timedOut bool) {
 	a, b = unwrap(a), unwrap(b)
 	var clock *idleClock
 	if idle > 0 {
-		clock = &idleClock{idle: idle, slice: idleSlice(idle)}
+		clock = &idleClock{idle: idle, slice: idleSlice(idle), conns: [2]net.Conn{a, b}}
 		clock.last.Store(time.Now().UnixNano())
+		clock.sending() // the counts at the start
 	}
 	var wg sync.WaitGroup
 	var once sync.Once
@@ -266,6 +269,38 @@ type idleClock struct {
 	// the end of the slice in which they moved.
 	last    atomic.Int64
 	expired atomic.Bool
+	// conns are PipeIdle's two connections; acked is the count of bytes
+	// their peers had acknowledged at the last check, and mu guards it
+	// (held only by a direction deciding whether the connection is idle).
+	conns [2]net.Conn
+	mu    sync.Mutex
+	acked [2]uint64
+}
+
+// sending reports whether either connection delivered bytes to its peer
+// since the last call (TCP_INFO bytes_acked grew); copy calls it whenever
+// it records activity, so growth it reports is delivery after the last
+// recorded activity. A direction blocked
+// writing to a slow reader records nothing until its write returns, yet the
+// connection is not idle while its bytes drain: Envoy's idle timeout counts
+// bytes sent as well as received (its BytesSent connection event). A peer
+// that stops reading altogether acknowledges nothing more, and the
+// connection idles out.
+func (c *idleClock) sending() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	moved := false
+	for i, conn := range c.conns {
+		n, ok := bytesAcked(conn)
+		if !ok {
+			continue
+		}
+		if n != c.acked[i] {
+			moved = true
+		}
+		c.acked[i] = n
+	}
+	return moved
 }
 
 // copy is copyConn under the idle clock: it reads src in slices bounded by
@@ -284,11 +319,16 @@ func (c *idleClock) copy(dst, src net.Conn) error {
 		n, err := copyConn(dst, src)
 		if n > 0 {
 			c.last.Store(time.Now().UnixNano())
+			c.sending() // delivery so far is accounted for
 		}
 		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 			return err
 		}
 		if time.Since(time.Unix(0, c.last.Load())) >= c.idle {
+			if c.sending() {
+				c.last.Store(time.Now().UnixNano())
+				continue
+			}
 			c.expired.Store(true)
 			return errIdle
 		}
