@@ -549,6 +549,60 @@ func TestFigures(t *testing.T) {
 	t.Logf("figure: webhook admission latency p99 ≤ %v over %d injected pods (histogram bucket bound)", p99, n)
 }
 
+// TestRegistrarLeaderElection: with two control plane replicas (the base's
+// count) one holds the registrar's Lease; when its pod goes, the other
+// takes over and registers new pods.
+func TestRegistrarLeaderElection(t *testing.T) {
+	e := mesh(t)
+	ensureNamespace(t, e, "shop", true)
+	ctx := context.Background()
+	intention(t, e, "elected", "api")
+	kubectl(t, e, "-n", meshkube.Namespace, "scale", "deployment/"+meshkube.Deployment, "--replicas=2")
+	t.Cleanup(func() {
+		kubectl(t, e, "-n", meshkube.Namespace, "scale", "deployment/"+meshkube.Deployment, "--replicas=1")
+	})
+	appReady(t, e, meshkube.Namespace, 2*time.Minute, meshkube.Deployment)
+	holder := func() string {
+		l, err := e.Client().CoordinationV1().Leases(meshkube.Namespace).Get(ctx, kube.DefaultLeaseName, metav1.GetOptions{})
+		if err != nil || l.Spec.HolderIdentity == nil {
+			return ""
+		}
+		return *l.Spec.HolderIdentity
+	}
+	cps := pods(t, e, meshkube.Namespace, "app.kubernetes.io/name=meshlet-controlplane")
+	names := []string{cps[0].Name, cps[1].Name}
+	var leader string
+	eventually(t, 30*time.Second, "a replica leads", func() error {
+		if leader = holder(); !slices.Contains(names, leader) {
+			return fmt.Errorf("lease held by %q, replicas %v", leader, names)
+		}
+		return nil
+	})
+	if err := e.Client().CoreV1().Pods(meshkube.Namespace).Delete(ctx, leader, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	eventually(t, time.Minute, "the other replica leads", func() error {
+		if h := holder(); h == leader || !slices.Contains(names, h) {
+			return fmt.Errorf("lease held by %q", h)
+		}
+		return nil
+	})
+	t.Logf("figure: registrar leadership moved %v after the leader's pod was deleted", time.Since(start).Round(100*time.Millisecond))
+	pod := testPod("elected")
+	pod.Annotations = map[string]string{inject.AnnotationService: "elected"}
+	if _, err := e.Client().CoreV1().Pods("shop").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Minute, "the new leader registers a new pod", func() error {
+		entries, _, err := e.Consul.Client.Health().Service("elected", "", true, nil)
+		if err != nil || len(entries) != 1 {
+			return fmt.Errorf("%d passing instances (%v)", len(entries), err)
+		}
+		return nil
+	})
+}
+
 // TestWebhookDownFailsOnlyOptedInNamespaces: with the control plane
 // gone, failurePolicy Fail refuses pods in labelled namespaces, and pods
 // elsewhere are created as usual. Last: it takes the control plane down
