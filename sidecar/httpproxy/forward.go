@@ -26,6 +26,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.ProtoMajor == 1 && r.Body != nil && r.Body != http.NoBody {
 		x.down = r // its answer may come before its body was all read
 	}
+	if strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
+		x.grpc = true
+		if d, ok := grpcTimeout(r.Header.Get("Grpc-Timeout")); ok {
+			x.grpcDeadline = x.start.Add(d)
+		}
+	}
 	t := s.table.Load()
 	rt := t.route(r)
 	if rt != nil {
@@ -194,6 +200,12 @@ type exchange struct {
 	tr             *tracing.HTTP
 	span           trace.Span // nil when not traced
 	attempt        trace.Span // the open attempt span, nil when none
+
+	// grpc is set for a gRPC request (content-type application/grpc*): the
+	// sidecar's own failure answers are gRPC statuses then (grpcFail).
+	// grpcDeadline is when its grpc-timeout runs out (zero without one).
+	grpc         bool
+	grpcDeadline time.Time
 
 	// down is the request on the net/http path when it is HTTP/1.x and has
 	// a body (nil otherwise, and on the fast path, which reads bodies

@@ -287,7 +287,11 @@ func (fc *fastConn) serve() {
 			return
 		}
 		if !keep || s.fast.draining.Load() {
-			lingering = fc.answered && fc.inputLeft()
+			// A client that did not say Connection: close may send its next
+			// request at any moment, arriving after a plain close would
+			// have made its kernel discard the answer (RST): linger, as
+			// Envoy's delayed close does for every close it initiates.
+			lingering = fc.answered && (fc.inputLeft() || !fc.head.closeConn)
 			return
 		}
 	}
