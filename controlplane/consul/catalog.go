@@ -3,12 +3,14 @@ package consul
 import (
 	"cmp"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strconv"
 
 	"github.com/hashicorp/consul/api"
 
 	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // DefaultLocalAddress is used for a proxy's LocalServiceAddress and an
@@ -86,6 +88,7 @@ func (b *catalogBuilder) update(name string, entries []*api.ServiceEntry) {
 			Meta:       e.Service.Meta,
 			Weight:     passingWeight(e.Service.Weights),
 			Healthy:    e.Checks.AggregatedStatus() == api.HealthPassing,
+			Virtual:    virtualAddress(e.Service),
 		}
 		svc.Instances = append(svc.Instances, in)
 		k := instanceKey{in.Node, in.ID}
@@ -192,6 +195,13 @@ func convertProxy(e *api.ServiceEntry) *model.Proxy {
 		Weight:          passingWeight(e.Service.Weights),
 		Healthy:         e.Checks.AggregatedStatus() == api.HealthPassing,
 	}
+	if pc.Mode == api.ProxyModeTransparent {
+		p.Mode = model.ModeTransparent
+		p.OutboundPort = xds.OutboundCapturePort
+		if tp := pc.TransparentProxy; tp != nil && tp.OutboundListenerPort != 0 {
+			p.OutboundPort = tp.OutboundListenerPort
+		}
+	}
 	p.ListenAddress, _ = pc.Config["bind_address"].(string)
 	p.ListenPort = intFromConfig(pc.Config["bind_port"])
 	for _, u := range pc.Upstreams {
@@ -230,6 +240,24 @@ func serviceAddress(e *api.ServiceEntry) string {
 		return e.Node.Address
 	}
 	return ""
+}
+
+// VirtualTaggedAddress is the tagged address holding an instance's virtual
+// address (consul-k8s writes its Kubernetes Service's ClusterIP there).
+const VirtualTaggedAddress = "virtual"
+
+// virtualAddress reads an instance's virtual tagged address; zero when
+// absent or not an IP and port.
+func virtualAddress(s *api.AgentService) netip.AddrPort {
+	v, ok := s.TaggedAddresses[VirtualTaggedAddress]
+	if !ok || v.Port <= 0 || v.Port > 65535 {
+		return netip.AddrPort{}
+	}
+	a, err := netip.ParseAddr(v.Address)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	return netip.AddrPortFrom(a.Unmap(), uint16(v.Port))
 }
 
 func passingWeight(w api.AgentWeights) int {

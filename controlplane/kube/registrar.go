@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 
+	"github.com/meshlet/meshlet/controlplane/consul"
 	"github.com/meshlet/meshlet/controlplane/inject"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -50,9 +51,6 @@ const (
 	CheckType = "kubernetes-readiness"
 	// CheckName is its name.
 	CheckName = "Kubernetes Readiness Check"
-	// VirtualAddress is the tagged address holding the Service's ClusterIP
-	// (consul-k8s's "virtual"), which transparent proxies match.
-	VirtualAddress = "virtual"
 )
 
 // Registration is what the registrar writes to Consul for one pod: its
@@ -82,7 +80,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 	if svc != nil {
 		meta[MetaService] = svc.Name
 		if ip := svc.Spec.ClusterIP; ip != "" && ip != corev1.ClusterIPNone && len(svc.Spec.Ports) > 0 {
-			tagged[VirtualAddress] = api.ServiceAddress{Address: ip, Port: int(svc.Spec.Ports[0].Port)}
+			tagged[consul.VirtualTaggedAddress] = api.ServiceAddress{Address: ip, Port: int(svc.Spec.Ports[0].Port)}
 		}
 	}
 	status, output := api.HealthCritical, "Pod is not Ready"

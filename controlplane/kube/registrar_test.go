@@ -16,6 +16,7 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 
+	"github.com/meshlet/meshlet/controlplane/consul"
 	"github.com/meshlet/meshlet/controlplane/inject"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
@@ -63,7 +64,7 @@ func TestRegisterShapes(t *testing.T) {
 		if r.Check.Type != CheckType || r.Check.Status != api.HealthPassing || r.Check.ServiceID != r.Service.ID || r.Check.CheckID != "shop/"+r.Service.ID {
 			t.Errorf("%s check = %+v", r.Service.ID, r.Check)
 		}
-		if v := r.Service.TaggedAddresses[VirtualAddress]; v.Address != "10.96.0.42" || v.Port != 80 {
+		if v := r.Service.TaggedAddresses[consul.VirtualTaggedAddress]; v.Address != "10.96.0.42" || v.Port != 80 {
 			t.Errorf("%s virtual = %+v", r.Service.ID, v)
 		}
 	}
@@ -201,7 +202,7 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 	}
 	waitFor("virtual address", func() bool {
 		s := services()["api-1-api"]
-		return s != nil && s.TaggedAddresses[VirtualAddress].Address == "10.96.0.7"
+		return s != nil && s.TaggedAddresses[consul.VirtualTaggedAddress].Address == "10.96.0.7"
 	})
 
 	// Terminating: deregistered at once.

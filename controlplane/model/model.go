@@ -8,6 +8,7 @@ import (
 	"cmp"
 	"maps"
 	"net"
+	"net/netip"
 	"slices"
 	"strconv"
 )
@@ -79,6 +80,24 @@ type Instance struct {
 	// Healthy is true when every check of the instance and of its node
 	// passes (warning counts as not passing, as in Consul's ?passing filter).
 	Healthy bool
+	// Virtual is the instance's "virtual" tagged address (consul-k8s puts
+	// its Kubernetes Service's ClusterIP and port there): where transparent
+	// proxies' callers dial the service. Zero when none.
+	Virtual netip.AddrPort
+}
+
+// VirtualAddresses returns the distinct virtual addresses of s's
+// instances, sorted (a Kubernetes Service has one; a service registered
+// from several clusters may have more).
+func (s *Service) VirtualAddresses() []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, in := range s.Instances {
+		if in.Virtual.IsValid() && !slices.Contains(out, in.Virtual) {
+			out = append(out, in.Virtual)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return out
 }
 
 // HostPort returns "address:port".
@@ -111,6 +130,13 @@ type Proxy struct {
 	LocalAppPort    int
 	// Upstreams the app reaches through the proxy, sorted by destination.
 	Upstreams []Upstream
+	// Mode is the proxy's Consul Proxy.Mode: ModeTransparent when its pod's
+	// traffic is intercepted, so every service its intentions let it reach
+	// is an upstream too, matched by virtual address (translate).
+	Mode ProxyMode
+	// OutboundPort is Proxy.TransparentProxy.OutboundListenerPort (default
+	// xds.OutboundCapturePort) in transparent mode.
+	OutboundPort int
 	// Weight for load balancing while passing (default 1).
 	Weight int
 	// Healthy is true when the proxy's checks pass and, when ServiceID is
@@ -124,6 +150,19 @@ type Proxy struct {
 // gets no public listener and is no endpoint of its service, only its
 // upstreams.
 func (p *Proxy) ClientOnly() bool { return p.LocalAppPort == 0 }
+
+// ProxyMode is Consul's Proxy.Mode.
+type ProxyMode string
+
+// Proxy modes: direct ("" or "direct": the app dials its explicit
+// upstreams' local ports) and transparent (Consul's transparent proxy).
+const (
+	ModeDirect      ProxyMode = ""
+	ModeTransparent ProxyMode = "transparent"
+)
+
+// Transparent reports whether p is a transparent proxy.
+func (p *Proxy) Transparent() bool { return p.Mode == ModeTransparent }
 
 // BindAddress returns the address the public listener binds.
 func (p *Proxy) BindAddress() string {
@@ -178,20 +217,22 @@ func (c *Catalog) ProxiesFor(service string) []*Proxy { return c.proxiesByServic
 
 // Scope returns the part of c that the resources of proxy p are built from:
 // p, the CA, the service entry, leaf certificate and intentions of p's
-// service, and for each upstream its service entry, its proxies and its leaf
-// certificate. translate.Proxy reads nothing else of a catalog, so it builds
-// the same resources for p from c.Scope(p) as from c, and two scopes that
-// are Same build the same resources (with the same policies). The values are
-// shared with c. In the scope, Proxies holds p only and ProxiesFor answers
-// for p's upstreams only.
+// service, and for each upstream (UpstreamNames) its service entry, its
+// proxies and its leaf certificate; for a transparent proxy every
+// intention too (they decide which services it may reach). translate.Proxy
+// reads nothing else of a catalog, so it builds the same resources for p
+// from c.Scope(p) as from c, and two scopes that are Same build the same
+// resources (with the same policies). The values are shared with c. In the
+// scope, Proxies holds p only and ProxiesFor answers for p's upstreams only.
 func (c *Catalog) Scope(p *Proxy) *Catalog {
+	names := c.UpstreamNames(p)
 	s := &Catalog{
-		Services:         make(map[string]*Service, len(p.Upstreams)+1),
+		Services:         make(map[string]*Service, len(names)+1),
 		Proxies:          map[string]*Proxy{p.ID: p},
 		CA:               c.CA,
-		Leaves:           make(map[string]*Leaf, len(p.Upstreams)+1),
+		Leaves:           make(map[string]*Leaf, len(names)+1),
 		Intentions:       map[string]*Intentions{},
-		proxiesByService: make(map[string][]*Proxy, len(p.Upstreams)),
+		proxiesByService: make(map[string][]*Proxy, len(names)),
 	}
 	add := func(service string) {
 		if v, ok := c.Services[service]; ok {
@@ -202,16 +243,50 @@ func (c *Catalog) Scope(p *Proxy) *Catalog {
 		}
 	}
 	add(p.Service)
-	if v, ok := c.Intentions[p.Service]; ok {
+	if p.Transparent() {
+		maps.Copy(s.Intentions, c.Intentions)
+	} else if v, ok := c.Intentions[p.Service]; ok {
 		s.Intentions[p.Service] = v
 	}
-	for _, u := range p.Upstreams {
-		add(u.Service)
-		if ps, ok := c.proxiesByService[u.Service]; ok {
-			s.proxiesByService[u.Service] = ps
+	for _, name := range names {
+		add(name)
+		if ps, ok := c.proxiesByService[name]; ok {
+			s.proxiesByService[name] = ps
 		}
 	}
 	return s
+}
+
+// UpstreamNames returns the services p may have resources for, each once:
+// its explicit upstreams, and for a transparent proxy every service with a
+// virtual address (translate keeps those its intentions let it reach).
+func (c *Catalog) UpstreamNames(p *Proxy) []string {
+	var names []string
+	for _, u := range p.Upstreams {
+		if !slices.Contains(names, u.Service) {
+			names = append(names, u.Service)
+		}
+	}
+	if p.Transparent() {
+		start := len(names)
+		for name, svc := range c.Services {
+			if svc.HasVirtual() && !slices.Contains(names[:start], name) {
+				names = append(names, name)
+			}
+		}
+		slices.Sort(names[start:])
+	}
+	return names
+}
+
+// HasVirtual reports whether an instance of s has a virtual address.
+func (s *Service) HasVirtual() bool {
+	for _, in := range s.Instances {
+		if in.Virtual.IsValid() {
+			return true
+		}
+	}
+	return false
 }
 
 // IsScopeOf reports whether c is Same as full.Scope(p), without building
@@ -221,13 +296,14 @@ func (c *Catalog) IsScopeOf(full *Catalog, p *Proxy) bool {
 	if c == nil || full == nil || c.CA != full.CA || len(c.Proxies) != 1 || c.Proxies[p.ID] != p {
 		return false
 	}
+	names := full.UpstreamNames(p)
 	nServices, nLeaves, nLists := 0, 0, 0
 	// Services and leaves: p's service and each upstream, once.
-	for i := -1; i < len(p.Upstreams); i++ {
+	for i := -1; i < len(names); i++ {
 		name := p.Service
 		if i >= 0 {
-			name = p.Upstreams[i].Service
-			if name == p.Service || seenUpstream(p, i, name) {
+			name = names[i]
+			if name == p.Service {
 				continue
 			}
 		}
@@ -247,38 +323,36 @@ func (c *Catalog) IsScopeOf(full *Catalog, p *Proxy) bool {
 		}
 	}
 	// Proxies by service: each upstream, once.
-	for i, u := range p.Upstreams {
-		if seenUpstream(p, i, u.Service) {
-			continue
-		}
-		ps, ok := full.proxiesByService[u.Service]
-		if qs, ok2 := c.proxiesByService[u.Service]; ok != ok2 || !slices.Equal(ps, qs) {
+	for _, name := range names {
+		ps, ok := full.proxiesByService[name]
+		if qs, ok2 := c.proxiesByService[name]; ok != ok2 || !slices.Equal(ps, qs) {
 			return false
 		}
 		if ok {
 			nLists++
 		}
 	}
-	in, ok := full.Intentions[p.Service]
-	if jn, ok2 := c.Intentions[p.Service]; ok != ok2 || in != jn {
-		return false
-	}
-	nIntentions := 0
-	if ok {
-		nIntentions = 1
-	}
-	return len(c.Services) == nServices && len(c.Leaves) == nLeaves &&
-		len(c.proxiesByService) == nLists && len(c.Intentions) == nIntentions
-}
-
-// seenUpstream reports whether an upstream before position i names name.
-func seenUpstream(p *Proxy, i int, name string) bool {
-	for j := 0; j < i; j++ {
-		if p.Upstreams[j].Service == name {
-			return true
+	if p.Transparent() {
+		if !sameValues(c.Intentions, full.Intentions) {
+			return false
+		}
+	} else {
+		in, ok := full.Intentions[p.Service]
+		if jn, ok2 := c.Intentions[p.Service]; ok != ok2 || in != jn {
+			return false
+		}
+		if len(c.Intentions) != boolInt(ok) {
+			return false
 		}
 	}
-	return false
+	return len(c.Services) == nServices && len(c.Leaves) == nLeaves && len(c.proxiesByService) == nLists
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Same reports whether c and o hold the very same values (pointer
@@ -334,7 +408,7 @@ func (s *Service) Equal(o *Service) bool {
 // Equal reports whether i and o have the same content.
 func (i Instance) Equal(o Instance) bool {
 	return i.ID == o.ID && i.Node == o.Node && i.Datacenter == o.Datacenter && i.Address == o.Address &&
-		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && maps.Equal(i.Meta, o.Meta)
+		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && i.Virtual == o.Virtual && maps.Equal(i.Meta, o.Meta)
 }
 
 // Equal reports whether p and o have the same content.
@@ -349,5 +423,6 @@ func (p *Proxy) Equal(o *Proxy) bool {
 		p.ServiceID == o.ServiceID && p.Address == o.Address && p.Port == o.Port &&
 		p.ListenAddress == o.ListenAddress && p.ListenPort == o.ListenPort &&
 		p.LocalAppAddress == o.LocalAppAddress && p.LocalAppPort == o.LocalAppPort &&
-		p.Weight == o.Weight && p.Healthy == o.Healthy && slices.Equal(p.Upstreams, o.Upstreams)
+		p.Weight == o.Weight && p.Healthy == o.Healthy && slices.Equal(p.Upstreams, o.Upstreams) &&
+		p.Mode == o.Mode && p.OutboundPort == o.OutboundPort
 }

@@ -3,6 +3,7 @@ package model
 import (
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"reflect"
 	"testing"
 )
@@ -24,6 +25,11 @@ func mutate(t *testing.T, v reflect.Value, i int) {
 		f.Set(m)
 	case reflect.Slice:
 		f.Set(reflect.Append(f, reflect.New(f.Type().Elem()).Elem()))
+	case reflect.Struct:
+		if f.Type() != reflect.TypeFor[netip.AddrPort]() {
+			t.Fatalf("field %s of type %s: teach mutate", v.Elem().Type().Field(i).Name, f.Type())
+		}
+		f.Set(reflect.ValueOf(netip.MustParseAddrPort("10.96.0.1:80")))
 	default:
 		t.Fatalf("field %s of kind %s: teach mutate", v.Elem().Type().Field(i).Name, f.Kind())
 	}

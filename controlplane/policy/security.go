@@ -46,6 +46,9 @@ const (
 //	    sampling: 1             # percent of new traces (default 1)
 //	    propagation: [tracecontext, b3multi]
 //	    collector: {protocol: grpc, endpoint: "127.0.0.1:4317"}
+//	  outbound: allow-any       # transparent proxies: a connection to an address no upstream
+//	                            # matches passes through to it (allow-any, default; Istio's
+//	                            # ALLOW_ANY) or is refused (registry-only; Istio's REGISTRY_ONLY)
 //
 // ServiceDefaults.mtlsMode overrides the mode per service, and
 // AuthorizationPolicy.defaultAction the default action per destination.
@@ -53,6 +56,7 @@ type MeshDefaults struct {
 	MTLS          *MeshMTLS          `yaml:"mtls,omitempty"`
 	Authorization *MeshAuthorization `yaml:"authorization,omitempty"`
 	Tracing       *MeshTracing       `yaml:"tracing,omitempty"`
+	Outbound      string             `yaml:"outbound,omitempty"`
 
 	Source Source `yaml:"-"`
 	Name   string `yaml:"-"`
@@ -84,6 +88,25 @@ func (m *MeshDefaults) validate(v *validator) {
 	if t := m.Tracing; t != nil {
 		t.validate(v, "spec.tracing")
 	}
+	switch m.Outbound {
+	case "", OutboundAllowAny, OutboundRegistryOnly:
+	default:
+		v.errorf("spec.outbound", "must be %q or %q (got %q)", OutboundAllowAny, OutboundRegistryOnly, m.Outbound)
+	}
+}
+
+// Outbound modes of MeshDefaults.outbound.
+const (
+	OutboundAllowAny     = "allow-any"
+	OutboundRegistryOnly = "registry-only"
+)
+
+// OutboundMode returns MeshDefaults.outbound, OutboundAllowAny by default.
+func (s *Set) OutboundMode() string {
+	if s != nil && s.Mesh != nil && s.Mesh.Outbound != "" {
+		return s.Mesh.Outbound
+	}
+	return OutboundAllowAny
 }
 
 func (m *MeshDefaults) add(set *Set, v *validator) {

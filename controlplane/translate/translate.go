@@ -103,40 +103,24 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 		r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
 	}
 
+	var public *listener.Listener
+	for _, l := range r.Listeners {
+		if l.GetName() == xds.PublicListener {
+			public = l
+		}
+	}
 	seen := map[string]bool{}
 	for _, u := range p.Upstreams {
 		if seen[u.Service] {
 			continue
 		}
 		seen[u.Service] = true
-		name := xds.ServiceCluster(u.Service)
-		up := Protocol(cat, pol, u.Service)
-		if up.IsHTTP() {
-			r.Listeners = append(r.Listeners, xds.NewHTTPListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, xds.HTTPListenerOptions{
-				RouteConfigName: name,
-				Via:             p.ID,
-				Tracing:         tracing(tr, p.Service, true),
-			}))
-			r.Routes = append(r.Routes, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, u.Service, name)))
-		} else if up == xds.ProtocolUDP {
-			r.Listeners = append(r.Listeners, xds.NewUDPListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name,
-				xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, u.Service)}))
-		} else {
-			r.Listeners = append(r.Listeners, xds.NewTCPProxyListener(xds.UpstreamListener(u.Service), u.BindAddress, u.BindPort, name, xds.TCPProxyOptions{
-				MaxConnectAttempts: tcpConnectAttempts(pol, u.Service),
-				IdleTimeout:        tcpIdleTimeout(pol, u.Service),
-			}))
-		}
-		dc := p.Datacenter
-		if ps := cat.ProxiesFor(u.Service); len(ps) > 0 {
-			dc = cmp.Or(ps[0].Datacenter, dc)
-		}
-		opts := clusterOptions(pol, u.Service, xds.ClusterOptions{Protocol: up})
-		if up != xds.ProtocolUDP { // datagrams go in plaintext to the sidecars' public UDP listeners
-			opts.TLS = xds.UpstreamTLS(minTLS, upstreamSNI(cat, u.Service, dc), upstreamID(cat, u.Service, dc), alpn(up, false))
-		}
-		r.Clusters = append(r.Clusters, xds.NewEDSCluster(name, opts))
-		r.Endpoints = append(r.Endpoints, xds.NewLoadAssignment(name, sidecarEndpoints(cat, u.Service)))
+		up := upstreamResources(cat, pol, p, u.Service, u.BindAddress, u.BindPort, minTLS)
+		r.Listeners = append(r.Listeners, up.listener)
+		r.add(up)
+	}
+	if p.Transparent() {
+		transparent(&r, cat, pol, p, public, seen, minTLS)
 	}
 	if tr != nil && tr.Collector.Protocol == policy.CollectorHTTP && hasTracedListener(r.Listeners) {
 		c, err := xds.NewOTLPCollectorCluster(tr.Collector.Endpoint)
@@ -147,6 +131,69 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 	}
 	sortResources(&r)
 	return r, nil
+}
+
+// upstream is what one upstream service of a proxy needs: its explicit
+// listener (on the upstream's bind address; a capture listener takes its
+// filters), its route configuration (HTTP only), cluster and load
+// assignment.
+type upstream struct {
+	service  string
+	protocol xds.Protocol
+	listener *listener.Listener
+	route    *route.RouteConfiguration
+	cluster  *cluster.Cluster
+	load     *endpoint.ClusterLoadAssignment
+}
+
+// add appends u's route, cluster and load assignment to r.
+func (r *Resources) add(u upstream) {
+	if u.route != nil {
+		r.Routes = append(r.Routes, u.route)
+	}
+	r.Clusters = append(r.Clusters, u.cluster)
+	r.Endpoints = append(r.Endpoints, u.load)
+}
+
+// upstreamResources builds the resources of upstream service for proxy p,
+// its listener on host:port: an HTTP connection manager routing by RDS to
+// the route configuration "<service>" with the service's retry and timeout
+// policies, a UDP proxy, or a TCP proxy; an EDS cluster "<service>" with
+// mTLS requiring the service's SPIFFE ID (plaintext for udp) and its
+// resilience settings; its load assignment, the service's healthy sidecars.
+func upstreamResources(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, host string, port int, minTLS string) upstream {
+	name := xds.ServiceCluster(service)
+	up := Protocol(cat, pol, service)
+	u := upstream{service: service, protocol: up}
+	tr := pol.Tracing()
+	switch {
+	case up.IsHTTP():
+		u.listener = xds.NewHTTPListener(xds.UpstreamListener(service), host, port, xds.HTTPListenerOptions{
+			RouteConfigName: name,
+			Via:             p.ID,
+			Tracing:         tracing(tr, p.Service, true),
+		})
+		u.route = xds.NewRouteConfigRoutes(name, outboundRoutes(pol, service, name))
+	case up == xds.ProtocolUDP:
+		u.listener = xds.NewUDPListener(xds.UpstreamListener(service), host, port, name,
+			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, service)})
+	default:
+		u.listener = xds.NewTCPProxyListener(xds.UpstreamListener(service), host, port, name, xds.TCPProxyOptions{
+			MaxConnectAttempts: tcpConnectAttempts(pol, service),
+			IdleTimeout:        tcpIdleTimeout(pol, service),
+		})
+	}
+	dc := p.Datacenter
+	if ps := cat.ProxiesFor(service); len(ps) > 0 {
+		dc = cmp.Or(ps[0].Datacenter, dc)
+	}
+	opts := clusterOptions(pol, service, xds.ClusterOptions{Protocol: up})
+	if up != xds.ProtocolUDP { // datagrams go in plaintext to the sidecars' public UDP listeners
+		opts.TLS = xds.UpstreamTLS(minTLS, upstreamSNI(cat, service, dc), upstreamID(cat, service, dc), alpn(up, false))
+	}
+	u.cluster = xds.NewEDSCluster(name, opts)
+	u.load = xds.NewLoadAssignment(name, sidecarEndpoints(cat, service))
+	return u
 }
 
 // tracing returns the tracing of an HTTP connection manager of a sidecar of

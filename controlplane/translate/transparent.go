@@ -1,0 +1,143 @@
+package translate
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshlet/meshlet/controlplane/model"
+	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/xds"
+)
+
+// transparent adds the resources of a transparent proxy p (Consul's
+// transparent proxy, on Envoy's shapes):
+//   - the outbound capture listener on 127.0.0.1:<p.OutboundPort> (the
+//     original_dst listener filter), with a filter chain per upstream the
+//     proxy may reach — every service with a virtual address whose
+//     intentions (and AuthorizationPolicy, and default action) let p's
+//     service in (Reachable), plus its explicit upstreams — matched on the
+//     service's virtual IPs and port and carrying the filters its explicit
+//     listener would; the upstreams' routes, clusters and load assignments;
+//   - a default chain passing other destinations through to the
+//     "original-destination" cluster (ORIGINAL_DST), unless MeshDefaults
+//     says outbound: registry-only;
+//   - the inbound capture listener on 0.0.0.0:15006: the public
+//     listener's chains for connections to the app's port, and the
+//     pass-through for the pod's other ports (none for a client-only
+//     proxy).
+//
+// seen holds the explicit upstreams already added; public is the public
+// listener (nil for a client-only proxy).
+func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Proxy, public *listener.Listener, seen map[string]bool, minTLS string) {
+	var chains []xds.CaptureChain
+	var outbound *listener.Listener // a traced HTTP upstream listener: its direction and extras
+	for _, name := range cat.UpstreamNames(p) {
+		svc := cat.Services[name]
+		if svc == nil || !svc.HasVirtual() {
+			continue
+		}
+		explicit := seen[name]
+		if !explicit && !Reachable(cat, pol, p.Service, name) {
+			continue
+		}
+		up := upstreamResources(cat, pol, p, name, "127.0.0.1", 0, minTLS)
+		if up.protocol == xds.ProtocolUDP {
+			continue // no UDP capture
+		}
+		if !explicit {
+			r.add(up)
+		}
+		if up.listener.GetTrafficDirection() != core.TrafficDirection_UNSPECIFIED && outbound == nil {
+			outbound = up.listener
+		}
+		byPort := map[uint16][]netip.Prefix{}
+		var ports []uint16
+		for _, v := range svc.VirtualAddresses() {
+			if _, ok := byPort[v.Port()]; !ok {
+				ports = append(ports, v.Port())
+			}
+			byPort[v.Port()] = append(byPort[v.Port()], netip.PrefixFrom(v.Addr(), v.Addr().BitLen()))
+		}
+		slices.Sort(ports)
+		for _, port := range ports {
+			chainName := xds.UpstreamListener(name)
+			if len(ports) > 1 {
+				chainName = fmt.Sprintf("%s:%d", chainName, port)
+			}
+			chains = append(chains, xds.CaptureChain{Name: chainName, Prefixes: byPort[port], Port: int(port),
+				Filters: up.listener.GetFilterChains()[0].GetFilters()})
+		}
+	}
+	passthrough := pol.OutboundMode() != policy.OutboundRegistryOnly
+	out := xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", cmp.Or(p.OutboundPort, xds.OutboundCapturePort),
+		xds.CaptureOptions{Chains: chains, Passthrough: passthrough})
+	if outbound != nil {
+		out.TrafficDirection, out.Metadata = outbound.TrafficDirection, outbound.Metadata
+	}
+	r.Listeners = append(r.Listeners, out)
+	if public != nil {
+		r.Listeners = append(r.Listeners, inboundCapture(public, p.LocalAppPort))
+	}
+	if passthrough || public != nil {
+		r.Clusters = append(r.Clusters, xds.NewPassthroughCluster())
+	}
+}
+
+// inboundCapture is the inbound capture listener: public's filter chains
+// (mTLS, RBAC, the app) for connections whose original destination port is
+// appPort, public's listener filters after original_dst, and the
+// pass-through for the other ports.
+func inboundCapture(public *listener.Listener, appPort int) *listener.Listener {
+	in := xds.NewCaptureListener(xds.InboundCaptureListener, "0.0.0.0", xds.InboundCapturePort, xds.CaptureOptions{Passthrough: true})
+	in.ListenerFilters = append(in.ListenerFilters, public.GetListenerFilters()...)
+	in.ListenerFiltersTimeout = public.GetListenerFiltersTimeout()
+	in.ContinueOnListenerFiltersTimeout = public.GetContinueOnListenerFiltersTimeout()
+	in.TrafficDirection, in.Metadata = public.GetTrafficDirection(), public.GetMetadata()
+	for _, c := range public.GetFilterChains() {
+		fc := proto.Clone(c).(*listener.FilterChain)
+		if fc.FilterChainMatch == nil {
+			fc.FilterChainMatch = &listener.FilterChainMatch{}
+		}
+		fc.FilterChainMatch.DestinationPort = wrapperspb.UInt32(uint32(appPort))
+		fc.Name = xds.PublicListener
+		if tp := fc.FilterChainMatch.GetTransportProtocol(); tp != "" {
+			fc.Name += ":" + tp
+		}
+		in.FilterChains = append(in.FilterChains, fc)
+	}
+	return in
+}
+
+// Reachable reports whether a proxy of service source may reach
+// destination, which decides a transparent proxy's upstreams (Consul's rule:
+// the services its intentions allow it to reach): the rule for source
+// among the destination's intentions and AuthorizationPolicy sources (its
+// own name first, then "*"), allowing for an allow rule or L7 permissions
+// (some requests may pass), else the destination's default action.
+func Reachable(cat *model.Catalog, pol *policy.Set, source, destination string) bool {
+	sources := authzSources(cat, pol, destination)
+	for _, want := range []string{source, "*"} {
+		for _, s := range sources {
+			if s.Name != want {
+				continue
+			}
+			if s.Action == "" {
+				for _, perm := range s.Permissions {
+					if perm.Action == policy.ActionAllow {
+						return true
+					}
+				}
+				return false
+			}
+			return s.Action == policy.ActionAllow
+		}
+	}
+	return pol.DefaultAction(destination) == policy.ActionAllow
+}
