@@ -39,6 +39,20 @@ const (
 	// error; default info).
 	AnnotationLogLevel = "meshlet.io/sidecar-log-level"
 
+	// AnnotationTransparentProxy "false" turns transparent interception
+	// off for the pod (default true: an init container redirects its TCP
+	// traffic to the sidecar, which routes connections to mesh services by
+	// their virtual IPs; consul-k8s's default too).
+	AnnotationTransparentProxy = "meshlet.io/transparent-proxy"
+	// AnnotationExcludeOutboundPorts, AnnotationExcludeOutboundCIDRs,
+	// AnnotationExcludeInboundPorts and AnnotationExcludeUIDs list what
+	// interception leaves alone: "5432,6379", "10.0.0.0/8,fd00::/8",
+	// "9100", "1000,1001" (consul-k8s's transparent-proxy-exclude-*).
+	AnnotationExcludeOutboundPorts = "meshlet.io/exclude-outbound-ports"
+	AnnotationExcludeOutboundCIDRs = "meshlet.io/exclude-outbound-cidrs"
+	AnnotationExcludeInboundPorts  = "meshlet.io/exclude-inbound-ports"
+	AnnotationExcludeUIDs          = "meshlet.io/exclude-uids"
+
 	// AnnotationInjected is written by the webhook: what it decided, as
 	// JSON (Record). The registration controller reads it, and its presence
 	// makes injection idempotent.
@@ -52,5 +66,9 @@ const (
 	AnnotationOriginalProbes = "meshlet.io/original-probes"
 )
 
-// SidecarContainer is the name of the injected container.
-const SidecarContainer = "meshlet-sidecar"
+// SidecarContainer is the name of the injected container, InitContainer
+// the one that installs the interception rules (transparent proxy).
+const (
+	SidecarContainer = "meshlet-sidecar"
+	InitContainer    = "meshlet-init"
+)

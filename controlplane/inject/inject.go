@@ -72,6 +72,9 @@ type Config struct {
 	// when false it goes first in containers with a postStart hook that
 	// waits for it (`sidecar wait-ready`).
 	NativeSidecars bool
+	// TransparentByDefault intercepts the traffic of pods that do not set
+	// AnnotationTransparentProxy (an init container installs the rules).
+	TransparentByDefault bool
 }
 
 func (c *Config) setDefaults() {
@@ -92,6 +95,10 @@ type Record struct {
 	Upstreams []Upstream `json:"upstreams,omitempty"`
 	// PublicPort is the sidecar's public listener port (xds.PodPublicPort).
 	PublicPort int `json:"publicPort"`
+	// Transparent is set when the pod's traffic is intercepted
+	// (AnnotationTransparentProxy): its proxy registers in Consul's
+	// transparent mode.
+	Transparent bool `json:"transparent,omitempty"`
 }
 
 // Upstream is one entry of AnnotationUpstreams.
@@ -205,6 +212,12 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 	}
 
 	sc := in.sidecar(rec, probes, res, logLevel)
+	var initC *corev1.Container
+	if rec.Transparent {
+		if initC, err = in.interceptContainer(pod.Annotations); err != nil {
+			return nil, SkipNone, err
+		}
+	}
 	out.Spec.Volumes = append(out.Spec.Volumes, corev1.Volume{Name: StateVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}})
 	if in.cfg.NativeSidecars {
 		always := corev1.ContainerRestartPolicyAlways
@@ -217,6 +230,11 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 			Command: []string{SidecarBinary, "wait-ready", "-timeout", "2m"},
 		}}}
 		out.Spec.Containers = append([]corev1.Container{sc}, out.Spec.Containers...)
+	}
+	if initC != nil {
+		// Before everything: the rules are in place before the sidecar and
+		// the pod's own containers start.
+		out.Spec.InitContainers = append([]corev1.Container{*initC}, out.Spec.InitContainers...)
 	}
 	return out, SkipNone, nil
 }
@@ -245,6 +263,15 @@ func (in *Injector) record(pod *corev1.Pod, selecting []string) (Record, error) 
 	port, err := appPort(pod)
 	if err != nil {
 		return rec, err
+	}
+	switch v := pod.Annotations[AnnotationTransparentProxy]; v {
+	case "":
+		rec.Transparent = in.cfg.TransparentByDefault
+	case "true":
+		rec.Transparent = true
+	case "false":
+	default:
+		return rec, annotationErr(AnnotationTransparentProxy, v, "want true or false")
 	}
 	rec.Port = port
 	if rec.Upstreams, err = parseUpstreams(pod.Annotations[AnnotationUpstreams]); err != nil {

@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -103,7 +104,7 @@ func TestGolden(t *testing.T) {
 			}
 			native := tc.Native == nil || *tc.Native
 			ev := &events{}
-			wh := NewWebhook(New(Config{NativeSidecars: native, ImagePullPolicy: corev1.PullNever}), WebhookOptions{Services: fixedServices(tc.Services), Events: ev, Registerer: prometheus.NewRegistry()})
+			wh := NewWebhook(New(Config{NativeSidecars: native, ImagePullPolicy: corev1.PullNever, TransparentByDefault: true}), WebhookOptions{Services: fixedServices(tc.Services), Events: ev, Registerer: prometheus.NewRegistry()})
 			resp := review(t, wh, tc.Namespace, podJSON)
 
 			got := map[string]any{"allowed": resp.Allowed}
@@ -157,9 +158,22 @@ func checkInjected(t *testing.T, pod *corev1.Pod, native bool) {
 	if !ok || err != nil {
 		t.Fatalf("record: %v %v", ok, err)
 	}
+	inits := pod.Spec.InitContainers
+	if rec.Transparent {
+		// The interception rules go first, as root with NET_ADMIN and
+		// NET_RAW: nothing else in the pod gets capabilities.
+		if len(inits) == 0 || inits[0].Name != InitContainer {
+			t.Fatalf("transparent pod: first init container is not %s", InitContainer)
+		}
+		s := inits[0].SecurityContext
+		if s == nil || s.Capabilities == nil || !slices.Equal(s.Capabilities.Add, []corev1.Capability{"NET_ADMIN", "NET_RAW"}) || *s.AllowPrivilegeEscalation {
+			t.Errorf("init container security context %+v", s)
+		}
+		inits = inits[1:]
+	}
 	var sc *corev1.Container
 	if native {
-		sc = &pod.Spec.InitContainers[0]
+		sc = &inits[0]
 		if sc.RestartPolicy == nil || *sc.RestartPolicy != corev1.ContainerRestartPolicyAlways {
 			t.Errorf("native sidecar restartPolicy = %v, want Always", sc.RestartPolicy)
 		}

@@ -4,10 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/meshlet/meshlet/xds"
@@ -184,4 +187,84 @@ func portNames(c *corev1.Container) map[string]bool {
 		}
 	}
 	return m
+}
+
+// interceptContainer is the init container that installs the interception
+// rules (`sidecar intercept`, sidecar/intercept) with the pod's exclusions:
+// root with NET_ADMIN and NET_RAW only, which nothing else in the pod gets.
+// A malformed exclusion annotation is refused naming it.
+func (in *Injector) interceptContainer(ann map[string]string) (*corev1.Container, error) {
+	args := []string{"intercept", "-proxy-uid=" + strconv.Itoa(xds.SidecarUID),
+		"-outbound-port=" + strconv.Itoa(xds.OutboundCapturePort), "-inbound-port=" + strconv.Itoa(xds.InboundCapturePort)}
+	for _, a := range []struct {
+		annotation, flag string
+		check            func(string) error
+	}{
+		{AnnotationExcludeOutboundPorts, "-exclude-outbound-ports", checkPort},
+		{AnnotationExcludeOutboundCIDRs, "-exclude-outbound-cidrs", checkCIDR},
+		{AnnotationExcludeInboundPorts, "-exclude-inbound-ports", checkPort},
+		{AnnotationExcludeUIDs, "-exclude-uids", checkUID},
+	} {
+		v, ok := ann[a.annotation]
+		if !ok {
+			continue
+		}
+		var items []string
+		for item := range strings.SplitSeq(v, ",") {
+			if item = strings.TrimSpace(item); item == "" {
+				continue
+			}
+			if err := a.check(item); err != nil {
+				return nil, annotationErr(a.annotation, v, fmt.Sprintf("%q: %v", item, err))
+			}
+			items = append(items, item)
+		}
+		if len(items) > 0 {
+			args = append(args, a.flag+"="+strings.Join(items, ","))
+		}
+	}
+	root := int64(0)
+	no, yes := false, true
+	return &corev1.Container{
+		Name:            InitContainer,
+		Image:           in.cfg.Image,
+		ImagePullPolicy: in.cfg.ImagePullPolicy,
+		Command:         []string{SidecarBinary},
+		Args:            args,
+		Resources: corev1.ResourceRequirements{
+			Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("10m"), corev1.ResourceMemory: resource.MustParse("16Mi")},
+			Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("64Mi")},
+		},
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                &root,
+			RunAsNonRoot:             &no,
+			ReadOnlyRootFilesystem:   &yes,
+			AllowPrivilegeEscalation: &no,
+			Privileged:               &no,
+			Capabilities:             &corev1.Capabilities{Add: []corev1.Capability{"NET_ADMIN", "NET_RAW"}, Drop: []corev1.Capability{"ALL"}},
+		},
+		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+	}, nil
+}
+
+func checkPort(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("not a port (1-65535)")
+	}
+	return nil
+}
+
+func checkCIDR(s string) error {
+	if _, err := netip.ParsePrefix(s); err != nil {
+		return fmt.Errorf("not a CIDR (10.0.0.0/8, fd00::/8)")
+	}
+	return nil
+}
+
+func checkUID(s string) error {
+	if n, err := strconv.Atoi(s); err != nil || n < 0 {
+		return fmt.Errorf("not a user ID")
+	}
+	return nil
 }

@@ -118,14 +118,27 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 			Service: &api.AgentService{
 				Kind: api.ServiceKindConnectProxy, ID: proxyID, Service: rec.Service + "-sidecar-proxy",
 				Address: pod.Status.PodIP, Port: rec.PublicPort, Meta: meta, TaggedAddresses: tagged,
-				Proxy: &api.AgentServiceConnectProxyConfig{
-					DestinationServiceName: rec.Service, DestinationServiceID: instanceID,
-					LocalServiceAddress: "127.0.0.1", LocalServicePort: rec.Port, Upstreams: ups,
-				},
+				Proxy: proxyConfig(rec, instanceID, ups),
 			},
 			Check: check(proxyID),
 		},
 	}, true
+}
+
+// proxyConfig is the connect-proxy's Proxy block: its destination, the app
+// on loopback, the explicit upstreams, and Consul's transparent mode
+// (outbound listener port xds.OutboundCapturePort) when the pod's traffic is
+// intercepted.
+func proxyConfig(rec inject.Record, instanceID string, ups []api.Upstream) *api.AgentServiceConnectProxyConfig {
+	pc := &api.AgentServiceConnectProxyConfig{
+		DestinationServiceName: rec.Service, DestinationServiceID: instanceID,
+		LocalServiceAddress: "127.0.0.1", LocalServicePort: rec.Port, Upstreams: ups,
+	}
+	if rec.Transparent {
+		pc.Mode = api.ProxyModeTransparent
+		pc.TransparentProxy = &api.TransparentProxyConfig{OutboundListenerPort: xds.OutboundCapturePort}
+	}
+	return pc
 }
 
 // ConsulCatalog is the part of Consul's catalog API the registrar uses
