@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/hashicorp/consul/api"
 
@@ -201,6 +202,7 @@ func convertProxy(e *api.ServiceEntry) *model.Proxy {
 		if tp := pc.TransparentProxy; tp != nil && tp.OutboundListenerPort != 0 {
 			p.OutboundPort = tp.OutboundListenerPort
 		}
+		p.Exclusions = exclusions(e.Service.Meta)
 	}
 	p.ListenAddress, _ = pc.Config["bind_address"].(string)
 	p.ListenPort = intFromConfig(pc.Config["bind_port"])
@@ -240,6 +242,38 @@ func serviceAddress(e *api.ServiceEntry) string {
 		return e.Node.Address
 	}
 	return ""
+}
+
+// Meta keys of a transparent proxy's interception exclusions (comma
+// lists), written by the Kubernetes registrar from the pod's
+// meshlet.io/exclude-* annotations; `controlplane why` reads them.
+const (
+	MetaExcludeOutboundPorts = "meshlet-exclude-outbound-ports"
+	MetaExcludeOutboundCIDRs = "meshlet-exclude-outbound-cidrs"
+	MetaExcludeInboundPorts  = "meshlet-exclude-inbound-ports"
+	MetaExcludeUIDs          = "meshlet-exclude-uids"
+)
+
+// exclusions reads a proxy's exclusion meta; items that do not parse are
+// skipped (the webhook validated them).
+func exclusions(meta map[string]string) model.Exclusions {
+	ints := func(key string) []int {
+		var out []int
+		for item := range strings.SplitSeq(meta[key], ",") {
+			if n, err := strconv.Atoi(strings.TrimSpace(item)); err == nil {
+				out = append(out, n)
+			}
+		}
+		return out
+	}
+	var ex model.Exclusions
+	ex.OutboundPorts, ex.InboundPorts, ex.UIDs = ints(MetaExcludeOutboundPorts), ints(MetaExcludeInboundPorts), ints(MetaExcludeUIDs)
+	for item := range strings.SplitSeq(meta[MetaExcludeOutboundCIDRs], ",") {
+		if p, err := netip.ParsePrefix(strings.TrimSpace(item)); err == nil {
+			ex.OutboundCIDRs = append(ex.OutboundCIDRs, p)
+		}
+	}
+	return ex
 }
 
 // VirtualTaggedAddress is the tagged address holding an instance's virtual

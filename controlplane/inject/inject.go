@@ -99,6 +99,18 @@ type Record struct {
 	// (AnnotationTransparentProxy): its proxy registers in Consul's
 	// transparent mode.
 	Transparent bool `json:"transparent,omitempty"`
+	// Exclusions are what interception leaves alone, from the exclusion
+	// annotations (normalized comma lists).
+	Exclusions Exclusions `json:"exclusions,omitzero"`
+}
+
+// Exclusions are a transparent pod's interception exclusions, comma lists
+// as the annotations give them (spaces removed, each item validated).
+type Exclusions struct {
+	OutboundPorts string `json:"outboundPorts,omitempty"`
+	OutboundCIDRs string `json:"outboundCIDRs,omitempty"`
+	InboundPorts  string `json:"inboundPorts,omitempty"`
+	UIDs          string `json:"uids,omitempty"`
 }
 
 // Upstream is one entry of AnnotationUpstreams.
@@ -214,9 +226,7 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 	sc := in.sidecar(rec, probes, res, logLevel)
 	var initC *corev1.Container
 	if rec.Transparent {
-		if initC, err = in.interceptContainer(pod.Annotations); err != nil {
-			return nil, SkipNone, err
-		}
+		initC = in.interceptContainer(rec.Exclusions)
 	}
 	out.Spec.Volumes = append(out.Spec.Volumes, corev1.Volume{Name: StateVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}})
 	if in.cfg.NativeSidecars {
@@ -272,6 +282,11 @@ func (in *Injector) record(pod *corev1.Pod, selecting []string) (Record, error) 
 	case "false":
 	default:
 		return rec, annotationErr(AnnotationTransparentProxy, v, "want true or false")
+	}
+	if rec.Transparent {
+		if rec.Exclusions, err = exclusions(pod.Annotations); err != nil {
+			return rec, err
+		}
 	}
 	rec.Port = port
 	if rec.Upstreams, err = parseUpstreams(pod.Annotations[AnnotationUpstreams]); err != nil {

@@ -189,21 +189,19 @@ func portNames(c *corev1.Container) map[string]bool {
 	return m
 }
 
-// interceptContainer is the init container that installs the interception
-// rules (`sidecar intercept`, sidecar/intercept) with the pod's exclusions:
-// root with NET_ADMIN and NET_RAW only, which nothing else in the pod gets.
-// A malformed exclusion annotation is refused naming it.
-func (in *Injector) interceptContainer(ann map[string]string) (*corev1.Container, error) {
-	args := []string{"intercept", "-proxy-uid=" + strconv.Itoa(xds.SidecarUID),
-		"-outbound-port=" + strconv.Itoa(xds.OutboundCapturePort), "-inbound-port=" + strconv.Itoa(xds.InboundCapturePort)}
+// exclusions reads the exclusion annotations, each item validated; a
+// malformed one is refused naming the annotation and the item.
+func exclusions(ann map[string]string) (Exclusions, error) {
+	var ex Exclusions
 	for _, a := range []struct {
-		annotation, flag string
-		check            func(string) error
+		annotation string
+		dst        *string
+		check      func(string) error
 	}{
-		{AnnotationExcludeOutboundPorts, "-exclude-outbound-ports", checkPort},
-		{AnnotationExcludeOutboundCIDRs, "-exclude-outbound-cidrs", checkCIDR},
-		{AnnotationExcludeInboundPorts, "-exclude-inbound-ports", checkPort},
-		{AnnotationExcludeUIDs, "-exclude-uids", checkUID},
+		{AnnotationExcludeOutboundPorts, &ex.OutboundPorts, checkPort},
+		{AnnotationExcludeOutboundCIDRs, &ex.OutboundCIDRs, checkCIDR},
+		{AnnotationExcludeInboundPorts, &ex.InboundPorts, checkPort},
+		{AnnotationExcludeUIDs, &ex.UIDs, checkUID},
 	} {
 		v, ok := ann[a.annotation]
 		if !ok {
@@ -215,12 +213,27 @@ func (in *Injector) interceptContainer(ann map[string]string) (*corev1.Container
 				continue
 			}
 			if err := a.check(item); err != nil {
-				return nil, annotationErr(a.annotation, v, fmt.Sprintf("%q: %v", item, err))
+				return ex, annotationErr(a.annotation, v, fmt.Sprintf("%q: %v", item, err))
 			}
 			items = append(items, item)
 		}
-		if len(items) > 0 {
-			args = append(args, a.flag+"="+strings.Join(items, ","))
+		*a.dst = strings.Join(items, ",")
+	}
+	return ex, nil
+}
+
+// interceptContainer is the init container that installs the interception
+// rules (`sidecar intercept`, sidecar/intercept) with the pod's exclusions:
+// root with NET_ADMIN and NET_RAW only, which nothing else in the pod gets.
+func (in *Injector) interceptContainer(ex Exclusions) *corev1.Container {
+	args := []string{"intercept", "-proxy-uid=" + strconv.Itoa(xds.SidecarUID),
+		"-outbound-port=" + strconv.Itoa(xds.OutboundCapturePort), "-inbound-port=" + strconv.Itoa(xds.InboundCapturePort)}
+	for _, f := range []struct{ flag, value string }{
+		{"-exclude-outbound-ports", ex.OutboundPorts}, {"-exclude-outbound-cidrs", ex.OutboundCIDRs},
+		{"-exclude-inbound-ports", ex.InboundPorts}, {"-exclude-uids", ex.UIDs},
+	} {
+		if f.value != "" {
+			args = append(args, f.flag+"="+f.value)
 		}
 	}
 	root := int64(0)
@@ -244,7 +257,7 @@ func (in *Injector) interceptContainer(ann map[string]string) (*corev1.Container
 			Capabilities:             &corev1.Capabilities{Add: []corev1.Capability{"NET_ADMIN", "NET_RAW"}, Drop: []corev1.Capability{"ALL"}},
 		},
 		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
-	}, nil
+	}
 }
 
 func checkPort(s string) error {

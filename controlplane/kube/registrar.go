@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"sync"
 	"time"
 
@@ -83,6 +84,15 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 			tagged[consul.VirtualTaggedAddress] = api.ServiceAddress{Address: ip, Port: int(svc.Spec.Ports[0].Port)}
 		}
 	}
+	proxyMeta := maps.Clone(meta)
+	for key, v := range map[string]string{
+		consul.MetaExcludeOutboundPorts: rec.Exclusions.OutboundPorts, consul.MetaExcludeOutboundCIDRs: rec.Exclusions.OutboundCIDRs,
+		consul.MetaExcludeInboundPorts: rec.Exclusions.InboundPorts, consul.MetaExcludeUIDs: rec.Exclusions.UIDs,
+	} {
+		if v != "" {
+			proxyMeta[key] = v
+		}
+	}
 	status, output := api.HealthCritical, "Pod is not Ready"
 	for _, c := range pod.Status.Conditions {
 		if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
@@ -117,7 +127,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 			Node: node, Address: "127.0.0.1", NodeMeta: nodeMeta, SkipNodeUpdate: true,
 			Service: &api.AgentService{
 				Kind: api.ServiceKindConnectProxy, ID: proxyID, Service: rec.Service + "-sidecar-proxy",
-				Address: pod.Status.PodIP, Port: rec.PublicPort, Meta: meta, TaggedAddresses: tagged,
+				Address: pod.Status.PodIP, Port: rec.PublicPort, Meta: proxyMeta, TaggedAddresses: tagged,
 				Proxy: proxyConfig(rec, instanceID, ups),
 			},
 			Check: check(proxyID),

@@ -137,6 +137,9 @@ type Proxy struct {
 	// OutboundPort is Proxy.TransparentProxy.OutboundListenerPort (default
 	// xds.OutboundCapturePort) in transparent mode.
 	OutboundPort int
+	// Exclusions are what the transparent proxy's interception leaves alone
+	// (from its registration's meta; none outside Kubernetes).
+	Exclusions Exclusions
 	// Weight for load balancing while passing (default 1).
 	Weight int
 	// Healthy is true when the proxy's checks pass and, when ServiceID is
@@ -150,6 +153,22 @@ type Proxy struct {
 // gets no public listener and is no endpoint of its service, only its
 // upstreams.
 func (p *Proxy) ClientOnly() bool { return p.LocalAppPort == 0 }
+
+// Exclusions are a transparent proxy's interception exclusions: outbound
+// destination ports and CIDRs, inbound ports and user IDs whose connections
+// are not redirected (the pod's meshlet.io/exclude-* annotations).
+type Exclusions struct {
+	OutboundPorts []int
+	OutboundCIDRs []netip.Prefix
+	InboundPorts  []int
+	UIDs          []int
+}
+
+// Equal reports whether e and o have the same content.
+func (e Exclusions) Equal(o Exclusions) bool {
+	return slices.Equal(e.OutboundPorts, o.OutboundPorts) && slices.Equal(e.OutboundCIDRs, o.OutboundCIDRs) &&
+		slices.Equal(e.InboundPorts, o.InboundPorts) && slices.Equal(e.UIDs, o.UIDs)
+}
 
 // ProxyMode is Consul's Proxy.Mode.
 type ProxyMode string
@@ -424,5 +443,5 @@ func (p *Proxy) Equal(o *Proxy) bool {
 		p.ListenAddress == o.ListenAddress && p.ListenPort == o.ListenPort &&
 		p.LocalAppAddress == o.LocalAppAddress && p.LocalAppPort == o.LocalAppPort &&
 		p.Weight == o.Weight && p.Healthy == o.Healthy && slices.Equal(p.Upstreams, o.Upstreams) &&
-		p.Mode == o.Mode && p.OutboundPort == o.OutboundPort
+		p.Mode == o.Mode && p.OutboundPort == o.OutboundPort && p.Exclusions.Equal(o.Exclusions)
 }

@@ -26,10 +26,14 @@ func mutate(t *testing.T, v reflect.Value, i int) {
 	case reflect.Slice:
 		f.Set(reflect.Append(f, reflect.New(f.Type().Elem()).Elem()))
 	case reflect.Struct:
-		if f.Type() != reflect.TypeFor[netip.AddrPort]() {
+		switch f.Type() {
+		case reflect.TypeFor[netip.AddrPort]():
+			f.Set(reflect.ValueOf(netip.MustParseAddrPort("10.96.0.1:80")))
+		case reflect.TypeFor[Exclusions]():
+			f.Set(reflect.ValueOf(Exclusions{UIDs: []int{1000}}))
+		default:
 			t.Fatalf("field %s of type %s: teach mutate", v.Elem().Type().Field(i).Name, f.Type())
 		}
-		f.Set(reflect.ValueOf(netip.MustParseAddrPort("10.96.0.1:80")))
 	default:
 		t.Fatalf("field %s of kind %s: teach mutate", v.Elem().Type().Field(i).Name, f.Kind())
 	}
