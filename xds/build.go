@@ -2,6 +2,8 @@ package xds
 
 import (
 	"fmt"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	"net"
 	"slices"
 	"strconv"
@@ -71,6 +73,10 @@ type HTTPListenerOptions struct {
 	Via string
 	// Tracing turns on tracing (HttpConnectionManager.tracing); nil: off.
 	Tracing *Tracing
+	// RBAC, when set, is an RBAC HTTP filter before the router (a
+	// transparent proxy's chain for a service it may not reach: a DENY of
+	// every request, named after the rule that denies it).
+	RBAC *rbacv3.RBAC
 }
 
 // NewHTTPListener returns a listener on host:port whose single filter chain
@@ -103,6 +109,12 @@ func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
 	}
 	if o.Tracing != nil {
 		m.Tracing = o.Tracing.hcmTracing()
+	}
+	if o.RBAC != nil {
+		m.HttpFilters = append([]*hcm.HttpFilter{{
+			Name:       RBACHTTPFilter,
+			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: MustAny(&httprbac.RBAC{Rules: o.RBAC})},
+		}}, m.HttpFilters...)
 	}
 	if o.RouteConfig != nil {
 		m.RouteSpecifier = &hcm.HttpConnectionManager_RouteConfig{RouteConfig: o.RouteConfig}

@@ -8,6 +8,8 @@ import (
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
+	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
@@ -25,6 +27,8 @@ import (
 //     service in (Reachable), plus its explicit upstreams — matched on the
 //     service's virtual IPs and port and carrying the filters its explicit
 //     listener would; the upstreams' routes, clusters and load assignments;
+//     for every other service with a virtual address a chain that refuses
+//     (denyChain), so a denied call fails at once with the rule named;
 //   - a default chain passing other destinations through to the
 //     "original-destination" cluster (ORIGINAL_DST), unless MeshDefaults
 //     says outbound: registry-only;
@@ -44,15 +48,27 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 			continue
 		}
 		explicit := seen[name]
-		if !explicit && !Reachable(cat, pol, p.Service, name) {
-			continue
-		}
-		up := upstreamResources(cat, pol, p, name, "127.0.0.1", 0, minTLS)
-		if up.protocol == xds.ProtocolUDP {
-			continue // no UDP capture
-		}
-		if !explicit {
-			r.add(up)
+		ok, rule := reach(cat, pol, p.Service, name)
+		var up upstream
+		switch {
+		case explicit || ok:
+			up = upstreamResources(cat, pol, p, name, "127.0.0.1", 0, minTLS)
+			if up.protocol == xds.ProtocolUDP {
+				continue // no UDP capture
+			}
+			if !explicit {
+				r.add(up)
+			}
+		default:
+			// A service p may not reach gets a chain that refuses at once,
+			// naming the rule (403 authz_denied with the rule for HTTP, a
+			// closed connection for TCP), with no cluster: the proxy's
+			// config grows with what it may call, by a chain per other
+			// service.
+			up = denyChain(cat, pol, p, name, rule)
+			if up.listener == nil {
+				continue
+			}
 		}
 		if up.listener.GetTrafficDirection() != core.TrafficDirection_UNSPECIFIED && outbound == nil {
 			outbound = up.listener
@@ -115,6 +131,34 @@ func inboundCapture(public *listener.Listener, appPort int) *listener.Listener {
 	return in
 }
 
+// denyChain is the listener (for its filters) of a chain refusing every
+// connection to service: an HTTP connection manager whose RBAC filter denies
+// every request by rule, or a network RBAC filter before a TCP proxy. nil
+// listener for a udp service.
+func denyChain(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, rule string) upstream {
+	proto := Protocol(cat, pol, service)
+	deny := &rbacv3.RBAC{Action: rbacv3.RBAC_DENY, Policies: map[string]*rbacv3.Policy{rule: {
+		Permissions: []*rbacv3.Permission{anyPermission()},
+		Principals:  []*rbacv3.Principal{{Identifier: &rbacv3.Principal_Any{Any: true}}},
+	}}}
+	name := xds.ServiceCluster(service)
+	u := upstream{service: service, protocol: proto}
+	switch {
+	case proto.IsHTTP():
+		u.listener = xds.NewHTTPListener(xds.UpstreamListener(service), "127.0.0.1", 0, xds.HTTPListenerOptions{
+			RouteConfig: xds.NewRouteConfig(name, name, xds.RouteOptions{}), Via: p.ID, RBAC: deny,
+		})
+	case proto == xds.ProtocolUDP:
+	default:
+		l := xds.NewTCPProxyListener(xds.UpstreamListener(service), "127.0.0.1", 0, name, xds.TCPProxyOptions{})
+		l.FilterChains[0].Filters = append([]*listener.Filter{{Name: xds.RBACNetworkFilter, ConfigType: &listener.Filter_TypedConfig{
+			TypedConfig: xds.MustAny(&netrbac.RBAC{Rules: deny, StatPrefix: xds.UpstreamListener(service)}),
+		}}}, l.FilterChains[0].Filters...)
+		u.listener = l
+	}
+	return u
+}
+
 // Reachable reports whether a proxy of service source may reach
 // destination, which decides a transparent proxy's upstreams (Consul's rule:
 // the services its intentions allow it to reach): the rule for source
@@ -122,6 +166,13 @@ func inboundCapture(public *listener.Listener, appPort int) *listener.Listener {
 // own name first, then "*"), allowing for an allow rule or L7 permissions
 // (some requests may pass), else the destination's default action.
 func Reachable(cat *model.Catalog, pol *policy.Set, source, destination string) bool {
+	ok, _ := reach(cat, pol, source, destination)
+	return ok
+}
+
+// reach is Reachable with the rule that decides: an intention or policy
+// source's origin ("consul intention web => api"), or the default action.
+func reach(cat *model.Catalog, pol *policy.Set, source, destination string) (bool, string) {
 	sources := authzSources(cat, pol, destination)
 	for _, want := range []string{source, "*"} {
 		for _, s := range sources {
@@ -131,13 +182,16 @@ func Reachable(cat *model.Catalog, pol *policy.Set, source, destination string) 
 			if s.Action == "" {
 				for _, perm := range s.Permissions {
 					if perm.Action == policy.ActionAllow {
-						return true
+						return true, s.Origin
 					}
 				}
-				return false
+				return false, s.Origin
 			}
-			return s.Action == policy.ActionAllow
+			return s.Action == policy.ActionAllow, s.Origin
 		}
 	}
-	return pol.DefaultAction(destination) == policy.ActionAllow
+	if a := pol.DefaultAction(destination); a == policy.ActionAllow {
+		return true, "default allow"
+	}
+	return false, "default deny"
 }
