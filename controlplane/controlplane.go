@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"os"
 	"sync"
 	"time"
 
@@ -149,7 +151,13 @@ func Run(ctx context.Context, cfg Config) error {
 	var wg sync.WaitGroup
 	var adminSrv *http.Server
 	if adminLis != nil {
-		adminSrv = &http.Server{Handler: admin.Handler(srv, reg, admin.Options{Pprof: cfg.AdminPprof}), ReadHeaderTimeout: 10 * time.Second}
+		ao := admin.Options{Pprof: cfg.AdminPprof}
+		// In a pod, the Kubernetes API server's Service, which interception
+		// leaves alone (controlplane why says so).
+		if ap, err := netip.ParseAddrPort(net.JoinHostPort(os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT"))); err == nil {
+			ao.Explain.KubeAPIServer = ap
+		}
+		adminSrv = &http.Server{Handler: admin.Handler(srv, reg, ao), ReadHeaderTimeout: 10 * time.Second}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -8,6 +8,9 @@
 //	                   every rejection (NACK) not yet followed by an ACK, with the
 //	                   resources it blames and the policy documents and Consul entries
 //	                   they were built from
+//	GET /why?proxy=P&dst=IP:PORT
+//	                   JSON explain.Report: the decisions for a connection from proxy P's
+//	                   application (a proxy service ID or a pod name) to IP:PORT
 //	GET /metrics       Prometheus metrics (text exposition format)
 //	GET /debug/pprof/  Go profiles, only with Options.Pprof (flag -admin-pprof)
 //
@@ -17,13 +20,16 @@ package admin
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/server"
 )
 
@@ -34,6 +40,9 @@ type Source interface {
 	Ready() (bool, string)
 	// Status describes every proxy and every unresolved rejection now.
 	Status() *server.Status
+	// Why explains a connection from a proxy's application to an address
+	// (server.Server.Why).
+	Why(proxy string, dst netip.AddrPort, o explain.Options) (*explain.Report, error)
 }
 
 var _ Source = (*server.Server)(nil)
@@ -44,6 +53,9 @@ type Options struct {
 	// profiles, goroutine dumps); off by default, as profiles expose
 	// internals.
 	Pprof bool
+	// Explain is what /why needs that the catalog does not say (the
+	// Kubernetes API server's address).
+	Explain explain.Options
 }
 
 // Handler returns the admin endpoints for src, with the metrics gathered
@@ -67,6 +79,29 @@ func Handler(src Source, g prometheus.Gatherer, o Options) http.Handler {
 			return
 		}
 		fmt.Fprintln(w, "ready")
+	})
+	mux.HandleFunc("GET /why", func(w http.ResponseWriter, r *http.Request) {
+		dst, err := netip.ParseAddrPort(r.URL.Query().Get("dst"))
+		if err != nil {
+			http.Error(w, fmt.Sprintf("dst: want ip:port (%v)", err), http.StatusBadRequest)
+			return
+		}
+		rep, err := src.Why(r.URL.Query().Get("proxy"), dst, o.Explain)
+		switch {
+		case errors.Is(err, explain.ErrUnknownProxy):
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		case errors.Is(err, server.ErrNoCatalog):
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		case err != nil:
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(rep)
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")

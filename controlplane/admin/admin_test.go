@@ -8,14 +8,17 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/server"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/internal/fixtures"
 	"github.com/meshlet/meshlet/internal/golden"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -34,6 +37,16 @@ func (f *fakeSource) Ready() (bool, string) {
 }
 
 func (f *fakeSource) Status() *server.Status { return f.st }
+
+// Why explains on the transparent fixture catalog.
+func (f *fakeSource) Why(proxy string, dst netip.AddrPort, o explain.Options) (*explain.Report, error) {
+	cat := fixtures.TransparentCatalog()
+	p, err := explain.Find(cat, proxy)
+	if err != nil {
+		return nil, err
+	}
+	return explain.Why(cat, nil, p, dst, o)
+}
 
 var _ Source = (*fakeSource)(nil)
 
@@ -247,5 +260,36 @@ func TestURL(t *testing.T) {
 		if got := URL(in); got != want {
 			t.Errorf("URL(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestWhyCommand: `controlplane why` against the admin API: a report in
+// text and JSON, exit 1 for an unknown proxy, 2 for a bad address or an
+// unreachable API.
+func TestWhyCommand(t *testing.T) {
+	srv := httptest.NewServer(Handler(&fakeSource{ready: true}, prometheus.NewRegistry(), Options{}))
+	defer srv.Close()
+	run := func(args ...string) (int, string, string) {
+		var out, errb bytes.Buffer
+		code := WhyCommand(context.Background(), args, &out, &errb)
+		return code, out.String(), errb.String()
+	}
+	code, out, _ := run("-admin-addr", srv.URL, "web-1", "10.96.0.20:80")
+	if code != 0 || !strings.Contains(out, "web-1-web-sidecar-proxy (web) → 10.96.0.20:80") || !strings.Contains(out, "outcome: mesh") {
+		t.Errorf("exit %d, output:\n%s", code, out)
+	}
+	code, out, _ = run("-admin-addr", srv.URL, "-json", "web-1", "10.96.0.40:80")
+	var rep explain.Report
+	if code != 0 || json.Unmarshal([]byte(out), &rep) != nil || rep.Outcome != explain.OutcomeDenied {
+		t.Errorf("json: exit %d, %s", code, out)
+	}
+	if code, _, errs := run("-admin-addr", srv.URL, "nope", "10.96.0.20:80"); code != 1 || !strings.Contains(errs, "neither a proxy service ID nor a pod") {
+		t.Errorf("unknown proxy: exit %d, %s", code, errs)
+	}
+	if code, _, errs := run("-admin-addr", srv.URL, "web-1", "api:80"); code != 2 || !strings.Contains(errs, "want ip:port") {
+		t.Errorf("bad address: exit %d, %s", code, errs)
+	}
+	if code, _, _ := run("-admin-addr", "127.0.0.1:1", "web-1", "10.96.0.20:80"); code != 2 {
+		t.Errorf("unreachable: exit %d", code)
 	}
 }

@@ -2,12 +2,15 @@ package server
 
 import (
 	"cmp"
+	"errors"
 	"maps"
+	"net/netip"
 	"slices"
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 
+	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
@@ -279,12 +282,12 @@ func (s *Server) Status() *Status {
 	return out
 }
 
-// explain returns the resources of typeURL a NACK's detail blames in the
+// blame returns the resources of typeURL a NACK's detail blames in the
 // snapshot snap of node (cache key key), with their sources. For the
 // proxyless group, whose clients are sent only the resources they name,
 // the candidates are those of subscribed (the NACK's resource names; all
 // when empty). It runs without the lock: snap's inputs are immutable.
-func explain(key, node string, snap *published, typeURL, detail string, subscribed []string) (res []RejectedResource, named bool) {
+func blame(key, node string, snap *published, typeURL, detail string, subscribed []string) (res []RejectedResource, named bool) {
 	if snap == nil {
 		return []RejectedResource{}, false
 	}
@@ -304,4 +307,25 @@ func explain(key, node string, snap *published, typeURL, detail string, subscrib
 		res = append(res, RejectedResource{Name: n, Sources: sm.For(typeURL, n)})
 	}
 	return res, named
+}
+
+// ErrNoCatalog is returned by Why before the first Consul catalog arrived.
+var ErrNoCatalog = errors.New("server: no Consul catalog yet")
+
+// Why explains a connection from the application of the proxy named proxy
+// (a proxy service ID or a pod name) to dst on the latest catalog and
+// policies (explain.Why). Errors wrap ErrNoCatalog or
+// explain.ErrUnknownProxy.
+func (s *Server) Why(proxy string, dst netip.AddrPort, o explain.Options) (*explain.Report, error) {
+	s.mu.Lock()
+	cat, pol := s.catalog, s.policies
+	s.mu.Unlock()
+	if cat == nil {
+		return nil, ErrNoCatalog
+	}
+	p, err := explain.Find(cat, proxy)
+	if err != nil {
+		return nil, err
+	}
+	return explain.Why(cat, pol, p, dst, o)
 }

@@ -170,6 +170,13 @@ func Reachable(cat *model.Catalog, pol *policy.Set, source, destination string) 
 	return ok
 }
 
+// ReachRule is Reachable with the rule that decides, in words: an
+// intention or policy source's origin ("consul intention web => api"), or
+// "default allow"/"default deny".
+func ReachRule(cat *model.Catalog, pol *policy.Set, source, destination string) (bool, string) {
+	return reach(cat, pol, source, destination)
+}
+
 // reach is Reachable with the rule that decides: an intention or policy
 // source's origin ("consul intention web => api"), or the default action.
 func reach(cat *model.Catalog, pol *policy.Set, source, destination string) (bool, string) {

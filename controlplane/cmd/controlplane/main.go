@@ -6,6 +6,10 @@
 //	controlplane status [flags]    print proxies and rejected updates from the admin API;
 //	                               exit 0 when none is rejected, 1 when some are,
 //	                               2 when the admin API is unreachable
+//	controlplane why [flags] <proxy-or-pod> <ip:port>
+//	                               explain a connection from a proxy's application to an
+//	                               address: interception, filter chain, route, authorization,
+//	                               endpoints (exit 1 when the proxy is unknown)
 //	controlplane trace [flags] <trace-id>
 //	                               print a trace from Jaeger's query API as a tree of
 //	                               spans with durations (exit 1 when not found)
@@ -38,7 +42,7 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate" || args[0] == "status" || args[0] == "trace") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate" || args[0] == "status" || args[0] == "trace" || args[0] == "why") {
 		cmd, args = args[0], args[1:]
 	}
 	switch cmd {
@@ -46,6 +50,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return validate(args, stdout, stderr)
 	case "status":
 		return admin.StatusCommand(context.Background(), args, stdout, stderr)
+	case "why":
+		return admin.WhyCommand(context.Background(), args, stdout, stderr)
 	case "trace":
 		return trace(args, stdout, stderr)
 	default:
