@@ -32,6 +32,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/meshlet/meshlet/controlplane/consul"
 	"github.com/meshlet/meshlet/controlplane/inject"
 	"github.com/meshlet/meshlet/controlplane/kube"
 	"github.com/meshlet/meshlet/internal/devkube"
@@ -250,7 +251,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 				t.Errorf("pod %s: meta %s = %q / %q, want %q", p.Name, k, in.Meta[k], px.Meta[k], v)
 			}
 		}
-		if v := in.TaggedAddresses[kube.VirtualAddress]; v.Address == "" {
+		if v := in.TaggedAddresses[consul.VirtualTaggedAddress]; v.Address == "" {
 			t.Errorf("pod %s: no virtual tagged address (the api Service's ClusterIP)", p.Name)
 		}
 		n := 0
