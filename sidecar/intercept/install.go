@@ -96,6 +96,7 @@ func Check(ctx context.Context, r Runner, f Family, cfg Config) (CheckResult, er
 	}
 	res.Probe = probe
 	prefix := fmt.Sprintf("intercept: self-check %s (%s backend)", f, r.Backend)
+	failed := fmt.Sprintf("self-check %s (%s backend)", f, r.Backend) // follows ErrNotIntercepted
 	counter := func() (uint64, error) {
 		out, err := r.Save(ctx, f, "nat", true)
 		if err != nil {
@@ -136,21 +137,21 @@ func Check(ctx context.Context, r Runner, f Family, cfg Config) (CheckResult, er
 	case res.Hits > 0 && (ln == nil || redirected):
 		return res, nil
 	case res.Hits > 0:
-		return res, fmt.Errorf("%s: %w: the outbound REDIRECT rule counted a test connection to %s but it did not reach %s (%s)",
-			prefix, ErrNotIntercepted, probe, capture, outcome.describe())
+		return res, fmt.Errorf("%w: %s: the outbound REDIRECT rule counted a test connection to %s but it did not reach %s (%s)",
+			ErrNotIntercepted, failed, probe, capture, outcome.describe())
 	}
 	// Not hit: say what else is in this namespace.
 	hint := mismatchHint(ctx, r, f)
 	if redirected {
-		return res, fmt.Errorf("%s: %w: a test connection to %s was redirected to %s, but not by meshlet's rules (their counter did not move): other nat rules took it first. %s",
-			prefix, ErrNotIntercepted, probe, capture, hint)
+		return res, fmt.Errorf("%w: %s: a test connection to %s was redirected to %s, but not by meshlet's rules (their counter did not move): other nat rules took it first. %s",
+			ErrNotIntercepted, failed, probe, capture, hint)
 	}
 	listening := ""
 	if lerr != nil {
 		listening = fmt.Sprintf("; could not listen on %s: %v", capture, lerr)
 	}
-	return res, fmt.Errorf("%s: %w: meshlet's rules are installed but a test connection (uid %d) to %s did not hit them (%s%s). %s",
-		prefix, ErrNotIntercepted, uid, probe, outcome.describe(), listening, hint)
+	return res, fmt.Errorf("%w: %s: meshlet's rules are installed but a test connection (uid %d) to %s did not hit them (%s%s). %s",
+		ErrNotIntercepted, failed, uid, probe, outcome.describe(), listening, hint)
 }
 
 // mismatchHint names the likely cause of rules that are not hit, from what
@@ -161,7 +162,7 @@ func mismatchHint(ctx context.Context, r Runner, f Family) string {
 	if err == nil {
 		if n := countRules(out, "nat"); n > 0 {
 			return fmt.Sprintf("Likely cause: the nft/legacy mismatch: the %s backend has %d nat rules in this network namespace, which the kernel runs first; "+
-				"the node uses %s: run `sidecar intercept -backend %s`, and make sure nothing else writes %s rules in the pod",
+				"the node likely uses %s: run `sidecar intercept -backend %s`, and make sure nothing else writes %s rules in the pod",
 				other.Backend, n, other.Backend, other.Backend, f)
 		}
 	}
@@ -353,8 +354,11 @@ func Install(ctx context.Context, cfg Config, opts Options) (Report, error) {
 			}
 			if res.Skipped != "" {
 				log.Warn("intercept: self-check skipped", "family", f, "reason", res.Skipped)
-			} else {
+			} else if res.OriginalDst.IsValid() {
 				log.Info("intercept: self-check passed", "family", f, "probe", res.Probe, "hits", res.Hits, "original_dst", res.OriginalDst)
+			} else {
+				log.Info("intercept: self-check passed", "family", f, "probe", res.Probe, "hits", res.Hits,
+					"note", "the capture port is taken (the sidecar runs already?): checked by the rule's counter alone")
 			}
 		}
 		rep.Families = append(rep.Families, fr)

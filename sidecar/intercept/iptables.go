@@ -184,11 +184,17 @@ func Detect(ctx context.Context, dir string) (Detection, error) {
 		}
 		d.Rules[b] = n
 	}
+	err := d.choose()
+	return d, err
+}
+
+// choose sets Backend and Reason from Rules and Unusable (see Detect).
+func (d *Detection) choose() error {
 	nft, nftOK := d.Rules[BackendNFT]
 	legacy, legacyOK := d.Rules[BackendLegacy]
 	switch {
 	case !nftOK && !legacyOK:
-		return d, fmt.Errorf("intercept: no iptables backend works here: nft: %w; legacy: %w", d.Unusable[BackendNFT], d.Unusable[BackendLegacy])
+		return fmt.Errorf("intercept: no iptables backend works here: nft: %w; legacy: %w", d.Unusable[BackendNFT], d.Unusable[BackendLegacy])
 	case !legacyOK:
 		d.Backend, d.Reason = BackendNFT, "the legacy backend does not work here"
 	case !nftOK:
@@ -204,7 +210,7 @@ func Detect(ctx context.Context, dir string) (Detection, error) {
 	default:
 		d.Backend, d.Reason = BackendNFT, fmt.Sprintf("nft has at least as many rules (%d) as legacy (%d)", nft, legacy)
 	}
-	return d, nil
+	return nil
 }
 
 // countRules counts the "-A" lines of iptables-save output (with or
