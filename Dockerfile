@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# One small image holding both binaries, running as non-root:
+# One small image holding both binaries (and iptables for the init
+# container's `sidecar intercept`), running as non-root:
 #   docker build -t meshlet .
 #   docker run meshlet sidecar -h          (the default entrypoint is the sidecar)
 #   docker run --entrypoint controlplane meshlet -h
@@ -14,7 +15,16 @@ COPY . .
 RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/controlplane ./controlplane/cmd/controlplane \
  && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/sidecar ./sidecar/cmd/sidecar
 
+# Debian's iptables (nft and legacy, libraries, loader, plugins,
+# /etc/protocols) for `sidecar intercept` in the injected init container:
+# the files deploy/tools/xtables-files.sh lists, as `make image` adds them.
+FROM debian:bookworm-slim AS xtables
+RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
+COPY deploy/tools/xtables-files.sh /xtables-files.sh
+RUN /xtables-files.sh --rootfs /rootfs
+
 FROM gcr.io/distroless/static-debian12:nonroot
+COPY --from=xtables /rootfs/ /
 COPY --from=build /out/controlplane /out/sidecar /usr/local/bin/
 COPY policies /etc/meshlet/policies
 USER 65532:65532

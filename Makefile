@@ -128,11 +128,18 @@ $(IMAGES)/examples.tar: $(STATIC)/web $(STATIC)/api $(STATIC)/store $(BIN)/ociim
 	$(BIN)/ociimage -o $@ -tag meshlet.local/examples:dev \
 		-file $(STATIC)/web:/usr/local/bin/web -file $(STATIC)/api:/usr/local/bin/api -file $(STATIC)/store:/usr/local/bin/store
 
-$(IMAGES)/meshlet.tar: $(STATIC)/controlplane $(STATIC)/sidecar $(POLICY_FILES) $(BIN)/ociimage
+# The meshlet image also carries this host's Debian iptables (nft and
+# legacy, with their libraries, loader and plugins), which `sidecar
+# intercept` runs in the injected init container: the flags come from
+# deploy/tools/xtables-files.sh (needs the iptables package).
+$(IMAGES)/meshlet.tar: $(STATIC)/controlplane $(STATIC)/sidecar $(POLICY_FILES) $(BIN)/ociimage deploy/tools/xtables-files.sh
 	@mkdir -p $(IMAGES)
+	@deploy/tools/deps.sh image
+	deploy/tools/xtables-files.sh > $(BIN)/xtables.flags
 	$(BIN)/ociimage -o $@ -tag $(MESHLET_IMAGE) \
 		-file $(STATIC)/controlplane:/usr/local/bin/controlplane -file $(STATIC)/sidecar:/usr/local/bin/sidecar \
 		$(foreach f,$(POLICY_FILES),-file $(f):/etc/meshlet/$(f):644) \
+		$$(cat $(BIN)/xtables.flags) \
 		-dir /tmp:1777 -entrypoint '["/usr/local/bin/sidecar"]'
 
 $(IMAGES)/pause.tar: $(STATIC)/pause $(BIN)/ociimage

@@ -14,6 +14,8 @@
 #   bench  `make bench`: HAProxy, nginx (+ stream module), wrk, redis, ghz
 #   kube   the one-node Kubernetes cluster (internal/devkube): etcd,
 #          containerd, runc, CNI plugins, iptables, conntrack
+#   image  `make image`: iptables, whose binaries and libraries the
+#          meshlet image carries (deploy/tools/xtables-files.sh)
 #
 # -n (dry run) prints what would be installed and exits 1 when something is
 # missing, 0 when nothing is. DEPS_EXTRA_PACKAGES adds Debian packages to
@@ -25,7 +27,7 @@ if [ "${1:-}" = "-n" ]; then
 	dry=1
 	shift
 fi
-[ $# -gt 0 ] || { echo "usage: deps.sh [-n] demo|test|bench|kube ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: deps.sh [-n] demo|test|bench|kube|image ..." >&2; exit 2; }
 
 debs=()  # Debian packages the groups want
 gotools=() # "binary=module@version" Go tools the groups want
@@ -47,7 +49,8 @@ for group in "$@"; do
 	kube)
 		debs+=(etcd-server containerd runc containernetworking-plugins iptables conntrack iproute2 util-linux)
 		;;
-	*) echo "deps.sh: unknown group $group (demo, test, bench, kube)" >&2; exit 2 ;;
+	image) debs+=(iptables) ;;
+	*) echo "deps.sh: unknown group $group (demo, test, bench, kube, image)" >&2; exit 2 ;;
 	esac
 done
 # shellcheck disable=SC2206

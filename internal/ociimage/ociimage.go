@@ -61,6 +61,17 @@ type Dir struct {
 	Mode fs.FileMode
 }
 
+// Symlink is a symbolic link in the image, e.g. {"/usr/sbin/iptables-nft",
+// "xtables-nft-multi"} (a multi-call binary's name). Parents of Path are
+// added with 0o755 like those of files.
+type Symlink struct {
+	// Path is the absolute path of the link in the image.
+	Path string
+	// Target is what the link points to, relative to its directory or
+	// absolute; not checked to exist. Required.
+	Target string
+}
+
 // Spec describes an image.
 type Spec struct {
 	// Tag names the image in the tarball, e.g. "meshlet.local/meshlet:dev"
@@ -71,6 +82,8 @@ type Spec struct {
 	Files []File
 	// Dirs are directories with explicit permissions (optional).
 	Dirs []Dir
+	// Symlinks are symbolic links (optional).
+	Symlinks []Symlink
 	// Entrypoint and Cmd are the config's ENTRYPOINT and CMD; both may be
 	// empty (then a pod names its command).
 	Entrypoint []string
@@ -112,8 +125,8 @@ func (s *Spec) defaults() {
 }
 
 // Validate reports the first problem of s: a missing or malformed tag, no
-// files, a relative or duplicate path, a file with both or neither of
-// Source and Data readable.
+// files, a relative or duplicate path, a file with both Source and Data, a
+// symlink without a target.
 func (s *Spec) Validate() error {
 	if s.Tag == "" {
 		return errors.New("ociimage: spec: tag is required")
@@ -146,6 +159,14 @@ func (s *Spec) Validate() error {
 	for _, d := range s.Dirs {
 		if err := check(d.Path); err != nil {
 			return err
+		}
+	}
+	for _, l := range s.Symlinks {
+		if err := check(l.Path); err != nil {
+			return err
+		}
+		if l.Target == "" {
+			return fmt.Errorf("ociimage: spec: symlink %q: no target", l.Path)
 		}
 	}
 	return nil
@@ -233,7 +254,8 @@ func Tags(path string) ([]string, error) {
 }
 
 // layerTar returns the uncompressed layer: parent directories (0o755), the
-// explicit directories and the files, sorted by path, owned by 0:0.
+// explicit directories, the files and the symlinks, sorted by path, owned
+// by 0:0.
 func layerTar(s Spec) ([]byte, error) {
 	dirs := map[string]fs.FileMode{}
 	addParents := func(p string) {
@@ -250,9 +272,17 @@ func layerTar(s Spec) ([]byte, error) {
 	for _, f := range s.Files {
 		addParents(f.Path)
 	}
+	for _, l := range s.Symlinks {
+		addParents(l.Path)
+	}
 	for _, f := range s.Files {
 		if _, ok := dirs[f.Path]; ok {
 			return nil, fmt.Errorf("ociimage: %s is both a file and a directory", f.Path)
+		}
+	}
+	for _, l := range s.Symlinks {
+		if _, ok := dirs[l.Path]; ok {
+			return nil, fmt.Errorf("ociimage: %s is both a symlink and a directory", l.Path)
 		}
 	}
 	type entry struct {
@@ -260,6 +290,7 @@ func layerTar(s Spec) ([]byte, error) {
 		dir  bool
 		mode fs.FileMode
 		file *File
+		link string // symlink target
 	}
 	var entries []entry
 	for p, m := range dirs {
@@ -268,6 +299,9 @@ func layerTar(s Spec) ([]byte, error) {
 	for i := range s.Files {
 		f := &s.Files[i]
 		entries = append(entries, entry{path: f.Path, mode: f.Mode, file: f})
+	}
+	for _, l := range s.Symlinks {
+		entries = append(entries, entry{path: l.Path, link: l.Target})
 	}
 	sort.Slice(entries, func(i, j int) bool { return entries[i].path < entries[j].path })
 
@@ -283,6 +317,15 @@ func layerTar(s Spec) ([]byte, error) {
 			h.Typeflag = tar.TypeDir
 			h.Name += "/"
 			h.Mode = tarMode(e.mode)
+			if err := tw.WriteHeader(h); err != nil {
+				return nil, fmt.Errorf("ociimage: tar %s: %w", e.path, err)
+			}
+			continue
+		}
+		if e.link != "" {
+			h.Typeflag = tar.TypeSymlink
+			h.Linkname = e.link
+			h.Mode = 0o777
 			if err := tw.WriteHeader(h); err != nil {
 				return nil, fmt.Errorf("ociimage: tar %s: %w", e.path, err)
 			}

@@ -18,6 +18,7 @@ type tarEntry struct {
 	typ  byte
 	uid  int
 	data string
+	link string
 }
 
 func TestWriteFileRoundTrip(t *testing.T) {
@@ -31,6 +32,7 @@ func TestWriteFileRoundTrip(t *testing.T) {
 		Tag:        "meshlet.local/test:dev",
 		Files:      []File{{Path: "/usr/local/bin/prog", Source: prog}, {Path: "/etc/motd", Data: []byte("hi\n")}},
 		Dirs:       []Dir{{Path: "/tmp", Mode: 0o1777}},
+		Symlinks:   []Symlink{{Path: "/usr/sbin/prog-alias", Target: "../local/bin/prog"}},
 		Entrypoint: []string{"/usr/local/bin/prog"},
 		Cmd:        []string{"serve"},
 		Env:        []string{"A=1"},
@@ -94,17 +96,19 @@ func TestWriteFileRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 		b, _ := io.ReadAll(tr)
-		got[h.Name] = tarEntry{mode: h.Mode, typ: h.Typeflag, uid: h.Uid, data: string(b)}
+		got[h.Name] = tarEntry{mode: h.Mode, typ: h.Typeflag, uid: h.Uid, data: string(b), link: h.Linkname}
 		order = append(order, h.Name)
 	}
 	want := map[string]tarEntry{
-		"etc/":               {mode: 0o755, typ: tar.TypeDir},
-		"etc/motd":           {mode: 0o644, typ: tar.TypeReg, data: "hi\n"},
-		"tmp/":               {mode: 0o1777, typ: tar.TypeDir},
-		"usr/":               {mode: 0o755, typ: tar.TypeDir},
-		"usr/local/":         {mode: 0o755, typ: tar.TypeDir},
-		"usr/local/bin/":     {mode: 0o755, typ: tar.TypeDir},
-		"usr/local/bin/prog": {mode: 0o755, typ: tar.TypeReg, data: "#!binary"},
+		"etc/":                {mode: 0o755, typ: tar.TypeDir},
+		"etc/motd":            {mode: 0o644, typ: tar.TypeReg, data: "hi\n"},
+		"tmp/":                {mode: 0o1777, typ: tar.TypeDir},
+		"usr/":                {mode: 0o755, typ: tar.TypeDir},
+		"usr/local/":          {mode: 0o755, typ: tar.TypeDir},
+		"usr/local/bin/":      {mode: 0o755, typ: tar.TypeDir},
+		"usr/local/bin/prog":  {mode: 0o755, typ: tar.TypeReg, data: "#!binary"},
+		"usr/sbin/":           {mode: 0o755, typ: tar.TypeDir},
+		"usr/sbin/prog-alias": {mode: 0o777, typ: tar.TypeSymlink, link: "../local/bin/prog"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("layer entries:\n got %v\nwant %v", got, want)
@@ -159,6 +163,9 @@ func TestValidate(t *testing.T) {
 		{"both sources", Spec{Tag: "a.local/x:1", Files: []File{{Path: "/y", Source: "/etc/hostname", Data: []byte{1}}}}, "both Source and Data"},
 		{"file is a dir", Spec{Tag: "a.local/x:1", Files: []File{{Path: "/d/f", Data: []byte{1}}, {Path: "/d", Data: []byte{1}}}}, "both a file and a directory"},
 		{"file is a dir, parent first", Spec{Tag: "a.local/x:1", Files: []File{{Path: "/d", Data: []byte{1}}, {Path: "/d/f", Data: []byte{1}}}}, "both a file and a directory"},
+		{"symlink without target", Spec{Tag: "a.local/x:1", Files: []File{ok}, Symlinks: []Symlink{{Path: "/l"}}}, `symlink "/l": no target`},
+		{"symlink over a file", Spec{Tag: "a.local/x:1", Files: []File{ok}, Symlinks: []Symlink{{Path: "/x", Target: "y"}}}, "given twice"},
+		{"symlink is a dir", Spec{Tag: "a.local/x:1", Files: []File{{Path: "/l/f", Data: []byte{1}}}, Symlinks: []Symlink{{Path: "/l", Target: "y"}}}, "both a symlink and a directory"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/meshlet/meshlet/internal/cli"
 	"github.com/meshlet/meshlet/sidecar"
+	"github.com/meshlet/meshlet/sidecar/intercept"
 	"github.com/meshlet/meshlet/sidecar/listener"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -27,6 +29,9 @@ func main() {
 func run(args []string, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "wait-ready" {
 		return waitReady(args[1:], stderr)
+	}
+	if len(args) > 0 && args[0] == "intercept" {
+		return interceptCmd(args[1:], os.Stdout, stderr)
 	}
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -106,4 +111,113 @@ func waitReady(args []string, stderr io.Writer) int {
 		case <-tick.C:
 		}
 	}
+}
+
+// interceptCmd is `sidecar intercept [flags]`: the injected init container
+// (root, NET_ADMIN and NET_RAW) installs the pod's transparent
+// interception rules with it (intercept.Install), prints the resulting nat
+// tables on stdout and logs each step on stderr. Exit status 0 when the
+// rules are installed and the self-check passed (or was skipped, said in
+// the log), 1 when installing or the self-check failed (the message names
+// the cause), 2 for bad flags. -dry-run prints the rules (iptables-restore
+// format, IPv4 then IPv6) without touching anything.
+func interceptCmd(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("sidecar intercept", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	proxyUID := fs.Uint("proxy-uid", xds.SidecarUID, "the sidecar's uid: its connections are never redirected")
+	outPort := fs.Int("outbound-port", xds.OutboundCapturePort, "redirect outbound TCP here (the sidecar's outbound capture port)")
+	inPort := fs.Int("inbound-port", xds.InboundCapturePort, "redirect inbound TCP here (the sidecar's inbound capture port)")
+	inbound := fs.String("inbound", cli.EnvOr("MESHLET_INBOUND", string(intercept.InboundAll)), "all: redirect every inbound port but the sidecar's and the excluded ones; none: intercept outbound only (env MESHLET_INBOUND)")
+	exOutPorts := fs.String("exclude-outbound-ports", os.Getenv("MESHLET_EXCLUDE_OUTBOUND_PORTS"), "outbound destination ports not redirected, e.g. 5432,6379,7000-7010 (annotation meshlet.io/exclude-outbound-ports; env MESHLET_EXCLUDE_OUTBOUND_PORTS)")
+	exOutCIDRs := fs.String("exclude-outbound-cidrs", os.Getenv("MESHLET_EXCLUDE_OUTBOUND_CIDRS"), "outbound destinations not redirected, IPv4 and IPv6, e.g. 10.0.0.0/8,fd00::/8 (annotation meshlet.io/exclude-outbound-cidrs; env MESHLET_EXCLUDE_OUTBOUND_CIDRS)")
+	exInPorts := fs.String("exclude-inbound-ports", os.Getenv("MESHLET_EXCLUDE_INBOUND_PORTS"), "inbound ports not redirected, e.g. 9090 (annotation meshlet.io/exclude-inbound-ports; env MESHLET_EXCLUDE_INBOUND_PORTS)")
+	exUIDs := fs.String("exclude-uids", os.Getenv("MESHLET_EXCLUDE_UIDS"), "uids whose outbound connections are not redirected, e.g. 1000,1001 (annotation meshlet.io/exclude-uids; env MESHLET_EXCLUDE_UIDS)")
+	kubeAPI := fs.String("kube-api-servers", kubeAPIFromEnv(), "Kubernetes API server addresses ip:port whose connections are not redirected; default KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT, which the kubelet sets in every container")
+	backend := fs.String("backend", cli.EnvOr("MESHLET_IPTABLES_BACKEND", string(intercept.BackendAuto)), "iptables backend: auto (detect), nft or legacy (env MESHLET_IPTABLES_BACKEND)")
+	dir := fs.String("iptables-dir", "", "directory of iptables-nft-restore and the others (default: PATH, /usr/sbin, /sbin)")
+	dryRun := fs.Bool("dry-run", false, "print the rules (iptables-restore format) and change nothing")
+	check := fs.Bool("check", true, "after applying, verify that a test connection is really redirected (fails on the nft/legacy mismatch)")
+	logger := cli.LogLevel(fs, stderr)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	usage := func(err error) int {
+		fmt.Fprintf(stderr, "sidecar intercept: %v\n", err)
+		return 2
+	}
+	if fs.NArg() != 0 {
+		return usage(fmt.Errorf("unexpected arguments %q", fs.Args()))
+	}
+	log, err := logger()
+	if err != nil {
+		return usage(err)
+	}
+	if *proxyUID > 1<<32-1 {
+		return usage(fmt.Errorf("-proxy-uid %d: not a uid", *proxyUID))
+	}
+	cfg := intercept.Config{
+		ProxyUID:     uint32(*proxyUID),
+		OutboundPort: *outPort,
+		InboundPort:  *inPort,
+		Inbound:      intercept.InboundMode(*inbound),
+	}
+	if cfg.ExcludeOutboundPorts, err = intercept.ParsePorts(*exOutPorts); err != nil {
+		return usage(fmt.Errorf("-exclude-outbound-ports: %w", err))
+	}
+	if cfg.ExcludeOutboundCIDRs, err = intercept.ParseCIDRs(*exOutCIDRs); err != nil {
+		return usage(fmt.Errorf("-exclude-outbound-cidrs: %w", err))
+	}
+	if cfg.ExcludeInboundPorts, err = intercept.ParsePorts(*exInPorts); err != nil {
+		return usage(fmt.Errorf("-exclude-inbound-ports: %w", err))
+	}
+	if cfg.ExcludeUIDs, err = intercept.ParseUIDs(*exUIDs); err != nil {
+		return usage(fmt.Errorf("-exclude-uids: %w", err))
+	}
+	if cfg.KubeAPIServers, err = intercept.ParseAddrPorts(*kubeAPI); err != nil {
+		return usage(fmt.Errorf("-kube-api-servers: %w", err))
+	}
+	if err := cfg.Validate(); err != nil {
+		return usage(err)
+	}
+	be, err := intercept.ParseBackend(*backend)
+	if err != nil {
+		return usage(fmt.Errorf("-backend: %w", err))
+	}
+	if *dryRun {
+		for _, f := range []intercept.Family{intercept.IPv4, intercept.IPv6} {
+			rules, err := intercept.Rules(cfg, f)
+			if err != nil {
+				return usage(err)
+			}
+			tool := "iptables-restore"
+			if f == intercept.IPv6 {
+				tool = "ip6tables-restore"
+			}
+			fmt.Fprintf(stdout, "# meshlet: %s rules, for %s --noflush\n%s", f, tool, rules)
+		}
+		return 0
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	rep, err := intercept.Install(ctx, cfg, intercept.Options{Backend: be, Dir: *dir, SkipCheck: !*check, Logger: log})
+	for _, fr := range rep.Families {
+		if fr.Rules != "" {
+			fmt.Fprintf(stdout, "# meshlet: %s nat table (%s backend)\n%s", fr.Family, rep.Detection.Backend, fr.Rules)
+		}
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "sidecar intercept: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// kubeAPIFromEnv returns "host:port" of the Kubernetes API server's
+// Service from the variables the kubelet sets in every container, or "".
+func kubeAPIFromEnv() string {
+	host, port := os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT")
+	if host == "" || port == "" {
+		return ""
+	}
+	return net.JoinHostPort(host, port)
 }

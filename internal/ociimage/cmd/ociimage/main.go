@@ -7,6 +7,10 @@
 //	    -file bin/static/sidecar:/usr/local/bin/sidecar \
 //	    -dir /tmp:1777 -entrypoint '["/usr/local/bin/sidecar"]'
 //
+// `make image` adds Debian's iptables to the meshlet image with the flags
+// deploy/tools/xtables-files.sh prints (-file for the binaries, libraries
+// and plugins, -symlink for the multi-call names).
+//
 // Exit status 2 for bad flags, 1 when the image cannot be written.
 package main
 
@@ -41,11 +45,12 @@ func main() {
 
 func run(args []string) error {
 	fl := flag.NewFlagSet("ociimage", flag.ContinueOnError)
-	var files, dirs, env, labels list
+	var files, dirs, links, env, labels list
 	out := fl.String("o", "", "output tarball (required)")
 	tag := fl.String("tag", "", "image reference, e.g. meshlet.local/meshlet:dev (required)")
 	fl.Var(&files, "file", "SRC:DST[:MODE] host file SRC at image path DST, MODE octal (default 755); repeatable")
 	fl.Var(&dirs, "dir", "PATH:MODE a directory with octal MODE, e.g. /tmp:1777; repeatable")
+	fl.Var(&links, "symlink", "PATH:TARGET a symbolic link at image path PATH to TARGET, e.g. /usr/sbin/iptables-nft:xtables-nft-multi; repeatable")
 	fl.Var(&env, "env", "KEY=VALUE; repeatable (PATH defaults to /usr/local/bin:/usr/bin:/bin)")
 	fl.Var(&labels, "label", "KEY=VALUE config label; repeatable")
 	entrypoint := fl.String("entrypoint", "", `ENTRYPOINT: a JSON array (["/bin/x","arg"]) or one path; empty for none`)
@@ -85,6 +90,13 @@ func run(args []string) error {
 			return fmt.Errorf("-dir %q: want PATH:MODE (octal): %w", d, flag.ErrHelp)
 		}
 		s.Dirs = append(s.Dirs, ociimage.Dir{Path: p, Mode: fs.FileMode(mode)})
+	}
+	for _, l := range links {
+		p, target, ok := strings.Cut(l, ":")
+		if !ok || target == "" {
+			return fmt.Errorf("-symlink %q: want PATH:TARGET: %w", l, flag.ErrHelp)
+		}
+		s.Symlinks = append(s.Symlinks, ociimage.Symlink{Path: p, Target: target})
 	}
 	for _, l := range labels {
 		k, v, ok := strings.Cut(l, "=")

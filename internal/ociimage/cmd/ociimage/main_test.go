@@ -44,6 +44,8 @@ func TestRunUsageErrors(t *testing.T) {
 		{"-o", "x.tar"},
 		{"-o", "x.tar", "-tag", "a.local/x:1", "-file", "nocolon"},
 		{"-o", "x.tar", "-tag", "a.local/x:1", "-dir", "/tmp:rwx"},
+		{"-o", "x.tar", "-tag", "a.local/x:1", "-symlink", "/bin/x"},
+		{"-o", "x.tar", "-tag", "a.local/x:1", "-symlink", "/bin/x:"},
 		{"-o", "x.tar", "-tag", "a.local/x:1", "-entrypoint", "[broken"},
 		{"-nosuchflag"},
 	} {
