@@ -295,7 +295,13 @@ func (s *Sidecar) Run(ctx context.Context) error {
 
 // newHandler builds a listener's handler: per filter chain an HTTP server
 // or TCP proxy, behind TLS detection and handshakes when a chain is mTLS.
+// A capture listener's handler selects chains by each connection's
+// original destination, each set of chains served by the handler
+// newHandler builds for an ordinary listener holding them.
 func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listener.Handler, error) {
+	if l.OriginalDst {
+		return listener.NewCapture(l, snap, s.newHandler, listener.CaptureOptions{Log: s.log, Recorder: s.metrics, DrainTimeout: s.cfg.DrainTimeout})
+	}
 	return s.newInbound(l, snap, func(secure bool) (listener.Handler, error) {
 		c := l.Chain(secure)
 		switch {
