@@ -641,9 +641,33 @@ func (s *Sidecar) clusterStats() map[string]telemetry.ClusterStats {
 // Listeners implements admin.Source.
 func (s *Sidecar) Listeners() []admin.Listener {
 	addrs := s.listeners.Addresses()
+	s.mu.Lock()
+	var active map[string]*config.Listener
+	if s.active != nil {
+		active = s.active.Listeners
+	}
+	s.mu.Unlock()
 	out := make([]admin.Listener, 0, len(addrs))
 	for _, n := range sortedNames(addrs) {
-		out = append(out, admin.Listener{Name: n, Address: addrs[n]})
+		al := admin.Listener{Name: n, Address: addrs[n]}
+		if l := active[n]; l != nil && l.OriginalDst {
+			al.Chains = captureChains(l)
+		}
+		out = append(out, al)
+	}
+	return out
+}
+
+// captureChains describes the chains of the capture listener l for the
+// admin endpoint.
+func captureChains(l *config.Listener) []admin.Chain {
+	out := make([]admin.Chain, 0, len(l.Chains)+1)
+	for _, c := range l.AllChains() {
+		ac := admin.Chain{Name: c.Name, DestinationPort: c.Match.Port, TransportProtocol: c.TransportProtocol, Default: c == l.Default}
+		for _, p := range c.Match.Prefixes {
+			ac.PrefixRanges = append(ac.PrefixRanges, p.String())
+		}
+		out = append(out, ac)
 	}
 	return out
 }
