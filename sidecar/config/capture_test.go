@@ -255,7 +255,9 @@ func TestDecodeRejectsCaptureFields(t *testing.T) {
 			return err
 		}
 	}
-	match := func(l *listener.Listener, i int) *listener.FilterChainMatch { return l.FilterChains[i].FilterChainMatch }
+	match := func(l *listener.Listener, i int) *listener.FilterChainMatch {
+		return l.FilterChains[i].FilterChainMatch
+	}
 	tlsInspector := &listener.ListenerFilter{Name: xds.TLSInspectorFilter, ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: xds.MustAny(&tlsinspector.TlsInspector{})}}
 	tests := []struct {
 		name   string
