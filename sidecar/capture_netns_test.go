@@ -3,6 +3,7 @@ package sidecar
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -24,6 +25,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 
 	"github.com/meshlet/meshlet/internal/netnstest"
+	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -50,8 +52,11 @@ const captureUID = 1337
 //     connection is refused with reason no_filter_chain, counted, and
 //     logged once for the destination;
 //
-// and connections dialled to the capture ports directly (not redirected),
-// or whose original destination is a capture listener, are refused.
+// connections to 10.96.1.10 (the pod's address: inbound) on the app's port
+// 9080 get the public listener's mTLS chain (plaintext refused, as in
+// strict mode), other ports pass through; and connections dialled to the
+// capture ports directly (not redirected), or whose original destination
+// is a capture listener, are refused.
 //
 // The sidecar runs as a process because its listeners must be bound inside
 // the namespace (it binds from whatever thread handles the xDS update) and
@@ -70,12 +75,28 @@ func TestCaptureInNetns(t *testing.T) {
 		"-j", "REDIRECT", "--to-ports", strconv.Itoa(xds.OutboundCapturePort))
 	ns.Run(t, "ip6tables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "fd00:96::/64", "-m", "owner", "!", "--uid-owner", uid,
 		"-j", "REDIRECT", "--to-ports", strconv.Itoa(xds.OutboundCapturePort))
+	// 10.96.1.0/24 stands for the pod's own address: connections to it go
+	// to the inbound capture listener (a pod's PREROUTING rule; OUTPUT
+	// here, the clients being in the same namespace).
+	ns.Run(t, "iptables", "-t", "nat", "-I", "OUTPUT", "1", "-p", "tcp", "-d", "10.96.1.0/24", "-m", "owner", "!", "--uid-owner", uid,
+		"-j", "REDIRECT", "--to-ports", strconv.Itoa(xds.InboundCapturePort))
 
 	api := startNSHTTP(t, ns, "127.0.0.1:0")
 	redis := startLineServer(t, ns, "127.0.0.1:0", "redis")
 	app := startLineServer(t, ns, "127.0.0.1:0", "app")
 	direct := startLineServer(t, ns, "10.96.0.99:8000", "direct")
 	direct6 := startLineServer(t, ns, "[fd00:96::99]:8000", "direct6")
+	podPort := startLineServer(t, ns, "10.96.1.10:7000", "pod-port") // a port of the pod without a chain
+	bypass := startLineServer(t, ns, "10.96.1.10:9080", "bypass")    // the app's port, reached without the sidecar
+	ca, err := testca.New("test.consul")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dbLeaf, webLeaf := ca.MustIssue("dc1", "db"), ca.MustIssue("dc1", "web")
+	webCert, err := tls.X509KeyPair([]byte(webLeaf.CertPEM), []byte(webLeaf.KeyPEM))
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	xdsLn, err := ns.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -84,7 +105,9 @@ func TestCaptureInNetns(t *testing.T) {
 	srv := xdstest.StartOn(t, xdsLn)
 	const nodeID = "capture-test"
 	res := func(passthrough bool) xdstest.Resources {
-		return captureNetnsResources(t, api.addr, redis.addr(), app.addr(), passthrough)
+		r := captureNetnsResources(t, api.addr, redis.addr(), app.addr(), passthrough)
+		r.Secrets = []types.Resource{xds.NewCertSecret(dbLeaf.CertPEM, dbLeaf.KeyPEM), xds.NewRootsSecret([]string{ca.CertPEM})}
+		return r
 	}
 	srv.Set(t, nodeID, "v1", res(true))
 	sc := startNSSidecar(t, ns, nodeID, srv.Addr)
@@ -151,6 +174,44 @@ func TestCaptureInNetns(t *testing.T) {
 		waitUntil(t, 5*time.Second, "pass-through logged with its destination", func() bool {
 			return sc.logCount("default chain", "destination=10.96.0.99:8000") == 1
 		})
+	})
+
+	t.Run("inbound: the public listener's mTLS chain on the app port, pass-through on others", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		raw, err := ns.DialContext(ctx, "tcp", "10.96.1.10:9080")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := tls.Client(raw, &tls.Config{Certificates: []tls.Certificate{webCert}, InsecureSkipVerify: true, MinVersion: tls.VersionTLS12}) // the server is checked below by its SPIFFE ID
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := fmt.Fprintf(c, "over mtls\n"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := bufio.NewReader(c).ReadString('\n'); err != nil || got != "app: over mtls\n" {
+			t.Fatalf("mTLS to 10.96.1.10:9080: %q, %v; want the app's answer", got, err)
+		}
+		if peer := c.ConnectionState().PeerCertificates; len(peer) == 0 || peer[0].URIs[0].String() != dbLeaf.SPIFFEID {
+			t.Errorf("inbound capture presented %v, want the sidecar's certificate %s", peer, dbLeaf.SPIFFEID)
+		}
+		// Plaintext to the app port is refused as on the public listener in
+		// strict mode, not passed through by the default chain.
+		refused(t, ns, "10.96.1.10:9080")
+		want := `meshlet_sidecar_tls_handshakes_total{name="inbound_listener",result="not_tls",side="inbound"}`
+		waitUntil(t, 5*time.Second, want+" 1", func() bool { return sc.metric(t, want) == 1 })
+		if n := bypass.conns.Load(); n != 0 {
+			t.Errorf("the app port was reached around the sidecar %d times", n)
+		}
+		if got := lineThrough(t, ns, "10.96.1.10:7000", "other port"); got != "pod-port: other port" {
+			t.Errorf("10.96.1.10:7000 answered %q, want the pass-through to the pod's port", got)
+		}
+		if v := sc.metric(t, `meshlet_sidecar_capture_passthrough_total{listener="inbound_listener"}`); v != 1 {
+			t.Errorf("inbound pass-through counted %v times, want 1", v)
+		}
+		if n := podPort.conns.Load(); n != 1 {
+			t.Errorf("the pod's port accepted %d connections, want 1", n)
+		}
 	})
 
 	t.Run("loop guard", func(t *testing.T) {
@@ -220,8 +281,9 @@ func TestCaptureInNetns(t *testing.T) {
 // capture listeners on 127.0.0.1:15001 and [::1]:15001 with the chains
 // upstream:api (10.96.0.12, fd00:96::12 port 80; HTTP, RDS "api") and
 // upstream:redis (port 6379; TCP), and the pass-through when passthrough;
-// the inbound capture listener on 0.0.0.0:15006 (port 9080 to app, else
-// pass-through); STATIC clusters api, redis and local_app, and the
+// the inbound capture listener on 0.0.0.0:15006 (port 9080: the strict
+// public listener's mTLS chain to local_app; other ports: pass-through);
+// STATIC clusters api, redis and local_app, and the
 // ORIGINAL_DST cluster.
 func captureNetnsResources(t *testing.T, api, redis, app string, passthrough bool) xdstest.Resources {
 	t.Helper()
@@ -231,8 +293,9 @@ func captureNetnsResources(t *testing.T, api, redis, app string, passthrough boo
 		{Name: "upstream:redis", Port: 6379, Filters: xds.NewTCPProxyListener("upstream:redis", "127.0.0.1", 1, "redis", xds.TCPProxyOptions{}).FilterChains[0].Filters},
 	}
 	out := xds.CaptureOptions{Chains: chains, Passthrough: passthrough}
+	pub := xds.NewInboundListener(xds.PublicListener, "0.0.0.0", 1, xds.InboundOptions{TLS: xds.DownstreamTLS("", nil)})
 	in := xds.CaptureOptions{Passthrough: true, Chains: []xds.CaptureChain{
-		{Name: "inbound:app", Port: 9080, Filters: xds.NewTCPProxyListener("inbound", "0.0.0.0", 1, xds.LocalAppCluster, xds.TCPProxyOptions{}).FilterChains[0].Filters},
+		{Name: "inbound:app", Port: 9080, Filters: pub.FilterChains[0].Filters, TransportSocket: pub.FilterChains[0].TransportSocket},
 	}}
 	static := func(name, addr string, p xds.Protocol) types.Resource {
 		h, port := hostPort(t, addr)
