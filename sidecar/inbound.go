@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -56,7 +57,7 @@ type inbound struct {
 	fallback atomic.Bool
 }
 
-var _ listener.Handler = (*inbound)(nil)
+var _ listener.OriginalDstHandler = (*inbound)(nil)
 
 // chainShape describes which chains a listener has and whether they are TLS.
 func chainShape(l *config.Listener) string {
@@ -107,7 +108,21 @@ func (in *inbound) Handle(conn net.Conn) {
 	in.wg.Add(1)
 	go func() {
 		defer in.wg.Done()
-		in.accept(conn)
+		in.accept(conn, netip.AddrPort{})
+	}()
+}
+
+// HandleOriginalDst implements listener.OriginalDstHandler: Handle for a
+// connection a capture listener took, whose chain handler gets dst.
+func (in *inbound) HandleOriginalDst(conn net.Conn, dst netip.AddrPort) {
+	if in.secure == nil {
+		listener.HandleRedirected(in.plain, conn, dst)
+		return
+	}
+	in.wg.Add(1)
+	go func() {
+		defer in.wg.Done()
+		in.accept(conn, dst)
 	}()
 }
 
@@ -124,7 +139,7 @@ func (in *inbound) setDetect(l *config.Listener) {
 	in.fallback.Store(l.TLSInspector && l.FiltersTimeout > 0 && l.ContinueOnFiltersTimeout && plain != nil && plain.TLS == nil)
 }
 
-func (in *inbound) accept(conn net.Conn) {
+func (in *inbound) accept(conn net.Conn, dst netip.AddrPort) {
 	remote := conn.RemoteAddr().String()
 	start := time.Now()
 	wait := time.Duration(in.detect.Load())
@@ -143,7 +158,7 @@ func (in *inbound) accept(conn net.Conn) {
 		// Nothing sent: a client waiting for the server to speak first.
 		_ = conn.SetDeadline(time.Time{})
 		in.log.Debug("tls: no first byte; plaintext chain", "listener", in.name, "remote", remote, "waited", time.Since(start))
-		in.plain.Handle(conn)
+		listener.HandleRedirected(in.plain, conn, dst)
 		return
 	}
 	if err != nil {
@@ -155,7 +170,7 @@ func (in *inbound) accept(conn net.Conn) {
 	if first[0] != 0x16 { // not a TLS handshake record
 		if in.plain != nil {
 			_ = conn.SetDeadline(time.Time{})
-			in.plain.Handle(pc)
+			listener.HandleRedirected(in.plain, pc, dst)
 			return
 		}
 		reason := tlsid.ReasonNotTLS
@@ -183,12 +198,12 @@ func (in *inbound) accept(conn net.Conn) {
 	}
 	_ = conn.SetDeadline(time.Time{})
 	in.metrics.InboundHandshake(in.name, "")
-	in.secure.Handle(tc)
+	listener.HandleRedirected(in.secure, tc, dst)
 }
 
 // Update implements listener.Handler: same chain layout, new chain configs.
 func (in *inbound) Update(l *config.Listener, snap *config.Snapshot) bool {
-	if chainShape(l) != in.shape {
+	if l.OriginalDst || chainShape(l) != in.shape {
 		return false
 	}
 	if in.secure != nil && !in.secure.Update(l, snap) {

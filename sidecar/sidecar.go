@@ -295,7 +295,13 @@ func (s *Sidecar) Run(ctx context.Context) error {
 
 // newHandler builds a listener's handler: per filter chain an HTTP server
 // or TCP proxy, behind TLS detection and handshakes when a chain is mTLS.
+// A capture listener's handler selects chains by each connection's
+// original destination, each set of chains served by the handler
+// newHandler builds for an ordinary listener holding them.
 func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listener.Handler, error) {
+	if l.OriginalDst {
+		return listener.NewCapture(l, snap, s.newHandler, listener.CaptureOptions{Log: s.log, Recorder: s.metrics, DrainTimeout: s.cfg.DrainTimeout})
+	}
 	return s.newInbound(l, snap, func(secure bool) (listener.Handler, error) {
 		c := l.Chain(secure)
 		switch {
@@ -635,9 +641,33 @@ func (s *Sidecar) clusterStats() map[string]telemetry.ClusterStats {
 // Listeners implements admin.Source.
 func (s *Sidecar) Listeners() []admin.Listener {
 	addrs := s.listeners.Addresses()
+	s.mu.Lock()
+	var active map[string]*config.Listener
+	if s.active != nil {
+		active = s.active.Listeners
+	}
+	s.mu.Unlock()
 	out := make([]admin.Listener, 0, len(addrs))
 	for _, n := range sortedNames(addrs) {
-		out = append(out, admin.Listener{Name: n, Address: addrs[n]})
+		al := admin.Listener{Name: n, Address: addrs[n]}
+		if l := active[n]; l != nil && l.OriginalDst {
+			al.Chains = captureChains(l)
+		}
+		out = append(out, al)
+	}
+	return out
+}
+
+// captureChains describes the chains of the capture listener l for the
+// admin endpoint.
+func captureChains(l *config.Listener) []admin.Chain {
+	out := make([]admin.Chain, 0, len(l.Chains)+1)
+	for _, c := range l.AllChains() {
+		ac := admin.Chain{Name: c.Name, DestinationPort: c.Match.Port, TransportProtocol: c.TransportProtocol, Default: c == l.Default}
+		for _, p := range c.Match.Prefixes {
+			ac.PrefixRanges = append(ac.PrefixRanges, p.String())
+		}
+		out = append(out, ac)
 	}
 	return out
 }

@@ -148,7 +148,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 				c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_STRICT_DNS}
 				r.Clusters = []types.Resource{c}
 			},
-			detail: `cluster "web": type: unsupported discovery type STRICT_DNS (supported: STATIC, EDS)`,
+			detail: `cluster "web": type: unsupported discovery type STRICT_DNS (supported: STATIC, EDS, ORIGINAL_DST)`,
 		},
 		{
 			name: "listener address is not an IP", version: "v3", typeURL: xds.ListenerType,

@@ -4,7 +4,10 @@
 //	GET /ready        200 "ready" once the first config is active, else 503 with what it waits for
 //	GET /config_dump  accepted xDS resources as JSON: Envoy's admin ConfigDump ("configs") plus
 //	                  the xDS stream state and the last rejected update per type ("xds")
-//	GET /listeners    one line per active listener: name::address (Envoy's /listeners format)
+//	GET /listeners    one line per active listener: name::address (Envoy's /listeners format);
+//	                  ?format=json: Envoy's listener_statuses (name, local_address), plus a
+//	                  capture listener's filter chains and how each is matched
+//	                  ("filter_chains", the default chain last with "default": true)
 //	GET /clusters     Envoy's /clusters format: per cluster cluster::upstream_rq_active::N,
 //	                  ::upstream_rq_pending_active::N, ::upstream_cx_active::N; per endpoint
 //	                  cluster::address::weight::N, ::rq_active::N,
@@ -17,9 +20,11 @@ package admin
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/pprof"
 	"slices"
+	"strconv"
 	"time"
 
 	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
@@ -77,6 +82,24 @@ type Rejection struct {
 type Listener struct {
 	Name    string
 	Address string
+	// Chains are a capture listener's filter chains in order, then its
+	// default chain; nil for another listener.
+	Chains []Chain
+}
+
+// Chain is one filter chain of a capture listener and what it matches of
+// a connection's original destination.
+type Chain struct {
+	Name string `json:"name,omitempty"`
+	// DestinationPort is filter_chain_match.destination_port, 0 for any.
+	DestinationPort int `json:"destination_port,omitempty"`
+	// PrefixRanges are filter_chain_match.prefix_ranges as CIDRs; none
+	// matches any address.
+	PrefixRanges []string `json:"prefix_ranges,omitempty"`
+	// TransportProtocol is filter_chain_match.transport_protocol.
+	TransportProtocol string `json:"transport_protocol,omitempty"`
+	// Default marks the default_filter_chain.
+	Default bool `json:"default,omitempty"`
 }
 
 // Cluster is one active cluster and its endpoints.
@@ -164,7 +187,11 @@ func Handler(src Source, reg *prometheus.Registry, o Options) http.Handler {
 			Certificates []config.CertInfo `json:"certificates"`
 		}{certs})
 	})
-	mux.HandleFunc("GET /listeners", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /listeners", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("format") == "json" {
+			writeListenersJSON(w, src.Listeners())
+			return
+		}
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		for _, l := range src.Listeners() {
 			fmt.Fprintf(w, "%s::%s\n", l.Name, l.Address)
@@ -194,4 +221,36 @@ func Handler(src Source, reg *prometheus.Registry, o Options) http.Handler {
 		}
 	})
 	return mux
+}
+
+// writeListenersJSON writes Envoy's /listeners?format=json shape
+// (listener_statuses with name and local_address) with meshlet's
+// filter_chains of capture listeners.
+func writeListenersJSON(w http.ResponseWriter, listeners []Listener) {
+	type socketAddress struct {
+		Address   string `json:"address"`
+		PortValue int    `json:"port_value"`
+	}
+	type status struct {
+		Name         string `json:"name"`
+		LocalAddress struct {
+			SocketAddress socketAddress `json:"socket_address"`
+		} `json:"local_address"`
+		FilterChains []Chain `json:"filter_chains,omitempty"`
+	}
+	out := struct {
+		ListenerStatuses []status `json:"listener_statuses"`
+	}{ListenerStatuses: []status{}}
+	for _, l := range listeners {
+		st := status{Name: l.Name, FilterChains: l.Chains}
+		if host, port, err := net.SplitHostPort(l.Address); err == nil {
+			st.LocalAddress.SocketAddress.Address = host
+			st.LocalAddress.SocketAddress.PortValue, _ = strconv.Atoi(port)
+		}
+		out.ListenerStatuses = append(out.ListenerStatuses, st)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(out)
 }

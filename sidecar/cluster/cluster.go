@@ -11,6 +11,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"reflect"
 	"sync"
 	"sync/atomic"
@@ -299,6 +300,29 @@ func (c *Cluster) Pick(key uint64, hasKey bool, tried []*Endpoint) (*Attempt, Pi
 		return nil, CircuitOpen
 	}
 	return nil, NoHealthyUpstream
+}
+
+// PickOriginalDst starts an attempt on dst, the original destination of a
+// redirected connection, for an ORIGINAL_DST cluster
+// (config.ClusterOriginalDst; Envoy's lb_policy CLUSTER_PROVIDED): a host
+// of its own for the one connection, on the cluster's PortOverride when
+// set, dialled like any endpoint (connect timeout, max_connections, the
+// cluster's TLS). It returns NoHealthyUpstream for another cluster type or
+// an invalid dst.
+func (c *Cluster) PickOriginalDst(dst netip.AddrPort) (*Attempt, PickResult) {
+	if c.cfg.Type != config.ClusterOriginalDst || !dst.IsValid() || dst.Port() == 0 {
+		return nil, NoHealthyUpstream
+	}
+	if p := c.cfg.PortOverride; p != 0 {
+		dst = netip.AddrPortFrom(dst.Addr(), uint16(p))
+	}
+	e := newEndpoint(c, dst.String())
+	e.weight.Store(1)
+	a, ok := e.Begin()
+	if !ok { // only an endpoint breaker refuses, and decoding refuses one on ORIGINAL_DST
+		return nil, CircuitOpen
+	}
+	return a, Picked
 }
 
 func contains(list []*Endpoint, e *Endpoint) bool {

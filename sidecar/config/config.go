@@ -27,7 +27,9 @@ type Snapshot struct {
 
 // Listener is a decoded envoy.config.listener.v3.Listener: an address and
 // one filter chain, or, behind the tls_inspector listener filter, one mTLS
-// chain and one plaintext chain.
+// chain and one plaintext chain. A capture listener (OriginalDst) has any
+// number of chains, each matched on the connection's original destination,
+// and an optional default chain.
 type Listener struct {
 	Name string
 	// Address is "host:port" (Listener.address.socket_address).
@@ -45,8 +47,25 @@ type Listener struct {
 	// closed.
 	ContinueOnFiltersTimeout bool
 	// Chains holds one chain, or with TLSInspector one "tls" and one
-	// "raw_buffer" chain. A UDP listener has none.
+	// "raw_buffer" chain. A UDP listener has none. On a capture listener
+	// (OriginalDst) it holds every filter_chains entry, in order, each with
+	// its Match; Capture says which serves a connection.
 	Chains []*FilterChain
+	// OriginalDst is set when listener_filters has Envoy's original_dst
+	// (xds.OriginalDstFilter): a capture listener, to which iptables
+	// REDIRECTs connections. Each connection's original destination
+	// (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST) selects its filter chain.
+	OriginalDst bool
+	// Default is a capture listener's default_filter_chain: the chain of
+	// the connections no filter chain matches; nil when absent, and then
+	// those connections are refused (MeshDefaults outbound:
+	// registry-only). On any other listener a default_filter_chain without
+	// filter_chains is that listener's one chain, in Chains, and Default
+	// is nil.
+	Default *FilterChain
+	// Capture is a capture listener's chain selection; nil unless
+	// OriginalDst.
+	Capture *Capture
 	// UDP is set on a UDP listener (Listener.address.socket_address.protocol
 	// UDP): its udp_proxy listener filter. Such a listener has no chains.
 	UDP *UDPProxy
@@ -56,6 +75,12 @@ type Listener struct {
 // socket, an optional network RBAC filter, and exactly one of an HTTP
 // connection manager or a TCP proxy.
 type FilterChain struct {
+	// Name is FilterChain.name, "" when unset (e.g. "upstream:api" on a
+	// capture listener; xds.PassthroughChain for its default chain).
+	Name string
+	// Match is the destination part of filter_chain_match (prefix_ranges,
+	// destination_port), set only on a capture listener's chains.
+	Match ChainMatch
 	// TransportProtocol is filter_chain_match.transport_protocol: "",
 	// "tls" or "raw_buffer".
 	TransportProtocol string
@@ -367,6 +392,12 @@ type ClusterType int
 const (
 	ClusterEDS    ClusterType = iota // endpoints from EDS over ADS
 	ClusterStatic                    // endpoints inline in load_assignment
+	// ClusterOriginalDst (ORIGINAL_DST, lb_policy CLUSTER_PROVIDED) has no
+	// endpoints of its own: each connection goes to its original
+	// destination, the address a capture listener read from the
+	// redirected connection (xds.PassthroughCluster). Only the TCP proxy
+	// of a capture listener's chain has one to give it.
+	ClusterOriginalDst
 )
 
 // LBPolicy is the load-balancing algorithm (Cluster.lb_policy).
@@ -377,6 +408,9 @@ const (
 	LBRoundRobin   LBPolicy = iota // weighted round robin
 	LBLeastRequest                 // power of ChoiceCount choices
 	LBRingHash                     // consistent hashing on the route's hash policy
+	// LBClusterProvided is CLUSTER_PROVIDED, the only policy of an
+	// ORIGINAL_DST cluster: the destination is the connection's own.
+	LBClusterProvided
 )
 
 // Thresholds are connection-pool limits (CircuitBreakers.Thresholds,
@@ -426,6 +460,11 @@ type Cluster struct {
 	Protocol xds.Protocol
 	// Static holds the inline endpoints of a STATIC cluster.
 	Static *LoadAssignment
+	// PortOverride is an ORIGINAL_DST cluster's
+	// original_dst_lb_config.upstream_port_override: connections go to
+	// their original destination's address on this port; 0 keeps the
+	// original port.
+	PortOverride int
 	// LB is lb_policy; ChoiceCount is least_request_lb_config.choice_count
 	// (default 2); RingSize is ring_hash_lb_config.minimum_ring_size
 	// (default 1024): each endpoint gets RingSize/4 ring entries per unit of
@@ -460,11 +499,20 @@ type Endpoint struct {
 	Weight uint32
 }
 
+// AllChains returns the listener's filter chains followed by its default
+// chain when it has one (a capture listener's).
+func (l *Listener) AllChains() []*FilterChain {
+	if l.Default == nil {
+		return l.Chains
+	}
+	return append(slices.Clip(l.Chains), l.Default)
+}
+
 // RouteNames returns the RDS names the listeners reference, sorted.
 func RouteNames(listeners map[string]*Listener) []string {
 	set := map[string]bool{}
 	for _, l := range listeners {
-		for _, c := range l.Chains {
+		for _, c := range l.AllChains() {
 			if c.HTTP != nil && c.HTTP.RouteConfigName != "" {
 				set[c.HTTP.RouteConfigName] = true
 			}
@@ -478,7 +526,7 @@ func RouteNames(listeners map[string]*Listener) []string {
 func SecretNames(listeners map[string]*Listener, clusters map[string]*Cluster) []string {
 	set := map[string]bool{}
 	for _, l := range listeners {
-		for _, c := range l.Chains {
+		for _, c := range l.AllChains() {
 			if t := c.TLS; t != nil {
 				set[t.CertSecret], set[t.RootsSecret] = true, true
 			}

@@ -19,6 +19,7 @@ import (
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
@@ -114,11 +115,11 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 	if l.GetUdpListenerConfig() != nil {
 		return nil, fieldErr(kind, name, "udp_listener_config", "only for a listener whose address protocol is UDP")
 	}
-	for i, lf := range l.GetListenerFilters() {
-		if !lf.GetTypedConfig().MessageIs(&tlsinspector.TlsInspector{}) {
-			return nil, fieldErr(kind, name, fmt.Sprintf("listener_filters[%d]", i), "unsupported listener filter %q (supported: %s)", lf.GetName(), xds.TLSInspectorFilter)
-		}
-		out.TLSInspector = true
+	if err := decodeListenerFilters(l, out); err != nil {
+		return nil, err
+	}
+	if f, why := unsupportedListenerField(l); f != "" {
+		return nil, fieldErr(kind, name, f, "%s", why)
 	}
 	out.FiltersTimeout = DefaultListenerFiltersTimeout
 	if d := l.GetListenerFiltersTimeout(); d != nil {
@@ -127,35 +128,12 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 		}
 	}
 	out.ContinueOnFiltersTimeout = l.GetContinueOnListenerFiltersTimeout()
-	chains := l.GetFilterChains()
-	field := "filter_chains"
-	if len(chains) == 0 && l.GetDefaultFilterChain() != nil {
-		chains, field = []*listener.FilterChain{l.GetDefaultFilterChain()}, "default_filter_chain"
-	}
-	switch {
-	case len(chains) == 0:
-		return nil, fieldErr(kind, name, "filter_chains", "at least one filter chain is required")
-	case len(chains) > 2 || (len(chains) == 2 && !out.TLSInspector):
-		return nil, fieldErr(kind, name, "filter_chains", "one filter chain, or two (tls and raw_buffer) behind %s, are supported; got %d", xds.TLSInspectorFilter, len(chains))
-	}
-	seen := map[string]bool{}
-	for i, fc := range chains {
-		f := fmt.Sprintf("%s[%d]", field, i)
-		c, err := decodeFilterChain(fc, kind, name, f)
-		if err != nil {
+	if out.OriginalDst {
+		if err := decodeCaptureChains(l, out); err != nil {
 			return nil, err
 		}
-		if len(chains) == 2 && c.TransportProtocol == "" {
-			return nil, fieldErr(kind, name, f+".filter_chain_match.transport_protocol", "required with two filter chains (tls or raw_buffer)")
-		}
-		if seen[c.TransportProtocol] {
-			return nil, fieldErr(kind, name, f+".filter_chain_match.transport_protocol", "%q matched by two filter chains", c.TransportProtocol)
-		}
-		seen[c.TransportProtocol] = true
-		if c.TransportProtocol == "tls" && c.TLS == nil {
-			return nil, fieldErr(kind, name, f+".transport_socket", "a chain matching tls needs a TLS transport socket")
-		}
-		out.Chains = append(out.Chains, c)
+	} else if err := decodeChains(l, out); err != nil {
+		return nil, err
 	}
 	if err := decodeListenerTracing(l, out); err != nil {
 		return nil, err
@@ -163,20 +141,211 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 	return out, nil
 }
 
-func decodeFilterChain(fc *listener.FilterChain, kind, name, field string) (*FilterChain, error) {
-	c := &FilterChain{}
-	if m := fc.GetFilterChainMatch(); m != nil {
-		switch m.GetTransportProtocol() {
-		case "tls", "raw_buffer":
-			c.TransportProtocol = m.GetTransportProtocol()
+// decodeListenerFilters reads the listener filters of a TCP listener:
+// tls_inspector and original_dst, each at most once.
+func decodeListenerFilters(l *listener.Listener, out *Listener) error {
+	kind, name := "listener", out.Name
+	for i, lf := range l.GetListenerFilters() {
+		field := fmt.Sprintf("listener_filters[%d]", i)
+		if lf.GetFilterDisabled() != nil {
+			return fieldErr(kind, name, field+".filter_disabled", "not supported")
+		}
+		tc := lf.GetTypedConfig()
+		var seen *bool
+		switch {
+		case tc.MessageIs(&tlsinspector.TlsInspector{}):
+			seen = &out.TLSInspector
+		case tc.MessageIs(&originaldst.OriginalDst{}):
+			var m originaldst.OriginalDst
+			if err := tc.UnmarshalTo(&m); err != nil {
+				return fieldErr(kind, name, field+".typed_config", "%v", err)
+			}
+			if f := unsupportedField(&m); f != "" {
+				return fieldErr(kind, name, field+".typed_config."+f, "not supported")
+			}
+			seen = &out.OriginalDst
 		default:
-			return nil, fieldErr(kind, name, field+".filter_chain_match.transport_protocol", "must be tls or raw_buffer (got %q)", m.GetTransportProtocol())
+			return fieldErr(kind, name, field, "unsupported listener filter %q (supported: %s, %s)", lf.GetName(), xds.TLSInspectorFilter, xds.OriginalDstFilter)
 		}
-		probe := proto.Clone(m).(*listener.FilterChainMatch)
-		probe.TransportProtocol = ""
-		if !proto.Equal(probe, &listener.FilterChainMatch{}) {
-			return nil, fieldErr(kind, name, field+".filter_chain_match", "only transport_protocol is supported")
+		if *seen {
+			return fieldErr(kind, name, field, "listener filter %q appears twice", lf.GetName())
 		}
+		*seen = true
+	}
+	return nil
+}
+
+// unsupportedListenerField names a set Listener field that changes how
+// connections are taken or given their chain in a way meshlet does not
+// follow, and why; "" when none is set.
+func unsupportedListenerField(l *listener.Listener) (field, why string) {
+	switch {
+	case l.GetFilterChainMatcher() != nil:
+		return "filter_chain_matcher", "not supported: chains are selected by their filter_chain_match"
+	case l.GetFcdsConfig() != nil:
+		return "fcds_config", "not supported"
+	case l.GetUseOriginalDst().GetValue():
+		return "use_original_dst", "hand-off to the listener of the original destination is not supported: use the " + xds.OriginalDstFilter + " listener filter and filter chains matched on the destination"
+	case l.GetTransparent().GetValue():
+		return "transparent", "not supported (TPROXY); meshlet's interception is iptables REDIRECT"
+	case l.GetBindToPort() != nil && !l.GetBindToPort().GetValue():
+		return "bind_to_port", "false is not supported: every listener binds its address"
+	}
+	return "", ""
+}
+
+// decodeChains decodes the chains of an ordinary listener (without
+// original_dst): one chain, or a tls and a raw_buffer one behind
+// tls_inspector; a lone default_filter_chain is its one chain.
+func decodeChains(l *listener.Listener, out *Listener) error {
+	kind, name := "listener", out.Name
+	chains := l.GetFilterChains()
+	field := "filter_chains"
+	switch {
+	case len(chains) == 0 && l.GetDefaultFilterChain() != nil:
+		chains, field = []*listener.FilterChain{l.GetDefaultFilterChain()}, "default_filter_chain"
+	case l.GetDefaultFilterChain() != nil:
+		return fieldErr(kind, name, "default_filter_chain", "alongside filter_chains only on a listener with the %s listener filter", xds.OriginalDstFilter)
+	}
+	switch {
+	case len(chains) == 0:
+		return fieldErr(kind, name, "filter_chains", "at least one filter chain is required")
+	case len(chains) > 2 || (len(chains) == 2 && !out.TLSInspector):
+		return fieldErr(kind, name, "filter_chains", "one filter chain, or two (tls and raw_buffer) behind %s, are supported; got %d", xds.TLSInspectorFilter, len(chains))
+	}
+	seen := map[string]bool{}
+	for i, fc := range chains {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		if field == "default_filter_chain" {
+			f = field
+		}
+		c, err := decodeFilterChain(fc, kind, name, f, false)
+		if err != nil {
+			return err
+		}
+		if len(chains) == 2 && c.TransportProtocol == "" {
+			return fieldErr(kind, name, f+".filter_chain_match.transport_protocol", "required with two filter chains (tls or raw_buffer)")
+		}
+		if seen[c.TransportProtocol] {
+			return fieldErr(kind, name, f+".filter_chain_match.transport_protocol", "%q matched by two filter chains", c.TransportProtocol)
+		}
+		seen[c.TransportProtocol] = true
+		out.Chains = append(out.Chains, c)
+	}
+	return nil
+}
+
+// decodeCaptureChains decodes the chains of a capture listener (with
+// original_dst): filter chains matched on the original destination's
+// prefix_ranges and destination_port (and, behind tls_inspector,
+// transport_protocol), and the default_filter_chain, then builds their
+// selection (Capture).
+func decodeCaptureChains(l *listener.Listener, out *Listener) error {
+	kind, name := "listener", out.Name
+	if len(l.GetFilterChains()) == 0 && l.GetDefaultFilterChain() == nil {
+		return fieldErr(kind, name, "filter_chains", "a filter chain or a default_filter_chain is required")
+	}
+	names := map[string]string{}
+	named := func(c *FilterChain, field string) error {
+		if c.Name == "" {
+			return nil
+		}
+		if prev, ok := names[c.Name]; ok {
+			return fieldErr(kind, name, field+".name", "%q also names %s", c.Name, prev)
+		}
+		names[c.Name] = field
+		return nil
+	}
+	for i, fc := range l.GetFilterChains() {
+		f := fmt.Sprintf("filter_chains[%d]", i)
+		c, err := decodeFilterChain(fc, kind, name, f, true)
+		if err != nil {
+			return err
+		}
+		if c.TransportProtocol != "" && !out.TLSInspector {
+			return fieldErr(kind, name, f+".filter_chain_match.transport_protocol", "needs the %s listener filter", xds.TLSInspectorFilter)
+		}
+		if err := named(c, f); err != nil {
+			return err
+		}
+		out.Chains = append(out.Chains, c)
+	}
+	if dc := l.GetDefaultFilterChain(); dc != nil {
+		if dc.GetFilterChainMatch() != nil && !proto.Equal(dc.GetFilterChainMatch(), &listener.FilterChainMatch{}) {
+			return fieldErr(kind, name, "default_filter_chain.filter_chain_match", "must be empty (Envoy ignores it; it would match nothing)")
+		}
+		c, err := decodeFilterChain(dc, kind, name, "default_filter_chain", true)
+		if err != nil {
+			return err
+		}
+		if err := named(c, "default_filter_chain"); err != nil {
+			return err
+		}
+		out.Default = c
+	}
+	capture, err := newCapture(out)
+	if err != nil {
+		return err
+	}
+	out.Capture = capture
+	return nil
+}
+
+// decodeChainMatch reads a FilterChainMatch: transport_protocol anywhere;
+// prefix_ranges and destination_port only on a capture listener, where the
+// original destination is what they match (without original_dst Envoy
+// would match the listener's own address).
+func decodeChainMatch(m *listener.FilterChainMatch, c *FilterChain, kind, name, field string, capture bool) error {
+	field += ".filter_chain_match"
+	switch m.GetTransportProtocol() {
+	case "", "tls", "raw_buffer":
+		c.TransportProtocol = m.GetTransportProtocol()
+	default:
+		return fieldErr(kind, name, field+".transport_protocol", "must be tls or raw_buffer (got %q)", m.GetTransportProtocol())
+	}
+	supported := []string{"transport_protocol"}
+	if capture {
+		supported = append(supported, "destination_port", "prefix_ranges")
+	}
+	if f := unsupportedField(m, supported...); f != "" {
+		if !capture && (f == "destination_port" || f == "prefix_ranges") {
+			return fieldErr(kind, name, field+"."+f, "needs the %s listener filter (meshlet matches the destination of redirected connections only)", xds.OriginalDstFilter)
+		}
+		return fieldErr(kind, name, field+"."+f, "not supported (supported: %s)", strings.Join(supported, ", "))
+	}
+	if p := m.GetDestinationPort(); p != nil {
+		if p.GetValue() < 1 || p.GetValue() > 65535 {
+			return fieldErr(kind, name, field+".destination_port", "%d out of range 1-65535", p.GetValue())
+		}
+		c.Match.Port = int(p.GetValue())
+	}
+	for i, r := range m.GetPrefixRanges() {
+		f := fmt.Sprintf("%s.prefix_ranges[%d]", field, i)
+		a, err := netip.ParseAddr(r.GetAddressPrefix())
+		if err != nil || a.Zone() != "" {
+			return fieldErr(kind, name, f+".address_prefix", "%q is not an IP address", r.GetAddressPrefix())
+		}
+		if a.Is4In6() {
+			return fieldErr(kind, name, f+".address_prefix", "%q is IPv4-mapped: use the IPv4 form", r.GetAddressPrefix())
+		}
+		bits := int(r.GetPrefixLen().GetValue()) // unset: 0, as in Envoy
+		if bits > a.BitLen() {
+			return fieldErr(kind, name, f+".prefix_len", "%d is longer than an IPv%d address", bits, map[int]int{32: 4, 128: 6}[a.BitLen()])
+		}
+		c.Match.Prefixes = append(c.Match.Prefixes, netip.PrefixFrom(a, bits).Masked())
+	}
+	return nil
+}
+
+func decodeFilterChain(fc *listener.FilterChain, kind, name, field string, capture bool) (*FilterChain, error) {
+	c := &FilterChain{Name: fc.GetName()}
+	if m := fc.GetFilterChainMatch(); m != nil {
+		if err := decodeChainMatch(m, c, kind, name, field, capture); err != nil {
+			return nil, err
+		}
+	}
+	if c.TransportProtocol == "tls" && fc.GetTransportSocket() == nil {
+		return nil, fieldErr(kind, name, field+".transport_socket", "a chain matching tls needs a TLS transport socket")
 	}
 	if ts := fc.GetTransportSocket(); ts != nil {
 		var d tlsv3.DownstreamTlsContext
@@ -678,13 +847,20 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 			return nil, fieldErr(kind, name, "load_assignment", "%v", err)
 		}
 		out.Static = la
+	case cluster.Cluster_ORIGINAL_DST:
+		if err := decodeOriginalDstCluster(&c, out); err != nil {
+			return nil, err
+		}
+		return out, nil
 	default:
 		if c.GetClusterType() != nil {
 			return nil, fieldErr(kind, name, "cluster_type", "custom cluster types are not supported")
 		}
-		return nil, fieldErr(kind, name, "type", "unsupported discovery type %s (supported: STATIC, EDS)", c.GetType())
+		return nil, fieldErr(kind, name, "type", "unsupported discovery type %s (supported: STATIC, EDS, ORIGINAL_DST)", c.GetType())
 	}
 	switch c.GetLbPolicy() {
+	case cluster.Cluster_CLUSTER_PROVIDED:
+		return nil, fieldErr(kind, name, "lb_policy", "CLUSTER_PROVIDED is only for type ORIGINAL_DST (this cluster is %s)", c.GetType())
 	case cluster.Cluster_ROUND_ROBIN:
 		out.LB = LBRoundRobin
 	case cluster.Cluster_LEAST_REQUEST:
@@ -700,6 +876,63 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 	default:
 		return nil, fieldErr(kind, name, "lb_policy", "unsupported %s (supported: ROUND_ROBIN, LEAST_REQUEST, RING_HASH)", c.GetLbPolicy())
 	}
+	if c.GetOriginalDstLbConfig() != nil {
+		return nil, fieldErr(kind, name, "original_dst_lb_config", "only for type ORIGINAL_DST")
+	}
+	return out, decodeClusterCommon(&c, out)
+}
+
+// decodeOriginalDstCluster decodes the ORIGINAL_DST specifics: lb_policy
+// CLUSTER_PROVIDED, no endpoints, of original_dst_lb_config only
+// upstream_port_override, and no per-host health state (its hosts last one
+// connection: outlier detection and endpoint breakers would never see a
+// second one). cleanup_interval is accepted: meshlet keeps no host beyond
+// its connection.
+func decodeOriginalDstCluster(c *cluster.Cluster, out *Cluster) error {
+	kind, name := "cluster", out.Name
+	out.Type, out.LB = ClusterOriginalDst, LBClusterProvided
+	if c.GetLbPolicy() != cluster.Cluster_CLUSTER_PROVIDED {
+		return fieldErr(kind, name, "lb_policy", "an ORIGINAL_DST cluster needs CLUSTER_PROVIDED (got %s)", c.GetLbPolicy())
+	}
+	if c.GetLoadAssignment() != nil {
+		return fieldErr(kind, name, "load_assignment", "an ORIGINAL_DST cluster has no endpoints: each connection goes to its original destination")
+	}
+	if c.GetEdsClusterConfig() != nil {
+		return fieldErr(kind, name, "eds_cluster_config", "an ORIGINAL_DST cluster has no endpoints")
+	}
+	switch lc := c.GetLbConfig().(type) {
+	case nil:
+	case *cluster.Cluster_OriginalDstLbConfig_:
+		od := lc.OriginalDstLbConfig
+		if f := unsupportedField(od, "upstream_port_override"); f != "" {
+			return fieldErr(kind, name, "original_dst_lb_config."+f, "not supported (supported: upstream_port_override): the destination is the connection's original one")
+		}
+		if p := od.GetUpstreamPortOverride(); p != nil {
+			if p.GetValue() < 1 || p.GetValue() > 65535 {
+				return fieldErr(kind, name, "original_dst_lb_config.upstream_port_override", "%d out of range 1-65535", p.GetValue())
+			}
+			out.PortOverride = int(p.GetValue())
+		}
+	default:
+		return fieldErr(kind, name, "lb_config", "only original_dst_lb_config goes with ORIGINAL_DST")
+	}
+	if c.GetOutlierDetection() != nil {
+		return fieldErr(kind, name, "outlier_detection", "not supported on ORIGINAL_DST: each host serves one connection")
+	}
+	if err := decodeClusterCommon(c, out); err != nil {
+		return err
+	}
+	if out.EndpointBreaker != nil {
+		return fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].endpointBreaker", "not supported on ORIGINAL_DST: each host serves one connection")
+	}
+	return nil
+}
+
+// decodeClusterCommon decodes what every cluster type has: circuit
+// breakers, outlier detection, meshlet's extras, upstream TLS and HTTP
+// protocol options.
+func decodeClusterCommon(c *cluster.Cluster, out *Cluster) error {
+	kind, name := "cluster", out.Name
 	out.Thresholds = DefaultThresholds
 	maxRetriesSet := false
 	for i, t := range c.GetCircuitBreakers().GetThresholds() {
@@ -707,7 +940,7 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 			continue // no route asks for HIGH priority
 		}
 		if t.GetRetryBudget() != nil {
-			return nil, fieldErr(kind, name, fmt.Sprintf("circuit_breakers.thresholds[%d].retry_budget", i),
+			return fieldErr(kind, name, fmt.Sprintf("circuit_breakers.thresholds[%d].retry_budget", i),
 				"not supported: meshlet's retry budget is metadata.filter_metadata[%q].retryBudget", xds.MetadataNamespace)
 		}
 		maxRetriesSet = maxRetriesSet || t.GetMaxRetries() != nil
@@ -726,19 +959,19 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 	if od := c.GetOutlierDetection(); od != nil {
 		o, err := decodeOutlier(od)
 		if err != nil {
-			return nil, fieldErr(kind, name, "outlier_detection", "%v", err)
+			return fieldErr(kind, name, "outlier_detection", "%v", err)
 		}
 		out.Outlier = o
 	}
 	var extras xds.ClusterExtras
 	if err := xds.DecodeExtras(c.GetMetadata(), &extras); err != nil {
-		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"]", "%v", err)
+		return fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"]", "%v", err)
 	}
 	if b := extras.RetryBudget; b != nil && (b.Ratio < 0 || b.Ratio > 1 || b.MinRetriesPerSecond < 0 || b.TTL <= 0) {
-		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].retryBudget", "ratio must be 0-1, minRetriesPerSecond ≥ 0, ttl > 0")
+		return fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].retryBudget", "ratio must be 0-1, minRetriesPerSecond ≥ 0, ttl > 0")
 	}
 	if b := extras.EndpointBreaker; b != nil && (b.ConsecutiveFailures == 0 && b.FailureRatio == 0 || b.OpenInterval <= 0 || b.FailureRatio < 0 || b.FailureRatio > 1) {
-		return nil, fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].endpointBreaker", "needs consecutiveFailures or failureRatio (0-1), and openInterval > 0")
+		return fieldErr(kind, name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"].endpointBreaker", "needs consecutiveFailures or failureRatio (0-1), and openInterval > 0")
 	}
 	out.RetryBudget, out.EndpointBreaker = extras.RetryBudget, extras.EndpointBreaker
 	if out.RetryBudget != nil && !maxRetriesSet {
@@ -751,21 +984,21 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 	if ts := c.GetTransportSocket(); ts != nil {
 		var u tlsv3.UpstreamTlsContext
 		if err := ts.GetTypedConfig().UnmarshalTo(&u); err != nil {
-			return nil, fieldErr(kind, name, "transport_socket", "only %s with an UpstreamTlsContext is supported: %v", xds.TLSTransportSocket, err)
+			return fieldErr(kind, name, "transport_socket", "only %s with an UpstreamTlsContext is supported: %v", xds.TLSTransportSocket, err)
 		}
 		t, err := decodeUpstreamTLS(&u)
 		if err != nil {
-			return nil, fieldErr(kind, name, "transport_socket", "%v", err)
+			return fieldErr(kind, name, "transport_socket", "%v", err)
 		}
 		out.TLS = t
 	}
 	for key, opts := range c.GetTypedExtensionProtocolOptions() {
 		if key != xds.HTTPProtocolOptionsKey {
-			return nil, fieldErr(kind, name, "typed_extension_protocol_options", "unsupported key %q", key)
+			return fieldErr(kind, name, "typed_extension_protocol_options", "unsupported key %q", key)
 		}
 		var po upstreamhttp.HttpProtocolOptions
 		if err := opts.UnmarshalTo(&po); err != nil {
-			return nil, fieldErr(kind, name, "typed_extension_protocol_options["+key+"]", "%v", err)
+			return fieldErr(kind, name, "typed_extension_protocol_options["+key+"]", "%v", err)
 		}
 		switch {
 		case po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil:
@@ -773,10 +1006,10 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 		case po.GetExplicitHttpConfig().GetHttpProtocolOptions() != nil:
 			out.Protocol = xds.ProtocolHTTP
 		default:
-			return nil, fieldErr(kind, name, "typed_extension_protocol_options["+key+"]", "only explicit_http_config with HTTP/1.1 or HTTP/2 is supported")
+			return fieldErr(kind, name, "typed_extension_protocol_options["+key+"]", "only explicit_http_config with HTTP/1.1 or HTTP/2 is supported")
 		}
 	}
-	return out, nil
+	return nil
 }
 
 func decodeOutlier(od *cluster.OutlierDetection) (*OutlierDetection, error) {

@@ -130,7 +130,7 @@ func decodeListenerTracing(l *listener.Listener, out *Listener) error {
 				"unknown format %q (supported: %s, %s, %s)", p, PropagationTraceContext, PropagationB3, PropagationB3Multi)
 		}
 	}
-	for _, c := range out.Chains {
+	for _, c := range out.AllChains() {
 		if c.HTTP != nil && c.HTTP.Tracing != nil {
 			c.HTTP.Tracing.Outbound = l.GetTrafficDirection() == core.TrafficDirection_OUTBOUND
 			c.HTTP.Tracing.Propagation = prop
@@ -145,7 +145,7 @@ func (s *Snapshot) TraceProviders() []TraceProvider {
 	seen := map[TraceProvider]bool{}
 	var out []TraceProvider
 	for _, l := range s.Listeners {
-		for _, c := range l.Chains {
+		for _, c := range l.AllChains() {
 			if c.HTTP != nil && c.HTTP.Tracing != nil && !seen[c.HTTP.Tracing.Provider] {
 				seen[c.HTTP.Tracing.Provider] = true
 				out = append(out, c.HTTP.Tracing.Provider)

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,6 +32,27 @@ type Handler interface {
 	// Shutdown stops taking connections and waits for the open ones to
 	// finish until ctx is done, then closes them.
 	Shutdown(ctx context.Context)
+}
+
+// OriginalDstHandler is a Handler that also takes connections redirected
+// to a capture listener together with their original destination
+// (SO_ORIGINAL_DST): a TCP proxy whose cluster is ORIGINAL_DST connects to
+// it, and the TLS detection in front of chains passes it on.
+type OriginalDstHandler interface {
+	Handler
+	// HandleOriginalDst is Handle for a connection whose original
+	// destination was dst.
+	HandleOriginalDst(conn net.Conn, dst netip.AddrPort)
+}
+
+// HandleRedirected hands conn to h, with its original destination when h
+// takes one (OriginalDstHandler) and dst is valid.
+func HandleRedirected(h Handler, conn net.Conn, dst netip.AddrPort) {
+	if od, ok := h.(OriginalDstHandler); ok && dst.IsValid() {
+		od.HandleOriginalDst(conn, dst)
+		return
+	}
+	h.Handle(conn)
 }
 
 // Factory makes the Handler for a listener config.

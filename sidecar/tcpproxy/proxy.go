@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -33,6 +34,11 @@ type Recorder interface {
 	IdleTimeout(listener string)
 }
 
+// ReasonNoOriginalDst is why a connection is closed when its chain's
+// cluster is ORIGINAL_DST but the connection has no original destination
+// (its listener has no original_dst listener filter): the log's reason.
+const ReasonNoOriginalDst = "no_original_destination"
+
 // Proxy is the listener.Handler of the TCP proxy of one filter chain.
 type Proxy struct {
 	name     string
@@ -48,7 +54,7 @@ type Proxy struct {
 	wg       sync.WaitGroup // one per proxied connection
 }
 
-var _ listener.Handler = (*Proxy)(nil)
+var _ listener.OriginalDstHandler = (*Proxy)(nil)
 
 // New returns the handler of the TCP proxy of listener l's mTLS chain
 // (secure) or plaintext chain. rec may be nil.
@@ -70,7 +76,12 @@ func (p *Proxy) Update(l *config.Listener, _ *config.Snapshot) bool {
 }
 
 // Handle proxies conn in its own goroutine.
-func (p *Proxy) Handle(conn net.Conn) {
+func (p *Proxy) Handle(conn net.Conn) { p.HandleOriginalDst(conn, netip.AddrPort{}) }
+
+// HandleOriginalDst implements listener.OriginalDstHandler: it proxies
+// conn, redirected to a capture listener, in its own goroutine; an
+// ORIGINAL_DST cluster (config.ClusterOriginalDst) connects to dst.
+func (p *Proxy) HandleOriginalDst(conn net.Conn, dst netip.AddrPort) {
 	p.mu.Lock()
 	if p.shutdown {
 		p.mu.Unlock()
@@ -88,7 +99,7 @@ func (p *Proxy) Handle(conn net.Conn) {
 		if p.rec != nil {
 			defer p.rec.Connections(p.name, -1)
 		}
-		p.serve(conn)
+		p.serve(conn, dst)
 		p.mu.Lock()
 		delete(p.conns, conn)
 		p.mu.Unlock()
@@ -119,10 +130,10 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 	<-done
 }
 
-// serve connects down to an endpoint of the cluster, trying up to
-// MaxConnectAttempts endpoints (others first) when connecting fails, and
-// pipes bytes until both sides are done.
-func (p *Proxy) serve(down net.Conn) {
+// serve connects down to an endpoint of the cluster (to dst for an
+// ORIGINAL_DST cluster), trying up to MaxConnectAttempts endpoints (others
+// first) when connecting fails, and pipes bytes until both sides are done.
+func (p *Proxy) serve(down net.Conn, dst netip.AddrPort) {
 	defer down.Close()
 	chain := p.cfg.Load()
 	if chain.RBAC != nil {
@@ -144,10 +155,21 @@ func (p *Proxy) serve(down net.Conn) {
 		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "no_cluster")
 		return
 	}
+	originalDst := c.Config().Type == config.ClusterOriginalDst
+	if originalDst && !dst.IsValid() {
+		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", ReasonNoOriginalDst)
+		return
+	}
 	var triedBuf [4]*cluster.Endpoint
 	tried := triedBuf[:0]
 	for attempt := 1; ; attempt++ {
-		att, picked := c.Pick(0, false, tried)
+		var att *cluster.Attempt
+		var picked cluster.PickResult
+		if originalDst {
+			att, picked = c.PickOriginalDst(dst) // every attempt to the one destination
+		} else {
+			att, picked = c.Pick(0, false, tried)
+		}
 		if picked != cluster.Picked {
 			reason := "no_healthy_upstream"
 			if picked == cluster.CircuitOpen {

@@ -13,6 +13,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/httpproxy"
+	"github.com/meshlet/meshlet/sidecar/listener"
 	"github.com/meshlet/meshlet/sidecar/tcpproxy"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
@@ -62,6 +63,15 @@ import (
 //	    mTLS handshakes: side "inbound" (name = listener) or "upstream"
 //	    (name = cluster); result "ok" or the failure reason (expired,
 //	    unknown_ca, wrong_spiffe_id, plaintext, not_tls, ...)
+//	meshlet_sidecar_capture_refused_total{listener, reason}
+//	    connections a capture listener (transparent interception) closed
+//	    without serving them: no_filter_chain (no chain matched the original
+//	    destination and there is no default chain: registry-only),
+//	    not_redirected (dialled to the capture port directly), capture_loop
+//	    (the original destination is a capture listener of this sidecar)
+//	meshlet_sidecar_capture_passthrough_total{listener}
+//	    connections no chain of a capture listener matched, given its
+//	    default chain (the pass-through to their original destination)
 //	meshlet_sidecar_authz_denied_total{listener, rule}
 //	    requests and connections refused by authorization, by rule
 //	meshlet_sidecar_certificate_expiry_seconds{secret, kind, spiffe_id, serial}
@@ -82,21 +92,23 @@ type Metrics struct {
 	// Registry holds every metric; serve it with promhttp.HandlerFor.
 	Registry *prometheus.Registry
 
-	requests      *prometheus.CounterVec
-	duration      *prometheus.HistogramVec
-	downConns     *prometheus.GaugeVec
-	tcpIdle       *prometheus.CounterVec
-	udp           *udpVecs
-	spansExported prometheus.Counter
-	spansDropped  *prometheus.CounterVec
-	retries       *prometheus.CounterVec
-	retriesDenied *prometheus.CounterVec
-	overflow      *prometheus.CounterVec
-	ejections     *prometheus.CounterVec
-	breakerTrans  *prometheus.CounterVec
-	breakerState  *prometheus.GaugeVec
-	handshakes    *prometheus.CounterVec
-	authzDenied   *prometheus.CounterVec
+	requests           *prometheus.CounterVec
+	duration           *prometheus.HistogramVec
+	downConns          *prometheus.GaugeVec
+	tcpIdle            *prometheus.CounterVec
+	udp                *udpVecs
+	spansExported      prometheus.Counter
+	spansDropped       *prometheus.CounterVec
+	retries            *prometheus.CounterVec
+	retriesDenied      *prometheus.CounterVec
+	overflow           *prometheus.CounterVec
+	ejections          *prometheus.CounterVec
+	breakerTrans       *prometheus.CounterVec
+	breakerState       *prometheus.GaugeVec
+	handshakes         *prometheus.CounterVec
+	authzDenied        *prometheus.CounterVec
+	captureRefused     *prometheus.CounterVec
+	capturePassthrough *prometheus.CounterVec
 
 	// children caches the request metrics of each label set (sync.Map of
 	// requestKey → *requestChildren), sparing the hot path the label hashing
@@ -117,11 +129,12 @@ type requestChildren struct {
 }
 
 var (
-	_ cluster.Events     = (*Metrics)(nil)
-	_ httpproxy.Recorder = (*Metrics)(nil)
-	_ tcpproxy.Recorder  = (*Metrics)(nil)
-	_ udpproxy.Recorder  = (*Metrics)(nil)
-	_ tracing.Events     = (*Metrics)(nil)
+	_ cluster.Events           = (*Metrics)(nil)
+	_ httpproxy.Recorder       = (*Metrics)(nil)
+	_ tcpproxy.Recorder        = (*Metrics)(nil)
+	_ udpproxy.Recorder        = (*Metrics)(nil)
+	_ tracing.Events           = (*Metrics)(nil)
+	_ listener.CaptureRecorder = (*Metrics)(nil)
 )
 
 // DurationBuckets are the request duration histogram's buckets, in seconds
@@ -176,7 +189,13 @@ func New() *Metrics {
 	m.tcpIdle = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "meshlet_sidecar_tcp_idle_timeouts_total", Help: "TCP proxy connections closed because no byte moved either way for the idle timeout, by listener.",
 	}, []string{"listener"})
-	m.Registry.MustRegister(m.handshakes, m.authzDenied, m.tcpIdle)
+	m.captureRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshlet_sidecar_capture_refused_total", Help: "Connections a capture listener closed without serving them, by reason: no_filter_chain, not_redirected, capture_loop.",
+	}, []string{"listener", "reason"})
+	m.capturePassthrough = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshlet_sidecar_capture_passthrough_total", Help: "Connections no filter chain of a capture listener matched, given its default chain (pass-through to the original destination).",
+	}, []string{"listener"})
+	m.Registry.MustRegister(m.handshakes, m.authzDenied, m.tcpIdle, m.captureRefused, m.capturePassthrough)
 	m.udp = newUDPVecs(m.Registry)
 	m.Registry.MustRegister(m.duration, m.downConns, m.spansExported, m.spansDropped)
 	m.Registry.MustRegister(m.requests, m.retries, m.retriesDenied, m.overflow, m.ejections, m.breakerTrans, m.breakerState,
@@ -340,6 +359,16 @@ func (m *Metrics) TLSReason(err error) string { return tlsid.Reason(err) }
 // AuthzDenied implements httpproxy.Recorder and tcpproxy.Recorder.
 func (m *Metrics) AuthzDenied(listener, rule string) {
 	m.authzDenied.WithLabelValues(listener, rule).Inc()
+}
+
+// CaptureRefused implements listener.CaptureRecorder.
+func (m *Metrics) CaptureRefused(listener, reason string) {
+	m.captureRefused.WithLabelValues(listener, reason).Inc()
+}
+
+// CapturePassthrough implements listener.CaptureRecorder.
+func (m *Metrics) CapturePassthrough(listener string) {
+	m.capturePassthrough.WithLabelValues(listener).Inc()
 }
 
 // WatchCertificates registers meshlet_sidecar_certificate_expiry_seconds,

@@ -33,6 +33,9 @@ func known(m *Metrics) {
 	m.Connections("public_listener", 1)
 	m.Connections("public_listener", -1)
 	m.IdleTimeout("upstream:store")
+	m.CaptureRefused("outbound_listener", "no_filter_chain")
+	m.CaptureRefused("outbound_listener", "no_filter_chain")
+	m.CapturePassthrough("outbound_listener")
 	m.SpansExported(7)
 	m.SpansDropped(2, "queue_full")
 	m.WatchClusters(func() map[string]ClusterStats {
@@ -79,6 +82,8 @@ func TestMetricsCountsAndLabels(t *testing.T) {
 		{"authz denials", `meshlet_sidecar_authz_denied_total{listener="public_listener",rule="deny-all"} 1`},
 		{"active downstream connections", `meshlet_sidecar_downstream_connections_active{listener="public_listener"} 1`},
 		{"TCP idle timeouts", `meshlet_sidecar_tcp_idle_timeouts_total{listener="upstream:store"} 1`},
+		{"capture refusals", `meshlet_sidecar_capture_refused_total{listener="outbound_listener",reason="no_filter_chain"} 2`},
+		{"capture pass-through", `meshlet_sidecar_capture_passthrough_total{listener="outbound_listener"} 1`},
 		{"active upstream connections", `meshlet_sidecar_upstream_connections_active{cluster="api"} 4`},
 		{"pending upstream requests", `meshlet_sidecar_upstream_requests_pending{cluster="api"} 1`},
 		{"xDS connected", `meshlet_sidecar_xds_connected 1`},

@@ -54,6 +54,15 @@ func Start(t testing.TB) *Server {
 	return s
 }
 
+// StartOn starts a server on lis, a listener the test opened (e.g. inside
+// a network namespace of its own), and stops it when t ends.
+func StartOn(t testing.TB, lis net.Listener) *Server {
+	t.Helper()
+	s := startOnCache(lis, cache.NewSnapshotCache(true, cache.IDHash{}, nil), true)
+	t.Cleanup(s.Stop)
+	return s
+}
+
 // StartUnguarded starts a server without the NACK guard: plain
 // go-control-plane behaviour, which resends a rejected version at once. It
 // lets tests check that clients pace their NACKs against such servers.
