@@ -688,10 +688,17 @@ func findProcess(arg string) (int, error) {
 }
 
 // controlPlaneMetrics reads the control plane's /metrics from its admin
-// API, which listens on its pod's loopback: dialed from inside the pod's
-// network namespace (/proc/<pid>/ns/net).
-func controlPlaneMetrics(e *meshkube.Env) (string, error) {
-	pid, err := findProcess("-kube")
+// API, which listens on its pod's loopback.
+func controlPlaneMetrics(*meshkube.Env) (string, error) {
+	return inPodGet("-kube", "http://127.0.0.1:19100/metrics")
+}
+
+// inPodGet GETs url from inside the network namespace of the process whose
+// command line has arg (the kubelet runs containers on this host:
+// /proc/<pid>/ns/net is their pod's namespace), to reach what a pod serves
+// on its loopback.
+func inPodGet(arg, url string) (string, error) {
+	pid, err := findProcess(arg)
 	if err != nil {
 		return "", err
 	}
@@ -700,7 +707,7 @@ func controlPlaneMetrics(e *meshkube.Env) (string, error) {
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return devkube.DialInNetns(ctx, ns, network, addr)
 		}}}
-	resp, err := c.Get("http://127.0.0.1:19100/metrics")
+	resp, err := c.Get(url)
 	if err != nil {
 		return "", err
 	}

@@ -1,0 +1,278 @@
+package kubee2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/meshlet/meshlet/internal/devkube"
+	"github.com/meshlet/meshlet/internal/meshkube"
+	"github.com/meshlet/meshlet/xds"
+)
+
+// transparentApp is the example app with nothing meshlet-specific but the
+// namespace label and meshlet.io/transparent-proxy: web calls api and store
+// by their Service names; api fails half its answers on purpose, which a
+// RetryPolicy hides; web's app port is excluded from inbound interception
+// so the test can call it from the node as an ingress would.
+const transparentApp = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: tp, labels: {meshlet.io/inject: enabled}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: tp}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {meshlet.io/transparent-proxy: "true", meshlet.io/exclude-inbound-ports: "8080"}
+    spec:
+      containers:
+      - name: web
+        image: meshlet.local/examples:dev
+        imagePullPolicy: Never
+        command: [/usr/local/bin/web, -addr=0.0.0.0:8080, -api-url=http://api.tp.svc.cluster.local, -store-addr=store.tp.svc.cluster.local:9100]
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /health, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: tp}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api, namespace: tp}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata:
+      labels: {app: api}
+      annotations: {meshlet.io/transparent-proxy: "true"}
+    spec:
+      containers:
+      - name: api
+        image: meshlet.local/examples:dev
+        imagePullPolicy: Never
+        command: [/usr/local/bin/api, -addr=0.0.0.0:8080, -id=$(POD_NAME), -fail-rate=0.3]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /health, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: tp}
+spec: {selector: {app: api}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: store, namespace: tp}
+spec:
+  selector: {matchLabels: {app: store}}
+  template:
+    metadata:
+      labels: {app: store}
+      annotations: {meshlet.io/transparent-proxy: "true"}
+    spec:
+      containers:
+      - name: store
+        image: meshlet.local/examples:dev
+        imagePullPolicy: Never
+        command: [/usr/local/bin/store, -addr=0.0.0.0:9100, -id=$(POD_NAME)]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{containerPort: 9100}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: store, namespace: tp}
+spec: {selector: {app: store}, ports: [{port: 9100, targetPort: 9100}]}
+`
+
+// TestTransparentProxy: an unmodified app calling its upstreams by
+// Service name is carried through both sidecars with mTLS (api sees web's
+// SPIFFE ID), a retry policy on api applies to that traffic, an intention
+// deny blocks it with 403 authz_denied at the caller's sidecar, a TCP
+// service is reached the same way, an address outside the mesh passes
+// through (allow-any) or is refused (registry-only), and a Job in the
+// namespace completes.
+func TestTransparentProxy(t *testing.T) {
+	e := mesh(t)
+	ctx := context.Background()
+	intention(t, e, "web", "api")
+	intention(t, e, "web", "store")
+	intention(t, e, "caller", "api")
+	cm, err := e.Client().CoreV1().ConfigMaps(meshkube.Namespace).Get(ctx, meshkube.PoliciesConfig, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The repository's mesh and service defaults (api and web speak HTTP),
+	// and a retry policy of this test's own for api (10 retries on 5xx:
+	// 30 calls to an api failing 30% of the time all succeed but with
+	// probability 1 - 30 × 0.3^11).
+	policies := map[string]string{"mesh.yaml": cm.Data["mesh.yaml"], "services.yaml": cm.Data["services.yaml"],
+		"retry.yaml": "apiVersion: meshlet.io/v1alpha1\nkind: RetryPolicy\nmetadata: {name: api-retries}\nspec:\n  service: api\n  retryOn: [5xx]\n  numRetries: 10\n  backoff: {baseInterval: 5ms, maxInterval: 20ms}\n"}
+	if err := e.SetPolicyData(ctx, policies); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.SetPolicyData(ctx, cm.Data) })
+	applyYAML(t, e, transparentApp)
+	appReady(t, e, "tp", 3*time.Minute, "web", "api", "store")
+	for _, p := range pods(t, e, "tp", "") {
+		if len(p.Spec.InitContainers) < 2 || p.Spec.InitContainers[0].Name != "meshlet-init" {
+			t.Fatalf("pod %s: no meshlet-init before the sidecar: %v", p.Name, p.Spec.InitContainers)
+		}
+	}
+	roots, _, err := e.Consul.Client.Agent().ConnectCARoots(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := pods(t, e, "tp", "app=web")[0]
+	webURL := "http://" + net.JoinHostPort(web.Status.PodIP, "8080")
+
+	// web → api by name: mTLS, web's identity, the retry policy hides
+	// api's failures (half of its answers are 503).
+	ok := 0
+	eventually(t, 90*time.Second, "web reaches api by its Service name", func() error {
+		code, body, err := httpGet(e, webURL+"/api")
+		if err != nil || code != 200 {
+			return fmt.Errorf("%d %s %v", code, body, err)
+		}
+		var got map[string]string
+		_ = json.Unmarshal(body, &got)
+		if want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web"; got["caller"] != want {
+			t.Fatalf("api saw caller %q, want %q", got["caller"], want)
+		}
+		return nil
+	})
+	for range 30 {
+		if code, _, err := httpGet(e, webURL+"/api"); err == nil && code == 200 {
+			ok++
+		}
+	}
+	if ok != 30 {
+		t.Errorf("%d of 30 calls succeeded; the retry policy (10 retries on 5xx) should hide api's 30%% failures", ok)
+	}
+	// web → store (TCP) by name.
+	if code, body, err := httpGet(e, webURL+"/store"); err != nil || code != 200 {
+		t.Errorf("web → store by name: %d %s %v", code, body, err)
+	}
+
+	// An intention deny: refused at web's sidecar with the typed reason.
+	entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: "api",
+		Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionDeny}, {Name: "caller", Action: api.IntentionActionAllow}}}
+	if _, _, err := e.Consul.Client.ConfigEntries().Set(entry, nil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "the deny in force", func() error {
+		code, body, err := httpGet(e, webURL+"/api")
+		if err != nil {
+			return err
+		}
+		if code != http.StatusBadGateway || !strings.Contains(string(body), "403") || !strings.Contains(string(body), "authz_denied") {
+			return fmt.Errorf("%d %s", code, body)
+		}
+		return nil
+	})
+	entry.Sources = []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}, {Name: "caller", Action: api.IntentionActionAllow}}
+	if _, _, err := e.Consul.Client.ConfigEntries().Set(entry, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	// Outside the mesh: a server on the node, reached by a Job in the
+	// namespace (pass-through); the Job completes with its sidecar.
+	ln, err := e.Cluster.Listen("tcp", devkube.NodeIP+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	outside := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "outside") })}
+	go outside.Serve(ln)
+	t.Cleanup(func() { outside.Close() })
+	runJob(t, e, "tp", "caller-out", "http://"+ln.Addr().String()+"/", true)
+	runJob(t, e, "tp", "caller", "http://api.tp.svc.cluster.local/hello", true)
+
+	// registry-only: the same address is refused.
+	policies["mesh-outbound.yaml"] = "apiVersion: meshlet.io/v1alpha1\nkind: MeshDefaults\nmetadata: {name: mesh}\nspec: {mtls: {mode: strict}, outbound: registry-only}\n"
+	delete(policies, "mesh.yaml")
+	if err := e.SetPolicyData(ctx, policies); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 90*time.Second, "registry-only in web's sidecar (no pass-through chain)", func() error {
+		dump, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/config_dump")
+		if err != nil {
+			return err
+		}
+		if strings.Contains(dump, `"passthrough"`) || !strings.Contains(dump, "outbound_listener") {
+			return fmt.Errorf("web's outbound capture listener still passes through")
+		}
+		return nil
+	})
+	runJob(t, e, "tp", "caller-refused", "http://"+ln.Addr().String()+"/", false)
+}
+
+// runJob runs testapp get url in a Job of ns and waits for it to succeed
+// (or, with !succeed, to fail).
+func runJob(t *testing.T, e *meshkube.Env, ns, name, url string, succeed bool) {
+	t.Helper()
+	timeout := "30s"
+	if !succeed {
+		timeout = "5s"
+	}
+	applyYAML(t, e, fmt.Sprintf(`
+apiVersion: batch/v1
+kind: Job
+metadata: {name: %s, namespace: %s}
+spec:
+  backoffLimit: 0
+  template:
+    metadata: {annotations: {meshlet.io/transparent-proxy: "true", meshlet.io/service: caller}}
+    spec:
+      restartPolicy: Never
+      containers:
+      - {name: get, image: meshlet.local/devkube-testapp:dev, imagePullPolicy: Never, args: [get, -timeout, %s, %q]}
+`, name, ns, timeout, url))
+	eventually(t, 2*time.Minute, "job "+name+" done", func() error {
+		j, err := e.Client().BatchV1().Jobs(ns).Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		switch {
+		case j.Status.Succeeded > 0 && succeed, j.Status.Failed > 0 && !succeed:
+			return nil
+		case j.Status.Succeeded > 0 || j.Status.Failed > 0:
+			logs, _ := e.Cluster.Kubectl(context.Background(), "-n", ns, "logs", "job/"+name, "--all-containers")
+			t.Fatalf("job %s: succeeded %d failed %d, want success %v\n%s", name, j.Status.Succeeded, j.Status.Failed, succeed, logs)
+		}
+		return fmt.Errorf("active %d", j.Status.Active)
+	})
+}
+
+// applyYAML applies manifests with kubectl.
+func applyYAML(t *testing.T, e *meshkube.Env, manifests string) {
+	t.Helper()
+	f := t.TempDir() + "/m.yaml"
+	if err := writeFile(f, manifests); err != nil {
+		t.Fatal(err)
+	}
+	kubectl(t, e, "apply", "-f", f)
+}
+
+func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o644) }
+
+// sidecarAdmin GETs path from the admin endpoint of the sidecar with node
+// ID id, on its pod's loopback.
+func sidecarAdmin(id, path string) (string, error) {
+	return inPodGet("-node-id="+id, "http://127.0.0.1:19000"+path)
+}
