@@ -210,14 +210,31 @@ func TestTransparentProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, 90*time.Second, "registry-only in web's sidecar (no pass-through chain)", func() error {
-		dump, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/config_dump")
+		body, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/listeners?format=json")
 		if err != nil {
 			return err
 		}
-		if strings.Contains(dump, `"passthrough"`) || !strings.Contains(dump, "outbound_listener") {
-			return fmt.Errorf("web's outbound capture listener still passes through")
+		var got struct {
+			ListenerStatuses []struct {
+				Name         string
+				FilterChains []struct{ Default bool } `json:"filter_chains"`
+			} `json:"listener_statuses"`
 		}
-		return nil
+		if err := json.Unmarshal([]byte(body), &got); err != nil {
+			return fmt.Errorf("/listeners?format=json: %v: %s", err, body)
+		}
+		for _, l := range got.ListenerStatuses {
+			if l.Name != xds.OutboundCaptureListener {
+				continue
+			}
+			for _, c := range l.FilterChains {
+				if c.Default {
+					return fmt.Errorf("web's outbound capture listener still has its default (pass-through) chain")
+				}
+			}
+			return nil
+		}
+		return fmt.Errorf("web's sidecar has no %s: %s", xds.OutboundCaptureListener, body)
 	})
 	runJob(t, e, "tp", "caller-refused", "http://"+ln.Addr().String()+"/", false)
 }
