@@ -20,7 +20,7 @@ RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/controlplane ./con
 # the files deploy/tools/xtables-files.sh lists, as `make image` adds them.
 FROM debian:bookworm-slim AS xtables
 RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
-COPY deploy/tools/xtables-files.sh /xtables-files.sh
+COPY deploy/tools/xtables-files.sh deploy/tools/elf-files.sh /
 RUN /xtables-files.sh --rootfs /rootfs
 
 FROM gcr.io/distroless/static-debian12:nonroot

@@ -120,7 +120,7 @@ $(BIN)/ociimage: $(GO_SOURCES)
 	$(GO) build -o $@ ./internal/ociimage/cmd/ociimage
 
 image: $(IMAGES)/meshlet.tar
-images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar $(IMAGES)/examples.tar
+images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar $(IMAGES)/examples.tar $(IMAGES)/redis.tar
 
 # The example application (examples/kubernetes): web, api and store.
 $(IMAGES)/examples.tar: $(STATIC)/web $(STATIC)/api $(STATIC)/store $(BIN)/ociimage
@@ -132,7 +132,7 @@ $(IMAGES)/examples.tar: $(STATIC)/web $(STATIC)/api $(STATIC)/store $(BIN)/ociim
 # legacy, with their libraries, loader and plugins), which `sidecar
 # intercept` runs in the injected init container: the flags come from
 # deploy/tools/xtables-files.sh (needs the iptables package).
-$(IMAGES)/meshlet.tar: $(STATIC)/controlplane $(STATIC)/sidecar $(POLICY_FILES) $(BIN)/ociimage deploy/tools/xtables-files.sh
+$(IMAGES)/meshlet.tar: $(STATIC)/controlplane $(STATIC)/sidecar $(POLICY_FILES) $(BIN)/ociimage deploy/tools/xtables-files.sh deploy/tools/elf-files.sh
 	@mkdir -p $(IMAGES)
 	@deploy/tools/deps.sh image
 	deploy/tools/xtables-files.sh > $(BIN)/xtables.flags
@@ -141,6 +141,16 @@ $(IMAGES)/meshlet.tar: $(STATIC)/controlplane $(STATIC)/sidecar $(POLICY_FILES) 
 		$(foreach f,$(POLICY_FILES),-file $(f):/etc/meshlet/$(f):644) \
 		$$(cat $(BIN)/xtables.flags) \
 		-dir /tmp:1777 -entrypoint '["/usr/local/bin/sidecar"]'
+
+# Debian's redis-server and redis-cli with their libraries, for the
+# Kubernetes tests' Redis Service and client (a real Redis through
+# transparent interception).
+$(IMAGES)/redis.tar: $(BIN)/ociimage deploy/tools/elf-files.sh
+	@mkdir -p $(IMAGES)
+	@deploy/tools/deps.sh image
+	deploy/tools/elf-files.sh /usr/bin/redis-server /usr/bin/redis-cli > $(BIN)/redis.flags
+	$(BIN)/ociimage -o $@ -tag meshlet.local/redis:dev $$(cat $(BIN)/redis.flags) -dir /tmp:1777 \
+		-entrypoint '["/usr/bin/redis-server"]'
 
 $(IMAGES)/pause.tar: $(STATIC)/pause $(BIN)/ociimage
 	@mkdir -p $(IMAGES)

@@ -14,8 +14,9 @@
 #   bench  `make bench`: HAProxy, nginx (+ stream module), wrk, redis, ghz
 #   kube   the one-node Kubernetes cluster (internal/devkube): etcd,
 #          containerd, runc, CNI plugins, iptables, conntrack
-#   image  `make image`: iptables, whose binaries and libraries the
-#          meshlet image carries (deploy/tools/xtables-files.sh)
+#   image  `make images`: iptables, whose binaries and libraries the
+#          meshlet image carries (deploy/tools/xtables-files.sh), and
+#          redis-server, redis-tools for the tests' redis image
 #
 # -n (dry run) prints what would be installed and exits 1 when something is
 # missing, 0 when nothing is. DEPS_EXTRA_PACKAGES adds Debian packages to
@@ -49,7 +50,7 @@ for group in "$@"; do
 	kube)
 		debs+=(etcd-server containerd runc containernetworking-plugins iptables conntrack iproute2 util-linux)
 		;;
-	image) debs+=(iptables) ;;
+	image) debs+=(iptables redis-server redis-tools) ;;
 	*) echo "deps.sh: unknown group $group (demo, test, bench, kube, image)" >&2; exit 2 ;;
 	esac
 done

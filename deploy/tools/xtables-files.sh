@@ -10,7 +10,7 @@
 #     the plain iptables, iptables-save, iptables-restore and ip6tables ones
 #     point at nft, Debian's default alternative);
 #   - every shared library `ldd` names for them and for the plugins, at the
-#     path ldd prints, and the dynamic loader;
+#     path ldd prints, and the dynamic loader (deploy/tools/elf-files.sh);
 #   - the plugins directory (/usr/lib/<triplet>/xtables: libxt_REDIRECT.so,
 #     libxt_owner.so, libxt_comment.so ... are dlopen()ed by name);
 #   - /etc/protocols (iptables resolves "-p tcp" through it);
@@ -54,8 +54,6 @@ libxtables=$(ldd "$sbin/xtables-nft-multi" | awk '$1 ~ /^libxtables\.so/ {print 
 plugins=/usr/lib/$(basename "$(dirname "$libxtables")")/xtables
 [ -d "$plugins" ] || { echo "xtables-files.sh: no plugins directory $plugins" >&2; exit 1; }
 
-file "$sbin/xtables-nft-multi" "$sbin/xtables-nft-multi" 755
-file "$sbin/xtables-legacy-multi" "$sbin/xtables-legacy-multi" 755
 for fam in iptables ip6tables; do
 	for backend in nft legacy; do
 		for tool in "" -save -restore; do
@@ -67,28 +65,18 @@ for fam in iptables ip6tables; do
 	done
 done
 
-# Plugins: regular files are copied, links (libxt_DNAT.so -> libxt_NAT.so
-# ...) stay links.
+# The binaries, the plugins (regular files; links such as libxt_DNAT.so
+# -> libxt_NAT.so stay links) and every library they need.
+regular=()
 for p in "$plugins"/*.so; do
 	if [ -L "$p" ]; then
 		symlink "$p" "$(readlink "$p")"
 	else
-		file "$p" "$p" 644
+		regular+=("$p")
 	fi
 done
-
-# Libraries: the union of what ldd lists for the binaries and the plugins
-# ("name => /path (addr)"; the loader as "/path (addr)"), content copied
-# from the resolved file to the path ldd shows.
-{
-	for f in "$sbin/xtables-nft-multi" "$sbin/xtables-legacy-multi" "$plugins"/*.so; do
-		ldd "$f"
-	done
-} | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u | while read -r lib; do
-	mode=644
-	case $lib in */ld-linux*) mode=755 ;; esac
-	file "$(readlink -f "$lib")" "$lib" "$mode"
-done
+here=$(dirname "${BASH_SOURCE[0]}")
+"$here/elf-files.sh" ${rootfs:+--rootfs "$rootfs"} "$sbin/xtables-nft-multi" "$sbin/xtables-legacy-multi" "${regular[@]}"
 
 file /etc/protocols /etc/protocols 644
 dir /run 755

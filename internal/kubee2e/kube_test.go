@@ -71,7 +71,7 @@ func mesh(t *testing.T) *meshkube.Env {
 		defer cancel()
 		root, _ := filepath.Abs("../..")
 		env, envErr = meshkube.Up(ctx, meshkube.Options{Root: root, PolicyDir: filepath.Join(root, "policies"), Log: log,
-			Images: []string{meshkube.ExamplesImage, meshkube.TestAppImage}})
+			Images: []string{meshkube.ExamplesImage, meshkube.TestAppImage, redisImage}})
 	})
 	if envErr != nil {
 		t.Fatalf("the cluster with meshlet: %v", envErr)

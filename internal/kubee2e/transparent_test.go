@@ -99,21 +99,49 @@ apiVersion: v1
 kind: Service
 metadata: {name: store, namespace: tp}
 spec: {selector: {app: store}, ports: [{port: 9100, targetPort: 9100}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: redis, namespace: tp}
+spec:
+  selector: {matchLabels: {app: redis}}
+  template:
+    metadata:
+      labels: {app: redis}
+      annotations: {meshlet.io/transparent-proxy: "true"}
+    spec:
+      containers:
+      - name: redis
+        image: meshlet.local/redis:dev
+        imagePullPolicy: Never
+        args: [--port, "6379", --protected-mode, "no", --save, "", --appendonly, "no", --dir, /tmp]
+        ports: [{containerPort: 6379}]
+        readinessProbe: {tcpSocket: {port: 6379}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: redis, namespace: tp}
+spec: {selector: {app: redis}, ports: [{port: 6379, targetPort: 6379}]}
 `
+
+// redisImage is Debian's redis-server and redis-cli (make images).
+const redisImage = "redis.tar"
 
 // TestTransparentProxy: an unmodified app calling its upstreams by
 // Service name is carried through both sidecars with mTLS (api sees web's
 // SPIFFE ID), a retry policy on api applies to that traffic, an intention
 // deny blocks it with 403 authz_denied at the caller's sidecar, a TCP
 // service is reached the same way, an address outside the mesh passes
-// through (allow-any) or is refused (registry-only), and a Job in the
-// namespace completes.
+// through (allow-any) or is refused (registry-only), a Redis client (a
+// Job running redis-cli) reaches a Redis Service by name, and a Job in
+// the namespace completes.
 func TestTransparentProxy(t *testing.T) {
 	e := mesh(t)
 	ctx := context.Background()
 	intention(t, e, "web", "api")
 	intention(t, e, "web", "store")
 	intention(t, e, "caller", "api")
+	intention(t, e, "caller", "redis")
 	cm, err := e.Client().CoreV1().ConfigMaps(meshkube.Namespace).Get(ctx, meshkube.PoliciesConfig, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -129,7 +157,7 @@ func TestTransparentProxy(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = e.SetPolicyData(ctx, cm.Data) })
 	applyYAML(t, e, transparentApp)
-	appReady(t, e, "tp", 3*time.Minute, "web", "api", "store")
+	appReady(t, e, "tp", 3*time.Minute, "web", "api", "store", "redis")
 	for _, p := range pods(t, e, "tp", "") {
 		if len(p.Spec.InitContainers) < 2 || p.Spec.InitContainers[0].Name != "meshlet-init" {
 			t.Fatalf("pod %s: no meshlet-init before the sidecar: %v", p.Name, p.Spec.InitContainers)
@@ -200,8 +228,25 @@ func TestTransparentProxy(t *testing.T) {
 	outside := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "outside") })}
 	go outside.Serve(ln)
 	t.Cleanup(func() { outside.Close() })
-	runJob(t, e, "tp", "caller-out", "http://"+ln.Addr().String()+"/", true)
-	runJob(t, e, "tp", "caller", "http://api.tp.svc.cluster.local/hello", true)
+	runJob(t, e, "tp", "caller-out", getContainer("http://"+ln.Addr().String()+"/", 30*time.Second), true)
+	runJob(t, e, "tp", "caller", getContainer("http://api.tp.svc.cluster.local/hello", 30*time.Second), true)
+
+	// Redis by Service name: redis-cli (-e: exit 1 on an error reply or no
+	// connection) SETs through both sidecars, a second Job GETs it back.
+	// The redis pod's inbound is intercepted and mTLS is strict, so only
+	// the mesh path can carry it.
+	redisCLI := func(args ...string) string {
+		q := make([]string, len(args))
+		for i, a := range args {
+			q[i] = fmt.Sprintf("%q", a)
+		}
+		return `{name: redis-cli, image: meshlet.local/redis:dev, imagePullPolicy: Never, command: [/usr/bin/redis-cli, -e, -h, redis.tp.svc.cluster.local, -p, "6379", ` + strings.Join(q, ", ") + `]}`
+	}
+	runJob(t, e, "tp", "redis-set", redisCLI("SET", "meshlet", "transparent"), true)
+	runJob(t, e, "tp", "redis-get", redisCLI("GET", "meshlet"), true)
+	if logs, err := e.Cluster.Kubectl(ctx, "-n", "tp", "logs", "job/redis-get", "-c", "redis-cli"); err != nil || strings.TrimSpace(logs) != "transparent" {
+		t.Errorf("redis-cli GET meshlet through the mesh printed %q (%v), want transparent", logs, err)
+	}
 
 	// registry-only: the same address is refused.
 	policies["mesh-outbound.yaml"] = "apiVersion: meshlet.io/v1alpha1\nkind: MeshDefaults\nmetadata: {name: mesh}\nspec: {mtls: {mode: strict}, outbound: registry-only}\n"
@@ -236,17 +281,19 @@ func TestTransparentProxy(t *testing.T) {
 		}
 		return fmt.Errorf("web's sidecar has no %s: %s", xds.OutboundCaptureListener, body)
 	})
-	runJob(t, e, "tp", "caller-refused", "http://"+ln.Addr().String()+"/", false)
+	runJob(t, e, "tp", "caller-refused", getContainer("http://"+ln.Addr().String()+"/", 5*time.Second), false)
 }
 
-// runJob runs testapp get url in a Job of ns and waits for it to succeed
-// (or, with !succeed, to fail).
-func runJob(t *testing.T, e *meshkube.Env, ns, name, url string, succeed bool) {
+// getContainer is a Job container running testapp get url.
+func getContainer(url string, timeout time.Duration) string {
+	return fmt.Sprintf(`{name: get, image: meshlet.local/devkube-testapp:dev, imagePullPolicy: Never, args: [get, -timeout, %s, %q]}`, timeout, url)
+}
+
+// runJob runs a Job of ns, as the mesh service caller, with one container
+// (a YAML flow mapping) and waits for it to succeed (or, with !succeed,
+// to fail).
+func runJob(t *testing.T, e *meshkube.Env, ns, name, container string, succeed bool) {
 	t.Helper()
-	timeout := "30s"
-	if !succeed {
-		timeout = "5s"
-	}
 	applyYAML(t, e, fmt.Sprintf(`
 apiVersion: batch/v1
 kind: Job
@@ -258,8 +305,8 @@ spec:
     spec:
       restartPolicy: Never
       containers:
-      - {name: get, image: meshlet.local/devkube-testapp:dev, imagePullPolicy: Never, args: [get, -timeout, %s, %q]}
-`, name, ns, timeout, url))
+      - %s
+`, name, ns, container))
 	eventually(t, 2*time.Minute, "job "+name+" done", func() error {
 		j, err := e.Client().BatchV1().Jobs(ns).Get(context.Background(), name, metav1.GetOptions{})
 		if err != nil {
