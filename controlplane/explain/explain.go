@@ -138,7 +138,7 @@ func Why(cat *model.Catalog, pol *policy.Set, p *model.Proxy, dst netip.AddrPort
 		for _, u := range ex.UIDs {
 			uids = append(uids, strconv.Itoa(u))
 		}
-		step("interception", "redirected to the sidecar's outbound capture listener 127.0.0.1:%d (nat OUTPUT → REDIRECT; connections of uid %s bypass)",
+		step("interception", "redirected to the sidecar's outbound capture listener 127.0.0.1:%d (nat OUTPUT → MESHLET_OUTBOUND → REDIRECT; connections of uid %s bypass)",
 			port, strings.Join(uids, ", "))
 		return r, r.capture(cat, pol, p, res, dst, step)
 	}

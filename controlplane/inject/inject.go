@@ -74,6 +74,8 @@ type Config struct {
 	NativeSidecars bool
 	// TransparentByDefault intercepts the traffic of pods that do not set
 	// AnnotationTransparentProxy (an init container installs the rules).
+	// False here; `controlplane serve -kube -transparent-proxy` defaults
+	// to true, as consul-k8s's transparent proxy does.
 	TransparentByDefault bool
 }
 
@@ -428,4 +430,18 @@ func hasContainer(pod *corev1.Pod, name string) bool {
 		}
 	}
 	return false
+}
+
+// NativeSidecar returns the injected sidecar when spec has it as a native
+// sidecar (an init container named SidecarContainer with restartPolicy
+// Always), wherever it is among the init containers (meshlet-init comes
+// before it in transparent mode); nil otherwise.
+func NativeSidecar(spec *corev1.PodSpec) *corev1.Container {
+	for i := range spec.InitContainers {
+		c := &spec.InitContainers[i]
+		if c.Name == SidecarContainer && c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+			return c
+		}
+	}
+	return nil
 }

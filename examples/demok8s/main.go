@@ -226,7 +226,7 @@ func (d *demo) showInjection(ctx context.Context) {
 	}
 	injected := 0
 	for _, p := range pods.Items {
-		if len(p.Spec.InitContainers) > 0 && p.Spec.InitContainers[0].Name == inject.SidecarContainer {
+		if inject.NativeSidecar(&p.Spec) != nil {
 			injected++
 		}
 	}

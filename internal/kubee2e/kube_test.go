@@ -188,14 +188,14 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 	appReady(t, e, "shop", 3*time.Minute, "web", "api", "store")
 	t.Logf("figure: example application (5 injected pods) Ready %v after kubectl apply", time.Since(applied).Round(time.Millisecond))
 
-	// Every pod has the native sidecar first among its init containers.
+	// Every pod has the native sidecar among its init containers (after
+	// meshlet-init, which installs the interception rules).
 	all := pods(t, e, "shop", "")
 	if len(all) != 5 {
 		t.Fatalf("%d pods in shop, want 5", len(all))
 	}
 	for _, p := range all {
-		if len(p.Spec.InitContainers) == 0 || p.Spec.InitContainers[0].Name != inject.SidecarContainer ||
-			p.Spec.InitContainers[0].RestartPolicy == nil || *p.Spec.InitContainers[0].RestartPolicy != corev1.ContainerRestartPolicyAlways {
+		if inject.NativeSidecar(&p.Spec) == nil {
 			t.Errorf("pod %s: no native sidecar: %+v", p.Name, p.Spec.InitContainers)
 		}
 	}

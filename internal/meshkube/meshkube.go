@@ -254,7 +254,7 @@ func (e *Env) WaitInjecting(ctx context.Context, timeout time.Duration) error {
 		switch {
 		case err != nil:
 			last = err
-		case len(got.Spec.InitContainers) == 0 || got.Spec.InitContainers[0].Name != inject.SidecarContainer:
+		case inject.NativeSidecar(&got.Spec) == nil:
 			last = errors.New("the dry-run pod came back without a sidecar")
 		default:
 			_ = e.Client().CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{})

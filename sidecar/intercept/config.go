@@ -35,7 +35,7 @@ const (
 // alone. The zero value is usable: every field has a default (see
 // WithDefaults), applied by Rules and Install. The exclusions come from the
 // pod's annotations, passed by the injection webhook as flags of `sidecar
-// intercept` (see the README, "Transparent interception rules"):
+// intercept` (see the README, "Transparent proxy"):
 // meshlet.io/exclude-outbound-ports, -outbound-cidrs, -inbound-ports and
 // -uids.
 type Config struct {

@@ -151,7 +151,7 @@ func serve(args []string, stderr io.Writer) int {
 	pullPolicy := fs.String("sidecar-pull-policy", "", "with -kube: imagePullPolicy of the injected sidecar (Always, IfNotPresent, Never; default Kubernetes')")
 	fs.StringVar(&kc.Injector.XDSAddress, "sidecar-xds-addr", inject.DefaultXDSAddress, "with -kube: the ADS address injected sidecars dial")
 	fs.StringVar(&kc.NativeSidecars, "native-sidecars", "auto", "with -kube: inject native sidecars (init containers with restartPolicy Always): true, false, or auto (API server 1.29 or later)")
-	fs.BoolVar(&kc.Injector.TransparentByDefault, "transparent-proxy", false, "with -kube: intercept injected pods' traffic unless they set meshlet.io/transparent-proxy: \"false\" (an init container installs iptables rules)")
+	fs.BoolVar(&kc.Injector.TransparentByDefault, "transparent-proxy", true, "with -kube: intercept injected pods' traffic unless they set meshlet.io/transparent-proxy: \"false\" (an init container installs iptables rules); consul-k8s's default")
 	fs.BoolVar(&kc.Register, "register", true, "with -kube: register injected pods in Consul")
 	fs.BoolVar(&kc.LeaderElect, "leader-elect", true, "with -kube: run the registration in one replica at a time (Lease "+kube.DefaultLeaseName+")")
 	fs.StringVar(&kc.Identity, "identity", os.Getenv("POD_NAME"), "with -kube: this replica's name in the lease (env POD_NAME; default the host name)")
