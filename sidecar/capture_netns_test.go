@@ -98,23 +98,13 @@ func TestCaptureInNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	xdsLn, err := ns.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := xdstest.StartOn(t, xdsLn)
 	const nodeID = "capture-test"
 	res := func(passthrough bool) xdstest.Resources {
 		r := captureNetnsResources(t, api.addr, redis.addr(), app.addr(), passthrough)
 		r.Secrets = []types.Resource{xds.NewCertSecret(dbLeaf.CertPEM, dbLeaf.KeyPEM), xds.NewRootsSecret([]string{ca.CertPEM})}
 		return r
 	}
-	srv.Set(t, nodeID, "v1", res(true))
-	sc := startNSSidecar(t, ns, nodeID, srv.Addr)
-	waitUntil(t, 20*time.Second, "sidecar ready", func() bool {
-		code, _ := sc.get("/ready")
-		return code == http.StatusOK
-	})
+	srv, sc := startCaptureSidecar(t, ns, nodeID, res(true))
 	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: ns.DialContext, DisableKeepAlives: true}}
 
 	t.Run("HTTP chain, any Host", func(t *testing.T) {
@@ -285,7 +275,7 @@ func TestCaptureInNetns(t *testing.T) {
 // public listener's mTLS chain to local_app; other ports: pass-through);
 // STATIC clusters api, redis and local_app, and the
 // ORIGINAL_DST cluster.
-func captureNetnsResources(t *testing.T, api, redis, app string, passthrough bool) xdstest.Resources {
+func captureNetnsResources(t testing.TB, api, redis, app string, passthrough bool) xdstest.Resources {
 	t.Helper()
 	chains := []xds.CaptureChain{
 		{Name: "upstream:api", Port: 80, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.0.12/32"), netip.MustParsePrefix("fd00:96::12/128")},
@@ -313,7 +303,29 @@ func captureNetnsResources(t *testing.T, api, redis, app string, passthrough boo
 	}
 }
 
-// nsSidecar is the sidecar process of TestCaptureInNetns.
+// startCaptureSidecar starts a go-control-plane server listening inside
+// ns that serves res to nodeID as version "v1", then the sidecar inside
+// ns as captureUID (startNSSidecar), and waits until the sidecar is ready
+// (its listeners bound). TestCaptureInNetns and BenchmarkInterception
+// share it; both stop when t ends.
+func startCaptureSidecar(t testing.TB, ns *netnstest.NS, nodeID string, res xdstest.Resources) (*xdstest.Server, *nsSidecar) {
+	t.Helper()
+	xdsLn, err := ns.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := xdstest.StartOn(t, xdsLn)
+	srv.Set(t, nodeID, "v1", res)
+	sc := startNSSidecar(t, ns, nodeID, srv.Addr)
+	waitUntil(t, 20*time.Second, "sidecar ready", func() bool {
+		code, _ := sc.get("/ready")
+		return code == http.StatusOK
+	})
+	return srv, sc
+}
+
+// nsSidecar is the sidecar process of TestCaptureInNetns and
+// BenchmarkInterception.
 type nsSidecar struct {
 	ns     *netnstest.NS
 	admin  string
@@ -323,7 +335,7 @@ type nsSidecar struct {
 
 // captureSidecarBinary returns $MESHLET_SIDECAR_BIN, else the sidecar
 // built into the test's temporary directory, made readable by captureUID.
-func captureSidecarBinary(t *testing.T) string {
+func captureSidecarBinary(t testing.TB) string {
 	t.Helper()
 	if p := os.Getenv("MESHLET_SIDECAR_BIN"); p != "" {
 		return p
@@ -343,7 +355,7 @@ func captureSidecarBinary(t *testing.T) string {
 
 // startNSSidecar runs the sidecar inside ns as captureUID, stopped (SIGTERM,
 // then SIGKILL) when t ends; its log is shown when t fails.
-func startNSSidecar(t *testing.T, ns *netnstest.NS, nodeID, xdsAddr string) *nsSidecar {
+func startNSSidecar(t testing.TB, ns *netnstest.NS, nodeID, xdsAddr string) *nsSidecar {
 	t.Helper()
 	bin := captureSidecarBinary(t)
 	logf, err := os.Create(filepath.Join(t.TempDir(), "sidecar.log"))
@@ -392,7 +404,7 @@ func (sc *nsSidecar) get(path string) (int, string) {
 
 // metric returns the value of the exposition line starting with series
 // (name and labels), 0 when absent.
-func (sc *nsSidecar) metric(t *testing.T, series string) float64 {
+func (sc *nsSidecar) metric(t testing.TB, series string) float64 {
 	t.Helper()
 	code, body := sc.get("/metrics")
 	if code != http.StatusOK {
@@ -461,7 +473,7 @@ type nsHTTP struct {
 	last atomic.Value // http.Header
 }
 
-func startNSHTTP(t *testing.T, ns *netnstest.NS, addr string) *nsHTTP {
+func startNSHTTP(t testing.TB, ns *netnstest.NS, addr string) *nsHTTP {
 	t.Helper()
 	l, err := ns.Listen("tcp", addr)
 	if err != nil {
