@@ -196,7 +196,13 @@ func (r *Report) direct(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 		clusterName = t.GetCluster()
 	}
 	step("route", "TCP proxy (for every protocol of a headless service) to cluster %s (ORIGINAL_DST: the address the application dialled)", clusterName)
-	_, rule := translate.ReachRule(cat, pol, p.Service, service)
+	ok, rule := translate.ReachRule(cat, pol, p.Service, service)
+	if !ok { // an explicit upstream gets its chain regardless
+		step("authorization", "denied by %s at the sidecar of %s (mTLS, then RBAC on %s's SPIFFE ID): HTTP requests get 403 authz_denied, TCP connections are closed",
+			rule, dst.Addr(), p.Service)
+		r.Outcome = OutcomeDenied
+		return nil
+	}
 	step("authorization", "allowed by %s (enforced by the sidecar of %s: mTLS, then RBAC on %s's SPIFFE ID)", rule, dst.Addr(), p.Service)
 	var id, sni string
 	for _, c := range res.Clusters {
