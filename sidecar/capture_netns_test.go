@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -51,6 +52,11 @@ const captureUID = 1337
 //     once the control plane drops the default chain (registry-only), the
 //     connection is refused with reason no_filter_chain, counted, and
 //     logged once for the destination;
+//   - 10.96.2.7:7000, an instance of a headless service (chain
+//     direct:cache): over mTLS from the sidecar's ORIGINAL_DST cluster
+//     passthrough~cache to that very address, the server seeing the
+//     sidecar's SPIFFE ID and the cluster's SNI; 10.96.2.8:7000, which
+//     presents another identity than cache's, is refused;
 //
 // connections to 10.96.1.10 (the pod's address: inbound) on the app's port
 // 9080 get the public listener's mTLS chain (plaintext refused, as in
@@ -93,6 +99,12 @@ func TestCaptureInNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	dbLeaf, webLeaf := ca.MustIssue("dc1", "db"), ca.MustIssue("dc1", "web")
+	// cache is a headless service: its pods 10.96.2.7 and 10.96.2.8 serve
+	// mTLS on port 7000 as their sidecars' inbound capture would; the
+	// second presents web's certificate instead of cache's.
+	cacheLeaf := ca.MustIssue("dc1", "cache")
+	cache := startMTLSLineServer(t, ns, "10.96.2.7:7000", "cache-0", cacheLeaf, ca.CertPEM)
+	impostor := startMTLSLineServer(t, ns, "10.96.2.8:7000", "cache-1", webLeaf, ca.CertPEM)
 	webCert, err := tls.X509KeyPair([]byte(webLeaf.CertPEM), []byte(webLeaf.KeyPEM))
 	if err != nil {
 		t.Fatal(err)
@@ -100,7 +112,7 @@ func TestCaptureInNetns(t *testing.T) {
 
 	const nodeID = "capture-test"
 	res := func(passthrough bool) xdstest.Resources {
-		r := captureNetnsResources(t, api.addr, redis.addr(), app.addr(), passthrough)
+		r := captureNetnsResources(t, api.addr, redis.addr(), app.addr(), cacheLeaf.SPIFFEID, passthrough)
 		r.Secrets = []types.Resource{xds.NewCertSecret(dbLeaf.CertPEM, dbLeaf.KeyPEM), xds.NewRootsSecret([]string{ca.CertPEM})}
 		return r
 	}
@@ -164,6 +176,34 @@ func TestCaptureInNetns(t *testing.T) {
 		waitUntil(t, 5*time.Second, "pass-through logged with its destination", func() bool {
 			return sc.logCount("default chain", "destination=10.96.0.99:8000") == 1
 		})
+	})
+
+	t.Run("headless service: ORIGINAL_DST cluster with mTLS to the dialled instance", func(t *testing.T) {
+		if got := lineThrough(t, ns, "10.96.2.7:7000", "direct"); got != "cache-0: direct from "+dbLeaf.SPIFFEID {
+			t.Errorf("10.96.2.7:7000 answered %q, want cache-0's answer to the sidecar's identity %s", got, dbLeaf.SPIFFEID)
+		}
+		if n := cache.conns.Load(); n != 1 {
+			t.Errorf("cache-0 completed %d mTLS handshakes, want 1", n)
+		}
+		if sni := cache.sni.Load(); sni == nil || *sni != "cache.default.dc1.internal.test.consul" {
+			t.Errorf("cache-0 saw SNI %v, want the cluster's", sni)
+		}
+		// An instance presenting another identity than the service's
+		// SPIFFE ID fails the handshake: the connection is closed.
+		refused(t, ns, "10.96.2.8:7000")
+		want := `meshlet_sidecar_tls_handshakes_total{name="` + xds.DirectCluster("cache") + `",result="`
+		waitUntil(t, 5*time.Second, "the impostor's handshake counted as failed", func() bool {
+			_, m := sc.get("/metrics")
+			for line := range strings.Lines(m) {
+				if strings.HasPrefix(line, want) && !strings.Contains(line, `result="ok"`) && !strings.HasSuffix(strings.TrimSpace(line), " 0") {
+					return true
+				}
+			}
+			return false
+		})
+		if n := impostor.lines.Load(); n != 0 {
+			t.Errorf("the impostor received %d lines", n)
+		}
 	})
 
 	t.Run("inbound: the public listener's mTLS chain on the app port, pass-through on others", func(t *testing.T) {
@@ -270,14 +310,17 @@ func TestCaptureInNetns(t *testing.T) {
 // captureNetnsResources are TestCaptureInNetns's resources: the outbound
 // capture listeners on 127.0.0.1:15001 and [::1]:15001 with the chains
 // upstream:api (10.96.0.12, fd00:96::12 port 80; HTTP, RDS "api") and
-// upstream:redis (port 6379; TCP), and the pass-through when passthrough;
-// the inbound capture listener on 0.0.0.0:15006 (port 9080: the strict
+// upstream:redis (port 6379; TCP), direct:cache (10.96.2.7, 10.96.2.8 port 7000; TCP to the ORIGINAL_DST
+// cluster passthrough~cache, mTLS requiring cacheID) and the pass-through
+// when passthrough; the inbound capture listener on 0.0.0.0:15006 (port 9080: the strict
 // public listener's mTLS chain to local_app; other ports: pass-through);
-// STATIC clusters api, redis and local_app, and the
-// ORIGINAL_DST cluster.
-func captureNetnsResources(t testing.TB, api, redis, app string, passthrough bool) xdstest.Resources {
+// STATIC clusters api, redis and local_app, and the ORIGINAL_DST clusters
+// original-destination (plaintext) and passthrough~cache (mTLS).
+func captureNetnsResources(t testing.TB, api, redis, app, cacheID string, passthrough bool) xdstest.Resources {
 	t.Helper()
+	direct := xds.NewTCPProxyListener(xds.DirectChain("cache"), "127.0.0.1", 1, xds.DirectCluster("cache"), xds.TCPProxyOptions{}).FilterChains[0].Filters
 	chains := []xds.CaptureChain{
+		{Name: xds.DirectChain("cache"), Port: 7000, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.2.7/32"), netip.MustParsePrefix("10.96.2.8/32")}, Filters: direct},
 		{Name: "upstream:api", Port: 80, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.0.12/32"), netip.MustParsePrefix("fd00:96::12/128")},
 			Filters: xds.NewHTTPListener("upstream:api", "127.0.0.1", 1, xds.HTTPListenerOptions{RouteConfigName: "api", Via: "meshlet-capture"}).FilterChains[0].Filters},
 		{Name: "upstream:redis", Port: 6379, Filters: xds.NewTCPProxyListener("upstream:redis", "127.0.0.1", 1, "redis", xds.TCPProxyOptions{}).FilterChains[0].Filters},
@@ -299,7 +342,8 @@ func captureNetnsResources(t testing.TB, api, redis, app string, passthrough boo
 		},
 		Routes: []types.Resource{xds.NewRouteConfig("api", "api", xds.RouteOptions{})},
 		Clusters: []types.Resource{static("api", api, xds.ProtocolHTTP), static("redis", redis, xds.ProtocolTCP),
-			static(xds.LocalAppCluster, app, xds.ProtocolTCP), xds.NewPassthroughCluster()},
+			static(xds.LocalAppCluster, app, xds.ProtocolTCP), xds.NewPassthroughCluster(),
+			xds.NewDirectCluster(xds.DirectCluster("cache"), xds.ClusterOptions{TLS: xds.UpstreamTLS("", "cache.default.dc1.internal.test.consul", cacheID, nil)})},
 	}
 }
 
@@ -530,6 +574,83 @@ func startLineServer(t *testing.T, ns *netnstest.NS, addr, name string) *lineSer
 				sc := bufio.NewScanner(c)
 				for sc.Scan() {
 					if _, err := fmt.Fprintf(c, "%s: %s\n", name, sc.Text()); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for c := range open {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return s
+}
+
+// mtlsLineServer is a lineServer behind mTLS, as a headless service's pod
+// is behind its sidecar's inbound capture listener: it presents leaf,
+// requires a client certificate of the CA and answers each line with
+// "<name>: <line> from <client SPIFFE ID>".
+type mtlsLineServer struct {
+	conns atomic.Int64           // completed handshakes
+	lines atomic.Int64           // lines answered
+	sni   atomic.Pointer[string] // the last handshake's server name
+}
+
+func startMTLSLineServer(t *testing.T, ns *netnstest.NS, addr, name string, leaf *testca.Leaf, caPEM string) *mtlsLineServer {
+	t.Helper()
+	cert, err := tls.X509KeyPair([]byte(leaf.CertPEM), []byte(leaf.KeyPEM))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM([]byte(caPEM))
+	l, err := ns.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &mtlsLineServer{}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool, MinVersion: tls.VersionTLS12}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	open := map[net.Conn]bool{}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			raw, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			open[raw] = true
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { mu.Lock(); delete(open, raw); mu.Unlock(); raw.Close() }()
+				c := tls.Server(raw, cfg)
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				if err := c.Handshake(); err != nil {
+					return
+				}
+				s.conns.Add(1)
+				st := c.ConnectionState()
+				sni := st.ServerName
+				s.sni.Store(&sni)
+				peer := ""
+				if len(st.PeerCertificates) > 0 && len(st.PeerCertificates[0].URIs) > 0 {
+					peer = st.PeerCertificates[0].URIs[0].String()
+				}
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					s.lines.Add(1)
+					if _, err := fmt.Fprintf(c, "%s: %s from %s\n", name, sc.Text(), peer); err != nil {
 						return
 					}
 				}

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"net/netip"
+	"strings"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -40,12 +41,65 @@ const (
 	OriginalDstFilter = "envoy.filters.listener.original_dst"
 	// PassthroughChain names a capture listener's default filter chain.
 	PassthroughChain = "passthrough"
+	// directChainPrefix and directClusterPrefix prefix the names of the
+	// chains and clusters of headless services (DirectChain,
+	// DirectCluster).
+	directChainPrefix   = "direct:"
+	directClusterPrefix = "passthrough~"
 )
+
+// DirectChain returns the name of the outbound capture listener's filter
+// chain for the instances of a headless service (a Kubernetes Service with
+// clusterIP None, registered without a virtual address), which its callers
+// dial by pod IP: "direct:<service>" (with ":<port>" appended by the
+// translator when the instances listen on several ports). It follows
+// Consul's service-defaults TransparentProxy.DialedDirectly.
+func DirectChain(service string) string { return directChainPrefix + service }
+
+// DirectService returns the service of a chain name made by DirectChain
+// (without a ":<port>" suffix), and false for any other name.
+func DirectService(chainName string) (string, bool) {
+	s, ok := strings.CutPrefix(chainName, directChainPrefix)
+	s, _, _ = strings.Cut(s, ":")
+	return s, ok
+}
+
+// DirectCluster returns the name of the ORIGINAL_DST cluster (NewDirectCluster)
+// that a headless service's DirectChain sends connections to:
+// "passthrough~<service>", Consul's "passthrough~<sni>" for the upstreams
+// it dials directly, with the service name where Consul puts the SNI, as
+// meshlet's other clusters are named by service.
+func DirectCluster(service string) string { return directClusterPrefix + service }
+
+// DirectClusterService returns the service of a cluster name made by
+// DirectCluster, and false for any other name.
+func DirectClusterService(clusterName string) (string, bool) {
+	return strings.CutPrefix(clusterName, directClusterPrefix)
+}
+
+// NewDirectCluster returns an ORIGINAL_DST cluster (lb_policy
+// CLUSTER_PROVIDED) named name whose connections go, with o.TLS (the same
+// UpstreamTlsContext as the service's EDS cluster: SNI, the service's
+// SPIFFE ID as the required SAN, the SDS certificates), to the address the
+// client dialled: the exact instance of a headless service, whose
+// sidecar's inbound capture listener terminates the mTLS. Of o only
+// ConnectTimeout (default DefaultConnectTimeout), Thresholds and TLS
+// apply: the cluster has no endpoints, so no load balancing, outlier
+// detection or endpoint breaker, and no HTTP protocol options (a TCP
+// proxy carries its connections).
+func NewDirectCluster(name string, o ClusterOptions) *cluster.Cluster {
+	c := newCluster(name, ClusterOptions{ConnectTimeout: o.ConnectTimeout, Thresholds: o.Thresholds, TLS: o.TLS})
+	c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_ORIGINAL_DST}
+	c.LbPolicy = cluster.Cluster_CLUSTER_PROVIDED
+	return c
+}
 
 // CaptureChain is one filter chain of a capture listener: the connections
 // whose original destination is in Prefixes (CIDRs, e.g. "10.96.0.12/32")
 // and, when Port is not 0, on Port, get Filters (as built for an explicit
-// listener of the same upstream). Name is "upstream:<service>" outbound.
+// listener of the same upstream). Name is "upstream:<service>" outbound
+// for a service's virtual address, DirectChain for a headless service's
+// instances.
 type CaptureChain struct {
 	Name     string
 	Prefixes []netip.Prefix

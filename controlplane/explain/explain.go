@@ -2,8 +2,8 @@
 // connection a proxy's application opens to an address, each decision the
 // mesh takes, in order — whether the pod's interception rules redirect it
 // to the sidecar or let it bypass, which filter chain of the outbound
-// capture listener matches (a service by its virtual IP, or the
-// pass-through), the route and cluster, the intention or policy that
+// capture listener matches (a service by its virtual IP, an instance of a
+// headless service by its own address, or the pass-through), the route and cluster, the intention or policy that
 // allows or denies it, and the endpoints it would go to. It reads the
 // resources the translator builds for the proxy, so the answer is what
 // the sidecar was sent, not a second model of it.
@@ -27,6 +27,7 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
@@ -155,20 +156,102 @@ func (r *Report) capture(cat *model.Catalog, pol *policy.Set, p *model.Proxy, re
 	}
 	fc := MatchChain(l, dst)
 	if fc == nil {
-		step("filter chain", "none matches %s, and there is no default chain (MeshDefaults outbound: registry-only): the sidecar refuses the connection", dst)
+		step("filter chain", "none matches %s%s, and there is no default chain (MeshDefaults outbound: registry-only): the sidecar refuses the connection",
+			dst, noDirectChain(cat, pol, p, dst))
 		r.Outcome = OutcomeRefused
 		return nil
 	}
 	if fc == l.GetDefaultFilterChain() {
-		step("filter chain", "%s (no service has virtual address %s): passed through to %s in plaintext (cluster %s), outside the mesh",
-			fc.GetName(), dst, dst, xds.PassthroughCluster)
+		why := noDirectChain(cat, pol, p, dst)
+		if why == "" {
+			why = " (no service has virtual address " + dst.String() + ")"
+		}
+		step("filter chain", "%s%s: passed through to %s in plaintext (cluster %s), outside the mesh",
+			fc.GetName(), why, dst, xds.PassthroughCluster)
 		r.Outcome = OutcomePassthrough
 		return nil
+	}
+	if service, ok := xds.DirectService(fc.GetName()); ok {
+		return r.direct(cat, pol, p, res, fc, service, dst, step)
 	}
 	service, _ := xds.UpstreamService(fc.GetName())
 	service, _, _ = strings.Cut(service, ":")
 	step("filter chain", "%s: %s is the virtual address of service %s", fc.GetName(), dst, service)
 	return r.follow(cat, pol, p, res, fc, service, step)
+}
+
+// direct explains a chain of headless service (xds.DirectChain): a TCP
+// proxy to its ORIGINAL_DST cluster, which dials dst itself over mTLS.
+func (r *Report) direct(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res translate.Resources, fc *listener.FilterChain, service string, dst netip.AddrPort, step func(string, string, ...any)) error {
+	step("filter chain", "%s: %s is an instance of headless service %s; mTLS to the original destination", fc.GetName(), dst, service)
+	var clusterName string
+	for _, f := range fc.GetFilters() {
+		if f.GetName() != xds.TCPProxyFilter {
+			continue
+		}
+		var t tcpproxy.TcpProxy
+		if err := f.GetTypedConfig().UnmarshalTo(&t); err != nil {
+			return fmt.Errorf("explain: %s: %w", fc.GetName(), err)
+		}
+		clusterName = t.GetCluster()
+	}
+	step("route", "TCP proxy (for every protocol of a headless service) to cluster %s (ORIGINAL_DST: the address the application dialled)", clusterName)
+	ok, rule := translate.ReachRule(cat, pol, p.Service, service)
+	if !ok { // an explicit upstream gets its chain regardless
+		step("authorization", "denied by %s at the sidecar of %s (mTLS, then RBAC on %s's SPIFFE ID): HTTP requests get 403 authz_denied, TCP connections are closed",
+			rule, dst.Addr(), p.Service)
+		r.Outcome = OutcomeDenied
+		return nil
+	}
+	step("authorization", "allowed by %s (enforced by the sidecar of %s: mTLS, then RBAC on %s's SPIFFE ID)", rule, dst.Addr(), p.Service)
+	var id, sni string
+	for _, c := range res.Clusters {
+		if c.GetName() != clusterName {
+			continue
+		}
+		var u tlsv3.UpstreamTlsContext
+		if err := c.GetTransportSocket().GetTypedConfig().UnmarshalTo(&u); err != nil {
+			return fmt.Errorf("explain: cluster %s: %w", clusterName, err)
+		}
+		sni = u.GetSni()
+		if sans := u.GetCommonTlsContext().GetCombinedValidationContext().GetDefaultValidationContext().GetMatchTypedSubjectAltNames(); len(sans) > 0 {
+			id = sans[0].GetMatcher().GetExact()
+		}
+	}
+	step("endpoints", "cluster %s to %s only, over mTLS (SNI %s, requiring %s): the pod's inbound interception hands it to its sidecar's %s, which serves %s's public listener on port %d",
+		clusterName, dst, sni, id, xds.InboundCaptureListener, service, dst.Port())
+	r.Outcome = OutcomeMesh
+	return nil
+}
+
+// noDirectChain says why dst, when it is an instance of a headless
+// service, has no chain of its own: p may not reach the service, or the
+// instance is not ready or has no transparent sidecar. "" when dst is no
+// such instance.
+func noDirectChain(cat *model.Catalog, pol *policy.Set, p *model.Proxy, dst netip.AddrPort) string {
+	names := make([]string, 0, len(cat.Services))
+	for name := range cat.Services {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		svc := cat.Services[name]
+		if !svc.Headless() {
+			continue
+		}
+		for _, in := range svc.Instances {
+			addr, err := netip.ParseAddr(in.Address)
+			if err != nil || netip.AddrPortFrom(addr.Unmap(), uint16(in.Port)) != dst {
+				continue
+			}
+			if ok, rule := translate.ReachRule(cat, pol, p.Service, name); !ok {
+				return fmt.Sprintf(" (%s is an instance of headless service %s, which %s may not reach: %s)",
+					dst, name, p.Service, rule)
+			}
+			return fmt.Sprintf(" (%s is an instance of headless service %s that is not ready or has no transparent sidecar)", dst, name)
+		}
+	}
+	return ""
 }
 
 // follow explains a chain to service: its route and cluster, the rule

@@ -16,7 +16,8 @@ import (
 // (fixtures.TransparentCatalog): allowed (api, redis by a wildcard), denied
 // (admin), an excluded port and CIDR, the Kubernetes API server, loopback,
 // pass-through and registry-only refusal, an explicit upstream of a proxy
-// in direct mode.
+// in direct mode; instances of headless services: db's ready one (mTLS to
+// it), its not-ready one and ledger's, which web may not reach (no chain).
 func TestWhyGolden(t *testing.T) {
 	registryOnly, err := policy.Parse(map[string][]byte{"mesh.yaml": []byte("apiVersion: meshlet.io/v1alpha1\nkind: MeshDefaults\nmetadata: {name: mesh}\nspec: {outbound: registry-only}\n")})
 	if err != nil {
@@ -40,6 +41,10 @@ func TestWhyGolden(t *testing.T) {
 		{"registry-only", "web-1", "10.1.2.3:443", registryOnly, false, OutcomeRefused},
 		{"direct-explicit-upstream-denied", "web-1", "127.0.0.1:9192", nil, true, OutcomeDenied},
 		{"direct-other", "web-1", "10.96.0.20:80", nil, true, OutcomeBypass},
+		{"headless", "web-1", "10.244.0.13:7000", nil, false, OutcomeMesh},
+		{"headless-not-ready", "web-1", "10.244.0.14:7000", nil, false, OutcomePassthrough},
+		{"headless-denied", "web-1", "10.244.0.15:8080", nil, false, OutcomePassthrough},
+		{"headless-denied-registry-only", "web-1", "10.244.0.15:8080", registryOnly, false, OutcomeRefused},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cat := fixtures.TransparentCatalog()

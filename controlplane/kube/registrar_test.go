@@ -226,3 +226,29 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 	}
 	waitFor("api-2 deregistered", func() bool { s := services(); return s != nil && s["api-2-api"] == nil })
 }
+
+// TestRegisterHeadless: the pod of a headless Service (clusterIP None, a
+// StatefulSet's) is registered without a virtual tagged address — which is
+// what makes it headless to the translator (model.Service.Headless) — and
+// otherwise as any pod: its own address and the app port, a transparent
+// proxy.
+func TestRegisterHeadless(t *testing.T) {
+	pod := injectedPod("db-0", "db", 7000, true)
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "db", Namespace: "shop"},
+		Spec: corev1.ServiceSpec{ClusterIP: corev1.ClusterIPNone, Ports: []corev1.ServicePort{{Port: 7000}}}}
+	reg, ok := Register(pod, inject.Record{Service: "db", Port: 7000, PublicPort: 20000, Transparent: true}, svc)
+	if !ok {
+		t.Fatal("not registered")
+	}
+	for _, r := range []*api.CatalogRegistration{reg.Instance, reg.Proxy} {
+		if v, ok := r.Service.TaggedAddresses[consul.VirtualTaggedAddress]; ok {
+			t.Errorf("%s has virtual address %+v", r.Service.ID, v)
+		}
+		if r.Service.Address != pod.Status.PodIP || r.Service.Meta[MetaService] != "db" {
+			t.Errorf("%s = %+v", r.Service.ID, r.Service)
+		}
+	}
+	if reg.Instance.Service.Port != 7000 || reg.Proxy.Service.Proxy.Mode != api.ProxyModeTransparent || reg.Proxy.Service.Proxy.DestinationServiceID != reg.Instance.Service.ID {
+		t.Errorf("instance port %d, proxy %+v", reg.Instance.Service.Port, reg.Proxy.Service.Proxy)
+	}
+}

@@ -278,7 +278,9 @@ func (c *Catalog) Scope(p *Proxy) *Catalog {
 
 // UpstreamNames returns the services p may have resources for, each once:
 // its explicit upstreams, and for a transparent proxy every service with a
-// virtual address (translate keeps those its intentions let it reach).
+// virtual address and every headless service with proxies (Headless; its
+// callers dial its instances directly), sorted (translate keeps those its
+// intentions let it reach).
 func (c *Catalog) UpstreamNames(p *Proxy) []string {
 	var names []string
 	for _, u := range p.Upstreams {
@@ -289,7 +291,7 @@ func (c *Catalog) UpstreamNames(p *Proxy) []string {
 	if p.Transparent() {
 		start := len(names)
 		for name, svc := range c.Services {
-			if svc.HasVirtual() && !slices.Contains(names[:start], name) {
+			if (svc.HasVirtual() || svc.Headless() && len(c.proxiesByService[name]) > 0) && !slices.Contains(names[:start], name) {
 				names = append(names, name)
 			}
 		}
@@ -307,6 +309,14 @@ func (s *Service) HasVirtual() bool {
 	}
 	return false
 }
+
+// Headless reports whether s has instances and none has a virtual
+// address: a Kubernetes Service with clusterIP None (the registrar gives
+// its instances no virtual tagged address), whose callers resolve its name
+// to the instances' addresses and dial one (a StatefulSet member), or a
+// service registered without one elsewhere. Consul's counterpart is
+// service-defaults TransparentProxy.DialedDirectly.
+func (s *Service) Headless() bool { return len(s.Instances) > 0 && !s.HasVirtual() }
 
 // IsScopeOf reports whether c is Same as full.Scope(p), without building
 // that scope: a build loop asks it of every proxy's last scope on every

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -223,5 +224,31 @@ func TestScopeHoldsWhatTranslateReads(t *testing.T) {
 	}
 	if len(s.Proxies) != 1 || s.Proxies["web-1"] != web || s.CA != c.CA {
 		t.Errorf("proxies = %v, CA %v", s.Proxies, s.CA)
+	}
+}
+
+// TestUpstreamNamesOfATransparentProxy: services with a virtual address
+// and headless services with sidecars, not a headless service without
+// one, nor a service without instances; a direct-mode proxy has its
+// explicit upstreams only.
+func TestUpstreamNamesOfATransparentProxy(t *testing.T) {
+	web := &Proxy{ID: "web-1", Service: "web", Mode: ModeTransparent, Upstreams: []Upstream{{Service: "store"}}}
+	db0 := &Proxy{ID: "db-0", Service: "db", ServiceID: "db-0-db", Mode: ModeTransparent}
+	c := NewCatalog(map[string]*Service{
+		"api":   {Name: "api", Instances: []Instance{{ID: "api-1", Virtual: netip.MustParseAddrPort("10.96.0.20:80")}}},
+		"db":    {Name: "db", Instances: []Instance{{ID: "db-0-db", Address: "10.244.0.12", Port: 7000}}},
+		"batch": {Name: "batch", Instances: []Instance{{ID: "batch-1", Address: "10.244.0.11"}}},
+		"empty": {Name: "empty"},
+		"store": {Name: "store"},
+	}, map[string]*Proxy{"web-1": web, "db-0": db0})
+	if !c.Services["db"].Headless() || c.Services["api"].Headless() || c.Services["empty"].Headless() {
+		t.Error("Headless: want db only")
+	}
+	if got, want := c.UpstreamNames(web), []string{"store", "api", "db"}; !slices.Equal(got, want) {
+		t.Errorf("transparent: UpstreamNames = %v, want %v", got, want)
+	}
+	web.Mode = ModeDirect
+	if got, want := c.UpstreamNames(web), []string{"store"}; !slices.Equal(got, want) {
+		t.Errorf("direct: UpstreamNames = %v, want %v", got, want)
 	}
 }

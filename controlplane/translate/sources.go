@@ -171,6 +171,10 @@ func (m SourceMap) normalize() {
 //     TimeoutPolicy with the connect timeout, MeshDefaults' minimum TLS
 //     version, and u's leaf certificate or the CA for its identity), and
 //     endpoints "u" (u's sidecars in the Consul catalog and their health);
+//   - cluster "passthrough~h" of a headless service h a transparent proxy
+//     dials directly: h's instances and sidecars in the Consul catalog
+//     and their health, h's cluster policies, MeshDefaults' minimum TLS
+//     version and h's leaf certificate or the CA for its identity;
 //   - cluster otlp_collector: MeshDefaults' tracing collector, or the
 //     -otlp-endpoint flag.
 //
@@ -280,7 +284,25 @@ func ProxySources(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (SourceMa
 				m.add(xds.ClusterType, name, caSource("trust domain"))
 			}
 		default:
-			m.add(xds.ClusterType, name)
+			svc, ok := xds.DirectClusterService(name)
+			if !ok {
+				m.add(xds.ClusterType, name)
+				break
+			}
+			// A headless service's ORIGINAL_DST cluster: its instances and
+			// their sidecars decide whether it exists; its connect timeout,
+			// thresholds and mTLS come as for the service's own cluster.
+			m.add(xds.ClusterType, name, Source{Origin: OriginConsul, Kind: ConsulService, Name: svc, Detail: "catalog/health"},
+				Source{Origin: OriginConsul, Kind: ConsulService, Name: svc, Detail: "sidecars: catalog/health"})
+			m.add(xds.ClusterType, name, clusterSources(pol, svc)...)
+			if pol != nil && pol.Mesh != nil && pol.Mesh.MTLS != nil && pol.Mesh.MTLS.MinTLSVersion != "" {
+				m.add(xds.ClusterType, name, mesh...)
+			}
+			if l := cat.Leaves[svc]; l != nil && l.SPIFFEID != "" {
+				m.add(xds.ClusterType, name, Source{Origin: OriginConsul, Kind: ConsulLeaf, Name: svc, Detail: "SPIFFE ID"})
+			} else {
+				m.add(xds.ClusterType, name, caSource("trust domain"))
+			}
 		}
 	}
 	for _, e := range r.Endpoints {

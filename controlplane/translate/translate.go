@@ -8,6 +8,7 @@ import (
 	"fmt"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -183,17 +184,24 @@ func upstreamResources(cat *model.Catalog, pol *policy.Set, p *model.Proxy, serv
 			IdleTimeout:        tcpIdleTimeout(pol, service),
 		})
 	}
-	dc := p.Datacenter
-	if ps := cat.ProxiesFor(service); len(ps) > 0 {
-		dc = cmp.Or(ps[0].Datacenter, dc)
-	}
 	opts := clusterOptions(pol, service, xds.ClusterOptions{Protocol: up})
 	if up != xds.ProtocolUDP { // datagrams go in plaintext to the sidecars' public UDP listeners
-		opts.TLS = xds.UpstreamTLS(minTLS, upstreamSNI(cat, service, dc), upstreamID(cat, service, dc), alpn(up, false))
+		opts.TLS = upstreamTLS(cat, p, service, up, minTLS)
 	}
 	u.cluster = xds.NewEDSCluster(name, opts)
 	u.load = xds.NewLoadAssignment(name, sidecarEndpoints(cat, service))
 	return u
+}
+
+// upstreamTLS is the UpstreamTlsContext of p's clusters to service
+// (protocol proto): Consul's SNI and the SPIFFE ID of service in the
+// datacenter of its first sidecar (else p's), ALPN for proto.
+func upstreamTLS(cat *model.Catalog, p *model.Proxy, service string, proto xds.Protocol, minTLS string) *core.TransportSocket {
+	dc := p.Datacenter
+	if ps := cat.ProxiesFor(service); len(ps) > 0 {
+		dc = cmp.Or(ps[0].Datacenter, dc)
+	}
+	return xds.UpstreamTLS(minTLS, upstreamSNI(cat, service, dc), upstreamID(cat, service, dc), alpn(proto, false))
 }
 
 // tracing returns the tracing of an HTTP connection manager of a sidecar of

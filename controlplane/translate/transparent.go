@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
@@ -29,6 +30,12 @@ import (
 //     listener would; the upstreams' routes, clusters and load assignments;
 //     for every other service with a virtual address a chain that refuses
 //     (denyChain), so a denied call fails at once with the rule named;
+//   - for every headless service (model.Service.Headless) it may reach
+//     (Reachable, or an explicit upstream) chains "direct:<service>"
+//     matching its instances' own addresses and ports to the ORIGINAL_DST
+//     cluster "passthrough~<service>" with the service's mTLS
+//     (directChains: Consul's TransparentProxy.DialedDirectly), after the
+//     virtual chains; a headless service it may not reach gets no chain;
 //   - a default chain passing other destinations through to the
 //     "original-destination" cluster (ORIGINAL_DST), unless MeshDefaults
 //     says outbound: registry-only;
@@ -42,8 +49,15 @@ import (
 func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Proxy, public *listener.Listener, seen map[string]bool, minTLS string) {
 	var chains []xds.CaptureChain
 	var outbound *listener.Listener // a traced HTTP upstream listener: its direction and extras
+	var direct []string             // reachable headless services, for their chains after the virtual ones
 	for _, name := range cat.UpstreamNames(p) {
 		svc := cat.Services[name]
+		if svc != nil && svc.Headless() {
+			if ok, _ := reach(cat, pol, p.Service, name); ok || seen[name] {
+				direct = append(direct, name)
+			}
+			continue
+		}
 		if svc == nil || !svc.HasVirtual() {
 			continue
 		}
@@ -91,6 +105,14 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 				Filters: up.listener.GetFilterChains()[0].GetFilters()})
 		}
 	}
+	taken := map[netip.AddrPort]bool{}
+	for _, name := range direct {
+		c, cl := directChains(cat, pol, p, name, minTLS, taken)
+		if cl != nil {
+			chains = append(chains, c...)
+			r.Clusters = append(r.Clusters, cl)
+		}
+	}
 	passthrough := pol.OutboundMode() != policy.OutboundRegistryOnly
 	out := xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", cmp.Or(p.OutboundPort, xds.OutboundCapturePort),
 		xds.CaptureOptions{Chains: chains, Passthrough: passthrough})
@@ -104,6 +126,89 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 	if passthrough || public != nil {
 		r.Clusters = append(r.Clusters, xds.NewPassthroughCluster())
 	}
+}
+
+// directChains returns the outbound capture chains of headless service
+// (model.Service.Headless) for proxy p, and the ORIGINAL_DST cluster they
+// go to (Consul's service-defaults TransparentProxy.DialedDirectly): for
+// each port of its instances, a chain xds.DirectChain(service) (with
+// ":<port>" when they use several) matching the address/32 (/128) of
+// every instance that is healthy and fronted by a healthy transparent
+// proxy (whose inbound capture listener serves the mTLS public chain on
+// the app port) on that port, carrying a TCP proxy — for HTTP services too:
+// the connection's bytes go as they are, in mTLS whose ALPN is the
+// service cluster's — to xds.DirectCluster(service), which connects to
+// the address the client dialled with the service's UpstreamTlsContext.
+// Instance addresses already in taken (another headless service's
+// instance on the same port) are left to the first service; taken gets
+// the new ones. No chain and a nil cluster when no instance qualifies or
+// the service is udp.
+func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, minTLS string, taken map[netip.AddrPort]bool) ([]xds.CaptureChain, *cluster.Cluster) {
+	proto := Protocol(cat, pol, service)
+	if proto == xds.ProtocolUDP {
+		return nil, nil
+	}
+	byPort := map[uint16][]netip.Prefix{}
+	var ports []uint16
+	for _, in := range directInstances(cat, service) {
+		if taken[in] {
+			continue
+		}
+		taken[in] = true
+		if _, ok := byPort[in.Port()]; !ok {
+			ports = append(ports, in.Port())
+		}
+		byPort[in.Port()] = append(byPort[in.Port()], netip.PrefixFrom(in.Addr(), in.Addr().BitLen()))
+	}
+	if len(ports) == 0 {
+		return nil, nil
+	}
+	slices.Sort(ports)
+	name := xds.DirectCluster(service)
+	opts := clusterOptions(pol, service, xds.ClusterOptions{})
+	opts.TLS = upstreamTLS(cat, p, service, proto, minTLS)
+	tcp := xds.NewTCPProxyListener(xds.DirectChain(service), "127.0.0.1", 0, name, xds.TCPProxyOptions{
+		MaxConnectAttempts: tcpConnectAttempts(pol, service),
+		IdleTimeout:        tcpIdleTimeout(pol, service),
+	}).GetFilterChains()[0].GetFilters()
+	var chains []xds.CaptureChain
+	for _, port := range ports {
+		chainName := xds.DirectChain(service)
+		if len(ports) > 1 {
+			chainName = fmt.Sprintf("%s:%d", chainName, port)
+		}
+		prefixes := byPort[port]
+		slices.SortFunc(prefixes, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+		chains = append(chains, xds.CaptureChain{Name: chainName, Prefixes: prefixes, Port: int(port), Filters: tcp})
+	}
+	return chains, xds.NewDirectCluster(name, opts)
+}
+
+// directInstances returns the addresses (IP and port) of the instances of
+// service that a caller's sidecar may dial directly: healthy, with an IP
+// address and a port, and fronted (Proxy.ServiceID on the same node) by a
+// healthy transparent proxy with a public listener, so that their pod's
+// inbound interception hands the connection to the sidecar's mTLS chain.
+// Other instances' connections keep the pass-through.
+func directInstances(cat *model.Catalog, service string) []netip.AddrPort {
+	svc := cat.Services[service]
+	if svc == nil {
+		return nil
+	}
+	var out []netip.AddrPort
+	for _, in := range svc.Instances {
+		addr, err := netip.ParseAddr(in.Address)
+		if err != nil || !in.Healthy || in.Port <= 0 || in.Port > 65535 {
+			continue
+		}
+		fronted := slices.ContainsFunc(cat.ProxiesFor(service), func(q *model.Proxy) bool {
+			return q.ServiceID == in.ID && q.Node == in.Node && q.Healthy && q.Transparent() && !q.ClientOnly()
+		})
+		if fronted {
+			out = append(out, netip.AddrPortFrom(addr.Unmap(), uint16(in.Port)))
+		}
+	}
+	return out
 }
 
 // inboundCapture is the inbound capture listener: public's filter chains

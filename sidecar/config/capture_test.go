@@ -168,6 +168,23 @@ func TestDecodeCaptureListeners(t *testing.T) {
 			t.Errorf("upstream_port_override: %+v, %v", c, err)
 		}
 	})
+	t.Run("direct cluster of a headless service: ORIGINAL_DST with mTLS", func(t *testing.T) {
+		const id = "spiffe://td.consul/ns/default/dc/dc1/svc/db"
+		dc := xds.NewDirectCluster(xds.DirectCluster("db"), xds.ClusterOptions{
+			TLS: xds.UpstreamTLS("", "db.default.dc1.internal.td.consul", id, nil), Thresholds: &xds.Thresholds{MaxConnections: 7, MaxPendingRequests: 1, MaxRequests: 1, MaxRetries: 1},
+		})
+		c, err := DecodeCluster(xds.MustAny(dc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Type != ClusterOriginalDst || c.LB != LBClusterProvided || c.Thresholds.MaxConnections != 7 {
+			t.Errorf("cluster = %+v", c)
+		}
+		if c.TLS == nil || c.TLS.SNI != "db.default.dc1.internal.td.consul" || !slices.Equal(c.TLS.SANs, []string{id}) ||
+			c.TLS.CertSecret != xds.SecretCert || c.TLS.RootsSecret != xds.SecretRoots {
+			t.Errorf("TLS = %+v, want the UpstreamTlsContext's SNI, SAN and SDS secrets", c.TLS)
+		}
+	})
 }
 
 // TestCaptureSelect checks chain selection against Envoy's rules: the
