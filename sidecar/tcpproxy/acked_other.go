@@ -4,6 +4,6 @@ package tcpproxy
 
 import "net"
 
-// bytesAcked is unknown off Linux: only reads and completed writes count
-// as activity there.
-func bytesAcked(net.Conn) (uint64, bool) { return 0, false }
+// tcpBytes is unknown off Linux: only reads and completed writes count as
+// activity there.
+func tcpBytes(net.Conn) (uint64, bool) { return 0, false }

@@ -65,7 +65,7 @@ func newIdlePipedMSS(t *testing.T, idle time.Duration, tlsSide bool, mss int) *i
 			}
 		}
 		lc := net.ListenConfig{Control: setopts([2]int{syscall.TCP_MAXSEG, mss}, [2]int{syscall.SO_SNDBUF, 32 << 10})}
-		d := net.Dialer{Control: setopts([2]int{syscall.TCP_MAXSEG, mss}, [2]int{syscall.SO_RCVBUF, 32 << 10})}
+		d := net.Dialer{Control: setopts([2]int{syscall.TCP_MAXSEG, mss}, [2]int{syscall.SO_RCVBUF, 8 << 10})}
 		dial = d.Dial
 		var err error
 		if ln, err = lc.Listen(context.Background(), "tcp", "127.0.0.1:0"); err != nil {
@@ -257,8 +257,10 @@ func TestPipeIdleBulkTransferIntact(t *testing.T) {
 	sides(t, func(t *testing.T, tlsSide bool) {
 		// Slices of 25 ms: the transfer, paced over about half a second,
 		// has its reads cut by deadlines a few dozen times each way.
-		p := newIdlePiped(t, 200*time.Millisecond, tlsSide)
+		// The data first: making 16 MiB (slow under -race) after the pipe
+		// started would idle it out before the first byte.
 		up, down := randomData(t, 8<<20), randomData(t, 8<<20)
+		p := newIdlePiped(t, 200*time.Millisecond, tlsSide)
 		var wg sync.WaitGroup
 		var gotA, gotB []byte
 		var errA, errB error
@@ -289,11 +291,12 @@ func writeSlowly(c net.Conn, b []byte) {
 	}
 }
 
+// readN reads n bytes from c, or fewer and the error.
 func readN(c net.Conn, n int) ([]byte, error) {
 	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	b := make([]byte, n)
-	_, err := io.ReadFull(c, b)
-	return b, err
+	k, err := io.ReadFull(c, b)
+	return b[:k], err
 }
 
 func TestIdleSlice(t *testing.T) {
@@ -407,11 +410,16 @@ func TestProxyIdleTimeout(t *testing.T) {
 func TestPipeIdleSlowReaderIsNotIdle(t *testing.T) {
 	sides(t, func(t *testing.T, tlsSide bool) {
 		const idle = 300 * time.Millisecond
-		// Ethernet-sized segments and 32 KiB buffers: the proxy's writes
-		// (16 KiB through TLS, all the reader has sent when spliced) wait
-		// on the reader, whose window reopens as it reads, as on a real
-		// network (a loopback's 64 KiB segments make TCP wait for half the
-		// buffer to be free).
+		// Ethernet-sized segments, a 32 KiB send buffer and an 8 KiB
+		// receive buffer: the proxy's writes (16 KiB through TLS, all the
+		// reader has sent when spliced) wait on the reader, whose window
+		// reopens as it reads, as on a real network (a loopback's 64 KiB
+		// segments make TCP wait for half the buffer to be free). The
+		// receive buffer is small because the sender sees progress only
+		// when the receiver advertises a reopened window, not as the
+		// reader drains its buffer: with 32 KiB, the acknowledged count
+		// stood still for 300 ms at a time on a loaded host while the
+		// reader read steadily, and the timeout was right to fire.
 		p := newIdlePipedMSS(t, idle, tlsSide, 1448)
 		data := randomData(t, 256<<10)
 		go func() { _, _ = p.a.Write(data) }()

@@ -235,7 +235,7 @@ func PipeIdle(a, b net.Conn, idle time.Duration) (timedOut bool) {
 	if idle > 0 {
 		clock = &idleClock{idle: idle, slice: idleSlice(idle), conns: [2]net.Conn{a, b}}
 		clock.last.Store(time.Now().UnixNano())
-		clock.sending() // the counts at the start
+		clock.moving() // the counts at the start
 	}
 	var wg sync.WaitGroup
 	var once sync.Once
@@ -291,36 +291,43 @@ type idleClock struct {
 	// the end of the slice in which they moved.
 	last    atomic.Int64
 	expired atomic.Bool
-	// conns are PipeIdle's two connections; acked is the count of bytes
-	// their peers had acknowledged at the last check, and mu guards it
-	// (held only by a direction deciding whether the connection is idle).
+	// conns are PipeIdle's two connections; moved is the count of bytes
+	// their peers had acknowledged plus those they had received at the
+	// last check (tcpBytes), and mu guards it (held only by a direction
+	// deciding whether the connection is idle).
 	conns [2]net.Conn
 	mu    sync.Mutex
-	acked [2]uint64
+	moved [2]uint64
 }
 
-// sending reports whether either connection delivered bytes to its peer
-// since the last call (TCP_INFO bytes_acked grew); copy calls it whenever
-// it records activity, so growth it reports is delivery after the last
-// recorded activity. A direction blocked
-// writing to a slow reader records nothing until its write returns, yet the
-// connection is not idle while its bytes drain: Envoy's idle timeout counts
-// bytes sent as well as received (its BytesSent connection event). A peer
-// that stops reading altogether acknowledges nothing more, and the
-// connection idles out.
-func (c *idleClock) sending() bool {
+// moving reports whether either connection delivered bytes to its peer or
+// received bytes from it since the last call (TCP_INFO bytes_acked and
+// bytes_received grew); copy calls it whenever it records activity, so
+// growth it reports is traffic after the last recorded activity.
+//   - A direction blocked writing to a slow reader records nothing until
+//     its write returns, yet the connection is not idle while its bytes
+//     drain: Envoy's idle timeout counts bytes sent as well as received
+//     (its BytesSent connection event).
+//   - A read whose deadline passed while the proxy was not scheduled (a
+//     loaded host) returns the timeout without reading bytes that arrived
+//     in time: Go checks the deadline before it reads. The kernel's count
+//     says they arrived, so the connection is not idle.
+//
+// A peer that stops reading and sending altogether moves neither count,
+// and the connection idles out.
+func (c *idleClock) moving() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	moved := false
 	for i, conn := range c.conns {
-		n, ok := bytesAcked(conn)
+		n, ok := tcpBytes(conn)
 		if !ok {
 			continue
 		}
-		if n != c.acked[i] {
+		if n != c.moved[i] {
 			moved = true
 		}
-		c.acked[i] = n
+		c.moved[i] = n
 	}
 	return moved
 }
@@ -341,13 +348,13 @@ func (c *idleClock) copy(dst, src net.Conn) error {
 		n, err := copyConn(dst, src)
 		if n > 0 {
 			c.last.Store(time.Now().UnixNano())
-			c.sending() // delivery so far is accounted for
+			c.moving() // traffic so far is accounted for
 		}
 		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 			return err
 		}
 		if time.Since(time.Unix(0, c.last.Load())) >= c.idle {
-			if c.sending() {
+			if c.moving() {
 				c.last.Store(time.Now().UnixNano())
 				continue
 			}
