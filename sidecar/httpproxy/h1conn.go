@@ -114,6 +114,19 @@ type fastConn struct {
 	traceCtx    context.Context // the request span's context, when traced
 	heldRequest *cluster.Cluster
 
+	// The request in flight, as the wire (roundTrip) sends it: *op holds
+	// the head up to prefix, then the attempt's tail (requestTail); req is
+	// the whole request, body its body; resend says a stale pooled
+	// connection may be retried at once; routeDeadline is the route
+	// timeout's (zero: none); uc is the connection of the response head
+	// in resp.
+	op            *[]byte
+	prefix        int
+	req, body     []byte
+	resend        bool
+	routeDeadline time.Time
+	uc            cluster.H1Conn
+
 	mu        sync.Mutex // guards up and cancelled, between the exchange and its watcher
 	up        net.Conn   // the upstream connection of the attempt in flight
 	cancelled bool       // the downstream left during the exchange

@@ -13,7 +13,6 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/tracing"
-	"go.opentelemetry.io/otel/trace"
 )
 
 // The HTTP/1.1 fast path.
@@ -84,7 +83,8 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 	body := msg[h.size:]
 
 	x := &fc.ex
-	*x = exchange{s: s, start: time.Now()}
+	*x = exchange{s: s, start: time.Now(), w: fc, t: t}
+	x.setGRPC(bstr(h.contentType), bstr(h.grpcTimeout))
 	if rt != nil {
 		x.cluster, x.route = rt.Cluster, rt.Name
 	}
@@ -100,29 +100,11 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 		fc.settle()
 	}()
 
-	// Authorization (RBAC filter), then x-forwarded-client-cert.
-	if hc.RBAC != nil {
-		ok, rule := hc.RBAC.Decide(&config.RBACRequest{
-			Principal: fc.peer.SPIFFEID, Method: method, Path: bstr(h.path), Authority: bstr(h.host), Header: h,
-		})
-		if !ok {
-			s.rec.AuthzDenied(s.name, rule)
-			s.log.Info("authz: request denied", "listener", s.name, "peer", fc.peer.SPIFFEID, "method", string(h.method), "path", string(h.path), "rule", rule)
-			x.cluster, x.route = "", ""
-			return fc.fail(x, t, http.StatusForbidden, ReasonAuthzDenied, rule) && keep, false
-		}
-	}
-	if rt == nil {
-		return fc.fail(x, t, http.StatusNotFound, ReasonNoRoute, "") && keep, false
-	}
-	if c == nil {
-		return fc.fail(x, t, http.StatusServiceUnavailable, ReasonNoCluster, "") && keep, false
-	}
-	if !c.AcquireRequest() {
-		return fc.fail(x, t, http.StatusServiceUnavailable, ReasonOverflow, "") && keep, false
+	if !x.admit(hc, rt, c, nil, fc.peer.SPIFFEID, method, bstr(h.path), bstr(h.host), h) {
+		return fc.answered && keep, false
 	}
 	fc.heldRequest = c
-	c.Budget().Deposit()
+	x.classify(method, true, h.idempotencyKey, h)
 
 	// The upstream request: the head without hop-by-hop fields, plus
 	// X-Forwarded-Proto, TE: trailers, x-forwarded-client-cert, Via; then
@@ -176,7 +158,7 @@ func (fc *fastConn) exchange() (keep, fallback bool) {
 			keep = false
 		}
 	}()
-	return fc.forward(x, t, rt, c, op, prefix, body) && keep, false
+	return fc.forward(x, op, prefix, body) && keep, false
 }
 
 // requestTail completes the upstream request in *op after its first prefix
@@ -205,68 +187,65 @@ func (fc *fastConn) settle() {
 	fc.x, fc.traceCtx = nil, nil
 }
 
-// xfccValue returns the x-forwarded-client-cert value for chain hc (Envoy
-// SANITIZE_SET: By, Hash, URI of the peer), nil when none is set.
+// xfccValue returns Server.xfccValue for chain hc and the connection's
+// peer, cached for the connection's life while the chain stays; nil when
+// none is set.
 func (fc *fastConn) xfccValue(hc *config.HTTPConnectionManager) []byte {
-	if hc.ForwardClientCert != config.XFCCSanitizeSet || fc.peer.SPIFFEID == "" {
-		return nil
-	}
 	if fc.xfccFor != hc {
-		v := "Hash=" + fc.peer.Hash
-		if fc.s.localID != nil {
-			if by := fc.s.localID(); by != "" {
-				v = "By=" + by + ";" + v
-			}
+		fc.xfcc, fc.xfccFor = nil, hc
+		if v := fc.s.xfccValue(hc, fc.peer.SPIFFEID, fc.peer.Hash); v != "" {
+			fc.xfcc = []byte(v)
 		}
-		if hc.SetCurrentURI {
-			v += ";URI=" + fc.peer.SPIFFEID
-		}
-		fc.xfcc, fc.xfccFor = []byte(v), hc
 	}
 	return fc.xfcc
 }
 
-// fail answers a request the sidecar fails itself, with its typed reason
-// (and the denying rule for authz_denied); false when the write failed.
-func (fc *fastConn) fail(x *exchange, t *routeTable, status int, reason, rule string) bool {
-	x.code, x.reason = status, reason
+// answer implements wire: the answer as one write, after the exchange is
+// settled (recorded, its request slot released). It says Connection:
+// close when the client did or the server drains; a HEAD gets no body.
+func (fc *fastConn) answer(a *localAnswer) {
 	op := outPool.Get().(*[]byte)
 	defer outPool.Put(op)
-	out := appendStatusLine((*op)[:0], status)
-	if reason != "" {
-		out = append(out, "X-Meshlet-Reason: "...)
-		out = append(out, reason...)
-		out = append(out, "\r\n"...)
-	}
-	if rule != "" {
-		out = append(out, "X-Meshlet-Authz-Rule: "...)
-		out = append(out, rule...)
-		out = append(out, "\r\n"...)
-	}
-	out = append(out, "Content-Type: text/plain; charset=utf-8\r\nDate: "...)
+	out := appendStatusLine((*op)[:0], a.status)
+	out = appendField(out, ReasonHeader, a.reason)
+	out = appendField(out, RuleHeader, a.rule)
+	out = appendField(out, "Content-Type", a.contentType)
+	out = appendField(out, "Grpc-Status", a.grpcStatus)
+	out = appendField(out, "Grpc-Message", a.grpcMessage)
+	out = append(out, "Date: "...)
 	out = time.Now().UTC().AppendFormat(out, http.TimeFormat)
 	out = append(out, "\r\n"...)
-	if t.via != "" {
+	if a.via != "" {
 		out = append(out, "Via: 1.1 "...)
-		out = append(out, t.via...)
+		out = append(out, a.via...)
 		out = append(out, "\r\n"...)
 	}
 	out = append(out, "Content-Length: "...)
-	out = strconv.AppendInt(out, int64(len(reason)+1), 10)
+	out = strconv.AppendInt(out, int64(a.bodyLen()), 10)
 	out = append(out, "\r\n"...)
 	if fc.head.closeConn || fc.s.fast.draining.Load() {
 		out = append(out, "Connection: close\r\n"...)
 	}
 	out = append(out, "\r\n"...)
 	if string(fc.head.method) != "HEAD" {
-		out = append(out, reason...)
-		out = append(out, '\n')
+		out = a.appendBody(out)
 	}
 	*op = out
 	fc.settle()
 	_, err := fc.rw.Write(out)
 	fc.answered = err == nil
-	return err == nil
+}
+
+// appendField appends the field "name: value" to a head, nothing when
+// value is "".
+func appendField(b []byte, name, value string) []byte {
+	if value == "" {
+		return b
+	}
+	b = append(b, name...)
+	b = append(b, ": "...)
+	b = append(b, value...)
+	return append(b, "\r\n"...)
 }
 
 func appendStatusLine(b []byte, code int) []byte {
@@ -276,143 +255,64 @@ func appendStatusLine(b []byte, code int) []byte {
 	return append(append(b, http.StatusText(code)...), "\r\n"...)
 }
 
-// forward sends req (head and body) on attempts until one gives the
-// response to relay, or the request fails; it reports whether the
-// downstream connection may carry another request.
-func (fc *fastConn) forward(x *exchange, t *routeTable, rt *config.Route, c *cluster.Cluster, op *[]byte, prefix int, body []byte) bool {
-	h := &fc.head
-	hasBody := len(body) > 0
-	spawn := x.tr != nil && x.tr.SpawnAttempts() && x.span.IsRecording()
-	req := fc.requestTail(op, prefix, fc.traceCtx, body)
-	p := rt.Retry
-	var hashKey uint64
-	var hasKey bool
-	if name := rt.HashHeader; name != "" {
-		if v, ok := h.lookup(name); ok {
-			hashKey, hasKey = cluster.HashKey(v), true
-		}
-	}
-	idempotent := h.idempotencyKey
-	switch string(h.method) {
-	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
-		idempotent = true
-	}
-	var routeDeadline time.Time
+// forward has the engine send the request (head in (*op)[:prefix], body)
+// on attempts until one gives the response to relay, or the request
+// fails; it reports whether the downstream connection may carry another
+// request.
+func (fc *fastConn) forward(x *exchange, op *[]byte, prefix int, body []byte) bool {
+	fc.op, fc.prefix, fc.body = op, prefix, body
+	fc.req = fc.requestTail(op, prefix, fc.traceCtx, body)
+	fc.resend = len(body) == 0 && x.idempotent
+	fc.routeDeadline = time.Time{}
 	ctx := context.Background()
-	if rt.Timeout > 0 {
-		routeDeadline = x.start.Add(rt.Timeout)
+	if x.rt.Timeout > 0 {
+		fc.routeDeadline = x.start.Add(x.rt.Timeout)
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(ctx, routeDeadline)
+		ctx, cancel = context.WithDeadline(ctx, fc.routeDeadline)
 		defer cancel()
 	}
-	var triedBuf [4]*cluster.Endpoint
-	tried := triedBuf[:0]
-	retries := 0
-	budgetDenied := false
-	var last *failure
-	for {
-		var avoid []*cluster.Endpoint
-		if p != nil && p.OtherHost {
-			avoid = tried
-		}
-		att, picked := c.Pick(hashKey, hasKey, avoid)
-		if picked != cluster.Picked {
-			fl := last
-			if fl == nil {
-				fl = &failure{http.StatusServiceUnavailable, ReasonNoHealthyUpstream}
-				if picked == cluster.CircuitOpen {
-					fl.reason = ReasonCircuitOpen
-				}
-			}
-			return fc.failWith(x, t, fl)
-		}
-		ep := att.Endpoint()
-		tried = append(tried, ep)
-		var perTry time.Duration
-		if p != nil {
-			perTry = p.PerTry
-		}
-		var aspan trace.Span
-		if spawn {
-			// Each attempt its own span, whose context the request carries.
-			var actx context.Context
-			actx, aspan = x.tr.StartAttempt(fc.traceCtx, retries+1, ep.Address, c.PeerID())
-			req = fc.requestTail(op, prefix, actx, body)
-		}
-		uc, err := fc.attempt(ctx, ep, req, perTry, routeDeadline, !hasBody && idempotent)
-		var cond string
-		sent := true
-		if err == nil {
-			rh := &fc.resp
-			cond = statusCondition(rh.code, bstr(rh.grpcStatus), p)
-			if notReached(rh.code, bstr(rh.reason)) {
-				cond, sent = "connect-failure", false
-			}
-			if cond == "" || !fc.mayRetry(rt, c, cond, sent, retries, idempotent, &budgetDenied) {
-				x.attempt = aspan // ended with the response
-				return fc.relay(x, t, rt, att, uc, routeDeadline, perTry, budgetDenied)
-			}
-			code := rh.code
-			reason := string(rh.reason)
-			uc.Release(false)
-			fc.setUp(nil)
-			att.End(cluster.OutcomeForStatus(code))
-			last = &failure{code, ""}
-			fc.s.rec.Retry(c.Name(), cond)
-			x.endAttempt(aspan, code, reason, cond, retries+1)
-		} else {
-			if fc.isCancelled() {
-				att.End(cluster.OutcomeCancelled)
-				x.endAttempt(aspan, 0, "", "", 0)
-				return false
-			}
-			att.End(cluster.OutcomeLocalFailure)
-			var ue *cluster.UpstreamError
-			if !errors.As(err, &ue) {
-				ue = &cluster.UpstreamError{Kind: cluster.KindReset, Sent: true, Err: err}
-			}
-			timedOut := !routeDeadline.IsZero() && !time.Now().Before(routeDeadline)
-			fl, cond := failureFor(ue, timedOut)
-			fc.s.log.Debug("httpproxy: attempt failed", "listener", fc.s.name, "cluster", c.Name(), "endpoint", ep.Address,
-				"attempt", retries+1, "reason", fl.reason, "error", err)
-			if timedOut || !fc.mayRetry(rt, c, cond, ue.Sent, retries, idempotent, &budgetDenied) {
-				if budgetDenied && fl.reason != ReasonOverflow {
-					fl.reason = ReasonRetryBudgetExhausted
-				}
-				x.endAttempt(aspan, 0, fl.reason, "", 0)
-				return fc.failWith(x, t, fl)
-			}
-			last = fl
-			fc.s.rec.Retry(c.Name(), cond)
-			x.endAttempt(aspan, 0, fl.reason, cond, retries+1)
-		}
-		retries++
-		if !c.AcquireRetry() {
-			fc.s.rec.RetryDenied(c.Name(), "max_retries")
-			return fc.failWith(x, t, &failure{http.StatusServiceUnavailable, ReasonOverflow})
-		}
-		ok := sleepBackoff(ctx, p, retries)
-		c.ReleaseRetry()
-		if fc.isCancelled() {
-			return false
-		}
-		if !ok {
-			return fc.failWith(x, t, &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout})
-		}
+	att := x.forward(ctx, fc.traceCtx)
+	fc.op, fc.req, fc.body = nil, nil, nil
+	if att == nil {
+		return fc.answered && !fc.head.closeConn
 	}
+	return fc.relay(x, att)
 }
 
-// failWith answers fl as the net/http path does (ServeHTTP: s.fail).
-func (fc *fastConn) failWith(x *exchange, t *routeTable, fl *failure) bool {
-	return fc.fail(x, t, fl.status, fl.reason, "") && !fc.head.closeConn
+// roundTrip implements wire: the request (its trace context anew for an
+// attempt span) on a pooled connection to ep, the response head read
+// into fc.resp.
+func (fc *fastConn) roundTrip(ctx, actx context.Context, ep *cluster.Endpoint, perTry time.Duration) (upstreamHead, error) {
+	if actx != nil {
+		fc.req = fc.requestTail(fc.op, fc.prefix, actx, fc.body)
+	}
+	uc, err := fc.attempt(ctx, ep, fc.req, perTry, fc.routeDeadline, fc.resend)
+	if err != nil {
+		return upstreamHead{}, err
+	}
+	fc.uc = uc
+	rh := &fc.resp
+	return upstreamHead{code: rh.code, grpcStatus: bstr(rh.grpcStatus), reason: bstr(rh.reason)}, nil
 }
 
-// mayRetry is forward.mayRetry for the fast path (bodies are always
-// buffered whole, so replayable).
-func (fc *fastConn) mayRetry(rt *config.Route, c *cluster.Cluster, cond string, sent bool, retries int, idempotent bool, budgetDenied *bool) bool {
-	return retryAllowed(retryAsk{p: rt.Retry, c: c, rec: fc.s.rec, cond: cond, sent: sent, retries: retries,
-		idempotent: idempotent, replayable: true, gone: fc.isCancelled()}, budgetDenied)
+// discard implements wire: the connection of the response is not reused.
+func (fc *fastConn) discard() {
+	fc.uc.Release(false)
+	fc.uc = cluster.H1Conn{}
+	fc.setUp(nil)
 }
+
+// gone implements wire: the watcher saw the client leave, or Shutdown
+// gave up on the exchange.
+func (fc *fastConn) gone() bool { return fc.isCancelled() }
+
+// timedOut implements wire.
+func (fc *fastConn) timedOut() bool {
+	return !fc.routeDeadline.IsZero() && !time.Now().Before(fc.routeDeadline)
+}
+
+// replayable implements wire: bodies are read whole before forwarding.
+func (fc *fastConn) replayable() bool { return true }
 
 // staleConn reports the errors of a pooled connection the upstream closed
 // while it was idle, met by the request's write or its first read: EOF,

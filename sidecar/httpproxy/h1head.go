@@ -35,7 +35,10 @@ type reqHead struct {
 	closeConn      bool // Connection: close
 	teTrailers     bool // TE: trailers (kept end to end, for gRPC-style apps)
 	xfp            bool // X-Forwarded-Proto present (kept)
-	idempotencyKey bool
+	idempotencyKey bool // an Idempotency-Key field with a value
+	// contentType and grpcTimeout are the values of those fields (nil:
+	// absent), for a gRPC request's failure answers.
+	contentType, grpcTimeout []byte
 	// size is the length of the head, blank line included.
 	size int
 }
@@ -286,6 +289,15 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 			case eqLower(name, "keep-alive"):
 				f.drop = true
 			}
+		case 12:
+			switch {
+			case eqLower(name, "content-type"):
+				if h.contentType == nil {
+					h.contentType = value
+				}
+			case eqLower(name, "grpc-timeout"):
+				h.grpcTimeout = value
+			}
 		case 14:
 			if eqLower(name, "content-length") {
 				lengths++
@@ -297,7 +309,7 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 			}
 		case 15:
 			if eqLower(name, "idempotency-key") {
-				h.idempotencyKey = true
+				h.idempotencyKey = h.idempotencyKey || len(value) > 0
 			}
 		case 16:
 			if eqLower(name, "proxy-connection") {

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/sidecar/cluster"
-	"github.com/meshlet/meshlet/sidecar/config"
 )
 
 // Relaying a response on the fast path: the head rewritten, the body
@@ -16,7 +15,14 @@ import (
 // relay writes the response whose head is in fc.resp to the downstream and
 // copies its body; it reports whether the downstream connection may carry
 // another request.
-func (fc *fastConn) relay(x *exchange, t *routeTable, rt *config.Route, att *cluster.Attempt, uc cluster.H1Conn, routeDeadline time.Time, perTry time.Duration, budgetDenied bool) bool {
+func (fc *fastConn) relay(x *exchange, att *cluster.Attempt) bool {
+	uc, routeDeadline := fc.uc, fc.routeDeadline
+	fc.uc = cluster.H1Conn{}
+	var perTry time.Duration
+	if p := x.rt.Retry; p != nil {
+		perTry = p.PerTry
+	}
+	reason := x.relayReason()
 	rh := &fc.resp
 	h := &fc.head
 	x.code = rh.code
@@ -34,25 +40,23 @@ func (fc *fastConn) relay(x *exchange, t *routeTable, rt *config.Route, att *clu
 	out = append(out, rh.rest...)
 	out = append(out, "\r\n"...)
 	for i := range rh.fields {
-		if f := &rh.fields[i]; !f.drop {
+		if f := &rh.fields[i]; !f.drop && (reason == "" || !eqLower(f.name, "x-meshlet-reason")) {
 			out = append(out, f.name...)
 			out = append(out, ": "...)
 			out = append(out, f.value...)
 			out = append(out, "\r\n"...)
 		}
 	}
-	if t.via != "" {
+	if via := x.t.via; via != "" {
 		if rh.minor == 1 {
 			out = append(out, "Via: 1.1 "...)
 		} else {
 			out = append(out, "Via: 1.0 "...)
 		}
-		out = append(out, t.via...)
+		out = append(out, via...)
 		out = append(out, "\r\n"...)
 	}
-	if budgetDenied {
-		out = append(out, "X-Meshlet-Reason: retry_budget_exhausted\r\n"...)
-	}
+	out = appendField(out, ReasonHeader, reason)
 	if !keep {
 		out = append(out, "Connection: close\r\n"...)
 	}

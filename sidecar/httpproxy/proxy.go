@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -287,101 +286,6 @@ func (s *Server) Shutdown(ctx context.Context) {
 	}
 	s.tunnelCancel()
 	<-tunnelsDone
-}
-
-// fail answers a request the sidecar could not forward, with the typed
-// reason in ReasonHeader; x records it when the handler returns. An
-// answer given before the request body was all read says Connection:
-// close and the connection closes lingering (exchange.endEarly).
-func (s *Server) fail(w http.ResponseWriter, t *routeTable, x *exchange, status int, reason string) {
-	x.code, x.reason = status, reason
-	h := w.Header()
-	h.Set(ReasonHeader, reason)
-	if x.grpc {
-		grpcFail(w, t, x, status, reason)
-		return
-	}
-	h.Set("Content-Type", "text/plain; charset=utf-8")
-	if t.via != "" {
-		h.Add("Via", "1.1 "+t.via)
-	}
-	x.closeIfBodyLeft(h)
-	w.WriteHeader(status)
-	io.WriteString(w, reason+"\n")
-	if x.bodyLeft() {
-		x.endEarly(w)
-	}
-}
-
-// grpcFail answers a gRPC request the sidecar failed as gRPC clients
-// expect, and as Envoy does for gRPC requests: a trailers-only response
-// (HTTP 200, content-type application/grpc, grpc-status and grpc-message,
-// the reason in ReasonHeader too), the status mapped from the HTTP status
-// the way gRPC's HTTP-to-gRPC status mapping does (403 PERMISSION_DENIED,
-// 404 UNIMPLEMENTED, 429/502/503/504 UNAVAILABLE, 401 UNAUTHENTICATED,
-// 400 INTERNAL, else UNKNOWN), except that a route timeout, or any failure
-// once the request's own grpc-timeout has run out, is DEADLINE_EXCEEDED:
-// the caller's deadline ended the call, whichever side noticed first.
-func grpcFail(w http.ResponseWriter, t *routeTable, x *exchange, status int, reason string) {
-	code := grpcCodeFor(status)
-	if reason == ReasonUpstreamTimeout || !x.grpcDeadline.IsZero() && !time.Now().Before(x.grpcDeadline) {
-		code = grpcDeadlineExceeded
-	}
-	x.grpcStatus = strconv.Itoa(code)
-	h := w.Header()
-	h.Set("Content-Type", "application/grpc")
-	h.Set("Grpc-Status", x.grpcStatus)
-	h.Set("Grpc-Message", url.PathEscape("meshlet: "+reason))
-	if t.via != "" {
-		h.Add("Via", "1.1 "+t.via)
-	}
-	w.WriteHeader(http.StatusOK)
-}
-
-// gRPC status codes (google.golang.org/grpc/codes) the sidecar answers.
-const (
-	grpcUnknown          = 2
-	grpcDeadlineExceeded = 4
-	grpcPermissionDenied = 7
-	grpcUnimplemented    = 12
-	grpcInternal         = 13
-	grpcUnavailable      = 14
-	grpcUnauthenticated  = 16
-)
-
-// grpcCodeFor maps an HTTP status to a gRPC status (gRPC's
-// doc/http-grpc-status-mapping.md).
-func grpcCodeFor(status int) int {
-	switch status {
-	case http.StatusBadRequest:
-		return grpcInternal
-	case http.StatusUnauthorized:
-		return grpcUnauthenticated
-	case http.StatusForbidden:
-		return grpcPermissionDenied
-	case http.StatusNotFound:
-		return grpcUnimplemented
-	case http.StatusTooManyRequests, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
-		return grpcUnavailable
-	}
-	return grpcUnknown
-}
-
-// grpcTimeout parses a grpc-timeout header value (gRPC over HTTP/2: 1 to 8
-// digits and a unit, H M S m u n).
-func grpcTimeout(v string) (time.Duration, bool) {
-	if len(v) < 2 || len(v) > 9 {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(v[:len(v)-1], 10, 64)
-	if err != nil || n < 0 {
-		return 0, false
-	}
-	unit := map[byte]time.Duration{'H': time.Hour, 'M': time.Minute, 'S': time.Second, 'm': time.Millisecond, 'u': time.Microsecond, 'n': time.Nanosecond}[v[len(v)-1]]
-	if unit == 0 {
-		return 0, false
-	}
-	return time.Duration(n) * unit, true
 }
 
 // hopByHop are the connection-specific fields of RFC 9110 §7.6.1 plus the
