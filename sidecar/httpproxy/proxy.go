@@ -288,38 +288,6 @@ func (s *Server) Shutdown(ctx context.Context) {
 	<-tunnelsDone
 }
 
-// hopByHop are the connection-specific fields of RFC 9110 §7.6.1 plus the
-// legacy ones proxies drop (Keep-Alive, Proxy-Connection).
-var hopByHop = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
-
-// removeHopByHop deletes hop-by-hop fields and those Connection names. On
-// requests, "TE: trailers" is kept (gRPC needs it end to end).
-func removeHopByHop(h http.Header, request bool) {
-	for _, c := range h["Connection"] {
-		for f := range strings.SplitSeq(c, ",") {
-			if f = strings.TrimSpace(f); f != "" {
-				h.Del(f)
-			}
-		}
-	}
-	trailers := false
-	if request {
-		for _, v := range h["Te"] {
-			for f := range strings.SplitSeq(v, ",") {
-				if strings.EqualFold(strings.TrimSpace(f), "trailers") {
-					trailers = true
-				}
-			}
-		}
-	}
-	for _, k := range hopByHop {
-		delete(h, k)
-	}
-	if trailers {
-		h["Te"] = []string{"trailers"}
-	}
-}
-
 func protoVersion(major, minor int) string {
 	switch {
 	case major == 1 && minor == 1:
