@@ -217,6 +217,12 @@ func (f *forward) roundTrip(ctx, actx context.Context, ep *cluster.Endpoint, per
 	if err != nil {
 		return upstreamHead{}, err
 	}
+	if resp.StatusCode == http.StatusSwitchingProtocols && f.upgrade == "" {
+		// No upgrade was asked for: a malformed answer, as on the fast
+		// path (readResponseHead).
+		resp.Body.Close()
+		return upstreamHead{}, &cluster.UpstreamError{Kind: cluster.KindReset, Sent: true, Err: errResponseHead}
+	}
 	f.resp = resp
 	return upstreamHead{code: resp.StatusCode, grpcStatus: resp.Header.Get("Grpc-Status"), reason: resp.Header.Get(ReasonHeader)}, nil
 }
