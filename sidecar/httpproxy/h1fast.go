@@ -25,11 +25,12 @@ import (
 // chunked or read-until-close framing, passed through as is), writing what
 // it has before each read that would block: a small response costs one
 // read and one write on each side, and a streamed one (SSE, chunked) is
-// flushed chunk by chunk. Retries, per-try and route timeouts, the retry
-// budget, circuit breakers, outlier detection, RBAC,
-// x-forwarded-client-cert and tracing (request and attempt spans, trace
-// context continued and injected) behave as on the net/http path
-// (forward.go).
+// flushed chunk by chunk. It is one of the engine's two wires
+// (engine.go): admission, RBAC, x-forwarded-client-cert, retries, per-try
+// and route timeouts, the retry budget, circuit breakers, outlier
+// detection and the sidecar's own answers are the engine's, the same as
+// on the net/http wire (forward.go); the connection loop is h1conn.go,
+// the relay h1relay.go, the handoff to net/http h1handoff.go.
 //
 // What the fast path does not do the connection does on net/http's
 // server, for the rest of its life: the bytes read so far are replayed to
