@@ -110,7 +110,8 @@ type proxyOpts struct {
 	retry       *config.RetryPolicy
 	upgrades    []string
 	rbac        *config.RBACFilter
-	bodyBuffer  int // the "/" route's BodyBufferBytes; 0: DefaultBodyBufferBytes
+	budget      *xds.RetryBudget // cluster c's retry budget; nil: the default
+	bodyBuffer  int              // the "/" route's BodyBufferBytes; 0: DefaultBodyBufferBytes
 	// rcvBuf, when positive, is the SO_RCVBUF of the proxy's downstream
 	// sockets: a small one stands for a network that buffers less than a
 	// loopback with autotuning (up to tcp_rmem's 32 MiB here).
@@ -135,7 +136,7 @@ func startProxy(t *testing.T, o proxyOpts) (string, *Server) {
 	}
 	clusters.Update(map[string]*config.Cluster{
 		"c": {Name: "c", Type: config.ClusterStatic, ConnectTimeout: time.Second, Protocol: xds.ProtocolHTTP,
-			Static: &config.LoadAssignment{ClusterName: "c", Endpoints: eps}},
+			Static: &config.LoadAssignment{ClusterName: "c", Endpoints: eps}, RetryBudget: o.budget},
 	}, nil)
 	bodyBuffer := config.DefaultBodyBufferBytes
 	if o.bodyBuffer > 0 {
@@ -776,9 +777,15 @@ func TestHopByHopFieldsRewritten(t *testing.T) {
 // TestKeepAliveReusesOneUpstreamConnection: requests on one client
 // connection travel on one upstream connection.
 func TestKeepAliveReusesOneUpstreamConnection(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testKeepAliveReusesOneUpstreamConnection(t, p.netHTTPOnly) })
+	}
+}
+
+func testKeepAliveReusesOneUpstreamConnection(t *testing.T, netHTTPOnly bool) {
 	up := newRawUpstream(t, echoHandler)
 	rec := &testRecorder{}
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}, rec: rec})
+	addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}, rec: rec})
 	c, br := dialProxy(t, addr)
 	for i := range 5 {
 		path := "/r" + strconv.Itoa(i)
@@ -794,10 +801,13 @@ func TestKeepAliveReusesOneUpstreamConnection(t *testing.T) {
 			t.Fatalf("request %d: %d %q close=%v", i, resp.StatusCode, body, resp.Close)
 		}
 	}
-	if n := up.accepts.Load(); n != 1 {
+	// net/http's transport puts a connection back in its pool only after
+	// the response body's EOF, asynchronously: a quick next request may
+	// open another.
+	if n := up.accepts.Load(); !netHTTPOnly && n != 1 {
 		t.Errorf("upstream accepted %d connections, want 1", n)
 	}
-	if _, opened := rec.conns(); opened != 1 {
+	if _, opened := rec.conns(); !netHTTPOnly && opened != 1 {
 		t.Errorf("the connection was handed to net/http (%d opens)", opened)
 	}
 }
@@ -805,9 +815,15 @@ func TestKeepAliveReusesOneUpstreamConnection(t *testing.T) {
 // TestPipelinedRequestsAnsweredInOrder: requests written in one write are
 // answered one after the other, in order.
 func TestPipelinedRequestsAnsweredInOrder(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testPipelinedRequestsAnsweredInOrder(t, p.netHTTPOnly) })
+	}
+}
+
+func testPipelinedRequestsAnsweredInOrder(t *testing.T, netHTTPOnly bool) {
 	up := newRawUpstream(t, echoHandler)
 	rec := &testRecorder{}
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}, rec: rec})
+	addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}, rec: rec})
 	c, br := dialProxy(t, addr)
 	write(t, c, "GET /1 HTTP/1.1\r\nHost: api.internal\r\n\r\n"+
 		"POST /2 HTTP/1.1\r\nHost: api.internal\r\nContent-Length: 3\r\n\r\nabc"+
@@ -824,7 +840,7 @@ func TestPipelinedRequestsAnsweredInOrder(t *testing.T) {
 			t.Errorf("got %d %q, want %d %q", resp.StatusCode, body, w.code, w.body)
 		}
 	}
-	if _, opened := rec.conns(); opened != 1 {
+	if _, opened := rec.conns(); !netHTTPOnly && opened != 1 {
 		t.Errorf("the connection was handed to net/http (%d opens)", opened)
 	}
 }
@@ -832,8 +848,14 @@ func TestPipelinedRequestsAnsweredInOrder(t *testing.T) {
 // TestClientConnectionClose: "Connection: close" from the client ends the
 // connection after its response, which says so.
 func TestClientConnectionClose(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testClientConnectionClose(t, p.netHTTPOnly) })
+	}
+}
+
+func testClientConnectionClose(t *testing.T, netHTTPOnly bool) {
 	up := newRawUpstream(t, echoHandler)
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}})
+	addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}})
 	tests := []struct {
 		name, host string
 		code       int
@@ -863,6 +885,12 @@ func TestClientConnectionClose(t *testing.T) {
 // carry no body whatever their Content-Length says, and the connections
 // both sides stay usable.
 func TestBodylessResponsesWithContentLength(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testBodylessResponsesWithContentLength(t, p.netHTTPOnly) })
+	}
+}
+
+func testBodylessResponsesWithContentLength(t *testing.T, netHTTPOnly bool) {
 	up := newRawUpstream(t, func(c net.Conn, br *bufio.Reader) {
 		for {
 			req, _, err := readReq(br)
@@ -881,7 +909,7 @@ func TestBodylessResponsesWithContentLength(t *testing.T) {
 			}
 		}
 	})
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}})
+	addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}})
 	c, br := dialProxy(t, addr)
 	tests := []struct {
 		name, request, status, length string
@@ -894,7 +922,9 @@ func TestBodylessResponsesWithContentLength(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			write(t, c, tc.request)
 			head := readRawHead(t, br)
-			if !strings.HasPrefix(head, tc.status+"\r\n") || !strings.Contains(head, "\r\nContent-Length: "+tc.length+"\r\n") {
+			// net/http's server drops the Content-Length of a 204 or 304.
+			keepsLength := !netHTTPOnly || tc.name == "HEAD"
+			if !strings.HasPrefix(head, tc.status+"\r\n") || keepsLength && !strings.Contains(head, "\r\nContent-Length: "+tc.length+"\r\n") {
 				t.Errorf("head %q, want %s with Content-Length %s", head, tc.status, tc.length)
 			}
 			// The next bytes are the next response's.
@@ -907,7 +937,7 @@ func TestBodylessResponsesWithContentLength(t *testing.T) {
 			}
 		})
 	}
-	if n := up.accepts.Load(); n != 1 {
+	if n := up.accepts.Load(); !netHTTPOnly && n != 1 { // net/http: see testKeepAliveReusesOneUpstreamConnection
 		t.Errorf("upstream accepted %d connections, want 1", n)
 	}
 }
@@ -1009,6 +1039,12 @@ func TestCloseDelimitedResponse(t *testing.T) {
 // TestInterimResponsesSkipped: 100 and 103 before the final response do not
 // reach the client.
 func TestInterimResponsesSkipped(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testInterimResponsesSkipped(t, p.netHTTPOnly) })
+	}
+}
+
+func testInterimResponsesSkipped(t *testing.T, netHTTPOnly bool) {
 	up := newRawUpstream(t, func(c net.Conn, br *bufio.Reader) {
 		for {
 			if _, _, err := readReq(br); err != nil {
@@ -1018,7 +1054,7 @@ func TestInterimResponsesSkipped(t *testing.T) {
 			io.WriteString(c, "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 		}
 	})
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}})
+	addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}})
 	c, br := dialProxy(t, addr)
 	for range 2 {
 		write(t, c, "GET / HTTP/1.1\r\nHost: api.internal\r\n\r\n")
@@ -1034,6 +1070,12 @@ func TestInterimResponsesSkipped(t *testing.T) {
 // TestMalformedUpstreamResponse: a response the proxy cannot read is a 503
 // upstream_reset, and the client connection stays usable.
 func TestMalformedUpstreamResponse(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testMalformedUpstreamResponse(t, p.netHTTPOnly) })
+	}
+}
+
+func testMalformedUpstreamResponse(t *testing.T, netHTTPOnly bool) {
 	tests := []struct {
 		name, response string
 	}{
@@ -1050,7 +1092,7 @@ func TestMalformedUpstreamResponse(t *testing.T) {
 					io.WriteString(c, tc.response)
 				}
 			})
-			addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}})
+			addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}})
 			c, br := dialProxy(t, addr)
 			for range 2 {
 				resp, body := get(t, c, br, "/")
@@ -1066,6 +1108,12 @@ func TestMalformedUpstreamResponse(t *testing.T) {
 // upstream exactly, written in pieces or not; one larger than the route's
 // BodyBufferBytes is handed to net/http and still arrives.
 func TestRequestBodies(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testRequestBodies(t, p.netHTTPOnly) })
+	}
+}
+
+func testRequestBodies(t *testing.T, netHTTPOnly bool) {
 	up := newRawUpstream(t, func(c net.Conn, br *bufio.Reader) {
 		for {
 			req, body, err := readReq(br)
@@ -1090,7 +1138,7 @@ func TestRequestBodies(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			rec := &testRecorder{}
-			addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}, rec: rec})
+			addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}, rec: rec})
 			c, br := dialProxy(t, addr)
 			body := make([]byte, tc.size)
 			for i := range body {
@@ -1115,7 +1163,7 @@ func TestRequestBodies(t *testing.T) {
 			if _, got := readResp(t, br, http.MethodPost); got != "hi" {
 				t.Errorf("next request: %q", got)
 			}
-			if _, opened := rec.conns(); (opened > 1) != tc.handoff {
+			if _, opened := rec.conns(); !netHTTPOnly && (opened > 1) != tc.handoff {
 				t.Errorf("%d opens: handed to net/http %v, want %v", opened, opened > 1, tc.handoff)
 			}
 		})
@@ -1125,6 +1173,12 @@ func TestRequestBodies(t *testing.T) {
 // TestLargeResponse: large responses, with a length or chunked, arrive
 // intact.
 func TestLargeResponse(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testLargeResponse(t, p.netHTTPOnly) })
+	}
+}
+
+func testLargeResponse(t *testing.T, netHTTPOnly bool) {
 	payload := make([]byte, 5<<20)
 	for i := range payload {
 		payload[i] = byte(i * 7)
@@ -1136,7 +1190,7 @@ func TestLargeResponse(t *testing.T) {
 		w.Write(payload) // without a length: chunked
 	}))
 	t.Cleanup(up.Close)
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.Listener.Addr().String()}})
+	addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.Listener.Addr().String()}})
 	c, br := dialProxy(t, addr)
 	for _, tc := range []struct{ name, path string }{{"Content-Length", "/length"}, {"chunked", "/chunked"}} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1192,6 +1246,12 @@ func TestLocalFailureAnswers(t *testing.T) {
 // TestRequestRecordedBeforeLastByte: the request's record exists when the
 // client has read the whole response.
 func TestRequestRecordedBeforeLastByte(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) { testRequestRecordedBeforeLastByte(t, p.netHTTPOnly) })
+	}
+}
+
+func testRequestRecordedBeforeLastByte(t *testing.T, netHTTPOnly bool) {
 	up := newRawUpstream(t, func(c net.Conn, br *bufio.Reader) {
 		for {
 			req, _, err := readReq(br)
@@ -1210,7 +1270,7 @@ func TestRequestRecordedBeforeLastByte(t *testing.T) {
 		}
 	})
 	rec := &testRecorder{}
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}, rec: rec})
+	addr, _ := startProxy(t, proxyOpts{netHTTPOnly: netHTTPOnly, endpoints: []string{up.addr()}, rec: rec})
 	c, br := dialProxy(t, addr)
 	tests := []struct {
 		name, method, host, path string
@@ -1899,4 +1959,79 @@ func rbacFilter(t *testing.T, perm *rbacv3.Permission) *config.RBACFilter {
 		t.Fatal("no RBAC filter decoded")
 	}
 	return f
+}
+
+// TestRetryBudgetReason: when a retry is due and the retry budget has no
+// token, the answer says retry_budget_exhausted, on both wires: the
+// upstream's own answer relayed (its reason replaced), and the sidecar's
+// failure after a connect failure.
+func TestRetryBudgetReason(t *testing.T) {
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set(ReasonHeader, "from-upstream")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, "busy")
+	}))
+	t.Cleanup(up.Close)
+	empty := &xds.RetryBudget{TTL: xds.Duration(10 * time.Second)} // no ratio, no reserve: never a token
+	retry := &config.RetryPolicy{On: config.Retry5xx | config.RetryConnectFailure, NumRetries: 2}
+	tests := []struct {
+		name     string
+		endpoint string
+		code     int
+		body     string
+	}{
+		{"relayed", up.Listener.Addr().String(), 503, "busy"},
+		{"failed", deadAddr, 503, ReasonRetryBudgetExhausted + "\n"},
+	}
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) {
+			for _, tc := range tests {
+				t.Run(tc.name, func(t *testing.T) {
+					rec := &testRecorder{}
+					addr, _ := startProxy(t, proxyOpts{endpoints: []string{tc.endpoint}, netHTTPOnly: p.netHTTPOnly, rec: rec, retry: retry, budget: empty})
+					c, br := dialProxy(t, addr)
+					resp, body := get(t, c, br, "/")
+					if resp.StatusCode != tc.code || body != tc.body || resp.Header.Values(ReasonHeader)[0] != ReasonRetryBudgetExhausted || len(resp.Header.Values(ReasonHeader)) != 1 {
+						t.Errorf("got %d %s=%q %q", resp.StatusCode, ReasonHeader, resp.Header.Values(ReasonHeader), body)
+					}
+					if retries, denied := rec.counts(); retries != 0 || !slices.Equal(denied, []string{ReasonRetryBudgetExhausted}) {
+						t.Errorf("retries %d, denied %v", retries, denied)
+					}
+				})
+			}
+		})
+	}
+}
+
+// TestGRPCFailureOverHTTP1: the sidecar's own answer to a gRPC request
+// (content-type application/grpc) sent over HTTP/1.1 is a gRPC status on
+// both wires, as over h2c (TestGRPCLocalRepliesAreGRPCStatuses).
+func TestGRPCFailureOverHTTP1(t *testing.T) {
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) {
+			addr, _ := startProxy(t, proxyOpts{netHTTPOnly: p.netHTTPOnly})
+			c, br := dialProxy(t, addr)
+			for _, tc := range []struct {
+				name, host, path, grpcStatus, reason string
+			}{
+				{"no route", "no-routes.internal", "/svc/M", "12", ReasonNoRoute},
+				{"no endpoint", "api.internal", "/svc/M", "14", ReasonNoHealthyUpstream},
+			} {
+				t.Run(tc.name, func(t *testing.T) {
+					write(t, c, "POST "+tc.path+" HTTP/1.1\r\nHost: "+tc.host+"\r\nContent-Type: application/grpc\r\nTE: trailers\r\nContent-Length: 0\r\n\r\n")
+					resp, body := readResp(t, br, http.MethodPost)
+					if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/grpc" || resp.Header.Get("Grpc-Status") != tc.grpcStatus ||
+						resp.Header.Get(ReasonHeader) != tc.reason || resp.Header.Get("Grpc-Message") != "meshlet:%20"+tc.reason || body != "" {
+						t.Errorf("got %d %v %q", resp.StatusCode, resp.Header, body)
+					}
+				})
+			}
+		})
+	}
 }

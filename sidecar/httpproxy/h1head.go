@@ -35,7 +35,10 @@ type reqHead struct {
 	closeConn      bool // Connection: close
 	teTrailers     bool // TE: trailers (kept end to end, for gRPC-style apps)
 	xfp            bool // X-Forwarded-Proto present (kept)
-	idempotencyKey bool
+	idempotencyKey bool // an Idempotency-Key field with a value
+	// contentType and grpcTimeout are the values of those fields (nil:
+	// absent), for a gRPC request's failure answers.
+	contentType, grpcTimeout []byte
 	// size is the length of the head, blank line included.
 	size int
 }
@@ -63,45 +66,6 @@ var tchar = func() (t [256]bool) {
 	}
 	return t
 }()
-
-// eqLower reports whether b equals the lower-case ASCII s, ignoring case.
-func eqLower(b []byte, s string) bool {
-	if len(b) != len(s) {
-		return false
-	}
-	for i := 0; i < len(b); i++ {
-		c := b[i]
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		if c != s[i] {
-			return false
-		}
-	}
-	return true
-}
-
-// nextToken splits the first item off the comma-separated list v,
-// trimmed of whitespace (possibly empty), and returns the rest.
-func nextToken(v []byte) (tok, rest []byte) {
-	if i := bytes.IndexByte(v, ','); i >= 0 {
-		return bytes.TrimSpace(v[:i]), v[i+1:]
-	}
-	return bytes.TrimSpace(v), nil
-}
-
-// hasToken reports whether the comma-separated list v holds token (lower
-// case), ignoring case and whitespace.
-func hasToken(v []byte, token string) bool {
-	for len(v) > 0 {
-		var item []byte
-		item, v = nextToken(v)
-		if eqLower(item, token) {
-			return true
-		}
-	}
-	return false
-}
 
 // lastTokenIs reports whether the last item of the comma-separated list v
 // is token (lower case), ignoring case and whitespace.
@@ -251,12 +215,11 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 		if len(h.fields) == maxFastFields {
 			return parseFallback
 		}
-		f := field{name: name, value: value}
+		f := field{name: name, value: value, drop: hopByHop(name)}
 		switch len(name) {
 		case 2:
 			if eqLower(name, "te") {
 				h.teTrailers = h.teTrailers || hasToken(value, "trailers")
-				f.drop = true
 			}
 		case 4:
 			if eqLower(name, "host") {
@@ -268,23 +231,25 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 				return parseFallback
 			}
 		case 7:
-			switch {
-			case eqLower(name, "upgrade"):
+			if eqLower(name, "upgrade") {
 				return parseFallback // an upgrade (WebSocket) or h2c
-			case eqLower(name, "trailer"):
-				f.drop = true
 			}
 		case 10:
-			switch {
-			case eqLower(name, "connection"):
+			if eqLower(name, "connection") {
 				if nconn == len(connection) {
 					return parseFallback
 				}
 				connection[nconn] = value
 				nconn++
-				f.drop = true
-			case eqLower(name, "keep-alive"):
-				f.drop = true
+			}
+		case 12:
+			switch {
+			case eqLower(name, "content-type"):
+				if h.contentType == nil {
+					h.contentType = value
+				}
+			case eqLower(name, "grpc-timeout"):
+				h.grpcTimeout = value
 			}
 		case 14:
 			if eqLower(name, "content-length") {
@@ -297,25 +262,13 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 			}
 		case 15:
 			if eqLower(name, "idempotency-key") {
-				h.idempotencyKey = true
-			}
-		case 16:
-			if eqLower(name, "proxy-connection") {
-				f.drop = true
+				h.idempotencyKey = h.idempotencyKey || len(value) > 0
 			}
 		case 17:
 			if eqLower(name, "transfer-encoding") {
 				return parseFallback // chunked request bodies go to net/http
 			} else if eqLower(name, "x-forwarded-proto") {
 				h.xfp = true
-			}
-		case 18:
-			if eqLower(name, "proxy-authenticate") {
-				f.drop = true
-			}
-		case 19:
-			if eqLower(name, "proxy-authorization") {
-				f.drop = true
 			}
 		case 23:
 			if eqLower(name, "x-forwarded-client-cert") {
@@ -329,7 +282,7 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 	}
 	if nconn > 0 {
 		lists := connection[:nconn]
-		h.closeConn, _ = connectionOptions(lists, h.fields, "content-length", "host")
+		h.closeConn, _ = connectionOptions(lists, h.fields)
 		for _, v := range lists {
 			if hasToken(v, "te") {
 				h.teTrailers = false // TE named in Connection goes entirely
@@ -346,33 +299,6 @@ func (h *reqHead) parseRequest(b []byte) parseResult {
 	}
 	h.size = off
 	return parseOK
-}
-
-// connectionOptions applies a head's Connection field lists (RFC 9110
-// §7.6.1): every field they name is dropped but the two in keep (a
-// message's framing or authority: dropping them would unframe the body),
-// and the close and keep-alive options are reported.
-func connectionOptions(lists [][]byte, fields []field, keep0, keep1 string) (closeConn, keepAlive bool) {
-	for _, v := range lists {
-		for len(v) > 0 {
-			var tok []byte
-			tok, v = nextToken(v)
-			switch {
-			case len(tok) == 0, eqLower(tok, keep0), eqLower(tok, keep1):
-			case eqLower(tok, "close"):
-				closeConn = true
-			case eqLower(tok, "keep-alive"):
-				keepAlive = true
-			default:
-				for k := range fields {
-					if bytes.EqualFold(fields[k].name, tok) {
-						fields[k].drop = true
-					}
-				}
-			}
-		}
-	}
-	return closeConn, keepAlive
 }
 
 // lookup implements headerLookup (routes' header matches, hash policy).
@@ -453,6 +379,7 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 	lengths := 0
 	var connection [4][]byte
 	nconn := 0
+	trailer := false
 	for {
 		name, value, n, res := nextField(rest)
 		if res != parseOK {
@@ -466,23 +393,19 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 		if len(h.fields) == maxFastFields {
 			return parseFallback
 		}
-		f := field{name: name, value: value}
+		f := field{name: name, value: value, drop: hopByHop(name)}
 		switch len(name) {
 		case 7:
-			if eqLower(name, "upgrade") {
-				f.drop = true
+			if eqLower(name, "trailer") {
+				trailer = true
 			}
 		case 10:
-			switch {
-			case eqLower(name, "connection"):
+			if eqLower(name, "connection") {
 				if nconn == len(connection) {
 					return parseFallback
 				}
 				connection[nconn] = value
 				nconn++
-				f.drop = true
-			case eqLower(name, "keep-alive"):
-				f.drop = true
 			}
 		case 11:
 			if eqLower(name, "grpc-status") {
@@ -505,10 +428,7 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 				h.contentLength = n
 			}
 		case 16:
-			switch {
-			case eqLower(name, "proxy-connection"):
-				f.drop = true
-			case eqLower(name, "x-meshlet-reason"):
+			if eqLower(name, "x-meshlet-reason") {
 				h.reason = value
 			}
 		case 17:
@@ -519,19 +439,24 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 				// §6.3).
 				if h.minor == 1 && lastTokenIs(value, "chunked") {
 					h.chunked = true
+					f.drop = false // the chunk framing is relayed as is
 				} else {
 					h.closeConn = true
-					f.drop = true
 				}
-			}
-		case 18:
-			if eqLower(name, "proxy-authenticate") {
-				f.drop = true
 			}
 		}
 		h.fields = append(h.fields, f)
 	}
-	closeOpt, keepAlive := connectionOptions(connection[:nconn], h.fields, "content-length", "transfer-encoding")
+	if trailer && h.chunked {
+		// The trailer section is relayed with the chunks: its announcement
+		// stays (net/http announces the trailers it relays too).
+		for k := range h.fields {
+			if eqLower(h.fields[k].name, "trailer") {
+				h.fields[k].drop = false
+			}
+		}
+	}
+	closeOpt, keepAlive := connectionOptions(connection[:nconn], h.fields)
 	h.closeConn = h.closeConn || closeOpt
 	if h.chunked && lengths > 0 {
 		// RFC 9112 §6.3: Transfer-Encoding wins; Content-Length goes.

@@ -29,7 +29,7 @@ import (
 //
 // Both HTTP/1.1 wires close that way, through lingerClose: net/http's
 // server through the connection it is given (serverConn.Close), when the
-// handler answered and left the request body unread (exchange.endEarly);
+// handler answered and left the request body unread (forward.endEarly);
 // the fast path, which reads a request's whole body before forwarding it,
 // when it ends a connection with bytes of a further request pending (a
 // client pipelining past an answer the connection cannot outlive).

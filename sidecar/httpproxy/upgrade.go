@@ -37,10 +37,8 @@ func upgradeType(r *http.Request) string {
 
 func headerHasToken(h http.Header, name, token string) bool {
 	for _, v := range h[name] {
-		for f := range strings.SplitSeq(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(f), token) {
-				return true
-			}
+		if hasToken(v, token) {
+			return true
 		}
 	}
 	return false
