@@ -122,6 +122,31 @@ apiVersion: v1
 kind: Service
 metadata: {name: redis, namespace: tp}
 spec: {selector: {app: redis}, ports: [{port: 6379, targetPort: 6379}]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: cache, namespace: tp}
+spec:
+  serviceName: cache
+  replicas: 2
+  selector: {matchLabels: {app: cache}}
+  template:
+    metadata:
+      labels: {app: cache}
+      annotations: {meshlet.io/transparent-proxy: "true"}
+    spec:
+      containers:
+      - name: redis
+        image: meshlet.local/redis:dev
+        imagePullPolicy: Never
+        args: [--port, "6379", --protected-mode, "no", --save, "", --appendonly, "no", --dir, /tmp]
+        ports: [{containerPort: 6379}]
+        readinessProbe: {tcpSocket: {port: 6379}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: tp}
+spec: {clusterIP: None, selector: {app: cache}, ports: [{port: 6379, targetPort: 6379}]}
 `
 
 // redisImage is Debian's redis-server and redis-cli (make images).
@@ -133,8 +158,8 @@ const redisImage = "redis.tar"
 // deny blocks it with 403 authz_denied at the caller's sidecar, a TCP
 // service is reached the same way, an address outside the mesh passes
 // through (allow-any) or is refused (registry-only), a Redis client (a
-// Job running redis-cli) reaches a Redis Service by name, and a Job in
-// the namespace completes.
+// Job running redis-cli) reaches a Redis Service by name and one pod of a
+// headless Service by its own name, and a Job in the namespace completes.
 func TestTransparentProxy(t *testing.T) {
 	e := mesh(t)
 	ctx := context.Background()
@@ -142,6 +167,7 @@ func TestTransparentProxy(t *testing.T) {
 	intention(t, e, "web", "store")
 	intention(t, e, "caller", "api")
 	intention(t, e, "caller", "redis")
+	intention(t, e, "caller", "cache")
 	cm, err := e.Client().CoreV1().ConfigMaps(meshkube.Namespace).Get(ctx, meshkube.PoliciesConfig, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -185,13 +211,17 @@ func TestTransparentProxy(t *testing.T) {
 		}
 		return nil
 	})
+	var failed []string
 	for range 30 {
-		if code, _, err := httpGet(e, webURL+"/api"); err == nil && code == 200 {
+		code, body, err := httpGet(e, webURL+"/api")
+		if err == nil && code == 200 {
 			ok++
+		} else {
+			failed = append(failed, fmt.Sprintf("%d %s %v", code, body, err))
 		}
 	}
 	if ok != 30 {
-		t.Errorf("%d of 30 calls succeeded; the retry policy (10 retries on 5xx) should hide api's 30%% failures", ok)
+		t.Errorf("%d of 30 calls succeeded; the retry policy (10 retries on 5xx) should hide api's 30%% failures; failures: %q", ok, failed)
 	}
 	// web → store (TCP) by name.
 	if code, body, err := httpGet(e, webURL+"/store"); err != nil || code != 200 {
@@ -248,6 +278,22 @@ func TestTransparentProxy(t *testing.T) {
 		t.Errorf("redis-cli GET meshlet through the mesh printed %q (%v), want transparent", logs, err)
 	}
 
+	// A headless Service (a StatefulSet's): the client dials one pod by
+	// its DNS name and reaches exactly that pod, over mTLS (the pods'
+	// inbound is intercepted, strict mTLS: plaintext would be refused).
+	appReadyStatefulSet(t, e, "tp", "cache", 2, 3*time.Minute)
+	cacheCLI := func(host string, args ...string) string {
+		return strings.Replace(redisCLI(args...), "redis.tp.svc.cluster.local", host, 1)
+	}
+	runJob(t, e, "tp", "cache-set", cacheCLI("cache-0.cache.tp.svc.cluster.local", "SET", "pod", "cache-0"), true)
+	runJob(t, e, "tp", "cache-get-0", cacheCLI("cache-0.cache.tp.svc.cluster.local", "GET", "pod"), true)
+	runJob(t, e, "tp", "cache-get-1", cacheCLI("cache-1.cache.tp.svc.cluster.local", "GET", "pod"), true)
+	for job, want := range map[string]string{"cache-get-0": "cache-0", "cache-get-1": ""} {
+		if logs, err := e.Cluster.Kubectl(ctx, "-n", "tp", "logs", "job/"+job, "-c", "redis-cli"); err != nil || strings.TrimSpace(logs) != want {
+			t.Errorf("%s printed %q (%v), want %q (the pod dialled, not another)", job, logs, err, want)
+		}
+	}
+
 	// registry-only: the same address is refused.
 	policies["mesh-outbound.yaml"] = "apiVersion: meshlet.io/v1alpha1\nkind: MeshDefaults\nmetadata: {name: mesh}\nspec: {mtls: {mode: strict}, outbound: registry-only}\n"
 	delete(policies, "mesh.yaml")
@@ -282,6 +328,22 @@ func TestTransparentProxy(t *testing.T) {
 		return fmt.Errorf("web's sidecar has no %s: %s", xds.OutboundCaptureListener, body)
 	})
 	runJob(t, e, "tp", "caller-refused", getContainer("http://"+ln.Addr().String()+"/", 5*time.Second), false)
+}
+
+// appReadyStatefulSet waits until the StatefulSet name of ns has n Ready
+// replicas.
+func appReadyStatefulSet(t *testing.T, e *meshkube.Env, ns, name string, n int32, timeout time.Duration) {
+	t.Helper()
+	eventually(t, timeout, "statefulset "+name+" ready", func() error {
+		ss, err := e.Client().AppsV1().StatefulSets(ns).Get(context.Background(), name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if ss.Status.ReadyReplicas != n {
+			return fmt.Errorf("%d of %d ready", ss.Status.ReadyReplicas, n)
+		}
+		return nil
+	})
 }
 
 // getContainer is a Job container running testapp get url.
