@@ -3,11 +3,13 @@ package kubee2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -211,6 +213,19 @@ func TestTransparentProxy(t *testing.T) {
 		}
 		return nil
 	})
+	// The policy ConfigMap reaches the control plane when the kubelet
+	// syncs the volume (seconds): wait for the retry policy in web's
+	// sidecar before counting on it.
+	eventually(t, 90*time.Second, "the RetryPolicy in web's sidecar", func() error {
+		dump, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/config_dump")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(dump, `"numRetries":10`) {
+			return errors.New("no route with numRetries 10 yet")
+		}
+		return nil
+	})
 	var failed []string
 	for range 30 {
 		code, body, err := httpGet(e, webURL+"/api")
@@ -273,8 +288,8 @@ func TestTransparentProxy(t *testing.T) {
 		return `{name: redis-cli, image: meshlet.local/redis:dev, imagePullPolicy: Never, command: [/usr/bin/redis-cli, -e, -h, redis.tp.svc.cluster.local, -p, "6379", ` + strings.Join(q, ", ") + `]}`
 	}
 	runJob(t, e, "tp", "redis-set", redisCLI("SET", "meshlet", "transparent"), true)
-	runJob(t, e, "tp", "redis-get", redisCLI("GET", "meshlet"), true)
-	if logs, err := e.Cluster.Kubectl(ctx, "-n", "tp", "logs", "job/redis-get", "-c", "redis-cli"); err != nil || strings.TrimSpace(logs) != "transparent" {
+	get := runJob(t, e, "tp", "redis-get", redisCLI("GET", "meshlet"), true)
+	if logs, err := e.Cluster.Kubectl(ctx, "-n", "tp", "logs", "job/"+get, "-c", "redis-cli"); err != nil || strings.TrimSpace(logs) != "transparent" {
 		t.Errorf("redis-cli GET meshlet through the mesh printed %q (%v), want transparent", logs, err)
 	}
 
@@ -286,9 +301,9 @@ func TestTransparentProxy(t *testing.T) {
 		return strings.Replace(redisCLI(args...), "redis.tp.svc.cluster.local", host, 1)
 	}
 	runJob(t, e, "tp", "cache-set", cacheCLI("cache-0.cache.tp.svc.cluster.local", "SET", "pod", "cache-0"), true)
-	runJob(t, e, "tp", "cache-get-0", cacheCLI("cache-0.cache.tp.svc.cluster.local", "GET", "pod"), true)
-	runJob(t, e, "tp", "cache-get-1", cacheCLI("cache-1.cache.tp.svc.cluster.local", "GET", "pod"), true)
-	for job, want := range map[string]string{"cache-get-0": "cache-0", "cache-get-1": ""} {
+	get0 := runJob(t, e, "tp", "cache-get-0", cacheCLI("cache-0.cache.tp.svc.cluster.local", "GET", "pod"), true)
+	get1 := runJob(t, e, "tp", "cache-get-1", cacheCLI("cache-1.cache.tp.svc.cluster.local", "GET", "pod"), true)
+	for job, want := range map[string]string{get0: "cache-0", get1: ""} {
 		if logs, err := e.Cluster.Kubectl(ctx, "-n", "tp", "logs", "job/"+job, "-c", "redis-cli"); err != nil || strings.TrimSpace(logs) != want {
 			t.Errorf("%s printed %q (%v), want %q (the pod dialled, not another)", job, logs, err, want)
 		}
@@ -346,6 +361,9 @@ func appReadyStatefulSet(t *testing.T, e *meshkube.Env, ns, name string, n int32
 	})
 }
 
+// jobSeq numbers runJob's Jobs.
+var jobSeq atomic.Int64
+
 // getContainer is a Job container running testapp get url.
 func getContainer(url string, timeout time.Duration) string {
 	return fmt.Sprintf(`{name: get, image: meshlet.local/devkube-testapp:dev, imagePullPolicy: Never, args: [get, -timeout, %s, %q]}`, timeout, url)
@@ -353,9 +371,12 @@ func getContainer(url string, timeout time.Duration) string {
 
 // runJob runs a Job of ns, as the mesh service caller, with one container
 // (a YAML flow mapping) and waits for it to succeed (or, with !succeed,
-// to fail).
-func runJob(t *testing.T, e *meshkube.Env, ns, name, container string, succeed bool) {
+// to fail). The Job is named name-N, N unique in this test process (a
+// Job's template is immutable, and -count reruns the test), and its name
+// is returned.
+func runJob(t *testing.T, e *meshkube.Env, ns, name, container string, succeed bool) string {
 	t.Helper()
+	name = fmt.Sprintf("%s-%d", name, jobSeq.Add(1))
 	applyYAML(t, e, fmt.Sprintf(`
 apiVersion: batch/v1
 kind: Job
@@ -383,6 +404,7 @@ spec:
 		}
 		return fmt.Errorf("active %d", j.Status.Active)
 	})
+	return name
 }
 
 // applyYAML applies manifests with kubectl.
