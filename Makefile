@@ -22,7 +22,7 @@ help:
 	@echo "make demo-k8s    the example app on a real one-node Kubernetes cluster with meshlet injected (root; KEEP=1 leaves it up, demo-k8s-stop ends it)"
 	@echo "make test        run all tests (installs the test peers, builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
 	@echo "make lint        gofmt check, go vet and staticcheck (installs staticcheck v0.8.2 first)"
-	@echo "make test-short  the tests without real peers, clusters or end-to-end suites (go test -short)"
+	@echo "make test-short  go test -short: every test that starts no real Consul, Jaeger, cluster, sidecar process or peer (~2 min)"
 	@echo "make deps        install what make demo, make test and make lint run (Debian packages, Go tools); silent when all is there"
 	@echo "make build       build bin/controlplane and bin/sidecar"
 	@echo "make consul      build bin/consul from deploy/tools/consul"
