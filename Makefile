@@ -12,7 +12,7 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short vet fmt docker clean help bench bench-cp deps
+.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short lint vet fmt docker clean help bench bench-cp deps
 
 all: build
 
@@ -21,7 +21,9 @@ help:
 	@echo "make demo-stop   stop a mesh left up by KEEP=1"
 	@echo "make demo-k8s    the example app on a real one-node Kubernetes cluster with meshlet injected (root; KEEP=1 leaves it up, demo-k8s-stop ends it)"
 	@echo "make test        run all tests (installs the test peers, builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
-	@echo "make deps        install what make demo and make test run (Debian packages, Go tools); silent when all is there"
+	@echo "make lint        gofmt check, go vet and staticcheck (installs staticcheck v0.8.2 first)"
+	@echo "make test-short  go test -short: every test that starts no real Consul, Jaeger, cluster, sidecar process or peer (~2 min)"
+	@echo "make deps        install what make demo, make test and make lint run (Debian packages, Go tools); silent when all is there"
 	@echo "make build       build bin/controlplane and bin/sidecar"
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
@@ -70,7 +72,7 @@ $(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
 # deploy/tools/deps.sh installs what a target runs (Debian packages, Go
 # tools) and prints nothing when all of it is there.
 deps:
-	@deploy/tools/deps.sh demo test kube
+	@deploy/tools/deps.sh demo test kube lint
 
 # Kubernetes from one tool module (deploy/tools/kubernetes; ../shared/PEERS.md):
 # ~15 minutes and ~2.5 GB the first time on 2 cores, seconds once Go's build
@@ -232,6 +234,22 @@ bench-cp: $(BIN)/consul $(BIN)/controlplane
 
 test-short:
 	$(GO) test -short -count=1 ./...
+
+# make lint: gofmt (fails listing the files `make fmt` would rewrite), go vet
+# and staticcheck, pinned in deploy/tools/deps.sh (lint group; go install from
+# the Go module proxy into GOBIN or GOPATH/bin, which is put first on PATH).
+# Its defaults apply (no staticcheck.conf). govulncheck is not run: it needs
+# the vulnerability database at vuln.go.dev, which CI cannot reach (only the
+# Go module proxy and the Debian mirror).
+GOBIN_DIR = $(or $(shell $(GO) env GOBIN),$(shell $(GO) env GOPATH)/bin)
+LINT_SOURCES = $(shell find . -name '*.go' -not -path './.work/*' -not -path './bin/*' -not -path './.git/*')
+
+lint:
+	@deploy/tools/deps.sh lint
+	@unformatted=$$(gofmt -l $(LINT_SOURCES)); \
+	if [ -n "$$unformatted" ]; then echo "gofmt: not formatted (make fmt rewrites them):"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+	PATH="$(GOBIN_DIR):$$PATH" staticcheck ./...
 
 vet:
 	$(GO) vet ./...

@@ -209,6 +209,11 @@ func NewRoute(s RouteSpec) *route.Route {
 		}
 		a.RetryPolicy = rp
 		if rs.BodyBufferBytes > 0 {
+			// Envoy's replacement, Route.request_body_buffer_limit
+			// (UInt64Value, not capped by the listener's connection
+			// limit), is not read by the sidecar's decoder
+			// (sidecar/config) yet: switch both sides together.
+			//lint:ignore SA1019 the sidecar decoder reads this field; request_body_buffer_limit replaces it on both sides at once
 			r.PerRequestBufferLimitBytes = wrapperspb.UInt32(rs.BodyBufferBytes)
 		}
 		if rs.NonIdempotent != "" {

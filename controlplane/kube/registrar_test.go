@@ -91,6 +91,9 @@ func TestRegisterShapes(t *testing.T) {
 // deletion and termination deregistering, and a stale registration of a
 // pod that no longer exists removed at start.
 func TestRegistrarAgainstConsul(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: starts a real Consul agent (make test runs it)")
+	}
 	agent, err := devconsul.Start(context.Background(), devconsul.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -17,6 +17,8 @@
 #   image  `make images`: iptables, whose binaries and libraries the
 #          meshlet image carries (deploy/tools/xtables-files.sh), and
 #          redis-server, redis-tools for the tests' redis image
+#   lint   `make lint`: staticcheck (pinned; the Makefile runs the one in
+#          GOBIN, or GOPATH/bin, first)
 #
 # -n (dry run) prints what would be installed and exits 1 when something is
 # missing, 0 when nothing is. DEPS_EXTRA_PACKAGES adds Debian packages to
@@ -28,7 +30,7 @@ if [ "${1:-}" = "-n" ]; then
 	dry=1
 	shift
 fi
-[ $# -gt 0 ] || { echo "usage: deps.sh [-n] demo|test|bench|kube|image ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: deps.sh [-n] demo|test|bench|kube|image|lint ..." >&2; exit 2; }
 
 debs=()  # Debian packages the groups want
 gotools=() # "binary=module@version" Go tools the groups want
@@ -51,7 +53,8 @@ for group in "$@"; do
 		debs+=(etcd-server containerd runc containernetworking-plugins iptables conntrack iproute2 util-linux)
 		;;
 	image) debs+=(iptables redis-server redis-tools) ;;
-	*) echo "deps.sh: unknown group $group (demo, test, bench, kube, image)" >&2; exit 2 ;;
+	lint) gotools+=("staticcheck=honnef.co/go/tools/cmd/staticcheck@v0.8.2") ;;
+	*) echo "deps.sh: unknown group $group (demo, test, bench, kube, image, lint)" >&2; exit 2 ;;
 	esac
 done
 # shellcheck disable=SC2206

@@ -69,6 +69,17 @@ func TestDepsScript(t *testing.T) {
 			t.Errorf("exit %d, output %q; want 1 and ghz named", code, out)
 		}
 	})
+	t.Run("lint pins staticcheck", func(t *testing.T) {
+		goBin, err := exec.LookPath("go")
+		if err != nil {
+			t.Fatal(err)
+		}
+		env := []string{"PATH=" + filepath.Dir(goBin) + ":/usr/sbin:/usr/bin:/sbin:/bin", "GOBIN=" + t.TempDir()}
+		out, code := deps(t, env, "-n", "lint")
+		if code != 1 || !strings.Contains(out, "would go install honnef.co/go/tools/cmd/staticcheck@v") {
+			t.Errorf("exit %d, output %q; want 1 and staticcheck named with its version", code, out)
+		}
+	})
 	t.Run("unknown group", func(t *testing.T) {
 		out, code := deps(t, nil, "-n", "tset")
 		if code != 2 || !strings.Contains(out, "unknown group tset") {
@@ -88,7 +99,7 @@ func TestCIRunInstallsNothingItself(t *testing.T) {
 	if m := install.Find(b); m != nil {
 		t.Errorf(".ci/run installs on its own: %q; make test and make demo install what they need (deploy/tools/deps.sh)", m)
 	}
-	for _, cmd := range []string{"make test", "make demo", "make demo-k8s"} {
+	for _, cmd := range []string{"make lint", "make test", "make demo", "make demo-k8s"} {
 		if !bytes.Contains(b, []byte(cmd)) {
 			t.Errorf(".ci/run does not run %q", cmd)
 		}

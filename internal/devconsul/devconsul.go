@@ -241,7 +241,8 @@ func (a *Agent) Release() { a.stopOnce.Do(func() {}) }
 func (a *Agent) Pid() int { return a.cmd.Process.Pid }
 
 // StartForTest starts an agent for t and stops it in t.Cleanup. A missing
-// binary or a failed start fails the test (it is not skipped). The agent's
+// binary or a failed start fails the test (it is not skipped); under -short
+// (make test-short) the test is skipped before anything starts. The agent's
 // log is written to a file in t.TempDir() and printed when t fails.
 func StartForTest(t testing.TB) *Agent {
 	t.Helper()
@@ -251,6 +252,9 @@ func StartForTest(t testing.TB) *Agent {
 // StartForTestWith is StartForTest with options (Log is set by it).
 func StartForTestWith(t testing.TB, o Options) *Agent {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: starts a real Consul agent (make test runs it)")
+	}
 	logPath := filepath.Join(t.TempDir(), "consul.log")
 	f, err := os.Create(logPath)
 	if err != nil {

@@ -374,8 +374,9 @@ func (j *Jaeger) Exited() <-chan struct{} { return j.exited }
 
 // StartForTest starts Jaeger for t with default Options and stops it in
 // t.Cleanup. A missing binary or a failed start fails the test (it is not
-// skipped). Jaeger's log goes to a file in t.TempDir() and is printed when t
-// fails.
+// skipped); under -short (make test-short) the test is skipped before
+// anything starts. Jaeger's log goes to a file in t.TempDir() and is printed
+// when t fails.
 func StartForTest(t testing.TB) *Jaeger {
 	t.Helper()
 	return StartForTestWith(t, Options{})
@@ -384,6 +385,9 @@ func StartForTest(t testing.TB) *Jaeger {
 // StartForTestWith is StartForTest with options (Log is set by it).
 func StartForTestWith(t testing.TB, o Options) *Jaeger {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: starts a real Jaeger (make test runs it)")
+	}
 	logPath := filepath.Join(t.TempDir(), "jaeger.log")
 	f, err := os.Create(logPath)
 	if err != nil {

@@ -35,8 +35,19 @@ type mesh struct {
 	cpLog     *testlog.Buffer
 }
 
+// skipShort skips t under -short (make test-short): the end-to-end tests
+// start real processes (Consul, Jaeger, sidecar binaries, protocol peers),
+// which make test runs. what names the one t was about to start.
+func skipShort(t testing.TB, what string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: starts " + what + " (make test runs it)")
+	}
+}
+
 func newMesh(t *testing.T) *mesh {
 	t.Helper()
+	skipShort(t, "a real Consul agent")
 	m := &mesh{t: t, consul: devconsul.StartForTest(t), policyDir: t.TempDir()}
 	return m
 }

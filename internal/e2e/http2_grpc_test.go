@@ -21,7 +21,6 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -62,7 +61,7 @@ func TestHTTP2AndGRPC(t *testing.T) {
 // later, and the server sees it end then; a call the client cancels ends at
 // the server too (RST_STREAM through both sidecars).
 func testGRPCDeadlines(t *testing.T, p *sidecarPair, app *grpcApp) {
-	tc := testgrpc.NewTestServiceClient(dialGRPC(t, p.Addr))
+	tc := testpb.NewTestServiceClient(dialGRPC(t, p.Addr))
 	bg := context.Background()
 	warm, cancel := context.WithTimeout(bg, 5*time.Second)
 	if _, err := tc.EmptyCall(warm, &testpb.Empty{}); err != nil {
@@ -145,7 +144,7 @@ func testGRPCDeadlines(t *testing.T, p *sidecarPair, app *grpcApp) {
 // trailers-only responses, after messages, and after a stream's messages;
 // a trailers-only response stays trailers-only.
 func testGRPCTrailers(t *testing.T, p *sidecarPair) {
-	tc := testgrpc.NewTestServiceClient(dialGRPC(t, p.Addr))
+	tc := testpb.NewTestServiceClient(dialGRPC(t, p.Addr))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	bin := string([]byte{0, 1, 2, 0xfe, 0xff})
@@ -302,7 +301,7 @@ func testGRPCSlowConsumer(t *testing.T, p *sidecarPair, app *grpcApp) {
 		messages = 2048 // 64 MiB
 	)
 	cc := dialGRPC(t, p.Addr)
-	tc := testgrpc.NewTestServiceClient(cc)
+	tc := testpb.NewTestServiceClient(cc)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	if _, err := tc.EmptyCall(ctx, &testpb.Empty{}); err != nil {
@@ -447,9 +446,9 @@ func testGRPCConcurrentStreams(t *testing.T, p *sidecarPair) {
 	)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	clients := make([]testgrpc.TestServiceClient, conns)
+	clients := make([]testpb.TestServiceClient, conns)
 	for i := range clients {
-		clients[i] = testgrpc.NewTestServiceClient(dialGRPC(t, p.Addr))
+		clients[i] = testpb.NewTestServiceClient(dialGRPC(t, p.Addr))
 		if _, err := clients[i].EmptyCall(ctx, &testpb.Empty{}); err != nil {
 			t.Fatal(err)
 		}

@@ -117,6 +117,7 @@ var sidecarBin struct {
 // per test binary run.
 func sidecarBinary(t *testing.T) string {
 	t.Helper()
+	skipShort(t, "sidecar processes")
 	if p := os.Getenv("MESHLET_SIDECAR_BIN"); p != "" {
 		return p
 	}

@@ -27,6 +27,7 @@ import (
 // tool fails the test (it is not skipped): the message names the package.
 func debTool(t *testing.T, name, pkg string) string {
 	t.Helper()
+	skipShort(t, name+" (a real peer)")
 	// PostgreSQL's programs first from their versioned directory (newest
 	// first): /usr/bin/pgbench is a wrapper that fails without the server
 	// package. Then PATH, then sbin, which a non-root PATH may lack.

@@ -10,7 +10,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/interop"
-	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 
@@ -27,7 +26,7 @@ func TestGRPCStreamEndedByServerWhileClientSends(t *testing.T) {
 		t.Fatal(err)
 	}
 	gs := grpc.NewServer()
-	testgrpc.RegisterTestServiceServer(gs, interop.NewTestServer())
+	testpb.RegisterTestServiceServer(gs, interop.NewTestServer())
 	go func() { _ = gs.Serve(lis) }()
 	defer gs.Stop()
 
@@ -36,7 +35,7 @@ func TestGRPCStreamEndedByServerWhileClientSends(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	tc := testgrpc.NewTestServiceClient(conn)
+	tc := testpb.NewTestServiceClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 
@@ -80,7 +79,7 @@ func TestGRPCLocalRepliesAreGRPCStatuses(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	tc := testgrpc.NewTestServiceClient(conn)
+	tc := testpb.NewTestServiceClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err = tc.EmptyCall(ctx, &testpb.Empty{})

@@ -189,7 +189,7 @@ func TestAttemptSpansAndReason(t *testing.T) {
 	attr := func(s tracetest.SpanStub, k string) string {
 		for _, kv := range s.Attributes {
 			if string(kv.Key) == k {
-				return kv.Value.Emit()
+				return kv.Value.String()
 			}
 		}
 		return ""
