@@ -221,7 +221,11 @@ func TestTransparentProxy(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if !strings.Contains(dump, `"numRetries":10`) {
+		var v any
+		if err := json.Unmarshal([]byte(dump), &v); err != nil {
+			return err
+		}
+		if !hasField(v, "numRetries", 10.0) {
 			return errors.New("no route with numRetries 10 yet")
 		}
 		return nil
@@ -359,6 +363,29 @@ func appReadyStatefulSet(t *testing.T, e *meshkube.Env, ns, name string, n int32
 		}
 		return nil
 	})
+}
+
+// hasField reports whether the JSON value v (from json.Unmarshal into
+// any) holds key with value want at any depth.
+func hasField(v any, key string, want any) bool {
+	switch x := v.(type) {
+	case map[string]any:
+		if got, ok := x[key]; ok && got == want {
+			return true
+		}
+		for _, c := range x {
+			if hasField(c, key, want) {
+				return true
+			}
+		}
+	case []any:
+		for _, c := range x {
+			if hasField(c, key, want) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // jobSeq numbers runJob's Jobs.

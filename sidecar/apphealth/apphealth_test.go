@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -54,12 +55,7 @@ func TestProbes(t *testing.T) {
 			c.Close()
 		}
 	}()
-	closed, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closedPort := port(t, closed.Addr())
-	closed.Close()
+	closedPort := testutil.RefusedPort(t)
 
 	gln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

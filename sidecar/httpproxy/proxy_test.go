@@ -21,6 +21,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/xds"
@@ -119,11 +120,7 @@ func serve(tb testing.TB, s *Server) string {
 }
 
 func TestTypedFailureReasons(t *testing.T) {
-	closedPort := func() string {
-		l, _ := net.Listen("tcp", "127.0.0.1:0")
-		defer l.Close()
-		return l.Addr().String()
-	}()
+	closedPort := testutil.RefusedAddr(t)
 	hang := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
