@@ -1,6 +1,10 @@
 package translate
 
 import (
+	"slices"
+
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/xds"
@@ -27,6 +31,45 @@ func routeKey(name string) resourceKey    { return resourceKey{xds.RouteType, na
 func clusterKey(name string) resourceKey  { return resourceKey{xds.ClusterType, name} }
 func endpointKey(name string) resourceKey { return resourceKey{xds.EndpointType, name} }
 func secretKey(name string) resourceKey   { return resourceKey{xds.SecretType, name} }
+
+// protocolOfType is the pseudo type URL under which a listener's protocol
+// sources are kept apart (see tracedBy); provenance.sources drops it.
+const protocolOfType = "meshlet.protocol-of"
+
+// protocols returns a note on the protocol pseudo keys of n's listeners.
+func (n note) protocols() note {
+	var keys []resourceKey
+	for _, k := range n.keys {
+		if k.typeURL == xds.ListenerType {
+			keys = append(keys, resourceKey{protocolOfType, k.name})
+		}
+	}
+	return note{pv: n.pv, keys: keys}
+}
+
+// tracedBy notes on n what makes every traced listener of ls (tracing sets
+// the traffic direction) speak HTTP: the protocol sources they all share.
+// The OTLP collector cluster exists while one listener traces; an input
+// all of them owe their protocol to takes it away.
+func (pv *provenance) tracedBy(n note, ls []*listener.Listener) {
+	if pv == nil {
+		return
+	}
+	var common []Source
+	first := true
+	for _, l := range ls {
+		if l.GetTrafficDirection() == 0 {
+			continue
+		}
+		srcs := pv.m[protocolOfType][l.GetName()]
+		if first {
+			common, first = slices.Clone(srcs), false
+			continue
+		}
+		common = slices.DeleteFunc(common, func(s Source) bool { return !slices.Contains(srcs, s) })
+	}
+	n.add(common...)
+}
 
 // on returns a note for the resources keys.
 func (pv *provenance) on(keys ...resourceKey) note {
@@ -178,6 +221,22 @@ func tracingOf(pol *policy.Set, n note) *policy.Tracing {
 		}
 	}
 	n.add(Source{Origin: OriginFlag, Kind: "flag", Name: "-otlp-endpoint"})
+	return t
+}
+
+// collectorOf is policy.Set.Tracing for the OTLP collector, noting where
+// the collector comes from when tracing is on: MeshDefaults when it names
+// one, else the -otlp-endpoint flag.
+func collectorOf(pol *policy.Set, n note) *policy.Tracing {
+	t := pol.Tracing()
+	if t == nil {
+		return nil
+	}
+	if pol != nil && pol.Mesh != nil && pol.Mesh.Tracing != nil && pol.Mesh.Tracing.Collector != nil {
+		n.add(meshSource(pol)...)
+	} else {
+		n.add(Source{Origin: OriginFlag, Kind: "flag", Name: "-otlp-endpoint"})
+	}
 	return t
 }
 

@@ -88,7 +88,7 @@ func buildProxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy, pv *provena
 	publicUDP.add(registration(p, "public listener"))
 	localApp.add(registration(p, "local app"))
 
-	proto := protocol(cat, pol, p.Service, public.and(publicUDP).and(localApp))
+	proto := protocol(cat, pol, p.Service, public.and(public.protocols()).and(publicUDP).and(localApp))
 	in := xds.InboundOptions{
 		HTTP:       proto.IsHTTP(),
 		TLS:        xds.DownstreamTLS(minTLSVersion(pol, public), alpn(proto, true)),
@@ -137,7 +137,9 @@ func buildProxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy, pv *provena
 	if p.Transparent() {
 		transparent(&r, cat, pol, p, publicListener, seen, pv)
 	}
-	if tr := tracingOf(pol, pv.on(clusterKey(xds.OTLPCollectorCluster))); tr != nil && tr.Collector.Protocol == policy.CollectorHTTP && hasTracedListener(r.Listeners) {
+	otlp := pv.on(clusterKey(xds.OTLPCollectorCluster))
+	if tr := collectorOf(pol, otlp); tr != nil && tr.Collector.Protocol == policy.CollectorHTTP && hasTracedListener(r.Listeners) {
+		pv.tracedBy(otlp, r.Listeners)
 		c, err := xds.NewOTLPCollectorCluster(tr.Collector.Endpoint)
 		if err != nil {
 			return r, fmt.Errorf("translate: tracing collector: %w", err)
@@ -181,7 +183,7 @@ func (r *Resources) add(u upstream) {
 func upstreamResources(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, host string, port int, pv *provenance, lis note) upstream {
 	name := xds.ServiceCluster(service)
 	rt, cl := pv.on(routeKey(name)), pv.on(clusterKey(name))
-	up := protocol(cat, pol, service, lis.and(rt).and(cl))
+	up := protocol(cat, pol, service, lis.and(lis.protocols()).and(rt).and(cl))
 	u := upstream{service: service, protocol: up}
 	switch {
 	case up.IsHTTP():

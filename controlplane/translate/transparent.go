@@ -74,7 +74,11 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 		if svc == nil || !svc.HasVirtual() {
 			continue
 		}
-		capture.add(serviceSource(name, "virtual addresses"))
+		if explicit {
+			capture.add(serviceSource(name, "virtual addresses"))
+		} else {
+			reached.add(serviceSource(name, "virtual addresses")) // what makes it an upstream
+		}
 		var ok bool
 		var rule string
 		if !explicit {
