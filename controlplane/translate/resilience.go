@@ -16,18 +16,21 @@ import (
 // the match lists methods), most specific first, then the default route
 // ("/"). Each route takes the retry and timeout document with its exact
 // match, else the service-wide one (no match), else the defaults; documents
-// apply whole, fields are not merged across documents.
-func outboundRoutes(pol *policy.Set, service, clusterName string) []*route.Route {
+// apply whole, fields are not merged across documents. Every document
+// read (each shapes a route) is noted on n.
+func outboundRoutes(pol *policy.Set, service, clusterName string, n note) []*route.Route {
 	matches := map[string]*policy.Match{}
 	retries := map[string]*policy.RetryPolicy{}
 	timeouts := map[string]*policy.TimeoutPolicy{}
 	for _, p := range pol.RetriesFor(service) {
 		retries[p.Match.Key()] = p
 		matches[p.Match.Key()] = p.Match
+		n.add(retrySource(p))
 	}
 	for _, p := range pol.TimeoutsFor(service) {
 		timeouts[p.Match.Key()] = p
 		matches[p.Match.Key()] = p.Match
+		n.add(timeoutSource(p))
 	}
 	keys := make([]string, 0, len(matches))
 	for k := range matches {
@@ -40,6 +43,7 @@ func outboundRoutes(pol *policy.Set, service, clusterName string) []*route.Route
 	hash := ""
 	if lb := pol.LoadBalancer(service); lb != nil && lb.Algorithm == policy.AlgorithmRingHash {
 		hash = lb.HashHeader
+		n.add(docSource(policy.KindLoadBalancerPolicy, lb.Name, lb.Source))
 	}
 	spec := func(name string, m *policy.Match, method string) *route.Route {
 		key := m.Key()
@@ -142,13 +146,17 @@ func retrySpec(p *policy.RetryPolicy) *xds.RetrySpec {
 
 // tcpConnectAttempts is TcpProxy.max_connect_attempts for a TCP service:
 // the first attempt plus the retries of its service-wide RetryPolicy (or the
-// built-in one) when that retries on connect-failure.
-func tcpConnectAttempts(pol *policy.Set, service string) int {
+// built-in one) when that retries on connect-failure. The service-wide
+// RetryPolicy is noted on n.
+func tcpConnectAttempts(pol *policy.Set, service string, n note) int {
 	var p *policy.RetryPolicy
 	for _, r := range pol.RetriesFor(service) {
 		if r.Match == nil {
 			p = r
 		}
+	}
+	if p != nil {
+		n.add(retrySource(p))
 	}
 	s := retrySpec(p)
 	if !slices.Contains(s.RetryOn, "connect-failure") {
@@ -162,21 +170,27 @@ func tcpConnectAttempts(pol *policy.Set, service string) int {
 // its service-wide TimeoutPolicy (a connection has no paths to match), 0
 // when unset (the field stays unset: Envoy's defaults of 1 h for TCP, 1 min
 // for UDP). Both ends take it: the callers' outbound listeners and the
-// service's own inbound listener, so neither closes before the other.
-func tcpIdleTimeout(pol *policy.Set, service string) time.Duration {
+// service's own inbound listener, so neither closes before the other. The
+// TimeoutPolicy is noted on n when it sets the idle timeout.
+func tcpIdleTimeout(pol *policy.Set, service string, n note) time.Duration {
 	for _, t := range pol.TimeoutsFor(service) {
 		if t.Match == nil {
+			if t.Idle > 0 {
+				n.add(timeoutSource(t))
+			}
 			return t.Idle.D()
 		}
 	}
 	return 0
 }
 
-// clusterOptions applies the service-wide policies of service to o.
-func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions) xds.ClusterOptions {
+// clusterOptions applies the service-wide policies of service to o, noting
+// on n each document that sets a field.
+func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions, n note) xds.ClusterOptions {
 	budget := &xds.RetryBudget{Ratio: policy.DefaultBudgetRatio, MinRetriesPerSecond: policy.DefaultBudgetMinPerSecond, TTL: xds.Duration(policy.DefaultBudgetTTL)}
 	for _, r := range pol.RetriesFor(service) {
 		if b := r.Budget; r.Match == nil && b != nil {
+			n.add(retrySource(r))
 			if b.Ratio != nil {
 				budget.Ratio = *b.Ratio
 			}
@@ -192,9 +206,11 @@ func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions) xds.C
 	for _, t := range pol.TimeoutsFor(service) {
 		if t.Match == nil && t.Connect > 0 {
 			o.ConnectTimeout = t.Connect.D()
+			n.add(timeoutSource(t))
 		}
 	}
 	if cb := pol.CircuitBreaker(service); cb != nil {
+		n.add(docSource(policy.KindCircuitBreakerPolicy, cb.Name, cb.Source))
 		o.Thresholds = &xds.Thresholds{
 			MaxConnections:     or(cb.MaxConnections, policy.DefaultMaxConnections),
 			MaxPendingRequests: or(cb.MaxPendingRequests, policy.DefaultMaxPendingRequests),
@@ -218,6 +234,7 @@ func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions) xds.C
 		}
 	}
 	if od := pol.OutlierDetection(service); od != nil {
+		n.add(docSource(policy.KindOutlierDetectionPolicy, od.Name, od.Source))
 		o.Outlier = &xds.OutlierSpec{
 			Consecutive5xx:                 or(od.Consecutive5xx, policy.DefaultConsecutive5xx),
 			ConsecutiveGatewayErrors:       or(od.ConsecutiveGatewayErrors, 0),
@@ -229,6 +246,7 @@ func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions) xds.C
 		}
 	}
 	if lb := pol.LoadBalancer(service); lb != nil {
+		n.add(docSource(policy.KindLoadBalancerPolicy, lb.Name, lb.Source))
 		switch lb.Algorithm {
 		case policy.AlgorithmLeastRequest:
 			o.LB = xds.LBLeastRequest

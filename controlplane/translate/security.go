@@ -31,10 +31,13 @@ func SPIFFEID(trustDomain, dc, service string) string {
 
 // upstreamID is the identity a caller requires of service's sidecars: the
 // SPIFFE ID of its leaf certificate when known, else the Consul form in dc.
-func upstreamID(cat *model.Catalog, service, dc string) string {
+// The leaf or the CA roots (trust domain) is noted on n.
+func upstreamID(cat *model.Catalog, service, dc string, n note) string {
 	if l := cat.Leaves[service]; l != nil && l.SPIFFEID != "" {
+		n.add(Source{Origin: OriginConsul, Kind: ConsulLeaf, Name: service, Detail: "SPIFFE ID"})
 		return l.SPIFFEID
 	}
+	n.add(caSource("trust domain"))
 	return SPIFFEID(cat.CA.TrustDomain, cmpOr(dc, xds.DefaultRegion), service)
 }
 
@@ -79,17 +82,26 @@ func secrets(cat *model.Catalog, service string) (cert, roots *tlsv3.Secret, err
 	return xds.NewCertSecret(leaf.CertPEM, leaf.KeyPEM), xds.NewRootsSecret(pems), nil
 }
 
+// authzSource is a source of an authorization rule and where it comes
+// from: the Consul service-intentions entry or the AuthorizationPolicy.
+type authzSource struct {
+	model.IntentionSource
+	from Source
+}
+
 // authzSources merges the Consul intentions of destination with its
 // AuthorizationPolicy (whose sources win for the same name): named sources
 // first (sorted), then "*".
-func authzSources(cat *model.Catalog, pol *policy.Set, destination string) []model.IntentionSource {
-	byName := map[string]model.IntentionSource{}
+func authzSources(cat *model.Catalog, pol *policy.Set, destination string) []authzSource {
+	byName := map[string]authzSource{}
 	if in := cat.Intentions[destination]; in != nil {
+		from := Source{Origin: OriginConsul, Kind: ConsulIntentions, Name: destination}
 		for _, s := range in.Sources {
-			byName[s.Name] = s
+			byName[s.Name] = authzSource{s, from}
 		}
 	}
 	if p := pol.Authorization(destination); p != nil {
+		from := docSource(policy.KindAuthorizationPolicy, p.Name, p.Source)
 		for i, s := range p.Sources {
 			src := model.IntentionSource{Name: s.Name, Action: s.Action, Origin: fmt.Sprintf("%s spec.sources[%d]", p.Source, i)}
 			for _, perm := range s.Permissions {
@@ -99,14 +111,14 @@ func authzSources(cat *model.Catalog, pol *policy.Set, destination string) []mod
 				}
 				src.Permissions = append(src.Permissions, model.IntentionPermission{Action: perm.Action, HTTP: m})
 			}
-			byName[s.Name] = src
+			byName[s.Name] = authzSource{src, from}
 		}
 	}
-	out := make([]model.IntentionSource, 0, len(byName))
+	out := make([]authzSource, 0, len(byName))
 	for _, s := range byName {
 		out = append(out, s)
 	}
-	slices.SortFunc(out, func(a, b model.IntentionSource) int {
+	slices.SortFunc(out, func(a, b authzSource) int {
 		switch {
 		case a.Name == b.Name:
 			return 0
@@ -126,8 +138,10 @@ func authzSources(cat *model.Catalog, pol *policy.Set, destination string) []mod
 // "*" principal excludes every named source), L7 permissions apply in order
 // (each excludes the ones before it), and what no rule covers gets the
 // default action. With default deny the rules are an ALLOW RBAC and the
-// explicit denies its shadow; with default allow the reverse.
-func authzRules(cat *model.Catalog, pol *policy.Set, destination string, http bool) (rules, shadow *rbacv3.RBAC) {
+// explicit denies its shadow; with default allow the reverse. The
+// documents and Consul entries behind the rules are noted on n.
+func authzRules(cat *model.Catalog, pol *policy.Set, destination string, http bool, n note) (rules, shadow *rbacv3.RBAC) {
+	n.add(caSource("trust domain"))
 	td := cat.CA.TrustDomain
 	allow := &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
 	deny := &rbacv3.RBAC{Action: rbacv3.RBAC_DENY, Policies: map[string]*rbacv3.Policy{}}
@@ -146,6 +160,7 @@ func authzRules(cat *model.Catalog, pol *policy.Set, destination string, http bo
 		target.Policies[name] = &rbacv3.Policy{Permissions: []*rbacv3.Permission{perm}, Principals: []*rbacv3.Principal{who}}
 	}
 	for _, s := range sources {
+		n.add(s.from)
 		who := sourcePrincipal(td, s.Name)
 		if s.Name == "*" && len(named) > 0 {
 			who = &rbacv3.Principal{Identifier: &rbacv3.Principal_AndIds{AndIds: &rbacv3.Principal_Set{Ids: []*rbacv3.Principal{
@@ -171,7 +186,7 @@ func authzRules(cat *model.Catalog, pol *policy.Set, destination string, http bo
 			}
 		}
 	}
-	if pol.DefaultAction(destination) == policy.ActionAllow {
+	if defaultAction(pol, destination, n) == policy.ActionAllow {
 		return deny, allow
 	}
 	return allow, deny

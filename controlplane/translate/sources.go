@@ -8,7 +8,6 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
-	"github.com/meshlet/meshlet/xds"
 )
 
 // Origins of a Source.
@@ -149,203 +148,38 @@ func (m SourceMap) normalize() {
 }
 
 // ProxySources returns, for every resource Proxy builds for p, the policy
-// documents and Consul entries it was built from, mirroring Proxy:
-//   - secret "default": the leaf certificate of p's service; "ROOTCA": the
-//     Connect CA roots;
-//   - public_listener: p's connect-proxy registration, the protocol of p's
-//     service (its ServiceDefaults, else Consul service meta), its
-//     ServiceDefaults (mtlsMode), MeshDefaults (mTLS, default action,
-//     tracing), its service-wide TimeoutPolicy (idle) when it is TCP, its
-//     AuthorizationPolicy and Consul service-intentions, and
-//     the Connect CA (trust domain of the RBAC principals); cluster
-//     local_app: the registration and the protocol;
-//   - public_listener_udp of a udp service: the registration, the
-//     protocol, the service-wide TimeoutPolicy (idle);
-//   - per upstream service u: listener "upstream:u" (the registration's
-//     upstream, u's protocol, the service-wide RetryPolicy and
-//     TimeoutPolicy (idle) of a TCP or UDP upstream, MeshDefaults when it
-//     traces), route configuration "u" (every
-//     RetryPolicy and TimeoutPolicy of u, a ringHash LoadBalancerPolicy),
-//     cluster "u" (CircuitBreakerPolicy, OutlierDetectionPolicy,
-//     LoadBalancerPolicy, the RetryPolicy with the retry budget, the
-//     TimeoutPolicy with the connect timeout, MeshDefaults' minimum TLS
-//     version, and u's leaf certificate or the CA for its identity), and
-//     endpoints "u" (u's sidecars in the Consul catalog and their health);
-//   - cluster "passthrough~h" of a headless service h a transparent proxy
-//     dials directly: h's instances and sidecars in the Consul catalog
-//     and their health, h's cluster policies, MeshDefaults' minimum TLS
-//     version and h's leaf certificate or the CA for its identity;
-//   - cluster otlp_collector: MeshDefaults' tracing collector, or the
-//     -otlp-endpoint flag.
+// documents, Consul entries and flags it was built from. They are noted by
+// the code that builds the resources, as it reads each input for a
+// resource (see provenance): for instance the secrets note the leaf
+// certificate and the CA roots, the public listener its registration, the
+// protocol's ServiceDefaults or service meta, the documents deciding its
+// mTLS, authorization (AuthorizationPolicy, Consul service-intentions) and
+// tracing, an upstream's route its RetryPolicy and TimeoutPolicy
+// documents, its cluster the service-wide documents and identity, its
+// endpoints the Consul catalog; a transparent proxy's capture listener the
+// services it matches and the rules deciding whether it may reach them.
 //
-// A resource with no known input has an empty list. It returns Proxy's
-// error when Proxy cannot build p's resources (then there is no snapshot to
-// explain).
+// Every resource Proxy builds is in the map, with an empty list when it has
+// no known input. It returns Proxy's error when Proxy cannot build p's
+// resources (then there is no snapshot to explain).
 func ProxySources(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (SourceMap, error) {
-	r, err := Proxy(cat, pol, p)
+	pv := newProvenance()
+	r, err := buildProxy(cat, pol, p, pv)
 	if err != nil {
 		return nil, err
 	}
-	m := SourceMap{}
-	registration := func(detail string) Source {
-		return Source{Origin: OriginConsul, Kind: ConsulConnectProxy, Name: p.ID, Detail: detail}
-	}
-	mesh := meshSource(pol)
-	tracing := tracingSources(pol)
-	for _, s := range r.Secrets {
-		switch s.GetName() {
-		case xds.SecretCert:
-			m.add(xds.SecretType, s.GetName(), leafSource(p.Service))
-		case xds.SecretRoots:
-			m.add(xds.SecretType, s.GetName(), caSource(""))
-		default:
-			m.add(xds.SecretType, s.GetName())
-		}
-	}
-	upstreams := map[string]bool{}
-	for _, u := range p.Upstreams {
-		upstreams[u.Service] = true
-	}
-	for _, l := range r.Listeners {
-		name := l.GetName()
-		if name == xds.PublicUDPListener {
-			m.add(xds.ListenerType, name, registration("public listener"))
-			m.add(xds.ListenerType, name, protocolSources(cat, pol, p.Service)...)
-			m.add(xds.ListenerType, name, tcpIdleSources(pol, p.Service)...)
-			continue
-		}
-		if name == xds.PublicListener {
-			m.add(xds.ListenerType, name, registration("public listener"), caSource("trust domain"))
-			m.add(xds.ListenerType, name, protocolSources(cat, pol, p.Service)...)
-			if d := serviceDefaults(pol, p.Service); d != nil {
-				m.add(xds.ListenerType, name, docSource(policy.KindServiceDefaults, d.Name, d.Source))
-			}
-			m.add(xds.ListenerType, name, mesh...)
-			if a := pol.Authorization(p.Service); a != nil {
-				m.add(xds.ListenerType, name, docSource(policy.KindAuthorizationPolicy, a.Name, a.Source))
-			}
-			if !Protocol(cat, pol, p.Service).IsHTTP() {
-				m.add(xds.ListenerType, name, tcpIdleSources(pol, p.Service)...)
-			}
-			if cat.Intentions[p.Service] != nil {
-				m.add(xds.ListenerType, name, Source{Origin: OriginConsul, Kind: ConsulIntentions, Name: p.Service})
-			}
-			if l.GetTrafficDirection() != 0 {
-				m.add(xds.ListenerType, name, tracing...)
-			}
-			continue
-		}
-		u, ok := xds.UpstreamService(name)
-		if !ok || !upstreams[u] {
-			m.add(xds.ListenerType, name)
-			continue
-		}
-		m.add(xds.ListenerType, name, registration("upstream "+u))
-		m.add(xds.ListenerType, name, protocolSources(cat, pol, u)...)
-		if !Protocol(cat, pol, u).IsHTTP() {
-			for _, rp := range pol.RetriesFor(u) {
-				if rp.Match == nil {
-					m.add(xds.ListenerType, name, docSource(policy.KindRetryPolicy, rp.Name, rp.Source))
-				}
-			}
-			m.add(xds.ListenerType, name, tcpIdleSources(pol, u)...)
-		}
-		if l.GetTrafficDirection() != 0 {
-			m.add(xds.ListenerType, name, tracing...)
-		}
-	}
-	for _, rc := range r.Routes {
-		u := rc.GetName()
-		m.add(xds.RouteType, u, registration("upstream "+u))
-		m.add(xds.RouteType, u, protocolSources(cat, pol, u)...)
-		m.add(xds.RouteType, u, routeSources(pol, u)...)
-	}
-	for _, c := range r.Clusters {
-		name := c.GetName()
-		switch {
-		case name == xds.LocalAppCluster:
-			m.add(xds.ClusterType, name, registration("local app"))
-			m.add(xds.ClusterType, name, protocolSources(cat, pol, p.Service)...)
-		case name == xds.OTLPCollectorCluster:
-			m.add(xds.ClusterType, name, tracing...)
-		case upstreams[name]:
-			m.add(xds.ClusterType, name, registration("upstream "+name))
-			m.add(xds.ClusterType, name, protocolSources(cat, pol, name)...)
-			m.add(xds.ClusterType, name, clusterSources(pol, name)...)
-			if Protocol(cat, pol, name) == xds.ProtocolUDP {
-				break // plaintext: no TLS version, no identity
-			}
-			if pol != nil && pol.Mesh != nil && pol.Mesh.MTLS != nil && pol.Mesh.MTLS.MinTLSVersion != "" {
-				m.add(xds.ClusterType, name, mesh...)
-			}
-			if l := cat.Leaves[name]; l != nil && l.SPIFFEID != "" {
-				m.add(xds.ClusterType, name, Source{Origin: OriginConsul, Kind: ConsulLeaf, Name: name, Detail: "SPIFFE ID"})
-			} else {
-				m.add(xds.ClusterType, name, caSource("trust domain"))
-			}
-		default:
-			svc, ok := xds.DirectClusterService(name)
-			if !ok {
-				m.add(xds.ClusterType, name)
-				break
-			}
-			// A headless service's ORIGINAL_DST cluster: its instances and
-			// their sidecars decide whether it exists; its connect timeout,
-			// thresholds and mTLS come as for the service's own cluster.
-			m.add(xds.ClusterType, name, Source{Origin: OriginConsul, Kind: ConsulService, Name: svc, Detail: "catalog/health"},
-				Source{Origin: OriginConsul, Kind: ConsulService, Name: svc, Detail: "sidecars: catalog/health"})
-			m.add(xds.ClusterType, name, clusterSources(pol, svc)...)
-			if pol != nil && pol.Mesh != nil && pol.Mesh.MTLS != nil && pol.Mesh.MTLS.MinTLSVersion != "" {
-				m.add(xds.ClusterType, name, mesh...)
-			}
-			if l := cat.Leaves[svc]; l != nil && l.SPIFFEID != "" {
-				m.add(xds.ClusterType, name, Source{Origin: OriginConsul, Kind: ConsulLeaf, Name: svc, Detail: "SPIFFE ID"})
-			} else {
-				m.add(xds.ClusterType, name, caSource("trust domain"))
-			}
-		}
-	}
-	for _, e := range r.Endpoints {
-		name := e.GetClusterName()
-		m.add(xds.EndpointType, name, Source{Origin: OriginConsul, Kind: ConsulService, Name: name, Detail: "sidecars: catalog/health"})
-	}
-	m.normalize()
-	return m, nil
+	return pv.sources(r), nil
 }
 
-// ProxylessSources returns the inputs of every resource Proxyless builds:
-// per service s, the API listener "s" (s in the catalog, its RetryPolicy
-// and TimeoutPolicy documents, a ringHash LoadBalancerPolicy), cluster "s"
-// (s in the catalog, its protocol and service-wide policies) and endpoints "s" (s's
-// instances in the catalog and their health).
+// ProxylessSources returns the inputs of every resource Proxyless builds,
+// noted as Proxyless builds them: per service s, the API listener "s" (s
+// in the catalog, its RetryPolicy and TimeoutPolicy documents, a ringHash
+// LoadBalancerPolicy), cluster "s" (s in the catalog, its protocol and
+// service-wide policies) and endpoints "s" (s's instances in the catalog
+// and their health).
 func ProxylessSources(cat *model.Catalog, pol *policy.Set) SourceMap {
-	r := Proxyless(cat, pol)
-	m := SourceMap{}
-	for _, l := range r.Listeners {
-		s := l.GetName()
-		m.add(xds.ListenerType, s, Source{Origin: OriginConsul, Kind: ConsulService, Name: s, Detail: "catalog"})
-		m.add(xds.ListenerType, s, routeSources(pol, s)...)
-	}
-	for _, c := range r.Clusters {
-		s := c.GetName()
-		m.add(xds.ClusterType, s, Source{Origin: OriginConsul, Kind: ConsulService, Name: s, Detail: "catalog"})
-		m.add(xds.ClusterType, s, protocolSources(cat, pol, s)...)
-		m.add(xds.ClusterType, s, clusterSources(pol, s)...)
-	}
-	for _, e := range r.Endpoints {
-		s := e.GetClusterName()
-		m.add(xds.EndpointType, s, Source{Origin: OriginConsul, Kind: ConsulService, Name: s, Detail: "catalog/health"})
-	}
-	m.normalize()
-	return m
-}
-
-// serviceDefaults returns the ServiceDefaults of service, or nil.
-func serviceDefaults(pol *policy.Set, service string) *policy.ServiceDefaults {
-	if pol == nil {
-		return nil
-	}
-	return pol.ServiceDefaults[service]
+	pv := newProvenance()
+	return pv.sources(buildProxyless(cat, pol, pv))
 }
 
 func docSource(kind, name string, src policy.Source) Source {
@@ -366,88 +200,4 @@ func meshSource(pol *policy.Set) []Source {
 		return nil
 	}
 	return []Source{docSource(policy.KindMeshDefaults, pol.Mesh.Name, pol.Mesh.Source)}
-}
-
-// tracingSources is where the tracing setup comes from: MeshDefaults (its
-// tracing block), and the -otlp-endpoint flag when MeshDefaults names no
-// collector.
-func tracingSources(pol *policy.Set) []Source {
-	if pol.Tracing() == nil {
-		return nil
-	}
-	var out []Source
-	if pol != nil && pol.Mesh != nil && pol.Mesh.Tracing != nil {
-		out = append(out, meshSource(pol)...)
-		if pol.Mesh.Tracing.Collector != nil {
-			return out
-		}
-	}
-	return append(out, Source{Origin: OriginFlag, Kind: "flag", Name: "-otlp-endpoint"})
-}
-
-// protocolSources is where Protocol(cat, pol, service) comes from: the
-// ServiceDefaults declaring it, else the Consul service meta, else nothing
-// (the tcp default).
-func protocolSources(cat *model.Catalog, pol *policy.Set, service string) []Source {
-	if _, ok := pol.Protocol(service); ok {
-		d := serviceDefaults(pol, service)
-		return []Source{docSource(policy.KindServiceDefaults, d.Name, d.Source)}
-	}
-	if s, ok := cat.Services[service]; ok {
-		if _, ok := xds.ParseProtocol(s.Protocol); ok {
-			return []Source{{Origin: OriginConsul, Kind: ConsulService, Name: service, Detail: "meta protocol"}}
-		}
-	}
-	return nil
-}
-
-// routeSources are the documents outboundRoutes reads for service.
-func routeSources(pol *policy.Set, service string) []Source {
-	var out []Source
-	for _, p := range pol.RetriesFor(service) {
-		out = append(out, docSource(policy.KindRetryPolicy, p.Name, p.Source))
-	}
-	for _, p := range pol.TimeoutsFor(service) {
-		out = append(out, docSource(policy.KindTimeoutPolicy, p.Name, p.Source))
-	}
-	if lb := pol.LoadBalancer(service); lb != nil && lb.Algorithm == policy.AlgorithmRingHash {
-		out = append(out, docSource(policy.KindLoadBalancerPolicy, lb.Name, lb.Source))
-	}
-	return out
-}
-
-// tcpIdleSources is the service-wide TimeoutPolicy with an idle timeout
-// that tcpIdleTimeout reads for a TCP service.
-func tcpIdleSources(pol *policy.Set, service string) []Source {
-	for _, p := range pol.TimeoutsFor(service) {
-		if p.Match == nil && p.Idle > 0 {
-			return []Source{docSource(policy.KindTimeoutPolicy, p.Name, p.Source)}
-		}
-	}
-	return nil
-}
-
-// clusterSources are the documents clusterOptions reads for service.
-func clusterSources(pol *policy.Set, service string) []Source {
-	var out []Source
-	for _, p := range pol.RetriesFor(service) {
-		if p.Match == nil && p.Budget != nil {
-			out = append(out, docSource(policy.KindRetryPolicy, p.Name, p.Source))
-		}
-	}
-	for _, p := range pol.TimeoutsFor(service) {
-		if p.Match == nil && p.Connect > 0 {
-			out = append(out, docSource(policy.KindTimeoutPolicy, p.Name, p.Source))
-		}
-	}
-	if p := pol.CircuitBreaker(service); p != nil {
-		out = append(out, docSource(policy.KindCircuitBreakerPolicy, p.Name, p.Source))
-	}
-	if p := pol.OutlierDetection(service); p != nil {
-		out = append(out, docSource(policy.KindOutlierDetectionPolicy, p.Name, p.Source))
-	}
-	if p := pol.LoadBalancer(service); p != nil {
-		out = append(out, docSource(policy.KindLoadBalancerPolicy, p.Name, p.Source))
-	}
-	return out
 }

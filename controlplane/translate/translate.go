@@ -31,15 +31,7 @@ type Resources struct {
 // Protocol returns the protocol of service: a ServiceDefaults policy wins,
 // then the service meta "protocol" in Consul, then tcp.
 func Protocol(cat *model.Catalog, pol *policy.Set, service string) xds.Protocol {
-	if p, ok := pol.Protocol(service); ok {
-		return p
-	}
-	if s, ok := cat.Services[service]; ok {
-		if p, ok := xds.ParseProtocol(s.Protocol); ok {
-			return p
-		}
-	}
-	return xds.ProtocolTCP
+	return protocol(cat, pol, service, note{})
 }
 
 // Proxy returns the resources of the sidecar p:
@@ -69,28 +61,47 @@ func Protocol(cat *model.Catalog, pol *policy.Set, service string) xds.Protocol 
 // error wrapping ErrNotReady while the CA roots or the leaf certificate of
 // p's service are unknown.
 func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, error) {
+	return buildProxy(cat, pol, p, nil)
+}
+
+// buildProxy is Proxy, noting in pv (nil: nowhere) the inputs of each
+// resource as it reads them.
+func buildProxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy, pv *provenance) (Resources, error) {
 	var r Resources
 	cert, roots, err := secrets(cat, p.Service)
 	if err != nil {
 		return r, err
 	}
 	r.Secrets = append(r.Secrets, cert, roots)
-	minTLS := pol.MinTLSVersion()
-	proto := Protocol(cat, pol, p.Service)
+	pv.on(secretKey(cert.GetName())).add(leafSource(p.Service))
+	pv.on(secretKey(roots.GetName())).add(caSource(""))
+
+	// The inbound capture listener of a transparent proxy carries the
+	// public listener's chains: it is built from the same inputs.
+	public := pv.on(listenerKey(xds.PublicListener))
+	if p.Transparent() {
+		public = public.and(pv.on(listenerKey(xds.InboundCaptureListener)))
+	}
+	publicUDP := pv.on(listenerKey(xds.PublicUDPListener))
+	localApp := pv.on(clusterKey(xds.LocalAppCluster))
+	public.add(registration(p, "public listener"))
+	publicUDP.add(registration(p, "public listener"))
+	localApp.add(registration(p, "local app"))
+
+	proto := protocol(cat, pol, p.Service, public.and(public.protocols()).and(publicUDP).and(localApp))
 	in := xds.InboundOptions{
 		HTTP:       proto.IsHTTP(),
-		TLS:        xds.DownstreamTLS(minTLS, alpn(proto, true)),
-		Permissive: pol.MTLSMode(p.Service) == policy.MTLSPermissive,
+		TLS:        xds.DownstreamTLS(minTLSVersion(pol, public), alpn(proto, true)),
+		Permissive: mtlsMode(pol, p.Service, public) == policy.MTLSPermissive,
 	}
-	tr := pol.Tracing()
 	if in.HTTP {
 		in.Via = p.ID
-		in.Tracing = tracing(tr, p.Service, false)
+		in.Tracing = tracing(pol, public, p.Service, false)
 	}
 	if !in.HTTP {
-		in.TCP.IdleTimeout = tcpIdleTimeout(pol, p.Service)
+		in.TCP.IdleTimeout = tcpIdleTimeout(pol, p.Service, public)
 	}
-	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP)
+	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP, public)
 	if !p.ClientOnly() {
 		r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
 	}
@@ -98,16 +109,16 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 		// Only a service declared udp gets a UDP listener: it is plaintext
 		// and unauthorized, so it is never opened implicitly.
 		r.Listeners = append(r.Listeners, xds.NewUDPListener(xds.PublicUDPListener, p.BindAddress(), p.BindPort(), xds.LocalAppCluster,
-			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, p.Service)}))
+			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, p.Service, publicUDP)}))
 	}
 	if !p.ClientOnly() {
 		r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
 	}
 
-	var public *listener.Listener
+	var publicListener *listener.Listener
 	for _, l := range r.Listeners {
 		if l.GetName() == xds.PublicListener {
-			public = l
+			publicListener = l
 		}
 	}
 	seen := map[string]bool{}
@@ -116,14 +127,19 @@ func Proxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy) (Resources, erro
 			continue
 		}
 		seen[u.Service] = true
-		up := upstreamResources(cat, pol, p, u.Service, u.BindAddress, u.BindPort, minTLS)
+		name := xds.ServiceCluster(u.Service)
+		lis := pv.on(listenerKey(xds.UpstreamListener(u.Service)))
+		lis.and(pv.on(routeKey(name), clusterKey(name))).add(registration(p, "upstream "+u.Service))
+		up := upstreamResources(cat, pol, p, u.Service, u.BindAddress, u.BindPort, pv, lis)
 		r.Listeners = append(r.Listeners, up.listener)
 		r.add(up)
 	}
 	if p.Transparent() {
-		transparent(&r, cat, pol, p, public, seen, minTLS)
+		transparent(&r, cat, pol, p, publicListener, seen, pv)
 	}
-	if tr != nil && tr.Collector.Protocol == policy.CollectorHTTP && hasTracedListener(r.Listeners) {
+	otlp := pv.on(clusterKey(xds.OTLPCollectorCluster))
+	if tr := collectorOf(pol, otlp); tr != nil && tr.Collector.Protocol == policy.CollectorHTTP && hasTracedListener(r.Listeners) {
+		pv.tracedBy(otlp, r.Listeners)
 		c, err := xds.NewOTLPCollectorCluster(tr.Collector.Endpoint)
 		if err != nil {
 			return r, fmt.Errorf("translate: tracing collector: %w", err)
@@ -162,51 +178,56 @@ func (r *Resources) add(u upstream) {
 // policies, a UDP proxy, or a TCP proxy; an EDS cluster "<service>" with
 // mTLS requiring the service's SPIFFE ID (plaintext for udp) and its
 // resilience settings; its load assignment, the service's healthy sidecars.
-func upstreamResources(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, host string, port int, minTLS string) upstream {
+// The listener's inputs are noted on lis, those of the route, cluster and
+// load assignment in pv.
+func upstreamResources(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, host string, port int, pv *provenance, lis note) upstream {
 	name := xds.ServiceCluster(service)
-	up := Protocol(cat, pol, service)
+	rt, cl := pv.on(routeKey(name)), pv.on(clusterKey(name))
+	up := protocol(cat, pol, service, lis.and(lis.protocols()).and(rt).and(cl))
 	u := upstream{service: service, protocol: up}
-	tr := pol.Tracing()
 	switch {
 	case up.IsHTTP():
 		u.listener = xds.NewHTTPListener(xds.UpstreamListener(service), host, port, xds.HTTPListenerOptions{
 			RouteConfigName: name,
 			Via:             p.ID,
-			Tracing:         tracing(tr, p.Service, true),
+			Tracing:         tracing(pol, lis, p.Service, true),
 		})
-		u.route = xds.NewRouteConfigRoutes(name, outboundRoutes(pol, service, name))
+		u.route = xds.NewRouteConfigRoutes(name, outboundRoutes(pol, service, name, rt))
 	case up == xds.ProtocolUDP:
 		u.listener = xds.NewUDPListener(xds.UpstreamListener(service), host, port, name,
-			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, service)})
+			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, service, lis)})
 	default:
 		u.listener = xds.NewTCPProxyListener(xds.UpstreamListener(service), host, port, name, xds.TCPProxyOptions{
-			MaxConnectAttempts: tcpConnectAttempts(pol, service),
-			IdleTimeout:        tcpIdleTimeout(pol, service),
+			MaxConnectAttempts: tcpConnectAttempts(pol, service, lis),
+			IdleTimeout:        tcpIdleTimeout(pol, service, lis),
 		})
 	}
-	opts := clusterOptions(pol, service, xds.ClusterOptions{Protocol: up})
+	opts := clusterOptions(pol, service, xds.ClusterOptions{Protocol: up}, cl)
 	if up != xds.ProtocolUDP { // datagrams go in plaintext to the sidecars' public UDP listeners
-		opts.TLS = upstreamTLS(cat, p, service, up, minTLS)
+		opts.TLS = upstreamTLS(cat, pol, p, service, up, cl)
 	}
 	u.cluster = xds.NewEDSCluster(name, opts)
-	u.load = xds.NewLoadAssignment(name, sidecarEndpoints(cat, service))
+	u.load = xds.NewLoadAssignment(name, sidecarEndpoints(cat, service, pv.on(endpointKey(name))))
 	return u
 }
 
 // upstreamTLS is the UpstreamTlsContext of p's clusters to service
 // (protocol proto): Consul's SNI and the SPIFFE ID of service in the
-// datacenter of its first sidecar (else p's), ALPN for proto.
-func upstreamTLS(cat *model.Catalog, p *model.Proxy, service string, proto xds.Protocol, minTLS string) *core.TransportSocket {
+// datacenter of its first sidecar (else p's), ALPN for proto. Its inputs
+// are noted on n.
+func upstreamTLS(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service string, proto xds.Protocol, n note) *core.TransportSocket {
 	dc := p.Datacenter
 	if ps := cat.ProxiesFor(service); len(ps) > 0 {
 		dc = cmp.Or(ps[0].Datacenter, dc)
 	}
-	return xds.UpstreamTLS(minTLS, upstreamSNI(cat, service, dc), upstreamID(cat, service, dc), alpn(proto, false))
+	return xds.UpstreamTLS(minTLSVersion(pol, n), upstreamSNI(cat, service, dc), upstreamID(cat, service, dc, n), alpn(proto, false))
 }
 
 // tracing returns the tracing of an HTTP connection manager of a sidecar of
-// service, nil when tracing is off.
-func tracing(t *policy.Tracing, service string, outbound bool) *xds.Tracing {
+// service, nil when tracing is off; where the tracing setup comes from is
+// noted on n.
+func tracing(pol *policy.Set, n note, service string, outbound bool) *xds.Tracing {
+	t := tracingOf(pol, n)
 	if t == nil {
 		return nil
 	}
@@ -233,8 +254,9 @@ func hasTracedListener(ls []*listener.Listener) bool {
 
 // sidecarEndpoints returns the public listeners of the healthy sidecars of
 // service (client-only proxies have none): in the mesh, traffic to a
-// service enters through its sidecars.
-func sidecarEndpoints(cat *model.Catalog, service string) []xds.Endpoint {
+// service enters through its sidecars. The catalog is noted on n.
+func sidecarEndpoints(cat *model.Catalog, service string, n note) []xds.Endpoint {
+	n.add(serviceSource(service, "sidecars: catalog/health"))
 	var eps []xds.Endpoint
 	for _, p := range cat.ProxiesFor(service) {
 		if p.Healthy && !p.ClientOnly() {
@@ -249,14 +271,23 @@ func sidecarEndpoints(cat *model.Catalog, service string) []xds.Endpoint {
 // API listener "<service>" with an inline route to the EDS cluster
 // "<service>", whose endpoints are the service's own healthy instances.
 func Proxyless(cat *model.Catalog, pol *policy.Set) Resources {
+	return buildProxyless(cat, pol, nil)
+}
+
+// buildProxyless is Proxyless, noting in pv (nil: nowhere) the inputs of
+// each resource as it reads them.
+func buildProxyless(cat *model.Catalog, pol *policy.Set, pv *provenance) Resources {
 	var r Resources
 	for name, s := range cat.Services {
 		if len(s.Instances) == 0 {
 			continue
 		}
 		cn := xds.ServiceCluster(name)
-		r.Listeners = append(r.Listeners, xds.NewAPIListener(name, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, name, cn))))
-		r.Clusters = append(r.Clusters, xds.NewEDSCluster(cn, clusterOptions(pol, name, xds.ClusterOptions{Protocol: Protocol(cat, pol, name)})))
+		lis, cl := pv.on(listenerKey(name)), pv.on(clusterKey(cn))
+		lis.and(cl).add(serviceSource(name, "catalog"))
+		pv.on(endpointKey(cn)).add(serviceSource(name, "catalog/health"))
+		r.Listeners = append(r.Listeners, xds.NewAPIListener(name, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, name, cn, lis))))
+		r.Clusters = append(r.Clusters, xds.NewEDSCluster(cn, clusterOptions(pol, name, xds.ClusterOptions{Protocol: protocol(cat, pol, name, cl)}, cl)))
 		var eps []xds.Endpoint
 		for _, in := range s.Instances {
 			if in.Healthy {

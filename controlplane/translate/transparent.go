@@ -45,15 +45,28 @@ import (
 //     proxy).
 //
 // seen holds the explicit upstreams already added; public is the public
-// listener (nil for a client-only proxy).
-func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Proxy, public *listener.Listener, seen map[string]bool, minTLS string) {
+// listener (nil for a client-only proxy). Inputs are noted in pv.
+func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Proxy, public *listener.Listener, seen map[string]bool, pv *provenance) {
+	capture := pv.on(listenerKey(xds.OutboundCaptureListener))
+	capture.add(registration(p, "transparent proxy"))
 	var chains []xds.CaptureChain
 	var outbound *listener.Listener // a traced HTTP upstream listener: its direction and extras
 	var direct []string             // reachable headless services, for their chains after the virtual ones
 	for _, name := range cat.UpstreamNames(p) {
 		svc := cat.Services[name]
+		explicit := seen[name]
+		if explicit {
+			capture.add(registration(p, "upstream "+name))
+		}
+		// What decides whether p may reach name shapes the capture
+		// listener and, for an implicit upstream, whether it has a route,
+		// cluster and load assignment (or their direct cluster).
+		cn := xds.ServiceCluster(name)
+		reached := capture.and(pv.on(routeKey(cn), clusterKey(cn), endpointKey(cn), clusterKey(xds.DirectCluster(name))))
 		if svc != nil && svc.Headless() {
-			if ok, _ := reach(cat, pol, p.Service, name); ok || seen[name] {
+			if explicit {
+				direct = append(direct, name)
+			} else if ok, _ := reach(cat, pol, p.Service, name, reached); ok {
 				direct = append(direct, name)
 			}
 			continue
@@ -61,12 +74,20 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 		if svc == nil || !svc.HasVirtual() {
 			continue
 		}
-		explicit := seen[name]
-		ok, rule := reach(cat, pol, p.Service, name)
+		if explicit {
+			capture.add(serviceSource(name, "virtual addresses"))
+		} else {
+			reached.add(serviceSource(name, "virtual addresses")) // what makes it an upstream
+		}
+		var ok bool
+		var rule string
+		if !explicit {
+			ok, rule = reach(cat, pol, p.Service, name, reached)
+		}
 		var up upstream
 		switch {
 		case explicit || ok:
-			up = upstreamResources(cat, pol, p, name, "127.0.0.1", 0, minTLS)
+			up = upstreamResources(cat, pol, p, name, "127.0.0.1", 0, pv, capture)
 			if up.protocol == xds.ProtocolUDP {
 				continue // no UDP capture
 			}
@@ -79,7 +100,7 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 			// closed connection for TCP), with no cluster: the proxy's
 			// config grows with what it may call, by a chain per other
 			// service.
-			up = denyChain(cat, pol, p, name, rule)
+			up = denyChain(cat, pol, p, name, rule, capture)
 			if up.listener == nil {
 				continue
 			}
@@ -107,13 +128,18 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 	}
 	taken := map[netip.AddrPort]bool{}
 	for _, name := range direct {
-		c, cl := directChains(cat, pol, p, name, minTLS, taken)
+		c, cl := directChains(cat, pol, p, name, taken, pv, capture)
 		if cl != nil {
 			chains = append(chains, c...)
 			r.Clusters = append(r.Clusters, cl)
 		}
 	}
-	passthrough := pol.OutboundMode() != policy.OutboundRegistryOnly
+	mode := capture
+	if public == nil { // else the inbound capture listener needs the pass-through cluster anyway
+		mode = mode.and(pv.on(clusterKey(xds.PassthroughCluster)))
+	}
+	passthrough := outboundMode(pol, mode) != policy.OutboundRegistryOnly
+	pv.on(clusterKey(xds.PassthroughCluster)).add(registration(p, "transparent proxy"))
 	out := xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", cmp.Or(p.OutboundPort, xds.OutboundCapturePort),
 		xds.CaptureOptions{Chains: chains, Passthrough: passthrough})
 	if outbound != nil {
@@ -142,12 +168,17 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 // Instance addresses already in taken (another headless service's
 // instance on the same port) are left to the first service; taken gets
 // the new ones. No chain and a nil cluster when no instance qualifies or
-// the service is udp.
-func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, minTLS string, taken map[netip.AddrPort]bool) ([]xds.CaptureChain, *cluster.Cluster) {
-	proto := Protocol(cat, pol, service)
+// the service is udp. The chains' inputs are noted on chain, the
+// cluster's in pv.
+func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service string, taken map[netip.AddrPort]bool, pv *provenance, chain note) ([]xds.CaptureChain, *cluster.Cluster) {
+	name := xds.DirectCluster(service)
+	cl := pv.on(clusterKey(name))
+	both := chain.and(cl)
+	proto := protocol(cat, pol, service, both)
 	if proto == xds.ProtocolUDP {
 		return nil, nil
 	}
+	both.add(serviceSource(service, "catalog/health"), serviceSource(service, "sidecars: catalog/health"))
 	byPort := map[uint16][]netip.Prefix{}
 	var ports []uint16
 	for _, in := range directInstances(cat, service) {
@@ -164,12 +195,11 @@ func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, 
 		return nil, nil
 	}
 	slices.Sort(ports)
-	name := xds.DirectCluster(service)
-	opts := clusterOptions(pol, service, xds.ClusterOptions{})
-	opts.TLS = upstreamTLS(cat, p, service, proto, minTLS)
+	opts := clusterOptions(pol, service, xds.ClusterOptions{}, cl)
+	opts.TLS = upstreamTLS(cat, pol, p, service, proto, cl)
 	tcp := xds.NewTCPProxyListener(xds.DirectChain(service), "127.0.0.1", 0, name, xds.TCPProxyOptions{
-		MaxConnectAttempts: tcpConnectAttempts(pol, service),
-		IdleTimeout:        tcpIdleTimeout(pol, service),
+		MaxConnectAttempts: tcpConnectAttempts(pol, service, chain),
+		IdleTimeout:        tcpIdleTimeout(pol, service, chain),
 	}).GetFilterChains()[0].GetFilters()
 	var chains []xds.CaptureChain
 	for _, port := range ports {
@@ -239,9 +269,9 @@ func inboundCapture(public *listener.Listener, appPort int) *listener.Listener {
 // denyChain is the listener (for its filters) of a chain refusing every
 // connection to service: an HTTP connection manager whose RBAC filter denies
 // every request by rule, or a network RBAC filter before a TCP proxy. nil
-// listener for a udp service.
-func denyChain(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, rule string) upstream {
-	proto := Protocol(cat, pol, service)
+// listener for a udp service. Its protocol's source is noted on n.
+func denyChain(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, rule string, n note) upstream {
+	proto := protocol(cat, pol, service, n)
 	deny := &rbacv3.RBAC{Action: rbacv3.RBAC_DENY, Policies: map[string]*rbacv3.Policy{rule: {
 		Permissions: []*rbacv3.Permission{anyPermission()},
 		Principals:  []*rbacv3.Principal{{Identifier: &rbacv3.Principal_Any{Any: true}}},
@@ -271,7 +301,7 @@ func denyChain(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, rul
 // own name first, then "*"), allowing for an allow rule or L7 permissions
 // (some requests may pass), else the destination's default action.
 func Reachable(cat *model.Catalog, pol *policy.Set, source, destination string) bool {
-	ok, _ := reach(cat, pol, source, destination)
+	ok, _ := reach(cat, pol, source, destination, note{})
 	return ok
 }
 
@@ -279,18 +309,20 @@ func Reachable(cat *model.Catalog, pol *policy.Set, source, destination string) 
 // intention or policy source's origin ("consul intention web => api"), or
 // "default allow"/"default deny".
 func ReachRule(cat *model.Catalog, pol *policy.Set, source, destination string) (bool, string) {
-	return reach(cat, pol, source, destination)
+	return reach(cat, pol, source, destination, note{})
 }
 
 // reach is Reachable with the rule that decides: an intention or policy
 // source's origin ("consul intention web => api"), or the default action.
-func reach(cat *model.Catalog, pol *policy.Set, source, destination string) (bool, string) {
+// Where the deciding rule comes from is noted on n.
+func reach(cat *model.Catalog, pol *policy.Set, source, destination string, n note) (bool, string) {
 	sources := authzSources(cat, pol, destination)
 	for _, want := range []string{source, "*"} {
 		for _, s := range sources {
 			if s.Name != want {
 				continue
 			}
+			n.add(s.from)
 			if s.Action == "" {
 				for _, perm := range s.Permissions {
 					if perm.Action == policy.ActionAllow {
@@ -302,7 +334,7 @@ func reach(cat *model.Catalog, pol *policy.Set, source, destination string) (boo
 			return s.Action == policy.ActionAllow, s.Origin
 		}
 	}
-	if a := pol.DefaultAction(destination); a == policy.ActionAllow {
+	if a := defaultAction(pol, destination, n); a == policy.ActionAllow {
 		return true, "default allow"
 	}
 	return false, "default deny"

@@ -48,11 +48,8 @@ func udpCatalog() *model.Catalog {
 	return cat
 }
 
-// udpPolicies: a 30 s session idle timeout and at most 500 sessions per
-// caller sidecar for dns.
-func udpPolicies(t *testing.T) *policy.Set {
-	t.Helper()
-	set, err := policy.Parse(map[string][]byte{"testdata/udp.yaml": []byte(`apiVersion: meshlet.io/v1alpha1
+// udpPolicyYAML is the policy file of udpPolicies.
+const udpPolicyYAML = `apiVersion: meshlet.io/v1alpha1
 kind: TimeoutPolicy
 metadata: {name: dns-idle}
 spec: {service: dns, idle: 30s}
@@ -61,7 +58,13 @@ apiVersion: meshlet.io/v1alpha1
 kind: CircuitBreakerPolicy
 metadata: {name: dns-sessions}
 spec: {service: dns, maxConnections: 500}
-`)})
+`
+
+// udpPolicies: a 30 s session idle timeout and at most 500 sessions per
+// caller sidecar for dns.
+func udpPolicies(t *testing.T) *policy.Set {
+	t.Helper()
+	set, err := policy.Parse(map[string][]byte{"testdata/udp.yaml": []byte(udpPolicyYAML)})
 	if err != nil {
 		t.Fatal(err)
 	}
