@@ -186,8 +186,13 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 			detail: `listeners "upstream:dns1" and "upstream:dns2" both listen on 127.0.0.1:` + strconv.Itoa(port+1) + `/udp`,
 		},
 	}
+	prev := "v1"
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			// Each version reaches every type: the last accepted version of
+			// tc.typeURL is known once the sidecar has answered all of prev.
+			waitAnswered(t, s, prev)
+			prev = tc.version
 			before := s.ConfigDump().XDS.Versions[tc.typeURL]
 			bad := httpResources(port, up1.Listener.Addr().String())
 			tc.mutate(&bad)
@@ -219,9 +224,29 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 		_, body, _ := get(t, url)
 		return body == "two"
 	})
+	// The new endpoint can be in force before the listener's ACK.
+	waitAnswered(t, s, "v9")
 	if v := s.ConfigDump().XDS.Versions[xds.ListenerType]; v != "v9" {
 		t.Errorf("listener version = %q, want v9", v)
 	}
+}
+
+// waitAnswered waits until s has accepted or rejected version of every
+// type the tests serve (listeners, routes, clusters, endpoints): the
+// control plane sends each type of a new snapshot separately, so a test
+// reading one type's state right after another type's NACK or a change
+// in traffic could see the type still on the version before.
+func waitAnswered(t *testing.T, s *Sidecar, version string) {
+	t.Helper()
+	waitUntil(t, 5*time.Second, "every type answered at "+version, func() bool {
+		x := s.ConfigDump().XDS
+		for _, typ := range []string{xds.ListenerType, xds.RouteType, xds.ClusterType, xds.EndpointType} {
+			if x.Versions[typ] != version && x.Rejected[typ].Version != version {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // echo runs a TCP server that prefixes each line with its name.

@@ -98,6 +98,7 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 		}, `http_filters[0]: envoy.filters.http.router must be the last HTTP filter`},
 		{"rds from a non-ADS source", func() error {
 			l := httpL(func(_ *listener.Listener, m *hcm.HttpConnectionManager) {
+				//lint:ignore SA1019 Envoy still accepts it; the test sends what a control plane may send, which the decoder must refuse (not ADS)
 				m.GetRds().ConfigSource = &core.ConfigSource{ConfigSourceSpecifier: &core.ConfigSource_Path{Path: "/etc/r.yaml"}}
 			})
 			_, err := DecodeListener(xds.MustAny(l))

@@ -240,6 +240,7 @@ func decodeHeaderPermission(h *route.HeaderMatcher) (rbacMatcher, error) {
 	case *route.HeaderMatcher_PresentMatch:
 		test = func(_ string, present bool) bool { return present == s.PresentMatch }
 	case *route.HeaderMatcher_ExactMatch:
+		//lint:ignore SA1019 Envoy still accepts it; we decode what control planes send
 		test = func(v string, present bool) bool { return present && v == s.ExactMatch }
 	case *route.HeaderMatcher_StringMatch:
 		m, err := stringMatcher(s.StringMatch)

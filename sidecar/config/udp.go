@@ -60,6 +60,7 @@ func decodeUDPListener(l *listener.Listener, out *Listener) (*Listener, error) {
 	out.UDP.StatPrefix = m.GetStatPrefix()
 	switch rs := m.GetRouteSpecifier().(type) {
 	case *udpproxy.UdpProxyConfig_Cluster:
+		//lint:ignore SA1019 Envoy still accepts it; we decode what control planes send
 		out.UDP.Cluster = rs.Cluster
 	case *udpproxy.UdpProxyConfig_Matcher:
 		c, err := udpMatcherCluster(rs.Matcher)

@@ -48,6 +48,7 @@ func TestDecodeUDPListener(t *testing.T) {
 		{name: "idle timeout from the translator", l: xds.NewUDPListener("public_listener_udp", "10.0.0.1", 21000, "local_app", xds.UDPProxyOptions{IdleTimeout: 5 * time.Second}),
 			want: UDPProxy{StatPrefix: "public_listener_udp", Cluster: "local_app", IdleTimeout: 5 * time.Second, MaxDownstreamDatagram: MaxDatagramSize, MaxUpstreamDatagram: MaxDatagramSize}},
 		{name: "deprecated cluster field, 0s idle, datagram sizes", l: udpListener(func(l *listener.Listener, m *udpproxy.UdpProxyConfig) {
+			//lint:ignore SA1019 Envoy still accepts it; the test sends what control planes may send
 			m.RouteSpecifier = &udpproxy.UdpProxyConfig_Cluster{Cluster: "other"}
 			m.IdleTimeout = durationpb.New(0)
 			m.UpstreamSocketConfig = &core.UdpSocketConfig{MaxRxDatagramSize: wrapperspb.UInt64(4096)}

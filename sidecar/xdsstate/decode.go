@@ -1,22 +1,13 @@
-package sidecar
+package xdsstate
 
 import (
 	"fmt"
-	"time"
 
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/xds"
 )
-
-// resourceState is the accepted state of one xDS type.
-type resourceState struct {
-	received bool // a response of this type has been accepted
-	version  string
-	updated  time.Time
-	raw      map[string]*anypb.Any // accepted resources by name, for config_dump
-}
 
 // decodeAll decodes and validates every resource of one response, returning
 // them by name, or the first error (which becomes the NACK detail).
@@ -90,12 +81,4 @@ func decodeAll(typeURL string, resources []*anypb.Any) (map[string]any, map[stri
 		}
 	}
 	return decoded, raw, nil
-}
-
-func typed[T any](m map[string]any) map[string]T {
-	out := make(map[string]T, len(m))
-	for k, v := range m {
-		out[k] = v.(T)
-	}
-	return out
 }

@@ -1,4 +1,4 @@
-package sidecar
+package xdsstate
 
 import (
 	"errors"
@@ -26,7 +26,7 @@ func stateFile(dir, typeURL string) string {
 // persist writes the accepted resources of typeURL to the state directory
 // as a DiscoveryResponse in JSON (write to a temporary file, then rename),
 // readable by the sidecar's user only: secrets hold its private key.
-func (s *Sidecar) persist(typeURL, version string, raw map[string]*anypb.Any) error {
+func persist(dir, typeURL, version string, raw map[string]*anypb.Any) error {
 	names := make([]string, 0, len(raw))
 	for n := range raw {
 		names = append(names, n)
@@ -40,7 +40,7 @@ func (s *Sidecar) persist(typeURL, version string, raw map[string]*anypb.Any) er
 	if err != nil {
 		return err
 	}
-	path := stateFile(s.cfg.StateDir, typeURL)
+	path := stateFile(dir, typeURL)
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
@@ -48,10 +48,14 @@ func (s *Sidecar) persist(typeURL, version string, raw map[string]*anypb.Any) er
 	return os.Rename(tmp, path)
 }
 
-// restore applies the config persisted in the state directory, through the
-// same validation as an update from the control plane. A missing directory
-// or file is not an error; an invalid file is (and is skipped).
-func (s *Sidecar) restore() error {
+// Restore applies the config persisted in the state directory, through the
+// same validation as an update from the control plane; call it before Run.
+// Without Config.StateDir, or with a missing directory or file, it does
+// nothing and returns nil; an invalid file is an error (and is skipped).
+func (s *State) Restore() error {
+	if s.cfg.StateDir == "" {
+		return nil
+	}
 	var errs []error
 	restored := 0
 	for _, t := range persistOrder {
@@ -75,7 +79,14 @@ func (s *Sidecar) restore() error {
 		restored++
 	}
 	if restored > 0 {
-		s.log.Info("sidecar: restored the last accepted config from the state directory", "dir", s.cfg.StateDir, "types", restored, "ready", s.IsReady())
+		s.log.Info("sidecar: restored the last accepted config from the state directory", "dir", s.cfg.StateDir, "types", restored, "ready", s.isApplied())
 	}
 	return errors.Join(errs...)
+}
+
+// isApplied reports whether a snapshot was applied.
+func (s *State) isApplied() bool {
+	s.updateMu.Lock()
+	defer s.updateMu.Unlock()
+	return s.applied
 }
