@@ -126,7 +126,7 @@ func DecodeExtras(md *core.Metadata, out any) error {
 
 // RetrySpec is a retry policy for RouteSpec (Envoy RetryPolicy fields).
 type RetrySpec struct {
-	RetryOn              []string      // retry_on, joined with ","
+	RetryOn              []RetryOn     // retry_on, joined with ","
 	NumRetries           int           // num_retries
 	PerTryTimeout        time.Duration // per_try_timeout; 0 = none
 	BackoffBase          time.Duration // retry_back_off.base_interval
@@ -224,13 +224,13 @@ func NewRoute(s RouteSpec) *route.Route {
 	return r
 }
 
-func joinComma(ss []string) string {
+func joinComma[S ~string](ss []S) string {
 	var b bytes.Buffer
 	for i, s := range ss {
 		if i > 0 {
 			b.WriteByte(',')
 		}
-		b.WriteString(s)
+		b.WriteString(string(s))
 	}
 	return b.String()
 }

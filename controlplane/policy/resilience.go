@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshlet/meshlet/xds"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -113,31 +114,34 @@ func (m *Match) validate(v *validator, field string) {
 // Retry conditions (Envoy retry_on values): HTTP ones and gRPC status codes
 // read from the response headers of a trailers-only gRPC response, which
 // meshlet's sidecar implements, then Envoy-only conditions (envoyRetryConditions).
-var retryConditions = append([]string{
-	"connect-failure", "refused-stream", "reset", "5xx", "gateway-error", "retriable-status-codes",
-	"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
-}, envoyRetryConditions...)
+var retryConditions = slices.Concat(xds.SidecarRetryConditions, envoyRetryConditions)
 
 // envoyRetryConditions are Envoy retry_on conditions that meshlet's sidecar
 // does not implement. They are accepted because the control plane serves
 // standard xDS (Envoy, proxyless gRPC) and passes retryOn through as
 // retry_on; a meshlet sidecar rejects them with a NACK naming the field.
-var envoyRetryConditions = []string{
-	"envoy-ratelimited", "retriable-4xx", "reset-before-request", "http3-post-connect-failure", "retriable-headers",
+var envoyRetryConditions = xds.EnvoyOnlyRetryConditions
+
+func joinConditions(cs []xds.RetryOn) string {
+	ss := make([]string, len(cs))
+	for i, c := range cs {
+		ss[i] = string(c)
+	}
+	return strings.Join(ss, ", ")
 }
 
 // Retry defaults.
 var (
 	// DefaultRetryOn applies when a RetryPolicy does not list retryOn
 	// (Istio's default set).
-	DefaultRetryOn = []string{"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
+	DefaultRetryOn = []xds.RetryOn{xds.RetryConnectFailure, xds.RetryRefusedStream, xds.RetryGRPCUnavailable, xds.RetryGRPCCancelled, xds.RetryRetriableStatusCodes}
 	// DefaultRetriableStatusCodes applies with retriable-status-codes when
 	// none are listed.
 	DefaultRetriableStatusCodes = []int{503}
 	// BuiltinRetryOn is what every route retries on when no RetryPolicy
 	// targets its service: only failures where nothing reached the upstream,
 	// so any request, POST included, is safe to send again.
-	BuiltinRetryOn = []string{"connect-failure", "refused-stream"}
+	BuiltinRetryOn = []xds.RetryOn{xds.RetryConnectFailure, xds.RetryRefusedStream}
 )
 
 // Defaults the translator applies for what a policy leaves out (and, for
@@ -219,7 +223,7 @@ type RetryPolicy struct {
 	Service              string        `yaml:"service"`
 	Match                *Match        `yaml:"match,omitempty"`
 	NumRetries           *int          `yaml:"numRetries,omitempty"`
-	RetryOn              []string      `yaml:"retryOn,omitempty"`
+	RetryOn              []xds.RetryOn `yaml:"retryOn,omitempty"`
 	RetriableStatusCodes []int         `yaml:"retriableStatusCodes,omitempty"`
 	PerTryTimeout        Duration      `yaml:"perTryTimeout,omitempty"`
 	Backoff              *RetryBackoff `yaml:"backoff,omitempty"`
@@ -255,7 +259,7 @@ func (p *RetryPolicy) validate(v *validator) {
 	}
 	for i, c := range p.RetryOn {
 		if !slices.Contains(retryConditions, c) {
-			v.errorf(fmt.Sprintf("spec.retryOn[%d]", i), "unknown condition %q (known: %s)", c, strings.Join(retryConditions, ", "))
+			v.errorf(fmt.Sprintf("spec.retryOn[%d]", i), "unknown condition %q (known: %s)", c, joinConditions(retryConditions))
 		}
 	}
 	for i, code := range p.RetriableStatusCodes {
@@ -263,7 +267,7 @@ func (p *RetryPolicy) validate(v *validator) {
 			v.errorf(fmt.Sprintf("spec.retriableStatusCodes[%d]", i), "must be an HTTP status code 100-599 (got %d)", code)
 		}
 	}
-	if len(p.RetriableStatusCodes) > 0 && len(p.RetryOn) > 0 && !slices.Contains(p.RetryOn, "retriable-status-codes") {
+	if len(p.RetriableStatusCodes) > 0 && len(p.RetryOn) > 0 && !slices.Contains(p.RetryOn, xds.RetryRetriableStatusCodes) {
 		v.errorf("spec.retriableStatusCodes", "has no effect unless retryOn lists retriable-status-codes")
 	}
 	positive(v, "spec.perTryTimeout", p.PerTryTimeout)

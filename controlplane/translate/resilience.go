@@ -131,7 +131,7 @@ func retrySpec(p *policy.RetryPolicy) *xds.RetrySpec {
 			s.NonIdempotent = policy.NonIdempotentRetry
 		}
 		codes := p.RetriableStatusCodes
-		if len(codes) == 0 && slices.Contains(s.RetryOn, "retriable-status-codes") {
+		if len(codes) == 0 && slices.Contains(s.RetryOn, xds.RetryRetriableStatusCodes) {
 			codes = policy.DefaultRetriableStatusCodes
 		}
 		for _, c := range codes {
@@ -159,7 +159,7 @@ func tcpConnectAttempts(pol *policy.Set, service string, n note) int {
 		n.add(retrySource(p))
 	}
 	s := retrySpec(p)
-	if !slices.Contains(s.RetryOn, "connect-failure") {
+	if !slices.Contains(s.RetryOn, xds.RetryConnectFailure) {
 		return 1
 	}
 	return s.NumRetries + 1

@@ -357,11 +357,11 @@ const (
 )
 
 // RetryConditions maps retry_on tokens to conditions.
-var RetryConditions = map[string]RetryOn{
-	"connect-failure": RetryConnectFailure, "refused-stream": RetryRefusedStream, "reset": RetryReset,
-	"5xx": Retry5xx, "gateway-error": RetryGatewayError, "retriable-status-codes": RetryRetriableStatusCodes,
-	"cancelled": RetryGRPCCancelled, "deadline-exceeded": RetryGRPCDeadlineExceeded, "internal": RetryGRPCInternal,
-	"resource-exhausted": RetryGRPCResourceExhausted, "unavailable": RetryGRPCUnavailable,
+var RetryConditions = map[xds.RetryOn]RetryOn{
+	xds.RetryConnectFailure: RetryConnectFailure, xds.RetryRefusedStream: RetryRefusedStream, xds.RetryReset: RetryReset,
+	xds.Retry5xx: Retry5xx, xds.RetryGatewayError: RetryGatewayError, xds.RetryRetriableStatusCodes: RetryRetriableStatusCodes,
+	xds.RetryGRPCCancelled: RetryGRPCCancelled, xds.RetryGRPCDeadlineExceeded: RetryGRPCDeadlineExceeded, xds.RetryGRPCInternal: RetryGRPCInternal,
+	xds.RetryGRPCResourceExhausted: RetryGRPCResourceExhausted, xds.RetryGRPCUnavailable: RetryGRPCUnavailable,
 }
 
 // RetryPolicy is a decoded envoy.config.route.v3.RetryPolicy plus meshlet's

@@ -187,7 +187,7 @@ func decodeRetryPolicy(rp *route.RetryPolicy) (*RetryPolicy, error) {
 		if tok == "" {
 			continue
 		}
-		c, ok := RetryConditions[tok]
+		c, ok := RetryConditions[xds.RetryOn(tok)]
 		if !ok {
 			return nil, fmt.Errorf("retry_on: unsupported condition %q", tok)
 		}

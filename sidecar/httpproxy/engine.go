@@ -13,6 +13,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/tracing"
+	"github.com/meshlet/meshlet/xds"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -267,7 +268,7 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 			cond, sent := statusCondition(head.code, head.grpcStatus, p), true
 			if notReached(head.code, head.reason) {
 				// The upstream sidecar says the request never reached its app.
-				cond, sent = "connect-failure", false
+				cond, sent = xds.RetryConnectFailure, false
 			}
 			if cond == "" || !x.mayRetry(cond, sent, retries) {
 				x.attempt = aspan // ended with the response
@@ -277,8 +278,8 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 			w.discard()
 			att.End(cluster.OutcomeForStatus(code))
 			last = &failure{code, ""}
-			s.rec.Retry(c.Name(), cond)
-			x.endAttempt(aspan, code, reason, cond, retries+1)
+			s.rec.Retry(c.Name(), string(cond))
+			x.endAttempt(aspan, code, reason, string(cond), retries+1)
 		} else {
 			if w.gone() {
 				att.End(cluster.OutcomeCancelled)
@@ -302,8 +303,8 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 				return x.failWith(fl)
 			}
 			last = fl
-			s.rec.Retry(c.Name(), cond)
-			x.endAttempt(aspan, 0, fl.reason, cond, retries+1)
+			s.rec.Retry(c.Name(), string(cond))
+			x.endAttempt(aspan, 0, fl.reason, string(cond), retries+1)
 		}
 		// A retry: wait the full-jitter backoff, then go again.
 		retries++
@@ -440,23 +441,23 @@ func (x *exchange) endAttempt(span trace.Span, code int, reason, cause string, n
 // failureFor maps a failed attempt to the failure to report and the
 // retry_on condition it matches; timedOut says the route timeout has
 // passed (504, not retried).
-func failureFor(ue *cluster.UpstreamError, timedOut bool) (*failure, string) {
+func failureFor(ue *cluster.UpstreamError, timedOut bool) (*failure, xds.RetryOn) {
 	switch {
 	case timedOut:
 		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, ""
 	case ue.Kind == cluster.KindTimeout:
 		// Envoy treats a per-try timeout as a 504: retried under 5xx and gateway-error.
-		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, "gateway-error"
+		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, xds.RetryGatewayError
 	case ue.Kind == cluster.KindConnectFailure:
-		return &failure{http.StatusServiceUnavailable, ReasonConnectFailure}, "connect-failure"
+		return &failure{http.StatusServiceUnavailable, ReasonConnectFailure}, xds.RetryConnectFailure
 	case ue.Kind == cluster.KindTLSHandshake:
-		return &failure{http.StatusServiceUnavailable, ReasonTLSHandshakeFailed}, "connect-failure"
+		return &failure{http.StatusServiceUnavailable, ReasonTLSHandshakeFailed}, xds.RetryConnectFailure
 	case ue.Kind == cluster.KindRefusedStream:
-		return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, "refused-stream"
+		return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, xds.RetryRefusedStream
 	case ue.Kind == cluster.KindOverflow:
 		return &failure{http.StatusServiceUnavailable, ReasonOverflow}, ""
 	}
-	return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, "reset"
+	return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, xds.RetryReset
 }
 
 // mayRetry decides whether an attempt that met cond is retried: the policy
@@ -467,12 +468,12 @@ func failureFor(ue *cluster.UpstreamError, timedOut bool) (*failure, string) {
 // (every gRPC call is a POST) is itself the opt-in, as in gRPC's own retry
 // policy, where retryable status codes are declared per service. Denials
 // are recorded by reason.
-func (x *exchange) mayRetry(cond string, sent bool, retries int) bool {
+func (x *exchange) mayRetry(cond xds.RetryOn, sent bool, retries int) bool {
 	p, c, rec := x.rt.Retry, x.c, x.s.rec
 	if p == nil || cond == "" || retries >= p.NumRetries || !matches(p, cond) || x.w.gone() {
 		return false
 	}
-	if sent && !x.idempotent && !p.NonIdempotentRetry && !isGRPCCondition(cond) {
+	if sent && !x.idempotent && !p.NonIdempotentRetry && !cond.IsGRPC() {
 		rec.RetryDenied(c.Name(), "non_idempotent")
 		return false
 	}
@@ -491,13 +492,13 @@ func (x *exchange) mayRetry(cond string, sent bool, retries int) bool {
 // matches reports whether the policy retries on cond. A connect failure
 // or a refused stream also matches "5xx", "gateway-error" and "reset" as in
 // Envoy, where they surface as a 503.
-func matches(p *config.RetryPolicy, cond string) bool {
+func matches(p *config.RetryPolicy, cond xds.RetryOn) bool {
 	switch cond {
-	case "connect-failure":
+	case xds.RetryConnectFailure:
 		return p.On&(config.RetryConnectFailure|config.Retry5xx|config.RetryGatewayError|config.RetryReset) != 0
-	case "refused-stream":
+	case xds.RetryRefusedStream:
 		return p.On&(config.RetryRefusedStream|config.Retry5xx|config.RetryGatewayError|config.RetryReset) != 0
-	case "reset":
+	case xds.RetryReset:
 		return p.On&(config.RetryReset|config.Retry5xx|config.RetryGatewayError) != 0
 	}
 	c, ok := config.RetryConditions[cond]
@@ -507,40 +508,32 @@ func matches(p *config.RetryPolicy, cond string) bool {
 // statusCondition returns the retry_on condition a response meets under p
 // ("" when none): a retriable status code, 5xx / gateway-error, or a gRPC
 // status in the headers of a trailers-only response.
-func statusCondition(code int, grpcStatus string, p *config.RetryPolicy) string {
+func statusCondition(code int, grpcStatus string, p *config.RetryPolicy) xds.RetryOn {
 	if p == nil {
 		return ""
 	}
 	if p.On&config.RetryRetriableStatusCodes != 0 {
 		for _, c := range p.StatusCodes {
 			if c == code {
-				return "retriable-status-codes"
+				return xds.RetryRetriableStatusCodes
 			}
 		}
 	}
 	if code == 502 || code == 503 || code == 504 {
 		if p.On&config.RetryGatewayError != 0 {
-			return "gateway-error"
+			return xds.RetryGatewayError
 		}
 	}
 	if code >= 500 && p.On&config.Retry5xx != 0 {
-		return "5xx"
+		return xds.Retry5xx
 	}
 	if gs := grpcStatus; gs != "" {
-		cond := grpcConditions[gs]
+		cond := xds.GRPCRetryCondition(gs)
 		if c, ok := config.RetryConditions[cond]; ok && p.On&c != 0 {
 			return cond
 		}
 	}
 	return ""
-}
-
-func isGRPCCondition(cond string) bool {
-	switch cond {
-	case "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable":
-		return true
-	}
-	return false
 }
 
 // notReached reports a 503 from an upstream meshlet sidecar whose typed
@@ -554,11 +547,6 @@ func notReached(code int, reason string) bool {
 		return true
 	}
 	return false
-}
-
-// grpcConditions maps grpc-status values to retry_on conditions.
-var grpcConditions = map[string]string{
-	"1": "cancelled", "4": "deadline-exceeded", "8": "resource-exhausted", "13": "internal", "14": "unavailable",
 }
 
 // sleepBackoff waits the full-jitter exponential backoff before retry n
