@@ -24,25 +24,27 @@ import (
 	"github.com/meshlet/meshlet/sidecar/listener"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // ReasonHeader carries the typed reason on responses the sidecar itself
 // fails (x-meshlet-reason).
-const ReasonHeader = "X-Meshlet-Reason"
+const ReasonHeader = xds.ReasonHeader
 
-// Typed failure reasons set in ReasonHeader and used as the metric label
-// "reason" ("" for requests the sidecar did not fail).
+// Typed failure reasons (xds.FailureReason) set in ReasonHeader and used as
+// the metric label "reason" ("" for requests the sidecar did not fail), as
+// the plain strings the proxy's hot path carries.
 const (
-	ReasonNoRoute              = "no_route"               // 404: no virtual host or route matched
-	ReasonNoCluster            = "no_cluster"             // 503: the route's cluster is not configured
-	ReasonNoHealthyUpstream    = "no_healthy_upstream"    // 503: no endpoint, or all ejected
-	ReasonCircuitOpen          = "circuit_open"           // 503: every endpoint's breaker is open
-	ReasonOverflow             = "overflow"               // 503: a circuit-breaker threshold was reached
-	ReasonConnectFailure       = "connect_failure"        // 503: connecting to the endpoint failed
-	ReasonUpstreamReset        = "upstream_reset"         // 503: the upstream closed, reset or refused the stream before answering
-	ReasonUpstreamTimeout      = "upstream_timeout"       // 504: the route or per-try timeout expired
-	ReasonRetryBudgetExhausted = "retry_budget_exhausted" // a retry was due but the budget had none left
-	ReasonTLSHandshakeFailed   = "tls_handshake_failed"   // 503: the mTLS handshake with the upstream failed
+	ReasonNoRoute              = string(xds.ReasonNoRoute)
+	ReasonNoCluster            = string(xds.ReasonNoCluster)
+	ReasonNoHealthyUpstream    = string(xds.ReasonNoHealthyUpstream)
+	ReasonCircuitOpen          = string(xds.ReasonCircuitOpen)
+	ReasonOverflow             = string(xds.ReasonOverflow)
+	ReasonConnectFailure       = string(xds.ReasonConnectFailure)
+	ReasonUpstreamReset        = string(xds.ReasonUpstreamReset)
+	ReasonUpstreamTimeout      = string(xds.ReasonUpstreamTimeout)
+	ReasonRetryBudgetExhausted = string(xds.ReasonRetryBudgetExhausted)
+	ReasonTLSHandshakeFailed   = string(xds.ReasonTLSHandshakeFailed)
 )
 
 // Recorder receives one record per request, and the retries, for metrics.
@@ -111,7 +113,7 @@ const RuleHeader = "X-Meshlet-Authz-Rule"
 
 // ReasonAuthzDenied is the typed reason of a request authorization refused
 // (403).
-const ReasonAuthzDenied = "authz_denied"
+const ReasonAuthzDenied = string(xds.ReasonAuthzDenied)
 
 // Server is the listener.Handler of one HTTP listener.
 type Server struct {

@@ -12,12 +12,13 @@ import (
 
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // ReasonUpgradeNotAllowed is the typed reason of an HTTP/1.1 Upgrade
 // request (403) whose upgrade type the connection manager and route do
 // not enable (HttpConnectionManager.upgrade_configs).
-const ReasonUpgradeNotAllowed = "upgrade_not_allowed"
+const ReasonUpgradeNotAllowed = string(xds.ReasonUpgradeNotAllowed)
 
 // upgradeType returns the lower-case protocol of an HTTP/1.1 Upgrade
 // request (RFC 9110 §7.8: Upgrade listed in Connection), "" otherwise.

@@ -20,6 +20,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/listener"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Recorder receives authorization denials and connection counts, for
@@ -37,7 +38,7 @@ type Recorder interface {
 // ReasonNoOriginalDst is why a connection is closed when its chain's
 // cluster is ORIGINAL_DST but the connection has no original destination
 // (its listener has no original_dst listener filter): the log's reason.
-const ReasonNoOriginalDst = "no_original_destination"
+const ReasonNoOriginalDst = string(xds.ReasonNoOriginalDst)
 
 // Proxy is the listener.Handler of the TCP proxy of one filter chain.
 type Proxy struct {
@@ -152,7 +153,7 @@ func (p *Proxy) serve(down net.Conn, dst netip.AddrPort) {
 	cfg := chain.TCP
 	c := p.clusters.Get(cfg.Cluster)
 	if c == nil {
-		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "no_cluster")
+		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", xds.ReasonNoCluster)
 		return
 	}
 	originalDst := c.Config().Type == config.ClusterOriginalDst
@@ -171,9 +172,9 @@ func (p *Proxy) serve(down net.Conn, dst netip.AddrPort) {
 			att, picked = c.Pick(0, false, tried)
 		}
 		if picked != cluster.Picked {
-			reason := "no_healthy_upstream"
+			reason := xds.ReasonNoHealthyUpstream
 			if picked == cluster.CircuitOpen {
-				reason = "circuit_open"
+				reason = xds.ReasonCircuitOpen
 			}
 			p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", reason, "attempts", attempt-1)
 			return
@@ -186,7 +187,7 @@ func (p *Proxy) serve(down net.Conn, dst netip.AddrPort) {
 			overflow := errors.As(err, &ue) && ue.Kind == cluster.KindOverflow
 			if overflow {
 				att.End(cluster.OutcomeCancelled) // not the endpoint's fault
-				p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "overflow", "error", err)
+				p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", xds.ReasonOverflow, "error", err)
 				return
 			}
 			att.End(cluster.OutcomeLocalFailure)
@@ -195,7 +196,7 @@ func (p *Proxy) serve(down net.Conn, dst netip.AddrPort) {
 				continue
 			}
 			p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "endpoint", ep.Address,
-				"reason", "connect_failure", "attempts", attempt, "error", err)
+				"reason", xds.ReasonConnectFailure, "attempts", attempt, "error", err)
 			return
 		}
 		if PipeIdle(down, up, cfg.IdleTimeout) {

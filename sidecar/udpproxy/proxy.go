@@ -36,6 +36,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/listener"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Recorder makes the meters of UDP listeners, for metrics.
@@ -75,11 +76,11 @@ const (
 
 // Drop reasons (Meter.Dropped).
 const (
-	DropNoCluster           = "no_cluster"
-	DropNoHealthyUpstream   = "no_healthy_upstream"
-	DropCircuitOpen         = "circuit_open"
-	DropOverflow            = "overflow"
-	DropConnectFailure      = "connect_failure"
+	DropNoCluster           = string(xds.ReasonNoCluster)
+	DropNoHealthyUpstream   = string(xds.ReasonNoHealthyUpstream)
+	DropCircuitOpen         = string(xds.ReasonCircuitOpen)
+	DropOverflow            = string(xds.ReasonOverflow)
+	DropConnectFailure      = string(xds.ReasonConnectFailure)
 	DropTooLarge            = "too_large"
 	DropUpstreamSendError   = "upstream_send_error"
 	DropDownstreamSendError = "downstream_send_error"

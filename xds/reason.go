@@ -1,0 +1,38 @@
+package xds
+
+// FailureReason is the typed cause of a request, connection or datagram the
+// sidecar failed itself: the value of ReasonHeader on an HTTP answer, a span
+// event attribute, a metric label and a log field, the same word for HTTP,
+// TCP and UDP. The control plane's explanations name these words too.
+type FailureReason string
+
+// ReasonHeader carries the FailureReason on HTTP responses the sidecar
+// itself answers (and relays from an upstream sidecar).
+const ReasonHeader = "X-Meshlet-Reason"
+
+// Failure reasons shared by HTTP, TCP and UDP.
+const (
+	ReasonNoCluster         FailureReason = "no_cluster"          // the route's or listener's cluster is not configured
+	ReasonNoHealthyUpstream FailureReason = "no_healthy_upstream" // no endpoint, or all ejected
+	ReasonCircuitOpen       FailureReason = "circuit_open"        // every endpoint's breaker is open
+	ReasonOverflow          FailureReason = "overflow"            // a circuit-breaker threshold was reached
+	ReasonConnectFailure    FailureReason = "connect_failure"     // connecting to the endpoint failed
+)
+
+// HTTP failure reasons (with the status the sidecar answers).
+const (
+	ReasonNoRoute              FailureReason = "no_route"               // 404: no virtual host or route matched
+	ReasonUpstreamReset        FailureReason = "upstream_reset"         // 503: the upstream closed, reset or refused the stream before answering
+	ReasonUpstreamTimeout      FailureReason = "upstream_timeout"       // 504: the route or per-try timeout expired
+	ReasonRetryBudgetExhausted FailureReason = "retry_budget_exhausted" // a retry was due but the budget had none left
+	ReasonTLSHandshakeFailed   FailureReason = "tls_handshake_failed"   // 503: the mTLS handshake with the upstream failed
+	ReasonAuthzDenied          FailureReason = "authz_denied"           // 403: an RBAC rule denied the request (TCP: the connection is closed)
+	ReasonUpgradeNotAllowed    FailureReason = "upgrade_not_allowed"    // 403: the route does not allow the protocol upgrade asked for
+)
+
+// TCP failure reasons.
+const (
+	// ReasonNoOriginalDst: a connection to an ORIGINAL_DST cluster without
+	// an original destination.
+	ReasonNoOriginalDst FailureReason = "no_original_destination"
+)
