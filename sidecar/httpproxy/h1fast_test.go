@@ -1443,9 +1443,9 @@ func TestHandoffH2CPriorKnowledge(t *testing.T) {
 // --- upstream connections ---------------------------------------------------
 
 // TestStalePooledConnection: an upstream that closes each connection after
-// one response (without Connection: close) loses no request: GETs meeting
-// the closed pooled connection go again on a new one, and a POST finds the
-// closed idle connection out before using it.
+// one response (without Connection: close) loses no request, on both
+// wires: GETs meeting the closed pooled connection go again on a new one,
+// and a POST finds the closed idle connection out before using it.
 func TestStalePooledConnection(t *testing.T) {
 	var mu sync.Mutex
 	var seen []string
@@ -1471,80 +1471,88 @@ func TestStalePooledConnection(t *testing.T) {
 		{"GETs back to back", []string{"GET /g1 ", "GET /g2 ", "GET /g3 ", "GET /g4 ", "GET /g5 "}, false},
 		{"POSTs after the idle connection closed", []string{"GET /warm ", "POST /p1 one", "POST /p2 two", "GET /g ", "POST /p3 three"}, true},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			mu.Lock()
-			seen = nil
-			mu.Unlock()
-			for len(closed) > 0 {
-				<-closed
-			}
-			addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}})
-			c, br := dialProxy(t, addr)
-			for _, r := range tc.requests {
-				method, rest, _ := strings.Cut(r, " ")
-				path, body, _ := strings.Cut(rest, " ")
-				write(t, c, fmt.Sprintf("%s %s HTTP/1.1\r\nHost: api.internal\r\nContent-Length: %d\r\n\r\n%s", method, path, len(body), body))
-				resp, got := readResp(t, br, method)
-				if resp.StatusCode != 200 || got != path+" "+body {
-					t.Errorf("%s: got %d %s=%q %q", r, resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), got)
-				}
-				if tc.waitClose {
-					select {
-					case <-closed:
-					case <-time.After(3 * time.Second):
-						t.Fatal("the upstream did not close")
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) {
+			for _, tc := range tests {
+				t.Run(tc.name, func(t *testing.T) {
+					mu.Lock()
+					seen = nil
+					mu.Unlock()
+					for len(closed) > 0 {
+						<-closed
 					}
-				}
-			}
-			mu.Lock()
-			defer mu.Unlock()
-			if !slices.Equal(seen, tc.requests) {
-				t.Errorf("upstream saw %q, want each request once: %q", seen, tc.requests)
+					addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}, netHTTPOnly: p.netHTTPOnly})
+					c, br := dialProxy(t, addr)
+					for _, r := range tc.requests {
+						method, rest, _ := strings.Cut(r, " ")
+						path, body, _ := strings.Cut(rest, " ")
+						write(t, c, fmt.Sprintf("%s %s HTTP/1.1\r\nHost: api.internal\r\nContent-Length: %d\r\n\r\n%s", method, path, len(body), body))
+						resp, got := readResp(t, br, method)
+						if resp.StatusCode != 200 || got != path+" "+body {
+							t.Errorf("%s: got %d %s=%q %q", r, resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), got)
+						}
+						if tc.waitClose {
+							select {
+							case <-closed:
+							case <-time.After(3 * time.Second):
+								t.Fatal("the upstream did not close")
+							}
+						}
+					}
+					mu.Lock()
+					defer mu.Unlock()
+					if !slices.Equal(seen, tc.requests) {
+						t.Errorf("upstream saw %q, want each request once: %q", seen, tc.requests)
+					}
+				})
 			}
 		})
 	}
 }
 
 // TestClientLeavingCancelsUpstream: a client that leaves while its request
-// waits on a long poll cancels the upstream request.
+// waits on a long poll cancels the upstream request, on both wires.
 func TestClientLeavingCancelsUpstream(t *testing.T) {
-	arrived := make(chan struct{}, 1)
-	cancelled := make(chan time.Time, 1)
-	stop := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		arrived <- struct{}{}
-		select {
-		case <-r.Context().Done():
-			cancelled <- time.Now()
-		case <-stop:
-		}
-	}))
-	t.Cleanup(up.Close)
-	rec := &testRecorder{}
-	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.Listener.Addr().String()}, rec: rec})
-	t.Cleanup(func() { close(stop) }) // before the proxy's Shutdown
-	c, _ := dialProxy(t, addr)
-	write(t, c, "GET /poll HTTP/1.1\r\nHost: api.internal\r\n\r\n")
-	select {
-	case <-arrived:
-	case <-time.After(3 * time.Second):
-		t.Fatal("the request did not reach the upstream")
-	}
-	time.Sleep(200 * time.Millisecond) // the scenario: a client that gives up after a while
-	left := time.Now()
-	c.Close()
-	select {
-	case at := <-cancelled:
-		if d := at.Sub(left); d > time.Second {
-			t.Errorf("upstream request cancelled %v after the client left", d)
-		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("the upstream request was not cancelled after the client left")
-	}
-	waitFor(t, "the request's record", func() bool { return len(rec.requests()) == 1 })
-	if r := rec.requests()[0]; r.Code != 0 {
-		t.Errorf("record %+v, want code 0 (the client left)", r)
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) {
+			arrived := make(chan struct{}, 1)
+			cancelled := make(chan time.Time, 1)
+			stop := make(chan struct{})
+			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				arrived <- struct{}{}
+				select {
+				case <-r.Context().Done():
+					cancelled <- time.Now()
+				case <-stop:
+				}
+			}))
+			t.Cleanup(up.Close)
+			rec := &testRecorder{}
+			addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.Listener.Addr().String()}, rec: rec, netHTTPOnly: p.netHTTPOnly})
+			t.Cleanup(func() { close(stop) }) // before the proxy's Shutdown
+			c, _ := dialProxy(t, addr)
+			write(t, c, "GET /poll HTTP/1.1\r\nHost: api.internal\r\n\r\n")
+			select {
+			case <-arrived:
+			case <-time.After(3 * time.Second):
+				t.Fatal("the request did not reach the upstream")
+			}
+			time.Sleep(200 * time.Millisecond) // the scenario: a client that gives up after a while
+			left := time.Now()
+			c.Close()
+			select {
+			case at := <-cancelled:
+				if d := at.Sub(left); d > time.Second {
+					t.Errorf("upstream request cancelled %v after the client left", d)
+				}
+			case <-time.After(2 * time.Second):
+				t.Fatal("the upstream request was not cancelled after the client left")
+			}
+			waitFor(t, "the request's record", func() bool { return len(rec.requests()) == 1 })
+			if r := rec.requests()[0]; r.Code != 0 {
+				t.Errorf("record %+v, want code 0 (the client left)", r)
+			}
+		})
 	}
 }
 
