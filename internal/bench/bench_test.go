@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"go.uber.org/goleak"
 )
 
@@ -257,6 +258,13 @@ func TestMesh(t *testing.T) {
 		}
 		if len(snap.GetResources("type.googleapis.com/envoy.config.listener.v3.Listener")) == 0 {
 			t.Errorf("%s: no listeners", n)
+		}
+		// Every node sends each service's traffic somewhere (the single
+		// sidecar's apps once were client-only proxies: no endpoint).
+		for name, r := range snap.GetResources("type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment") {
+			if cla := r.(*endpointv3.ClusterLoadAssignment); len(cla.GetEndpoints()) == 0 || len(cla.GetEndpoints()[0].GetLbEndpoints()) == 0 {
+				t.Errorf("%s: cluster %s has no endpoint", n, name)
+			}
 		}
 	}
 	if m.clientLeaf == nil || m.appLeaf == nil {

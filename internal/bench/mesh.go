@@ -111,10 +111,12 @@ func startMesh(apps map[kind]hostPort, alloc func(int) ([]int, error)) (m *mesh,
 	m.clientLeaf, m.appLeaf = leaves[clientService], leaves["conn"]
 
 	// The single sidecar: the client's outbound listeners straight to the
-	// apps, plaintext (the apps are not sidecars).
+	// apps, plaintext (the apps are not sidecars). Each app stands in for
+	// its own sidecar, local app port included: a proxy without one is
+	// client-only and no endpoint of its service.
 	single := m.catalog(leaves, nodeSingle, m.ports.singleOut, m.ports.unused[0], func(svc string) model.Proxy {
 		a := apps[kindOf(svc)]
-		return model.Proxy{Address: a.host, Port: a.port}
+		return model.Proxy{Address: a.host, Port: a.port, LocalAppAddress: a.host, LocalAppPort: a.port}
 	})
 	if err := m.publish(single, policies(false), nodeSingle, true); err != nil {
 		return nil, err
