@@ -278,14 +278,30 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTim
 			writeDone <- err
 		}()
 	} else {
-		if err := req.Write(conn.bw); err != nil {
-			return fail(err)
+		err := req.Write(conn.bw) // a head larger than bw reaches the socket
+		if err == nil {
+			err = conn.bw.Flush()
 		}
-		if err := conn.bw.Flush(); err != nil {
+		if err != nil {
+			if reused && staleErr(err) {
+				err = errStaleConn // the keep-alive race, met by the write
+			}
 			return fail(err)
 		}
 	}
-	resp, err := readFinalResponse(conn.br, req)
+	var resp *http.Response
+	if reused {
+		// The first byte of the response: on a connection the upstream
+		// closed while idle there is none, only its FIN or, as the request
+		// reached the closed socket, its reset (the fast path's wire and
+		// net/http's Transport treat both alike).
+		if _, err = conn.br.Peek(1); err != nil && staleErr(err) {
+			err = errStaleConn
+		}
+	}
+	if err == nil {
+		resp, err = readFinalResponse(conn.br, req)
+	}
 	if err == nil && headerTimeout > 0 {
 		conn.conn.SetDeadline(time.Time{}) // the per-try timeout ends at the headers
 	}
@@ -295,11 +311,8 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTim
 			// reading): wait for it once the connection is closed.
 			defer func() { <-writeDone }()
 		}
-		if reused && errors.Is(err, io.EOF) {
-			// The upstream closed an idle connection as the request went out
-			// (keep-alive race): it did not process the request.
-			err = errStaleConn
-		}
+		// errStaleConn: the upstream closed an idle connection as the
+		// request went out (keep-alive race); it did not process it.
 		return fail(err)
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
@@ -419,6 +432,13 @@ func (u *upgradedConn) Close() error {
 	u.stop()
 	u.conn.close()
 	return nil
+}
+
+// staleErr reports the errors of a pooled connection the upstream closed
+// while it was idle, met before any byte of the response: EOF, reset,
+// broken pipe.
+func staleErr(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 var (
