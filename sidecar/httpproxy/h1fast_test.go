@@ -1471,8 +1471,36 @@ func TestStalePooledConnection(t *testing.T) {
 		{"GETs back to back", []string{"GET /g1 ", "GET /g2 ", "GET /g3 ", "GET /g4 ", "GET /g5 "}, false},
 		{"POSTs after the idle connection closed", []string{"GET /warm ", "POST /p1 one", "POST /p2 two", "GET /g ", "POST /p3 three"}, true},
 	}
+	// resetting answers the first request of each connection and resets
+	// the connection (SO_LINGER 0) once the next has arrived: the
+	// keep-alive race met as a reset rather than a FIN, deterministically.
+	var answered atomic.Int32
+	resetting := newRawUpstream(t, func(c net.Conn, br *bufio.Reader) {
+		if _, _, err := readReq(br); err != nil {
+			return
+		}
+		answered.Add(1)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		if _, _, err := readReq(br); err != nil {
+			return
+		}
+		c.(*net.TCPConn).SetLinger(0)
+	})
 	for _, p := range paths {
 		t.Run(p.name, func(t *testing.T) {
+			t.Run("GETs meeting a reset", func(t *testing.T) {
+				answered.Store(0)
+				addr, _ := startProxy(t, proxyOpts{endpoints: []string{resetting.addr()}, netHTTPOnly: p.netHTTPOnly})
+				c, br := dialProxy(t, addr)
+				for i := range 4 {
+					if resp, got := get(t, c, br, "/"); resp.StatusCode != 200 || got != "ok" {
+						t.Errorf("GET %d: got %d %s=%q %q", i, resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), got)
+					}
+				}
+				if n := answered.Load(); n != 4 {
+					t.Errorf("the upstream answered %d GETs, want 4", n)
+				}
+			})
 			for _, tc := range tests {
 				t.Run(tc.name, func(t *testing.T) {
 					mu.Lock()
