@@ -9,6 +9,7 @@ import (
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
 
 	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/model"
@@ -282,12 +283,12 @@ func (s *Server) Status() *Status {
 	return out
 }
 
-// blame returns the resources of typeURL a NACK's detail blames in the
+// blame returns the resources of typeURL a NACK's error_detail blames in the
 // snapshot snap of node (cache key key), with their sources. For the
 // proxyless group, whose clients are sent only the resources they name,
 // the candidates are those of subscribed (the NACK's resource names; all
 // when empty). It runs without the lock: snap's inputs are immutable.
-func blame(key, node string, snap *published, typeURL, detail string, subscribed []string) (res []RejectedResource, named bool) {
+func blame(key, node string, snap *published, typeURL string, detail *status.Status, subscribed []string) (res []RejectedResource, named bool) {
 	if snap == nil {
 		return []RejectedResource{}, false
 	}

@@ -19,14 +19,14 @@ import (
 // RouteConfiguration.
 func DecodeRouteConfig(a *anypb.Any) (*RouteConfig, error) {
 	var rc route.RouteConfiguration
-	if err := unpack(a, &rc, "route configuration"); err != nil {
+	if err := unpack(a, &rc, xds.KindRouteConfiguration); err != nil {
 		return nil, err
 	}
 	return decodeRouteConfig(&rc)
 }
 
 func decodeRouteConfig(rc *route.RouteConfiguration) (*RouteConfig, error) {
-	kind, name := "route configuration", rc.GetName()
+	kind, name := xds.KindRouteConfiguration, rc.GetName()
 	if err := rc.ValidateAll(); err != nil {
 		return nil, fieldErr(kind, name, "", "%v", err)
 	}
