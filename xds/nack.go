@@ -64,11 +64,13 @@ func (k ResourceKind) TypeURL() string {
 }
 
 // NACKDomain is the google.rpc.ErrorInfo.domain of the details meshlet's
-// sidecar puts in a NACK.
+// sidecar puts in a NACK (google.rpc API: the product that generates the
+// error). Details of other domains are not meshlet's and are ignored.
 const NACKDomain = "meshlet.io"
 
 // NACKReason is the google.rpc.ErrorInfo.reason of one rejected resource
-// in a NACK: UPPER_SNAKE_CASE, as the google.rpc API asks.
+// in a NACK: UPPER_SNAKE_CASE, at most 63 characters, as the google.rpc
+// API asks; unique within NACKDomain.
 type NACKReason string
 
 // Reasons a sidecar rejects a resource.
@@ -116,9 +118,11 @@ type NACKDetail struct {
 	Reason NACKReason
 }
 
-// NewNACKStatus returns the error_detail of a NACK: code INVALID_ARGUMENT
-// (what Envoy sends), message msg (the human text) and one ErrorInfo per
-// detail (see NACKDetail).
+// NewNACKStatus returns the error_detail of a NACK (xDS
+// DiscoveryRequest.error_detail, a google.rpc.Status): code
+// INVALID_ARGUMENT (what Envoy sends), message msg (the human text, kept
+// for people and for clients that read only it) and one
+// google.rpc.ErrorInfo per detail, in order (see NACKDetail).
 func NewNACKStatus(msg string, details ...NACKDetail) *status.Status {
 	st := &status.Status{Code: int32(codes.InvalidArgument), Message: msg}
 	for _, d := range details {

@@ -93,10 +93,11 @@ type Rejection struct {
 	Time      time.Time `json:"time"`
 	FirstTime time.Time `json:"firstTime"`
 	Count     int       `json:"count"`
-	// Named is true when the resources below were named in Error; false
-	// when Error names none, and every resource of the type in the
-	// rejected snapshot is listed (for a proxyless client, every one it
-	// names).
+	// Named is true when the NACK named the resources below: in its
+	// structured details (meshlet's sidecar, xds.ParseNACKDetails), else
+	// in Error (see NACKResources); false when it names none, and every
+	// resource of the type in the rejected snapshot is listed (for a
+	// proxyless client, every one it names).
 	Named bool `json:"named"`
 	// Resources are the rejected resources with the inputs they were built
 	// from (translate.ProxySources); empty when the rejected version is no
