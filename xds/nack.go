@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"errors"
 	"fmt"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -191,14 +192,42 @@ func (e *ResourceError) Error() string {
 func (e *ResourceError) Unwrap() error { return e.Err }
 
 // NACKDetails returns e's structured form: one NACKDetail (Reason
-// NACKInvalidResource when e.Reason is "").
+// NACKInvalidResource when e.Reason is ""). Its Field is e.Field followed
+// by the fields of the *FieldError chain in e.Err
+// ("virtual_hosts[0].routes[0]" then "route.retry_policy" then "retry_on").
 func (e *ResourceError) NACKDetails() []NACKDetail {
 	r := e.Reason
 	if r == "" {
 		r = NACKInvalidResource
 	}
-	return []NACKDetail{{TypeURL: e.Kind.TypeURL(), Name: e.Name, Field: e.Field, Reason: r}}
+	field := e.Field
+	var fe *FieldError
+	for err := e.Err; errors.As(err, &fe); err = fe.Err {
+		if field != "" {
+			field += "."
+		}
+		field += fe.Field
+	}
+	return []NACKDetail{{TypeURL: e.Kind.TypeURL(), Name: e.Name, Field: field, Reason: r}}
 }
+
+// FieldError is an error at a field below the one its enclosing error
+// names, so nested decoders can say where without knowing the resource:
+// its text is `<field>: <err>`, and a ResourceError holding it extends
+// its NACKDetail.Field with Field.
+type FieldError struct {
+	// Field is the path, relative to the enclosing error's, with proto
+	// field names (`route.retry_policy`, `match.headers[0]`).
+	Field string
+	// Err is what is wrong there; it is unwrapped.
+	Err error
+}
+
+// Error returns `<field>: <err>`.
+func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+
+// Unwrap returns Err.
+func (e *FieldError) Unwrap() error { return e.Err }
 
 // nackDetailer is an error that names the resources it rejects.
 type nackDetailer interface {

@@ -76,6 +76,14 @@ func TestResourceErrorAndNACKDetailsOf(t *testing.T) {
 	if !errors.Is(re, base) {
 		t.Error("ResourceError does not unwrap to Err")
 	}
+	nested := &ResourceError{Kind: KindRouteConfiguration, Name: "api", Field: "virtual_hosts[0].routes[0]",
+		Err: &FieldError{Field: "route.retry_policy", Err: &FieldError{Field: "retry_on", Err: base}}}
+	if got, want := nested.Error(), `route configuration "api": virtual_hosts[0].routes[0]: route.retry_policy: retry_on: unsupported`; got != want {
+		t.Errorf("Error() with FieldErrors = %q, want %q", got, want)
+	}
+	if got := nested.NACKDetails(); len(got) != 1 || got[0].Field != "virtual_hosts[0].routes[0].route.retry_policy.retry_on" {
+		t.Errorf("NACKDetails with FieldErrors = %+v", got)
+	}
 	other := &ResourceError{Kind: KindCluster, Name: "store", Reason: NACKDuplicateName, Err: base}
 	tests := []struct {
 		name string

@@ -107,7 +107,11 @@ type Rejection struct {
 
 // RejectedResource is one resource blamed by a Rejection.
 type RejectedResource struct {
-	Name    string             `json:"name"`
+	Name string `json:"name"`
+	// Field is the path of the field at fault the NACK's details give
+	// (xds.NACKDetail.Field, e.g. "virtual_hosts[0].routes[0].route.retry_policy.retry_on");
+	// "" when they give none or the NACK has no details.
+	Field   string             `json:"field,omitempty"`
 	Sources []translate.Source `json:"sources"`
 }
 
@@ -304,9 +308,15 @@ func blame(key, node string, snap *published, typeURL string, detail *status.Sta
 	} else if p := snap.cat.Proxies[node]; p != nil {
 		sm, _ = translate.ProxySources(snap.cat, snap.pol, p)
 	}
+	fields := map[string]string{}
+	for _, d := range xds.ParseNACKDetails(detail) {
+		if _, seen := fields[d.Name]; d.TypeURL == typeURL && !seen {
+			fields[d.Name] = d.Field
+		}
+	}
 	res = make([]RejectedResource, 0, len(blamed))
 	for _, n := range blamed {
-		res = append(res, RejectedResource{Name: n, Sources: sm.For(typeURL, n)})
+		res = append(res, RejectedResource{Name: n, Field: fields[n], Sources: sm.For(typeURL, n)})
 	}
 	return res, named
 }

@@ -296,8 +296,8 @@ func TestNACKBlamesTheResourceOfItsDetails(t *testing.T) {
 	if rej.TypeURL != xds.ClusterType || rej.Error != msg || !rej.Named {
 		t.Errorf("rejection = %+v", rej)
 	}
-	if len(rej.Resources) != 1 || rej.Resources[0].Name != "api" {
-		t.Fatalf("rejected resources = %+v, want cluster api (from the details)", rej.Resources)
+	if len(rej.Resources) != 1 || rej.Resources[0].Name != "api" || rej.Resources[0].Field != "lb_policy" {
+		t.Fatalf("rejected resources = %+v, want cluster api, field lb_policy (from the details)", rej.Resources)
 	}
 	var srcs []string
 	for _, src := range rej.Sources() {

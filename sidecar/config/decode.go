@@ -33,6 +33,20 @@ func fieldErr(kind xds.ResourceKind, name, field, format string, args ...any) er
 	return &xds.ResourceError{Kind: kind, Name: name, Field: field, Err: invalid(fmt.Sprintf(format, args...))}
 }
 
+// invalidCause is the cause of a ResourceError from a decoder when it is
+// an error of its own (its *xds.FieldError path extends the field): it
+// unwraps to ErrInvalid and to the cause.
+type invalidCause struct{ err error }
+
+func (e invalidCause) Error() string   { return e.err.Error() }
+func (e invalidCause) Unwrap() []error { return []error{ErrInvalid, e.err} }
+
+// fieldErrAt is fieldErr with an error as the message: the path of any
+// *xds.FieldError in err continues field in the NACK's details.
+func fieldErrAt(kind xds.ResourceKind, name, field string, err error) error {
+	return &xds.ResourceError{Kind: kind, Name: name, Field: field, Err: invalidCause{err}}
+}
+
 type validatable interface {
 	proto.Message
 	ValidateAll() error
