@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -140,6 +141,8 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 		mutate  func(r *xdstest.Resources)
 		typeURL string
 		detail  string
+		// blamed are the NACK's structured details (xds.ParseNACKDetails).
+		blamed []xds.NACKDetail
 	}{
 		{
 			name: "unsupported cluster discovery type", version: "v2", typeURL: xds.ClusterType,
@@ -149,6 +152,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 				r.Clusters = []types.Resource{c}
 			},
 			detail: `cluster "web": type: unsupported discovery type STRICT_DNS (supported: STATIC, EDS, ORIGINAL_DST)`,
+			blamed: []xds.NACKDetail{{TypeURL: xds.ClusterType, Name: "web", Field: "type", Reason: xds.NACKInvalidResource}},
 		},
 		{
 			name: "listener address is not an IP", version: "v3", typeURL: xds.ListenerType,
@@ -156,6 +160,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 				r.Listeners = []types.Resource{xds.NewHTTPListener("upstream:web", "localhost", port, xds.HTTPListenerOptions{RouteConfigName: "web"})}
 			},
 			detail: `listener "upstream:web": address: listener address "localhost" is not an IP address`,
+			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:web", Field: "address", Reason: xds.NACKInvalidResource}},
 		},
 		{
 			name: "listener port already in use", version: "v4", typeURL: xds.ListenerType,
@@ -168,7 +173,8 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 				_, bp := hostPort(t, busy.Addr().String())
 				r.Listeners = append(r.Listeners, xds.NewTCPListener("upstream:busy", "127.0.0.1", bp, "web"))
 			},
-			detail: `listener "upstream:busy": cannot bind 127.0.0.1:`,
+			detail: `listener "upstream:busy": address: cannot bind 127.0.0.1:`,
+			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:busy", Field: "address", Reason: xds.NACKBindFailed}},
 		},
 		{
 			name: "two listeners on one address", version: "v5", typeURL: xds.ListenerType,
@@ -176,6 +182,8 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 				r.Listeners = append(r.Listeners, xds.NewTCPListener("upstream:other", "127.0.0.1", port, "web"))
 			},
 			detail: `both listen on 127.0.0.1:`,
+			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:other", Field: "address", Reason: xds.NACKAddressConflict},
+				{TypeURL: xds.ListenerType, Name: "upstream:web", Field: "address", Reason: xds.NACKAddressConflict}},
 		},
 		{
 			name: "two UDP listeners on one address", version: "v6", typeURL: xds.ListenerType,
@@ -184,6 +192,8 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 					xds.NewUDPListener("upstream:dns2", "127.0.0.1", port+1, "web", xds.UDPProxyOptions{}))
 			},
 			detail: `listeners "upstream:dns1" and "upstream:dns2" both listen on 127.0.0.1:` + strconv.Itoa(port+1) + `/udp`,
+			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:dns1", Field: "address", Reason: xds.NACKAddressConflict},
+				{TypeURL: xds.ListenerType, Name: "upstream:dns2", Field: "address", Reason: xds.NACKAddressConflict}},
 		},
 	}
 	prev := "v1"
@@ -200,6 +210,9 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 			nack := srv.WaitRequest(t, 5*time.Second, "NACK of "+tc.version, func(r *discovery.DiscoveryRequest) bool {
 				return r.GetTypeUrl() == tc.typeURL && strings.Contains(r.GetErrorDetail().GetMessage(), tc.detail)
 			})
+			if got := xds.ParseNACKDetails(nack.GetErrorDetail()); !slices.Equal(got, tc.blamed) {
+				t.Errorf("NACK details = %+v, want %+v", got, tc.blamed)
+			}
 			// A NACK carries the last accepted version, not the rejected one.
 			if nack.GetVersionInfo() != before {
 				t.Errorf("NACK version_info = %q, want the last accepted %q", nack.GetVersionInfo(), before)

@@ -1,6 +1,10 @@
 // Package xds holds what meshlet's control plane and sidecar share about the
 // xDS protocol: the resource type URLs they exchange, the names given to the
-// resources of one proxy, and the node metadata that tells proxy kinds apart.
+// resources of one proxy, the node metadata that tells proxy kinds apart,
+// and the contract words both sides spell only through typed constants:
+// retry conditions (RetryOn), failure reasons (FailureReason), and the
+// kinds and structured details of a NACK (ResourceKind, NACKDetail).
+// TestContractWordsOnlyInXDS keeps other packages from spelling them.
 //
 // Names follow the shapes Consul Connect gives Envoy, so a config dump reads
 // the way Consul users expect: "public_listener" and "local_app" for the

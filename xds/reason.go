@@ -2,8 +2,12 @@ package xds
 
 // FailureReason is the typed cause of a request, connection or datagram the
 // sidecar failed itself: the value of ReasonHeader on an HTTP answer, a span
-// event attribute, a metric label and a log field, the same word for HTTP,
-// TCP and UDP. The control plane's explanations name these words too.
+// event attribute (meshlet.reason), a metric label ("reason") and a log
+// field, the same word for HTTP, TCP and UDP. Words are lower_snake_case,
+// in the spirit of Envoy's response flags spelled out (UH is
+// no_healthy_upstream, UO overflow, URX retry limit, UT upstream_timeout).
+// The control plane's explanations (controlplane/explain) name these words
+// too. Converting one to string costs nothing on the hot path.
 type FailureReason string
 
 // ReasonHeader carries the FailureReason on HTTP responses the sidecar
@@ -35,4 +39,18 @@ const (
 	// ReasonNoOriginalDst: a connection to an ORIGINAL_DST cluster without
 	// an original destination.
 	ReasonNoOriginalDst FailureReason = "no_original_destination"
+)
+
+// ReasonIdleTimeout: a TCP proxy connection or a UDP session was closed
+// because no byte moved either way for its idle timeout
+// (TcpProxy.idle_timeout, UdpProxyConfig.idle_timeout).
+const ReasonIdleTimeout FailureReason = "idle_timeout"
+
+// UDP failure reasons of a datagram the sidecar drops (besides the shared
+// ones: no_cluster, no_healthy_upstream, circuit_open, overflow,
+// connect_failure).
+const (
+	ReasonTooLarge            FailureReason = "too_large"             // larger than the socket's max_rx_datagram_size
+	ReasonUpstreamSendError   FailureReason = "upstream_send_error"   // writing it to the upstream endpoint failed
+	ReasonDownstreamSendError FailureReason = "downstream_send_error" // writing the answer back to the downstream failed
 )

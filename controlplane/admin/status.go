@@ -175,6 +175,9 @@ func WriteText(w io.Writer, addr string, st *server.Status) error {
 		}
 		for _, res := range r.Resources {
 			fmt.Fprintf(tw, "  resource\t%s %q\n", ShortType(r.TypeURL), res.Name)
+			if res.Field != "" {
+				fmt.Fprintf(tw, "  field\t%s\n", res.Field)
+			}
 			if len(res.Sources) == 0 {
 				fmt.Fprintf(tw, "  source\t(none known)\n")
 			}

@@ -198,8 +198,8 @@ func (r *Report) direct(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 	step("route", "TCP proxy (for every protocol of a headless service) to cluster %s (ORIGINAL_DST: the address the application dialled)", clusterName)
 	ok, rule := translate.ReachRule(cat, pol, p.Service, service)
 	if !ok { // an explicit upstream gets its chain regardless
-		step("authorization", "denied by %s at the sidecar of %s (mTLS, then RBAC on %s's SPIFFE ID): HTTP requests get 403 authz_denied, TCP connections are closed",
-			rule, dst.Addr(), p.Service)
+		step("authorization", "denied by %s at the sidecar of %s (mTLS, then RBAC on %s's SPIFFE ID): HTTP requests get 403 %s, TCP connections are closed",
+			rule, dst.Addr(), p.Service, xds.ReasonAuthzDenied)
 		r.Outcome = OutcomeDenied
 		return nil
 	}
@@ -279,8 +279,8 @@ func (r *Report) follow(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 					if err := hf.GetTypedConfig().UnmarshalTo(&rb); err != nil {
 						return fmt.Errorf("explain: %s: %w", fc.GetName(), err)
 					}
-					step("authorization", "denied by %s: %s's sidecar answers every request 403 authz_denied, naming the rule in x-meshlet-authz-rule",
-						ruleNames(rb.GetRules()), p.Service)
+					step("authorization", "denied by %s: %s's sidecar answers every request 403 %s, naming the rule in x-meshlet-authz-rule",
+						ruleNames(rb.GetRules()), p.Service, xds.ReasonAuthzDenied)
 					r.Outcome = OutcomeDenied
 					return nil
 				}
@@ -310,8 +310,8 @@ func (r *Report) follow(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 	}
 	ok, rule := translate.ReachRule(cat, pol, p.Service, service)
 	if !ok {
-		step("authorization", "denied by %s at %s's sidecars (mTLS, then RBAC on %s's SPIFFE ID): HTTP requests get 403 authz_denied, TCP connections are closed",
-			rule, service, p.Service)
+		step("authorization", "denied by %s at %s's sidecars (mTLS, then RBAC on %s's SPIFFE ID): HTTP requests get 403 %s, TCP connections are closed",
+			rule, service, p.Service, xds.ReasonAuthzDenied)
 		r.Outcome = OutcomeDenied
 		return nil
 	}
@@ -325,7 +325,7 @@ func (r *Report) follow(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 		}
 	}
 	if len(eps) == 0 {
-		step("endpoints", "none healthy: requests fail with 503 no_healthy_upstream")
+		step("endpoints", "none healthy: requests fail with 503 %s", xds.ReasonNoHealthyUpstream)
 	} else {
 		step("endpoints", "cluster %s over mTLS to the public listeners of %s's healthy sidecars: %s", clusterName, service, strings.Join(eps, ", "))
 	}

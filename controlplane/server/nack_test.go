@@ -4,9 +4,13 @@ import (
 	"slices"
 	"testing"
 
+	"google.golang.org/genproto/googleapis/rpc/status"
+
 	"github.com/meshlet/meshlet/xds"
 )
 
+// TestNACKResources: NACKs without meshlet's details (proxyless gRPC
+// clients, Envoy, older sidecars) are read from their prose.
 func TestNACKResources(t *testing.T) {
 	routes := []string{"api", "sessions", "store"}
 	clusters := []string{"api", "local_app", "store"}
@@ -79,7 +83,57 @@ func TestNACKResources(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got, named := NACKResources(tc.typeURL, tc.detail, tc.names)
+			got, named := NACKResources(tc.typeURL, &status.Status{Code: 3, Message: tc.detail}, tc.names)
+			if !slices.Equal(got, tc.want) || named != tc.named {
+				t.Errorf("NACKResources = %q, %v; want %q, %v", got, named, tc.want, tc.named)
+			}
+		})
+	}
+}
+
+// TestNACKResourcesFromDetails: a NACK with meshlet's details is read from
+// them alone; its message is not parsed.
+func TestNACKResourcesFromDetails(t *testing.T) {
+	clusters := []string{"api", "local_app", "store"}
+	// misleading quotes a cluster the details do not blame.
+	const misleading = `cluster "local_app": bad`
+	tests := []struct {
+		name    string
+		typeURL string
+		msg     string
+		details []xds.NACKDetail
+		want    []string
+		named   bool
+	}{
+		{
+			name: "one resource", typeURL: xds.ClusterType, msg: misleading,
+			details: []xds.NACKDetail{{TypeURL: xds.ClusterType, Name: "store", Field: "type"}},
+			want:    []string{"store"}, named: true,
+		},
+		{
+			name: "several, in the order of names", typeURL: xds.ClusterType, msg: misleading,
+			details: []xds.NACKDetail{{TypeURL: xds.ClusterType, Name: "store"}, {TypeURL: xds.ClusterType, Name: "api"}, {TypeURL: xds.ClusterType, Name: "api"}},
+			want:    []string{"api", "store"}, named: true,
+		},
+		{
+			name: "details of another type are not this type's", typeURL: xds.ClusterType, msg: misleading,
+			details: []xds.NACKDetail{{TypeURL: xds.RouteType, Name: "api"}, {TypeURL: xds.ClusterType, Name: "store"}},
+			want:    []string{"store"}, named: true,
+		},
+		{
+			name: "a name not in the snapshot blames every resource, not the prose", typeURL: xds.ClusterType, msg: misleading,
+			details: []xds.NACKDetail{{TypeURL: xds.ClusterType, Name: "payments"}},
+			want:    clusters, named: false,
+		},
+		{
+			name: "a resource without a name blames every resource", typeURL: xds.ClusterType, msg: misleading,
+			details: []xds.NACKDetail{{TypeURL: xds.ClusterType}},
+			want:    clusters, named: false,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, named := NACKResources(tc.typeURL, xds.NewNACKStatus(tc.msg, tc.details...), clusters)
 			if !slices.Equal(got, tc.want) || named != tc.named {
 				t.Errorf("NACKResources = %q, %v; want %q, %v", got, named, tc.want, tc.named)
 			}

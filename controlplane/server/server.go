@@ -616,7 +616,7 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 		if rejected == "" {
 			rejected = guarded
 		}
-		res, named := blame(nodeHash{}.ID(node), node.GetId(), snap, typeURL, d.GetMessage(), req.GetResourceNames())
+		res, named := blame(nodeHash{}.ID(node), node.GetId(), snap, typeURL, d, req.GetResourceNames())
 		r := &Rejection{Node: node.GetId(), TypeURL: typeURL, Version: rejected, AcceptedVersion: accepted,
 			Error: d.GetMessage(), Time: now, FirstTime: now, Count: 1, Named: named, Resources: res}
 		s.mu.Lock()

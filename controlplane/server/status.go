@@ -9,6 +9,7 @@ import (
 	"time"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
 
 	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/model"
@@ -92,10 +93,11 @@ type Rejection struct {
 	Time      time.Time `json:"time"`
 	FirstTime time.Time `json:"firstTime"`
 	Count     int       `json:"count"`
-	// Named is true when the resources below were named in Error; false
-	// when Error names none, and every resource of the type in the
-	// rejected snapshot is listed (for a proxyless client, every one it
-	// names).
+	// Named is true when the NACK named the resources below: in its
+	// structured details (meshlet's sidecar, xds.ParseNACKDetails), else
+	// in Error (see NACKResources); false when it names none, and every
+	// resource of the type in the rejected snapshot is listed (for a
+	// proxyless client, every one it names).
 	Named bool `json:"named"`
 	// Resources are the rejected resources with the inputs they were built
 	// from (translate.ProxySources); empty when the rejected version is no
@@ -105,7 +107,11 @@ type Rejection struct {
 
 // RejectedResource is one resource blamed by a Rejection.
 type RejectedResource struct {
-	Name    string             `json:"name"`
+	Name string `json:"name"`
+	// Field is the path of the field at fault the NACK's details give
+	// (xds.NACKDetail.Field, e.g. "virtual_hosts[0].routes[0].route.retry_policy.retry_on");
+	// "" when they give none or the NACK has no details.
+	Field   string             `json:"field,omitempty"`
 	Sources []translate.Source `json:"sources"`
 }
 
@@ -282,12 +288,12 @@ func (s *Server) Status() *Status {
 	return out
 }
 
-// blame returns the resources of typeURL a NACK's detail blames in the
+// blame returns the resources of typeURL a NACK's error_detail blames in the
 // snapshot snap of node (cache key key), with their sources. For the
 // proxyless group, whose clients are sent only the resources they name,
 // the candidates are those of subscribed (the NACK's resource names; all
 // when empty). It runs without the lock: snap's inputs are immutable.
-func blame(key, node string, snap *published, typeURL, detail string, subscribed []string) (res []RejectedResource, named bool) {
+func blame(key, node string, snap *published, typeURL string, detail *status.Status, subscribed []string) (res []RejectedResource, named bool) {
 	if snap == nil {
 		return []RejectedResource{}, false
 	}
@@ -302,9 +308,15 @@ func blame(key, node string, snap *published, typeURL, detail string, subscribed
 	} else if p := snap.cat.Proxies[node]; p != nil {
 		sm, _ = translate.ProxySources(snap.cat, snap.pol, p)
 	}
+	fields := map[string]string{}
+	for _, d := range xds.ParseNACKDetails(detail) {
+		if _, seen := fields[d.Name]; d.TypeURL == typeURL && !seen {
+			fields[d.Name] = d.Field
+		}
+	}
 	res = make([]RejectedResource, 0, len(blamed))
 	for _, n := range blamed {
-		res = append(res, RejectedResource{Name: n, Sources: sm.For(typeURL, n)})
+		res = append(res, RejectedResource{Name: n, Field: fields[n], Sources: sm.For(typeURL, n)})
 	}
 	return res, named
 }

@@ -5,10 +5,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
@@ -244,6 +246,65 @@ func TestNACKRecordedWithSourcesAndClearedByACK(t *testing.T) {
 	}
 	for _, p := range problems {
 		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
+	}
+}
+
+// TestNACKBlamesTheResourceOfItsDetails: the control plane blames the
+// resource a sidecar's NACK names in its structured details
+// (xds.NewNACKStatus), not one its message happens to quote.
+func TestNACKBlamesTheResourceOfItsDetails(t *testing.T) {
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer s.Close()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = s.Serve(lis)
+	}()
+	defer func() {
+		s.Close()
+		<-done
+	}()
+	s.SetPolicies(servePolicies(t, map[string]string{"policies/api.yaml": apiHTTP, "policies/retry.yaml": retryOn("5xx")}))
+	s.SetCatalog(catalog(true))
+	const web = "web-1-sidecar-proxy"
+	waitVersions(t, s, web, func(map[string]string) bool { return true })
+
+	c := dialADS(t, lis.Addr().String(), web)
+	c.send(&discovery.DiscoveryRequest{TypeUrl: xds.ClusterType})
+	r1 := c.recv()
+	var names []string
+	for _, a := range r1.GetResources() {
+		var cl cluster.Cluster
+		if err := a.UnmarshalTo(&cl); err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, cl.GetName())
+	}
+	if !slices.Contains(names, "api") || !slices.Contains(names, xds.LocalAppCluster) {
+		t.Fatalf("web's clusters = %q, want api and %s", names, xds.LocalAppCluster)
+	}
+	msg := `resources[0]: cluster "` + xds.LocalAppCluster + `": the message quotes another cluster`
+	c.send(&discovery.DiscoveryRequest{TypeUrl: xds.ClusterType, ResponseNonce: r1.GetNonce(),
+		ErrorDetail: xds.NewNACKStatus(msg, xds.NACKDetail{TypeURL: xds.ClusterType, Name: "api", Field: "lb_policy"})})
+
+	st := waitStatus(t, s, "the rejection", func(st *Status) bool { return len(st.Rejections) == 1 })
+	rej := st.Rejections[0]
+	if rej.TypeURL != xds.ClusterType || rej.Error != msg || !rej.Named {
+		t.Errorf("rejection = %+v", rej)
+	}
+	if len(rej.Resources) != 1 || rej.Resources[0].Name != "api" || rej.Resources[0].Field != "lb_policy" {
+		t.Fatalf("rejected resources = %+v, want cluster api, field lb_policy (from the details)", rej.Resources)
+	}
+	var srcs []string
+	for _, src := range rej.Sources() {
+		srcs = append(srcs, src.String())
+	}
+	if all := strings.Join(srcs, "\n"); !strings.Contains(all, "policies/api.yaml:1 (ServiceDefaults api)") {
+		t.Errorf("sources of cluster api lack its ServiceDefaults:\n%s", all)
 	}
 }
 

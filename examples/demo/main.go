@@ -41,6 +41,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/traceview"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/devjaeger"
+	"github.com/meshlet/meshlet/xds"
 )
 
 func main() {
@@ -358,7 +359,7 @@ func (d *demo) traces(t *trafficResult) traceReport {
 	rep.plain = id
 	d.say("       a request to /api, as one trace across web's and api's sidecars:")
 	d.printTrace(tr)
-	ids, err := searchTag(ctx, d.jaeger.QueryURL, "web", "meshlet.retry_cause", "5xx")
+	ids, err := searchTag(ctx, d.jaeger.QueryURL, "web", "meshlet.retry_cause", string(xds.Retry5xx))
 	if err == nil && len(ids) > 0 {
 		if tr, err := traceview.Fetch(ctx, d.jaeger.QueryURL, ids[0]); err == nil {
 			rep.retried = ids[0]

@@ -144,6 +144,7 @@ func TestStatusTracesRejectedResourceToPolicyFile(t *testing.T) {
 		"type      " + xds.RouteType,
 		"error     " + sidecarErr,
 		`resource  RouteConfiguration "api"`,
+		"retry_policy.retry_on\n",
 		file + ":8 (RetryPolicy api-retries)",
 		file + ":1 (TimeoutPolicy api-timeouts)",
 		filepath.Join(m.policyDir, "api.yaml") + ":1 (ServiceDefaults api)",
@@ -167,6 +168,10 @@ func TestStatusTracesRejectedResourceToPolicyFile(t *testing.T) {
 	if rej.Node != node || rej.TypeURL != xds.RouteType || rej.Error != sidecarErr || !rej.Named || rej.Version == "" ||
 		len(rej.Resources) != 1 || rej.Resources[0].Name != "api" {
 		t.Errorf("rejection = %+v", rej)
+	}
+	// The sidecar named the resource and field in the NACK's details.
+	if len(rej.Resources) == 1 && !strings.HasSuffix(rej.Resources[0].Field, "retry_policy.retry_on") {
+		t.Errorf("rejected field = %q, want the route's retry_policy.retry_on (from the NACK's details)", rej.Resources[0].Field)
 	}
 	found := false
 	for _, src := range rej.Sources() {

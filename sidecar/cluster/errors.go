@@ -42,7 +42,7 @@ type UpstreamError struct {
 
 func (e *UpstreamError) Error() string {
 	names := map[ErrorKind]string{KindConnectFailure: "connect failure", KindRefusedStream: "refused stream", KindReset: "upstream reset",
-		KindOverflow: "overflow", KindTimeout: "timeout", KindTLSHandshake: "TLS handshake failed"}
+		KindOverflow: "circuit breaker overflow", KindTimeout: "timeout", KindTLSHandshake: "TLS handshake failed"}
 	return fmt.Sprintf("%s: %v", names[e.Kind], e.Err)
 }
 

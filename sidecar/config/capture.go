@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/meshlet/meshlet/xds"
 )
 
 // ChainMatch is the destination part of a capture listener chain's
@@ -141,7 +143,7 @@ type chainSlot struct {
 // overlapping matching rules"), a chain without transport_protocol and one
 // with it for the same destination, a raw_buffer chain without a tls one.
 func newCapture(l *Listener) (*Capture, error) {
-	kind, name := "listener", l.Name
+	kind, name := xds.KindListener, l.Name
 	type leafKey struct {
 		port   int
 		prefix netip.Prefix

@@ -12,27 +12,39 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshlet/meshlet/xds"
 )
 
 // ErrInvalid is wrapped by every error a Decode function returns.
 var ErrInvalid = errors.New("invalid resource")
 
-// fieldError is a problem with one field of one resource.
-type fieldError struct {
-	kind, name, field, msg string
+// invalid is the message of a ResourceError from a decoder; it unwraps to
+// ErrInvalid.
+type invalid string
+
+func (e invalid) Error() string { return string(e) }
+func (e invalid) Unwrap() error { return ErrInvalid }
+
+// fieldErr returns the error of one field of one resource: an
+// *xds.ResourceError (the NACK names the resource and field in its
+// details) wrapping ErrInvalid. An empty field blames the whole resource.
+func fieldErr(kind xds.ResourceKind, name, field, format string, args ...any) error {
+	return &xds.ResourceError{Kind: kind, Name: name, Field: field, Err: invalid(fmt.Sprintf(format, args...))}
 }
 
-func (e *fieldError) Error() string {
-	if e.field == "" {
-		return fmt.Sprintf("%s %q: %s", e.kind, e.name, e.msg)
-	}
-	return fmt.Sprintf("%s %q: %s: %s", e.kind, e.name, e.field, e.msg)
-}
+// invalidCause is the cause of a ResourceError from a decoder when it is
+// an error of its own (its *xds.FieldError path extends the field): it
+// unwraps to ErrInvalid and to the cause.
+type invalidCause struct{ err error }
 
-func (e *fieldError) Unwrap() error { return ErrInvalid }
+func (e invalidCause) Error() string   { return e.err.Error() }
+func (e invalidCause) Unwrap() []error { return []error{ErrInvalid, e.err} }
 
-func fieldErr(kind, name, field, format string, args ...any) error {
-	return &fieldError{kind: kind, name: name, field: field, msg: fmt.Sprintf(format, args...)}
+// fieldErrAt is fieldErr with an error as the message: the path of any
+// *xds.FieldError in err continues field in the NACK's details.
+func fieldErrAt(kind xds.ResourceKind, name, field string, err error) error {
+	return &xds.ResourceError{Kind: kind, Name: name, Field: field, Err: invalidCause{err}}
 }
 
 type validatable interface {
@@ -42,7 +54,7 @@ type validatable interface {
 
 // unpack unmarshals a into m (checking the type URL) and runs m's generated
 // validation.
-func unpack(a *anypb.Any, m validatable, kind string) error {
+func unpack(a *anypb.Any, m validatable, kind xds.ResourceKind) error {
 	if a == nil {
 		return fieldErr(kind, "", "", "empty resource")
 	}

@@ -19,10 +19,10 @@ import (
 // DecodeCluster decodes and validates an Any holding a Cluster.
 func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 	var c cluster.Cluster
-	if err := unpack(a, &c, "cluster"); err != nil {
+	if err := unpack(a, &c, xds.KindCluster); err != nil {
 		return nil, err
 	}
-	kind, name := "cluster", c.GetName()
+	kind, name := xds.KindCluster, c.GetName()
 	if name == "" {
 		return nil, fieldErr(kind, name, "name", "required")
 	}
@@ -89,7 +89,7 @@ func DecodeCluster(a *anypb.Any) (*Cluster, error) {
 // second one). cleanup_interval is accepted: meshlet keeps no host beyond
 // its connection.
 func decodeOriginalDstCluster(c *cluster.Cluster, out *Cluster) error {
-	kind, name := "cluster", out.Name
+	kind, name := xds.KindCluster, out.Name
 	out.Type, out.LB = ClusterOriginalDst, LBClusterProvided
 	if c.GetLbPolicy() != cluster.Cluster_CLUSTER_PROVIDED {
 		return fieldErr(kind, name, "lb_policy", "an ORIGINAL_DST cluster needs CLUSTER_PROVIDED (got %s)", c.GetLbPolicy())
@@ -132,7 +132,7 @@ func decodeOriginalDstCluster(c *cluster.Cluster, out *Cluster) error {
 // breakers, outlier detection, meshlet's extras, upstream TLS and HTTP
 // protocol options.
 func decodeClusterCommon(c *cluster.Cluster, out *Cluster) error {
-	kind, name := "cluster", out.Name
+	kind, name := xds.KindCluster, out.Name
 	out.Thresholds = DefaultThresholds
 	maxRetriesSet := false
 	for i, t := range c.GetCircuitBreakers().GetThresholds() {

@@ -7,18 +7,20 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshlet/meshlet/xds"
 )
 
 // DecodeLoadAssignment decodes and validates an Any holding a
 // ClusterLoadAssignment.
 func DecodeLoadAssignment(a *anypb.Any) (*LoadAssignment, error) {
 	var la endpoint.ClusterLoadAssignment
-	if err := unpack(a, &la, "cluster load assignment"); err != nil {
+	if err := unpack(a, &la, xds.KindLoadAssignment); err != nil {
 		return nil, err
 	}
 	out, err := decodeLoadAssignment(&la)
 	if err != nil {
-		return nil, fieldErr("cluster load assignment", la.GetClusterName(), "", "%v", err)
+		return nil, fieldErr(xds.KindLoadAssignment, la.GetClusterName(), "", "%v", err)
 	}
 	return out, nil
 }

@@ -23,14 +23,14 @@ import (
 // DecodeListener decodes and validates an Any holding a Listener.
 func DecodeListener(a *anypb.Any) (*Listener, error) {
 	var l listener.Listener
-	if err := unpack(a, &l, "listener"); err != nil {
+	if err := unpack(a, &l, xds.KindListener); err != nil {
 		return nil, err
 	}
 	return decodeListener(&l)
 }
 
 func decodeListener(l *listener.Listener) (*Listener, error) {
-	kind, name := "listener", l.GetName()
+	kind, name := xds.KindListener, l.GetName()
 	if name == "" {
 		return nil, fieldErr(kind, name, "name", "required")
 	}
@@ -80,7 +80,7 @@ func decodeListener(l *listener.Listener) (*Listener, error) {
 // decodeListenerFilters reads the listener filters of a TCP listener:
 // tls_inspector and original_dst, each at most once.
 func decodeListenerFilters(l *listener.Listener, out *Listener) error {
-	kind, name := "listener", out.Name
+	kind, name := xds.KindListener, out.Name
 	for i, lf := range l.GetListenerFilters() {
 		field := fmt.Sprintf("listener_filters[%d]", i)
 		if lf.GetFilterDisabled() != nil {
@@ -134,7 +134,7 @@ func unsupportedListenerField(l *listener.Listener) (field, why string) {
 // original_dst): one chain, or a tls and a raw_buffer one behind
 // tls_inspector; a lone default_filter_chain is its one chain.
 func decodeChains(l *listener.Listener, out *Listener) error {
-	kind, name := "listener", out.Name
+	kind, name := xds.KindListener, out.Name
 	chains := l.GetFilterChains()
 	field := "filter_chains"
 	switch {
@@ -177,7 +177,7 @@ func decodeChains(l *listener.Listener, out *Listener) error {
 // transport_protocol), and the default_filter_chain, then builds their
 // selection (Capture).
 func decodeCaptureChains(l *listener.Listener, out *Listener) error {
-	kind, name := "listener", out.Name
+	kind, name := xds.KindListener, out.Name
 	if len(l.GetFilterChains()) == 0 && l.GetDefaultFilterChain() == nil {
 		return fieldErr(kind, name, "filter_chains", "a filter chain or a default_filter_chain is required")
 	}
@@ -231,7 +231,7 @@ func decodeCaptureChains(l *listener.Listener, out *Listener) error {
 // prefix_ranges and destination_port only on a capture listener, where the
 // original destination is what they match (without original_dst Envoy
 // would match the listener's own address).
-func decodeChainMatch(m *listener.FilterChainMatch, c *FilterChain, kind, name, field string, capture bool) error {
+func decodeChainMatch(m *listener.FilterChainMatch, c *FilterChain, kind xds.ResourceKind, name, field string, capture bool) error {
 	field += ".filter_chain_match"
 	switch m.GetTransportProtocol() {
 	case "", "tls", "raw_buffer":
@@ -273,7 +273,7 @@ func decodeChainMatch(m *listener.FilterChainMatch, c *FilterChain, kind, name, 
 	return nil
 }
 
-func decodeFilterChain(fc *listener.FilterChain, kind, name, field string, capture bool) (*FilterChain, error) {
+func decodeFilterChain(fc *listener.FilterChain, kind xds.ResourceKind, name, field string, capture bool) (*FilterChain, error) {
 	c := &FilterChain{Name: fc.GetName()}
 	if m := fc.GetFilterChainMatch(); m != nil {
 		if err := decodeChainMatch(m, c, kind, name, field, capture); err != nil {
@@ -367,7 +367,7 @@ func decodeFilterChain(fc *listener.FilterChain, kind, name, field string, captu
 	return c, nil
 }
 
-func decodeHCM(m *hcm.HttpConnectionManager, kind, name, field string) (*HTTPConnectionManager, error) {
+func decodeHCM(m *hcm.HttpConnectionManager, kind xds.ResourceKind, name, field string) (*HTTPConnectionManager, error) {
 	h := &HTTPConnectionManager{StatPrefix: m.GetStatPrefix(), Via: m.GetVia(), DelayedCloseTimeout: DefaultDelayedCloseTimeout}
 	if d := m.GetDelayedCloseTimeout(); d != nil {
 		if h.DelayedCloseTimeout = d.AsDuration(); !d.IsValid() || h.DelayedCloseTimeout < 0 {

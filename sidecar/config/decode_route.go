@@ -19,14 +19,14 @@ import (
 // RouteConfiguration.
 func DecodeRouteConfig(a *anypb.Any) (*RouteConfig, error) {
 	var rc route.RouteConfiguration
-	if err := unpack(a, &rc, "route configuration"); err != nil {
+	if err := unpack(a, &rc, xds.KindRouteConfiguration); err != nil {
 		return nil, err
 	}
 	return decodeRouteConfig(&rc)
 }
 
 func decodeRouteConfig(rc *route.RouteConfiguration) (*RouteConfig, error) {
-	kind, name := "route configuration", rc.GetName()
+	kind, name := xds.KindRouteConfiguration, rc.GetName()
 	if err := rc.ValidateAll(); err != nil {
 		return nil, fieldErr(kind, name, "", "%v", err)
 	}
@@ -55,7 +55,7 @@ func decodeRouteConfig(rc *route.RouteConfiguration) (*RouteConfig, error) {
 		for j, r := range vh.GetRoutes() {
 			rt, err := decodeRoute(r)
 			if err != nil {
-				return nil, fieldErr(kind, name, fmt.Sprintf("%s.routes[%d]", vf, j), "%v", err)
+				return nil, fieldErrAt(kind, name, fmt.Sprintf("%s.routes[%d]", vf, j), err)
 			}
 			v.Routes = append(v.Routes, rt)
 		}
@@ -85,7 +85,7 @@ func decodeRoute(r *route.Route) (*Route, error) {
 	for i, h := range m.GetHeaders() {
 		hm, err := decodeHeaderMatch(h)
 		if err != nil {
-			return nil, fmt.Errorf("match.headers[%d]: %w", i, err)
+			return nil, &xds.FieldError{Field: fmt.Sprintf("match.headers[%d]", i), Err: err}
 		}
 		out.Headers = append(out.Headers, hm)
 	}
@@ -110,7 +110,7 @@ func decodeRoute(r *route.Route) (*Route, error) {
 	out.MaxStreamDuration = a.GetMaxStreamDuration().GetMaxStreamDuration().AsDuration()
 	for name, d := range map[string]time.Duration{"route.timeout": out.Timeout, "route.idle_timeout": out.IdleTimeout, "route.max_stream_duration": out.MaxStreamDuration} {
 		if d < 0 {
-			return nil, fmt.Errorf("%s: must not be negative", name)
+			return nil, &xds.FieldError{Field: name, Err: errors.New("must not be negative")}
 		}
 	}
 	for i, hp := range a.GetHashPolicy() {
@@ -127,11 +127,11 @@ func decodeRoute(r *route.Route) (*Route, error) {
 	if rp := a.GetRetryPolicy(); rp != nil {
 		p, err := decodeRetryPolicy(rp)
 		if err != nil {
-			return nil, fmt.Errorf("route.retry_policy: %w", err)
+			return nil, &xds.FieldError{Field: "route.retry_policy", Err: err}
 		}
 		var extras xds.RouteExtras
 		if err := xds.DecodeExtras(r.GetMetadata(), &extras); err != nil {
-			return nil, fmt.Errorf("metadata.filter_metadata[%q]: %w", xds.MetadataNamespace, err)
+			return nil, &xds.FieldError{Field: fmt.Sprintf("metadata.filter_metadata[%q]", xds.MetadataNamespace), Err: err}
 		}
 		switch extras.NonIdempotent {
 		case "", "safe":
@@ -189,7 +189,7 @@ func decodeRetryPolicy(rp *route.RetryPolicy) (*RetryPolicy, error) {
 		}
 		c, ok := RetryConditions[xds.RetryOn(tok)]
 		if !ok {
-			return nil, fmt.Errorf("retry_on: unsupported condition %q", tok)
+			return nil, &xds.FieldError{Field: "retry_on", Err: fmt.Errorf("unsupported condition %q", tok)}
 		}
 		p.On |= c
 	}

@@ -15,6 +15,8 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Secret is a decoded envoy.extensions.transport_sockets.tls.v3.Secret:
@@ -83,10 +85,10 @@ func (s *Secret) Infos(now time.Time) []CertInfo {
 // inline data sources are supported. Errors never include key material.
 func DecodeSecret(a *anypb.Any) (*Secret, error) {
 	var sec tlsv3.Secret
-	if err := unpack(a, &sec, "secret"); err != nil {
+	if err := unpack(a, &sec, xds.KindSecret); err != nil {
 		return nil, err
 	}
-	kind, name := "secret", sec.GetName()
+	kind, name := xds.KindSecret, sec.GetName()
 	if name == "" {
 		return nil, fieldErr(kind, name, "name", "required")
 	}

@@ -116,7 +116,7 @@ func decodeTracing(t *hcm.HttpConnectionManager_Tracing) (*Tracing, error) {
 func decodeListenerTracing(l *listener.Listener, out *Listener) error {
 	var extras xds.ListenerExtras
 	if err := xds.DecodeExtras(l.GetMetadata(), &extras); err != nil {
-		return fieldErr("listener", out.Name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"]", "%v", err)
+		return fieldErr(xds.KindListener, out.Name, "metadata.filter_metadata[\""+xds.MetadataNamespace+"\"]", "%v", err)
 	}
 	prop := []string{PropagationTraceContext}
 	if len(extras.TracePropagation) > 0 {
@@ -126,7 +126,7 @@ func decodeListenerTracing(l *listener.Listener, out *Listener) error {
 		switch p {
 		case PropagationTraceContext, PropagationB3, PropagationB3Multi:
 		default:
-			return fieldErr("listener", out.Name, fmt.Sprintf("metadata.filter_metadata[%q].tracePropagation[%d]", xds.MetadataNamespace, i),
+			return fieldErr(xds.KindListener, out.Name, fmt.Sprintf("metadata.filter_metadata[%q].tracePropagation[%d]", xds.MetadataNamespace, i),
 				"unknown format %q (supported: %s, %s, %s)", p, PropagationTraceContext, PropagationB3, PropagationB3Multi)
 		}
 	}

@@ -17,7 +17,7 @@ import (
 // Envoy has for UDP (QUIC, GRO, hash policies, session filters, tunneling,
 // access logs, matcher trees) is NACKed with its field.
 func decodeUDPListener(l *listener.Listener, out *Listener) (*Listener, error) {
-	kind, name := "listener", out.Name
+	kind, name := xds.KindListener, out.Name
 	switch {
 	case len(l.GetFilterChains()) > 0:
 		return nil, fieldErr(kind, name, "filter_chains", "a UDP listener has no filter chains (its %s listener filter proxies the datagrams)", xds.UDPProxyFilter)

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Handler serves the connections of one listener.
@@ -147,7 +148,8 @@ type handlerBox struct{ h Handler }
 
 // Bind binds every address in listeners that is not bound yet. On failure it
 // closes the sockets it bound in this call and returns an error naming the
-// listener and address, so the update can be NACKed with nothing changed.
+// listener (an *xds.ResourceError: kind, name, field "address", reason
+// xds.NACKBindFailed), so the update can be NACKed with nothing changed.
 func (m *Manager) Bind(listeners map[string]*config.Listener) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -172,12 +174,14 @@ func (m *Manager) Bind(listeners map[string]*config.Listener) error {
 			}
 			if m.packetFactory == nil {
 				undo()
-				return fmt.Errorf("listener %q: UDP listeners are not supported here", l.Name)
+				return &xds.ResourceError{Kind: xds.KindListener, Name: l.Name, Field: "address",
+					Err: errors.New("UDP listeners are not supported here")}
 			}
 			pc, err := net.ListenPacket("udp", l.Address)
 			if err != nil {
 				undo()
-				return fmt.Errorf("listener %q: cannot bind UDP %s: %w", l.Name, l.Address, err)
+				return &xds.ResourceError{Kind: xds.KindListener, Name: l.Name, Field: "address", Reason: xds.NACKBindFailed,
+					Err: fmt.Errorf("cannot bind UDP %s: %w", l.Address, err)}
 			}
 			m.packets[l.Address] = pc
 			freshUDP = append(freshUDP, l.Address)
@@ -189,7 +193,8 @@ func (m *Manager) Bind(listeners map[string]*config.Listener) error {
 		sock, err := net.Listen("tcp", l.Address)
 		if err != nil {
 			undo()
-			return fmt.Errorf("listener %q: cannot bind %s: %w", l.Name, l.Address, err)
+			return &xds.ResourceError{Kind: xds.KindListener, Name: l.Name, Field: "address", Reason: xds.NACKBindFailed,
+				Err: fmt.Errorf("cannot bind %s: %w", l.Address, err)}
 		}
 		m.sockets[l.Address] = sock
 		fresh = append(fresh, l.Address)

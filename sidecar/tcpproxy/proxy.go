@@ -203,7 +203,7 @@ func (p *Proxy) serve(down net.Conn, dst netip.AddrPort) {
 			if p.rec != nil {
 				p.rec.IdleTimeout(p.name)
 			}
-			p.log.Debug("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", "idle_timeout", "idle", cfg.IdleTimeout)
+			p.log.Debug("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", xds.ReasonIdleTimeout, "idle", cfg.IdleTimeout)
 		}
 		up.Close()
 		att.End(cluster.OutcomeSuccess)

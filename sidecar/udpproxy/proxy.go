@@ -67,7 +67,7 @@ type Meter interface {
 
 // Session end reasons (Meter.SessionClosed).
 const (
-	ReasonIdleTimeout     = "idle_timeout"
+	ReasonIdleTimeout     = string(xds.ReasonIdleTimeout)
 	ReasonEndpointGone    = "endpoint_gone"
 	ReasonUpstreamRefused = "upstream_refused"
 	ReasonUpstreamError   = "upstream_error"
@@ -81,9 +81,9 @@ const (
 	DropCircuitOpen         = string(xds.ReasonCircuitOpen)
 	DropOverflow            = string(xds.ReasonOverflow)
 	DropConnectFailure      = string(xds.ReasonConnectFailure)
-	DropTooLarge            = "too_large"
-	DropUpstreamSendError   = "upstream_send_error"
-	DropDownstreamSendError = "downstream_send_error"
+	DropTooLarge            = string(xds.ReasonTooLarge)
+	DropUpstreamSendError   = string(xds.ReasonUpstreamSendError)
+	DropDownstreamSendError = string(xds.ReasonDownstreamSendError)
 )
 
 // bufSize is the pooled buffer of one datagram: any UDP payload fits.

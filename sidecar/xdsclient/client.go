@@ -1,6 +1,7 @@
 // Package xdsclient is the sidecar's ADS client (xDS v3, state of the world):
 // it subscribes, hands every response to a Handler that validates and
-// applies it, ACKs or NACKs (with the Handler's error as error_detail),
+// applies it, ACKs or NACKs (with the Handler's error as error_detail, and
+// the resources it names as structured details: xds.NewNACKStatus),
 // follows the dependent subscriptions the Handler asks for (RDS names from
 // listeners, EDS names from clusters), and reconnects with jittered backoff,
 // resuming from the last accepted versions.
@@ -22,7 +23,6 @@ import (
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -36,7 +36,10 @@ type Handler interface {
 	// listeners and clusters that is the complete set; for route
 	// configurations and load assignments, the subscribed ones the server
 	// has. A non-nil error rejects the response (NACK, its text in
-	// error_detail) and must leave the previous config in force.
+	// error_detail) and must leave the previous config in force. The
+	// resources it names by xds.NACKDetailsOf (*xds.ResourceError values
+	// in its tree) go in error_detail's details (xds.NewNACKStatus), so
+	// the control plane needs not read the text.
 	//
 	// On success Update returns the resource names to subscribe to now for
 	// dependent types (xds.RouteType, xds.EndpointType), or nil when they
@@ -342,7 +345,7 @@ func (c *Client) nack(t string, resp *discovery.DiscoveryResponse, err error) ([
 		c.cfg.Logger.Debug("xds: server resent a rejected version; NACKing again after a pause",
 			"type", t, "version", v, "times", rep.n+1, "pause", delay)
 	}
-	req := c.request(t, resp.GetNonce(), &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}, false)
+	req := c.request(t, resp.GetNonce(), xds.NewNACKStatus(err.Error(), xds.NACKDetailsOf(err)...), false)
 	return []*discovery.DiscoveryRequest{req}, delay
 }
 

@@ -1,6 +1,7 @@
 package xdsstate
 
 import (
+	"errors"
 	"fmt"
 
 	"google.golang.org/protobuf/types/known/anypb"
@@ -53,7 +54,8 @@ func decodeAll(typeURL string, resources []*anypb.Any) (map[string]any, map[stri
 			return nil, nil, fmt.Errorf("resources[%d]: %w", i, err)
 		}
 		if _, dup := decoded[name]; dup {
-			return nil, nil, fmt.Errorf("resources[%d]: duplicate resource name %q", i, name)
+			return nil, nil, fmt.Errorf("resources[%d]: %w", i, &xds.ResourceError{Kind: xds.KindOf(typeURL), Name: name,
+				Reason: xds.NACKDuplicateName, Err: errors.New("duplicate resource name")})
 		}
 		decoded[name] = v
 		raw[name] = a
@@ -75,10 +77,26 @@ func decodeAll(typeURL string, resources []*anypb.Any) (map[string]any, map[stri
 				if k.udp {
 					proto = "udp"
 				}
-				return nil, nil, fmt.Errorf("listeners %q and %q both listen on %s/%s", a, b, l.Address, proto)
+				return nil, nil, &addressConflict{a: a, b: b, addr: l.Address, proto: proto}
 			}
 			byAddr[k] = name
 		}
 	}
 	return decoded, raw, nil
+}
+
+// addressConflict rejects two listeners of one protocol on one address; the
+// NACK blames both.
+type addressConflict struct{ a, b, addr, proto string }
+
+func (e *addressConflict) Error() string {
+	return fmt.Sprintf("listeners %q and %q both listen on %s/%s", e.a, e.b, e.addr, e.proto)
+}
+
+// NACKDetails names both listeners (see xds.NACKDetailsOf).
+func (e *addressConflict) NACKDetails() []xds.NACKDetail {
+	d := xds.NACKDetail{TypeURL: xds.ListenerType, Field: "address", Reason: xds.NACKAddressConflict}
+	a, b := d, d
+	a.Name, b.Name = e.a, e.b
+	return []xds.NACKDetail{a, b}
 }

@@ -157,16 +157,25 @@ func TestRejectedUpdateKeepsLastGood(t *testing.T) {
 		res     []*anypb.Any
 		bindErr error
 		detail  string
+		details []xds.NACKDetail // want xds.NACKDetailsOf(err)
 	}{
 		{name: "listener on a host name", typeURL: xds.ListenerType,
-			res:    anys(t, xds.NewHTTPListener("upstream:web", "localhost", 9000, xds.HTTPListenerOptions{RouteConfigName: "web"})),
-			detail: `is not an IP address`},
+			res:     anys(t, xds.NewHTTPListener("upstream:web", "localhost", 9000, xds.HTTPListenerOptions{RouteConfigName: "web"})),
+			detail:  `is not an IP address`,
+			details: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:web", Field: "address", Reason: xds.NACKInvalidResource}}},
 		{name: "bind fails", typeURL: xds.ListenerType, bindErr: errors.New("cannot bind"),
 			res:    anys(t, xds.NewHTTPListener("upstream:web", "127.0.0.1", 9001, xds.HTTPListenerOptions{RouteConfigName: "web"})),
 			detail: `cannot bind`},
 		{name: "duplicate cluster", typeURL: xds.ClusterType,
-			res:    anys(t, xds.NewEDSCluster("web", xds.ClusterOptions{}), xds.NewEDSCluster("web", xds.ClusterOptions{})),
-			detail: `duplicate resource name "web"`},
+			res:     anys(t, xds.NewEDSCluster("web", xds.ClusterOptions{}), xds.NewEDSCluster("web", xds.ClusterOptions{})),
+			detail:  `cluster "web": duplicate resource name`,
+			details: []xds.NACKDetail{{TypeURL: xds.ClusterType, Name: "web", Reason: xds.NACKDuplicateName}}},
+		{name: "two listeners on one address", typeURL: xds.ListenerType,
+			res: anys(t, xds.NewHTTPListener("upstream:b", "127.0.0.1", 9002, xds.HTTPListenerOptions{RouteConfigName: "web"}),
+				xds.NewHTTPListener("upstream:a", "127.0.0.1", 9002, xds.HTTPListenerOptions{RouteConfigName: "web"})),
+			detail: `listeners "upstream:a" and "upstream:b" both listen on 127.0.0.1:9002/tcp`,
+			details: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:a", Field: "address", Reason: xds.NACKAddressConflict},
+				{TypeURL: xds.ListenerType, Name: "upstream:b", Field: "address", Reason: xds.NACKAddressConflict}}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -176,6 +185,9 @@ func TestRejectedUpdateKeepsLastGood(t *testing.T) {
 			_, err := s.Update(tc.typeURL, "v2", tc.res)
 			if err == nil || !strings.Contains(err.Error(), tc.detail) {
 				t.Fatalf("Update error = %v, want one containing %q", err, tc.detail)
+			}
+			if got := xds.NACKDetailsOf(err); tc.details != nil && !slices.Equal(got, tc.details) {
+				t.Errorf("NACKDetailsOf(%v) = %+v, want %+v", err, got, tc.details)
 			}
 			if s.Accepted() != good {
 				t.Error("the accepted snapshot changed after a rejected update")
