@@ -30,6 +30,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/server/nackguard"
 	"github.com/meshlet/meshlet/controlplane/translate"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -68,7 +69,7 @@ type Server struct {
 	linear        map[string]*linearType
 	versionPrefix string
 	grpc          *grpc.Server
-	guard         *xds.NACKGuard
+	guard         *nackguard.Guard
 	metrics       *metrics
 
 	changed chan struct{} // capacity 1: a rebuild is due
@@ -161,7 +162,7 @@ func New(cfg Config) *Server {
 	// Proxyless clients' NACKs are always parked: a LinearCache answers a
 	// request carrying one of its versions only with what changed since
 	// the response on the stream.
-	s.guard = xds.NewNACKGuard(s.cache, nodeHash{}, xds.WithPerResourceVersions(xds.IsProxylessGRPC))
+	s.guard = nackguard.New(s.cache, nodeHash{}, nackguard.WithPerResourceVersions(xds.IsProxylessGRPC))
 	opts := append([]grpc.ServerOption{
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1 << 16),

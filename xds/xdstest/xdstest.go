@@ -2,7 +2,8 @@
 // loopback port for tests: snapshots are set by hand, so tests can serve
 // exactly the resources they need, including deliberately invalid ones, and
 // inspect every request the client sent (ACKs, NACKs and their details).
-// Like meshlet's control plane it parks NACKed watches (xds.NACKGuard).
+// Like meshlet's control plane it parks NACKed watches
+// (controlplane/server/nackguard).
 package xdstest
 
 import (
@@ -21,7 +22,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/meshlet/meshlet/xds"
+	"github.com/meshlet/meshlet/controlplane/server/nackguard"
 )
 
 // Server is a running management server.
@@ -101,7 +102,7 @@ func startOnCache(lis net.Listener, c cache.SnapshotCache, guarded bool) *Server
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{Addr: lis.Addr().String(), Cache: c, lis: lis, stop: cancel, done: make(chan struct{})}
 	s.grpc = grpc.NewServer()
-	guard := xds.NewNACKGuard(c, cache.IDHash{})
+	guard := nackguard.New(c, cache.IDHash{})
 	srv := xdsserver.NewServer(ctx, c, xdsserver.CallbackFuncs{
 		StreamRequestFunc: func(id int64, req *discovery.DiscoveryRequest) error {
 			s.mu.Lock()

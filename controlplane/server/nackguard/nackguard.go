@@ -1,4 +1,8 @@
-package xds
+// Package nackguard parks the watch of a NACKed xDS response, so that
+// go-control-plane's caches answer a rejection only once the resources
+// change. It serves meshlet's control plane (controlplane/server) and the
+// management server of tests (xds/xdstest).
+package nackguard
 
 import (
 	"sync"
@@ -8,7 +12,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 )
 
-// NACKGuard stops the resend loop go-control-plane's snapshot cache falls
+// Guard stops the resend loop go-control-plane's snapshot cache falls
 // into when a client rejects a response (go-control-plane issue #962): a
 // NACK carries the last *accepted* version, which differs from the
 // snapshot's, so the cache answers at once with the same rejected resources.
@@ -19,7 +23,7 @@ import (
 // (WithPerResourceVersions) are parked on every NACK of the last response.
 // Call its methods from the server callbacks of the same names; they are
 // safe for concurrent use.
-type NACKGuard struct {
+type Guard struct {
 	cache cache.SnapshotCache
 	hash  cache.NodeHash
 	// perResource reports the nodes of WithPerResourceVersions (nil: none).
@@ -31,8 +35,8 @@ type NACKGuard struct {
 
 type sentResponse struct{ nonce, version string }
 
-// NACKGuardOption configures a NACKGuard.
-type NACKGuardOption func(*NACKGuard)
+// Option configures a Guard.
+type Option func(*Guard)
 
 // WithPerResourceVersions names the nodes (match returns true) that are
 // served not from the guard's snapshot cache but from caches that track
@@ -46,13 +50,13 @@ type NACKGuardOption func(*NACKGuard)
 // is parked: its version_info is rewritten to the rejected version, and the
 // cache answers when a resource the client names changes. Default: no
 // node.
-func WithPerResourceVersions(match func(*core.Node) bool) NACKGuardOption {
-	return func(g *NACKGuard) { g.perResource = match }
+func WithPerResourceVersions(match func(*core.Node) bool) Option {
+	return func(g *Guard) { g.perResource = match }
 }
 
-// NewNACKGuard returns a guard for the snapshots in c, keyed by hash.
-func NewNACKGuard(c cache.SnapshotCache, hash cache.NodeHash, opts ...NACKGuardOption) *NACKGuard {
-	g := &NACKGuard{cache: c, hash: hash, sent: map[int64]map[string]sentResponse{}}
+// New returns a guard for the snapshots in c, keyed by hash.
+func New(c cache.SnapshotCache, hash cache.NodeHash, opts ...Option) *Guard {
+	g := &Guard{cache: c, hash: hash, sent: map[int64]map[string]sentResponse{}}
 	for _, o := range opts {
 		o(g)
 	}
@@ -64,7 +68,7 @@ func NewNACKGuard(c cache.SnapshotCache, hash cache.NodeHash, opts ...NACKGuardO
 // parked=true when req was rewritten to wait for a change: when that
 // version is still the snapshot's, or always for the nodes of
 // WithPerResourceVersions.
-func (g *NACKGuard) OnStreamRequest(streamID int64, req *discovery.DiscoveryRequest) (rejected string, parked bool) {
+func (g *Guard) OnStreamRequest(streamID int64, req *discovery.DiscoveryRequest) (rejected string, parked bool) {
 	if req.GetErrorDetail() == nil {
 		return "", false
 	}
@@ -81,7 +85,7 @@ func (g *NACKGuard) OnStreamRequest(streamID int64, req *discovery.DiscoveryRequ
 	return last.version, false
 }
 
-func (g *NACKGuard) currentVersion(node *core.Node, typeURL string) string {
+func (g *Guard) currentVersion(node *core.Node, typeURL string) string {
 	snap, err := g.cache.GetSnapshot(g.hash.ID(node))
 	if err != nil {
 		return ""
@@ -90,7 +94,7 @@ func (g *NACKGuard) currentVersion(node *core.Node, typeURL string) string {
 }
 
 // OnStreamResponse records the nonce and version of each response sent.
-func (g *NACKGuard) OnStreamResponse(streamID int64, resp *discovery.DiscoveryResponse) {
+func (g *Guard) OnStreamResponse(streamID int64, resp *discovery.DiscoveryResponse) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	m := g.sent[streamID]
@@ -102,7 +106,7 @@ func (g *NACKGuard) OnStreamResponse(streamID int64, resp *discovery.DiscoveryRe
 }
 
 // OnStreamClosed forgets the stream.
-func (g *NACKGuard) OnStreamClosed(streamID int64) {
+func (g *Guard) OnStreamClosed(streamID int64) {
 	g.mu.Lock()
 	delete(g.sent, streamID)
 	g.mu.Unlock()
