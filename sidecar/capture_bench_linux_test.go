@@ -17,6 +17,7 @@ import (
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/netnstest"
 	"github.com/meshlet/meshlet/sidecar/intercept"
 	"github.com/meshlet/meshlet/xds"
@@ -82,23 +83,23 @@ func BenchmarkInterception(b *testing.B) {
 
 	api := startNSHTTP(b, ns, "127.0.0.1:0")
 	apiHost, apiPort := hostPort(b, api.addr)
-	explicit := xds.NewHTTPListener(benchChain, "127.0.0.1", benchExplicitPort, xds.HTTPListenerOptions{RouteConfigName: "api"})
+	explicit := xdsbuild.NewHTTPListener(benchChain, "127.0.0.1", benchExplicitPort, xdsbuild.HTTPListenerOptions{RouteConfigName: "api"})
 	hcm := explicit.FilterChains[0].Filters // the capture chain's too
-	capture := xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", xds.OutboundCapturePort, xds.CaptureOptions{
+	capture := xdsbuild.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", xds.OutboundCapturePort, xdsbuild.CaptureOptions{
 		Passthrough: true, // as a pod's default (allow any)
-		Chains: []xds.CaptureChain{
+		Chains: []xdsbuild.CaptureChain{
 			{Name: benchChain, Port: 80, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.0.12/32")}, Filters: hcm},
 			// Another service, so selecting is not trivial.
 			{Name: "upstream:other", Port: 80, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.0.13/32")},
-				Filters: xds.NewHTTPListener("upstream:other", "127.0.0.1", 1, xds.HTTPListenerOptions{RouteConfigName: "api"}).FilterChains[0].Filters},
-			{Name: "upstream:redis", Port: 6379, Filters: xds.NewTCPProxyListener("upstream:redis", "127.0.0.1", 1, "api", xds.TCPProxyOptions{}).FilterChains[0].Filters},
+				Filters: xdsbuild.NewHTTPListener("upstream:other", "127.0.0.1", 1, xdsbuild.HTTPListenerOptions{RouteConfigName: "api"}).FilterChains[0].Filters},
+			{Name: "upstream:redis", Port: 6379, Filters: xdsbuild.NewTCPProxyListener("upstream:redis", "127.0.0.1", 1, "api", xdsbuild.TCPProxyOptions{}).FilterChains[0].Filters},
 		},
 	})
 	res := xdstest.Resources{
 		Listeners: []types.Resource{explicit, capture},
-		Routes:    []types.Resource{xds.NewRouteConfig("api", "api", xds.RouteOptions{})},
-		Clusters: []types.Resource{xds.NewStaticCluster("api", apiHost, apiPort, xds.ClusterOptions{Protocol: xds.ProtocolHTTP}),
-			xds.NewPassthroughCluster()},
+		Routes:    []types.Resource{xdsbuild.NewRouteConfig("api", "api", xdsbuild.RouteOptions{})},
+		Clusters: []types.Resource{xdsbuild.NewStaticCluster("api", apiHost, apiPort, xdsbuild.ClusterOptions{Protocol: xds.ProtocolHTTP}),
+			xdsbuild.NewPassthroughCluster()},
 	}
 	_, sc := startCaptureSidecar(b, ns, "interception-bench", res)
 

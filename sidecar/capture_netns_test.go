@@ -25,6 +25,7 @@ import (
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/netnstest"
 	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/xds"
@@ -113,7 +114,7 @@ func TestCaptureInNetns(t *testing.T) {
 	const nodeID = "capture-test"
 	res := func(passthrough bool) xdstest.Resources {
 		r := captureNetnsResources(t, api.addr, redis.addr(), app.addr(), cacheLeaf.SPIFFEID, passthrough)
-		r.Secrets = []types.Resource{xds.NewCertSecret(dbLeaf.CertPEM, dbLeaf.KeyPEM), xds.NewRootsSecret([]string{ca.CertPEM})}
+		r.Secrets = []types.Resource{xdsbuild.NewCertSecret(dbLeaf.CertPEM, dbLeaf.KeyPEM), xdsbuild.NewRootsSecret([]string{ca.CertPEM})}
 		return r
 	}
 	srv, sc := startCaptureSidecar(t, ns, nodeID, res(true))
@@ -318,32 +319,32 @@ func TestCaptureInNetns(t *testing.T) {
 // original-destination (plaintext) and passthrough~cache (mTLS).
 func captureNetnsResources(t testing.TB, api, redis, app, cacheID string, passthrough bool) xdstest.Resources {
 	t.Helper()
-	direct := xds.NewTCPProxyListener(xds.DirectChain("cache"), "127.0.0.1", 1, xds.DirectCluster("cache"), xds.TCPProxyOptions{}).FilterChains[0].Filters
-	chains := []xds.CaptureChain{
+	direct := xdsbuild.NewTCPProxyListener(xds.DirectChain("cache"), "127.0.0.1", 1, xds.DirectCluster("cache"), xdsbuild.TCPProxyOptions{}).FilterChains[0].Filters
+	chains := []xdsbuild.CaptureChain{
 		{Name: xds.DirectChain("cache"), Port: 7000, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.2.7/32"), netip.MustParsePrefix("10.96.2.8/32")}, Filters: direct},
 		{Name: "upstream:api", Port: 80, Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.0.12/32"), netip.MustParsePrefix("fd00:96::12/128")},
-			Filters: xds.NewHTTPListener("upstream:api", "127.0.0.1", 1, xds.HTTPListenerOptions{RouteConfigName: "api", Via: "meshlet-capture"}).FilterChains[0].Filters},
-		{Name: "upstream:redis", Port: 6379, Filters: xds.NewTCPProxyListener("upstream:redis", "127.0.0.1", 1, "redis", xds.TCPProxyOptions{}).FilterChains[0].Filters},
+			Filters: xdsbuild.NewHTTPListener("upstream:api", "127.0.0.1", 1, xdsbuild.HTTPListenerOptions{RouteConfigName: "api", Via: "meshlet-capture"}).FilterChains[0].Filters},
+		{Name: "upstream:redis", Port: 6379, Filters: xdsbuild.NewTCPProxyListener("upstream:redis", "127.0.0.1", 1, "redis", xdsbuild.TCPProxyOptions{}).FilterChains[0].Filters},
 	}
-	out := xds.CaptureOptions{Chains: chains, Passthrough: passthrough}
-	pub := xds.NewInboundListener(xds.PublicListener, "0.0.0.0", 1, xds.InboundOptions{TLS: xds.DownstreamTLS("", nil)})
-	in := xds.CaptureOptions{Passthrough: true, Chains: []xds.CaptureChain{
+	out := xdsbuild.CaptureOptions{Chains: chains, Passthrough: passthrough}
+	pub := xdsbuild.NewInboundListener(xds.PublicListener, "0.0.0.0", 1, xdsbuild.InboundOptions{TLS: xdsbuild.DownstreamTLS("", nil)})
+	in := xdsbuild.CaptureOptions{Passthrough: true, Chains: []xdsbuild.CaptureChain{
 		{Name: "inbound:app", Port: 9080, Filters: pub.FilterChains[0].Filters, TransportSocket: pub.FilterChains[0].TransportSocket},
 	}}
 	static := func(name, addr string, p xds.Protocol) types.Resource {
 		h, port := hostPort(t, addr)
-		return xds.NewStaticCluster(name, h, port, xds.ClusterOptions{Protocol: p})
+		return xdsbuild.NewStaticCluster(name, h, port, xdsbuild.ClusterOptions{Protocol: p})
 	}
 	return xdstest.Resources{
 		Listeners: []types.Resource{
-			xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", xds.OutboundCapturePort, out),
-			xds.NewCaptureListener(xds.OutboundCaptureListener+"_v6", "::1", xds.OutboundCapturePort, out),
-			xds.NewCaptureListener(xds.InboundCaptureListener, "0.0.0.0", xds.InboundCapturePort, in),
+			xdsbuild.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", xds.OutboundCapturePort, out),
+			xdsbuild.NewCaptureListener(xds.OutboundCaptureListener+"_v6", "::1", xds.OutboundCapturePort, out),
+			xdsbuild.NewCaptureListener(xds.InboundCaptureListener, "0.0.0.0", xds.InboundCapturePort, in),
 		},
-		Routes: []types.Resource{xds.NewRouteConfig("api", "api", xds.RouteOptions{})},
+		Routes: []types.Resource{xdsbuild.NewRouteConfig("api", "api", xdsbuild.RouteOptions{})},
 		Clusters: []types.Resource{static("api", api, xds.ProtocolHTTP), static("redis", redis, xds.ProtocolTCP),
-			static(xds.LocalAppCluster, app, xds.ProtocolTCP), xds.NewPassthroughCluster(),
-			xds.NewDirectCluster(xds.DirectCluster("cache"), xds.ClusterOptions{TLS: xds.UpstreamTLS("", "cache.default.dc1.internal.test.consul", cacheID, nil)})},
+			static(xds.LocalAppCluster, app, xds.ProtocolTCP), xdsbuild.NewPassthroughCluster(),
+			xdsbuild.NewDirectCluster(xds.DirectCluster("cache"), xdsbuild.ClusterOptions{TLS: xdsbuild.UpstreamTLS("", "cache.default.dc1.internal.test.consul", cacheID, nil)})},
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -25,14 +26,14 @@ import (
 func captureResources(t *testing.T, port int, upstream string, passthrough bool) xdstest.Resources {
 	t.Helper()
 	host, p := hostPort(t, upstream)
-	filters := xds.NewHTTPListener("upstream:web", "127.0.0.1", port, xds.HTTPListenerOptions{RouteConfigName: "web", Via: node}).FilterChains[0].Filters
+	filters := xdsbuild.NewHTTPListener("upstream:web", "127.0.0.1", port, xdsbuild.HTTPListenerOptions{RouteConfigName: "web", Via: node}).FilterChains[0].Filters
 	return xdstest.Resources{
-		Listeners: []types.Resource{xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", port, xds.CaptureOptions{
-			Chains:      []xds.CaptureChain{{Name: "upstream:web", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.0.12/32")}, Port: 80, Filters: filters}},
+		Listeners: []types.Resource{xdsbuild.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", port, xdsbuild.CaptureOptions{
+			Chains:      []xdsbuild.CaptureChain{{Name: "upstream:web", Prefixes: []netip.Prefix{netip.MustParsePrefix("10.96.0.12/32")}, Port: 80, Filters: filters}},
 			Passthrough: passthrough,
 		})},
-		Routes:   []types.Resource{xds.NewRouteConfig("web", "web", xds.RouteOptions{})},
-		Clusters: []types.Resource{xds.NewStaticCluster("web", host, p, xds.ClusterOptions{Protocol: xds.ProtocolHTTP}), xds.NewPassthroughCluster()},
+		Routes:   []types.Resource{xdsbuild.NewRouteConfig("web", "web", xdsbuild.RouteOptions{})},
+		Clusters: []types.Resource{xdsbuild.NewStaticCluster("web", host, p, xdsbuild.ClusterOptions{Protocol: xds.ProtocolHTTP}), xdsbuild.NewPassthroughCluster()},
 	}
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"go.uber.org/goleak"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -63,17 +64,17 @@ func upstream(t *testing.T, name string) *httptest.Server {
 // httpResources serves one HTTP listener on port → RDS "web" → EDS cluster
 // "web" with the given endpoints.
 func httpResources(port int, endpoints ...string) xdstest.Resources {
-	var eps []xds.Endpoint
+	var eps []xdsbuild.Endpoint
 	for _, e := range endpoints {
 		h, p, _ := net.SplitHostPort(e)
 		n, _ := strconv.Atoi(p)
-		eps = append(eps, xds.Endpoint{Host: h, Port: n})
+		eps = append(eps, xdsbuild.Endpoint{Host: h, Port: n})
 	}
 	return xdstest.Resources{
-		Listeners: []types.Resource{xds.NewHTTPListener("upstream:web", "127.0.0.1", port, xds.HTTPListenerOptions{RouteConfigName: "web", Via: node})},
-		Routes:    []types.Resource{xds.NewRouteConfig("web", "web", xds.RouteOptions{})},
-		Clusters:  []types.Resource{xds.NewEDSCluster("web", xds.ClusterOptions{Protocol: xds.ProtocolHTTP})},
-		Endpoints: []types.Resource{xds.NewLoadAssignment("web", eps)},
+		Listeners: []types.Resource{xdsbuild.NewHTTPListener("upstream:web", "127.0.0.1", port, xdsbuild.HTTPListenerOptions{RouteConfigName: "web", Via: node})},
+		Routes:    []types.Resource{xdsbuild.NewRouteConfig("web", "web", xdsbuild.RouteOptions{})},
+		Clusters:  []types.Resource{xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{Protocol: xds.ProtocolHTTP})},
+		Endpoints: []types.Resource{xdsbuild.NewLoadAssignment("web", eps)},
 	}
 }
 
@@ -147,7 +148,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 		{
 			name: "unsupported cluster discovery type", version: "v2", typeURL: xds.ClusterType,
 			mutate: func(r *xdstest.Resources) {
-				c := xds.NewEDSCluster("web", xds.ClusterOptions{})
+				c := xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{})
 				c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_STRICT_DNS}
 				r.Clusters = []types.Resource{c}
 			},
@@ -157,7 +158,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 		{
 			name: "listener address is not an IP", version: "v3", typeURL: xds.ListenerType,
 			mutate: func(r *xdstest.Resources) {
-				r.Listeners = []types.Resource{xds.NewHTTPListener("upstream:web", "localhost", port, xds.HTTPListenerOptions{RouteConfigName: "web"})}
+				r.Listeners = []types.Resource{xdsbuild.NewHTTPListener("upstream:web", "localhost", port, xdsbuild.HTTPListenerOptions{RouteConfigName: "web"})}
 			},
 			detail: `listener "upstream:web": address: listener address "localhost" is not an IP address`,
 			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:web", Field: "address", Reason: xds.NACKInvalidResource}},
@@ -171,7 +172,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 				}
 				t.Cleanup(func() { busy.Close() })
 				_, bp := hostPort(t, busy.Addr().String())
-				r.Listeners = append(r.Listeners, xds.NewTCPListener("upstream:busy", "127.0.0.1", bp, "web"))
+				r.Listeners = append(r.Listeners, xdsbuild.NewTCPListener("upstream:busy", "127.0.0.1", bp, "web"))
 			},
 			detail: `listener "upstream:busy": address: cannot bind 127.0.0.1:`,
 			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:busy", Field: "address", Reason: xds.NACKBindFailed}},
@@ -179,7 +180,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 		{
 			name: "two listeners on one address", version: "v5", typeURL: xds.ListenerType,
 			mutate: func(r *xdstest.Resources) {
-				r.Listeners = append(r.Listeners, xds.NewTCPListener("upstream:other", "127.0.0.1", port, "web"))
+				r.Listeners = append(r.Listeners, xdsbuild.NewTCPListener("upstream:other", "127.0.0.1", port, "web"))
 			},
 			detail: `both listen on 127.0.0.1:`,
 			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:other", Field: "address", Reason: xds.NACKAddressConflict},
@@ -188,8 +189,8 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 		{
 			name: "two UDP listeners on one address", version: "v6", typeURL: xds.ListenerType,
 			mutate: func(r *xdstest.Resources) {
-				r.Listeners = append(r.Listeners, xds.NewUDPListener("upstream:dns1", "127.0.0.1", port+1, "web", xds.UDPProxyOptions{}),
-					xds.NewUDPListener("upstream:dns2", "127.0.0.1", port+1, "web", xds.UDPProxyOptions{}))
+				r.Listeners = append(r.Listeners, xdsbuild.NewUDPListener("upstream:dns1", "127.0.0.1", port+1, "web", xdsbuild.UDPProxyOptions{}),
+					xdsbuild.NewUDPListener("upstream:dns2", "127.0.0.1", port+1, "web", xdsbuild.UDPProxyOptions{}))
 			},
 			detail: `listeners "upstream:dns1" and "upstream:dns2" both listen on 127.0.0.1:` + strconv.Itoa(port+1) + `/udp`,
 			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:dns1", Field: "address", Reason: xds.NACKAddressConflict},
@@ -295,9 +296,9 @@ func TestEndpointChangeKeepsLiveConnections(t *testing.T) {
 	resources := func(ep net.Listener) xdstest.Resources {
 		h, p := hostPort(t, ep.Addr().String())
 		return xdstest.Resources{
-			Listeners: []types.Resource{xds.NewTCPListener("upstream:store", "127.0.0.1", port, "store")},
-			Clusters:  []types.Resource{xds.NewEDSCluster("store", xds.ClusterOptions{})},
-			Endpoints: []types.Resource{xds.NewLoadAssignment("store", []xds.Endpoint{{Host: h, Port: p}})},
+			Listeners: []types.Resource{xdsbuild.NewTCPListener("upstream:store", "127.0.0.1", port, "store")},
+			Clusters:  []types.Resource{xdsbuild.NewEDSCluster("store", xdsbuild.ClusterOptions{})},
+			Endpoints: []types.Resource{xdsbuild.NewLoadAssignment("store", []xdsbuild.Endpoint{{Host: h, Port: p}})},
 		}
 	}
 	srv.Set(t, node, "v1", resources(a))

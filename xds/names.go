@@ -1,10 +1,14 @@
-// Package xds holds what meshlet's control plane and sidecar share about the
-// xDS protocol: the resource type URLs they exchange, the names given to the
-// resources of one proxy, the node metadata that tells proxy kinds apart,
-// and the contract words both sides spell only through typed constants:
-// retry conditions (RetryOn), failure reasons (FailureReason), and the
-// kinds and structured details of a NACK (ResourceKind, NACKDetail).
-// TestContractWordsOnlyInXDS keeps other packages from spelling them.
+// Package xds is the contract meshlet's control plane and sidecar both
+// import, trimmed to what both must agree on: the resource type URLs they
+// exchange, the names given to the resources of one proxy and their parse
+// functions, the node metadata that tells proxy kinds apart, the extension
+// names, the meshlet-only extras carried in filter_metadata["meshlet"], the
+// pod annotations, the defaults the sidecar applies to unset fields, and the
+// contract words both sides spell only through typed constants: retry
+// conditions (RetryOn), failure reasons (FailureReason), and the kinds and
+// structured details of a NACK (ResourceKind, NACKDetail).
+// TestContractWordsOnlyInXDS keeps other packages from spelling them. The
+// control plane builds the Envoy resources themselves (controlplane/xdsbuild).
 //
 // Names follow the shapes Consul Connect gives Envoy, so a config dump reads
 // the way Consul users expect: "public_listener" and "local_app" for the
@@ -43,6 +47,19 @@ const (
 	// upstreamListenerPrefix prefixes outbound listener names.
 	upstreamListenerPrefix = "upstream:"
 )
+
+// Names of SDS secrets in a sidecar's snapshot (Istio's names).
+const (
+	// SecretCert is the workload's certificate chain and private key.
+	SecretCert = "default"
+	// SecretRoots is the trust bundle: every CA root.
+	SecretRoots = "ROOTCA"
+)
+
+// OTLPCollectorCluster names the static cluster an OTLP/HTTP http_service
+// points at (Envoy's HttpUri needs a cluster; the meshlet sidecar posts to
+// the URI itself).
+const OTLPCollectorCluster = "otlp_collector"
 
 // UpstreamListener returns the name of the outbound listener that a proxy
 // opens on an upstream's local bind port: "upstream:<service>".

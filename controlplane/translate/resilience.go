@@ -8,6 +8,7 @@ import (
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -55,14 +56,14 @@ func outboundRoutes(pol *policy.Set, service, clusterName string, n note) []*rou
 		if !ok {
 			tp = timeouts[""]
 		}
-		s := xds.RouteSpec{Name: name, Cluster: clusterName, Method: method, Retry: retrySpec(rp), HashHeader: hash}
+		s := xdsbuild.RouteSpec{Name: name, Cluster: clusterName, Method: method, Retry: retrySpec(rp), HashHeader: hash}
 		if m != nil {
 			s.Path, s.PathPrefix = m.Path, m.PathPrefix
 		}
 		if tp != nil {
 			s.Timeout, s.IdleTimeout, s.MaxStreamDuration = tp.Request.D(), tp.Idle.D(), tp.MaxStreamDuration.D()
 		}
-		return xds.NewRoute(s)
+		return xdsbuild.NewRoute(s)
 	}
 	var out []*route.Route
 	for _, k := range keys {
@@ -102,8 +103,8 @@ func compareSpecificity(a, b *policy.Match) int {
 
 // retrySpec returns the retry policy of a route: p's, with defaults for
 // what it leaves out, or the built-in policy when p is nil.
-func retrySpec(p *policy.RetryPolicy) *xds.RetrySpec {
-	s := &xds.RetrySpec{
+func retrySpec(p *policy.RetryPolicy) *xdsbuild.RetrySpec {
+	s := &xdsbuild.RetrySpec{
 		RetryOn:         policy.BuiltinRetryOn,
 		NumRetries:      policy.DefaultNumRetries,
 		BackoffBase:     policy.DefaultBackoffBase,
@@ -186,7 +187,7 @@ func tcpIdleTimeout(pol *policy.Set, service string, n note) time.Duration {
 
 // clusterOptions applies the service-wide policies of service to o, noting
 // on n each document that sets a field.
-func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions, n note) xds.ClusterOptions {
+func clusterOptions(pol *policy.Set, service string, o xdsbuild.ClusterOptions, n note) xdsbuild.ClusterOptions {
 	budget := &xds.RetryBudget{Ratio: policy.DefaultBudgetRatio, MinRetriesPerSecond: policy.DefaultBudgetMinPerSecond, TTL: xds.Duration(policy.DefaultBudgetTTL)}
 	for _, r := range pol.RetriesFor(service) {
 		if b := r.Budget; r.Match == nil && b != nil {
@@ -211,7 +212,7 @@ func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions, n not
 	}
 	if cb := pol.CircuitBreaker(service); cb != nil {
 		n.add(docSource(policy.KindCircuitBreakerPolicy, cb.Name, cb.Source))
-		o.Thresholds = &xds.Thresholds{
+		o.Thresholds = &xdsbuild.Thresholds{
 			MaxConnections:     or(cb.MaxConnections, policy.DefaultMaxConnections),
 			MaxPendingRequests: or(cb.MaxPendingRequests, policy.DefaultMaxPendingRequests),
 			MaxRequests:        or(cb.MaxRequests, policy.DefaultMaxRequests),
@@ -235,7 +236,7 @@ func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions, n not
 	}
 	if od := pol.OutlierDetection(service); od != nil {
 		n.add(docSource(policy.KindOutlierDetectionPolicy, od.Name, od.Source))
-		o.Outlier = &xds.OutlierSpec{
+		o.Outlier = &xdsbuild.OutlierSpec{
 			Consecutive5xx:                 or(od.Consecutive5xx, policy.DefaultConsecutive5xx),
 			ConsecutiveGatewayErrors:       or(od.ConsecutiveGatewayErrors, 0),
 			ConsecutiveLocalOriginFailures: or(od.ConsecutiveLocalOriginFailures, policy.DefaultConsecutiveLocalOriginFailures),
@@ -249,9 +250,9 @@ func clusterOptions(pol *policy.Set, service string, o xds.ClusterOptions, n not
 		n.add(docSource(policy.KindLoadBalancerPolicy, lb.Name, lb.Source))
 		switch lb.Algorithm {
 		case policy.AlgorithmLeastRequest:
-			o.LB = xds.LBLeastRequest
+			o.LB = xdsbuild.LBLeastRequest
 		case policy.AlgorithmRingHash:
-			o.LB = xds.LBRingHash
+			o.LB = xdsbuild.LBRingHash
 		}
 	}
 	return o

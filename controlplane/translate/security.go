@@ -14,6 +14,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -38,12 +39,12 @@ func upstreamID(cat *model.Catalog, service, dc string, n note) string {
 		return l.SPIFFEID
 	}
 	n.add(caSource("trust domain"))
-	return SPIFFEID(cat.CA.TrustDomain, cmpOr(dc, xds.DefaultRegion), service)
+	return SPIFFEID(cat.CA.TrustDomain, cmpOr(dc, xdsbuild.DefaultRegion), service)
 }
 
 // upstreamSNI is Consul's SNI for a service: <service>.default.<dc>.internal.<trust-domain>.
 func upstreamSNI(cat *model.Catalog, service, dc string) string {
-	return service + ".default." + cmpOr(dc, xds.DefaultRegion) + ".internal." + cat.CA.TrustDomain
+	return service + ".default." + cmpOr(dc, xdsbuild.DefaultRegion) + ".internal." + cat.CA.TrustDomain
 }
 
 func cmpOr(s, def string) string {
@@ -79,7 +80,7 @@ func secrets(cat *model.Catalog, service string) (cert, roots *tlsv3.Secret, err
 	for i, r := range cat.CA.Roots {
 		pems[i] = r.CertPEM
 	}
-	return xds.NewCertSecret(leaf.CertPEM, leaf.KeyPEM), xds.NewRootsSecret(pems), nil
+	return xdsbuild.NewCertSecret(leaf.CertPEM, leaf.KeyPEM), xdsbuild.NewRootsSecret(pems), nil
 }
 
 // authzSource is a source of an authorization rule and where it comes

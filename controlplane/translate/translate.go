@@ -16,6 +16,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -89,9 +90,9 @@ func buildProxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy, pv *provena
 	localApp.add(registration(p, "local app"))
 
 	proto := protocol(cat, pol, p.Service, public.and(public.protocols()).and(publicUDP).and(localApp))
-	in := xds.InboundOptions{
+	in := xdsbuild.InboundOptions{
 		HTTP:       proto.IsHTTP(),
-		TLS:        xds.DownstreamTLS(minTLSVersion(pol, public), alpn(proto, true)),
+		TLS:        xdsbuild.DownstreamTLS(minTLSVersion(pol, public), alpn(proto, true)),
 		Permissive: mtlsMode(pol, p.Service, public) == policy.MTLSPermissive,
 	}
 	if in.HTTP {
@@ -103,16 +104,16 @@ func buildProxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy, pv *provena
 	}
 	in.Rules, in.Shadow = authzRules(cat, pol, p.Service, in.HTTP, public)
 	if !p.ClientOnly() {
-		r.Listeners = append(r.Listeners, xds.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
+		r.Listeners = append(r.Listeners, xdsbuild.NewInboundListener(xds.PublicListener, p.BindAddress(), p.BindPort(), in))
 	}
 	if proto == xds.ProtocolUDP && !p.ClientOnly() {
 		// Only a service declared udp gets a UDP listener: it is plaintext
 		// and unauthorized, so it is never opened implicitly.
-		r.Listeners = append(r.Listeners, xds.NewUDPListener(xds.PublicUDPListener, p.BindAddress(), p.BindPort(), xds.LocalAppCluster,
-			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, p.Service, publicUDP)}))
+		r.Listeners = append(r.Listeners, xdsbuild.NewUDPListener(xds.PublicUDPListener, p.BindAddress(), p.BindPort(), xds.LocalAppCluster,
+			xdsbuild.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, p.Service, publicUDP)}))
 	}
 	if !p.ClientOnly() {
-		r.Clusters = append(r.Clusters, xds.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xds.ClusterOptions{Protocol: proto}))
+		r.Clusters = append(r.Clusters, xdsbuild.NewStaticCluster(xds.LocalAppCluster, p.LocalAppAddress, p.LocalAppPort, xdsbuild.ClusterOptions{Protocol: proto}))
 	}
 
 	var publicListener *listener.Listener
@@ -140,7 +141,7 @@ func buildProxy(cat *model.Catalog, pol *policy.Set, p *model.Proxy, pv *provena
 	otlp := pv.on(clusterKey(xds.OTLPCollectorCluster))
 	if tr := collectorOf(pol, otlp); tr != nil && tr.Collector.Protocol == policy.CollectorHTTP && hasTracedListener(r.Listeners) {
 		pv.tracedBy(otlp, r.Listeners)
-		c, err := xds.NewOTLPCollectorCluster(tr.Collector.Endpoint)
+		c, err := xdsbuild.NewOTLPCollectorCluster(tr.Collector.Endpoint)
 		if err != nil {
 			return r, fmt.Errorf("translate: tracing collector: %w", err)
 		}
@@ -187,27 +188,27 @@ func upstreamResources(cat *model.Catalog, pol *policy.Set, p *model.Proxy, serv
 	u := upstream{service: service, protocol: up}
 	switch {
 	case up.IsHTTP():
-		u.listener = xds.NewHTTPListener(xds.UpstreamListener(service), host, port, xds.HTTPListenerOptions{
+		u.listener = xdsbuild.NewHTTPListener(xds.UpstreamListener(service), host, port, xdsbuild.HTTPListenerOptions{
 			RouteConfigName: name,
 			Via:             p.ID,
 			Tracing:         tracing(pol, lis, p.Service, true),
 		})
-		u.route = xds.NewRouteConfigRoutes(name, outboundRoutes(pol, service, name, rt))
+		u.route = xdsbuild.NewRouteConfigRoutes(name, outboundRoutes(pol, service, name, rt))
 	case up == xds.ProtocolUDP:
-		u.listener = xds.NewUDPListener(xds.UpstreamListener(service), host, port, name,
-			xds.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, service, lis)})
+		u.listener = xdsbuild.NewUDPListener(xds.UpstreamListener(service), host, port, name,
+			xdsbuild.UDPProxyOptions{IdleTimeout: tcpIdleTimeout(pol, service, lis)})
 	default:
-		u.listener = xds.NewTCPProxyListener(xds.UpstreamListener(service), host, port, name, xds.TCPProxyOptions{
+		u.listener = xdsbuild.NewTCPProxyListener(xds.UpstreamListener(service), host, port, name, xdsbuild.TCPProxyOptions{
 			MaxConnectAttempts: tcpConnectAttempts(pol, service, lis),
 			IdleTimeout:        tcpIdleTimeout(pol, service, lis),
 		})
 	}
-	opts := clusterOptions(pol, service, xds.ClusterOptions{Protocol: up}, cl)
+	opts := clusterOptions(pol, service, xdsbuild.ClusterOptions{Protocol: up}, cl)
 	if up != xds.ProtocolUDP { // datagrams go in plaintext to the sidecars' public UDP listeners
 		opts.TLS = upstreamTLS(cat, pol, p, service, up, cl)
 	}
-	u.cluster = xds.NewEDSCluster(name, opts)
-	u.load = xds.NewLoadAssignment(name, sidecarEndpoints(cat, service, pv.on(endpointKey(name))))
+	u.cluster = xdsbuild.NewEDSCluster(name, opts)
+	u.load = xdsbuild.NewLoadAssignment(name, sidecarEndpoints(cat, service, pv.on(endpointKey(name))))
 	return u
 }
 
@@ -220,18 +221,18 @@ func upstreamTLS(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service st
 	if ps := cat.ProxiesFor(service); len(ps) > 0 {
 		dc = cmp.Or(ps[0].Datacenter, dc)
 	}
-	return xds.UpstreamTLS(minTLSVersion(pol, n), upstreamSNI(cat, service, dc), upstreamID(cat, service, dc, n), alpn(proto, false))
+	return xdsbuild.UpstreamTLS(minTLSVersion(pol, n), upstreamSNI(cat, service, dc), upstreamID(cat, service, dc, n), alpn(proto, false))
 }
 
 // tracing returns the tracing of an HTTP connection manager of a sidecar of
 // service, nil when tracing is off; where the tracing setup comes from is
 // noted on n.
-func tracing(pol *policy.Set, n note, service string, outbound bool) *xds.Tracing {
+func tracing(pol *policy.Set, n note, service string, outbound bool) *xdsbuild.Tracing {
 	t := tracingOf(pol, n)
 	if t == nil {
 		return nil
 	}
-	return &xds.Tracing{
+	return &xdsbuild.Tracing{
 		ServiceName:     service,
 		SamplingPercent: t.SamplingPercent,
 		Protocol:        t.Collector.Protocol,
@@ -255,12 +256,12 @@ func hasTracedListener(ls []*listener.Listener) bool {
 // sidecarEndpoints returns the public listeners of the healthy sidecars of
 // service (client-only proxies have none): in the mesh, traffic to a
 // service enters through its sidecars. The catalog is noted on n.
-func sidecarEndpoints(cat *model.Catalog, service string, n note) []xds.Endpoint {
+func sidecarEndpoints(cat *model.Catalog, service string, n note) []xdsbuild.Endpoint {
 	n.add(serviceSource(service, "sidecars: catalog/health"))
-	var eps []xds.Endpoint
+	var eps []xdsbuild.Endpoint
 	for _, p := range cat.ProxiesFor(service) {
 		if p.Healthy && !p.ClientOnly() {
-			eps = append(eps, xds.Endpoint{Host: p.Address, Port: p.Port, Weight: p.Weight, Region: p.Datacenter})
+			eps = append(eps, xdsbuild.Endpoint{Host: p.Address, Port: p.Port, Weight: p.Weight, Region: p.Datacenter})
 		}
 	}
 	return eps
@@ -286,15 +287,15 @@ func buildProxyless(cat *model.Catalog, pol *policy.Set, pv *provenance) Resourc
 		lis, cl := pv.on(listenerKey(name)), pv.on(clusterKey(cn))
 		lis.and(cl).add(serviceSource(name, "catalog"))
 		pv.on(endpointKey(cn)).add(serviceSource(name, "catalog/health"))
-		r.Listeners = append(r.Listeners, xds.NewAPIListener(name, xds.NewRouteConfigRoutes(name, outboundRoutes(pol, name, cn, lis))))
-		r.Clusters = append(r.Clusters, xds.NewEDSCluster(cn, clusterOptions(pol, name, xds.ClusterOptions{Protocol: protocol(cat, pol, name, cl)}, cl)))
-		var eps []xds.Endpoint
+		r.Listeners = append(r.Listeners, xdsbuild.NewAPIListener(name, xdsbuild.NewRouteConfigRoutes(name, outboundRoutes(pol, name, cn, lis))))
+		r.Clusters = append(r.Clusters, xdsbuild.NewEDSCluster(cn, clusterOptions(pol, name, xdsbuild.ClusterOptions{Protocol: protocol(cat, pol, name, cl)}, cl)))
+		var eps []xdsbuild.Endpoint
 		for _, in := range s.Instances {
 			if in.Healthy {
-				eps = append(eps, xds.Endpoint{Host: in.Address, Port: in.Port, Weight: in.Weight, Region: in.Datacenter})
+				eps = append(eps, xdsbuild.Endpoint{Host: in.Address, Port: in.Port, Weight: in.Weight, Region: in.Datacenter})
 			}
 		}
-		r.Endpoints = append(r.Endpoints, xds.NewLoadAssignment(cn, eps))
+		r.Endpoints = append(r.Endpoints, xdsbuild.NewLoadAssignment(cn, eps))
 	}
 	sortResources(&r)
 	return r

@@ -16,6 +16,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -49,7 +50,7 @@ import (
 func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Proxy, public *listener.Listener, seen map[string]bool, pv *provenance) {
 	capture := pv.on(listenerKey(xds.OutboundCaptureListener))
 	capture.add(registration(p, "transparent proxy"))
-	var chains []xds.CaptureChain
+	var chains []xdsbuild.CaptureChain
 	var outbound *listener.Listener // a traced HTTP upstream listener: its direction and extras
 	var direct []string             // reachable headless services, for their chains after the virtual ones
 	for _, name := range cat.UpstreamNames(p) {
@@ -122,7 +123,7 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 			if len(ports) > 1 {
 				chainName = fmt.Sprintf("%s:%d", chainName, port)
 			}
-			chains = append(chains, xds.CaptureChain{Name: chainName, Prefixes: byPort[port], Port: int(port),
+			chains = append(chains, xdsbuild.CaptureChain{Name: chainName, Prefixes: byPort[port], Port: int(port),
 				Filters: up.listener.GetFilterChains()[0].GetFilters()})
 		}
 	}
@@ -140,8 +141,8 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 	}
 	passthrough := outboundMode(pol, mode) != policy.OutboundRegistryOnly
 	pv.on(clusterKey(xds.PassthroughCluster)).add(registration(p, "transparent proxy"))
-	out := xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", cmp.Or(p.OutboundPort, xds.OutboundCapturePort),
-		xds.CaptureOptions{Chains: chains, Passthrough: passthrough})
+	out := xdsbuild.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", cmp.Or(p.OutboundPort, xds.OutboundCapturePort),
+		xdsbuild.CaptureOptions{Chains: chains, Passthrough: passthrough})
 	if outbound != nil {
 		out.TrafficDirection, out.Metadata = outbound.TrafficDirection, outbound.Metadata
 	}
@@ -150,7 +151,7 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 		r.Listeners = append(r.Listeners, inboundCapture(public, p.LocalAppPort))
 	}
 	if passthrough || public != nil {
-		r.Clusters = append(r.Clusters, xds.NewPassthroughCluster())
+		r.Clusters = append(r.Clusters, xdsbuild.NewPassthroughCluster())
 	}
 }
 
@@ -170,7 +171,7 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 // the new ones. No chain and a nil cluster when no instance qualifies or
 // the service is udp. The chains' inputs are noted on chain, the
 // cluster's in pv.
-func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service string, taken map[netip.AddrPort]bool, pv *provenance, chain note) ([]xds.CaptureChain, *cluster.Cluster) {
+func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service string, taken map[netip.AddrPort]bool, pv *provenance, chain note) ([]xdsbuild.CaptureChain, *cluster.Cluster) {
 	name := xds.DirectCluster(service)
 	cl := pv.on(clusterKey(name))
 	both := chain.and(cl)
@@ -195,13 +196,13 @@ func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service s
 		return nil, nil
 	}
 	slices.Sort(ports)
-	opts := clusterOptions(pol, service, xds.ClusterOptions{}, cl)
+	opts := clusterOptions(pol, service, xdsbuild.ClusterOptions{}, cl)
 	opts.TLS = upstreamTLS(cat, pol, p, service, proto, cl)
-	tcp := xds.NewTCPProxyListener(xds.DirectChain(service), "127.0.0.1", 0, name, xds.TCPProxyOptions{
+	tcp := xdsbuild.NewTCPProxyListener(xds.DirectChain(service), "127.0.0.1", 0, name, xdsbuild.TCPProxyOptions{
 		MaxConnectAttempts: tcpConnectAttempts(pol, service, chain),
 		IdleTimeout:        tcpIdleTimeout(pol, service, chain),
 	}).GetFilterChains()[0].GetFilters()
-	var chains []xds.CaptureChain
+	var chains []xdsbuild.CaptureChain
 	for _, port := range ports {
 		chainName := xds.DirectChain(service)
 		if len(ports) > 1 {
@@ -209,9 +210,9 @@ func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service s
 		}
 		prefixes := byPort[port]
 		slices.SortFunc(prefixes, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-		chains = append(chains, xds.CaptureChain{Name: chainName, Prefixes: prefixes, Port: int(port), Filters: tcp})
+		chains = append(chains, xdsbuild.CaptureChain{Name: chainName, Prefixes: prefixes, Port: int(port), Filters: tcp})
 	}
-	return chains, xds.NewDirectCluster(name, opts)
+	return chains, xdsbuild.NewDirectCluster(name, opts)
 }
 
 // directInstances returns the addresses (IP and port) of the instances of
@@ -246,7 +247,7 @@ func directInstances(cat *model.Catalog, service string) []netip.AddrPort {
 // appPort, public's listener filters after original_dst, and the
 // pass-through for the other ports.
 func inboundCapture(public *listener.Listener, appPort int) *listener.Listener {
-	in := xds.NewCaptureListener(xds.InboundCaptureListener, "0.0.0.0", xds.InboundCapturePort, xds.CaptureOptions{Passthrough: true})
+	in := xdsbuild.NewCaptureListener(xds.InboundCaptureListener, "0.0.0.0", xds.InboundCapturePort, xdsbuild.CaptureOptions{Passthrough: true})
 	in.ListenerFilters = append(in.ListenerFilters, public.GetListenerFilters()...)
 	in.ListenerFiltersTimeout = public.GetListenerFiltersTimeout()
 	in.ContinueOnListenerFiltersTimeout = public.GetContinueOnListenerFiltersTimeout()
@@ -280,12 +281,12 @@ func denyChain(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service, rul
 	u := upstream{service: service, protocol: proto}
 	switch {
 	case proto.IsHTTP():
-		u.listener = xds.NewHTTPListener(xds.UpstreamListener(service), "127.0.0.1", 0, xds.HTTPListenerOptions{
-			RouteConfig: xds.NewRouteConfig(name, name, xds.RouteOptions{}), Via: p.ID, RBAC: deny,
+		u.listener = xdsbuild.NewHTTPListener(xds.UpstreamListener(service), "127.0.0.1", 0, xdsbuild.HTTPListenerOptions{
+			RouteConfig: xdsbuild.NewRouteConfig(name, name, xdsbuild.RouteOptions{}), Via: p.ID, RBAC: deny,
 		})
 	case proto == xds.ProtocolUDP:
 	default:
-		l := xds.NewTCPProxyListener(xds.UpstreamListener(service), "127.0.0.1", 0, name, xds.TCPProxyOptions{})
+		l := xdsbuild.NewTCPProxyListener(xds.UpstreamListener(service), "127.0.0.1", 0, name, xdsbuild.TCPProxyOptions{})
 		l.FilterChains[0].Filters = append([]*listener.Filter{{Name: xds.RBACNetworkFilter, ConfigType: &listener.Filter_TypedConfig{
 			TypedConfig: xds.MustAny(&netrbac.RBAC{Rules: deny, StatPrefix: xds.UpstreamListener(service)}),
 		}}}, l.FilterChains[0].Filters...)

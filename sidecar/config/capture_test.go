@@ -18,17 +18,18 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
 // httpFilters and tcpFilters are the filters of an explicit upstream
 // listener, which a capture listener's chain for the same upstream carries.
 func httpFilters(service string) []*listener.Filter {
-	return xds.NewHTTPListener("upstream:"+service, "127.0.0.1", 1, xds.HTTPListenerOptions{RouteConfigName: service, Via: "meshlet"}).FilterChains[0].Filters
+	return xdsbuild.NewHTTPListener("upstream:"+service, "127.0.0.1", 1, xdsbuild.HTTPListenerOptions{RouteConfigName: service, Via: "meshlet"}).FilterChains[0].Filters
 }
 
 func tcpFilters(service string) []*listener.Filter {
-	return xds.NewTCPProxyListener("upstream:"+service, "127.0.0.1", 1, service, xds.TCPProxyOptions{IdleTimeout: time.Minute}).FilterChains[0].Filters
+	return xdsbuild.NewTCPProxyListener("upstream:"+service, "127.0.0.1", 1, service, xdsbuild.TCPProxyOptions{IdleTimeout: time.Minute}).FilterChains[0].Filters
 }
 
 func prefixes(s ...string) []netip.Prefix {
@@ -43,8 +44,8 @@ func prefixes(s ...string) []netip.Prefix {
 // a transparent proxy whose upstreams are api (HTTP, 10.96.0.12:80) and
 // redis (TCP, any address on 6379).
 func outboundCapture(passthrough bool) *listener.Listener {
-	return xds.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", xds.OutboundCapturePort, xds.CaptureOptions{
-		Chains: []xds.CaptureChain{
+	return xdsbuild.NewCaptureListener(xds.OutboundCaptureListener, "127.0.0.1", xds.OutboundCapturePort, xdsbuild.CaptureOptions{
+		Chains: []xdsbuild.CaptureChain{
 			{Name: "upstream:api", Prefixes: prefixes("10.96.0.12/32"), Port: 80, Filters: httpFilters("api")},
 			{Name: "upstream:redis", Port: 6379, Filters: tcpFilters("redis")},
 		},
@@ -56,8 +57,8 @@ func outboundCapture(passthrough bool) *listener.Listener {
 // chains matched on the application's port 8080 (behind tls_inspector when
 // permissive), and the pass-through for the pod's other ports.
 func inboundCapture(permissive bool) *listener.Listener {
-	pub := xds.NewInboundListener(xds.PublicListener, "0.0.0.0", 20000, xds.InboundOptions{HTTP: true, TLS: xds.DownstreamTLS("", nil), Permissive: permissive})
-	l := xds.NewCaptureListener(xds.InboundCaptureListener, "0.0.0.0", xds.InboundCapturePort, xds.CaptureOptions{
+	pub := xdsbuild.NewInboundListener(xds.PublicListener, "0.0.0.0", 20000, xdsbuild.InboundOptions{HTTP: true, TLS: xdsbuild.DownstreamTLS("", nil), Permissive: permissive})
+	l := xdsbuild.NewCaptureListener(xds.InboundCaptureListener, "0.0.0.0", xds.InboundCapturePort, xdsbuild.CaptureOptions{
 		Passthrough: true, ListenerFilters: pub.ListenerFilters,
 	})
 	l.ListenerFiltersTimeout, l.ContinueOnListenerFiltersTimeout = pub.ListenerFiltersTimeout, pub.ContinueOnListenerFiltersTimeout
@@ -139,7 +140,7 @@ func TestDecodeCaptureListeners(t *testing.T) {
 				t.Errorf("mTLS chain of the app port = %+v", secure)
 			}
 			if permissive {
-				if plain == nil || plain.TLS != nil || plain.HTTP == nil || tl.FiltersTimeout != xds.PermissiveDetectTimeout || !tl.ContinueOnFiltersTimeout {
+				if plain == nil || plain.TLS != nil || plain.HTTP == nil || tl.FiltersTimeout != xdsbuild.PermissiveDetectTimeout || !tl.ContinueOnFiltersTimeout {
 					t.Errorf("plaintext chain %+v, detection %v/%v", plain, tl.FiltersTimeout, tl.ContinueOnFiltersTimeout)
 				}
 			} else if plain != secure { // one chain: Chain(false) finds it, and its TLS makes the listener strict
@@ -151,7 +152,7 @@ func TestDecodeCaptureListeners(t *testing.T) {
 		})
 	}
 	t.Run("passthrough cluster", func(t *testing.T) {
-		c, err := DecodeCluster(xds.MustAny(xds.NewPassthroughCluster()))
+		c, err := DecodeCluster(xds.MustAny(xdsbuild.NewPassthroughCluster()))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -161,7 +162,7 @@ func TestDecodeCaptureListeners(t *testing.T) {
 		if names := EndpointNames(map[string]*Cluster{c.Name: c}); len(names) != 0 {
 			t.Errorf("EndpointNames = %q: an ORIGINAL_DST cluster waits for no EDS", names)
 		}
-		pc := xds.NewPassthroughCluster()
+		pc := xdsbuild.NewPassthroughCluster()
 		pc.LbConfig = &cluster.Cluster_OriginalDstLbConfig_{OriginalDstLbConfig: &cluster.Cluster_OriginalDstLbConfig{UpstreamPortOverride: wrapperspb.UInt32(8443)}}
 		pc.CleanupInterval = durationpb.New(time.Second)
 		if c, err := DecodeCluster(xds.MustAny(pc)); err != nil || c.PortOverride != 8443 {
@@ -170,8 +171,8 @@ func TestDecodeCaptureListeners(t *testing.T) {
 	})
 	t.Run("direct cluster of a headless service: ORIGINAL_DST with mTLS", func(t *testing.T) {
 		const id = "spiffe://td.consul/ns/default/dc/dc1/svc/db"
-		dc := xds.NewDirectCluster(xds.DirectCluster("db"), xds.ClusterOptions{
-			TLS: xds.UpstreamTLS("", "db.default.dc1.internal.td.consul", id, nil), Thresholds: &xds.Thresholds{MaxConnections: 7, MaxPendingRequests: 1, MaxRequests: 1, MaxRetries: 1},
+		dc := xdsbuild.NewDirectCluster(xds.DirectCluster("db"), xdsbuild.ClusterOptions{
+			TLS: xdsbuild.UpstreamTLS("", "db.default.dc1.internal.td.consul", id, nil), Thresholds: &xdsbuild.Thresholds{MaxConnections: 7, MaxPendingRequests: 1, MaxRequests: 1, MaxRetries: 1},
 		})
 		c, err := DecodeCluster(xds.MustAny(dc))
 		if err != nil {
@@ -192,11 +193,11 @@ func TestDecodeCaptureListeners(t *testing.T) {
 // when none of them matches the address), then the longest prefix, for
 // IPv4 and IPv6.
 func TestCaptureSelect(t *testing.T) {
-	chain := func(name string, port int, p ...string) xds.CaptureChain {
-		return xds.CaptureChain{Name: name, Prefixes: prefixes(p...), Port: port, Filters: tcpFilters(name)}
+	chain := func(name string, port int, p ...string) xdsbuild.CaptureChain {
+		return xdsbuild.CaptureChain{Name: name, Prefixes: prefixes(p...), Port: port, Filters: tcpFilters(name)}
 	}
-	l, err := DecodeListener(xds.MustAny(xds.NewCaptureListener("capture", "::1", 15001, xds.CaptureOptions{
-		Chains: []xds.CaptureChain{
+	l, err := DecodeListener(xds.MustAny(xdsbuild.NewCaptureListener("capture", "::1", 15001, xdsbuild.CaptureOptions{
+		Chains: []xdsbuild.CaptureChain{
 			chain("api", 80, "10.96.0.12/32"),
 			chain("svc-net-80", 80, "10.96.0.0/16"),
 			chain("redis", 6379),
@@ -258,7 +259,7 @@ func TestDecodeRejectsCaptureFields(t *testing.T) {
 	}
 	plain := func(mut func(*listener.Listener)) func() error {
 		return func() error {
-			l := xds.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l := xdsbuild.NewTCPListener("l", "127.0.0.1", 80, "c")
 			mut(l)
 			_, err := DecodeListener(xds.MustAny(l))
 			return err
@@ -266,7 +267,7 @@ func TestDecodeRejectsCaptureFields(t *testing.T) {
 	}
 	passthrough := func(mut func(*cluster.Cluster)) func() error {
 		return func() error {
-			c := xds.NewPassthroughCluster()
+			c := xdsbuild.NewPassthroughCluster()
 			mut(c)
 			_, err := DecodeCluster(xds.MustAny(c))
 			return err
@@ -371,13 +372,13 @@ func TestDecodeRejectsCaptureFields(t *testing.T) {
 		{"ORIGINAL_DST with round robin", passthrough(func(c *cluster.Cluster) { c.LbPolicy = cluster.Cluster_ROUND_ROBIN }),
 			`cluster "original-destination": lb_policy: an ORIGINAL_DST cluster needs CLUSTER_PROVIDED (got ROUND_ROBIN)`},
 		{"CLUSTER_PROVIDED on a STATIC cluster", func() error {
-			c := xds.NewStaticCluster("c", "127.0.0.1", 80, xds.ClusterOptions{})
+			c := xdsbuild.NewStaticCluster("c", "127.0.0.1", 80, xdsbuild.ClusterOptions{})
 			c.LbPolicy = cluster.Cluster_CLUSTER_PROVIDED
 			_, err := DecodeCluster(xds.MustAny(c))
 			return err
 		}, `cluster "c": lb_policy: CLUSTER_PROVIDED is only for type ORIGINAL_DST (this cluster is STATIC)`},
 		{"original_dst_lb_config on EDS", func() error {
-			c := xds.NewEDSCluster("c", xds.ClusterOptions{})
+			c := xdsbuild.NewEDSCluster("c", xdsbuild.ClusterOptions{})
 			c.LbConfig = &cluster.Cluster_OriginalDstLbConfig_{OriginalDstLbConfig: &cluster.Cluster_OriginalDstLbConfig{}}
 			_, err := DecodeCluster(xds.MustAny(c))
 			return err
@@ -396,12 +397,12 @@ func TestDecodeRejectsCaptureFields(t *testing.T) {
 			c.LbConfig = &cluster.Cluster_RingHashLbConfig_{RingHashLbConfig: &cluster.Cluster_RingHashLbConfig{}}
 		}), `cluster "original-destination": lb_config: only original_dst_lb_config goes with ORIGINAL_DST`},
 		{"endpoints on ORIGINAL_DST", passthrough(func(c *cluster.Cluster) {
-			c.LoadAssignment = xds.NewLoadAssignment(c.Name, []xds.Endpoint{{Host: "10.0.0.1", Port: 80}})
+			c.LoadAssignment = xdsbuild.NewLoadAssignment(c.Name, []xdsbuild.Endpoint{{Host: "10.0.0.1", Port: 80}})
 		}), `cluster "original-destination": load_assignment: an ORIGINAL_DST cluster has no endpoints`},
 		{"outlier detection on ORIGINAL_DST", passthrough(func(c *cluster.Cluster) { c.OutlierDetection = &cluster.OutlierDetection{} }),
 			`cluster "original-destination": outlier_detection: not supported on ORIGINAL_DST`},
 		{"endpoint breaker on ORIGINAL_DST", passthrough(func(c *cluster.Cluster) {
-			c.Metadata = xds.NewEDSCluster("x", xds.ClusterOptions{Extras: &xds.ClusterExtras{EndpointBreaker: &xds.EndpointBreaker{ConsecutiveFailures: 3, OpenInterval: xds.Duration(time.Second)}}}).Metadata
+			c.Metadata = xdsbuild.NewEDSCluster("x", xdsbuild.ClusterOptions{Extras: &xds.ClusterExtras{EndpointBreaker: &xds.EndpointBreaker{ConsecutiveFailures: 3, OpenInterval: xds.Duration(time.Second)}}}).Metadata
 		}), `metadata.filter_metadata["meshlet"].endpointBreaker: not supported on ORIGINAL_DST`},
 	}
 	for _, tc := range tests {

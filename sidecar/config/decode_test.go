@@ -17,36 +17,37 @@ import (
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/xds"
 )
 
 func TestDecodeValidResources(t *testing.T) {
-	l, err := DecodeListener(xds.MustAny(xds.NewHTTPListener("upstream:api", "127.0.0.1", 9191, xds.HTTPListenerOptions{RouteConfigName: "api", Via: "p"})))
+	l, err := DecodeListener(xds.MustAny(xdsbuild.NewHTTPListener("upstream:api", "127.0.0.1", 9191, xdsbuild.HTTPListenerOptions{RouteConfigName: "api", Via: "p"})))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if h := l.Chains[0].HTTP; l.Address != "127.0.0.1:9191" || h == nil || h.RouteConfigName != "api" || h.Via != "p" || h.Codec != CodecAuto {
 		t.Errorf("listener = %+v / %+v", l, h)
 	}
-	tl, err := DecodeListener(xds.MustAny(xds.NewTCPListener("upstream:store", "::1", 9192, "store")))
+	tl, err := DecodeListener(xds.MustAny(xdsbuild.NewTCPListener("upstream:store", "::1", 9192, "store")))
 	if err != nil || tl.Chains[0].TCP.Cluster != "store" || tl.Address != "[::1]:9192" {
 		t.Errorf("tcp listener = %+v, %v", tl, err)
 	}
-	rc, err := DecodeRouteConfig(xds.MustAny(xds.NewRouteConfig("api", "api", xds.RouteOptions{Timeout: 3 * time.Second})))
+	rc, err := DecodeRouteConfig(xds.MustAny(xdsbuild.NewRouteConfig("api", "api", xdsbuild.RouteOptions{Timeout: 3 * time.Second})))
 	if err != nil || rc.VirtualHosts[0].Routes[0].Timeout != 3*time.Second || rc.VirtualHosts[0].Routes[0].Match != MatchPrefix {
 		t.Errorf("route = %+v, %v", rc, err)
 	}
-	noTimeout := xds.NewRouteConfig("x", "x", xds.RouteOptions{})
+	noTimeout := xdsbuild.NewRouteConfig("x", "x", xdsbuild.RouteOptions{})
 	noTimeout.VirtualHosts[0].Routes[0].GetRoute().Timeout = nil
 	if rc, _ := DecodeRouteConfig(xds.MustAny(noTimeout)); rc.VirtualHosts[0].Routes[0].Timeout != DefaultRouteTimeout {
 		t.Errorf("absent timeout = %v, want Envoy's default %v", rc.VirtualHosts[0].Routes[0].Timeout, DefaultRouteTimeout)
 	}
-	c, err := DecodeCluster(xds.MustAny(xds.NewEDSCluster("api", xds.ClusterOptions{Protocol: xds.ProtocolGRPC})))
+	c, err := DecodeCluster(xds.MustAny(xdsbuild.NewEDSCluster("api", xdsbuild.ClusterOptions{Protocol: xds.ProtocolGRPC})))
 	if err != nil || c.Type != ClusterEDS || c.EDSServiceName != "api" || c.Protocol != xds.ProtocolHTTP2 || c.ConnectTimeout != xds.DefaultConnectTimeout {
 		t.Errorf("cluster = %+v, %v", c, err)
 	}
-	la := xds.NewLoadAssignment("api", []xds.Endpoint{{Host: "10.0.0.1", Port: 1, Weight: 2}, {Host: "10.0.0.2", Port: 2}})
+	la := xdsbuild.NewLoadAssignment("api", []xdsbuild.Endpoint{{Host: "10.0.0.1", Port: 1, Weight: 2}, {Host: "10.0.0.2", Port: 2}})
 	la.Endpoints[0].LbEndpoints[1].HealthStatus = core.HealthStatus_DRAINING
 	got, err := DecodeLoadAssignment(xds.MustAny(la))
 	if err != nil || len(got.Endpoints) != 1 || got.Endpoints[0] != (Endpoint{Address: "10.0.0.1:1", Weight: 2}) {
@@ -56,7 +57,7 @@ func TestDecodeValidResources(t *testing.T) {
 
 func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 	httpL := func(mut func(*listener.Listener, *hcm.HttpConnectionManager)) *listener.Listener {
-		l := xds.NewHTTPListener("l", "127.0.0.1", 80, xds.HTTPListenerOptions{RouteConfigName: "r"})
+		l := xdsbuild.NewHTTPListener("l", "127.0.0.1", 80, xdsbuild.HTTPListenerOptions{RouteConfigName: "r"})
 		var m hcm.HttpConnectionManager
 		_ = l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(&m)
 		mut(l, &m)
@@ -69,24 +70,24 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 		want   string
 	}{
 		{"listener port 0", func() error {
-			_, err := DecodeListener(xds.MustAny(xds.NewTCPListener("l", "127.0.0.1", 0, "c")))
+			_, err := DecodeListener(xds.MustAny(xdsbuild.NewTCPListener("l", "127.0.0.1", 0, "c")))
 			return err
 		}, `listener "l": address: port 0 out of range 1-65535`},
 		{"listener without chains", func() error {
-			l := xds.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l := xdsbuild.NewTCPListener("l", "127.0.0.1", 80, "c")
 			l.FilterChains = nil
 			_, err := DecodeListener(xds.MustAny(l))
 			return err
 		}, `listener "l": filter_chains: at least one filter chain is required`},
 		{"unsupported network filter", func() error {
-			l := xds.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l := xdsbuild.NewTCPListener("l", "127.0.0.1", 80, "c")
 			l.FilterChains[0].Filters[0] = &listener.Filter{Name: "envoy.filters.network.redis_proxy",
 				ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(&route.RouteConfiguration{})}}
 			_, err := DecodeListener(xds.MustAny(l))
 			return err
 		}, `listener "l": filter_chains[0].filters[0]: unsupported network filter "envoy.filters.network.redis_proxy"`},
 		{"api listener sent to a sidecar", func() error {
-			_, err := DecodeListener(xds.MustAny(xds.NewAPIListener("api", xds.NewRouteConfig("api", "api", xds.RouteOptions{}))))
+			_, err := DecodeListener(xds.MustAny(xdsbuild.NewAPIListener("api", xdsbuild.NewRouteConfig("api", "api", xdsbuild.RouteOptions{}))))
 			return err
 		}, `listener "api": api_listener: API listeners are for proxyless gRPC clients`},
 		{"http filter after the router", func() error {
@@ -105,55 +106,55 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 			return err
 		}, `typed_config.rds.config_source: only ADS is supported`},
 		{"regex route", func() error {
-			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc := xdsbuild.NewRouteConfig("r", "c", xdsbuild.RouteOptions{})
 			rc.VirtualHosts[0].Routes[0].Match.PathSpecifier = &route.RouteMatch_SafeRegex{}
 			_, err := DecodeRouteConfig(xds.MustAny(rc))
 			return err
 		}, `route configuration "r"`},
 		{"header match", func() error {
-			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc := xdsbuild.NewRouteConfig("r", "c", xdsbuild.RouteOptions{})
 			rc.VirtualHosts[0].Routes[0].Match.Headers = []*route.HeaderMatcher{{Name: "x-canary"}}
 			_, err := DecodeRouteConfig(xds.MustAny(rc))
 			return err
 		}, `virtual_hosts[0].routes[0]: match.headers[0]: only exact and present header matches are supported`},
 		{"redirect action", func() error {
-			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc := xdsbuild.NewRouteConfig("r", "c", xdsbuild.RouteOptions{})
 			rc.VirtualHosts[0].Routes[0].Action = &route.Route_Redirect{Redirect: &route.RedirectAction{}}
 			_, err := DecodeRouteConfig(xds.MustAny(rc))
 			return err
 		}, `virtual_hosts[0].routes[0]: action: only route actions are supported`},
 		{"duplicate domain", func() error {
-			rc := xds.NewRouteConfig("r", "c", xds.RouteOptions{})
+			rc := xdsbuild.NewRouteConfig("r", "c", xdsbuild.RouteOptions{})
 			rc.VirtualHosts = append(rc.VirtualHosts, &route.VirtualHost{Name: "again", Domains: []string{"*"}})
 			_, err := DecodeRouteConfig(xds.MustAny(rc))
 			return err
 		}, `route configuration "r": virtual_hosts[1].domains[0]: domain "*" is also in virtual host "r"`},
 		{"unsupported lb policy", func() error {
-			c := xds.NewEDSCluster("c", xds.ClusterOptions{})
+			c := xdsbuild.NewEDSCluster("c", xdsbuild.ClusterOptions{})
 			c.LbPolicy = cluster.Cluster_MAGLEV
 			_, err := DecodeCluster(xds.MustAny(c))
 			return err
 		}, `cluster "c": lb_policy: unsupported MAGLEV (supported: ROUND_ROBIN, LEAST_REQUEST, RING_HASH)`},
 		{"negative connect timeout (proto rule)", func() error {
-			c := xds.NewEDSCluster("c", xds.ClusterOptions{})
+			c := xdsbuild.NewEDSCluster("c", xdsbuild.ClusterOptions{})
 			c.ConnectTimeout = durationpb.New(-time.Second)
 			_, err := DecodeCluster(xds.MustAny(c))
 			return err
 		}, `cluster "c": invalid Cluster.ConnectTimeout`},
 		{"endpoint without address", func() error {
-			la := xds.NewLoadAssignment("c", []xds.Endpoint{{Host: "", Port: 80}})
+			la := xdsbuild.NewLoadAssignment("c", []xdsbuild.Endpoint{{Host: "", Port: 80}})
 			_, err := DecodeLoadAssignment(xds.MustAny(la))
 			return err
 		}, `invalid SocketAddress.Address: value length must be at least 1 runes`},
 		{"second priority", func() error {
-			la := xds.NewLoadAssignment("c", []xds.Endpoint{{Host: "10.0.0.1", Port: 80}})
+			la := xdsbuild.NewLoadAssignment("c", []xdsbuild.Endpoint{{Host: "10.0.0.1", Port: 80}})
 			la.Endpoints[0].Priority = 1
 			la.Endpoints[0].LoadBalancingWeight = wrapperspb.UInt32(1)
 			_, err := DecodeLoadAssignment(xds.MustAny(la))
 			return err
 		}, `endpoints[0].priority: only priority 0 is supported`},
 		{"wrong type in the Any", func() error {
-			_, err := DecodeCluster(xds.MustAny(xds.NewRouteConfig("r", "c", xds.RouteOptions{})))
+			_, err := DecodeCluster(xds.MustAny(xdsbuild.NewRouteConfig("r", "c", xdsbuild.RouteOptions{})))
 			return err
 		}, `cluster "": cannot decode type.googleapis.com/envoy.config.route.v3.RouteConfiguration`},
 	}
@@ -282,16 +283,16 @@ func TestMaxRetriesWithRetryBudget(t *testing.T) {
 	budget := &xds.ClusterExtras{RetryBudget: &xds.RetryBudget{Ratio: 0.2, MinRetriesPerSecond: 10, TTL: xds.Duration(10 * time.Second)}}
 	for _, tc := range []struct {
 		name       string
-		opts       xds.ClusterOptions
+		opts       xdsbuild.ClusterOptions
 		maxRetries int
 	}{
-		{"budget, no circuit breakers", xds.ClusterOptions{Extras: budget}, UnlimitedRetries},
-		{"budget, thresholds without max_retries", xds.ClusterOptions{Extras: budget}, UnlimitedRetries},
-		{"budget, explicit max_retries", xds.ClusterOptions{Extras: budget, Thresholds: &xds.Thresholds{MaxConnections: 1, MaxPendingRequests: 1, MaxRequests: 1, MaxRetries: 7}}, 7},
-		{"no budget", xds.ClusterOptions{}, 3},
+		{"budget, no circuit breakers", xdsbuild.ClusterOptions{Extras: budget}, UnlimitedRetries},
+		{"budget, thresholds without max_retries", xdsbuild.ClusterOptions{Extras: budget}, UnlimitedRetries},
+		{"budget, explicit max_retries", xdsbuild.ClusterOptions{Extras: budget, Thresholds: &xdsbuild.Thresholds{MaxConnections: 1, MaxPendingRequests: 1, MaxRequests: 1, MaxRetries: 7}}, 7},
+		{"no budget", xdsbuild.ClusterOptions{}, 3},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := xds.NewEDSCluster("api", tc.opts)
+			c := xdsbuild.NewEDSCluster("api", tc.opts)
 			if tc.name == "budget, thresholds without max_retries" {
 				c.CircuitBreakers = &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{MaxConnections: wrapperspb.UInt32(9)}}}
 			}

@@ -9,6 +9,7 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -18,7 +19,7 @@ import (
 // control plane builds them.
 func TestDecodeDelayedCloseTimeout(t *testing.T) {
 	withHCM := func(mut func(*hcm.HttpConnectionManager)) *listener.Listener {
-		l := xds.NewHTTPListener("upstream:api", "127.0.0.1", 9191, xds.HTTPListenerOptions{RouteConfigName: "api"})
+		l := xdsbuild.NewHTTPListener("upstream:api", "127.0.0.1", 9191, xdsbuild.HTTPListenerOptions{RouteConfigName: "api"})
 		var m hcm.HttpConnectionManager
 		_ = l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(&m)
 		mut(&m)
@@ -32,8 +33,8 @@ func TestDecodeDelayedCloseTimeout(t *testing.T) {
 		wantErr string
 	}{
 		{name: "unset: Envoy's 1 s", l: withHCM(func(*hcm.HttpConnectionManager) {}), want: time.Second},
-		{name: "inbound, unset", l: xds.NewInboundListener(xds.PublicListener, "127.0.0.1", 20000, xds.InboundOptions{
-			HTTP: true, TLS: xds.DownstreamTLS("", nil), Permissive: true}), want: time.Second},
+		{name: "inbound, unset", l: xdsbuild.NewInboundListener(xds.PublicListener, "127.0.0.1", 20000, xdsbuild.InboundOptions{
+			HTTP: true, TLS: xdsbuild.DownstreamTLS("", nil), Permissive: true}), want: time.Second},
 		{name: "set", l: withHCM(func(m *hcm.HttpConnectionManager) { m.DelayedCloseTimeout = durationpb.New(250 * time.Millisecond) }),
 			want: 250 * time.Millisecond},
 		{name: "0s disables it", l: withHCM(func(m *hcm.HttpConnectionManager) { m.DelayedCloseTimeout = durationpb.New(0) }), want: 0},

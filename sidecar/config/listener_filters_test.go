@@ -7,6 +7,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -15,7 +16,7 @@ import (
 // fallback to the plaintext chain from continue_on_listener_filters_timeout,
 // both as the control plane sets them for a permissive listener.
 func TestDecodeListenerFiltersTimeout(t *testing.T) {
-	tlsSocket := xds.DownstreamTLS("", nil)
+	tlsSocket := xdsbuild.DownstreamTLS("", nil)
 	tests := []struct {
 		name         string
 		permissive   bool
@@ -24,14 +25,14 @@ func TestDecodeListenerFiltersTimeout(t *testing.T) {
 		wantContinue bool
 		wantErr      string
 	}{
-		{name: "permissive, as translated", permissive: true, wantTimeout: xds.PermissiveDetectTimeout, wantContinue: true},
+		{name: "permissive, as translated", permissive: true, wantTimeout: xdsbuild.PermissiveDetectTimeout, wantContinue: true},
 		{name: "strict: no inspector, Envoy's default", wantTimeout: DefaultListenerFiltersTimeout},
 		{name: "zero: no limit", permissive: true, timeout: durationpb.New(0), wantTimeout: 0, wantContinue: true},
 		{name: "negative", permissive: true, timeout: durationpb.New(-time.Second), wantErr: `listener "public_listener": listener_filters_timeout: must be a valid duration of 0 or more`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			l := xds.NewInboundListener(xds.PublicListener, "127.0.0.1", 20000, xds.InboundOptions{TLS: tlsSocket, Permissive: tc.permissive})
+			l := xdsbuild.NewInboundListener(xds.PublicListener, "127.0.0.1", 20000, xdsbuild.InboundOptions{TLS: tlsSocket, Permissive: tc.permissive})
 			if tc.timeout != nil {
 				l.ListenerFiltersTimeout = tc.timeout
 			}

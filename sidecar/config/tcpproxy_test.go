@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -19,7 +20,7 @@ import (
 // not implement is NACKed by name rather than ignored.
 func TestDecodeTCPProxy(t *testing.T) {
 	withProxy := func(mut func(*tcpproxy.TcpProxy)) *listener.Listener {
-		l := xds.NewTCPListener("upstream:store", "127.0.0.1", 9192, "store")
+		l := xdsbuild.NewTCPListener("upstream:store", "127.0.0.1", 9192, "store")
 		var m tcpproxy.TcpProxy
 		_ = l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(&m)
 		mut(&m)
@@ -32,11 +33,11 @@ func TestDecodeTCPProxy(t *testing.T) {
 		wantIdle time.Duration
 		wantErr  string
 	}{
-		{name: "unset: Envoy's 1 h", l: xds.NewTCPListener("upstream:store", "127.0.0.1", 9192, "store"), wantIdle: time.Hour},
-		{name: "from the translator's options", l: xds.NewTCPProxyListener("upstream:store", "127.0.0.1", 9192, "store",
-			xds.TCPProxyOptions{MaxConnectAttempts: 3, IdleTimeout: 90 * time.Second}), wantIdle: 90 * time.Second},
-		{name: "inbound", l: xds.NewInboundListener(xds.PublicListener, "127.0.0.1", 20000, xds.InboundOptions{
-			TLS: xds.DownstreamTLS("", nil), Permissive: true, TCP: xds.TCPProxyOptions{IdleTimeout: time.Minute}}), wantIdle: time.Minute},
+		{name: "unset: Envoy's 1 h", l: xdsbuild.NewTCPListener("upstream:store", "127.0.0.1", 9192, "store"), wantIdle: time.Hour},
+		{name: "from the translator's options", l: xdsbuild.NewTCPProxyListener("upstream:store", "127.0.0.1", 9192, "store",
+			xdsbuild.TCPProxyOptions{MaxConnectAttempts: 3, IdleTimeout: 90 * time.Second}), wantIdle: 90 * time.Second},
+		{name: "inbound", l: xdsbuild.NewInboundListener(xds.PublicListener, "127.0.0.1", 20000, xdsbuild.InboundOptions{
+			TLS: xdsbuild.DownstreamTLS("", nil), Permissive: true, TCP: xdsbuild.TCPProxyOptions{IdleTimeout: time.Minute}}), wantIdle: time.Minute},
 		{name: "0s disables it", l: withProxy(func(m *tcpproxy.TcpProxy) { m.IdleTimeout = durationpb.New(0) }), wantIdle: 0},
 		{name: "negative", l: withProxy(func(m *tcpproxy.TcpProxy) { m.IdleTimeout = durationpb.New(-time.Second) }),
 			wantErr: `listener "upstream:store": filter_chains[0].filters[0].typed_config.idle_timeout: must be a valid duration of 0 (no idle timeout) or more`},

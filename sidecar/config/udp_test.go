@@ -15,6 +15,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -22,7 +23,7 @@ import (
 // udpListener returns the translator's UDP listener after mut changed its
 // UdpProxyConfig and the listener.
 func udpListener(mut func(*listener.Listener, *udpproxy.UdpProxyConfig)) *listener.Listener {
-	l := xds.NewUDPListener("upstream:dns", "127.0.0.1", 8053, "dns", xds.UDPProxyOptions{})
+	l := xdsbuild.NewUDPListener("upstream:dns", "127.0.0.1", 8053, "dns", xdsbuild.UDPProxyOptions{})
 	var m udpproxy.UdpProxyConfig
 	_ = l.ListenerFilters[0].GetTypedConfig().UnmarshalTo(&m)
 	mut(l, &m)
@@ -43,9 +44,9 @@ func TestDecodeUDPListener(t *testing.T) {
 		want    UDPProxy
 		wantErr string
 	}{
-		{name: "as translated, defaults", l: xds.NewUDPListener("upstream:dns", "127.0.0.1", 8053, "dns", xds.UDPProxyOptions{}),
+		{name: "as translated, defaults", l: xdsbuild.NewUDPListener("upstream:dns", "127.0.0.1", 8053, "dns", xdsbuild.UDPProxyOptions{}),
 			want: UDPProxy{StatPrefix: "upstream:dns", Cluster: "dns", IdleTimeout: time.Minute, MaxDownstreamDatagram: MaxDatagramSize, MaxUpstreamDatagram: MaxDatagramSize}},
-		{name: "idle timeout from the translator", l: xds.NewUDPListener("public_listener_udp", "10.0.0.1", 21000, "local_app", xds.UDPProxyOptions{IdleTimeout: 5 * time.Second}),
+		{name: "idle timeout from the translator", l: xdsbuild.NewUDPListener("public_listener_udp", "10.0.0.1", 21000, "local_app", xdsbuild.UDPProxyOptions{IdleTimeout: 5 * time.Second}),
 			want: UDPProxy{StatPrefix: "public_listener_udp", Cluster: "local_app", IdleTimeout: 5 * time.Second, MaxDownstreamDatagram: MaxDatagramSize, MaxUpstreamDatagram: MaxDatagramSize}},
 		{name: "deprecated cluster field, 0s idle, datagram sizes", l: udpListener(func(l *listener.Listener, m *udpproxy.UdpProxyConfig) {
 			//lint:ignore SA1019 Envoy still accepts it; the test sends what control planes may send
@@ -56,7 +57,7 @@ func TestDecodeUDPListener(t *testing.T) {
 		}), want: UDPProxy{StatPrefix: "upstream:dns", Cluster: "other", IdleTimeout: 0, MaxDownstreamDatagram: 1500, MaxUpstreamDatagram: 4096}},
 
 		{name: "filter chains", l: udpListener(func(l *listener.Listener, _ *udpproxy.UdpProxyConfig) {
-			l.FilterChains = xds.NewTCPListener("x", "127.0.0.1", 1, "c").FilterChains
+			l.FilterChains = xdsbuild.NewTCPListener("x", "127.0.0.1", 1, "c").FilterChains
 		}), wantErr: `listener "upstream:dns": filter_chains: a UDP listener has no filter chains`},
 		{name: "no udp_proxy", l: udpListener(func(l *listener.Listener, _ *udpproxy.UdpProxyConfig) { l.ListenerFilters = nil }),
 			wantErr: `listener_filters: a UDP listener needs exactly one listener filter, envoy.filters.udp_listener.udp_proxy (got 0)`},
@@ -72,7 +73,7 @@ func TestDecodeUDPListener(t *testing.T) {
 			m.SessionFilters = []*udpproxy.UdpProxyConfig_SessionFilter{{Name: "f"}}
 		}), wantErr: `typed_config.session_filters: not supported`},
 		{name: "matcher tree", l: udpListener(func(_ *listener.Listener, m *udpproxy.UdpProxyConfig) {
-			mt := xds.UDPClusterMatcher("dns")
+			mt := xdsbuild.UDPClusterMatcher("dns")
 			mt.MatcherType = &matcher.Matcher_MatcherList_{MatcherList: &matcher.Matcher_MatcherList{}}
 			m.RouteSpecifier = &udpproxy.UdpProxyConfig_Matcher{Matcher: mt}
 		}), wantErr: `listener_filters[0].typed_config: invalid UdpProxyConfig.Matcher: embedded message failed validation | caused by: invalid Matcher.MatcherList`},
@@ -91,7 +92,7 @@ func TestDecodeUDPListener(t *testing.T) {
 			l.UdpListenerConfig = &listener.UdpListenerConfig{QuicOptions: &listener.QuicProtocolOptions{}}
 		}), wantErr: `udp_listener_config.quic_options: not supported`},
 		{name: "udp_listener_config on a TCP listener", l: func() *listener.Listener {
-			l := xds.NewTCPListener("t", "127.0.0.1", 1, "c")
+			l := xdsbuild.NewTCPListener("t", "127.0.0.1", 1, "c")
 			l.UdpListenerConfig = &listener.UdpListenerConfig{}
 			return l
 		}(), wantErr: `listener "t": udp_listener_config: only for a listener whose address protocol is UDP`},

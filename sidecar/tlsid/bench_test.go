@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/xds"
@@ -14,11 +15,11 @@ import (
 func storeWith(tb testing.TB, ca *testca.CA, service string) *Store {
 	tb.Helper()
 	leaf := ca.MustIssue("dc1", service)
-	certSec, err := config.DecodeSecret(xds.MustAny(xds.NewCertSecret(leaf.CertPEM, leaf.KeyPEM)))
+	certSec, err := config.DecodeSecret(xds.MustAny(xdsbuild.NewCertSecret(leaf.CertPEM, leaf.KeyPEM)))
 	if err != nil {
 		tb.Fatal(err)
 	}
-	roots, err := config.DecodeSecret(xds.MustAny(xds.NewRootsSecret([]string{ca.CertPEM})))
+	roots, err := config.DecodeSecret(xds.MustAny(xdsbuild.NewRootsSecret([]string{ca.CertPEM})))
 	if err != nil {
 		tb.Fatal(err)
 	}

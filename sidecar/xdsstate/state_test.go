@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -84,14 +85,14 @@ func update(t *testing.T, s *State, typeURL, version string, res []*anypb.Any) m
 // feed sends one HTTP listener → RDS "web" → EDS cluster "web" at version.
 func feed(t *testing.T, s *State, version string) {
 	t.Helper()
-	if deps := update(t, s, xds.ClusterType, version, anys(t, xds.NewEDSCluster("web", xds.ClusterOptions{Protocol: xds.ProtocolHTTP}))); !slices.Equal(deps[xds.EndpointType], []string{"web"}) {
+	if deps := update(t, s, xds.ClusterType, version, anys(t, xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{Protocol: xds.ProtocolHTTP}))); !slices.Equal(deps[xds.EndpointType], []string{"web"}) {
 		t.Errorf("CDS deps = %v, want EDS [web]", deps)
 	}
-	update(t, s, xds.EndpointType, version, anys(t, xds.NewLoadAssignment("web", []xds.Endpoint{{Host: "127.0.0.1", Port: 8080}})))
-	if deps := update(t, s, xds.ListenerType, version, anys(t, xds.NewHTTPListener("upstream:web", "127.0.0.1", 9000, xds.HTTPListenerOptions{RouteConfigName: "web"}))); !slices.Equal(deps[xds.RouteType], []string{"web"}) {
+	update(t, s, xds.EndpointType, version, anys(t, xdsbuild.NewLoadAssignment("web", []xdsbuild.Endpoint{{Host: "127.0.0.1", Port: 8080}})))
+	if deps := update(t, s, xds.ListenerType, version, anys(t, xdsbuild.NewHTTPListener("upstream:web", "127.0.0.1", 9000, xdsbuild.HTTPListenerOptions{RouteConfigName: "web"}))); !slices.Equal(deps[xds.RouteType], []string{"web"}) {
 		t.Errorf("LDS deps = %v, want RDS [web]", deps)
 	}
-	update(t, s, xds.RouteType, version, anys(t, xds.NewRouteConfig("web", "web", xds.RouteOptions{})))
+	update(t, s, xds.RouteType, version, anys(t, xdsbuild.NewRouteConfig("web", "web", xdsbuild.RouteOptions{})))
 }
 
 func TestWarmsUntilCompleteThenApplies(t *testing.T) {
@@ -100,8 +101,8 @@ func TestWarmsUntilCompleteThenApplies(t *testing.T) {
 	if got := s.Accepted().Missing; !slices.Equal(got, []string{"clusters (CDS)", "listeners (LDS)"}) {
 		t.Errorf("missing before any update = %q", got)
 	}
-	update(t, s, xds.ClusterType, "v1", anys(t, xds.NewEDSCluster("web", xds.ClusterOptions{})))
-	update(t, s, xds.ListenerType, "v1", anys(t, xds.NewHTTPListener("upstream:web", "127.0.0.1", 9000, xds.HTTPListenerOptions{RouteConfigName: "web"})))
+	update(t, s, xds.ClusterType, "v1", anys(t, xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{})))
+	update(t, s, xds.ListenerType, "v1", anys(t, xdsbuild.NewHTTPListener("upstream:web", "127.0.0.1", 9000, xdsbuild.HTTPListenerOptions{RouteConfigName: "web"})))
 	if _, n := r.last(); n != 0 {
 		t.Fatalf("applied %d snapshots while warming, want 0", n)
 	}
@@ -109,8 +110,8 @@ func TestWarmsUntilCompleteThenApplies(t *testing.T) {
 	if got := s.Accepted().Missing; !slices.Equal(got, want) {
 		t.Errorf("missing = %q, want %q", got, want)
 	}
-	update(t, s, xds.RouteType, "v1", anys(t, xds.NewRouteConfig("web", "web", xds.RouteOptions{})))
-	update(t, s, xds.EndpointType, "v1", anys(t, xds.NewLoadAssignment("web", nil)))
+	update(t, s, xds.RouteType, "v1", anys(t, xdsbuild.NewRouteConfig("web", "web", xdsbuild.RouteOptions{})))
+	update(t, s, xds.EndpointType, "v1", anys(t, xdsbuild.NewLoadAssignment("web", nil)))
 	snap, n := r.last()
 	if n != 1 || !snap.Complete() || snap != s.Accepted() {
 		t.Fatalf("applied %d snapshots (last complete: %v), want 1, the accepted one", n, snap != nil && snap.Complete())
@@ -128,7 +129,7 @@ func TestWarmsUntilCompleteThenApplies(t *testing.T) {
 func TestWarmTimeoutAppliesWhatThereIs(t *testing.T) {
 	r := &recorder{}
 	s := newState(t, r, "", 20*time.Millisecond)
-	update(t, s, xds.ClusterType, "v1", anys(t, xds.NewEDSCluster("web", xds.ClusterOptions{})))
+	update(t, s, xds.ClusterType, "v1", anys(t, xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{})))
 	update(t, s, xds.ListenerType, "v1", nil)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -160,19 +161,19 @@ func TestRejectedUpdateKeepsLastGood(t *testing.T) {
 		details []xds.NACKDetail // want xds.NACKDetailsOf(err)
 	}{
 		{name: "listener on a host name", typeURL: xds.ListenerType,
-			res:     anys(t, xds.NewHTTPListener("upstream:web", "localhost", 9000, xds.HTTPListenerOptions{RouteConfigName: "web"})),
+			res:     anys(t, xdsbuild.NewHTTPListener("upstream:web", "localhost", 9000, xdsbuild.HTTPListenerOptions{RouteConfigName: "web"})),
 			detail:  `is not an IP address`,
 			details: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:web", Field: "address", Reason: xds.NACKInvalidResource}}},
 		{name: "bind fails", typeURL: xds.ListenerType, bindErr: errors.New("cannot bind"),
-			res:    anys(t, xds.NewHTTPListener("upstream:web", "127.0.0.1", 9001, xds.HTTPListenerOptions{RouteConfigName: "web"})),
+			res:    anys(t, xdsbuild.NewHTTPListener("upstream:web", "127.0.0.1", 9001, xdsbuild.HTTPListenerOptions{RouteConfigName: "web"})),
 			detail: `cannot bind`},
 		{name: "duplicate cluster", typeURL: xds.ClusterType,
-			res:     anys(t, xds.NewEDSCluster("web", xds.ClusterOptions{}), xds.NewEDSCluster("web", xds.ClusterOptions{})),
+			res:     anys(t, xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{}), xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{})),
 			detail:  `cluster "web": duplicate resource name`,
 			details: []xds.NACKDetail{{TypeURL: xds.ClusterType, Name: "web", Reason: xds.NACKDuplicateName}}},
 		{name: "two listeners on one address", typeURL: xds.ListenerType,
-			res: anys(t, xds.NewHTTPListener("upstream:b", "127.0.0.1", 9002, xds.HTTPListenerOptions{RouteConfigName: "web"}),
-				xds.NewHTTPListener("upstream:a", "127.0.0.1", 9002, xds.HTTPListenerOptions{RouteConfigName: "web"})),
+			res: anys(t, xdsbuild.NewHTTPListener("upstream:b", "127.0.0.1", 9002, xdsbuild.HTTPListenerOptions{RouteConfigName: "web"}),
+				xdsbuild.NewHTTPListener("upstream:a", "127.0.0.1", 9002, xdsbuild.HTTPListenerOptions{RouteConfigName: "web"})),
 			detail: `listeners "upstream:a" and "upstream:b" both listen on 127.0.0.1:9002/tcp`,
 			details: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:a", Field: "address", Reason: xds.NACKAddressConflict},
 				{TypeURL: xds.ListenerType, Name: "upstream:b", Field: "address", Reason: xds.NACKAddressConflict}}},

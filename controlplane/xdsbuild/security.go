@@ -1,4 +1,4 @@
-package xds
+package xdsbuild
 
 import (
 	"strings"
@@ -15,29 +15,15 @@ import (
 	matcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshlet/meshlet/xds"
 )
 
-// Names of SDS secrets in a sidecar's snapshot (Istio's names).
-const (
-	// SecretCert is the workload's certificate chain and private key.
-	SecretCert = "default"
-	// SecretRoots is the trust bundle: every CA root.
-	SecretRoots = "ROOTCA"
-)
-
-// Extension names for mTLS and authorization.
-const (
-	TLSTransportSocket = "envoy.transport_sockets.tls"
-	TLSInspectorFilter = "envoy.filters.listener.tls_inspector"
-	RBACHTTPFilter     = "envoy.filters.http.rbac"
-	RBACNetworkFilter  = "envoy.filters.network.rbac"
-)
-
-// NewCertSecret returns the SecretCert secret: a PEM chain (leaf first) and
+// NewCertSecret returns the xds.SecretCert secret: a PEM chain (leaf first) and
 // its PEM private key, inline.
 func NewCertSecret(certPEM, keyPEM string) *tlsv3.Secret {
 	return &tlsv3.Secret{
-		Name: SecretCert,
+		Name: xds.SecretCert,
 		Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
 			CertificateChain: &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: certPEM}},
 			PrivateKey:       &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: keyPEM}},
@@ -45,7 +31,7 @@ func NewCertSecret(certPEM, keyPEM string) *tlsv3.Secret {
 	}
 }
 
-// NewRootsSecret returns the SecretRoots secret holding every root.
+// NewRootsSecret returns the xds.SecretRoots secret holding every root.
 func NewRootsSecret(rootsPEM []string) *tlsv3.Secret {
 	var b strings.Builder
 	for _, r := range rootsPEM {
@@ -53,7 +39,7 @@ func NewRootsSecret(rootsPEM []string) *tlsv3.Secret {
 		b.WriteByte('\n')
 	}
 	return &tlsv3.Secret{
-		Name: SecretRoots,
+		Name: xds.SecretRoots,
 		Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
 			TrustedCa: &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: b.String()}},
 		}},
@@ -72,7 +58,7 @@ func tlsParams(minVersion string) *tlsv3.TlsParameters {
 	return &tlsv3.TlsParameters{TlsMinimumProtocolVersion: v, TlsMaximumProtocolVersion: tlsv3.TlsParameters_TLSv1_3}
 }
 
-// commonTLS presents SecretCert and validates the peer against SecretRoots,
+// commonTLS presents xds.SecretCert and validates the peer against xds.SecretRoots,
 // requiring, when sanURI is set, that the peer's URI SAN is exactly it.
 func commonTLS(minVersion, sanURI string, alpn []string) *tlsv3.CommonTlsContext {
 	vc := &tlsv3.CertificateValidationContext{}
@@ -84,31 +70,31 @@ func commonTLS(minVersion, sanURI string, alpn []string) *tlsv3.CommonTlsContext
 	}
 	return &tlsv3.CommonTlsContext{
 		TlsParams:                      tlsParams(minVersion),
-		TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{sdsRef(SecretCert)},
+		TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{sdsRef(xds.SecretCert)},
 		ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
 			DefaultValidationContext:         vc,
-			ValidationContextSdsSecretConfig: sdsRef(SecretRoots),
+			ValidationContextSdsSecretConfig: sdsRef(xds.SecretRoots),
 		}},
 		AlpnProtocols: alpn,
 	}
 }
 
 // DownstreamTLS returns the transport socket of an inbound mTLS listener:
-// TLS from minVersion ("1.2" or "1.3") to 1.3, SecretCert presented, a
-// client certificate required and validated against SecretRoots (which
+// TLS from minVersion ("1.2" or "1.3") to 1.3, xds.SecretCert presented, a
+// client certificate required and validated against xds.SecretRoots (which
 // caller is allowed is the RBAC filter's job).
 func DownstreamTLS(minVersion string, alpn []string) *core.TransportSocket {
-	return &core.TransportSocket{Name: TLSTransportSocket, ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: MustAny(&tlsv3.DownstreamTlsContext{
+	return &core.TransportSocket{Name: xds.TLSTransportSocket, ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: xds.MustAny(&tlsv3.DownstreamTlsContext{
 		CommonTlsContext:         commonTLS(minVersion, "", alpn),
 		RequireClientCertificate: wrapperspb.Bool(true),
 	})}}
 }
 
-// UpstreamTLS returns the transport socket of an mTLS cluster: SecretCert
-// presented, the server validated against SecretRoots and required to be
+// UpstreamTLS returns the transport socket of an mTLS cluster: xds.SecretCert
+// presented, the server validated against xds.SecretRoots and required to be
 // exactly spiffeID (not merely any mesh certificate), SNI set to sni.
 func UpstreamTLS(minVersion, sni, spiffeID string, alpn []string) *core.TransportSocket {
-	return &core.TransportSocket{Name: TLSTransportSocket, ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: MustAny(&tlsv3.UpstreamTlsContext{
+	return &core.TransportSocket{Name: xds.TLSTransportSocket, ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: xds.MustAny(&tlsv3.UpstreamTlsContext{
 		CommonTlsContext: commonTLS(minVersion, spiffeID, alpn),
 		Sni:              sni,
 	})}}
@@ -116,7 +102,7 @@ func UpstreamTLS(minVersion, sni, spiffeID string, alpn []string) *core.Transpor
 
 // InboundOptions configure NewInboundListener.
 type InboundOptions struct {
-	// HTTP selects an HTTP connection manager routing to LocalAppCluster;
+	// HTTP selects an HTTP connection manager routing to xds.LocalAppCluster;
 	// otherwise a TCP proxy.
 	HTTP bool
 	// Via is the HTTP connection manager's via.
@@ -131,7 +117,7 @@ type InboundOptions struct {
 	Rules, Shadow *rbacv3.RBAC
 	// Tracing turns on tracing of HTTP requests (server spans); nil: off.
 	Tracing *Tracing
-	// TCP shapes the TCP proxy to LocalAppCluster when HTTP is false
+	// TCP shapes the TCP proxy to xds.LocalAppCluster when HTTP is false
 	// (its idle timeout; connect attempts stay 1).
 	TCP TCPProxyOptions
 }
@@ -161,8 +147,8 @@ func NewInboundListener(name, host string, port int, o InboundOptions) *listener
 		return l
 	}
 	l.ListenerFilters = []*listener.ListenerFilter{{
-		Name:       TLSInspectorFilter,
-		ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: MustAny(&tlsinspector.TlsInspector{})},
+		Name:       xds.TLSInspectorFilter,
+		ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: xds.MustAny(&tlsinspector.TlsInspector{})},
 	}}
 	l.ListenerFiltersTimeout = durationpb.New(PermissiveDetectTimeout)
 	l.ContinueOnListenerFiltersTimeout = true
@@ -177,7 +163,7 @@ func NewInboundListener(name, host string, port int, o InboundOptions) *listener
 func inboundFilters(name string, o InboundOptions, secure bool) []*listener.Filter {
 	if o.HTTP {
 		m := withUpgrades(newHCM(name, HTTPListenerOptions{
-			RouteConfig: NewRouteConfig(LocalAppCluster, LocalAppCluster, RouteOptions{}),
+			RouteConfig: NewRouteConfig(xds.LocalAppCluster, xds.LocalAppCluster, RouteOptions{}),
 			Via:         o.Via,
 			Tracing:     o.Tracing,
 		}))
@@ -187,20 +173,20 @@ func inboundFilters(name string, o InboundOptions, secure bool) []*listener.Filt
 			m.SetCurrentClientCertDetails = &hcm.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}
 			if o.Rules != nil {
 				m.HttpFilters = append([]*hcm.HttpFilter{{
-					Name: RBACHTTPFilter,
-					ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: MustAny(&httprbac.RBAC{
+					Name: xds.RBACHTTPFilter,
+					ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: xds.MustAny(&httprbac.RBAC{
 						Rules: o.Rules, ShadowRules: o.Shadow, ShadowRulesStatPrefix: "denied_by_",
 					})},
 				}}, m.HttpFilters...)
 			}
 		}
-		return []*listener.Filter{{Name: HTTPConnectionManagerFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(m)}}}
+		return []*listener.Filter{{Name: xds.HTTPConnectionManagerFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(m)}}}
 	}
 	var fs []*listener.Filter
 	if secure && o.Rules != nil {
-		fs = append(fs, &listener.Filter{Name: RBACNetworkFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(&netrbac.RBAC{
+		fs = append(fs, &listener.Filter{Name: xds.RBACNetworkFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(&netrbac.RBAC{
 			Rules: o.Rules, ShadowRules: o.Shadow, StatPrefix: name, ShadowRulesStatPrefix: "denied_by_",
 		})}})
 	}
-	return append(fs, &listener.Filter{Name: TCPProxyFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(newTCPProxy(name, LocalAppCluster, o.TCP))}})
+	return append(fs, &listener.Filter{Name: xds.TCPProxyFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(newTCPProxy(name, xds.LocalAppCluster, o.TCP))}})
 }

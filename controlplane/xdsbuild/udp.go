@@ -1,4 +1,4 @@
-package xds
+package xdsbuild
 
 import (
 	"time"
@@ -9,19 +9,13 @@ import (
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	udpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/udp/udp_proxy/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
-)
 
-// UDPProxyFilter is the UDP listener filter that proxies datagrams to a
-// cluster, one session per downstream address (Envoy's udp_proxy).
-const UDPProxyFilter = "envoy.filters.udp_listener.udp_proxy"
+	"github.com/meshlet/meshlet/xds"
+)
 
 // UDPRouteAction is the name of the action of a udp_proxy matcher that
 // sends a session to a cluster (its typed config is a udp_proxy Route).
 const UDPRouteAction = "route"
-
-// DefaultUDPIdleTimeout is how long a UDP session lives without a datagram
-// either way when UdpProxyConfig.idle_timeout is unset (Envoy's default).
-const DefaultUDPIdleTimeout = time.Minute
 
 // UDPSocketAddress returns a UDP core.Address for host:port.
 func UDPSocketAddress(host string, port int) *core.Address {
@@ -34,7 +28,7 @@ func UDPSocketAddress(host string, port int) *core.Address {
 type UDPProxyOptions struct {
 	// IdleTimeout is UdpProxyConfig.idle_timeout: a session without a
 	// datagram either way for this long ends. 0 leaves the field unset:
-	// DefaultUDPIdleTimeout.
+	// Envoy's default of 1 min.
 	IdleTimeout time.Duration
 }
 
@@ -56,8 +50,8 @@ func NewUDPListener(name, host string, port int, clusterName string, o UDPProxyO
 		Name:    name,
 		Address: UDPSocketAddress(host, port),
 		ListenerFilters: []*listener.ListenerFilter{{
-			Name:       UDPProxyFilter,
-			ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: MustAny(cfg)},
+			Name:       xds.UDPProxyFilter,
+			ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: xds.MustAny(cfg)},
 		}},
 	}
 }
@@ -66,6 +60,6 @@ func NewUDPListener(name, host string, port int, clusterName string, o UDPProxyO
 // to clusterName: no match tree, only on_no_match with a Route action.
 func UDPClusterMatcher(clusterName string) *matcher.Matcher {
 	return &matcher.Matcher{OnNoMatch: &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{
-		Action: &xdscore.TypedExtensionConfig{Name: UDPRouteAction, TypedConfig: MustAny(&udpproxy.Route{Cluster: clusterName})},
+		Action: &xdscore.TypedExtensionConfig{Name: UDPRouteAction, TypedConfig: xds.MustAny(&udpproxy.Route{Cluster: clusterName})},
 	}}}
 }

@@ -1,4 +1,4 @@
-package xds
+package xdsbuild
 
 import (
 	"fmt"
@@ -14,21 +14,8 @@ import (
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-)
 
-// OpenTelemetryTracer is the tracing provider name of
-// HttpConnectionManager.tracing.provider (Envoy's OpenTelemetry tracer).
-const OpenTelemetryTracer = "envoy.tracers.opentelemetry"
-
-// OTLPCollectorCluster names the static cluster an OTLP/HTTP http_service
-// points at (Envoy's HttpUri needs a cluster; the meshlet sidecar posts to
-// the URI itself).
-const OTLPCollectorCluster = "otlp_collector"
-
-// OTLP protocols of Tracing.Protocol.
-const (
-	OTLPGRPC = "grpc" // OTLP/gRPC to host:port
-	OTLPHTTP = "http" // OTLP/HTTP protobuf to a URL
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Tracing configures the tracing of an HTTP connection manager.
@@ -39,34 +26,24 @@ type Tracing struct {
 	// SamplingPercent (0-100) of requests that arrive without a sampling
 	// decision start a sampled trace (random_sampling).
 	SamplingPercent float64
-	// Protocol is OTLPGRPC or OTLPHTTP; Endpoint is host:port for gRPC and
-	// the traces URL for HTTP.
+	// Protocol is xds.OTLPGRPC or xds.OTLPHTTP; Endpoint is host:port for
+	// gRPC and the traces URL for HTTP.
 	Protocol, Endpoint string
 	// Propagation lists the trace context formats extracted and injected
-	// ("tracecontext", "b3", "b3multi"); carried in ListenerExtras.
+	// ("tracecontext", "b3", "b3multi"); carried in xds.ListenerExtras.
 	Propagation []string
 	// Outbound marks an outbound listener: its spans are clients and each
 	// upstream attempt gets its own span (spawn_upstream_span).
 	Outbound bool
 }
 
-// ListenerExtras are a listener's meshlet-only settings, in
-// Listener.metadata.filter_metadata["meshlet"]:
-//
-//	{"tracePropagation": ["tracecontext", "b3multi"]}
-type ListenerExtras struct {
-	// TracePropagation lists the trace context formats the listener's HTTP
-	// connection managers extract and inject; empty means tracecontext.
-	TracePropagation []string `json:"tracePropagation,omitempty"`
-}
-
 // hcmTracing returns HttpConnectionManager.tracing for t.
 func (t *Tracing) hcmTracing() *hcm.HttpConnectionManager_Tracing {
 	otel := &tracev3.OpenTelemetryConfig{ServiceName: t.ServiceName}
-	if t.Protocol == OTLPHTTP {
+	if t.Protocol == xds.OTLPHTTP {
 		otel.HttpService = &core.HttpService{HttpUri: &core.HttpUri{
 			Uri:              t.Endpoint,
-			HttpUpstreamType: &core.HttpUri_Cluster{Cluster: OTLPCollectorCluster},
+			HttpUpstreamType: &core.HttpUri_Cluster{Cluster: xds.OTLPCollectorCluster},
 			Timeout:          durationpb.New(10 * time.Second),
 		}}
 	} else {
@@ -78,8 +55,8 @@ func (t *Tracing) hcmTracing() *hcm.HttpConnectionManager_Tracing {
 		RandomSampling:    &typev3.Percent{Value: t.SamplingPercent},
 		SpawnUpstreamSpan: wrapperspb.Bool(t.Outbound),
 		Provider: &tracev3.Tracing_Http{
-			Name:       OpenTelemetryTracer,
-			ConfigType: &tracev3.Tracing_Http_TypedConfig{TypedConfig: MustAny(otel)},
+			Name:       xds.OpenTelemetryTracer,
+			ConfigType: &tracev3.Tracing_Http_TypedConfig{TypedConfig: xds.MustAny(otel)},
 		},
 	}
 }
@@ -95,17 +72,17 @@ func (t *Tracing) applyTo(l *listener.Listener) {
 		l.TrafficDirection = core.TrafficDirection_OUTBOUND
 	}
 	if len(t.Propagation) > 0 {
-		l.Metadata = ExtrasMetadata(ListenerExtras{TracePropagation: t.Propagation})
+		l.Metadata = xds.ExtrasMetadata(xds.ListenerExtras{TracePropagation: t.Propagation})
 	}
 }
 
 // NewOTLPCollectorCluster returns the static cluster OTLP/HTTP exports go
-// to (OTLPCollectorCluster), for the host and port of the traces URL, or an
+// to (xds.OTLPCollectorCluster), for the host and port of the traces URL, or an
 // error when the URL has none.
 func NewOTLPCollectorCluster(traceURL string) (*cluster.Cluster, error) {
 	u, err := url.Parse(traceURL)
 	if err != nil {
-		return nil, fmt.Errorf("xds: OTLP collector URL %q: %w", traceURL, err)
+		return nil, fmt.Errorf("xdsbuild: OTLP collector URL %q: %w", traceURL, err)
 	}
 	host, port := u.Hostname(), u.Port()
 	if port == "" {
@@ -113,10 +90,10 @@ func NewOTLPCollectorCluster(traceURL string) (*cluster.Cluster, error) {
 	}
 	var p int
 	if _, err := fmt.Sscan(port, &p); err != nil || host == "" {
-		return nil, fmt.Errorf("xds: OTLP collector URL %q: want scheme://host:port/path", traceURL)
+		return nil, fmt.Errorf("xdsbuild: OTLP collector URL %q: want scheme://host:port/path", traceURL)
 	}
 	if ip := net.ParseIP(host); ip == nil && host != "localhost" {
-		return nil, fmt.Errorf("xds: OTLP collector URL %q: the host must be an IP address", traceURL)
+		return nil, fmt.Errorf("xdsbuild: OTLP collector URL %q: the host must be an IP address", traceURL)
 	}
-	return NewStaticCluster(OTLPCollectorCluster, host, p, ClusterOptions{Protocol: ProtocolHTTP}), nil
+	return NewStaticCluster(xds.OTLPCollectorCluster, host, p, ClusterOptions{Protocol: xds.ProtocolHTTP}), nil
 }

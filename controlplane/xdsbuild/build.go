@@ -1,9 +1,12 @@
-package xds
+// Package xdsbuild builds the standard Envoy resources translate emits
+// (listeners, route configurations, clusters, load assignments, secrets),
+// following Envoy's v3 API. It is control-plane only: what the sidecar must
+// agree on (resource and extension names, the filter_metadata["meshlet"]
+// extras, defaults) is in package xds, which both sides import. Sidecar
+// tests use it to decode the resources the control plane really builds.
+package xdsbuild
 
 import (
-	"fmt"
-	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
-	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	"net"
 	"slices"
 	"strconv"
@@ -13,40 +16,19 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/meshlet/meshlet/xds"
 )
-
-// Extension names and typed-config type URLs the sidecar understands.
-const (
-	HTTPConnectionManagerFilter = wellknown.HTTPConnectionManager // "envoy.filters.network.http_connection_manager"
-	TCPProxyFilter              = wellknown.TCPProxy              // "envoy.filters.network.tcp_proxy"
-	RouterFilter                = wellknown.Router                // "envoy.filters.http.router"
-	// HTTPProtocolOptionsKey keys Cluster.typed_extension_protocol_options.
-	HTTPProtocolOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-)
-
-// DefaultConnectTimeout is the cluster connect timeout used when none is
-// configured (Envoy's Cluster.connect_timeout default: 5 s).
-const DefaultConnectTimeout = 5 * time.Second
-
-// MustAny wraps m in an Any, panicking only if m cannot be marshalled, which
-// for the generated Envoy messages built here does not happen.
-func MustAny(m proto.Message) *anypb.Any {
-	a, err := anypb.New(m)
-	if err != nil {
-		panic(fmt.Sprintf("xds: marshal %T: %v", m, err))
-	}
-	return a
-}
 
 // SocketAddress returns a TCP core.Address for host:port.
 func SocketAddress(host string, port int) *core.Address {
@@ -88,8 +70,8 @@ func NewHTTPListener(name, host string, port int, o HTTPListenerOptions) *listen
 		Address: SocketAddress(host, port),
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{{
-				Name:       HTTPConnectionManagerFilter,
-				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(withUpgrades(newHCM(name, o)))},
+				Name:       xds.HTTPConnectionManagerFilter,
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(withUpgrades(newHCM(name, o)))},
 			}},
 		}},
 	}
@@ -112,8 +94,8 @@ func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
 	}
 	if o.RBAC != nil {
 		m.HttpFilters = append([]*hcm.HttpFilter{{
-			Name:       RBACHTTPFilter,
-			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: MustAny(&httprbac.RBAC{Rules: o.RBAC})},
+			Name:       xds.RBACHTTPFilter,
+			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: xds.MustAny(&httprbac.RBAC{Rules: o.RBAC})},
 		}}, m.HttpFilters...)
 	}
 	if o.RouteConfig != nil {
@@ -140,8 +122,8 @@ func withUpgrades(m *hcm.HttpConnectionManager) *hcm.HttpConnectionManager {
 // RouterHTTPFilter returns the terminal router HTTP filter.
 func RouterHTTPFilter() *hcm.HttpFilter {
 	return &hcm.HttpFilter{
-		Name:       RouterFilter,
-		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: MustAny(&router.Router{})},
+		Name:       xds.RouterFilter,
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: xds.MustAny(&router.Router{})},
 	}
 }
 
@@ -151,7 +133,7 @@ func RouterHTTPFilter() *hcm.HttpFilter {
 func NewAPIListener(name string, rc *route.RouteConfiguration) *listener.Listener {
 	return &listener.Listener{
 		Name:        name,
-		ApiListener: &listener.ApiListener{ApiListener: MustAny(newHCM(name, HTTPListenerOptions{RouteConfig: rc}))},
+		ApiListener: &listener.ApiListener{ApiListener: xds.MustAny(newHCM(name, HTTPListenerOptions{RouteConfig: rc}))},
 	}
 }
 
@@ -187,8 +169,8 @@ func NewTCPProxyListener(name, host string, port int, clusterName string, o TCPP
 		Address: SocketAddress(host, port),
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{{
-				Name:       TCPProxyFilter,
-				ConfigType: &listener.Filter_TypedConfig{TypedConfig: MustAny(newTCPProxy(name, clusterName, o))},
+				Name:       xds.TCPProxyFilter,
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(newTCPProxy(name, clusterName, o))},
 			}},
 		}},
 	}
@@ -241,8 +223,8 @@ func NewRouteConfig(name, clusterName string, o RouteOptions) *route.RouteConfig
 type ClusterOptions struct {
 	// Protocol selects the upstream HTTP protocol options: HTTP/2 for http2
 	// and grpc, HTTP/1.1 for http, none for tcp.
-	Protocol Protocol
-	// ConnectTimeout defaults to DefaultConnectTimeout.
+	Protocol xds.Protocol
+	// ConnectTimeout defaults to xds.DefaultConnectTimeout.
 	ConnectTimeout time.Duration
 	// LB is the load-balancing algorithm (default LBRoundRobin).
 	LB LBPolicy
@@ -251,7 +233,7 @@ type ClusterOptions struct {
 	// Outlier sets Cluster.outlier_detection; nil means none.
 	Outlier *OutlierSpec
 	// Extras are meshlet-only settings carried in the cluster's metadata.
-	Extras *ClusterExtras
+	Extras *xds.ClusterExtras
 	// TLS is the upstream mTLS transport socket (UpstreamTLS); nil for
 	// plaintext.
 	TLS *core.TransportSocket
@@ -260,7 +242,7 @@ type ClusterOptions struct {
 func newCluster(name string, o ClusterOptions) *cluster.Cluster {
 	ct := o.ConnectTimeout
 	if ct == 0 {
-		ct = DefaultConnectTimeout
+		ct = xds.DefaultConnectTimeout
 	}
 	c := &cluster.Cluster{
 		Name:           name,
@@ -278,7 +260,7 @@ func newCluster(name string, o ClusterOptions) *cluster.Cluster {
 				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{HttpProtocolOptions: &core.Http1ProtocolOptions{}},
 			}}
 		}
-		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{HTTPProtocolOptionsKey: MustAny(opts)}
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{xds.HTTPProtocolOptionsKey: xds.MustAny(opts)}
 	}
 	applyResilience(c, o)
 	c.TransportSocket = o.TLS
