@@ -172,7 +172,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 				}
 				t.Cleanup(func() { busy.Close() })
 				_, bp := hostPort(t, busy.Addr().String())
-				r.Listeners = append(r.Listeners, xdsbuild.NewTCPListener("upstream:busy", "127.0.0.1", bp, "web"))
+				r.Listeners = append(r.Listeners, xdsbuild.NewTCPProxyListener("upstream:busy", "127.0.0.1", bp, "web", xdsbuild.TCPProxyOptions{}))
 			},
 			detail: `listener "upstream:busy": address: cannot bind 127.0.0.1:`,
 			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:busy", Field: "address", Reason: xds.NACKBindFailed}},
@@ -180,7 +180,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 		{
 			name: "two listeners on one address", version: "v5", typeURL: xds.ListenerType,
 			mutate: func(r *xdstest.Resources) {
-				r.Listeners = append(r.Listeners, xdsbuild.NewTCPListener("upstream:other", "127.0.0.1", port, "web"))
+				r.Listeners = append(r.Listeners, xdsbuild.NewTCPProxyListener("upstream:other", "127.0.0.1", port, "web", xdsbuild.TCPProxyOptions{}))
 			},
 			detail: `both listen on 127.0.0.1:`,
 			blamed: []xds.NACKDetail{{TypeURL: xds.ListenerType, Name: "upstream:other", Field: "address", Reason: xds.NACKAddressConflict},
@@ -296,7 +296,7 @@ func TestEndpointChangeKeepsLiveConnections(t *testing.T) {
 	resources := func(ep net.Listener) xdstest.Resources {
 		h, p := hostPort(t, ep.Addr().String())
 		return xdstest.Resources{
-			Listeners: []types.Resource{xdsbuild.NewTCPListener("upstream:store", "127.0.0.1", port, "store")},
+			Listeners: []types.Resource{xdsbuild.NewTCPProxyListener("upstream:store", "127.0.0.1", port, "store", xdsbuild.TCPProxyOptions{})},
 			Clusters:  []types.Resource{xdsbuild.NewEDSCluster("store", xdsbuild.ClusterOptions{})},
 			Endpoints: []types.Resource{xdsbuild.NewLoadAssignment("store", []xdsbuild.Endpoint{{Host: h, Port: p}})},
 		}

@@ -7,9 +7,7 @@
 package xdsbuild
 
 import (
-	"net"
 	"slices"
-	"strconv"
 	"time"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -30,8 +28,8 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-// SocketAddress returns a TCP core.Address for host:port.
-func SocketAddress(host string, port int) *core.Address {
+// socketAddress returns a TCP core.Address for host:port.
+func socketAddress(host string, port int) *core.Address {
 	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
 		Protocol:      core.SocketAddress_TCP,
 		Address:       host,
@@ -67,7 +65,7 @@ type HTTPListenerOptions struct {
 func NewHTTPListener(name, host string, port int, o HTTPListenerOptions) *listener.Listener {
 	l := &listener.Listener{
 		Name:    name,
-		Address: SocketAddress(host, port),
+		Address: socketAddress(host, port),
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{{
 				Name:       xds.HTTPConnectionManagerFilter,
@@ -84,7 +82,7 @@ func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
 		CodecType:   hcm.HttpConnectionManager_AUTO,
 		StatPrefix:  o.StatPrefix,
 		Via:         o.Via,
-		HttpFilters: []*hcm.HttpFilter{RouterHTTPFilter()},
+		HttpFilters: []*hcm.HttpFilter{routerHTTPFilter()},
 	}
 	if m.StatPrefix == "" {
 		m.StatPrefix = name
@@ -103,24 +101,24 @@ func newHCM(name string, o HTTPListenerOptions) *hcm.HttpConnectionManager {
 	} else {
 		m.RouteSpecifier = &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{
 			RouteConfigName: o.RouteConfigName,
-			ConfigSource:    ADSConfigSource(),
+			ConfigSource:    adsConfigSource(),
 		}}
 	}
 	return m
 }
 
-// WebSocketUpgrade is the upgrade type sidecars tunnel
+// webSocketUpgrade is the upgrade type sidecars tunnel
 // (HttpConnectionManager.upgrade_configs), on by default as in Istio.
-const WebSocketUpgrade = "websocket"
+const webSocketUpgrade = "websocket"
 
 // withUpgrades enables WebSocket upgrades on m and returns it.
 func withUpgrades(m *hcm.HttpConnectionManager) *hcm.HttpConnectionManager {
-	m.UpgradeConfigs = []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: WebSocketUpgrade}}
+	m.UpgradeConfigs = []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: webSocketUpgrade}}
 	return m
 }
 
-// RouterHTTPFilter returns the terminal router HTTP filter.
-func RouterHTTPFilter() *hcm.HttpFilter {
+// routerHTTPFilter returns the terminal router HTTP filter.
+func routerHTTPFilter() *hcm.HttpFilter {
 	return &hcm.HttpFilter{
 		Name:       xds.RouterFilter,
 		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: xds.MustAny(&router.Router{})},
@@ -135,18 +133,6 @@ func NewAPIListener(name string, rc *route.RouteConfiguration) *listener.Listene
 		Name:        name,
 		ApiListener: &listener.ApiListener{ApiListener: xds.MustAny(newHCM(name, HTTPListenerOptions{RouteConfig: rc}))},
 	}
-}
-
-// NewTCPListener returns a listener on host:port whose single filter chain
-// is a TCP proxy to clusterName.
-func NewTCPListener(name, host string, port int, clusterName string) *listener.Listener {
-	return NewTCPListenerAttempts(name, host, port, clusterName, 0)
-}
-
-// NewTCPListenerAttempts is NewTCPListener with TcpProxy.max_connect_attempts
-// (0 leaves Envoy's default of 1).
-func NewTCPListenerAttempts(name, host string, port int, clusterName string, connectAttempts int) *listener.Listener {
-	return NewTCPProxyListener(name, host, port, clusterName, TCPProxyOptions{MaxConnectAttempts: connectAttempts})
 }
 
 // TCPProxyOptions configure the TcpProxy of NewTCPProxyListener and of an
@@ -166,7 +152,7 @@ type TCPProxyOptions struct {
 func NewTCPProxyListener(name, host string, port int, clusterName string, o TCPProxyOptions) *listener.Listener {
 	return &listener.Listener{
 		Name:    name,
-		Address: SocketAddress(host, port),
+		Address: socketAddress(host, port),
 		FilterChains: []*listener.FilterChain{{
 			Filters: []*listener.Filter{{
 				Name:       xds.TCPProxyFilter,
@@ -272,7 +258,7 @@ func newCluster(name string, o ClusterOptions) *cluster.Cluster {
 func NewEDSCluster(name string, o ClusterOptions) *cluster.Cluster {
 	c := newCluster(name, o)
 	c.ClusterDiscoveryType = &cluster.Cluster_Type{Type: cluster.Cluster_EDS}
-	c.EdsClusterConfig = &cluster.Cluster_EdsClusterConfig{EdsConfig: ADSConfigSource()}
+	c.EdsClusterConfig = &cluster.Cluster_EdsClusterConfig{EdsConfig: adsConfigSource()}
 	return c
 }
 
@@ -301,9 +287,6 @@ type Endpoint struct {
 // unknown. grpc-go rejects localities without an ID, so there always is one.
 const DefaultRegion = "dc1"
 
-// String returns "host:port".
-func (e Endpoint) String() string { return net.JoinHostPort(e.Host, strconv.Itoa(e.Port)) }
-
 // NewLoadAssignment returns the ClusterLoadAssignment of clusterName with the
 // given endpoints, all HEALTHY, grouped into one locality per region (sorted,
 // each of weight 1: grpc-go ignores localities of weight 0 and rejects
@@ -325,7 +308,7 @@ func NewLoadAssignment(clusterName string, endpoints []Endpoint) *endpoint.Clust
 		}
 		byRegion[r] = append(byRegion[r], &endpoint.LbEndpoint{
 			HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
-				Address: SocketAddress(e.Host, e.Port),
+				Address: socketAddress(e.Host, e.Port),
 			}},
 			HealthStatus:        core.HealthStatus_HEALTHY,
 			LoadBalancingWeight: wrapperspb.UInt32(uint32(w)),
@@ -343,8 +326,8 @@ func NewLoadAssignment(clusterName string, endpoints []Endpoint) *endpoint.Clust
 	return cla
 }
 
-// ADSConfigSource returns a config source pointing at the ADS stream.
-func ADSConfigSource() *core.ConfigSource {
+// adsConfigSource returns a config source pointing at the ADS stream.
+func adsConfigSource() *core.ConfigSource {
 	return &core.ConfigSource{
 		ResourceApiVersion:    core.ApiVersion_V3,
 		ConfigSourceSpecifier: &core.ConfigSource_Ads{Ads: &core.AggregatedConfigSource{}},

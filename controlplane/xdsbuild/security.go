@@ -47,7 +47,7 @@ func NewRootsSecret(rootsPEM []string) *tlsv3.Secret {
 }
 
 func sdsRef(name string) *tlsv3.SdsSecretConfig {
-	return &tlsv3.SdsSecretConfig{Name: name, SdsConfig: ADSConfigSource()}
+	return &tlsv3.SdsSecretConfig{Name: name, SdsConfig: adsConfigSource()}
 }
 
 func tlsParams(minVersion string) *tlsv3.TlsParameters {
@@ -137,7 +137,7 @@ const PermissiveDetectTimeout = 100 * time.Millisecond
 // permissive mode, a plaintext chain chosen by tls_inspector (plaintext as
 // well when no byte arrives within PermissiveDetectTimeout).
 func NewInboundListener(name, host string, port int, o InboundOptions) *listener.Listener {
-	l := &listener.Listener{Name: name, Address: SocketAddress(host, port)}
+	l := &listener.Listener{Name: name, Address: socketAddress(host, port)}
 	tlsChain := &listener.FilterChain{Filters: inboundFilters(name, o, true), TransportSocket: o.TLS}
 	if o.HTTP {
 		o.Tracing.applyTo(l)

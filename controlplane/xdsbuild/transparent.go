@@ -73,7 +73,7 @@ type CaptureOptions struct {
 func NewCaptureListener(name, host string, port int, o CaptureOptions) *listener.Listener {
 	l := &listener.Listener{
 		Name:    name,
-		Address: SocketAddress(host, port),
+		Address: socketAddress(host, port),
 		ListenerFilters: append([]*listener.ListenerFilter{{
 			Name:       xds.OriginalDstFilter,
 			ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: xds.MustAny(&originaldst.OriginalDst{})},

@@ -13,13 +13,13 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-// UDPRouteAction is the name of the action of a udp_proxy matcher that
+// udpRouteAction is the name of the action of a udp_proxy matcher that
 // sends a session to a cluster (its typed config is a udp_proxy Route).
-const UDPRouteAction = "route"
+const udpRouteAction = "route"
 
-// UDPSocketAddress returns a UDP core.Address for host:port.
-func UDPSocketAddress(host string, port int) *core.Address {
-	a := SocketAddress(host, port)
+// udpSocketAddress returns a UDP core.Address for host:port.
+func udpSocketAddress(host string, port int) *core.Address {
+	a := socketAddress(host, port)
 	a.GetSocketAddress().Protocol = core.SocketAddress_UDP
 	return a
 }
@@ -41,14 +41,14 @@ type UDPProxyOptions struct {
 func NewUDPListener(name, host string, port int, clusterName string, o UDPProxyOptions) *listener.Listener {
 	cfg := &udpproxy.UdpProxyConfig{
 		StatPrefix:     name,
-		RouteSpecifier: &udpproxy.UdpProxyConfig_Matcher{Matcher: UDPClusterMatcher(clusterName)},
+		RouteSpecifier: &udpproxy.UdpProxyConfig_Matcher{Matcher: udpClusterMatcher(clusterName)},
 	}
 	if o.IdleTimeout > 0 {
 		cfg.IdleTimeout = durationpb.New(o.IdleTimeout)
 	}
 	return &listener.Listener{
 		Name:    name,
-		Address: UDPSocketAddress(host, port),
+		Address: udpSocketAddress(host, port),
 		ListenerFilters: []*listener.ListenerFilter{{
 			Name:       xds.UDPProxyFilter,
 			ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: xds.MustAny(cfg)},
@@ -56,10 +56,10 @@ func NewUDPListener(name, host string, port int, clusterName string, o UDPProxyO
 	}
 }
 
-// UDPClusterMatcher returns the udp_proxy matcher that sends every session
+// udpClusterMatcher returns the udp_proxy matcher that sends every session
 // to clusterName: no match tree, only on_no_match with a Route action.
-func UDPClusterMatcher(clusterName string) *matcher.Matcher {
+func udpClusterMatcher(clusterName string) *matcher.Matcher {
 	return &matcher.Matcher{OnNoMatch: &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{
-		Action: &xdscore.TypedExtensionConfig{Name: UDPRouteAction, TypedConfig: xds.MustAny(&udpproxy.Route{Cluster: clusterName})},
+		Action: &xdscore.TypedExtensionConfig{Name: udpRouteAction, TypedConfig: xds.MustAny(&udpproxy.Route{Cluster: clusterName})},
 	}}}
 }

@@ -259,7 +259,7 @@ func TestDecodeRejectsCaptureFields(t *testing.T) {
 	}
 	plain := func(mut func(*listener.Listener)) func() error {
 		return func() error {
-			l := xdsbuild.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l := xdsbuild.NewTCPProxyListener("l", "127.0.0.1", 80, "c", xdsbuild.TCPProxyOptions{})
 			mut(l)
 			_, err := DecodeListener(xds.MustAny(l))
 			return err

@@ -30,7 +30,7 @@ func TestDecodeValidResources(t *testing.T) {
 	if h := l.Chains[0].HTTP; l.Address != "127.0.0.1:9191" || h == nil || h.RouteConfigName != "api" || h.Via != "p" || h.Codec != CodecAuto {
 		t.Errorf("listener = %+v / %+v", l, h)
 	}
-	tl, err := DecodeListener(xds.MustAny(xdsbuild.NewTCPListener("upstream:store", "::1", 9192, "store")))
+	tl, err := DecodeListener(xds.MustAny(xdsbuild.NewTCPProxyListener("upstream:store", "::1", 9192, "store", xdsbuild.TCPProxyOptions{})))
 	if err != nil || tl.Chains[0].TCP.Cluster != "store" || tl.Address != "[::1]:9192" {
 		t.Errorf("tcp listener = %+v, %v", tl, err)
 	}
@@ -70,17 +70,17 @@ func TestDecodeRejectsWithResourceAndField(t *testing.T) {
 		want   string
 	}{
 		{"listener port 0", func() error {
-			_, err := DecodeListener(xds.MustAny(xdsbuild.NewTCPListener("l", "127.0.0.1", 0, "c")))
+			_, err := DecodeListener(xds.MustAny(xdsbuild.NewTCPProxyListener("l", "127.0.0.1", 0, "c", xdsbuild.TCPProxyOptions{})))
 			return err
 		}, `listener "l": address: port 0 out of range 1-65535`},
 		{"listener without chains", func() error {
-			l := xdsbuild.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l := xdsbuild.NewTCPProxyListener("l", "127.0.0.1", 80, "c", xdsbuild.TCPProxyOptions{})
 			l.FilterChains = nil
 			_, err := DecodeListener(xds.MustAny(l))
 			return err
 		}, `listener "l": filter_chains: at least one filter chain is required`},
 		{"unsupported network filter", func() error {
-			l := xdsbuild.NewTCPListener("l", "127.0.0.1", 80, "c")
+			l := xdsbuild.NewTCPProxyListener("l", "127.0.0.1", 80, "c", xdsbuild.TCPProxyOptions{})
 			l.FilterChains[0].Filters[0] = &listener.Filter{Name: "envoy.filters.network.redis_proxy",
 				ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(&route.RouteConfiguration{})}}
 			_, err := DecodeListener(xds.MustAny(l))

@@ -20,7 +20,7 @@ import (
 // not implement is NACKed by name rather than ignored.
 func TestDecodeTCPProxy(t *testing.T) {
 	withProxy := func(mut func(*tcpproxy.TcpProxy)) *listener.Listener {
-		l := xdsbuild.NewTCPListener("upstream:store", "127.0.0.1", 9192, "store")
+		l := xdsbuild.NewTCPProxyListener("upstream:store", "127.0.0.1", 9192, "store", xdsbuild.TCPProxyOptions{})
 		var m tcpproxy.TcpProxy
 		_ = l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(&m)
 		mut(&m)
@@ -33,7 +33,7 @@ func TestDecodeTCPProxy(t *testing.T) {
 		wantIdle time.Duration
 		wantErr  string
 	}{
-		{name: "unset: Envoy's 1 h", l: xdsbuild.NewTCPListener("upstream:store", "127.0.0.1", 9192, "store"), wantIdle: time.Hour},
+		{name: "unset: Envoy's 1 h", l: xdsbuild.NewTCPProxyListener("upstream:store", "127.0.0.1", 9192, "store", xdsbuild.TCPProxyOptions{}), wantIdle: time.Hour},
 		{name: "from the translator's options", l: xdsbuild.NewTCPProxyListener("upstream:store", "127.0.0.1", 9192, "store",
 			xdsbuild.TCPProxyOptions{MaxConnectAttempts: 3, IdleTimeout: 90 * time.Second}), wantIdle: 90 * time.Second},
 		{name: "inbound", l: xdsbuild.NewInboundListener(xds.PublicListener, "127.0.0.1", 20000, xdsbuild.InboundOptions{

@@ -57,7 +57,7 @@ func TestDecodeUDPListener(t *testing.T) {
 		}), want: UDPProxy{StatPrefix: "upstream:dns", Cluster: "other", IdleTimeout: 0, MaxDownstreamDatagram: 1500, MaxUpstreamDatagram: 4096}},
 
 		{name: "filter chains", l: udpListener(func(l *listener.Listener, _ *udpproxy.UdpProxyConfig) {
-			l.FilterChains = xdsbuild.NewTCPListener("x", "127.0.0.1", 1, "c").FilterChains
+			l.FilterChains = xdsbuild.NewTCPProxyListener("x", "127.0.0.1", 1, "c", xdsbuild.TCPProxyOptions{}).FilterChains
 		}), wantErr: `listener "upstream:dns": filter_chains: a UDP listener has no filter chains`},
 		{name: "no udp_proxy", l: udpListener(func(l *listener.Listener, _ *udpproxy.UdpProxyConfig) { l.ListenerFilters = nil }),
 			wantErr: `listener_filters: a UDP listener needs exactly one listener filter, envoy.filters.udp_listener.udp_proxy (got 0)`},
@@ -73,7 +73,7 @@ func TestDecodeUDPListener(t *testing.T) {
 			m.SessionFilters = []*udpproxy.UdpProxyConfig_SessionFilter{{Name: "f"}}
 		}), wantErr: `typed_config.session_filters: not supported`},
 		{name: "matcher tree", l: udpListener(func(_ *listener.Listener, m *udpproxy.UdpProxyConfig) {
-			mt := xdsbuild.UDPClusterMatcher("dns")
+			mt := m.GetMatcher()
 			mt.MatcherType = &matcher.Matcher_MatcherList_{MatcherList: &matcher.Matcher_MatcherList{}}
 			m.RouteSpecifier = &udpproxy.UdpProxyConfig_Matcher{Matcher: mt}
 		}), wantErr: `listener_filters[0].typed_config: invalid UdpProxyConfig.Matcher: embedded message failed validation | caused by: invalid Matcher.MatcherList`},
@@ -92,7 +92,7 @@ func TestDecodeUDPListener(t *testing.T) {
 			l.UdpListenerConfig = &listener.UdpListenerConfig{QuicOptions: &listener.QuicProtocolOptions{}}
 		}), wantErr: `udp_listener_config.quic_options: not supported`},
 		{name: "udp_listener_config on a TCP listener", l: func() *listener.Listener {
-			l := xdsbuild.NewTCPListener("t", "127.0.0.1", 1, "c")
+			l := xdsbuild.NewTCPProxyListener("t", "127.0.0.1", 1, "c", xdsbuild.TCPProxyOptions{})
 			l.UdpListenerConfig = &listener.UdpListenerConfig{}
 			return l
 		}(), wantErr: `listener "t": udp_listener_config: only for a listener whose address protocol is UDP`},
