@@ -148,11 +148,11 @@ var (
 // retries, when there is no policy); each spec's comment lists them too.
 const (
 	DefaultNumRetries         = 2
-	DefaultBackoffBase        = 25 * time.Millisecond // Envoy retry_back_off.base_interval default; max is 10 × base
-	DefaultBodyBufferBytes    = 64 << 10              // 64 KiB: larger request bodies are not retried
-	DefaultBudgetRatio        = 0.2                   // retries ≤ 20% of requests (Linkerd)
-	DefaultBudgetMinPerSecond = 10                    // plus 10 retries per second (Linkerd)
-	DefaultBudgetTTL          = 10 * time.Second      // over a 10 s window (Linkerd)
+	DefaultBackoffBase        = 25 * time.Millisecond              // Envoy retry_back_off.base_interval default; max is 10 × base
+	DefaultBodyBufferBytes    = xds.DefaultBodyBufferBytes         // 64 KiB: larger request bodies are not retried
+	DefaultBudgetRatio        = xds.DefaultRetryBudgetRatio        // retries ≤ 20% of requests (Linkerd)
+	DefaultBudgetMinPerSecond = xds.DefaultRetryBudgetMinPerSecond // plus 10 retries per second (Linkerd)
+	DefaultBudgetTTL          = xds.DefaultRetryBudgetTTL          // over a 10 s window (Linkerd)
 
 	DefaultMaxConnections     = 1024 // Envoy CircuitBreakers.Thresholds defaults
 	DefaultMaxPendingRequests = 1024

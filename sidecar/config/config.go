@@ -326,8 +326,9 @@ type Route struct {
 	Upgrades map[string]bool
 }
 
-// DefaultBodyBufferBytes is Route.per_request_buffer_limit_bytes when unset.
-const DefaultBodyBufferBytes = 64 << 10
+// DefaultBodyBufferBytes is Route.per_request_buffer_limit_bytes when unset
+// (bytes): xds.DefaultBodyBufferBytes, the value the control plane writes.
+const DefaultBodyBufferBytes = xds.DefaultBodyBufferBytes
 
 // HeaderMatch is a decoded RouteMatch header matcher: exact value, or
 // presence when Present is set. Names are canonical (":method" stays as is).
