@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // Issue 6, row "Opaque TCP": real servers and real clients from Debian
@@ -48,7 +50,7 @@ func startSanity() connSanity {
 func (s connSanity) check(t *testing.T, p *sidecarPair, what string) {
 	t.Helper()
 	const name = "meshlet_sidecar_downstream_connections_active"
-	waitUntil(t, 10*time.Second, what+": both sidecars closing every proxied connection", func() bool {
+	testutil.Until(t, 10*time.Second, what+": both sidecars closing every proxied connection", func() bool {
 		return p.Down.metric(t, name) == 0 && p.Up.metric(t, name) == 0
 	})
 	const slack = 30 // HTTP keep-alive connections of the metrics scrapes, timers
@@ -605,7 +607,7 @@ func TestOpaqueTCPHalfClose(t *testing.T) {
 		})
 		// nc -l serves a single connection: watch the socket table rather
 		// than dial it.
-		waitUntil(t, 5*time.Second, "nc listening", func() bool { return listeningOn(t, port) })
+		testutil.Until(t, 5*time.Second, "nc listening", func() bool { return listeningOn(t, port) })
 		p := startPair(t, pairOptions{Protocol: "tcp", AppPort: port})
 		sanity := startSanity()
 

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -144,14 +146,12 @@ func TestWriteToAResetPeer(t *testing.T) {
 	c, srv := pair(t)
 	_ = srv.(*net.TCPConn).SetLinger(0)
 	srv.Close() // RST
-	var err error
-	deadline := time.Now().Add(5 * time.Second)
-	for err == nil && time.Now().Before(deadline) {
-		_, err = c.Write(make([]byte, 64<<10))
-	}
-	if err == nil {
-		t.Fatal("writes to a reset peer kept succeeding")
-	}
+	testutil.Eventually(t, 5*time.Second, "a write to the reset peer to fail", func() error {
+		if _, err := c.Write(make([]byte, 64<<10)); err == nil {
+			return errors.New("writes to a reset peer kept succeeding")
+		}
+		return nil
+	})
 }
 
 // TestNoAllocationPerCall: Read and Write allocate nothing per call.
