@@ -19,6 +19,7 @@ import (
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -173,7 +174,31 @@ func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
 			return len(eps) > 0
 		})
 	}
-	time.Sleep(200 * time.Millisecond) // the initial exchange settles
+	// The initial exchange settles: the first build pass has ended (its
+	// duration observed, after the proxyless caches it updates last) and
+	// each sidecar has acknowledged its current snapshot of every type it
+	// subscribes to.
+	testutil.Eventually(t, 5*time.Second, "the first build pass to end", func() error {
+		m := &dto.Metric{}
+		if err := s.metrics.build.Write(m); err != nil {
+			return err
+		}
+		if m.GetHistogram().GetSampleCount() == 0 {
+			return errors.New("no build observed")
+		}
+		return nil
+	})
+	for id := range sidecars {
+		testutil.Eventually(t, 5*time.Second, id+" to acknowledge its snapshot", func() error {
+			p := proxyStatus(s.Status(), id)
+			for _, typ := range []string{xds.ListenerType, xds.ClusterType, xds.EndpointType, xds.SecretType} {
+				if v := p.Snapshot[typ]; v == "" || p.ACKed[typ] != v {
+					return fmt.Errorf("%s: snapshot %q, acknowledged %q", typ, v, p.ACKed[typ])
+				}
+			}
+			return nil
+		})
+	}
 	webBefore, _ := sidecars["web-1-sidecar-proxy"].snapshot()
 	adminBefore, _ := sidecars["admin-1-sidecar-proxy"].snapshot()
 	setBefore := promtest.ToFloat64(s.metrics.snapshotsSet)

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -125,7 +127,7 @@ func TestDeadlinesAndClose(t *testing.T) {
 		_, err := c.Read(make([]byte, 10))
 		done <- err
 	}()
-	time.Sleep(20 * time.Millisecond) // let the read block; Close must end it either way
+	testutil.Until(t, 5*time.Second, "the read to wait for data", readParked) // Close must end a read that waits
 	c.Close()
 	select {
 	case err := <-done:
@@ -170,4 +172,17 @@ func TestNoAllocationPerCall(t *testing.T) {
 	if allocs != 0 {
 		t.Errorf("%v allocations per write and read, want 0", allocs)
 	}
+}
+
+// readParked reports whether a goroutine waits in (*Conn).Read for its
+// socket to become readable (parked in the network poller).
+func readParked() bool {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "[IO wait") && strings.Contains(g, "rawsock.(*Conn).Read(") {
+			return true
+		}
+	}
+	return false
 }
