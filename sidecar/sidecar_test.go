@@ -253,38 +253,24 @@ func waitAnswered(t *testing.T, s *Sidecar, version string) {
 	})
 }
 
-// echo runs a TCP server that prefixes each line with its name.
-func echo(t *testing.T, name string) net.Listener {
+// echo runs a TCP server that prefixes each line with its name and
+// returns its address.
+func echo(t *testing.T, name string) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				sc := bufio.NewScanner(c)
-				for sc.Scan() {
-					fmt.Fprintf(c, "%s %s\n", name, sc.Text())
-				}
-			}()
+	return testutil.ServeTCP(t, func(c net.Conn) {
+		sc := bufio.NewScanner(c)
+		for sc.Scan() {
+			fmt.Fprintf(c, "%s %s\n", name, sc.Text())
 		}
-	}()
-	return l
+	})
 }
 
 func TestEndpointChangeKeepsLiveConnections(t *testing.T) {
 	a, b := echo(t, "a"), echo(t, "b")
 	srv := xdstest.Start(t)
 	port := freePort(t)
-	resources := func(ep net.Listener) xdstest.Resources {
-		h, p := hostPort(t, ep.Addr().String())
+	resources := func(ep string) xdstest.Resources {
+		h, p := hostPort(t, ep)
 		return xdstest.Resources{
 			Listeners: []types.Resource{xdsbuild.NewTCPProxyListener("upstream:store", "127.0.0.1", port, "store", xdsbuild.TCPProxyOptions{})},
 			Clusters:  []types.Resource{xdsbuild.NewEDSCluster("store", xdsbuild.ClusterOptions{})},
@@ -318,7 +304,7 @@ func TestEndpointChangeKeepsLiveConnections(t *testing.T) {
 	srv.Set(t, node, "v2", resources(b))
 	testutil.Until(t, 5*time.Second, "endpoint b applied", func() bool {
 		eps := s.Clusters()
-		return len(eps) == 1 && len(eps[0].Endpoints) == 1 && eps[0].Endpoints[0].Address == b.Addr().String()
+		return len(eps) == 1 && len(eps[0].Endpoints) == 1 && eps[0].Endpoints[0].Address == b
 	})
 	if got := say(conn, rd, "still there"); got != "a still there" {
 		t.Errorf("live connection after endpoint change: got %q, want %q", got, "a still there")
