@@ -19,6 +19,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/netnstest"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/intercept"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
@@ -113,7 +114,7 @@ func BenchmarkInterception(b *testing.B) {
 		if err := ns.Do(func() error { return benchConn(targets[path]) }); err != nil {
 			b.Fatalf("%s (%s): %v", path, targets[path], err)
 		}
-		waitUntil(b, 5*time.Second, path+" request counted on "+served[path], func() bool { return counted(path) == 1 })
+		testutil.Until(b, 5*time.Second, path+" request counted on "+served[path], func() bool { return counted(path) == 1 })
 	}
 
 	// Warm up the sidecar (heap, goroutine stacks, upstream pool) and the
@@ -156,7 +157,7 @@ func BenchmarkInterception(b *testing.B) {
 				if mode == "request" {
 					want++ // the connection's untimed first request
 				}
-				waitUntil(b, 5*time.Second, fmt.Sprintf("%d requests counted on %s", want, served[path]), func() bool {
+				testutil.Until(b, 5*time.Second, fmt.Sprintf("%d requests counted on %s", want, served[path]), func() bool {
 					return counted(path)-before == float64(want)
 				})
 			})

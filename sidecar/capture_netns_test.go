@@ -28,6 +28,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/netnstest"
 	"github.com/meshlet/meshlet/internal/testca"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -145,7 +146,7 @@ func TestCaptureInNetns(t *testing.T) {
 			}
 			// Counted once the exchange is over, after the client has the answer.
 			want := fmt.Sprintf(`meshlet_sidecar_requests_total{cluster="api",code="200",listener=%q,reason="",route="default"}`, target.listener)
-			waitUntil(t, 5*time.Second, want+" 1", func() bool { return sc.metric(t, want) == 1 })
+			testutil.Until(t, 5*time.Second, want+" 1", func() bool { return sc.metric(t, want) == 1 })
 		}
 	})
 
@@ -174,7 +175,7 @@ func TestCaptureInNetns(t *testing.T) {
 				t.Errorf("%s = %v, want 1", want, v)
 			}
 		}
-		waitUntil(t, 5*time.Second, "pass-through logged with its destination", func() bool {
+		testutil.Until(t, 5*time.Second, "pass-through logged with its destination", func() bool {
 			return sc.logCount("default chain", "destination=10.96.0.99:8000") == 1
 		})
 	})
@@ -193,7 +194,7 @@ func TestCaptureInNetns(t *testing.T) {
 		// SPIFFE ID fails the handshake: the connection is closed.
 		refused(t, ns, "10.96.2.8:7000")
 		want := `meshlet_sidecar_tls_handshakes_total{name="` + xds.DirectCluster("cache") + `",result="`
-		waitUntil(t, 5*time.Second, "the impostor's handshake counted as failed", func() bool {
+		testutil.Until(t, 5*time.Second, "the impostor's handshake counted as failed", func() bool {
 			_, m := sc.get("/metrics")
 			for line := range strings.Lines(m) {
 				if strings.HasPrefix(line, want) && !strings.Contains(line, `result="ok"`) && !strings.HasSuffix(strings.TrimSpace(line), " 0") {
@@ -230,7 +231,7 @@ func TestCaptureInNetns(t *testing.T) {
 		// strict mode, not passed through by the default chain.
 		refused(t, ns, "10.96.1.10:9080")
 		want := `meshlet_sidecar_tls_handshakes_total{name="inbound_listener",result="not_tls",side="inbound"}`
-		waitUntil(t, 5*time.Second, want+" 1", func() bool { return sc.metric(t, want) == 1 })
+		testutil.Until(t, 5*time.Second, want+" 1", func() bool { return sc.metric(t, want) == 1 })
 		if n := bypass.conns.Load(); n != 0 {
 			t.Errorf("the app port was reached around the sidecar %d times", n)
 		}
@@ -254,7 +255,7 @@ func TestCaptureInNetns(t *testing.T) {
 		} {
 			refused(t, ns, c.addr)
 			want := fmt.Sprintf(`meshlet_sidecar_capture_refused_total{listener=%q,reason=%q}`, c.listener, c.reason)
-			waitUntil(t, 5*time.Second, want, func() bool { return sc.metric(t, want) == 1 })
+			testutil.Until(t, 5*time.Second, want, func() bool { return sc.metric(t, want) == 1 })
 		}
 	})
 
@@ -280,12 +281,12 @@ func TestCaptureInNetns(t *testing.T) {
 		getAPI()
 
 		srv.Set(t, nodeID, "v2", res(false))
-		waitUntil(t, 10*time.Second, "v2 accepted", func() bool { return sc.version(t, xds.ListenerType) == "v2" })
+		testutil.Until(t, 10*time.Second, "v2 accepted", func() bool { return sc.version(t, xds.ListenerType) == "v2" })
 		for range 3 {
 			refused(t, ns, "10.96.0.99:8000")
 		}
 		want := `meshlet_sidecar_capture_refused_total{listener="outbound_listener",reason="no_filter_chain"}`
-		waitUntil(t, 5*time.Second, want+" 3", func() bool { return sc.metric(t, want) == 3 })
+		testutil.Until(t, 5*time.Second, want+" 3", func() bool { return sc.metric(t, want) == 3 })
 		if n := direct.conns.Load(); n != 1 {
 			t.Errorf("the pass-through server accepted %d connections in all, want 1 (the one before registry-only)", n)
 		}
@@ -362,7 +363,7 @@ func startCaptureSidecar(t testing.TB, ns *netnstest.NS, nodeID string, res xdst
 	srv := xdstest.StartOn(t, xdsLn)
 	srv.Set(t, nodeID, "v1", res)
 	sc := startNSSidecar(t, ns, nodeID, srv.Addr)
-	waitUntil(t, 20*time.Second, "sidecar ready", func() bool {
+	testutil.Until(t, 20*time.Second, "sidecar ready", func() bool {
 		code, _ := sc.get("/ready")
 		return code == http.StatusOK
 	})

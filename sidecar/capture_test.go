@@ -15,6 +15,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 
 	"github.com/meshlet/meshlet/controlplane/xdsbuild"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -71,7 +72,7 @@ func TestCaptureListenerNACKedWithTheField(t *testing.T) {
 		})
 	}
 	srv.Set(t, node, "v3", captureResources(t, port, up.Listener.Addr().String(), true))
-	waitUntil(t, 5*time.Second, "v3 accepted", func() bool {
+	testutil.Until(t, 5*time.Second, "v3 accepted", func() bool {
 		v := s.ConfigDump().XDS.Versions
 		return v[xds.ListenerType] == "v3" && v[xds.ClusterType] == "v3" && s.IsReady()
 	})
@@ -88,7 +89,7 @@ func TestCaptureListenerRefusesDirectConnections(t *testing.T) {
 	s := startSidecar(t, srv.Addr)
 	port := freePort(t)
 	srv.Set(t, node, "v1", captureResources(t, port, up.Listener.Addr().String(), true))
-	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+	testutil.Until(t, 5*time.Second, "sidecar ready", s.IsReady)
 	admin := "http://" + s.AdminAddr().String()
 
 	c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
@@ -101,7 +102,7 @@ func TestCaptureListenerRefusesDirectConnections(t *testing.T) {
 		t.Fatalf("direct connection to the capture listener: read %d bytes, %v; want it closed", n, err)
 	}
 	want := `meshlet_sidecar_capture_refused_total{listener="outbound_listener",reason="not_redirected"} 1`
-	waitUntil(t, 5*time.Second, "refusal counted", func() bool {
+	testutil.Until(t, 5*time.Second, "refusal counted", func() bool {
 		_, body, _ := get(t, admin+"/metrics")
 		return strings.Contains(body, want+"\n")
 	})

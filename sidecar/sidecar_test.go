@@ -22,6 +22,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/meshlet/meshlet/controlplane/xdsbuild"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -100,17 +101,6 @@ func startSidecar(t *testing.T, server string) *Sidecar {
 	return s
 }
 
-func waitUntil(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func get(t *testing.T, url string) (int, string, http.Header) {
 	t.Helper()
 	c := &http.Client{Timeout: 5 * time.Second}
@@ -130,7 +120,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 	good := httpResources(port, up1.Listener.Addr().String())
 	srv.Set(t, node, "v1", good)
 	s := startSidecar(t, srv.Addr)
-	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+	testutil.Until(t, 5*time.Second, "sidecar ready", s.IsReady)
 	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
 	if code, body, h := get(t, url); code != 200 || body != "one" || h.Get("Via") != "1.1 "+node {
 		t.Fatalf("before: got %d %q via %q, want 200 \"one\" via %q", code, body, h.Get("Via"), "1.1 "+node)
@@ -234,7 +224,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 
 	// A valid update after the rejections is accepted and applied.
 	srv.Set(t, node, "v9", httpResources(port, up2.Listener.Addr().String()))
-	waitUntil(t, 5*time.Second, "v9 applied", func() bool {
+	testutil.Until(t, 5*time.Second, "v9 applied", func() bool {
 		_, body, _ := get(t, url)
 		return body == "two"
 	})
@@ -252,7 +242,7 @@ func TestInvalidUpdateIsNACKedAndLastGoodConfigKeepsServing(t *testing.T) {
 // in traffic could see the type still on the version before.
 func waitAnswered(t *testing.T, s *Sidecar, version string) {
 	t.Helper()
-	waitUntil(t, 5*time.Second, "every type answered at "+version, func() bool {
+	testutil.Until(t, 5*time.Second, "every type answered at "+version, func() bool {
 		x := s.ConfigDump().XDS
 		for _, typ := range []string{xds.ListenerType, xds.RouteType, xds.ClusterType, xds.EndpointType} {
 			if x.Versions[typ] != version && x.Rejected[typ].Version != version {
@@ -263,38 +253,24 @@ func waitAnswered(t *testing.T, s *Sidecar, version string) {
 	})
 }
 
-// echo runs a TCP server that prefixes each line with its name.
-func echo(t *testing.T, name string) net.Listener {
+// echo runs a TCP server that prefixes each line with its name and
+// returns its address.
+func echo(t *testing.T, name string) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				sc := bufio.NewScanner(c)
-				for sc.Scan() {
-					fmt.Fprintf(c, "%s %s\n", name, sc.Text())
-				}
-			}()
+	return testutil.ServeTCP(t, func(c net.Conn) {
+		sc := bufio.NewScanner(c)
+		for sc.Scan() {
+			fmt.Fprintf(c, "%s %s\n", name, sc.Text())
 		}
-	}()
-	return l
+	})
 }
 
 func TestEndpointChangeKeepsLiveConnections(t *testing.T) {
 	a, b := echo(t, "a"), echo(t, "b")
 	srv := xdstest.Start(t)
 	port := freePort(t)
-	resources := func(ep net.Listener) xdstest.Resources {
-		h, p := hostPort(t, ep.Addr().String())
+	resources := func(ep string) xdstest.Resources {
+		h, p := hostPort(t, ep)
 		return xdstest.Resources{
 			Listeners: []types.Resource{xdsbuild.NewTCPProxyListener("upstream:store", "127.0.0.1", port, "store", xdsbuild.TCPProxyOptions{})},
 			Clusters:  []types.Resource{xdsbuild.NewEDSCluster("store", xdsbuild.ClusterOptions{})},
@@ -303,7 +279,7 @@ func TestEndpointChangeKeepsLiveConnections(t *testing.T) {
 	}
 	srv.Set(t, node, "v1", resources(a))
 	s := startSidecar(t, srv.Addr)
-	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+	testutil.Until(t, 5*time.Second, "sidecar ready", s.IsReady)
 
 	conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 	if err != nil {
@@ -326,9 +302,9 @@ func TestEndpointChangeKeepsLiveConnections(t *testing.T) {
 	}
 
 	srv.Set(t, node, "v2", resources(b))
-	waitUntil(t, 5*time.Second, "endpoint b applied", func() bool {
+	testutil.Until(t, 5*time.Second, "endpoint b applied", func() bool {
 		eps := s.Clusters()
-		return len(eps) == 1 && len(eps[0].Endpoints) == 1 && eps[0].Endpoints[0].Address == b.Addr().String()
+		return len(eps) == 1 && len(eps[0].Endpoints) == 1 && eps[0].Endpoints[0].Address == b
 	})
 	if got := say(conn, rd, "still there"); got != "a still there" {
 		t.Errorf("live connection after endpoint change: got %q, want %q", got, "a still there")
@@ -349,18 +325,18 @@ func TestReconnectsAfterControlPlaneRestart(t *testing.T) {
 	port := freePort(t)
 	srv.Set(t, node, "v1", httpResources(port, up1.Listener.Addr().String()))
 	s := startSidecar(t, srv.Addr)
-	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+	testutil.Until(t, 5*time.Second, "sidecar ready", s.IsReady)
 	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
 
 	srv.Stop()
-	waitUntil(t, 5*time.Second, "disconnect noticed", func() bool { return !s.ConfigDump().XDS.Connected })
+	testutil.Until(t, 5*time.Second, "disconnect noticed", func() bool { return !s.ConfigDump().XDS.Connected })
 	if code, body, _ := get(t, url); code != 200 || body != "one" {
 		t.Fatalf("while the control plane is down: got %d %q, want 200 \"one\"", code, body)
 	}
 
 	srv2 := srv.Restart(t)
 	srv2.Set(t, node, "v2", httpResources(port, up2.Listener.Addr().String()))
-	waitUntil(t, 10*time.Second, "reconnected and v2 applied", func() bool {
+	testutil.Until(t, 10*time.Second, "reconnected and v2 applied", func() bool {
 		_, body, _ := get(t, url)
 		return body == "two"
 	})
@@ -384,7 +360,7 @@ func TestAdminEndpoints(t *testing.T) {
 		t.Errorf("/ready before config = %d %q, want 503 naming what it waits for", code, body)
 	}
 	srv.Set(t, node, "v1", httpResources(port, up.Listener.Addr().String()))
-	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+	testutil.Until(t, 5*time.Second, "sidecar ready", s.IsReady)
 	if code, body, _ := get(t, admin+"/ready"); code != 200 || body != "ready\n" {
 		t.Errorf("/ready = %d %q, want 200 ready", code, body)
 	}
@@ -437,13 +413,13 @@ func TestRestartDuringControlPlaneOutageServesPersistedConfig(t *testing.T) {
 		return s, func() { cancel(); <-done }
 	}
 	s1, stop1 := start()
-	waitUntil(t, 5*time.Second, "first sidecar ready", s1.IsReady)
+	testutil.Until(t, 5*time.Second, "first sidecar ready", s1.IsReady)
 	stop1()
 	srv.Stop() // the control plane goes away, then the sidecar restarts
 
 	s2, stop2 := start()
 	defer stop2()
-	waitUntil(t, 5*time.Second, "restarted sidecar ready from its state directory", s2.IsReady)
+	testutil.Until(t, 5*time.Second, "restarted sidecar ready from its state directory", s2.IsReady)
 	if code, body, _ := get(t, fmt.Sprintf("http://127.0.0.1:%d/", port)); code != 200 || body != "one" {
 		t.Errorf("restarted sidecar: got %d %q, want 200 \"one\"", code, body)
 	}
@@ -465,7 +441,7 @@ func TestRemovedListenerDrainsInFlightRequests(t *testing.T) {
 	port := freePort(t)
 	srv.Set(t, node, "v1", httpResources(port, slow.Listener.Addr().String()))
 	s := startSidecar(t, srv.Addr)
-	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+	testutil.Until(t, 5*time.Second, "sidecar ready", s.IsReady)
 
 	result := make(chan string, 1)
 	go func() {
@@ -480,7 +456,7 @@ func TestRemovedListenerDrainsInFlightRequests(t *testing.T) {
 	}()
 	<-started
 	srv.Set(t, node, "v2", xdstest.Resources{}) // the listener is removed
-	waitUntil(t, 5*time.Second, "listener removed", func() bool { return len(s.Listeners()) == 0 })
+	testutil.Until(t, 5*time.Second, "listener removed", func() bool { return len(s.Listeners()) == 0 })
 	if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); err == nil {
 		c.Close()
 		t.Error("a removed listener still accepts connections")

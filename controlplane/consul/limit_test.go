@@ -10,6 +10,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/internal/devconsul"
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // TestWatcherNamesTheConnectionLimit: with more services than the agent
@@ -29,13 +30,12 @@ func TestWatcherNamesTheConnectionLimit(t *testing.T) {
 	}
 	logs := &safeBuffer{}
 	l := runWatcher(t, agent.HTTPAddr, logs)
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(logs.String(), "limits.http_max_conns_per_client") {
-		if time.Now().After(deadline) {
-			t.Fatalf("no connection-limit log line; logs:\n%s", logs.String())
+	testutil.Eventually(t, 10*time.Second, "a connection-limit log line", func() error {
+		if out := logs.String(); !strings.Contains(out, "limits.http_max_conns_per_client") {
+			return fmt.Errorf("logs:\n%s", out)
 		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return nil
+	})
 	time.Sleep(2 * time.Second) // more refusals: still one line, no unreachable/reachable flapping
 	out := logs.String()
 	if n := strings.Count(out, "limits.http_max_conns_per_client"); n != 1 {

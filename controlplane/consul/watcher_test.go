@@ -2,6 +2,7 @@ package consul
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -38,19 +40,12 @@ func (l *latest) publish(c *model.Catalog) {
 
 func (l *latest) wait(t *testing.T, timeout time.Duration, what string, cond func(*model.Catalog) bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
+	testutil.Until(t, timeout, what, func() bool {
 		l.mu.Lock()
 		c := l.cat
 		l.mu.Unlock()
-		if c != nil && cond(c) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return c != nil && cond(c)
+	})
 }
 
 type safeBuffer = testlog.Buffer
@@ -159,13 +154,12 @@ func TestWatcherRecoversWhenConsulComesUp(t *testing.T) {
 	addr := "127.0.0.1:" + itoa(ports[0])
 	logs := &safeBuffer{}
 	l := runWatcher(t, addr, logs) // nothing listens there yet
-	deadline := time.Now().Add(5 * time.Second)
-	for !strings.Contains(logs.String(), "consul: agent unreachable") {
-		if time.Now().After(deadline) {
-			t.Fatalf("no unreachable log line; logs:\n%s", logs.String())
+	testutil.Eventually(t, 5*time.Second, "an unreachable log line", func() error {
+		if out := logs.String(); !strings.Contains(out, "consul: agent unreachable") {
+			return fmt.Errorf("logs:\n%s", out)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return nil
+	})
 	agent := devconsul.StartForTestWith(t, devconsul.Options{HTTPPort: ports[0]})
 	register(t, agent.Client, "api-1", 9001)
 	l.wait(t, 10*time.Second, "catalog after Consul came up", func(c *model.Catalog) bool { return len(healthyProxies(c)) == 1 })

@@ -20,6 +20,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/inject"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 func injectedPod(name, service string, port int, ready bool) *corev1.Pod {
@@ -156,19 +157,18 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 	}
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out waiting for %s; consul has %v", what, slices.Collect(func(yield func(string) bool) {
-					for id := range services() {
-						if !yield(id) {
-							return
-						}
-					}
-				}))
+		testutil.Eventually(t, 10*time.Second, what, func() error {
+			if cond() {
+				return nil
 			}
-			time.Sleep(20 * time.Millisecond)
-		}
+			return fmt.Errorf("consul has %v", slices.Collect(func(yield func(string) bool) {
+				for id := range services() {
+					if !yield(id) {
+						return
+					}
+				}
+			}))
+		})
 	}
 
 	waitFor("api-1 registered, critical, stale gone", func() bool {

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/meshlet/meshlet/internal/golden"
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -131,21 +132,14 @@ func TestWatchAppliesEditsAndKeepsLastGoodSet(t *testing.T) {
 	}()
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for {
+		testutil.Eventually(t, 5*time.Second, what, func() error {
 			mu.Lock()
-			ok := cond()
-			mu.Unlock()
-			if ok {
-				return
+			defer mu.Unlock()
+			if cond() {
+				return nil
 			}
-			if time.Now().After(deadline) {
-				mu.Lock()
-				defer mu.Unlock()
-				t.Fatalf("timed out waiting for %s; applied %v; logs:\n%s", what, applied, logs.String())
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+			return fmt.Errorf("applied %v; logs:\n%s", applied, logs.String())
+		})
 	}
 	waitFor("initial set", func() bool { return len(applied) == 1 && applied[0] == "http" })
 

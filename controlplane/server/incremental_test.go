@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -17,13 +18,15 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -133,17 +136,6 @@ func (r *recorder) snapshot() (types []string, endpoints map[string][]string) {
 	return slices.Clone(r.types), out
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // TestEndpointChangePushesOnlyToAffectedSidecars: when api's sidecar
 // fails, web (api upstream) gets one EDS update and admin (store upstream)
 // gets nothing; only web's snapshot is set again.
@@ -177,23 +169,47 @@ func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
 		go func() { defer clients.Done(); _ = c.Run(ctx) }()
 	}
 	for id, r := range sidecars {
-		waitFor(t, id+"'s endpoints", func() bool {
+		testutil.Until(t, 5*time.Second, id+"'s endpoints", func() bool {
 			_, eps := r.snapshot()
 			return len(eps) > 0
 		})
 	}
-	time.Sleep(200 * time.Millisecond) // the initial exchange settles
+	// The initial exchange settles: the first build pass has ended (its
+	// duration observed, after the proxyless caches it updates last) and
+	// each sidecar has acknowledged its current snapshot of every type it
+	// subscribes to.
+	testutil.Eventually(t, 5*time.Second, "the first build pass to end", func() error {
+		m := &dto.Metric{}
+		if err := s.metrics.build.Write(m); err != nil {
+			return err
+		}
+		if m.GetHistogram().GetSampleCount() == 0 {
+			return errors.New("no build observed")
+		}
+		return nil
+	})
+	for id := range sidecars {
+		testutil.Eventually(t, 5*time.Second, id+" to acknowledge its snapshot", func() error {
+			p := proxyStatus(s.Status(), id)
+			for _, typ := range []string{xds.ListenerType, xds.ClusterType, xds.EndpointType, xds.SecretType} {
+				if v := p.Snapshot[typ]; v == "" || p.ACKed[typ] != v {
+					return fmt.Errorf("%s: snapshot %q, acknowledged %q", typ, v, p.ACKed[typ])
+				}
+			}
+			return nil
+		})
+	}
 	webBefore, _ := sidecars["web-1-sidecar-proxy"].snapshot()
 	adminBefore, _ := sidecars["admin-1-sidecar-proxy"].snapshot()
-	setBefore := testutil.ToFloat64(s.metrics.snapshotsSet)
-	translated := func() float64 { return testutil.ToFloat64(s.metrics.translated.WithLabelValues(KindSidecar)) }
+	setBefore := promtest.ToFloat64(s.metrics.snapshotsSet)
+	translated := func() float64 { return promtest.ToFloat64(s.metrics.translated.WithLabelValues(KindSidecar)) }
 	translatedBefore := translated()
 
 	failing := *cat.Proxies["api-1-sidecar-proxy"]
 	failing.Healthy = false
 	s.SetCatalog(with(cat, []*model.Proxy{&failing}))
 	web := sidecars["web-1-sidecar-proxy"]
-	waitFor(t, "web's api endpoints to be empty", func() bool {
+	testutil.Until(t, 5*time.Second, "web's api endpoints to be empty", func() bool {
 		_, eps := web.snapshot()
 		return len(eps["api"]) == 0
 	})
@@ -206,7 +222,7 @@ func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
 	if got := adminAfter[len(adminBefore):]; len(got) > 0 {
 		t.Errorf("admin, which has no api upstream, got %v", got)
 	}
-	if d := testutil.ToFloat64(s.metrics.snapshotsSet) - setBefore; d != 1 {
+	if d := promtest.ToFloat64(s.metrics.snapshotsSet) - setBefore; d != 1 {
 		t.Errorf("%v snapshots set, want 1 (web's)", d)
 	}
 	// Translated: api's sidecar (its own value changed, not its resources)
@@ -217,10 +233,10 @@ func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
 
 	// A new catalog with the same values (the watcher's answer to a change
 	// of something no proxy reads) sets nothing.
-	setBefore, translatedBefore = testutil.ToFloat64(s.metrics.snapshotsSet), translated()
+	setBefore, translatedBefore = promtest.ToFloat64(s.metrics.snapshotsSet), translated()
 	s.SetCatalog(with(cat, []*model.Proxy{&failing}))
 	time.Sleep(200 * time.Millisecond)
-	if d := testutil.ToFloat64(s.metrics.snapshotsSet) - setBefore; d != 0 {
+	if d := promtest.ToFloat64(s.metrics.snapshotsSet) - setBefore; d != 0 {
 		t.Errorf("%v snapshots set for an unchanged catalog", d)
 	}
 	if d := translated() - translatedBefore; d != 0 {
@@ -258,13 +274,9 @@ func TestProxylessGroupServiceByService(t *testing.T) {
 	check := func(cat *model.Catalog) map[string]string {
 		t.Helper()
 		want := translate.Proxyless(cat, pol)
-		var versions map[string]string
-		var diff string
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			var res map[string]map[string]types.Resource
-			res, versions = proxylessState(s)
-			diff = ""
+		return testutil.Poll(t, 5*time.Second, "the proxyless caches to hold translate.Proxyless", func() (map[string]string, error) {
+			res, versions := proxylessState(s)
+			diff := ""
 			for typ, list := range map[string][]types.Resource{
 				xds.ListenerType: toResources(want.Listeners), xds.ClusterType: toResources(want.Clusters), xds.EndpointType: toResources(want.Endpoints),
 				xds.RouteType: toResources(want.Routes), xds.SecretType: toResources(want.Secrets),
@@ -278,16 +290,13 @@ func TestProxylessGroupServiceByService(t *testing.T) {
 					}
 				}
 			}
-			if diff == "" {
-				return versions
+			if diff != "" {
+				return nil, errors.New(diff)
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the proxyless caches: %s", diff)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+			return versions, nil
+		})
 	}
-	translated := func() float64 { return testutil.ToFloat64(s.metrics.translated.WithLabelValues(KindProxyless)) }
+	translated := func() float64 { return promtest.ToFloat64(s.metrics.translated.WithLabelValues(KindProxyless)) }
 	cat := mesh()
 	s.SetCatalog(cat)
 	v1 := check(cat)
@@ -322,7 +331,7 @@ func TestProxylessGroupServiceByService(t *testing.T) {
 	before = translated()
 	cat4 := mesh()
 	s.SetCatalog(cat4)
-	waitFor(t, "the new values to be translated", func() bool { return translated()-before == float64(len(cat.Services)) })
+	testutil.Until(t, 5*time.Second, "the new values to be translated", func() bool { return translated()-before == float64(len(cat.Services)) })
 	cat5 := with(cat4, nil, &api)
 	s.SetCatalog(cat5)
 	v5 := check(cat5)

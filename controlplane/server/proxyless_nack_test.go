@@ -7,11 +7,13 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/genproto/googleapis/rpc/status"
 
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -41,7 +43,7 @@ func TestProxylessNACKParkedUntilItsResourceChanges(t *testing.T) {
 		<-served
 	})
 	s.SetCatalog(grpcCatalog(nil, demoPorts()))
-	waitFor(t, "greeter's listener", func() bool {
+	testutil.Until(t, 5*time.Second, "greeter's listener", func() bool {
 		res, _ := proxylessState(s)
 		_, ok := res[xds.ListenerType]["greeter"]
 		return ok

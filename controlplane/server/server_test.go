@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -49,17 +51,13 @@ func versions(t *testing.T, s *Server, node string) map[string]string {
 
 func waitVersions(t *testing.T, s *Server, node string, cond func(map[string]string) bool) map[string]string {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	return testutil.Poll(t, 5*time.Second, "the versions of "+node+"'s snapshot", func() (map[string]string, error) {
 		v := versions(t, s, node)
 		if v != nil && cond(v) {
-			return v
+			return v, nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("snapshot of %s: versions %v never satisfied the condition", node, v)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return nil, fmt.Errorf("versions %v do not satisfy the condition", v)
+	})
 }
 
 func TestOnlyChangedTypesGetNewVersions(t *testing.T) {

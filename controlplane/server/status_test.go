@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/meshlet/meshlet/controlplane/policy"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -115,17 +117,13 @@ func retryOn(cond string) string {
 
 func waitStatus(t *testing.T, s *Server, what string, cond func(*Status) bool) *Status {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	return testutil.Poll(t, 5*time.Second, "status to show "+what, func() (*Status, error) {
 		st := s.Status()
 		if cond(st) {
-			return st
+			return st, nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("status never showed %s: %+v", what, st)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return nil, fmt.Errorf("status %+v", st)
+	})
 }
 
 func proxyStatus(st *Status, node string) ProxyStatus {

@@ -14,13 +14,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/meshlet/meshlet/internal/devproc"
 	"github.com/meshlet/meshlet/internal/freeport"
 )
 
@@ -97,10 +96,7 @@ type Agent struct {
 	// Client talks to the agent.
 	Client *api.Client
 
-	cmd      *exec.Cmd
-	exited   chan struct{} // closed when the process has been waited for
-	stopOnce sync.Once
-	stopErr  error
+	proc *devproc.Process
 }
 
 // Start runs `consul agent -dev` bound to 127.0.0.1 with free HTTP, gRPC,
@@ -145,30 +141,19 @@ func start(ctx context.Context, o Options) (*Agent, error) {
 	}
 	p := func(i int) string { return strconv.Itoa(ports[i]) }
 	bind := cmp.Or(o.BindAddress, "127.0.0.1")
-	cmd := exec.Command(o.Binary, "agent", "-dev",
+	spec := devproc.Spec{Name: "devconsul", Path: o.Binary, Log: o.Log, Detached: o.Detached, Args: append([]string{"agent", "-dev",
 		"-bind", bind, "-client", bind, "-node", o.NodeName,
 		"-http-port", p(0), "-grpc-port", p(1), "-grpc-tls-port", "-1",
 		"-serf-lan-port", p(2), "-serf-wan-port", p(3), "-server-port", p(4),
-		"-dns-port", "-1", "-log-level", "warn")
-	cmd.Args = append(cmd.Args, o.Args...)
+		"-dns-port", "-1", "-log-level", "warn"}, o.Args...)}
 	if o.Netns != "" {
-		cmd = exec.Command("nsenter", append([]string{"--net=" + o.Netns, "--"}, cmd.Args...)...)
+		spec.Path, spec.Args = "nsenter", append([]string{"--net=" + o.Netns, "--", o.Binary}, spec.Args...)
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if !o.Detached {
-		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	proc, err := devproc.Start(spec)
+	if err != nil {
+		return nil, err
 	}
-	if o.Log != nil {
-		cmd.Stdout, cmd.Stderr = o.Log, o.Log
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("devconsul: start %s: %w", o.Binary, err)
-	}
-	a := &Agent{HTTPAddr: net.JoinHostPort(bind, p(0)), cmd: cmd, exited: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		close(a.exited)
-	}()
+	a := &Agent{HTTPAddr: net.JoinHostPort(bind, p(0)), proc: proc}
 	cc := api.DefaultNonPooledConfig()
 	cc.Address = a.HTTPAddr
 	if o.Dial != nil {
@@ -186,59 +171,41 @@ func start(ctx context.Context, o Options) (*Agent, error) {
 	return a, nil
 }
 
+// waitReady waits until the agent has a leader (polled every 100 ms), at
+// most timeout.
 func (a *Agent) waitReady(ctx context.Context, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
+	return a.proc.WaitReady(ctx, timeout, 100*time.Millisecond, func(context.Context) error {
 		leader, err := a.Client.Status().Leader()
-		if err == nil && leader != "" {
-			return nil
+		if err != nil {
+			return fmt.Errorf("agent at %s: %w", a.HTTPAddr, err)
 		}
-		select {
-		case <-a.exited:
-			return fmt.Errorf("devconsul: agent exited during start-up (%v)", a.cmd.ProcessState)
-		case <-ctx.Done():
-			return fmt.Errorf("devconsul: agent at %s not ready after %v: %v", a.HTTPAddr, timeout, err)
-		case <-tick.C:
+		if leader == "" {
+			return fmt.Errorf("agent at %s: no leader yet", a.HTTPAddr)
 		}
-	}
+		return nil
+	})
 }
 
 // PID is the agent's process ID (its process group's too).
-func (a *Agent) PID() int { return a.cmd.Process.Pid }
+func (a *Agent) PID() int { return a.proc.PID() }
 
 // Stop terminates the agent (SIGTERM, then SIGKILL to the process group
-// after 10 s) and waits for it. It is idempotent.
+// after 10 s) and waits for it. It is idempotent; after Kill or Release it
+// does nothing. The error is always nil.
 func (a *Agent) Stop() error {
-	a.stopOnce.Do(func() {
-		pgid := a.cmd.Process.Pid
-		_ = syscall.Kill(-pgid, syscall.SIGTERM)
-		select {
-		case <-a.exited:
-		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
-			<-a.exited
-		}
-	})
-	return a.stopErr
+	a.proc.Stop()
+	return nil
 }
 
 // Kill stops the agent at once (SIGKILL), as a crash would.
-func (a *Agent) Kill() {
-	a.stopOnce.Do(func() {
-		_ = syscall.Kill(-a.cmd.Process.Pid, syscall.SIGKILL)
-		<-a.exited
-	})
-}
+func (a *Agent) Kill() { a.proc.Kill() }
 
 // Release forgets the agent without stopping it (after Start with
 // Detached): it keeps running when this process exits.
-func (a *Agent) Release() { a.stopOnce.Do(func() {}) }
+func (a *Agent) Release() { a.proc.Release() }
 
-// Pid returns the agent's process ID.
-func (a *Agent) Pid() int { return a.cmd.Process.Pid }
+// Pid returns the agent's process ID (PID's older name).
+func (a *Agent) Pid() int { return a.proc.PID() }
 
 // StartForTest starts an agent for t and stops it in t.Cleanup. A missing
 // binary or a failed start fails the test (it is not skipped); under -short
@@ -255,26 +222,12 @@ func StartForTestWith(t testing.TB, o Options) *Agent {
 	if testing.Short() {
 		t.Skip("-short: starts a real Consul agent (make test runs it)")
 	}
-	logPath := filepath.Join(t.TempDir(), "consul.log")
-	f, err := os.Create(logPath)
+	o.Log = devproc.TestLog(t, "consul.log")
+	a, err := Start(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	o.Log = f
-	a, err := Start(context.Background(), o)
-	if err != nil {
-		f.Close()
-		b, _ := os.ReadFile(logPath)
-		t.Fatalf("%v\nconsul log:\n%s", err, b)
-	}
-	t.Cleanup(func() {
-		a.Stop()
-		f.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			t.Logf("consul log:\n%s", b)
-		}
-	})
+	t.Cleanup(func() { a.Stop() })
 	return a
 }
 

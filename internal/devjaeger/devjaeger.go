@@ -23,11 +23,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/meshlet/meshlet/internal/devproc"
 	"github.com/meshlet/meshlet/internal/freeport"
 )
 
@@ -45,7 +44,7 @@ const (
 	// DefaultMaxTraces is the number of traces the in-memory store keeps.
 	DefaultMaxTraces = 100000
 	// stopGrace is how long Stop waits after SIGTERM before SIGKILL.
-	stopGrace = 10 * time.Second
+	stopGrace = devproc.DefaultStopGrace
 )
 
 // FindBinary returns the jaeger binary: $MESHLET_JAEGER_BIN, else bin/jaeger
@@ -123,11 +122,7 @@ type Jaeger struct {
 	// ConfigPath is the collector configuration file Jaeger runs with.
 	ConfigPath string
 
-	dir      string // temporary directory holding ConfigPath
-	detached bool
-	cmd      *exec.Cmd
-	exited   chan struct{} // closed when the process has been waited for
-	stopOnce sync.Once
+	proc *devproc.Process
 }
 
 // Start writes a configuration for Jaeger (memory storage, OTLP receivers,
@@ -201,18 +196,13 @@ func start(ctx context.Context, o Options) (*Jaeger, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("devjaeger: write config: %w", err)
 	}
-	cmd := exec.Command(o.Binary, "--config", cfgPath)
-	cmd.Dir = dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if !o.Detached {
-		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	}
-	if o.Log != nil {
-		cmd.Stdout, cmd.Stderr = o.Log, o.Log
-	}
-	if err := cmd.Start(); err != nil {
+	proc, err := devproc.Start(devproc.Spec{
+		Name: "devjaeger", Path: o.Binary, Args: []string{"--config", cfgPath}, Dir: dir,
+		Log: o.Log, Detached: o.Detached, DataDir: dir, StopGrace: stopGrace,
+	})
+	if err != nil {
 		os.RemoveAll(dir)
-		return nil, fmt.Errorf("devjaeger: start %s: %w", o.Binary, err)
+		return nil, err
 	}
 	addr := func(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
 	j := &Jaeger{
@@ -221,15 +211,8 @@ func start(ctx context.Context, o Options) (*Jaeger, error) {
 		QueryURL:      "http://" + addr(p.queryHTTP),
 		QueryGRPCAddr: addr(p.queryGRPC),
 		ConfigPath:    cfgPath,
-		dir:           dir,
-		detached:      o.Detached,
-		cmd:           cmd,
-		exited:        make(chan struct{}),
+		proc:          proc,
 	}
-	go func() {
-		_ = cmd.Wait()
-		close(j.exited)
-	}()
 	if err := j.waitReady(ctx, o.ReadyTimeout); err != nil {
 		j.Stop()
 		return nil, err
@@ -294,26 +277,11 @@ exporters:
 `, otlpGRPCPort, otlpHTTPPort, queryHTTPPort, queryGRPCPort, maxTraces)
 }
 
+// waitReady probes Jaeger every 100 ms until it serves, at most timeout.
 func (j *Jaeger) waitReady(ctx context.Context, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
 	// No keep-alive: nothing of the probe outlives start-up.
 	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := j.probe(ctx, client)
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-j.exited:
-			return fmt.Errorf("devjaeger: jaeger exited during start-up (%v)", j.cmd.ProcessState)
-		case <-ctx.Done():
-			return fmt.Errorf("devjaeger: jaeger not ready after %v: %w", timeout, err)
-		case <-tick.C:
-		}
-	}
+	return j.proc.WaitReady(ctx, timeout, 100*time.Millisecond, func(ctx context.Context) error { return j.probe(ctx, client) })
 }
 
 // probe returns nil when the query API answers and both OTLP ports accept
@@ -321,22 +289,22 @@ func (j *Jaeger) waitReady(ctx context.Context, timeout time.Duration) error {
 func (j *Jaeger) probe(ctx context.Context, client *http.Client) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, j.QueryURL+"/api/services", nil)
 	if err != nil {
-		return fmt.Errorf("devjaeger: query request: %w", err)
+		return fmt.Errorf("query request: %w", err)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("devjaeger: query API: %w", err)
+		return fmt.Errorf("query API: %w", err)
 	}
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("devjaeger: query API: GET /api/services: %s", resp.Status)
+		return fmt.Errorf("query API: GET /api/services: %s", resp.Status)
 	}
 	var d net.Dialer
 	for _, addr := range []string{j.OTLPGRPCAddr, j.OTLPHTTPAddr} {
 		c, err := d.DialContext(ctx, "tcp", addr)
 		if err != nil {
-			return fmt.Errorf("devjaeger: otlp receiver: %w", err)
+			return fmt.Errorf("otlp receiver: %w", err)
 		}
 		c.Close()
 	}
@@ -346,31 +314,19 @@ func (j *Jaeger) probe(ctx context.Context, client *http.Client) error {
 // Stop terminates Jaeger (SIGTERM to its process group, then SIGKILL after
 // 10 s), waits for it to exit and removes its configuration directory. It is
 // idempotent and safe for concurrent use; after Release it does nothing.
-func (j *Jaeger) Stop() {
-	j.stopOnce.Do(func() {
-		pgid := j.cmd.Process.Pid
-		_ = syscall.Kill(-pgid, syscall.SIGTERM)
-		select {
-		case <-j.exited:
-		case <-time.After(stopGrace):
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
-			<-j.exited
-		}
-		os.RemoveAll(j.dir)
-	})
-}
+func (j *Jaeger) Stop() { j.proc.Stop() }
 
 // Release forgets Jaeger without stopping it (after Start with
 // Options.Detached): it keeps running, with its configuration directory,
 // when this process exits. Stop it later by PID.
-func (j *Jaeger) Release() { j.stopOnce.Do(func() {}) }
+func (j *Jaeger) Release() { j.proc.Release() }
 
 // PID returns Jaeger's process ID (also its process group ID).
-func (j *Jaeger) PID() int { return j.cmd.Process.Pid }
+func (j *Jaeger) PID() int { return j.proc.PID() }
 
 // Exited returns a channel closed once the Jaeger process has exited and been
 // reaped.
-func (j *Jaeger) Exited() <-chan struct{} { return j.exited }
+func (j *Jaeger) Exited() <-chan struct{} { return j.proc.Exited() }
 
 // StartForTest starts Jaeger for t with default Options and stops it in
 // t.Cleanup. A missing binary or a failed start fails the test (it is not
@@ -388,26 +344,12 @@ func StartForTestWith(t testing.TB, o Options) *Jaeger {
 	if testing.Short() {
 		t.Skip("-short: starts a real Jaeger (make test runs it)")
 	}
-	logPath := filepath.Join(t.TempDir(), "jaeger.log")
-	f, err := os.Create(logPath)
+	o.Log = devproc.TestLog(t, "jaeger.log")
+	j, err := Start(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	o.Log = f
-	j, err := Start(context.Background(), o)
-	if err != nil {
-		f.Close()
-		b, _ := os.ReadFile(logPath)
-		t.Fatalf("%v\njaeger log:\n%s", err, b)
-	}
-	t.Cleanup(func() {
-		j.Stop()
-		f.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			t.Logf("jaeger log:\n%s", b)
-		}
-	})
+	t.Cleanup(j.Stop)
 	return j
 }
 

@@ -22,6 +22,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // testAppImageFile is the tests' app image in the image dir (make images).
@@ -178,7 +180,7 @@ func TestCluster(t *testing.T) {
 			t.Fatal(err)
 		}
 		clusterIP = created.Spec.ClusterIP
-		pods := poll(t, ctx, 90*time.Second, "2 echo pods Running and Ready", func() ([]corev1.Pod, error) {
+		pods := testutil.Poll(t, 90*time.Second, "2 echo pods Running and Ready", func() ([]corev1.Pod, error) {
 			l, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=echo"})
 			if err != nil {
 				return nil, err
@@ -208,7 +210,7 @@ func TestCluster(t *testing.T) {
 		hc := &http.Client{Transport: &http.Transport{DialContext: c.DialContext, DisableKeepAlives: true}, Timeout: 5 * time.Second}
 		seen := map[string]bool{}
 		// kube-proxy spreads connections over both pods: ask until both answered.
-		poll(t, ctx, 30*time.Second, "answers from both echo pods through "+clusterIP, func() (struct{}, error) {
+		testutil.Poll(t, 30*time.Second, "answers from both echo pods through "+clusterIP, func() (struct{}, error) {
 			body, err := get(ctx, hc, "http://"+clusterIP+"/")
 			if err != nil {
 				return struct{}{}, err
@@ -314,7 +316,7 @@ func TestCluster(t *testing.T) {
 		if _, err := cs.BatchV1().Jobs(ns).Create(ctx, job, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		poll(t, ctx, 90*time.Second, "job probe Complete", func() (struct{}, error) {
+		testutil.Poll(t, 90*time.Second, "job probe Complete", func() (struct{}, error) {
 			j, err := cs.BatchV1().Jobs(ns).Get(ctx, "probe", metav1.GetOptions{})
 			if err != nil {
 				return struct{}{}, err
@@ -490,23 +492,6 @@ func mountsNaming(t *testing.T, name string) []string {
 		}
 	}
 	return out
-}
-
-// poll calls f every 250 ms until it succeeds, failing t with f's last
-// error after timeout.
-func poll[T any](t *testing.T, ctx context.Context, timeout time.Duration, what string, f func() (T, error)) T {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		v, err := f()
-		if err == nil {
-			return v
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			t.Fatalf("waiting for %s: %v", what, err)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
 }
 
 func podReady(p corev1.Pod) bool {

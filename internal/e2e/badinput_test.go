@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/internal/devconsul"
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // outboundIsHTTP reports whether a request through bindPort comes back with
@@ -38,7 +39,7 @@ func TestMalformedPolicyIsReportedAndLastGoodSetKept(t *testing.T) {
 	}
 
 	m.writePolicy("b.yaml", serviceDefaults("b", "http"))
-	waitUntil(t, 5*time.Second, "the fixed policy to make b HTTP", func() bool { return outboundIsHTTP(bindPort) })
+	testutil.Until(t, 5*time.Second, "the fixed policy to make b HTTP", func() bool { return outboundIsHTTP(bindPort) })
 }
 
 func TestConsulDownAtControlPlaneStart(t *testing.T) {
@@ -52,7 +53,7 @@ func TestConsulDownAtControlPlaneStart(t *testing.T) {
 	_, _, _, bindPort, _ := twoServices(t, m)
 	// The intention a → b reaches b's sidecar by its own watch, maybe just
 	// after both sidecars are ready.
-	waitUntil(t, 5*time.Second, "the mesh working after Consul came up", func() bool { return outboundIsHTTP(bindPort) })
+	testutil.Until(t, 5*time.Second, "the mesh working after Consul came up", func() bool { return outboundIsHTTP(bindPort) })
 	if n := m.cpLog.Count("consul: agent unreachable"); n != 1 {
 		t.Errorf("'agent unreachable' logged %d times, want once:\n%s", n, strings.Join(m.cpLog.Lines("consul:"), "\n"))
 	}
@@ -80,7 +81,7 @@ func TestControlPlaneDownAtSidecarStart(t *testing.T) {
 	m.startControlPlane("", xdsAddr)
 	aProxy.waitReady(t)
 	bProxy.waitReady(t)
-	waitUntil(t, 5*time.Second, "traffic through the mesh", func() bool { return outboundIsHTTP(ports[2]) })
+	testutil.Until(t, 5*time.Second, "traffic through the mesh", func() bool { return outboundIsHTTP(ports[2]) })
 	if n := aProxy.log.Count("xds: control plane unreachable"); n != 1 {
 		t.Errorf("'control plane unreachable' logged %d times, want once", n)
 	}

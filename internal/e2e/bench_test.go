@@ -16,6 +16,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/translate"
 	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -84,10 +85,7 @@ func pair(b *testing.B, mtls bool) string {
 		done := make(chan struct{})
 		go func() { defer close(done); _ = s.Run(ctx) }()
 		b.Cleanup(func() { cancel(); <-done })
-		deadline := time.Now().Add(5 * time.Second)
-		for !s.IsReady() && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
+		testutil.Until(b, 5*time.Second, node+" ready", s.IsReady)
 	}
 	return "http://127.0.0.1:" + strconv.Itoa(ports[1]) + "/"
 }

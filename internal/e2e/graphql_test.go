@@ -17,6 +17,8 @@ import (
 	genql "github.com/Khan/genqlient/graphql"
 	graphqlgo "github.com/graph-gophers/graphql-go"
 	"github.com/graph-gophers/graphql-go/relay"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // TestGraphQLPostsAreNotReplayed is the "GraphQL and SOAP" row of the
@@ -111,7 +113,7 @@ func TestGraphQLPostsAreNotReplayed(t *testing.T) {
 				}
 			})
 			// The hung handler is released once an attempt is abandoned.
-			waitUntil(t, 5*time.Second, "hung requests released", func() bool { return app.hanging.Load() == 0 })
+			testutil.Until(t, 5*time.Second, "hung requests released", func() bool { return app.hanging.Load() == 0 })
 		})
 	}
 
@@ -138,7 +140,7 @@ func TestGraphQLPostsAreNotReplayed(t *testing.T) {
 		// the built-in policy sends the POST on to up-1, which runs it once.
 		ports := freePorts(t, 2)
 		p.m.register(svc{id: "up-2", name: "up", appPort: ports[0], sidecarPort: ports[1]})
-		waitUntil(t, 10*time.Second, "down's sidecar seeing up-2", func() bool { return len(p.Down.endpoints("up")) == 2 })
+		testutil.Until(t, 10*time.Second, "down's sidecar seeing up-2", func() bool { return len(p.Down.endpoints("up")) == 2 })
 		retriedUntil := func(what string, done func() bool) {
 			t.Helper()
 			for i := 0; !done(); i++ {

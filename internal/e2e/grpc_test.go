@@ -21,6 +21,8 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	_ "google.golang.org/grpc/xds" // registers the xds:/// resolver and balancers
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // grpcClientEnv makes the test binary act as a proxyless gRPC client of
@@ -207,7 +209,7 @@ func TestProxylessGRPCClientResolvesThroughControlPlane(t *testing.T) {
 	// The control plane starts on the whole catalog, so each client's first
 	// endpoints hold every instance.
 	for svc, want := range map[string]int{"greeter": 2, "echo": 2, "web": 1, "api": 1, "store": 1} {
-		waitUntil(t, 10*time.Second, svc+" passing in Consul's catalog", func() bool {
+		testutil.Until(t, 10*time.Second, svc+" passing in Consul's catalog", func() bool {
 			entries, _, err := m.consul.Client.Health().Service(svc, "", true, nil)
 			return err == nil && len(entries) == want
 		})

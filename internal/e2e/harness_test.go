@@ -22,6 +22,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar"
 )
 
@@ -146,7 +147,7 @@ func (m *mesh) startSidecar(node, xdsAddr string) *proxy {
 
 func (p *proxy) waitReady(t *testing.T) {
 	t.Helper()
-	waitUntil(t, 10*time.Second, "sidecar ready", p.s.IsReady)
+	testutil.Until(t, 10*time.Second, "sidecar ready", p.s.IsReady)
 }
 
 // endpoints returns the endpoint addresses of cluster, sorted.
@@ -291,17 +292,6 @@ func freePorts(t *testing.T, n int) []int {
 		t.Fatal(err)
 	}
 	return p
-}
-
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // answer is one request through the mesh.

@@ -26,6 +26,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // TestHTTP2AndGRPC is the "HTTP/2 and gRPC" row of the protocol table:
@@ -103,7 +105,7 @@ func testGRPCDeadlines(t *testing.T, p *sidecarPair, app *grpcApp) {
 			t.Errorf("DEADLINE_EXCEEDED %v after the client's deadline", late)
 		}
 		var pr probe
-		waitUntil(t, 2*time.Second, "the server to see the call end", func() bool {
+		testutil.Until(t, 2*time.Second, "the server to see the call end", func() bool {
 			pr, _ = app.probe("sleep")
 			return !pr.ended.IsZero()
 		})
@@ -120,7 +122,7 @@ func testGRPCDeadlines(t *testing.T, p *sidecarPair, app *grpcApp) {
 			_, err := tc.UnaryCall(ctx, &testpb.SimpleRequest{})
 			errc <- err
 		}()
-		waitUntil(t, 5*time.Second, "the call to reach the server", func() bool { _, ok := app.probe("cancel"); return ok })
+		testutil.Until(t, 5*time.Second, "the call to reach the server", func() bool { _, ok := app.probe("cancel"); return ok })
 		if pr, _ := app.probe("cancel"); !pr.deadline.IsZero() {
 			t.Errorf("a call without deadline arrived with one, %v", pr.deadline)
 		}
@@ -128,7 +130,7 @@ func testGRPCDeadlines(t *testing.T, p *sidecarPair, app *grpcApp) {
 		cancel()
 		wantCode(t, "cancelled call", <-errc, codes.Canceled)
 		var pr probe
-		waitUntil(t, 2*time.Second, "the server to see the cancellation", func() bool {
+		testutil.Until(t, 2*time.Second, "the server to see the cancellation", func() bool {
 			pr, _ = app.probe("cancel")
 			return !pr.ended.IsZero()
 		})

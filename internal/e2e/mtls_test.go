@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/meshlet/meshlet/internal/testca"
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // tap forwards connections to target, keeping every byte each way.
@@ -111,7 +112,7 @@ func TestMTLSBetweenSidecarsCarriesIdentityAndNoCleartext(t *testing.T) {
 	req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/secret-path-4242", ports[2]), strings.NewReader("cleartext-body-marker"))
 	req.Header.Set("X-Secret", "cleartext-header-marker")
 	var got answer
-	waitUntil(t, 5*time.Second, "a request through both sidecars", func() bool {
+	testutil.Until(t, 5*time.Second, "a request through both sidecars", func() bool {
 		resp, err := client.Do(req.Clone(req.Context()))
 		if err != nil {
 			return false
@@ -170,14 +171,14 @@ func TestIntentionsTakeEffectWithin2s(t *testing.T) {
 		_, bProxy, _, bindPort, _ := twoServices(t, m)
 		load := startLoad(fmt.Sprintf("http://127.0.0.1:%d/", bindPort))
 		defer load.finish()
-		waitUntil(t, 5*time.Second, "traffic allowed", func() bool {
+		testutil.Until(t, 5*time.Second, "traffic allowed", func() bool {
 			as := load.snapshot()
 			return len(as) > 0 && as[len(as)-1].status == 200
 		})
 
 		at := time.Now()
 		m.intention("a", "b", api.IntentionActionDeny)
-		waitUntil(t, 2*time.Second, "the deny to take effect", func() bool {
+		testutil.Until(t, 2*time.Second, "the deny to take effect", func() bool {
 			as := load.snapshot()
 			last := as[len(as)-1]
 			return last.start.After(at) && last.status == http.StatusForbidden
@@ -195,7 +196,7 @@ func TestIntentionsTakeEffectWithin2s(t *testing.T) {
 
 		at = time.Now()
 		m.intention("a", "b", api.IntentionActionAllow)
-		waitUntil(t, 2*time.Second, "the allow to take effect", func() bool {
+		testutil.Until(t, 2*time.Second, "the allow to take effect", func() bool {
 			as := load.snapshot()
 			last := as[len(as)-1]
 			return last.start.After(at) && last.status == 200
@@ -217,14 +218,14 @@ func TestIntentionsTakeEffectWithin2s(t *testing.T) {
 			resp.Body.Close()
 			return resp.StatusCode == 200
 		}
-		waitUntil(t, 5*time.Second, "tcp traffic allowed", works)
+		testutil.Until(t, 5*time.Second, "tcp traffic allowed", works)
 		at := time.Now()
 		m.intention("a", "b", api.IntentionActionDeny)
-		waitUntil(t, 2*time.Second, "connections refused", func() bool { return !works() })
+		testutil.Until(t, 2*time.Second, "connections refused", func() bool { return !works() })
 		t.Logf("deny in force after %v", time.Since(at).Round(time.Millisecond))
 		bProxy.log.WaitFor(t, time.Second, "authz: connection denied")
 		m.intention("a", "b", api.IntentionActionAllow)
-		waitUntil(t, 2*time.Second, "connections allowed again", works)
+		testutil.Until(t, 2*time.Second, "connections allowed again", works)
 	})
 }
 
@@ -242,7 +243,7 @@ func useOwnCA(t *testing.T, m *mesh) *testca.CA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, 10*time.Second, "the test CA to be active", func() bool {
+	testutil.Until(t, 10*time.Second, "the test CA to be active", func() bool {
 		roots, _, err := m.consul.Client.Agent().ConnectCARoots(nil)
 		if err != nil {
 			return false
@@ -365,7 +366,7 @@ func TestCARotationUnderLoadLosesNothing(t *testing.T) {
 	m.startControlPlane("", "")
 	aProxy, bProxy, _, bindPort, bSvc := twoServices(t, m)
 	load := startLoad(fmt.Sprintf("http://127.0.0.1:%d/", bindPort))
-	waitUntil(t, 5*time.Second, "traffic", func() bool { return len(load.snapshot()) > 10 })
+	testutil.Until(t, 5*time.Second, "traffic", func() bool { return len(load.snapshot()) > 10 })
 
 	start := time.Now()
 	ca := useOwnCA(t, m) // `consul connect ca set-config` to a new key
@@ -379,7 +380,7 @@ func TestCARotationUnderLoadLosesNothing(t *testing.T) {
 		}
 		return false
 	}
-	waitUntil(t, 90*time.Second, "both sidecars to hold leaves from the new CA", func() bool { return signedByNew(aProxy) && signedByNew(bProxy) })
+	testutil.Until(t, 90*time.Second, "both sidecars to hold leaves from the new CA", func() bool { return signedByNew(aProxy) && signedByNew(bProxy) })
 	t.Logf("leaves rotated %v after the CA change", time.Since(start).Round(time.Second))
 	time.Sleep(500 * time.Millisecond) // keep the load running on the new certificates
 	answers := load.finish()
@@ -423,7 +424,7 @@ func TestPermissiveModeAndCertificateHealth(t *testing.T) {
 
 	// Through the mesh: mTLS, with the caller's identity.
 	var viaMesh answer
-	waitUntil(t, 5*time.Second, "a mesh request", func() bool {
+	testutil.Until(t, 5*time.Second, "a mesh request", func() bool {
 		viaMesh = call(fmt.Sprintf("http://127.0.0.1:%d/", bindPort))
 		return viaMesh.err == nil
 	})

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // sidecarPair is the mesh path of one call: a downstream service "down"
@@ -67,11 +69,11 @@ func startPair(t *testing.T, o pairOptions) *sidecarPair {
 	if o.Processes {
 		p.DownProc = startSidecarProc(t, "down-1-sidecar-proxy", m.xdsAddr)
 		p.UpProc = startSidecarProc(t, "up-1-sidecar-proxy", m.xdsAddr)
-		waitUntil(t, 15*time.Second, "sidecar processes ready", func() bool { return p.DownProc.ready() && p.UpProc.ready() })
-		waitUntil(t, 10*time.Second, "down's sidecar reaching up's", func() bool {
+		testutil.Until(t, 15*time.Second, "sidecar processes ready", func() bool { return p.DownProc.ready() && p.UpProc.ready() })
+		testutil.Until(t, 10*time.Second, "down's sidecar reaching up's", func() bool {
 			return strings.Contains(p.DownProc.get(t, "/clusters"), "up::"+p.UpPublic+"::")
 		})
-		waitUntil(t, 10*time.Second, "up's sidecar allowing down (the intention)", func() bool {
+		testutil.Until(t, 10*time.Second, "up's sidecar allowing down (the intention)", func() bool {
 			return strings.Contains(p.UpProc.get(t, "/config_dump"), "/svc/down")
 		})
 		return p
@@ -80,11 +82,11 @@ func startPair(t *testing.T, o pairOptions) *sidecarPair {
 	p.Up = m.startSidecar("up-1-sidecar-proxy", "")
 	p.Down.waitReady(t)
 	p.Up.waitReady(t)
-	waitUntil(t, 10*time.Second, "down's sidecar reaching up's", func() bool {
+	testutil.Until(t, 10*time.Second, "down's sidecar reaching up's", func() bool {
 		eps := p.Down.endpoints("up")
 		return len(eps) == 1 && eps[0] == p.UpPublic
 	})
-	waitUntil(t, 10*time.Second, "up's sidecar allowing down (the intention)", func() bool {
+	testutil.Until(t, 10*time.Second, "up's sidecar allowing down (the intention)", func() bool {
 		return strings.Contains(getURL(t, p.Up.admin+"/config_dump"), "/svc/down")
 	})
 	return p

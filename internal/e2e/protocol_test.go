@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // Issue 6, row "Protocol declaration, not sniffing": the protocol of a
@@ -89,7 +91,7 @@ const (
 func waitChains(t *testing.T, p *proxy, listener string, want ...string) listenerView {
 	t.Helper()
 	var got listenerView
-	waitUntil(t, 15*time.Second, listener+" with chains "+strings.Join(want, " | "), func() bool {
+	testutil.Until(t, 15*time.Second, listener+" with chains "+strings.Join(want, " | "), func() bool {
 		got = dumpedListeners(t, p)[listener]
 		return slices.Equal(got.chains(), want)
 	})
@@ -128,7 +130,7 @@ func TestProtocolDeclaredNotSniffed(t *testing.T) {
 	for _, p := range []*proxy{cp, wp, dp} {
 		p.waitReady(t)
 	}
-	waitUntil(t, 10*time.Second, "client's sidecar reaching web's and db's", func() bool {
+	testutil.Until(t, 10*time.Second, "client's sidecar reaching web's and db's", func() bool {
 		return slices.Equal(cp.endpoints("web"), []string{hostPort(webSidecar)}) && slices.Equal(cp.endpoints("db"), []string{hostPort(dbSidecar)})
 	})
 
@@ -171,7 +173,7 @@ func TestProtocolDeclaredNotSniffed(t *testing.T) {
 	m.writePolicy("protocols.yaml", serviceDefaults("web", "tcp"))
 	waitChains(t, cp, "upstream:web", ":"+tcpFilter)
 	waitChains(t, wp, "public_listener", ":"+rbacNet+","+tcpFilter)
-	waitUntil(t, 10*time.Second, "HTTP through web's now-opaque path", func() bool {
+	testutil.Until(t, 10*time.Second, "HTTP through web's now-opaque path", func() bool {
 		a = call("http://" + hostPort(webBind) + "/")
 		return a.err == nil && a.via == ""
 	})

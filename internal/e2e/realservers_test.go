@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // Real servers and clients from Debian packages, run on free 127.0.0.1
@@ -163,9 +165,7 @@ func credential(t *testing.T, name string) *syscall.Credential {
 // not nil) returns nil.
 func waitServing(t *testing.T, d *serverProc, addr string, ready func() error) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	var last error
-	for {
+	testutil.Eventually(t, 30*time.Second, d.name+" serving on "+addr, func() error {
 		if d.exited() {
 			t.Fatalf("%s exited (%v) before serving on %s:\n%s", d.name, d.err, addr, lastLines(d.log.String(), 40))
 		}
@@ -173,19 +173,15 @@ func waitServing(t *testing.T, d *serverProc, addr string, ready func() error) {
 		if err == nil {
 			c.Close()
 			if ready == nil {
-				return
+				return nil
 			}
-			if last = ready(); last == nil {
-				return
-			}
-		} else {
-			last = err
+			err = ready()
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not serving on %s after 30s: %v\n%s", d.name, addr, last, lastLines(d.log.String(), 40))
+		if err != nil {
+			return fmt.Errorf("%w\n%s", err, lastLines(d.log.String(), 40))
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 // run runs a client program with a deadline and returns its stdout; a

@@ -18,6 +18,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // retryDoc returns a RetryPolicy document for api with the given spec lines.
@@ -131,7 +133,7 @@ func TestEndpointBreakerOpensHalfOpensAndCloses(t *testing.T) {
 		t.Errorf("api-1 got %d requests while open, want none beyond the 2 failures", n-2)
 	}
 	bad.set(modeOK)
-	waitUntil(t, 2*time.Second, "open interval over", func() bool { return time.Since(opened) > 300*time.Millisecond })
+	testutil.Until(t, 2*time.Second, "open interval over", func() bool { return time.Since(opened) > 300*time.Millisecond })
 	// Half-open: one probe goes to api-1; it succeeds and closes the breaker.
 	for bad.hits.Load() < 3 {
 		r.get("/")
@@ -173,7 +175,7 @@ func TestOutlierEjectionAndReadmission(t *testing.T) {
 			t.Fatalf("ejected api-1 answered %q", body)
 		}
 	}
-	waitUntil(t, 2*time.Second, "re-admission", func() bool {
+	testutil.Until(t, 2*time.Second, "re-admission", func() bool {
 		r.get("/")
 		return r.clusterLine(bad.addr, "health_flags") == "healthy" && bad.hits.Load() > 3
 	})
@@ -266,7 +268,7 @@ func TestTypedFailureReasonsAndMetricLabels(t *testing.T) {
 				defer cancel()
 				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.url+"/hang", nil)
 				go http.DefaultClient.Do(req) //nolint:errcheck // cancelled at the end
-				waitUntil(t, 2*time.Second, "the hanging request in flight", func() bool {
+				testutil.Until(t, 2*time.Second, "the hanging request in flight", func() bool {
 					return strings.Contains(r.clusterLine(addr, "rq_active"), "1")
 				})
 			}
@@ -362,7 +364,7 @@ func TestClientCancellationIsNotRetriedNorCounted(t *testing.T) {
 	if _, err := http.DefaultClient.Do(req); err == nil {
 		t.Fatal("request to a hanging upstream returned")
 	}
-	waitUntil(t, 2*time.Second, "the cancelled request recorded", func() bool {
+	testutil.Until(t, 2*time.Second, "the cancelled request recorded", func() bool {
 		return r.metric("meshlet_sidecar_requests_total", `code="0"`) == 1
 	})
 	if n := hang.hits.Load(); n != 1 {
@@ -514,7 +516,7 @@ func TestConnectionPoolLimits(t *testing.T) {
 	defer cancelA()
 	reqA, _ := http.NewRequestWithContext(ctxA, http.MethodGet, r.url+"/a", nil)
 	go http.DefaultClient.Do(reqA) //nolint:errcheck // cancelled below
-	waitUntil(t, 2*time.Second, "A holding the only connection", func() bool { return up.hits.Load() == 1 })
+	testutil.Until(t, 2*time.Second, "A holding the only connection", func() bool { return up.hits.Load() == 1 })
 
 	bDone := make(chan int, 1)
 	go func() {
@@ -526,7 +528,7 @@ func TestConnectionPoolLimits(t *testing.T) {
 		resp.Body.Close()
 		bDone <- resp.StatusCode
 	}()
-	waitUntil(t, 2*time.Second, "B pending", func() bool { return r.clusterLine("", "upstream_rq_pending_active") == "1" })
+	testutil.Until(t, 2*time.Second, "B pending", func() bool { return r.clusterLine("", "upstream_rq_pending_active") == "1" })
 	if code, _, reason := r.get("/c"); code != 503 || reason != "overflow" {
 		t.Errorf("third request: %d %q, want 503 overflow (max_pending_requests)", code, reason)
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/translate"
 	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -198,7 +199,7 @@ func newRigProtocol(t *testing.T, protocol, policies string, endpoints ...rigEnd
 		_ = s.Run(ctx)
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	waitUntil(t, 5*time.Second, "sidecar ready", s.IsReady)
+	testutil.Until(t, 5*time.Second, "sidecar ready", s.IsReady)
 	return &rig{t: t, url: "http://" + hostPort(port), s: s, log: buf, srv: srv, port: port}
 }
 

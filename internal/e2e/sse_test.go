@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // pushApp serves Server-Sent Events and long polls, and records when each
@@ -158,7 +160,7 @@ func TestSSEAndLongPollingThroughSidecars(t *testing.T) {
 			_ = cmd.Run() // curl gives up after 0.8 s (exit 28)
 			left := time.Now()
 			id := path[strings.Index(path, "id=")+3:]
-			waitUntil(t, 3*time.Second, "the app seeing "+id+"'s client leave", func() bool {
+			testutil.Until(t, 3*time.Second, "the app seeing "+id+"'s client leave", func() bool {
 				_, ok := app.goneAt(id)
 				return ok
 			})

@@ -20,6 +20,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/admin"
 	"github.com/meshlet/meshlet/controlplane/server"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -116,14 +117,14 @@ func TestStatusTracesRejectedResourceToPolicyFile(t *testing.T) {
 	adminAddr := m.startControlPlaneWithAdmin()
 	web, _, bindPort := webCallsAPI(t, m)
 	const node = "web-1-sidecar-proxy"
-	waitUntil(t, 10*time.Second, "status to report no rejections with both sidecars connected", func() bool {
+	testutil.Until(t, 10*time.Second, "status to report no rejections with both sidecars connected", func() bool {
 		code, out, _ := statusCmd("-admin-addr", adminAddr)
 		return code == admin.ExitOK && strings.Contains(out, "2 proxies, 2 connected")
 	})
 
 	m.writePolicy("resilience.yaml", resiliencePolicy("envoy-ratelimited"))
 	var sidecarErr string
-	waitUntil(t, 10*time.Second, "web's sidecar to NACK the route configuration", func() bool {
+	testutil.Until(t, 10*time.Second, "web's sidecar to NACK the route configuration", func() bool {
 		sidecarErr = web.s.ConfigDump().XDS.Rejected[xds.RouteType].Error
 		return sidecarErr != ""
 	})
@@ -133,7 +134,7 @@ func TestStatusTracesRejectedResourceToPolicyFile(t *testing.T) {
 
 	var code int
 	var out, errOut string
-	waitUntil(t, 5*time.Second, "controlplane status to exit 1 with the rejection", func() bool {
+	testutil.Until(t, 5*time.Second, "controlplane status to exit 1 with the rejection", func() bool {
 		code, out, errOut = statusCmd("-admin-addr", adminAddr)
 		return code == admin.ExitRejections
 	})
@@ -186,7 +187,7 @@ func TestStatusTracesRejectedResourceToPolicyFile(t *testing.T) {
 
 	// The fix: a condition the sidecar implements.
 	m.writePolicy("resilience.yaml", resiliencePolicy("5xx"))
-	waitUntil(t, 10*time.Second, "controlplane status to exit 0 once the fixed route is ACKed", func() bool {
+	testutil.Until(t, 10*time.Second, "controlplane status to exit 0 once the fixed route is ACKed", func() bool {
 		code, out, errOut = statusCmd("-admin-addr", adminAddr)
 		return code == admin.ExitOK
 	})
@@ -226,7 +227,7 @@ func TestControlPlaneMetrics(t *testing.T) {
 	web, _, _ := webCallsAPI(t, m)
 	const node = "web-1-sidecar-proxy"
 
-	waitUntil(t, 10*time.Second, "2 sidecars counted as connected", func() bool {
+	testutil.Until(t, 10*time.Second, "2 sidecars counted as connected", func() bool {
 		return metricAt(t, "http://"+adminAddr, "meshlet_controlplane_proxies_connected", `kind="sidecar"`) == 2
 	})
 	if n := metricAt(t, "http://"+adminAddr, "meshlet_controlplane_proxies_connected", `kind="proxyless"`); n != 0 {
@@ -238,7 +239,7 @@ func TestControlPlaneMetrics(t *testing.T) {
 
 	m.writePolicy("resilience.yaml", resiliencePolicy("envoy-ratelimited"))
 	routeNACKs := []string{`node="` + node + `"`, `type="` + xds.RouteType + `"`}
-	waitUntil(t, 10*time.Second, "the NACK of web's routes counted", func() bool {
+	testutil.Until(t, 10*time.Second, "the NACK of web's routes counted", func() bool {
 		return metricAt(t, "http://"+adminAddr, "meshlet_controlplane_xds_nacks_total", routeNACKs...) >= 1
 	})
 	if web.s.ConfigDump().XDS.Rejected[xds.RouteType].Error == "" {

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // TestTCPIdleTimeoutThroughSidecars: a TimeoutPolicy's idle for a tcp
@@ -117,7 +119,7 @@ func TestTCPIdleTimeoutThroughSidecars(t *testing.T) {
 
 	// Both sidecars counted the idle close; the active connection is not
 	// among them.
-	waitUntil(t, 5*time.Second, "idle timeouts counted at both sidecars", func() bool {
+	testutil.Until(t, 5*time.Second, "idle timeouts counted at both sidecars", func() bool {
 		return p.Down.metric(t, "meshlet_sidecar_tcp_idle_timeouts_total", `listener="upstream:up"`) >= 1 ||
 			p.Up.metric(t, "meshlet_sidecar_tcp_idle_timeouts_total", `listener="public_listener"`) >= 1
 	})

@@ -18,6 +18,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/traceview"
 	"github.com/meshlet/meshlet/internal/devjaeger"
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // forwardingApp is web: GET /call calls api through its sidecar's outbound
@@ -163,7 +164,7 @@ spec:
 	for _, p := range []*proxy{web, m.startSidecar("api-1-sidecar-proxy", ""), m.startSidecar("api-2-sidecar-proxy", "")} {
 		p.waitReady(t)
 	}
-	waitUntil(t, 10*time.Second, "web's api cluster has both api sidecars", func() bool { return len(web.endpoints("api")) == 2 })
+	testutil.Until(t, 10*time.Second, "web's api cluster has both api sidecars", func() bool { return len(web.endpoints("api")) == 2 })
 
 	// Requests into web's sidecar (permissive: plaintext from the test),
 	// each starting its own sampled trace; api-2 always fails, so the
@@ -201,7 +202,7 @@ spec:
 	var retriedTree bytes.Buffer
 	for i, s := range reqs {
 		var tr *traceview.Trace
-		waitUntil(t, 30*time.Second, "trace "+s.traceID+" complete in Jaeger", func() bool {
+		testutil.Until(t, 30*time.Second, "trace "+s.traceID+" complete in Jaeger", func() bool {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			got, err := traceview.Fetch(ctx, jaeger.QueryURL, s.traceID)
@@ -299,7 +300,7 @@ spec:
 	// has answered, which may be a moment later.
 	// Per request: inbound, outbound and one span per attempt.
 	spans := 2*n + float64(attempts)
-	waitUntil(t, 10*time.Second, "web's sidecar counting its exported spans", func() bool {
+	testutil.Until(t, 10*time.Second, "web's sidecar counting its exported spans", func() bool {
 		return web.metric(t, "meshlet_sidecar_tracing_spans_exported_total") == spans
 	})
 	resp, err := http.Get(web.admin + "/metrics")

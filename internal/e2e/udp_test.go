@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // startDNSMasq runs dnsmasq (Debian dnsmasq-base) as an authoritative DNS
@@ -128,7 +130,7 @@ func TestUDPDNSThroughSidecars(t *testing.T) {
 				t.Errorf("%s's sidecar: %v datagrams %s, want at least %v", c.name, got, dir, queries)
 			}
 		}
-		waitUntil(t, 10*time.Second, c.name+"'s UDP sessions to end on the 1 s idle timeout", func() bool {
+		testutil.Until(t, 10*time.Second, c.name+"'s UDP sessions to end on the 1 s idle timeout", func() bool {
 			return c.s.metric(t, "meshlet_sidecar_udp_sessions_active", c.listener) == 0
 		})
 		opened := c.s.metric(t, "meshlet_sidecar_udp_sessions_total", c.listener)

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // wsEchoApp is a WebSocket server (github.com/coder/websocket): it greets
@@ -173,7 +175,7 @@ func TestWebSocketsThroughSidecars(t *testing.T) {
 		t.Errorf("client close handshake through the sidecars: %v", err)
 	}
 
-	waitUntil(t, 5*time.Second, "both WebSockets counted as requests with code 101", func() bool {
+	testutil.Until(t, 5*time.Second, "both WebSockets counted as requests with code 101", func() bool {
 		return p.Down.metric(t, "meshlet_sidecar_requests_total", `listener="upstream:up"`, `code="101"`) == 2 &&
 			p.Up.metric(t, "meshlet_sidecar_requests_total", `listener="public_listener"`, `code="101"`) == 2
 	})

@@ -37,6 +37,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/kube"
 	"github.com/meshlet/meshlet/internal/devkube"
 	"github.com/meshlet/meshlet/internal/meshkube"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -88,22 +89,6 @@ func kubectl(t *testing.T, e *meshkube.Env, args ...string) string {
 	return out
 }
 
-// eventually polls cond every 200 ms until it holds or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not after %v: %v", what, timeout, err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-}
-
 // httpGet GETs url from inside the cluster's network namespace.
 func httpGet(e *meshkube.Env, url string) (int, []byte, error) {
 	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: e.Cluster.DialContext, DisableKeepAlives: true}}
@@ -143,7 +128,7 @@ func TestManifestsAcceptedByTheAPIServer(t *testing.T) {
 func appReady(t *testing.T, e *meshkube.Env, ns string, timeout time.Duration, names ...string) {
 	t.Helper()
 	for _, name := range names {
-		eventually(t, timeout, "deployment "+ns+"/"+name+" available", func() error {
+		testutil.Eventually(t, timeout, "deployment "+ns+"/"+name+" available", func() error {
 			d, err := e.Client().AppsV1().Deployments(ns).Get(context.Background(), name, metav1.GetOptions{})
 			if err != nil {
 				return err
@@ -216,7 +201,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 
 	// Registered in Consul: IDs, meta, the readiness check.
 	apiPods := pods(t, e, "shop", "app=api")
-	eventually(t, 30*time.Second, "api pods registered and passing", func() error {
+	testutil.Eventually(t, 30*time.Second, "api pods registered and passing", func() error {
 		entries, _, err := e.Consul.Client.Health().Service("api", "", true, nil)
 		if err != nil {
 			return err
@@ -275,7 +260,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 	web := pods(t, e, "shop", "app=web")[0]
 	webURL := "http://" + net.JoinHostPort(web.Status.PodIP, "8080")
 	seen := map[string]bool{}
-	eventually(t, 30*time.Second, "web reaches every api pod over mTLS", func() error {
+	testutil.Eventually(t, 30*time.Second, "web reaches every api pod over mTLS", func() error {
 		code, body, err := httpGet(e, webURL+"/api")
 		if err != nil {
 			return err
@@ -323,7 +308,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 	if _, err := e.Client().BatchV1().Jobs("shop").Create(ctx, job, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 2*time.Minute, "job caller complete", func() error {
+	testutil.Eventually(t, 2*time.Minute, "job caller complete", func() error {
 		j, err := e.Client().BatchV1().Jobs("shop").Get(ctx, "caller", metav1.GetOptions{})
 		if err != nil {
 			return err
@@ -339,7 +324,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 		}
 		return fmt.Errorf("active %d, succeeded %d", j.Status.Active, j.Status.Succeeded)
 	})
-	eventually(t, 30*time.Second, "the finished job's pod deregistered", func() error {
+	testutil.Eventually(t, 30*time.Second, "the finished job's pod deregistered", func() error {
 		entries, _, err := e.Consul.Client.Catalog().Service("caller", "", nil)
 		if err != nil || len(entries) > 0 {
 			return fmt.Errorf("%d caller instances in consul (%v)", len(entries), err)
@@ -349,7 +334,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 
 	// Scaling api to 0 removes it from Consul.
 	kubectl(t, e, "-n", "shop", "scale", "deployment/api", "--replicas=0")
-	eventually(t, 60*time.Second, "api gone from consul", func() error {
+	testutil.Eventually(t, 60*time.Second, "api gone from consul", func() error {
 		for _, name := range []string{"api", "api-sidecar-proxy"} {
 			entries, _, err := e.Consul.Client.Catalog().Service(name, "", nil)
 			if err != nil {
@@ -386,7 +371,7 @@ func TestInjectionLeavesOthersAlone(t *testing.T) {
 		if len(created.Spec.InitContainers) != 0 || len(created.Spec.Containers) != 1 || created.Annotations[inject.AnnotationInjected] != "" {
 			t.Errorf("%s/%s was changed: %+v", tc.ns, tc.name, created.Spec)
 		}
-		eventually(t, time.Minute, tc.ns+"/"+tc.name+" ready", func() error { return podReady(e, tc.ns, tc.name) })
+		testutil.Eventually(t, time.Minute, tc.ns+"/"+tc.name+" ready", func() error { return podReady(e, tc.ns, tc.name) })
 	}
 }
 
@@ -492,7 +477,7 @@ func TestPoliciesConfigMapReloads(t *testing.T) {
 	}
 	want := fmt.Sprintf("files=%d", len(next))
 	start := time.Now()
-	eventually(t, 90*time.Second, "the control plane loads the edited ConfigMap", func() error {
+	testutil.Eventually(t, 90*time.Second, "the control plane loads the edited ConfigMap", func() error {
 		if l := logs(); !strings.Contains(l, `msg="policy: loaded"`) || !strings.Contains(l, want) {
 			return fmt.Errorf("no %q in the log", want)
 		}
@@ -503,7 +488,7 @@ func TestPoliciesConfigMapReloads(t *testing.T) {
 	if err := e.SetPolicyData(ctx, next); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 90*time.Second, "the broken file reported", func() error {
+	testutil.Eventually(t, 90*time.Second, "the broken file reported", func() error {
 		if !strings.Contains(logs(), `extra.yaml:6: spec.protocol`) {
 			return fmt.Errorf("no file:line:field error in the log")
 		}
@@ -530,7 +515,7 @@ func TestFigures(t *testing.T) {
 		if _, err := e.Client().CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, 2*time.Minute, name+" ready", func() error { return podReady(e, ns, name) })
+		testutil.Eventually(t, 2*time.Minute, name+" ready", func() error { return podReady(e, ns, name) })
 		d := time.Since(start)
 		if ready[ns] == 0 || d < ready[ns] {
 			ready[ns] = d
@@ -574,7 +559,7 @@ func TestRegistrarLeaderElection(t *testing.T) {
 	cps := pods(t, e, meshkube.Namespace, "app.kubernetes.io/name=meshlet-controlplane")
 	names := []string{cps[0].Name, cps[1].Name}
 	var leader string
-	eventually(t, 30*time.Second, "a replica leads", func() error {
+	testutil.Eventually(t, 30*time.Second, "a replica leads", func() error {
 		if leader = holder(); !slices.Contains(names, leader) {
 			return fmt.Errorf("lease held by %q, replicas %v", leader, names)
 		}
@@ -584,7 +569,7 @@ func TestRegistrarLeaderElection(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	eventually(t, time.Minute, "another replica leads", func() error {
+	testutil.Eventually(t, time.Minute, "another replica leads", func() error {
 		// The other replica, or the one the Deployment starts in place
 		// of the deleted pod: whichever acquires the Lease first.
 		if h := holder(); h == leader || h == "" {
@@ -598,7 +583,7 @@ func TestRegistrarLeaderElection(t *testing.T) {
 	if _, err := e.Client().CoreV1().Pods("shop").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, time.Minute, "the new leader registers a new pod", func() error {
+	testutil.Eventually(t, time.Minute, "the new leader registers a new pod", func() error {
 		entries, _, err := e.Consul.Client.Health().Service("elected", "", true, nil)
 		if err != nil || len(entries) != 1 {
 			return fmt.Errorf("%d passing instances (%v)", len(entries), err)
@@ -623,7 +608,7 @@ func TestWebhookDownFailsOnlyOptedInNamespaces(t *testing.T) {
 			t.Error(err)
 		}
 	})
-	eventually(t, 2*time.Minute, "control plane pods gone, terminating ones included (they serve until they exit)", func() error {
+	testutil.Eventually(t, 2*time.Minute, "control plane pods gone, terminating ones included (they serve until they exit)", func() error {
 		l, err := e.Client().CoreV1().Pods(meshkube.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=meshlet-controlplane"})
 		if err != nil {
 			return err

@@ -18,6 +18,7 @@ import (
 
 	"github.com/meshlet/meshlet/internal/devkube"
 	"github.com/meshlet/meshlet/internal/meshkube"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -201,7 +202,7 @@ func TestTransparentProxy(t *testing.T) {
 	// web → api by name: mTLS, web's identity, the retry policy hides
 	// api's failures (half of its answers are 503).
 	ok := 0
-	eventually(t, 90*time.Second, "web reaches api by its Service name", func() error {
+	testutil.Eventually(t, 90*time.Second, "web reaches api by its Service name", func() error {
 		code, body, err := httpGet(e, webURL+"/api")
 		if err != nil || code != 200 {
 			return fmt.Errorf("%d %s %v", code, body, err)
@@ -216,7 +217,7 @@ func TestTransparentProxy(t *testing.T) {
 	// The policy ConfigMap reaches the control plane when the kubelet
 	// syncs the volume (seconds): wait for the retry policy in web's
 	// sidecar before counting on it.
-	eventually(t, 90*time.Second, "the RetryPolicy in web's sidecar", func() error {
+	testutil.Eventually(t, 90*time.Second, "the RetryPolicy in web's sidecar", func() error {
 		dump, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/config_dump")
 		if err != nil {
 			return err
@@ -253,7 +254,7 @@ func TestTransparentProxy(t *testing.T) {
 	if _, _, err := e.Consul.Client.ConfigEntries().Set(entry, nil); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 30*time.Second, "the deny in force", func() error {
+	testutil.Eventually(t, 30*time.Second, "the deny in force", func() error {
 		code, body, err := httpGet(e, webURL+"/api")
 		if err != nil {
 			return err
@@ -319,7 +320,7 @@ func TestTransparentProxy(t *testing.T) {
 	if err := e.SetPolicyData(ctx, policies); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 90*time.Second, "registry-only in web's sidecar (no pass-through chain)", func() error {
+	testutil.Eventually(t, 90*time.Second, "registry-only in web's sidecar (no pass-through chain)", func() error {
 		body, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/listeners?format=json")
 		if err != nil {
 			return err
@@ -353,7 +354,7 @@ func TestTransparentProxy(t *testing.T) {
 // replicas.
 func appReadyStatefulSet(t *testing.T, e *meshkube.Env, ns, name string, n int32, timeout time.Duration) {
 	t.Helper()
-	eventually(t, timeout, "statefulset "+name+" ready", func() error {
+	testutil.Eventually(t, timeout, "statefulset "+name+" ready", func() error {
 		ss, err := e.Client().AppsV1().StatefulSets(ns).Get(context.Background(), name, metav1.GetOptions{})
 		if err != nil {
 			return err
@@ -417,7 +418,7 @@ spec:
       containers:
       - %s
 `, name, ns, container))
-	eventually(t, 2*time.Minute, "job "+name+" done", func() error {
+	testutil.Eventually(t, 2*time.Minute, "job "+name+" done", func() error {
 		j, err := e.Client().BatchV1().Jobs(ns).Get(context.Background(), name, metav1.GetOptions{})
 		if err != nil {
 			return err

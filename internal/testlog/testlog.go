@@ -4,11 +4,14 @@ package testlog
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // Buffer is a concurrency-safe log sink.
@@ -53,19 +56,16 @@ func (b *Buffer) Lines(substr string) []string {
 	return out
 }
 
-// WaitFor polls until a line contains substr, failing t after timeout.
+// WaitFor polls (testutil.Poll) until a line contains substr and returns
+// the first such line, trimmed; it fails t after timeout, with the log.
 func (b *Buffer) WaitFor(t testing.TB, timeout time.Duration, substr string) string {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
+	return testutil.Poll(t, timeout, fmt.Sprintf("a log line containing %q", substr), func() (string, error) {
 		if l := b.Lines(substr); len(l) > 0 {
-			return l[0]
+			return l[0], nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no log line containing %q within %v; log:\n%s", substr, timeout, b.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return "", fmt.Errorf("log:\n%s", b.String())
+	})
 }
 
 // New returns a logger writing text lines (level debug when verbose) into a

@@ -30,6 +30,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/xds"
@@ -389,16 +390,10 @@ func expectEOF(t *testing.T, br *bufio.Reader) {
 	}
 }
 
-// waitFor polls cond until it holds, for up to 3 s.
+// waitFor polls cond until it holds, for up to 3 s (testutil.Until).
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(3 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	testutil.Until(t, 3*time.Second, what, cond)
 }
 
 // fieldList renders fields as "name: value", those forwarded only.

@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 // The tests of this file's package that touch the kernel build a small
@@ -248,20 +250,14 @@ type served struct {
 // waitFor polls until line was answered, failing the test after 5 s.
 func (s *served) waitFor(t *testing.T, line string) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	testutil.Eventually(t, 5*time.Second, fmt.Sprintf("a connection answered %q", line), func() error {
 		s.mu.Lock()
-		seen := slices.Contains(s.lines, line)
-		all := slices.Clone(s.lines)
-		s.mu.Unlock()
-		if seen {
-			return
+		defer s.mu.Unlock()
+		if slices.Contains(s.lines, line) {
+			return nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no connection answered %q; answered: %q", line, all)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return fmt.Errorf("answered: %q", s.lines)
+	})
 }
 
 // serve listens on addr (network "tcp", "tcp4" or "tcp6") in namespace ns

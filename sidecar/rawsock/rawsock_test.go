@@ -7,10 +7,14 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -123,7 +127,7 @@ func TestDeadlinesAndClose(t *testing.T) {
 		_, err := c.Read(make([]byte, 10))
 		done <- err
 	}()
-	time.Sleep(20 * time.Millisecond) // let the read block; Close must end it either way
+	testutil.Until(t, 5*time.Second, "the read to wait for data", readParked) // Close must end a read that waits
 	c.Close()
 	select {
 	case err := <-done:
@@ -144,14 +148,12 @@ func TestWriteToAResetPeer(t *testing.T) {
 	c, srv := pair(t)
 	_ = srv.(*net.TCPConn).SetLinger(0)
 	srv.Close() // RST
-	var err error
-	deadline := time.Now().Add(5 * time.Second)
-	for err == nil && time.Now().Before(deadline) {
-		_, err = c.Write(make([]byte, 64<<10))
-	}
-	if err == nil {
-		t.Fatal("writes to a reset peer kept succeeding")
-	}
+	testutil.Eventually(t, 5*time.Second, "a write to the reset peer to fail", func() error {
+		if _, err := c.Write(make([]byte, 64<<10)); err == nil {
+			return errors.New("writes to a reset peer kept succeeding")
+		}
+		return nil
+	})
 }
 
 // TestNoAllocationPerCall: Read and Write allocate nothing per call.
@@ -170,4 +172,17 @@ func TestNoAllocationPerCall(t *testing.T) {
 	if allocs != 0 {
 		t.Errorf("%v allocations per write and read, want 0", allocs)
 	}
+}
+
+// readParked reports whether a goroutine waits in (*Conn).Read for its
+// socket to become readable (parked in the network poller).
+func readParked() bool {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "[IO wait") && strings.Contains(g, "rawsock.(*Conn).Read(") {
+			return true
+		}
+	}
+	return false
 }

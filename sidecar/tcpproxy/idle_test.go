@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 )
@@ -319,13 +320,7 @@ func (r *countingRecorder) Connections(_ string, delta int) { r.conns.Add(int64(
 func (r *countingRecorder) IdleTimeout(string)              { r.idle.Add(1) }
 func (r *countingRecorder) wait(t *testing.T, f func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !f() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 5s")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.Until(t, 5*time.Second, "the recorder's counts", f)
 }
 
 // TestProxyIdleTimeout: the proxy applies its chain's idle timeout, counts

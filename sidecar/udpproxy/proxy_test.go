@@ -2,6 +2,7 @@ package udpproxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 )
@@ -157,25 +159,12 @@ func ask(t *testing.T, c *net.UDPConn, msg string, timeout time.Duration) string
 // datagrams while a config is taking effect), for at most 5 s.
 func askRetry(t *testing.T, c *net.UDPConn, msg string) string {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
+	return testutil.Poll(t, 5*time.Second, fmt.Sprintf("an answer to %q", msg), func() (string, error) {
 		if a := ask(t, c, msg, 200*time.Millisecond); a != "" {
-			return a
+			return a, nil
 		}
-	}
-	t.Fatalf("no answer to %q in 5s", msg)
-	return ""
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return "", errors.New("no answer")
+	})
 }
 
 func sessionPort(answer string) string { p, _, _ := strings.Cut(answer, ":"); return p }
@@ -204,7 +193,7 @@ func TestSessionsPerDownstreamAddress(t *testing.T) {
 	}
 	// A datagram is counted after it is relayed: the client may read the
 	// answer first.
-	waitFor(t, "2 sessions, 3 datagrams each way counted", func() bool {
+	testutil.Until(t, 5*time.Second, "2 sessions, 3 datagrams each way counted", func() bool {
 		return r.rec.get("opened") == 2 && r.rec.get("up") == 3 && r.rec.get("down") == 3
 	})
 	// A 60,000-byte datagram passes whole (no 1500-byte default cap).
@@ -232,7 +221,7 @@ func TestIdleTimeoutEndsTheSession(t *testing.T) {
 			t.Fatalf("active session replaced: %q then %q", first, got)
 		}
 	}
-	waitFor(t, "the idle session to end", func() bool { return r.p.Sessions() == 0 })
+	testutil.Until(t, 5*time.Second, "the idle session to end", func() bool { return r.p.Sessions() == 0 })
 	if n := r.rec.get("closed:" + ReasonIdleTimeout); n != 1 {
 		t.Errorf("idle_timeout closes = %d, want 1", n)
 	}
@@ -271,7 +260,7 @@ func TestMaxConnectionsBoundsSessions(t *testing.T) {
 	if n := r.rec.get("dropped:" + DropOverflow); n != 1 {
 		t.Errorf("overflow drops = %d, want 1", n)
 	}
-	waitFor(t, "a's session to idle out", func() bool { return r.p.Sessions() == 0 })
+	testutil.Until(t, 5*time.Second, "a's session to idle out", func() bool { return r.p.Sessions() == 0 })
 	if got := ask(t, b, "b", 2*time.Second); !strings.HasSuffix(got, ":b") {
 		t.Errorf("after a's session ended, b got %q", got)
 	}
@@ -292,8 +281,8 @@ func TestUpstreamRefusedEndsTheSession(t *testing.T) {
 		_, _ = c.Write([]byte("hello?"))
 		time.Sleep(20 * time.Millisecond)
 	}
-	waitFor(t, "an upstream_refused close", func() bool { return r.rec.get("closed:"+ReasonUpstreamRefused) >= 1 })
-	waitFor(t, "no session left", func() bool { return r.p.Sessions() == 0 })
+	testutil.Until(t, 5*time.Second, "an upstream_refused close", func() bool { return r.rec.get("closed:"+ReasonUpstreamRefused) >= 1 })
+	testutil.Until(t, 5*time.Second, "no session left", func() bool { return r.p.Sessions() == 0 })
 }
 
 // TestEndpointGoneMovesTheSession: when a session's endpoint leaves the
@@ -333,7 +322,7 @@ func TestDatagramLimits(t *testing.T) {
 	if got := ask(t, c, strings.Repeat("b", 98), 300*time.Millisecond); got != "" {
 		t.Errorf("an answer over the upstream limit passed: %d bytes", len(got))
 	}
-	waitFor(t, "the upstream too_large drop", func() bool { return r.rec.get("dropped:"+DropTooLarge) == 2 })
+	testutil.Until(t, 5*time.Second, "the upstream too_large drop", func() bool { return r.rec.get("dropped:"+DropTooLarge) == 2 })
 	if got := ask(t, c, "ok", 2*time.Second); !strings.HasSuffix(got, ":ok") {
 		t.Errorf("small datagram: %q", got)
 	}
@@ -346,7 +335,7 @@ func TestNoClusterDrops(t *testing.T) {
 	r.clusters.Update(map[string]*config.Cluster{}, nil)
 	c := r.client(t)
 	_, _ = c.Write([]byte("x"))
-	waitFor(t, "a no_cluster drop", func() bool { return r.rec.get("dropped:"+DropNoCluster) == 1 })
+	testutil.Until(t, 5*time.Second, "a no_cluster drop", func() bool { return r.rec.get("dropped:"+DropNoCluster) == 1 })
 	if r.p.Sessions() != 0 {
 		t.Error("a session without a cluster")
 	}

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -102,17 +103,6 @@ func run(t *testing.T, server string, h Handler) *Client {
 	return c
 }
 
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func lis(name string) types.Resource { return &listener.Listener{Name: name} }
 func rc(name string) types.Resource  { return &route.RouteConfiguration{Name: name} }
 
@@ -124,7 +114,7 @@ func TestFollowsDependentSubscriptions(t *testing.T) {
 	})
 	h := newRecorder()
 	run(t, srv.Addr, h)
-	waitUntil(t, "routes r1 and r2", func() bool {
+	testutil.Until(t, 5*time.Second, "routes r1 and r2", func() bool {
 		_, names := h.get(xds.RouteType)
 		return slices.Equal(names, []string{"r1", "r2"})
 	})
@@ -151,7 +141,7 @@ func TestNACKCarriesDetailAndLastAcceptedVersion(t *testing.T) {
 	srv.Set(t, "n1", "v1", xdstest.Resources{Listeners: []types.Resource{lis("a")}})
 	h := newRecorder("v2")
 	c := run(t, srv.Addr, h)
-	waitUntil(t, "v1 accepted", func() bool { v, _ := h.get(xds.ListenerType); return slices.Contains(v, "v1") })
+	testutil.Until(t, 5*time.Second, "v1 accepted", func() bool { v, _ := h.get(xds.ListenerType); return slices.Contains(v, "v1") })
 
 	srv.Set(t, "n1", "v2", xdstest.Resources{Listeners: []types.Resource{lis("b")}})
 	nack := srv.WaitRequest(t, 5*time.Second, "NACK", func(r *discovery.DiscoveryRequest) bool {
@@ -169,7 +159,7 @@ func TestNACKCarriesDetailAndLastAcceptedVersion(t *testing.T) {
 	}
 	// The guarded server parks the watch: the next version is delivered.
 	srv.Set(t, "n1", "v3", xdstest.Resources{Listeners: []types.Resource{lis("c")}})
-	waitUntil(t, "v3 accepted", func() bool { v, _ := h.get(xds.ListenerType); return slices.Contains(v, "v3") })
+	testutil.Until(t, 5*time.Second, "v3 accepted", func() bool { v, _ := h.get(xds.ListenerType); return slices.Contains(v, "v3") })
 	if v, _ := h.get(xds.ListenerType); slices.Contains(v, "v2") {
 		t.Errorf("accepted versions %v include the rejected v2", v)
 	}
@@ -183,7 +173,7 @@ func TestRepeatedNACKsArePacedWithBackoff(t *testing.T) {
 		return r.GetTypeUrl() == xds.ListenerType && r.GetErrorDetail() != nil
 	}
 	var times []time.Time
-	waitUntil(t, "4 NACKs", func() bool {
+	testutil.Until(t, 5*time.Second, "4 NACKs", func() bool {
 		times = times[:0]
 		reqs, at := srv.Requests(), srv.RequestTimes()
 		for i, r := range reqs {
@@ -207,10 +197,10 @@ func TestReconnectsWithBackoffUntilServerAppears(t *testing.T) {
 	srv.Stop()
 	h := newRecorder()
 	c := run(t, srv.Addr, h)
-	waitUntil(t, "a failed attempt", func() bool { return !c.Status().Connected })
+	testutil.Until(t, 5*time.Second, "a failed attempt", func() bool { return !c.Status().Connected })
 	srv2 := srv.Restart(t)
 	_ = srv2
-	waitUntil(t, "v1 accepted after the server appeared", func() bool {
+	testutil.Until(t, 5*time.Second, "v1 accepted after the server appeared", func() bool {
 		v, _ := h.get(xds.ListenerType)
 		return slices.Contains(v, "v1")
 	})

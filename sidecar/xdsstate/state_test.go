@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshlet/meshlet/controlplane/xdsbuild"
+	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -131,18 +132,9 @@ func TestWarmTimeoutAppliesWhatThereIs(t *testing.T) {
 	s := newState(t, r, "", 20*time.Millisecond)
 	update(t, s, xds.ClusterType, "v1", anys(t, xdsbuild.NewEDSCluster("web", xdsbuild.ClusterOptions{})))
 	update(t, s, xds.ListenerType, "v1", nil)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if snap, _ := r.last(); snap != nil {
-			if !slices.Equal(snap.Missing, []string{`load assignment "web" (EDS)`}) {
-				t.Errorf("missing = %q", snap.Missing)
-			}
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("warm timeout did not apply the config")
-		}
-		time.Sleep(5 * time.Millisecond)
+	testutil.Until(t, 5*time.Second, "the warm timeout to apply the config", func() bool { snap, _ := r.last(); return snap != nil })
+	if snap, _ := r.last(); !slices.Equal(snap.Missing, []string{`load assignment "web" (EDS)`}) {
+		t.Errorf("missing = %q", snap.Missing)
 	}
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -10,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
 )
 
 const runEnv = "PAUSE_TEST_RUN"
@@ -102,16 +105,12 @@ func TestReapsOrphansAsPID1(t *testing.T) {
 		t.Fatalf("nsenter: %v: %s", err, out)
 	}
 	sawOrphan := false
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testutil.Eventually(t, 10*time.Second, "the orphan re-parented to pause, then reaped", func() error {
 		c := childrenOf(pid)
 		sawOrphan = sawOrphan || len(c) > 0
 		if sawOrphan && len(c) == 0 {
-			return
+			return nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("children of pause after 10 s: %v (saw the orphan: %v); want it re-parented, then reaped", c, sawOrphan)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return fmt.Errorf("children of pause: %v (saw the orphan: %v)", c, sawOrphan)
+	})
 }
