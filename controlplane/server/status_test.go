@@ -217,10 +217,26 @@ func TestNACKRecordedWithSourcesAndClearedByACK(t *testing.T) {
 		t.Errorf("ACKed route version = %q, want %q", got, r2.GetVersionInfo())
 	}
 
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The build loop counts a snapshot and observes its push latency after
+	// SetSnapshot returns, and SetSnapshot has already handed the response
+	// to web's stream by then: web can receive r2 and its ACK be recorded
+	// before the loop counts r2's snapshot. Wait for the counts to follow.
+	var mfs []*dto.MetricFamily
+	testutil.Eventually(t, 5*time.Second, "the build loop to count the snapshots it set", func() error {
+		var err error
+		if mfs, err = reg.Gather(); err != nil {
+			return err
+		}
+		if v := sample(mfs, "meshlet_controlplane_snapshots_set_total", nil); v < 4 {
+			return fmt.Errorf("snapshots_set_total = %v, want at least 4 (web, api, proxyless, web again)", v)
+		}
+		for _, trigger := range []string{TriggerConsul, TriggerPolicy} {
+			if v := sample(mfs, "meshlet_controlplane_push_latency_seconds", map[string]string{"trigger": trigger}); v < 1 {
+				return fmt.Errorf("push_latency_seconds{trigger=%s} has %v observations, want some", trigger, v)
+			}
+		}
+		return nil
+	})
 	if v := sample(mfs, "meshlet_controlplane_xds_nacks_total", map[string]string{"node": web, "type": xds.RouteType}); v != 1 {
 		t.Errorf("nacks_total{node=web, type=route} = %v, want 1", v)
 	}
@@ -229,14 +245,6 @@ func TestNACKRecordedWithSourcesAndClearedByACK(t *testing.T) {
 	}
 	if v := sample(mfs, "meshlet_controlplane_proxies_connected", map[string]string{"kind": KindSidecar}); v != 1 {
 		t.Errorf("proxies_connected{kind=sidecar} = %v, want 1", v)
-	}
-	for _, trigger := range []string{TriggerConsul, TriggerPolicy} {
-		if v := sample(mfs, "meshlet_controlplane_push_latency_seconds", map[string]string{"trigger": trigger}); v < 1 {
-			t.Errorf("push_latency_seconds{trigger=%s} has %v observations, want some", trigger, v)
-		}
-	}
-	if v := sample(mfs, "meshlet_controlplane_snapshots_set_total", nil); v < 4 {
-		t.Errorf("snapshots_set_total = %v, want at least 4 (web, api, proxyless, web again)", v)
 	}
 	problems, err := promlint.NewWithMetricFamilies(mfs).Lint()
 	if err != nil {
