@@ -233,9 +233,11 @@ func TestControlPlaneMetrics(t *testing.T) {
 	if n := metricAt(t, "http://"+adminAddr, "meshlet_controlplane_proxies_connected", `kind="proxyless"`); n != 0 {
 		t.Errorf("proxies_connected{kind=proxyless} = %v, want 0", n)
 	}
-	if n := metricAt(t, "http://"+adminAddr, "meshlet_controlplane_push_latency_seconds_count", `trigger="consul"`); n == 0 {
-		t.Error("no push latency observed for Consul changes (registrations, health)")
-	}
+	// The build loop observes a push's latency after the snapshot is set,
+	// when a sidecar may already have it: poll rather than read once.
+	testutil.Until(t, 10*time.Second, "push latency observed for Consul changes (registrations, health)", func() bool {
+		return metricAt(t, "http://"+adminAddr, "meshlet_controlplane_push_latency_seconds_count", `trigger="consul"`) > 0
+	})
 
 	m.writePolicy("resilience.yaml", resiliencePolicy("envoy-ratelimited"))
 	routeNACKs := []string{`node="` + node + `"`, `type="` + xds.RouteType + `"`}
@@ -245,9 +247,9 @@ func TestControlPlaneMetrics(t *testing.T) {
 	if web.s.ConfigDump().XDS.Rejected[xds.RouteType].Error == "" {
 		t.Error("the control plane counted a NACK web's sidecar does not report")
 	}
-	if n := metricAt(t, "http://"+adminAddr, "meshlet_controlplane_push_latency_seconds_count", `trigger="policy"`); n == 0 {
-		t.Error("no push latency observed for the policy change")
-	}
+	testutil.Until(t, 10*time.Second, "push latency observed for the policy change", func() bool {
+		return metricAt(t, "http://"+adminAddr, "meshlet_controlplane_push_latency_seconds_count", `trigger="policy"`) > 0
+	})
 	for _, name := range []string{"meshlet_controlplane_xds_acks_total", "meshlet_controlplane_snapshots_set_total", "meshlet_controlplane_snapshot_build_seconds_count"} {
 		if n := metricAt(t, "http://"+adminAddr, name); n == 0 {
 			t.Errorf("%s = 0 after sidecars got their config", name)
