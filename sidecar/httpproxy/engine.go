@@ -77,8 +77,9 @@ var (
 // The strings may point into the wire's buffers: valid until discard or
 // the relay.
 type upstreamHead struct {
-	code               int
-	grpcStatus, reason string
+	code       int
+	grpcStatus string
+	reason     xds.FailureReason
 }
 
 // exchange is one request through the engine: what it did, recorded in
@@ -87,8 +88,8 @@ type exchange struct {
 	s              *Server
 	start          time.Time
 	cluster, route string
-	code           int    // 0: the downstream left first
-	reason         string // the typed reason when the sidecar failed it
+	code           int               // 0: the downstream left first
+	reason         xds.FailureReason // the typed reason when the sidecar failed it
 	grpcStatus     string
 	aborted        bool // the response body was cut short
 	tr             *tracing.HTTP
@@ -147,19 +148,19 @@ func (x *exchange) admit(hc *config.HTTPConnectionManager, rt *config.Route, c *
 			s.rec.AuthzDenied(s.name, rule)
 			s.log.Info("authz: request denied", "listener", s.name, "peer", peer, "method", strings.Clone(method), "path", strings.Clone(path), "rule", rule)
 			x.cluster, x.route = "", ""
-			x.fail(http.StatusForbidden, ReasonAuthzDenied, rule)
+			x.fail(http.StatusForbidden, xds.ReasonAuthzDenied, rule)
 			return false
 		}
 	}
 	switch {
 	case rt == nil:
-		x.fail(http.StatusNotFound, ReasonNoRoute, "")
+		x.fail(http.StatusNotFound, xds.ReasonNoRoute, "")
 	case refusal != nil:
 		x.fail(refusal.status, refusal.reason, "")
 	case c == nil:
-		x.fail(http.StatusServiceUnavailable, ReasonNoCluster, "")
+		x.fail(http.StatusServiceUnavailable, xds.ReasonNoCluster, "")
 	case !c.AcquireRequest():
-		x.fail(http.StatusServiceUnavailable, ReasonOverflow, "")
+		x.fail(http.StatusServiceUnavailable, xds.ReasonOverflow, "")
 	default:
 		c.Budget().Deposit()
 		x.rt, x.c = rt, c
@@ -214,7 +215,7 @@ func (x *exchange) classify(method string, lengthKnown, keyed bool, h headerLook
 // downstream left, nothing is answered.
 type failure struct {
 	status int
-	reason string
+	reason xds.FailureReason
 }
 
 // forward sends attempts until one gives a response to relay, or the
@@ -247,9 +248,9 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 		if picked != cluster.Picked {
 			fl := last
 			if fl == nil {
-				fl = &failure{http.StatusServiceUnavailable, ReasonNoHealthyUpstream}
+				fl = &failure{http.StatusServiceUnavailable, xds.ReasonNoHealthyUpstream}
 				if picked == cluster.CircuitOpen {
-					fl.reason = ReasonCircuitOpen
+					fl.reason = xds.ReasonCircuitOpen
 				}
 			}
 			return x.failWith(fl)
@@ -274,7 +275,7 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 				x.attempt = aspan // ended with the response
 				return att
 			}
-			code, reason := head.code, strings.Clone(head.reason)
+			code, reason := head.code, xds.FailureReason(strings.Clone(string(head.reason)))
 			w.discard()
 			att.End(cluster.OutcomeForStatus(code))
 			last = &failure{code, ""}
@@ -296,8 +297,8 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 			s.log.Debug("httpproxy: attempt failed", "listener", s.name, "cluster", c.Name(), "endpoint", ep.Address,
 				"attempt", retries+1, "reason", fl.reason, "error", err)
 			if timedOut || !x.mayRetry(cond, ue.Sent, retries) {
-				if x.budgetDenied && fl.reason != ReasonOverflow {
-					fl.reason = ReasonRetryBudgetExhausted
+				if x.budgetDenied && fl.reason != xds.ReasonOverflow {
+					fl.reason = xds.ReasonRetryBudgetExhausted
 				}
 				x.endAttempt(aspan, 0, fl.reason, "", 0)
 				return x.failWith(fl)
@@ -310,7 +311,7 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 		retries++
 		if !c.AcquireRetry() {
 			s.rec.RetryDenied(c.Name(), "max_retries")
-			return x.failWith(&failure{http.StatusServiceUnavailable, ReasonOverflow})
+			return x.failWith(&failure{http.StatusServiceUnavailable, xds.ReasonOverflow})
 		}
 		ok := sleepBackoff(ctx, p, retries)
 		c.ReleaseRetry()
@@ -318,7 +319,7 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 			return nil
 		}
 		if !ok {
-			return x.failWith(&failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout})
+			return x.failWith(&failure{http.StatusGatewayTimeout, xds.ReasonUpstreamTimeout})
 		}
 	}
 }
@@ -335,9 +336,9 @@ func (x *exchange) failWith(fl *failure) *cluster.Attempt {
 // relayReason is the typed reason a relayed upstream answer carries in
 // ReasonHeader: retry_budget_exhausted when a retry was due and the
 // budget refused it (the answer is that of the last attempt), else "".
-func (x *exchange) relayReason() string {
+func (x *exchange) relayReason() xds.FailureReason {
 	if x.budgetDenied {
-		return ReasonRetryBudgetExhausted
+		return xds.ReasonRetryBudgetExhausted
 	}
 	return ""
 }
@@ -351,7 +352,8 @@ func (x *exchange) relayReason() string {
 // (body: the reason and a newline; none for gRPC).
 type localAnswer struct {
 	status                  int
-	reason, rule            string
+	reason                  xds.FailureReason
+	rule                    string
 	contentType             string
 	grpcStatus, grpcMessage string
 	via                     string
@@ -385,17 +387,17 @@ func (a *localAnswer) appendBody(b []byte) []byte {
 // INTERNAL, else UNKNOWN), except that a route timeout, or any failure once
 // the request's own grpc-timeout has run out, is DEADLINE_EXCEEDED: the
 // caller's deadline ended the call, whichever side noticed first.
-func (x *exchange) fail(status int, reason, rule string) {
+func (x *exchange) fail(status int, reason xds.FailureReason, rule string) {
 	x.code, x.reason = status, reason
 	a := localAnswer{status: status, reason: reason, rule: rule, via: x.t.via}
 	if x.grpc {
 		code := grpcCodeFor(status)
-		if reason == ReasonUpstreamTimeout || !x.grpcDeadline.IsZero() && !time.Now().Before(x.grpcDeadline) {
+		if reason == xds.ReasonUpstreamTimeout || !x.grpcDeadline.IsZero() && !time.Now().Before(x.grpcDeadline) {
 			code = grpcDeadlineExceeded
 		}
 		x.grpcStatus = strconv.Itoa(code)
 		a.status, a.contentType = http.StatusOK, "application/grpc"
-		a.grpcStatus, a.grpcMessage = x.grpcStatus, url.PathEscape("meshlet: "+reason)
+		a.grpcStatus, a.grpcMessage = x.grpcStatus, url.PathEscape("meshlet: "+string(reason))
 	} else {
 		a.contentType, a.body = "text/plain; charset=utf-8", true
 	}
@@ -410,7 +412,7 @@ func (x *exchange) finish() {
 	}
 	reason := x.reason
 	if x.aborted && reason == "" {
-		reason = ReasonUpstreamReset
+		reason = xds.ReasonUpstreamReset
 	}
 	if x.attempt != nil {
 		tracing.End(x.attempt, x.code, reason, x.grpcStatus, "")
@@ -421,7 +423,7 @@ func (x *exchange) finish() {
 // endAttempt ends an attempt that did not give the response: its span,
 // or, without attempt spans, an event on the request's span. cause is the
 // retry_on condition when it is retried.
-func (x *exchange) endAttempt(span trace.Span, code int, reason, cause string, n int) {
+func (x *exchange) endAttempt(span trace.Span, code int, reason xds.FailureReason, cause string, n int) {
 	if span != nil {
 		tracing.End(span, code, reason, "", cause)
 		return
@@ -432,7 +434,7 @@ func (x *exchange) endAttempt(span trace.Span, code int, reason, cause string, n
 			attrs = append(attrs, attribute.Int("http.response.status_code", code))
 		}
 		if reason != "" {
-			attrs = append(attrs, tracing.AttrReason.String(reason))
+			attrs = append(attrs, tracing.AttrReason.String(string(reason)))
 		}
 		x.span.AddEvent("retry", trace.WithAttributes(attrs...))
 	}
@@ -444,20 +446,20 @@ func (x *exchange) endAttempt(span trace.Span, code int, reason, cause string, n
 func failureFor(ue *cluster.UpstreamError, timedOut bool) (*failure, xds.RetryOn) {
 	switch {
 	case timedOut:
-		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, ""
+		return &failure{http.StatusGatewayTimeout, xds.ReasonUpstreamTimeout}, ""
 	case ue.Kind == cluster.KindTimeout:
 		// Envoy treats a per-try timeout as a 504: retried under 5xx and gateway-error.
-		return &failure{http.StatusGatewayTimeout, ReasonUpstreamTimeout}, xds.RetryGatewayError
+		return &failure{http.StatusGatewayTimeout, xds.ReasonUpstreamTimeout}, xds.RetryGatewayError
 	case ue.Kind == cluster.KindConnectFailure:
-		return &failure{http.StatusServiceUnavailable, ReasonConnectFailure}, xds.RetryConnectFailure
+		return &failure{http.StatusServiceUnavailable, xds.ReasonConnectFailure}, xds.RetryConnectFailure
 	case ue.Kind == cluster.KindTLSHandshake:
-		return &failure{http.StatusServiceUnavailable, ReasonTLSHandshakeFailed}, xds.RetryConnectFailure
+		return &failure{http.StatusServiceUnavailable, xds.ReasonTLSHandshakeFailed}, xds.RetryConnectFailure
 	case ue.Kind == cluster.KindRefusedStream:
-		return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, xds.RetryRefusedStream
+		return &failure{http.StatusServiceUnavailable, xds.ReasonUpstreamReset}, xds.RetryRefusedStream
 	case ue.Kind == cluster.KindOverflow:
-		return &failure{http.StatusServiceUnavailable, ReasonOverflow}, ""
+		return &failure{http.StatusServiceUnavailable, xds.ReasonOverflow}, ""
 	}
-	return &failure{http.StatusServiceUnavailable, ReasonUpstreamReset}, xds.RetryReset
+	return &failure{http.StatusServiceUnavailable, xds.ReasonUpstreamReset}, xds.RetryReset
 }
 
 // mayRetry decides whether an attempt that met cond is retried: the policy
@@ -483,7 +485,7 @@ func (x *exchange) mayRetry(cond xds.RetryOn, sent bool, retries int) bool {
 	}
 	if !c.Budget().TryWithdraw() {
 		x.budgetDenied = true
-		rec.RetryDenied(c.Name(), ReasonRetryBudgetExhausted)
+		rec.RetryDenied(c.Name(), string(xds.ReasonRetryBudgetExhausted))
 		return false
 	}
 	return true
@@ -538,12 +540,12 @@ func statusCondition(code int, grpcStatus string, p *config.RetryPolicy) xds.Ret
 
 // notReached reports a 503 from an upstream meshlet sidecar whose typed
 // reason says the request never reached the application behind it.
-func notReached(code int, reason string) bool {
+func notReached(code int, reason xds.FailureReason) bool {
 	if code != http.StatusServiceUnavailable {
 		return false
 	}
 	switch reason {
-	case ReasonConnectFailure, ReasonNoHealthyUpstream, ReasonCircuitOpen, ReasonOverflow, ReasonTLSHandshakeFailed:
+	case xds.ReasonConnectFailure, xds.ReasonNoHealthyUpstream, xds.ReasonCircuitOpen, xds.ReasonOverflow, xds.ReasonTLSHandshakeFailed:
 		return true
 	}
 	return false

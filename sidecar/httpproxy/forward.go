@@ -13,6 +13,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // The net/http wire: ServeHTTP serves one request of net/http's server
@@ -54,7 +55,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			if hc.UpgradeAllowed(rt, upgrade) {
 				f.upgrade = r.Header.Get("Upgrade")
 			} else {
-				refusal = &failure{http.StatusForbidden, ReasonUpgradeNotAllowed}
+				refusal = &failure{http.StatusForbidden, xds.ReasonUpgradeNotAllowed}
 			}
 		}
 		c = s.clusters.Get(rt.Cluster)
@@ -126,7 +127,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.Add("Via", protoVersion(resp.ProtoMajor, resp.ProtoMinor)+" "+t.via)
 	}
 	if reason := x.relayReason(); reason != "" {
-		h.Set(ReasonHeader, reason)
+		h.Set(ReasonHeader, string(reason))
 	}
 	if len(resp.Trailer) > 0 {
 		names := make([]string, 0, len(resp.Trailer))
@@ -224,7 +225,7 @@ func (f *forward) roundTrip(ctx, actx context.Context, ep *cluster.Endpoint, per
 		return upstreamHead{}, &cluster.UpstreamError{Kind: cluster.KindReset, Sent: true, Err: errResponseHead}
 	}
 	f.resp = resp
-	return upstreamHead{code: resp.StatusCode, grpcStatus: resp.Header.Get("Grpc-Status"), reason: resp.Header.Get(ReasonHeader)}, nil
+	return upstreamHead{code: resp.StatusCode, grpcStatus: resp.Header.Get("Grpc-Status"), reason: xds.FailureReason(resp.Header.Get(ReasonHeader))}, nil
 }
 
 // discard implements wire.
@@ -247,7 +248,7 @@ func (f *forward) replayable() bool { return f.body == nil || f.body.replayable(
 // (endEarly); a gRPC answer is trailers-only.
 func (f *forward) answer(a *localAnswer) {
 	h := f.w.Header()
-	h.Set(ReasonHeader, a.reason)
+	h.Set(ReasonHeader, string(a.reason))
 	if a.rule != "" {
 		h.Set(RuleHeader, a.rule)
 	}

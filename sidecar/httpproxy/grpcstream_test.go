@@ -83,8 +83,8 @@ func TestGRPCLocalRepliesAreGRPCStatuses(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err = tc.EmptyCall(ctx, &testpb.Empty{})
-	if st := status.Convert(err); st.Code() != codes.Unavailable || st.Message() != "meshlet: "+ReasonConnectFailure {
-		t.Errorf("refused upstream: %v, want Unavailable %q", err, "meshlet: "+ReasonConnectFailure)
+	if st := status.Convert(err); st.Code() != codes.Unavailable || st.Message() != "meshlet: "+string(xds.ReasonConnectFailure) {
+		t.Errorf("refused upstream: %v, want Unavailable %q", err, "meshlet: "+xds.ReasonConnectFailure)
 	}
 
 	if code := grpcCodeFor(403); code != int(codes.PermissionDenied) {

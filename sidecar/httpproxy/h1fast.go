@@ -13,6 +13,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/tracing"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // The HTTP/1.1 fast path.
@@ -208,7 +209,7 @@ func (fc *fastConn) answer(a *localAnswer) {
 	op := outPool.Get().(*[]byte)
 	defer outPool.Put(op)
 	out := appendStatusLine((*op)[:0], a.status)
-	out = appendField(out, ReasonHeader, a.reason)
+	out = appendField(out, ReasonHeader, string(a.reason))
 	out = appendField(out, RuleHeader, a.rule)
 	out = appendField(out, "Content-Type", a.contentType)
 	out = appendField(out, "Grpc-Status", a.grpcStatus)
@@ -293,7 +294,7 @@ func (fc *fastConn) roundTrip(ctx, actx context.Context, ep *cluster.Endpoint, p
 	}
 	fc.uc = uc
 	rh := &fc.resp
-	return upstreamHead{code: rh.code, grpcStatus: bstr(rh.grpcStatus), reason: bstr(rh.reason)}, nil
+	return upstreamHead{code: rh.code, grpcStatus: bstr(rh.grpcStatus), reason: xds.FailureReason(bstr(rh.reason))}, nil
 }
 
 // discard implements wire: the connection of the response is not reused.

@@ -1091,7 +1091,7 @@ func testMalformedUpstreamResponse(t *testing.T, netHTTPOnly bool) {
 			c, br := dialProxy(t, addr)
 			for range 2 {
 				resp, body := get(t, c, br, "/")
-				if resp.StatusCode != 503 || resp.Header.Get(ReasonHeader) != ReasonUpstreamReset || resp.ContentLength != int64(len(body)) {
+				if resp.StatusCode != 503 || resp.Header.Get(ReasonHeader) != string(xds.ReasonUpstreamReset) || resp.ContentLength != int64(len(body)) {
 					t.Errorf("got %d %s=%q length %d %q", resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), resp.ContentLength, body)
 				}
 			}
@@ -1206,12 +1206,12 @@ func TestLocalFailureAnswers(t *testing.T) {
 	tests := []struct {
 		name, host, path, method string
 		code                     int
-		reason                   string
+		reason                   xds.FailureReason
 	}{
-		{"no route", "no-routes.internal", "/", "GET", 404, ReasonNoRoute},
-		{"no route, HEAD", "no-routes.internal", "/", "HEAD", 404, ReasonNoRoute},
-		{"no cluster", "api.internal", "/missing-cluster", "GET", 503, ReasonNoCluster},
-		{"no endpoint", "api.internal", "/", "GET", 503, ReasonNoHealthyUpstream},
+		{"no route", "no-routes.internal", "/", "GET", 404, xds.ReasonNoRoute},
+		{"no route, HEAD", "no-routes.internal", "/", "HEAD", 404, xds.ReasonNoRoute},
+		{"no cluster", "api.internal", "/missing-cluster", "GET", 503, xds.ReasonNoCluster},
+		{"no endpoint", "api.internal", "/", "GET", 503, xds.ReasonNoHealthyUpstream},
 	}
 	for _, p := range paths {
 		t.Run(p.name, func(t *testing.T) {
@@ -1221,11 +1221,11 @@ func TestLocalFailureAnswers(t *testing.T) {
 				t.Run(tc.name, func(t *testing.T) {
 					write(t, c, tc.method+" "+tc.path+" HTTP/1.1\r\nHost: "+tc.host+"\r\n\r\n")
 					resp, body := readResp(t, br, tc.method)
-					wantBody := tc.reason + "\n"
+					wantBody := string(tc.reason) + "\n"
 					if tc.method == "HEAD" {
 						wantBody = ""
 					}
-					if resp.StatusCode != tc.code || resp.Header.Get(ReasonHeader) != tc.reason || body != wantBody ||
+					if resp.StatusCode != tc.code || resp.Header.Get(ReasonHeader) != string(tc.reason) || body != wantBody ||
 						resp.Header.Get("Via") != "1.1 test-proxy" {
 						t.Errorf("got %d %s=%q Via=%q %q", resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), resp.Header.Get("Via"), body)
 					}
@@ -1270,13 +1270,13 @@ func testRequestRecordedBeforeLastByte(t *testing.T, netHTTPOnly bool) {
 	tests := []struct {
 		name, method, host, path string
 		code                     int
-		reason                   string
+		reason                   xds.FailureReason
 	}{
 		{"Content-Length", "GET", "api.internal", "/length", 201, ""},
 		{"chunked with trailers", "GET", "api.internal", "/chunked", 200, ""},
 		{"HEAD", "HEAD", "api.internal", "/length", 201, ""},
-		{"no route", "GET", "no-routes.internal", "/", 404, ReasonNoRoute},
-		{"malformed response", "GET", "api.internal", "/bad", 503, ReasonUpstreamReset},
+		{"no route", "GET", "no-routes.internal", "/", 404, xds.ReasonNoRoute},
+		{"malformed response", "GET", "api.internal", "/bad", 503, xds.ReasonUpstreamReset},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1938,8 +1938,8 @@ func TestRBACDoesNotSeeDownstreamXFCC(t *testing.T) {
 			addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.Listener.Addr().String()}, netHTTPOnly: p.netHTTPOnly, rbac: rbac})
 			c, br := dialProxy(t, addr)
 			write(t, c, "GET /admin HTTP/1.1\r\nHost: api.internal\r\nX-Forwarded-Client-Cert: By=spiffe://forged;URI=spiffe://admin\r\n\r\n")
-			if resp, body := readResp(t, br, http.MethodGet); resp.StatusCode != 403 || resp.Header.Get(ReasonHeader) != ReasonAuthzDenied {
-				t.Errorf("forged x-forwarded-client-cert: got %d %q, want 403 %s", resp.StatusCode, body, ReasonAuthzDenied)
+			if resp, body := readResp(t, br, http.MethodGet); resp.StatusCode != 403 || resp.Header.Get(ReasonHeader) != string(xds.ReasonAuthzDenied) {
+				t.Errorf("forged x-forwarded-client-cert: got %d %q, want 403 %s", resp.StatusCode, body, xds.ReasonAuthzDenied)
 			}
 		})
 	}
@@ -2018,7 +2018,7 @@ func TestRetryBudgetReason(t *testing.T) {
 		body     string
 	}{
 		{"relayed", up.Listener.Addr().String(), 503, "busy"},
-		{"failed", deadAddr, 503, ReasonRetryBudgetExhausted + "\n"},
+		{"failed", deadAddr, 503, string(xds.ReasonRetryBudgetExhausted) + "\n"},
 	}
 	for _, p := range paths {
 		t.Run(p.name, func(t *testing.T) {
@@ -2028,10 +2028,10 @@ func TestRetryBudgetReason(t *testing.T) {
 					addr, _ := startProxy(t, proxyOpts{endpoints: []string{tc.endpoint}, netHTTPOnly: p.netHTTPOnly, rec: rec, retry: retry, budget: empty})
 					c, br := dialProxy(t, addr)
 					resp, body := get(t, c, br, "/")
-					if resp.StatusCode != tc.code || body != tc.body || resp.Header.Values(ReasonHeader)[0] != ReasonRetryBudgetExhausted || len(resp.Header.Values(ReasonHeader)) != 1 {
+					if resp.StatusCode != tc.code || body != tc.body || resp.Header.Values(ReasonHeader)[0] != string(xds.ReasonRetryBudgetExhausted) || len(resp.Header.Values(ReasonHeader)) != 1 {
 						t.Errorf("got %d %s=%q %q", resp.StatusCode, ReasonHeader, resp.Header.Values(ReasonHeader), body)
 					}
-					if retries, denied := rec.counts(); retries != 0 || !slices.Equal(denied, []string{ReasonRetryBudgetExhausted}) {
+					if retries, denied := rec.counts(); retries != 0 || !slices.Equal(denied, []string{string(xds.ReasonRetryBudgetExhausted)}) {
 						t.Errorf("retries %d, denied %v", retries, denied)
 					}
 				})
@@ -2049,16 +2049,17 @@ func TestGRPCFailureOverHTTP1(t *testing.T) {
 			addr, _ := startProxy(t, proxyOpts{netHTTPOnly: p.netHTTPOnly})
 			c, br := dialProxy(t, addr)
 			for _, tc := range []struct {
-				name, host, path, grpcStatus, reason string
+				name, host, path, grpcStatus string
+				reason                       xds.FailureReason
 			}{
-				{"no route", "no-routes.internal", "/svc/M", "12", ReasonNoRoute},
-				{"no endpoint", "api.internal", "/svc/M", "14", ReasonNoHealthyUpstream},
+				{"no route", "no-routes.internal", "/svc/M", "12", xds.ReasonNoRoute},
+				{"no endpoint", "api.internal", "/svc/M", "14", xds.ReasonNoHealthyUpstream},
 			} {
 				t.Run(tc.name, func(t *testing.T) {
 					write(t, c, "POST "+tc.path+" HTTP/1.1\r\nHost: "+tc.host+"\r\nContent-Type: application/grpc\r\nTE: trailers\r\nContent-Length: 0\r\n\r\n")
 					resp, body := readResp(t, br, http.MethodPost)
 					if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/grpc" || resp.Header.Get("Grpc-Status") != tc.grpcStatus ||
-						resp.Header.Get(ReasonHeader) != tc.reason || resp.Header.Get("Grpc-Message") != "meshlet:%20"+tc.reason || body != "" {
+						resp.Header.Get(ReasonHeader) != string(tc.reason) || resp.Header.Get("Grpc-Message") != "meshlet:%20"+string(tc.reason) || body != "" {
 						t.Errorf("got %d %v %q", resp.StatusCode, resp.Header, body)
 					}
 				})

@@ -56,7 +56,7 @@ func (fc *fastConn) relay(x *exchange, att *cluster.Attempt) bool {
 		out = append(out, via...)
 		out = append(out, "\r\n"...)
 	}
-	out = appendField(out, ReasonHeader, reason)
+	out = appendField(out, ReasonHeader, string(reason))
 	if !keep {
 		out = append(out, "Connection: close\r\n"...)
 	}

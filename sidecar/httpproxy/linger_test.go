@@ -16,6 +16,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Tests of early answers: the upstream answers before the request body is
@@ -277,8 +278,8 @@ func TestLocalAnswerBeforeBody(t *testing.T) {
 			head := fmt.Sprintf("POST /upload HTTP/1.1\r\nHost: no-routes.internal\r\nContent-Length: %d\r\n\r\n", big)
 			_, sendErr := c.Write(append([]byte(head), bytes.Repeat([]byte("n"), big)...))
 			resp, body := readResp(t, br, http.MethodPost)
-			if resp.StatusCode != http.StatusNotFound || resp.Header.Get(ReasonHeader) != ReasonNoRoute || body != ReasonNoRoute+"\n" {
-				t.Fatalf("got %d %s=%q %q, want 404 %s", resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), body, ReasonNoRoute)
+			if resp.StatusCode != http.StatusNotFound || resp.Header.Get(ReasonHeader) != string(xds.ReasonNoRoute) || body != string(xds.ReasonNoRoute)+"\n" {
+				t.Fatalf("got %d %s=%q %q, want 404 %s", resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), body, xds.ReasonNoRoute)
 			}
 			if sendErr != nil {
 				t.Errorf("sending the body failed: %v (the proxy reset the connection)", sendErr)

@@ -27,25 +27,9 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-// ReasonHeader carries the typed reason on responses the sidecar itself
-// fails (x-meshlet-reason).
+// ReasonHeader carries the typed reason (an xds.FailureReason) on
+// responses the sidecar itself fails (x-meshlet-reason).
 const ReasonHeader = xds.ReasonHeader
-
-// Typed failure reasons (xds.FailureReason) set in ReasonHeader and used as
-// the metric label "reason" ("" for requests the sidecar did not fail), as
-// the plain strings the proxy's hot path carries.
-const (
-	ReasonNoRoute              = string(xds.ReasonNoRoute)
-	ReasonNoCluster            = string(xds.ReasonNoCluster)
-	ReasonNoHealthyUpstream    = string(xds.ReasonNoHealthyUpstream)
-	ReasonCircuitOpen          = string(xds.ReasonCircuitOpen)
-	ReasonOverflow             = string(xds.ReasonOverflow)
-	ReasonConnectFailure       = string(xds.ReasonConnectFailure)
-	ReasonUpstreamReset        = string(xds.ReasonUpstreamReset)
-	ReasonUpstreamTimeout      = string(xds.ReasonUpstreamTimeout)
-	ReasonRetryBudgetExhausted = string(xds.ReasonRetryBudgetExhausted)
-	ReasonTLSHandshakeFailed   = string(xds.ReasonTLSHandshakeFailed)
-)
 
 // Recorder receives one record per request, and the retries, for metrics.
 // Implementations must be safe for concurrent use.
@@ -73,9 +57,10 @@ type RequestRecord struct {
 	Listener, Cluster, Route string
 	// Code is the response status code, 0 when the downstream left first.
 	Code int
-	// Reason is the typed reason when the sidecar failed the request, else
-	// "".
-	Reason string
+	// Reason is the typed reason when the sidecar failed the request (the
+	// xds.FailureReason it answered in ReasonHeader, the metric label
+	// "reason"), else "".
+	Reason xds.FailureReason
 	// Duration runs from the request headers to the end of the response.
 	Duration time.Duration
 }
@@ -110,10 +95,6 @@ type Options struct {
 // RuleHeader names the rule behind an authorization denial
 // (x-meshlet-authz-rule), next to ReasonHeader "authz_denied".
 const RuleHeader = "X-Meshlet-Authz-Rule"
-
-// ReasonAuthzDenied is the typed reason of a request authorization refused
-// (403).
-const ReasonAuthzDenied = string(xds.ReasonAuthzDenied)
 
 // Server is the listener.Handler of one HTTP listener.
 type Server struct {

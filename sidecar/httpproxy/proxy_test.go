@@ -140,14 +140,14 @@ func TestTypedFailureReasons(t *testing.T) {
 		timeout   time.Duration
 		path      string
 		status    int
-		reason    string
+		reason    xds.FailureReason
 	}{
-		{"no route", []string{hang.Listener.Addr().String()}, 0, "", http.StatusNotFound, ReasonNoRoute},
-		{"unknown cluster", []string{hang.Listener.Addr().String()}, 0, "/missing-cluster", http.StatusServiceUnavailable, ReasonNoCluster},
-		{"no endpoints", nil, 0, "/", http.StatusServiceUnavailable, ReasonNoHealthyUpstream},
-		{"connection refused", []string{closedPort}, 0, "/", http.StatusServiceUnavailable, ReasonConnectFailure},
-		{"route timeout", []string{hang.Listener.Addr().String()}, 100 * time.Millisecond, "/", http.StatusGatewayTimeout, ReasonUpstreamTimeout},
-		{"upstream closes without answering", []string{reset.Listener.Addr().String()}, 0, "/", http.StatusServiceUnavailable, ReasonUpstreamReset},
+		{"no route", []string{hang.Listener.Addr().String()}, 0, "", http.StatusNotFound, xds.ReasonNoRoute},
+		{"unknown cluster", []string{hang.Listener.Addr().String()}, 0, "/missing-cluster", http.StatusServiceUnavailable, xds.ReasonNoCluster},
+		{"no endpoints", nil, 0, "/", http.StatusServiceUnavailable, xds.ReasonNoHealthyUpstream},
+		{"connection refused", []string{closedPort}, 0, "/", http.StatusServiceUnavailable, xds.ReasonConnectFailure},
+		{"route timeout", []string{hang.Listener.Addr().String()}, 100 * time.Millisecond, "/", http.StatusGatewayTimeout, xds.ReasonUpstreamTimeout},
+		{"upstream closes without answering", []string{reset.Listener.Addr().String()}, 0, "/", http.StatusServiceUnavailable, xds.ReasonUpstreamReset},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -163,7 +163,7 @@ func TestTypedFailureReasons(t *testing.T) {
 			}
 			defer resp.Body.Close()
 			body, _ := io.ReadAll(resp.Body)
-			if resp.StatusCode != tc.status || resp.Header.Get(ReasonHeader) != tc.reason {
+			if resp.StatusCode != tc.status || resp.Header.Get(ReasonHeader) != string(tc.reason) {
 				t.Errorf("got %d %s=%q (%q), want %d %q", resp.StatusCode, ReasonHeader, resp.Header.Get(ReasonHeader), body, tc.status, tc.reason)
 			}
 		})

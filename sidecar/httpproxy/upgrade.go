@@ -15,11 +15,6 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-// ReasonUpgradeNotAllowed is the typed reason of an HTTP/1.1 Upgrade
-// request (403) whose upgrade type the connection manager and route do
-// not enable (HttpConnectionManager.upgrade_configs).
-const ReasonUpgradeNotAllowed = string(xds.ReasonUpgradeNotAllowed)
-
 // upgradeType returns the lower-case protocol of an HTTP/1.1 Upgrade
 // request (RFC 9110 §7.8: Upgrade listed in Connection), "" otherwise.
 func upgradeType(r *http.Request) string {
@@ -62,8 +57,8 @@ func (s *Server) tunnel(w http.ResponseWriter, resp *http.Response, x *exchange,
 	if !ok {
 		resp.Body.Close()
 		s.log.Warn("httpproxy: 101 response without an upgraded connection", "listener", s.name, "cluster", x.cluster)
-		x.code, x.reason = http.StatusBadGateway, ReasonUpstreamReset
-		http.Error(w, ReasonUpstreamReset, http.StatusBadGateway)
+		x.code, x.reason = http.StatusBadGateway, xds.ReasonUpstreamReset
+		http.Error(w, string(xds.ReasonUpstreamReset), http.StatusBadGateway)
 		return
 	}
 	defer up.Close()
@@ -71,7 +66,7 @@ func (s *Server) tunnel(w http.ResponseWriter, resp *http.Response, x *exchange,
 	if err != nil {
 		// Only HTTP/1.1 downstreams carry upgrades; anything else is a bug.
 		s.log.Warn("httpproxy: cannot take over the downstream connection for an upgrade", "listener", s.name, "error", err)
-		x.code, x.reason = http.StatusBadGateway, ReasonUpstreamReset
+		x.code, x.reason = http.StatusBadGateway, xds.ReasonUpstreamReset
 		return
 	}
 	defer down.Close()

@@ -35,11 +35,6 @@ type Recorder interface {
 	IdleTimeout(listener string)
 }
 
-// ReasonNoOriginalDst is why a connection is closed when its chain's
-// cluster is ORIGINAL_DST but the connection has no original destination
-// (its listener has no original_dst listener filter): the log's reason.
-const ReasonNoOriginalDst = string(xds.ReasonNoOriginalDst)
-
 // Proxy is the listener.Handler of the TCP proxy of one filter chain.
 type Proxy struct {
 	name     string
@@ -158,7 +153,7 @@ func (p *Proxy) serve(down net.Conn, dst netip.AddrPort) {
 	}
 	originalDst := c.Config().Type == config.ClusterOriginalDst
 	if originalDst && !dst.IsValid() {
-		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", ReasonNoOriginalDst)
+		p.log.Warn("tcpproxy: connection closed", "listener", p.name, "cluster", cfg.Cluster, "reason", xds.ReasonNoOriginalDst)
 		return
 	}
 	var triedBuf [4]*cluster.Endpoint

@@ -18,6 +18,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
 	"github.com/meshlet/meshlet/sidecar/udpproxy"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Metrics are the sidecar's request, resilience, xDS and tracing metrics:
@@ -120,7 +121,7 @@ type Metrics struct {
 type requestKey struct {
 	listener, cluster, route string
 	code                     int
-	reason                   string
+	reason                   xds.FailureReason
 }
 
 type requestChildren struct {
@@ -208,7 +209,7 @@ func (m *Metrics) Request(r httpproxy.RequestRecord) {
 	k := requestKey{listener: r.Listener, cluster: r.Cluster, route: r.Route, code: r.Code, reason: r.Reason}
 	v, ok := m.children.Load(k)
 	if !ok {
-		labels := []string{r.Listener, r.Cluster, r.Route, statusText(r.Code), r.Reason}
+		labels := []string{r.Listener, r.Cluster, r.Route, statusText(r.Code), string(r.Reason)}
 		v, _ = m.children.LoadOrStore(k, &requestChildren{count: m.requests.WithLabelValues(labels...), duration: m.duration.WithLabelValues(labels...)})
 	}
 	c := v.(*requestChildren)

@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/meshlet/meshlet/sidecar/udpproxy"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // udpVecs are the UDP proxy metrics.
@@ -93,8 +94,8 @@ func (u *udpMeter) Datagram(toUpstream bool, n int) {
 	u.downBytes.Add(float64(n))
 }
 
-func (u *udpMeter) Dropped(reason string) {
-	u.counter(&u.droppedReason, u.vecs.dropped, reason).Inc()
+func (u *udpMeter) Dropped(reason xds.FailureReason) {
+	u.counter(&u.droppedReason, u.vecs.dropped, string(reason)).Inc()
 }
 
 func (u *udpMeter) counter(cache *sync.Map, vec *prometheus.CounterVec, reason string) prometheus.Counter {

@@ -15,6 +15,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // Attribute keys meshlet adds next to the OpenTelemetry semantic
@@ -208,11 +209,11 @@ func (h *HTTP) StartAttempt(ctx context.Context, n int, endpoint, peerID string)
 }
 
 // End records the outcome on span and ends it: the response status code
-// (0 when there was none), the typed reason when the sidecar failed it,
-// the grpc-status when there is one, and for attempts the retry_on
-// condition that made it be retried. Server spans are errors from 500
-// up, client spans from 400 up (OpenTelemetry HTTP conventions).
-func End(span trace.Span, code int, reason, grpcStatus, retryCause string) {
+// (0 when there was none), the typed reason when the sidecar failed it
+// ("" otherwise), the grpc-status when there is one, and for attempts the
+// retry_on condition that made it be retried. Server spans are errors
+// from 500 up, client spans from 400 up (OpenTelemetry HTTP conventions).
+func End(span trace.Span, code int, reason xds.FailureReason, grpcStatus, retryCause string) {
 	if span.IsRecording() {
 		attrs := make([]attribute.KeyValue, 0, 5)
 		if code > 0 {
@@ -226,8 +227,8 @@ func End(span trace.Span, code int, reason, grpcStatus, retryCause string) {
 		}
 		switch {
 		case reason != "":
-			attrs = append(attrs, AttrReason.String(reason), semconv.ErrorTypeKey.String(reason))
-			span.SetStatus(codes.Error, reason)
+			attrs = append(attrs, AttrReason.String(string(reason)), semconv.ErrorTypeKey.String(string(reason)))
+			span.SetStatus(codes.Error, string(reason))
 		case code == 0:
 			attrs = append(attrs, semconv.ErrorTypeKey.String("cancelled"))
 		case code >= 500, code >= 400 && isClient(span):

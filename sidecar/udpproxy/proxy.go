@@ -52,8 +52,9 @@ type Meter interface {
 	// SessionOpened counts a new session (and one more active).
 	SessionOpened()
 	// SessionClosed counts a session that ended (one less active), by
-	// reason: idle_timeout, endpoint_gone, upstream_refused,
-	// upstream_error or shutdown.
+	// reason: idle_timeout (xds.ReasonIdleTimeout), or one of the session
+	// end reasons below: endpoint_gone, upstream_refused, upstream_error or
+	// shutdown.
 	SessionClosed(reason string)
 	// Datagram counts one datagram of n bytes forwarded to the upstream
 	// (toUpstream) or back to the downstream.
@@ -61,29 +62,19 @@ type Meter interface {
 	// Dropped counts a datagram not forwarded, by reason: no_cluster,
 	// no_healthy_upstream, circuit_open, overflow (max sessions, the
 	// cluster's max_connections), connect_failure, too_large,
-	// upstream_send_error, downstream_send_error.
-	Dropped(reason string)
+	// upstream_send_error, downstream_send_error (the xds.FailureReason
+	// constants of those words).
+	Dropped(reason xds.FailureReason)
 }
 
-// Session end reasons (Meter.SessionClosed).
+// Session end reasons (Meter.SessionClosed) other than idle_timeout
+// (xds.ReasonIdleTimeout): a session that ends is not a failed datagram,
+// so these words are not xds.FailureReason values.
 const (
-	ReasonIdleTimeout     = string(xds.ReasonIdleTimeout)
 	ReasonEndpointGone    = "endpoint_gone"
 	ReasonUpstreamRefused = "upstream_refused"
 	ReasonUpstreamError   = "upstream_error"
 	ReasonShutdown        = "shutdown"
-)
-
-// Drop reasons (Meter.Dropped).
-const (
-	DropNoCluster           = string(xds.ReasonNoCluster)
-	DropNoHealthyUpstream   = string(xds.ReasonNoHealthyUpstream)
-	DropCircuitOpen         = string(xds.ReasonCircuitOpen)
-	DropOverflow            = string(xds.ReasonOverflow)
-	DropConnectFailure      = string(xds.ReasonConnectFailure)
-	DropTooLarge            = string(xds.ReasonTooLarge)
-	DropUpstreamSendError   = string(xds.ReasonUpstreamSendError)
-	DropDownstreamSendError = string(xds.ReasonDownstreamSendError)
 )
 
 // bufSize is the pooled buffer of one datagram: any UDP payload fits.
@@ -177,7 +168,7 @@ func (p *Proxy) Serve(pc net.PacketConn) {
 		}
 		delay = 0
 		if flags&syscall.MSG_TRUNC != 0 {
-			st.meter.Dropped(DropTooLarge)
+			st.meter.Dropped(xds.ReasonTooLarge)
 			continue
 		}
 		s := p.session(st, from, uc)
@@ -185,7 +176,7 @@ func (p *Proxy) Serve(pc net.PacketConn) {
 			continue
 		}
 		if _, err := s.up.Write(buf[:n]); err != nil {
-			st.meter.Dropped(DropUpstreamSendError)
+			st.meter.Dropped(xds.ReasonUpstreamSendError)
 			if errors.Is(err, syscall.ECONNREFUSED) {
 				s.end(ReasonUpstreamRefused)
 			}
@@ -236,18 +227,18 @@ func (p *Proxy) session(st *state, from netip.AddrPort, down *net.UDPConn) *sess
 
 // open picks an endpoint and connects a socket to it, or returns the drop
 // reason.
-func (p *Proxy) open(st *state, from netip.AddrPort, down *net.UDPConn, now int64) (*session, string) {
+func (p *Proxy) open(st *state, from netip.AddrPort, down *net.UDPConn, now int64) (*session, xds.FailureReason) {
 	c := p.clusters.Get(st.cfg.Cluster)
 	if c == nil {
-		return nil, DropNoCluster
+		return nil, xds.ReasonNoCluster
 	}
 	att, picked := c.Pick(0, false, nil)
 	switch picked {
 	case cluster.Picked:
 	case cluster.CircuitOpen:
-		return nil, DropCircuitOpen
+		return nil, xds.ReasonCircuitOpen
 	default:
-		return nil, DropNoHealthyUpstream
+		return nil, xds.ReasonNoHealthyUpstream
 	}
 	ep := att.Endpoint()
 	up, err := ep.DialUDP(context.Background())
@@ -255,11 +246,11 @@ func (p *Proxy) open(st *state, from netip.AddrPort, down *net.UDPConn, now int6
 		var ue *cluster.UpstreamError
 		if errors.As(err, &ue) && ue.Kind == cluster.KindOverflow {
 			att.End(cluster.OutcomeCancelled) // not the endpoint's fault
-			return nil, DropOverflow
+			return nil, xds.ReasonOverflow
 		}
 		att.End(cluster.OutcomeLocalFailure)
 		p.log.Warn("udpproxy: cannot open an upstream socket", "listener", st.name, "endpoint", ep.Address, "error", err)
-		return nil, DropConnectFailure
+		return nil, xds.ReasonConnectFailure
 	}
 	s := &session{p: p, from: from, down: down, up: up, ep: ep, att: att}
 	s.last.Store(now)
@@ -355,14 +346,14 @@ func (s *session) run() {
 		}
 		if n > st.cfg.MaxUpstreamDatagram {
 			bufPool.Put(bp)
-			st.meter.Dropped(DropTooLarge)
+			st.meter.Dropped(xds.ReasonTooLarge)
 			continue
 		}
 		s.last.Store(time.Now().UnixNano())
 		_, err = s.down.WriteToUDPAddrPort((*bp)[:n], s.from)
 		bufPool.Put(bp)
 		if err != nil {
-			st.meter.Dropped(DropDownstreamSendError)
+			st.meter.Dropped(xds.ReasonDownstreamSendError)
 			if errors.Is(err, net.ErrClosed) {
 				return // the listener is gone; Shutdown ends the session
 			}
@@ -387,7 +378,7 @@ func (p *Proxy) expire(s *session, idle time.Duration) bool {
 		delete(p.sessions, s.from)
 	}
 	p.mu.Unlock()
-	s.end(ReasonIdleTimeout)
+	s.end(string(xds.ReasonIdleTimeout))
 	return true
 }
 
@@ -461,7 +452,7 @@ func readPooled(rc syscall.RawConn, limit int) (*[]byte, int, error) {
 
 type nopMeter struct{}
 
-func (nopMeter) SessionOpened()        {}
-func (nopMeter) SessionClosed(string)  {}
-func (nopMeter) Datagram(bool, int)    {}
-func (nopMeter) Dropped(reason string) {}
+func (nopMeter) SessionOpened()            {}
+func (nopMeter) SessionClosed(string)      {}
+func (nopMeter) Datagram(bool, int)        {}
+func (nopMeter) Dropped(xds.FailureReason) {}

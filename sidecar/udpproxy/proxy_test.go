@@ -17,6 +17,7 @@ import (
 	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/cluster"
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/xds"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -50,7 +51,7 @@ func (r *recorder) Datagram(up bool, _ int) {
 		r.add("down")
 	}
 }
-func (r *recorder) Dropped(why string) { r.add("dropped:" + why) }
+func (r *recorder) Dropped(why xds.FailureReason) { r.add("dropped:" + string(why)) }
 
 // echoServer answers each datagram with "<its source port>:<payload>", so
 // a client can tell which upstream socket (session) carried it.
@@ -222,7 +223,7 @@ func TestIdleTimeoutEndsTheSession(t *testing.T) {
 		}
 	}
 	testutil.Until(t, 5*time.Second, "the idle session to end", func() bool { return r.p.Sessions() == 0 })
-	if n := r.rec.get("closed:" + ReasonIdleTimeout); n != 1 {
+	if n := r.rec.get("closed:" + string(xds.ReasonIdleTimeout)); n != 1 {
 		t.Errorf("idle_timeout closes = %d, want 1", n)
 	}
 	second := ask(t, c, "two", 2*time.Second)
@@ -257,7 +258,7 @@ func TestMaxConnectionsBoundsSessions(t *testing.T) {
 	if got := ask(t, b, "b", 300*time.Millisecond); got != "" {
 		t.Fatalf("second session over max_connections 1 answered %q", got)
 	}
-	if n := r.rec.get("dropped:" + DropOverflow); n != 1 {
+	if n := r.rec.get("dropped:" + string(xds.ReasonOverflow)); n != 1 {
 		t.Errorf("overflow drops = %d, want 1", n)
 	}
 	testutil.Until(t, 5*time.Second, "a's session to idle out", func() bool { return r.p.Sessions() == 0 })
@@ -315,14 +316,14 @@ func TestDatagramLimits(t *testing.T) {
 	if got := ask(t, c, strings.Repeat("a", 101), 300*time.Millisecond); got != "" {
 		t.Errorf("a 101-byte datagram over a 100-byte limit passed: %q", got)
 	}
-	if n := r.rec.get("dropped:" + DropTooLarge); n != 1 {
+	if n := r.rec.get("dropped:" + string(xds.ReasonTooLarge)); n != 1 {
 		t.Errorf("too_large drops = %d, want 1 (downstream)", n)
 	}
 	// 98 bytes up are fine; the answer ("<5-digit ephemeral port>:" + 98) is over 100: dropped.
 	if got := ask(t, c, strings.Repeat("b", 98), 300*time.Millisecond); got != "" {
 		t.Errorf("an answer over the upstream limit passed: %d bytes", len(got))
 	}
-	testutil.Until(t, 5*time.Second, "the upstream too_large drop", func() bool { return r.rec.get("dropped:"+DropTooLarge) == 2 })
+	testutil.Until(t, 5*time.Second, "the upstream too_large drop", func() bool { return r.rec.get("dropped:"+string(xds.ReasonTooLarge)) == 2 })
 	if got := ask(t, c, "ok", 2*time.Second); !strings.HasSuffix(got, ":ok") {
 		t.Errorf("small datagram: %q", got)
 	}
@@ -335,7 +336,7 @@ func TestNoClusterDrops(t *testing.T) {
 	r.clusters.Update(map[string]*config.Cluster{}, nil)
 	c := r.client(t)
 	_, _ = c.Write([]byte("x"))
-	testutil.Until(t, 5*time.Second, "a no_cluster drop", func() bool { return r.rec.get("dropped:"+DropNoCluster) == 1 })
+	testutil.Until(t, 5*time.Second, "a no_cluster drop", func() bool { return r.rec.get("dropped:"+string(xds.ReasonNoCluster)) == 1 })
 	if r.p.Sessions() != 0 {
 		t.Error("a session without a cluster")
 	}
