@@ -25,23 +25,35 @@ const (
 	KindSecret             ResourceKind = "secret"                  // SecretType: envoy.extensions.transport_sockets.tls.v3.Secret
 )
 
-// ResourceKinds are the kinds of the types served over ADS.
-var ResourceKinds = []ResourceKind{KindListener, KindRouteConfiguration, KindCluster, KindLoadAssignment, KindSecret}
+// kindTypeURLs pairs each resource kind with its type URL.
+var kindTypeURLs = [...]struct {
+	kind    ResourceKind
+	typeURL string
+}{
+	{KindListener, ListenerType},
+	{KindRouteConfiguration, RouteType},
+	{KindCluster, ClusterType},
+	{KindLoadAssignment, EndpointType},
+	{KindSecret, SecretType},
+}
+
+// ResourceKinds are the kinds of the types served over ADS, in the order
+// listener, route configuration, cluster, cluster load assignment, secret.
+var ResourceKinds = func() []ResourceKind {
+	ks := make([]ResourceKind, len(kindTypeURLs))
+	for i, p := range kindTypeURLs {
+		ks[i] = p.kind
+	}
+	return ks
+}()
 
 // KindOf returns the kind of the resources of typeURL, "" for a type not
 // served over ADS.
 func KindOf(typeURL string) ResourceKind {
-	switch typeURL {
-	case ListenerType:
-		return KindListener
-	case RouteType:
-		return KindRouteConfiguration
-	case ClusterType:
-		return KindCluster
-	case EndpointType:
-		return KindLoadAssignment
-	case SecretType:
-		return KindSecret
+	for _, p := range kindTypeURLs {
+		if p.typeURL == typeURL {
+			return p.kind
+		}
 	}
 	return ""
 }
@@ -49,17 +61,10 @@ func KindOf(typeURL string) ResourceKind {
 // TypeURL returns the type URL of the resources of kind k, "" for an
 // unknown kind.
 func (k ResourceKind) TypeURL() string {
-	switch k {
-	case KindListener:
-		return ListenerType
-	case KindRouteConfiguration:
-		return RouteType
-	case KindCluster:
-		return ClusterType
-	case KindLoadAssignment:
-		return EndpointType
-	case KindSecret:
-		return SecretType
+	for _, p := range kindTypeURLs {
+		if p.kind == k {
+			return p.typeURL
+		}
 	}
 	return ""
 }

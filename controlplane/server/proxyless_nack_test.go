@@ -3,7 +3,6 @@ package server
 import (
 	"io"
 	"log/slog"
-	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -29,19 +28,7 @@ func TestProxylessNACKParkedUntilItsResourceChanges(t *testing.T) {
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(s.Collector())
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = s.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		s.Close()
-		<-served
-	})
+	addr := serveADS(t, s) // closed after the clients' cleanups (registered later, run first)
 	s.SetCatalog(grpcCatalog(nil, demoPorts()))
 	testutil.Until(t, 5*time.Second, "greeter's listener", func() bool {
 		res, _ := proxylessState(s)
@@ -50,7 +37,7 @@ func TestProxylessNACKParkedUntilItsResourceChanges(t *testing.T) {
 	})
 
 	greeter := []string{"greeter"}
-	a := dialADSNode(t, lis.Addr().String(), grpcNode("client-a"))
+	a := dialADSNode(t, addr, grpcNode("client-a"))
 	a.send(&discovery.DiscoveryRequest{TypeUrl: xds.ListenerType, ResourceNames: greeter})
 	r1 := a.recv()
 	if got := responseNames(t, r1); !slices.Equal(got, greeter) {

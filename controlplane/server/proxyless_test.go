@@ -143,28 +143,16 @@ func TestProxylessClientsGetTheNamesTheyAskFor(t *testing.T) {
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(s.Collector())
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = s.Serve(lis)
-	}()
-	t.Cleanup(func() { // after the clients' cleanups (registered later, run first)
-		s.Close()
-		<-served
-	})
+	addr := serveADS(t, s) // closed after the clients' cleanups (registered later, run first)
 	ports := demoPorts()
 	cat := grpcCatalog(nil, ports)
 	s.SetCatalog(cat)
 
 	greeter := []string{"greeter"}
 	both := []string{"echo", "greeter"}
-	a := dialADSNode(t, lis.Addr().String(), grpcNode("client-a"))
-	b := dialADSNode(t, lis.Addr().String(), grpcNode("client-b"))
-	c := dialADSNode(t, lis.Addr().String(), grpcNode("client-c"))
+	a := dialADSNode(t, addr, grpcNode("client-a"))
+	b := dialADSNode(t, addr, grpcNode("client-b"))
+	c := dialADSNode(t, addr, grpcNode("client-c"))
 	for _, x := range []struct {
 		c     *adsClient
 		names []string

@@ -35,6 +35,27 @@ type adsClient struct {
 	cancel context.CancelFunc
 }
 
+// serveADS serves s's ADS on a loopback port until the test's cleanups,
+// registered now so that they run after those registered later (the
+// clients'): s is closed and its Serve returned. It returns the address.
+func serveADS(t *testing.T, s *Server) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = s.Serve(lis)
+	}()
+	t.Cleanup(func() {
+		s.Close()
+		<-served
+	})
+	return lis.Addr().String()
+}
+
 func dialADS(t *testing.T, addr, node string) *adsClient {
 	t.Helper()
 	return dialADSNode(t, addr, &core.Node{Id: node, UserAgentName: xds.UserAgentName})
@@ -141,22 +162,9 @@ func proxyStatus(st *Status, node string) ProxyStatus {
 // brings a new version, whose ACK clears the rejection.
 func TestNACKRecordedWithSourcesAndClearedByACK(t *testing.T) {
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	defer s.Close()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(s.Collector())
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = s.Serve(lis)
-	}()
-	defer func() {
-		s.Close()
-		<-done
-	}()
+	addr := serveADS(t, s)
 
 	if ok, why := s.Ready(); ok || !strings.Contains(why, "Consul catalog") {
 		t.Errorf("Ready before any catalog = %v, %q", ok, why)
@@ -169,7 +177,7 @@ func TestNACKRecordedWithSourcesAndClearedByACK(t *testing.T) {
 		t.Error("not ready after the first catalog")
 	}
 
-	c := dialADS(t, lis.Addr().String(), web)
+	c := dialADS(t, addr, web)
 	c.send(&discovery.DiscoveryRequest{TypeUrl: xds.RouteType, ResourceNames: []string{"api"}})
 	r1 := c.recv()
 	detail := `resources[0]: route configuration "api": virtual_hosts[0].routes[0]: route.retry_policy: retry_on: unsupported condition "envoy-ratelimited"`
@@ -260,26 +268,13 @@ func TestNACKRecordedWithSourcesAndClearedByACK(t *testing.T) {
 // (xds.NewNACKStatus), not one its message happens to quote.
 func TestNACKBlamesTheResourceOfItsDetails(t *testing.T) {
 	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	defer s.Close()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = s.Serve(lis)
-	}()
-	defer func() {
-		s.Close()
-		<-done
-	}()
+	addr := serveADS(t, s)
 	s.SetPolicies(servePolicies(t, map[string]string{"policies/api.yaml": apiHTTP, "policies/retry.yaml": retryOn("5xx")}))
 	s.SetCatalog(catalog(true))
 	const web = "web-1-sidecar-proxy"
 	waitVersions(t, s, web, func(map[string]string) bool { return true })
 
-	c := dialADS(t, lis.Addr().String(), web)
+	c := dialADS(t, addr, web)
 	c.send(&discovery.DiscoveryRequest{TypeUrl: xds.ClusterType})
 	r1 := c.recv()
 	var names []string

@@ -1950,17 +1950,36 @@ func TestRBACDoesNotSeeDownstreamXFCC(t *testing.T) {
 // decodes it.
 func rbacFilter(t *testing.T, perm *rbacv3.Permission) *config.RBACFilter {
 	t.Helper()
-	pack := func(m proto.Message) *anypb.Any {
-		a, err := anypb.New(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return a
-	}
 	rules := &httprbacv3.RBAC{Rules: &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{
 		"header-rule": {Permissions: []*rbacv3.Permission{perm}, Principals: []*rbacv3.Principal{{Identifier: &rbacv3.Principal_Any{Any: true}}}},
 	}}}
-	hcm := &hcmv3.HttpConnectionManager{
+	f := decodeHCM(t, func(m *hcmv3.HttpConnectionManager) {
+		m.HttpFilters = append([]*hcmv3.HttpFilter{
+			{Name: "envoy.filters.http.rbac", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: packAny(t, rules)}},
+		}, m.HttpFilters...)
+	}).RBAC
+	if f == nil {
+		t.Fatal("no RBAC filter decoded")
+	}
+	return f
+}
+
+// packAny packs m into an Any, failing t if it cannot.
+func packAny(t *testing.T, m proto.Message) *anypb.Any {
+	t.Helper()
+	a, err := anypb.New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// decodeHCM returns the HTTP connection manager of listener "l" routing
+// every request to cluster "c" with the router filter, after edit changed
+// it (nil: none), decoded as the xDS client decodes it.
+func decodeHCM(t *testing.T, edit func(*hcmv3.HttpConnectionManager)) *config.HTTPConnectionManager {
+	t.Helper()
+	m := &hcmv3.HttpConnectionManager{
 		StatPrefix: "l",
 		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: "rc", VirtualHosts: []*routev3.VirtualHost{{
 			Name: "vh", Domains: []string{"*"}, Routes: []*routev3.Route{{
@@ -1969,27 +1988,25 @@ func rbacFilter(t *testing.T, perm *rbacv3.Permission) *config.RBACFilter {
 			}},
 		}}}},
 		HttpFilters: []*hcmv3.HttpFilter{
-			{Name: "envoy.filters.http.rbac", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: pack(rules)}},
-			{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: pack(&routerv3.Router{})}},
+			{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: packAny(t, &routerv3.Router{})}},
 		},
+	}
+	if edit != nil {
+		edit(m)
 	}
 	l := &listenerv3.Listener{
 		Name: "l",
 		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
 			Address: "127.0.0.1", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 15001}}}},
 		FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{{
-			Name: "envoy.filters.network.http_connection_manager", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: pack(hcm)},
+			Name: "envoy.filters.network.http_connection_manager", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: packAny(t, m)},
 		}}}},
 	}
-	dl, err := config.DecodeListener(pack(l))
+	dl, err := config.DecodeListener(packAny(t, l))
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := dl.Chains[0].HTTP.RBAC
-	if f == nil {
-		t.Fatal("no RBAC filter decoded")
-	}
-	return f
+	return dl.Chains[0].HTTP
 }
 
 // TestRetryBudgetReason: when a retry is due and the retry budget has no

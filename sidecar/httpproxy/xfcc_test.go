@@ -18,13 +18,7 @@ import (
 	"testing"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshlet/meshlet/internal/testca"
 	"github.com/meshlet/meshlet/sidecar/cluster"
@@ -167,42 +161,12 @@ func TestXFCC(t *testing.T) {
 // client decodes it.
 func xfccChain(t *testing.T, mode hcmv3.HttpConnectionManager_ForwardClientCertDetails, uri bool) *config.HTTPConnectionManager {
 	t.Helper()
-	pack := func(m proto.Message) *anypb.Any {
-		a, err := anypb.New(m)
-		if err != nil {
-			t.Fatal(err)
+	return decodeHCM(t, func(m *hcmv3.HttpConnectionManager) {
+		m.ForwardClientCertDetails = mode
+		if uri {
+			m.SetCurrentClientCertDetails = &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}
 		}
-		return a
-	}
-	m := &hcmv3.HttpConnectionManager{
-		StatPrefix: "l",
-		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: "rc", VirtualHosts: []*routev3.VirtualHost{{
-			Name: "vh", Domains: []string{"*"}, Routes: []*routev3.Route{{
-				Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
-				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: "c"}}},
-			}},
-		}}}},
-		HttpFilters: []*hcmv3.HttpFilter{
-			{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: pack(&routerv3.Router{})}},
-		},
-		ForwardClientCertDetails: mode,
-	}
-	if uri {
-		m.SetCurrentClientCertDetails = &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}
-	}
-	l := &listenerv3.Listener{
-		Name: "l",
-		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
-			Address: "127.0.0.1", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 15001}}}},
-		FilterChains: []*listenerv3.FilterChain{{Filters: []*listenerv3.Filter{{
-			Name: "envoy.filters.network.http_connection_manager", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: pack(m)},
-		}}}},
-	}
-	dl, err := config.DecodeListener(pack(l))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return dl.Chains[0].HTTP
+	})
 }
 
 // startXFCCProxy runs a Server of chain hc, whose cluster "c" is endpoint,
