@@ -693,7 +693,10 @@ func Open(workDir string, log *slog.Logger) (*Cluster, error) {
 
 // ReapStale stops the clusters of this host whose starting process has
 // died without stopping them (registered, not Detached, owner gone), as
-// Stop would have. It returns how many it stopped.
+// Stop would have. It returns how many it stopped. Each stale cluster is
+// claimed under the registry lock (its owner becomes this process) before
+// it is stopped, so concurrent Starts, in this process or others, stop it
+// once; if this process dies while stopping it, the next one takes over.
 func ReapStale(ctx context.Context, log *slog.Logger) (int, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -705,17 +708,14 @@ func ReapStale(ctx context.Context, log *slog.Logger) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	es, err := reg.entries()
+	stale, err := reg.claimStale()
 	reg.unlock()
 	if err != nil {
 		return 0, err
 	}
 	n := 0
 	var errs []error
-	for _, e := range es {
-		if e.Detached || processAlive(e.Owner) {
-			continue
-		}
+	for _, e := range stale {
 		log.Info("devkube: stopping stale cluster", "cluster", e.Name, "owner", e.Owner, "dir", e.WorkDir)
 		c, err := Open(e.WorkDir, log)
 		if err != nil { // no state: clean up what the name alone tells

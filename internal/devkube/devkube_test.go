@@ -60,7 +60,7 @@ func (w tlog) Write(p []byte) (int, error) {
 // Job, kubectl; then that Stop leaves nothing behind.
 func TestCluster(t *testing.T) {
 	imageDir := requireCluster(t)
-	before := snapshotHost(t)
+	before := cleanHostSnapshot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
@@ -423,6 +423,24 @@ func hostPathsToWatch() []string {
 		"/var/lib/cni/results", "/var/lib/cni/networks")
 }
 
+// cleanHostSnapshot takes the host test lock exclusively until t ends (no
+// other test binary's cluster starts or stops while t compares the host
+// before and after), stops the clusters whose owner died (a killed earlier
+// run: what a Start would do, and must not count as this test's change to
+// the host), then snapshots the host.
+func cleanHostSnapshot(t *testing.T) map[string]string {
+	t.Helper()
+	release, err := LockHostForTests(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(release)
+	if _, err := ReapStale(context.Background(), slog.New(slog.NewTextHandler(tlog{t}, nil))); err != nil {
+		t.Fatalf("stale clusters of an earlier run: %v", err)
+	}
+	return snapshotHost(t)
+}
+
 // snapshotHost describes each watched path: missing, or its sorted entries.
 func snapshotHost(t *testing.T) map[string]string {
 	t.Helper()
@@ -580,7 +598,7 @@ func TestMain(m *testing.M) {
 // cgroups. The next Start's ReapStale must remove all of it.
 func TestReapStale(t *testing.T) {
 	requireCluster(t)
-	before := snapshotHost(t)
+	before := cleanHostSnapshot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	helper := exec.CommandContext(ctx, os.Args[0])
@@ -624,12 +642,32 @@ func TestReapStale(t *testing.T) {
 	if left := processesOf(t, name, workDir); len(left) == 0 {
 		t.Fatal("nothing of the cluster survived its owner: this test would prove nothing")
 	}
-	n, err := ReapStale(ctx, slog.New(slog.NewTextHandler(tlog{t}, nil)))
-	if err != nil {
-		t.Fatal(err)
+	// Starts reap concurrently (TestCluster starts two clusters at once;
+	// go test runs packages in parallel): the stale cluster must be
+	// stopped once, without errors from reapers tearing down the same
+	// namespace and mounts.
+	const reapers = 3
+	type reaped struct {
+		n   int
+		err error
+	}
+	results := make(chan reaped, reapers)
+	for range reapers {
+		go func() {
+			n, err := ReapStale(ctx, slog.New(slog.NewTextHandler(tlog{t}, nil)))
+			results <- reaped{n, err}
+		}()
+	}
+	n := 0
+	for range reapers {
+		r := <-results
+		if r.err != nil {
+			t.Error(r.err)
+		}
+		n += r.n
 	}
 	if n != 1 {
-		t.Fatalf("ReapStale stopped %d clusters, want 1", n)
+		t.Fatalf("%d concurrent ReapStale stopped %d clusters in all, want 1", reapers, n)
 	}
 	checkClusterGone(t, c, pids)
 	after := snapshotHost(t)

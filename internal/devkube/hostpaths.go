@@ -96,6 +96,28 @@ func (r *registry) entries() ([]registryEntry, error) {
 	return out, nil
 }
 
+// claimStale returns the entries whose owner is gone (not Detached) after
+// recording this process as their owner, so that no other ReapStale stops
+// them too.
+func (r *registry) claimStale() ([]registryEntry, error) {
+	es, err := r.entries()
+	if err != nil {
+		return nil, err
+	}
+	var stale []registryEntry
+	for _, e := range es {
+		if e.Detached || processAlive(e.Owner) {
+			continue
+		}
+		e.Owner = os.Getpid()
+		if err := writeJSON(filepath.Join(registryDir, e.Name+".json"), e); err != nil {
+			return stale, err
+		}
+		stale = append(stale, e)
+	}
+	return stale, nil
+}
+
 // add registers e; the first cluster records which shared paths pre-exist.
 func (r *registry) add(e registryEntry) error {
 	es, err := r.entries()
@@ -244,4 +266,35 @@ func writeJSON(path string, v any) error {
 		return fmt.Errorf("devkube: %w", err)
 	}
 	return nil
+}
+
+// hostTestLock is the lock file LockHostForTests takes (the FHS place for
+// lock files; it stays, empty, after the tests).
+const hostTestLock = "/run/lock/meshlet-devkube-tests"
+
+// LockHostForTests takes the host-wide test lock (flock on
+// /run/lock/meshlet-devkube-tests), blocking until it is granted, and
+// returns the function that releases it. A test that snapshots the host
+// paths clusters share and asserts that a stopped cluster left them as it
+// found them takes it exclusive: no cluster of another test binary may
+// start or stop meanwhile (go test runs packages in parallel). A test
+// binary that starts clusters of its own takes it shared for its whole run.
+// Errors are those of open(2) and flock(2).
+func LockHostForTests(exclusive bool) (release func(), err error) {
+	if err := os.MkdirAll(filepath.Dir(hostTestLock), 0o755); err != nil {
+		return nil, fmt.Errorf("devkube: test lock: %w", err)
+	}
+	f, err := os.OpenFile(hostTestLock, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("devkube: test lock: %w", err)
+	}
+	how := unix.LOCK_SH
+	if exclusive {
+		how = unix.LOCK_EX
+	}
+	if err := unix.Flock(int(f.Fd()), how); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("devkube: test lock: flock: %w", err)
+	}
+	return func() { f.Close() }, nil
 }
