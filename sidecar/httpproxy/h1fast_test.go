@@ -390,6 +390,17 @@ func expectEOF(t *testing.T, br *bufio.Reader) {
 	}
 }
 
+// awaitUpstream waits up to 3 s for the upstream's signal on arrived that
+// the request reached it, failing t otherwise.
+func awaitUpstream(t *testing.T, arrived <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-arrived:
+	case <-time.After(3 * time.Second):
+		t.Fatal("the request did not reach the upstream")
+	}
+}
+
 // waitFor polls cond until it holds, for up to 3 s (testutil.Until).
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -1555,11 +1566,7 @@ func TestClientLeavingCancelsUpstream(t *testing.T) {
 			t.Cleanup(func() { close(stop) }) // before the proxy's Shutdown
 			c, _ := dialProxy(t, addr)
 			write(t, c, "GET /poll HTTP/1.1\r\nHost: api.internal\r\n\r\n")
-			select {
-			case <-arrived:
-			case <-time.After(3 * time.Second):
-				t.Fatal("the request did not reach the upstream")
-			}
+			awaitUpstream(t, arrived)
 			time.Sleep(200 * time.Millisecond) // the scenario: a client that gives up after a while
 			left := time.Now()
 			c.Close()
@@ -1606,11 +1613,7 @@ func TestShutdownDrainsFastPath(t *testing.T) {
 	}
 	busy, busyBR := dialProxy(t, addr)
 	write(t, busy, "GET /slow HTTP/1.1\r\nHost: api.internal\r\n\r\n")
-	select {
-	case <-arrived:
-	case <-time.After(3 * time.Second):
-		t.Fatal("the request did not reach the upstream")
-	}
+	awaitUpstream(t, arrived)
 
 	done := make(chan struct{})
 	go func() {
@@ -1682,11 +1685,7 @@ func TestShutdownReturnsAfterItsContext(t *testing.T) {
 			})
 			c, _ := dialProxy(t, addr)
 			write(t, c, "GET /hang HTTP/1.1\r\nHost: api.internal\r\n\r\n")
-			select {
-			case <-arrived:
-			case <-time.After(3 * time.Second):
-				t.Fatal("the request did not reach the upstream")
-			}
+			awaitUpstream(t, arrived)
 			if !p.netHTTPOnly {
 				waitFor(t, "the downstream watcher", func() bool { return watched(s) })
 			}

@@ -415,11 +415,7 @@ func TestFastPathLingersOverPipelinedBytes(t *testing.T) {
 	addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}, rec: rec, delayedClose: 300 * time.Millisecond})
 	c, br := dialProxy(t, addr)
 	write(t, c, "GET /until-close HTTP/1.1\r\nHost: api.internal\r\n\r\n")
-	select {
-	case <-arrived:
-	case <-time.After(3 * time.Second):
-		t.Fatal("the request did not reach the upstream")
-	}
+	awaitUpstream(t, arrived)
 	// The next request, which the proxy will not read: it answers the first
 	// with Connection: close.
 	write(t, c, "GET /next HTTP/1.1\r\nHost: api.internal\r\n\r\n")

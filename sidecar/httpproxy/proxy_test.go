@@ -3,6 +3,7 @@ package httpproxy
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -95,23 +97,43 @@ func proxy(t *testing.T, proto xds.Protocol, timeout time.Duration, endpoints ..
 }
 
 // serve runs s on a loopback listener until tb ends and returns its address.
-func serve(tb testing.TB, s *Server) string {
+func serve(tb testing.TB, s *Server) string { return serveTLS(tb, s, nil) }
+
+// serveTLS is serve terminating TLS with srvTLS first (nil: plaintext), as
+// the sidecar's inbound listener does: the handshake, bounded to 5 s, is
+// done before Handle.
+func serveTLS(tb testing.TB, s *Server, srvTLS *tls.Config) string {
 	tb.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		tb.Fatal(err)
 	}
-	go func() {
+	var wg sync.WaitGroup
+	wg.Go(func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			s.Handle(c)
+			if srvTLS == nil {
+				s.Handle(c)
+				continue
+			}
+			wg.Go(func() {
+				tc := tls.Server(c, srvTLS)
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				if err := tc.HandshakeContext(ctx); err != nil {
+					c.Close()
+					return
+				}
+				s.Handle(tc)
+			})
 		}
-	}()
+	})
 	tb.Cleanup(func() {
 		ln.Close()
+		wg.Wait()
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		s.Shutdown(ctx)

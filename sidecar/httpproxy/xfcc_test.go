@@ -3,7 +3,6 @@ package httpproxy
 import (
 	"bufio"
 	"cmp"
-	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -187,44 +186,5 @@ func startXFCCProxy(t *testing.T, hc *config.HTTPConnectionManager, endpoint str
 	if localID != "" {
 		o.LocalID = func() string { return localID }
 	}
-	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.DiscardHandler), o)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			if srvTLS == nil {
-				s.Handle(c)
-				continue
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				tc := tls.Server(c, srvTLS)
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				if err := tc.HandshakeContext(ctx); err != nil {
-					c.Close()
-					return
-				}
-				s.Handle(tc)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
-	return ln.Addr().String()
+	return serveTLS(t, NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.DiscardHandler), o), srvTLS)
 }
