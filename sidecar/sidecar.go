@@ -32,6 +32,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/tlsid"
 	"github.com/meshlet/meshlet/sidecar/tracing"
 	"github.com/meshlet/meshlet/sidecar/udpproxy"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/sidecar/xdsstate"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -60,6 +61,10 @@ type Config struct {
 	// XDSAddress is the control plane's ADS address; DefaultXDSAddress when
 	// empty.
 	XDSAddress string
+	// XDSCredentials verify the control plane (TLS against a CA bundle)
+	// and prove the sidecar's identity (a bearer token file), or are
+	// Insecure (plaintext, no token; development only). Required.
+	XDSCredentials xdsclient.Credentials
 	// AdminAddress is where the admin endpoints listen; DefaultAdminAddress
 	// when empty. Port 0 picks a free port (see AdminAddr).
 	AdminAddress string
@@ -106,6 +111,9 @@ type Config struct {
 func (c *Config) Validate() error {
 	if c.NodeID == "" {
 		return errors.New("sidecar: Config.NodeID is required (the proxy service ID registered in Consul)")
+	}
+	if err := c.XDSCredentials.Validate(); err != nil {
+		return fmt.Errorf("sidecar: %w", err)
 	}
 	return nil
 }
@@ -167,6 +175,7 @@ func New(cfg Config) (*Sidecar, error) {
 			UserAgentName:        xds.UserAgentName,
 			UserAgentVersionType: &core.Node_UserAgentVersion{UserAgentVersion: Version},
 		},
+		Credentials: cfg.XDSCredentials,
 		Applier:     applier{s},
 		WarmTimeout: cfg.WarmTimeout,
 		StateDir:    cfg.StateDir,

@@ -23,6 +23,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/testutil"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
@@ -82,7 +83,7 @@ func httpResources(port int, endpoints ...string) xdstest.Resources {
 func startSidecar(t *testing.T, server string) *Sidecar {
 	t.Helper()
 	s, err := New(Config{
-		NodeID: node, XDSAddress: server, AdminAddress: "127.0.0.1:0",
+		NodeID: node, XDSAddress: server, AdminAddress: "127.0.0.1:0", XDSCredentials: xdsclient.Credentials{Insecure: true},
 		DrainTimeout: time.Second, XDSMinBackoff: 20 * time.Millisecond, XDSMaxBackoff: 200 * time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
@@ -399,7 +400,7 @@ func TestRestartDuringControlPlaneOutageServesPersistedConfig(t *testing.T) {
 	srv.Set(t, node, "v1", httpResources(port, up.Listener.Addr().String()))
 	dir := t.TempDir()
 	start := func() (*Sidecar, func()) {
-		s, err := New(Config{NodeID: node, XDSAddress: srv.Addr, AdminAddress: "127.0.0.1:0", StateDir: dir, DrainTimeout: time.Second,
+		s, err := New(Config{NodeID: node, XDSAddress: srv.Addr, AdminAddress: "127.0.0.1:0", StateDir: dir, XDSCredentials: xdsclient.Credentials{Insecure: true}, DrainTimeout: time.Second,
 			XDSMinBackoff: 20 * time.Millisecond, XDSMaxBackoff: 100 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		if err != nil {
 			t.Fatal(err)

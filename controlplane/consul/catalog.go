@@ -204,6 +204,9 @@ func convertProxy(e *api.ServiceEntry) *model.Proxy {
 		}
 		p.Exclusions = exclusions(e.Service.Meta)
 	}
+	if m := e.Service.Meta; m[MetaPodName] != "" {
+		p.Pod = model.PodRef{Namespace: m[MetaK8sNamespace], Name: m[MetaPodName], UID: m[MetaPodUID]}
+	}
 	p.ListenAddress, _ = pc.Config["bind_address"].(string)
 	p.ListenPort = intFromConfig(pc.Config["bind_port"])
 	for _, u := range pc.Upstreams {
@@ -243,6 +246,14 @@ func serviceAddress(e *api.ServiceEntry) string {
 	}
 	return ""
 }
+
+// Meta keys naming the Kubernetes pod of an instance or proxy, written by
+// the Kubernetes registrar (consul-k8s's keys): model.Proxy.Pod.
+const (
+	MetaK8sNamespace = "k8s-namespace"
+	MetaPodName      = "pod-name"
+	MetaPodUID       = "pod-uid"
+)
 
 // Meta keys of a transparent proxy's interception exclusions (comma
 // lists), written by the Kubernetes registrar from the pod's

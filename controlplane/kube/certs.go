@@ -3,18 +3,11 @@ package kube
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/big"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -25,6 +18,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/meshlet/meshlet/controlplane/servingcert"
 )
 
 // Lifetimes of the self-managed webhook certificates. The serving
@@ -33,8 +28,8 @@ import (
 // renewed likewise, both CAs staying in the caBundle until the old one
 // expires.
 const (
-	CALifetime      = 10 * 365 * 24 * time.Hour
-	ServingLifetime = 365 * 24 * time.Hour
+	CALifetime      = servingcert.CALifetime
+	ServingLifetime = servingcert.ServingLifetime
 	// CertCheckInterval is how often the certificates are checked against
 	// the Secret and their expiry.
 	CertCheckInterval = time.Hour
@@ -172,36 +167,33 @@ func (m *SelfManagedCerts) dnsNames() []string {
 // data with what is due made again.
 func (m *SelfManagedCerts) renew(data map[string][]byte) (map[string][]byte, bool, error) {
 	now := m.cfg.Now()
-	due := func(c *x509.Certificate) bool {
-		return c == nil || now.After(c.NotAfter.Add(-c.NotAfter.Sub(c.NotBefore)/3))
-	}
-	caCerts, _ := parseCerts(data[secretCACert])
+	due := func(c *x509.Certificate) bool { return servingcert.Due(now, c) }
+	caCerts, _ := servingcert.ParseCerts(data[secretCACert])
 	var ca *x509.Certificate
 	if len(caCerts) > 0 {
 		ca = caCerts[0]
 	}
-	caKey, _ := parseKey(data[secretCAKey])
+	caKey, _ := servingcert.ParseKey(data[secretCAKey])
 	out := map[string][]byte{}
 	changed := false
 	if ca == nil || caKey == nil || due(ca) || !ca.IsCA {
 		var err error
-		if ca, caKey, err = newCA(now); err != nil {
+		if ca, caKey, err = servingcert.NewCA(now, "meshlet webhook CA"); err != nil {
 			return nil, false, err
 		}
 		changed = true
-		bundle := pemCert(ca.Raw)
+		bundle := servingcert.EncodeCert(ca.Raw)
 		for _, old := range caCerts { // keep CAs still valid until they expire
 			if now.Before(old.NotAfter) && !old.Equal(ca) {
-				bundle = append(bundle, pemCert(old.Raw)...)
+				bundle = append(bundle, servingcert.EncodeCert(old.Raw)...)
 			}
 		}
 		out[secretCACert] = bundle
-		kb, _ := x509.MarshalECPrivateKey(caKey)
-		out[secretCAKey] = pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
+		out[secretCAKey] = servingcert.EncodeKey(caKey)
 	} else {
 		out[secretCACert], out[secretCAKey] = data[secretCACert], data[secretCAKey]
 	}
-	serving, _ := parseCerts(data[corev1.TLSCertKey])
+	serving, _ := servingcert.ParseCerts(data[corev1.TLSCertKey])
 	okServing := !changed && len(serving) > 0 && !due(serving[0]) && slices.Equal(serving[0].DNSNames, m.dnsNames()) &&
 		serving[0].CheckSignatureFrom(ca) == nil
 	if okServing {
@@ -213,7 +205,7 @@ func (m *SelfManagedCerts) renew(data map[string][]byte) (map[string][]byte, boo
 		out[corev1.TLSCertKey], out[corev1.TLSPrivateKeyKey] = data[corev1.TLSCertKey], data[corev1.TLSPrivateKeyKey]
 		return out, changed, nil
 	}
-	certPEM, keyPEM, err := newServing(now, ca, caKey, m.dnsNames())
+	certPEM, keyPEM, err := servingcert.NewServing(now, ca, caKey, servingcert.Names{DNS: m.dnsNames()})
 	if err != nil {
 		return nil, false, err
 	}
@@ -258,126 +250,13 @@ func (m *SelfManagedCerts) patchCABundle(ctx context.Context, bundle []byte) err
 	return fmt.Errorf("kube: webhook configuration %s kept changing", m.cfg.WebhookConfigName)
 }
 
-func newCA(now time.Time) (*x509.Certificate, *ecdsa.PrivateKey, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+// NewFileCerts serves the webhook with tls.crt and tls.key from a
+// directory, a Secret mounted from cert-manager (whose CA injector fills
+// caBundle), read again when they change (servingcert.Files).
+func NewFileCerts(dir string) (*servingcert.Files, error) {
+	f, err := servingcert.NewFiles(filepath.Join(dir, corev1.TLSCertKey), filepath.Join(dir, corev1.TLSPrivateKeyKey))
 	if err != nil {
-		return nil, nil, fmt.Errorf("kube: ca key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(), Subject: pkix.Name{CommonName: "meshlet webhook CA"},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(CALifetime),
-		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign, BasicConstraintsValid: true, IsCA: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, nil, fmt.Errorf("kube: ca certificate: %w", err)
-	}
-	c, err := x509.ParseCertificate(der)
-	return c, key, err
-}
-
-func newServing(now time.Time, ca *x509.Certificate, caKey *ecdsa.PrivateKey, dns []string) (certPEM, keyPEM []byte, err error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, fmt.Errorf("kube: serving key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(), Subject: pkix.Name{CommonName: dns[2]}, DNSNames: dns,
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(ServingLifetime),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		return nil, nil, fmt.Errorf("kube: serving certificate: %w", err)
-	}
-	kb, _ := x509.MarshalECPrivateKey(key)
-	return pemCert(der), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), nil
-}
-
-func serial() *big.Int {
-	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	return n
-}
-
-func pemCert(der []byte) []byte {
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-}
-
-func parseCerts(b []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			return out, nil
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return out, err
-		}
-		out = append(out, c)
-	}
-}
-
-func parseKey(b []byte) (*ecdsa.PrivateKey, error) {
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return nil, errors.New("no PEM key")
-	}
-	return x509.ParseECPrivateKey(blk.Bytes)
-}
-
-// FileCerts serves the webhook with tls.crt and tls.key from a directory,
-// a Secret mounted from cert-manager (whose CA injector fills caBundle),
-// read again when they change (checked at most every 10 s).
-type FileCerts struct {
-	dir string
-
-	mu      sync.Mutex // guards the fields below
-	cert    *tls.Certificate
-	modTime time.Time
-	checked time.Time
-}
-
-// NewFileCerts loads the certificate in dir, or returns the error.
-func NewFileCerts(dir string) (*FileCerts, error) {
-	f := &FileCerts{dir: dir}
-	if _, err := f.GetCertificate(nil); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("kube: webhook certificate: %w", err)
 	}
 	return f, nil
-}
-
-// GetCertificate is tls.Config.GetCertificate.
-func (f *FileCerts) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	now := time.Now()
-	if f.cert != nil && now.Sub(f.checked) < 10*time.Second {
-		return f.cert, nil
-	}
-	f.checked = now
-	certFile, keyFile := filepath.Join(f.dir, corev1.TLSCertKey), filepath.Join(f.dir, corev1.TLSPrivateKeyKey)
-	st, err := os.Stat(certFile)
-	if err != nil {
-		if f.cert != nil {
-			return f.cert, nil
-		}
-		return nil, fmt.Errorf("kube: webhook certificate: %w", err)
-	}
-	if f.cert != nil && st.ModTime().Equal(f.modTime) {
-		return f.cert, nil
-	}
-	c, err := tls.LoadX509KeyPair(certFile, keyFile)
-	if err != nil {
-		if f.cert != nil {
-			return f.cert, nil // a half-written rotation: keep the last good
-		}
-		return nil, fmt.Errorf("kube: webhook certificate: %w", err)
-	}
-	f.cert, f.modTime = &c, st.ModTime()
-	return f.cert, nil
 }

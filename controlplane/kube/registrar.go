@@ -37,9 +37,9 @@ const (
 	// service meta keys (consul-k8s: k8s-namespace, pod-name, pod-uid,
 	// managed-by); MetaService is the Kubernetes Service of the same name,
 	// when there is one.
-	MetaNamespace = "k8s-namespace"
-	MetaPodName   = "pod-name"
-	MetaPodUID    = "pod-uid"
+	MetaNamespace = consul.MetaK8sNamespace
+	MetaPodName   = consul.MetaPodName
+	MetaPodUID    = consul.MetaPodUID
 	MetaManagedBy = "managed-by"
 	MetaService   = "k8s-service-name"
 	// NodeSuffix makes the synthetic Consul node of a Kubernetes node:

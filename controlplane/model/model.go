@@ -146,6 +146,28 @@ type Proxy struct {
 	// set and registered on the same node, the destination instance's checks
 	// pass too. Only healthy proxies are endpoints of their service.
 	Healthy bool
+	// Pod is the Kubernetes pod the proxy runs in (from its registration's
+	// meta, written by the Kubernetes registrar); zero outside Kubernetes.
+	// The control plane serves the node only to a stream authenticated as
+	// that pod (controlplane/xdsauth).
+	Pod PodRef
+}
+
+// PodRef names a Kubernetes pod: namespace, name and UID (the UID tells a
+// pod from a later one of the same name, as a StatefulSet's are).
+type PodRef struct {
+	Namespace, Name, UID string
+}
+
+// IsZero reports a proxy outside Kubernetes.
+func (r PodRef) IsZero() bool { return r == PodRef{} }
+
+// String is "<namespace>/<name>", or "" for the zero PodRef.
+func (r PodRef) String() string {
+	if r.IsZero() {
+		return ""
+	}
+	return r.Namespace + "/" + r.Name
 }
 
 // ClientOnly reports a proxy without a local application port (a Job or
@@ -453,5 +475,5 @@ func (p *Proxy) Equal(o *Proxy) bool {
 		p.ListenAddress == o.ListenAddress && p.ListenPort == o.ListenPort &&
 		p.LocalAppAddress == o.LocalAppAddress && p.LocalAppPort == o.LocalAppPort &&
 		p.Weight == o.Weight && p.Healthy == o.Healthy && slices.Equal(p.Upstreams, o.Upstreams) &&
-		p.Mode == o.Mode && p.OutboundPort == o.OutboundPort && p.Exclusions.Equal(o.Exclusions)
+		p.Mode == o.Mode && p.OutboundPort == o.OutboundPort && p.Exclusions.Equal(o.Exclusions) && p.Pod == o.Pod
 }

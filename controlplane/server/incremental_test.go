@@ -160,7 +160,7 @@ func TestEndpointChangePushesOnlyToAffectedSidecars(t *testing.T) {
 
 	sidecars := map[string]*recorder{"web-1-sidecar-proxy": {}, "admin-1-sidecar-proxy": {}}
 	for id, r := range sidecars {
-		c, err := xdsclient.New(xdsclient.Config{Server: lis.Addr().String(), Node: &core.Node{Id: id}, Handler: r,
+		c, err := xdsclient.New(xdsclient.Config{Server: lis.Addr().String(), Node: &core.Node{Id: id}, Handler: r, Credentials: xdsclient.Credentials{Insecure: true},
 			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 		if err != nil {
 			t.Fatal(err)

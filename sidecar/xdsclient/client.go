@@ -23,8 +23,9 @@ import (
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
+	grpcstatus "google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/meshlet/meshlet/xds"
@@ -67,7 +68,12 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound the jittered exponential delay before
 	// reconnecting; defaults DefaultMinBackoff and DefaultMaxBackoff.
 	MinBackoff, MaxBackoff time.Duration
-	// DialOptions replace the default (plaintext) transport credentials.
+	// Credentials verify the control plane and prove the client's
+	// identity (TLS and a bearer token, or Insecure); required unless
+	// DialOptions are given.
+	Credentials Credentials
+	// DialOptions, when set, replace the options Credentials make (tests
+	// dialling a custom server).
 	DialOptions []grpc.DialOption
 }
 
@@ -80,6 +86,9 @@ func (c *Config) Validate() error {
 		return errors.New("xdsclient: Config.Node.Id is required")
 	case c.Handler == nil:
 		return errors.New("xdsclient: Config.Handler is required")
+	}
+	if len(c.DialOptions) == 0 {
+		return c.Credentials.Validate()
 	}
 	return nil
 }
@@ -169,11 +178,20 @@ func (c *Client) Status() Status {
 
 // Run keeps an ADS stream to the server open until ctx is done, reconnecting
 // with jittered exponential backoff. The first failure to reach the server
-// and the recovery are logged once each. It returns ctx.Err().
+// and the recovery are logged once each; a refusal by the control plane
+// (PermissionDenied, Unauthenticated) is logged with its reason whenever
+// the reason changes. It returns ctx.Err(), or the error of credentials
+// that cannot be read at start (a missing CA or token file).
 func (c *Client) Run(ctx context.Context) error {
 	opts := c.cfg.DialOptions
 	if len(opts) == 0 {
-		opts = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+		var err error
+		if opts, err = c.cfg.Credentials.DialOptions(); err != nil {
+			return err
+		}
+		if c.cfg.Credentials.Insecure {
+			c.cfg.Logger.Warn("xds: -xds-insecure: ADS in plaintext without a token; the control plane must run with -xds-insecure too (development only)", "server", c.cfg.Server)
+		}
 	}
 	opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
 	conn, err := grpc.NewClient(c.cfg.Server, opts...)
@@ -188,6 +206,7 @@ func (c *Client) Run(ctx context.Context) error {
 	bo.MaxInterval = c.cfg.MaxBackoff
 	bo.Reset()
 	failing := false
+	refused := "" // the last refusal's message, logged once
 	for {
 		received, err := c.runStream(ctx, ads)
 		c.setConnected(false)
@@ -197,9 +216,16 @@ func (c *Client) Run(ctx context.Context) error {
 		if received {
 			// The stream had worked: this failure starts a new outage.
 			bo.Reset()
-			failing = false
+			failing, refused = false, ""
 		}
-		if !failing {
+		if code := grpcstatus.Code(err); code == codes.PermissionDenied || code == codes.Unauthenticated {
+			if msg := grpcstatus.Convert(err).Message(); msg != refused {
+				refused = msg
+				c.cfg.Logger.Error("xds: the control plane refused this proxy's stream; serving the last accepted config and retrying with backoff",
+					"server", c.cfg.Server, "code", code.String(), "reason", msg)
+			}
+			failing = true
+		} else if !failing {
 			c.cfg.Logger.Error("xds: control plane unreachable; serving the last accepted config and retrying with backoff",
 				"server", c.cfg.Server, "error", err)
 			failing = true

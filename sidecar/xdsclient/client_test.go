@@ -83,7 +83,7 @@ func newRecorder(reject ...string) *recorder {
 func run(t *testing.T, server string, h Handler) *Client {
 	t.Helper()
 	c, err := New(Config{
-		Server: server, Node: &core.Node{Id: "n1"}, Handler: h,
+		Server: server, Node: &core.Node{Id: "n1"}, Handler: h, Credentials: Credentials{Insecure: true},
 		Logger:     slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		MinBackoff: 50 * time.Millisecond, MaxBackoff: 400 * time.Millisecond,
 	})

@@ -51,6 +51,9 @@ type Config struct {
 	Server string
 	// Node identifies the proxy; Node.Id is required.
 	Node *core.Node
+	// Credentials verify the control plane and prove the proxy's
+	// identity (xdsclient.Credentials); required.
+	Credentials xdsclient.Credentials
 	// Applier receives the listeners to bind and the configs to activate.
 	// Required.
 	Applier Applier
@@ -116,12 +119,13 @@ func New(cfg Config) (*State, error) {
 	}
 	s := &State{cfg: cfg, log: cfg.Logger, accepted: emptySnapshot(), rejected: map[string]Rejection{}}
 	client, err := xdsclient.New(xdsclient.Config{
-		Server:     cfg.Server,
-		Node:       cfg.Node,
-		Handler:    s,
-		Logger:     cfg.Logger,
-		MinBackoff: cfg.MinBackoff,
-		MaxBackoff: cfg.MaxBackoff,
+		Server:      cfg.Server,
+		Node:        cfg.Node,
+		Credentials: cfg.Credentials,
+		Handler:     s,
+		Logger:      cfg.Logger,
+		MinBackoff:  cfg.MinBackoff,
+		MaxBackoff:  cfg.MaxBackoff,
 	})
 	if err != nil {
 		return nil, err

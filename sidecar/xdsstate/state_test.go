@@ -18,6 +18,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/xdsbuild"
 	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar/config"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -55,7 +56,7 @@ func (r *recorder) last() (*Snapshot, int) {
 func newState(t *testing.T, r *recorder, dir string, warm time.Duration) *State {
 	t.Helper()
 	s, err := New(Config{
-		Server: "127.0.0.1:1", Node: &core.Node{Id: "n1"}, Applier: r,
+		Server: "127.0.0.1:1", Node: &core.Node{Id: "n1"}, Applier: r, Credentials: xdsclient.Credentials{Insecure: true},
 		WarmTimeout: warm, StateDir: dir, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar"
 	"github.com/meshlet/meshlet/sidecar/intercept"
 	"github.com/meshlet/meshlet/sidecar/listener"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -39,6 +40,7 @@ func run(args []string, stderr io.Writer) int {
 	fs.StringVar(&cfg.NodeID, "node-id", os.Getenv("MESHLET_NODE_ID"), "xDS node ID: the proxy's service ID in Consul, e.g. web-sidecar-proxy (required; env MESHLET_NODE_ID)")
 	fs.StringVar(&cfg.Service, "service", os.Getenv("MESHLET_SERVICE"), "service this sidecar fronts (informational; env MESHLET_SERVICE)")
 	fs.StringVar(&cfg.XDSAddress, "xds-addr", cli.EnvOr("MESHLET_XDS_ADDR", sidecar.DefaultXDSAddress), "control plane ADS address host:port (env MESHLET_XDS_ADDR)")
+	xdsCredentialFlags(fs, &cfg.XDSCredentials)
 	fs.StringVar(&cfg.AdminAddress, "admin-addr", sidecar.DefaultAdminAddress, "admin endpoint host:port, loopback by default (/ready, /config_dump, /listeners, /clusters, /certs, /metrics)")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", listener.DefaultDrainTimeout, "how long removed listeners, and all listeners at shutdown, wait for open connections")
 	fs.DurationVar(&cfg.WarmTimeout, "warm-timeout", sidecar.DefaultWarmTimeout, "how long a new config waits for the routes and endpoints it references")
@@ -72,6 +74,15 @@ func run(args []string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// xdsCredentialFlags declares the flags of the ADS credentials: TLS
+// against a CA bundle and a bearer token file, or plaintext.
+func xdsCredentialFlags(fs *flag.FlagSet, c *xdsclient.Credentials) {
+	fs.StringVar(&c.CAFile, "xds-ca-file", os.Getenv(xds.EnvXDSCAFile), "CA bundle (PEM) the control plane's serving certificate must chain to; read again when it changes (env "+xds.EnvXDSCAFile+"; in a pod "+xds.PodCAFile+")")
+	fs.StringVar(&c.ServerName, "xds-server-name", os.Getenv(xds.EnvXDSServerName), "name the control plane's certificate must carry (env "+xds.EnvXDSServerName+"; default: the host of -xds-addr)")
+	fs.StringVar(&c.TokenFile, "token-file", os.Getenv(xds.EnvTokenFile), "file holding this proxy's token, read at every ADS stream: a projected ServiceAccount token of audience "+xds.TokenAudience+" (Kubernetes) or a Consul ACL token with service:write on the proxy's service (env "+xds.EnvTokenFile+"; in a pod "+xds.PodTokenFile+")")
+	fs.BoolVar(&c.Insecure, "xds-insecure", os.Getenv(xds.EnvXDSInsecure) != "", "dial ADS in plaintext and send no token (development only; the control plane must run with -xds-insecure too) (env "+xds.EnvXDSInsecure+")")
 }
 
 // waitReady is `sidecar wait-ready [-url URL] [-timeout D]`: it polls the

@@ -1,0 +1,123 @@
+package xdsauth
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// ConsulAuthenticator checks Consul ACL tokens, as consul-dataplane's
+// static credentials are checked by Consul's own xDS server: the token
+// must exist (GET /v1/acl/token/self, which any token may read of itself)
+// and, to act as a proxy of service S, hold service:write on S (asked with
+// POST /v1/internal/acl/authorize, the same check Consul's xDS server and
+// its HTTP API apply; ServiceIdentities grant it). The answers are the
+// agent's, so a token deleted in Consul stops working as soon as the
+// cached review expires.
+type ConsulAuthenticator struct {
+	config api.Config
+	client *api.Client
+	http   *http.Client
+	base   string // scheme://host:port
+}
+
+var _ Authenticator = (*ConsulAuthenticator)(nil)
+
+// NewConsulAuthenticator returns an authenticator asking the agent cfg
+// points at (its Address, Scheme and TLSConfig; its Token is not used:
+// every question is asked with the presented token). Errors: cfg cannot
+// make a client.
+func NewConsulAuthenticator(cfg api.Config) (*ConsulAuthenticator, error) {
+	cfg.Token, cfg.TokenFile = "", ""
+	client, err := api.NewClient(&cfg)
+	if err != nil {
+		return nil, fmt.Errorf("xdsauth: consul client: %w", err)
+	}
+	if cfg.Transport == nil {
+		cfg.Transport = api.DefaultConfig().Transport
+	}
+	hc, err := api.NewHttpClient(cfg.Transport, cfg.TLSConfig)
+	if err != nil {
+		return nil, fmt.Errorf("xdsauth: consul http client: %w", err)
+	}
+	addr, scheme := cfg.Address, cmp.Or(cfg.Scheme, "http")
+	if s, rest, ok := strings.Cut(addr, "://"); ok {
+		scheme, addr = s, rest
+	}
+	return &ConsulAuthenticator{config: cfg, client: client, http: hc, base: scheme + "://" + addr}, nil
+}
+
+// Authenticate implements Authenticator: the token's accessor ID,
+// description and expiry. An unknown or expired token wraps
+// ErrInvalidToken; an agent with ACLs disabled too, saying so (no token
+// can be checked there: enable ACLs, or run both sides with
+// -xds-insecure); an agent that cannot be reached, ErrUnavailable.
+func (c *ConsulAuthenticator) Authenticate(ctx context.Context, token string) (*Identity, error) {
+	tok, _, err := c.client.ACL().TokenReadSelf((&api.QueryOptions{Token: token}).WithContext(ctx))
+	if err != nil {
+		return nil, consulError("read token", err)
+	}
+	id := &Identity{Kind: KindConsul, AccessorID: tok.AccessorID, Description: tok.Description, secret: token}
+	if tok.ExpirationTime != nil {
+		id.Expires = *tok.ExpirationTime
+	}
+	return id, nil
+}
+
+// consulError classifies an error of the agent's ACL API.
+func consulError(what string, err error) error {
+	var se api.StatusError
+	if errors.As(err, &se) {
+		switch {
+		case strings.Contains(se.Body, "ACL support disabled"):
+			return fmt.Errorf("%w: consul: %s: the agent has ACLs disabled, so no token can be checked (enable ACLs, or run the control plane and its sidecars with -xds-insecure)", ErrInvalidToken, what)
+		case se.Code == http.StatusForbidden || se.Code == http.StatusUnauthorized || se.Code == http.StatusNotFound:
+			return fmt.Errorf("%w: consul: %s: %s", ErrInvalidToken, what, strings.TrimSpace(se.Body))
+		}
+	}
+	return fmt.Errorf("%w: consul: %s: %v", ErrUnavailable, what, err)
+}
+
+// MayActAs reports whether the Consul token of id holds service:write on
+// service. Errors wrap ErrUnavailable (the agent could not be asked) or
+// ErrInvalidToken (the token went away).
+func (c *ConsulAuthenticator) MayActAs(ctx context.Context, id *Identity, service string) (bool, error) {
+	type authz struct {
+		Resource string
+		Segment  string
+		Access   string
+		Allow    bool `json:",omitempty"`
+	}
+	body, _ := json.Marshal([]authz{{Resource: "service", Segment: service, Access: "write"}})
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+"/v1/internal/acl/authorize", bytes.NewReader(body))
+	if err != nil {
+		return false, fmt.Errorf("xdsauth: consul authorize: %w", err)
+	}
+	req.Header.Set("X-Consul-Token", id.secret)
+	req.Header.Set("Content-Type", "application/json")
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	resp, err := c.http.Do(req.WithContext(ctx))
+	if err != nil {
+		return false, fmt.Errorf("%w: consul: authorize: %v", ErrUnavailable, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		return false, consulError("authorize", api.StatusError{Code: resp.StatusCode, Body: string(b)})
+	}
+	var out []authz
+	if err := json.Unmarshal(b, &out); err != nil || len(out) != 1 {
+		return false, fmt.Errorf("%w: consul: authorize: unexpected answer %q", ErrUnavailable, b)
+	}
+	return out[0].Allow, nil
+}
