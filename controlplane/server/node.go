@@ -53,6 +53,9 @@ type nodeType struct {
 
 // streamState is what the server tracks of one ADS stream.
 type streamState struct {
+	// identity is the stream's authenticated identity
+	// (Config.StreamIdentity), taken when it opened; "" when none.
+	identity string
 	// node is nil until the stream's first request that carries one.
 	node   *core.Node
 	opened time.Time // first request that carries the node
@@ -180,8 +183,8 @@ func (t *nodeType) reject(r *Rejection, seq uint64) {
 	t.rejection = r
 }
 
-func newStreamState() *streamState {
-	return &streamState{types: map[string]*typeState{}}
+func newStreamState(identity string) *streamState {
+	return &streamState{identity: identity, types: map[string]*typeState{}}
 }
 
 func (st *streamState) typ(typeURL string) *typeState {

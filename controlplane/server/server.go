@@ -51,6 +51,14 @@ type Config struct {
 	// GRPCOptions are appended to the server's defaults (keepalive policy
 	// allowing client pings every 10 s).
 	GRPCOptions []grpc.ServerOption
+	// StreamIdentity returns a display form of the authenticated identity
+	// of the ADS stream whose context is ctx (as an authenticating gRPC
+	// interceptor left it), e.g. "kubernetes:default/web pod
+	// web-7d9c/uid…" or "consul-token:<accessor>", or "" when the stream
+	// is not authenticated. It is called once per stream, when the stream
+	// opens, without the server's lock held; Status shows the result
+	// (ProxyStatus.Identity). nil: every stream's identity is "".
+	StreamIdentity func(ctx context.Context) string
 }
 
 // Server builds one snapshot per sidecar, and the resources of all
@@ -71,6 +79,8 @@ type Server struct {
 	grpc          *grpc.Server
 	guard         *nackguard.Guard
 	metrics       *metrics
+	// identity is Config.StreamIdentity (never nil).
+	identity func(ctx context.Context) string
 
 	changed chan struct{} // capacity 1: a rebuild is due
 
@@ -115,9 +125,13 @@ func New(cfg Config) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.StreamIdentity == nil {
+		cfg.StreamIdentity = func(context.Context) string { return "" }
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		log:      cfg.Logger,
+		identity: cfg.StreamIdentity,
 		changed:  make(chan struct{}, 1),
 		stop:     cancel,
 		done:     make(chan struct{}),
@@ -458,9 +472,9 @@ func (s *Server) callbacks() xdsserver.CallbackFuncs {
 	}
 }
 
-// onOpen indexes a new stream.
-func (s *Server) onOpen(_ context.Context, id int64, _ string) error {
-	st := newStreamState()
+// onOpen indexes a new stream with its authenticated identity.
+func (s *Server) onOpen(ctx context.Context, id int64, _ string) error {
+	st := newStreamState(s.identity(ctx))
 	s.mu.Lock()
 	s.streams[id] = st
 	s.mu.Unlock()

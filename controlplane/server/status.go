@@ -52,6 +52,10 @@ type ProxyStatus struct {
 	Connected      bool       `json:"connected"`
 	Streams        int        `json:"streams,omitempty"`
 	ConnectedSince *time.Time `json:"connectedSince,omitempty"`
+	// Identity is the authenticated identity of the node's newest stream
+	// (Config.StreamIdentity), e.g. "consul-token:<accessor>"; "" when it
+	// is not authenticated or the node is not connected.
+	Identity string `json:"identity,omitempty"`
 	// HeldBack is why the node's latest build was not published (it keeps
 	// its last snapshot), e.g. "not ready: waiting for the leaf
 	// certificate of service \"web\""; "" when its snapshot is current.
@@ -223,11 +227,11 @@ func (s *Server) proxyStatusLocked(id string, n *nodeInfo, p *model.Proxy) (ps P
 	return ps, true
 }
 
-// showStreamLocked sets in ps the exchange of st, the node's newest
-// stream. s.mu must be held.
+// showStreamLocked sets in ps the identity and the exchange of st, the
+// node's newest stream. s.mu must be held.
 func (s *Server) showStreamLocked(ps *ProxyStatus, st *streamState) {
 	since := st.opened
-	ps.ConnectedSince = &since
+	ps.ConnectedSince, ps.Identity = &since, st.identity
 	if ps.Kind == KindProxyless {
 		ps.Snapshot = s.proxylessCurrentLocked(st)
 	}
