@@ -51,8 +51,9 @@ func (f *fakeSource) Why(proxy string, dst netip.AddrPort, o explain.Options) (*
 var _ Source = (*fakeSource)(nil)
 
 // sampleStatus has three sidecars (one rejecting its routes, one not
-// connected, one held back), a proxyless client, and a rejection whose
-// error names no resource.
+// connected, one held back; the connected ones authenticated), a
+// proxyless client (not authenticated), and a rejection whose error names
+// no resource.
 func sampleStatus() *server.Status {
 	at := time.Date(2025, 3, 1, 12, 0, 5, 0, time.UTC)
 	since := at.Add(-time.Minute)
@@ -67,13 +68,13 @@ func sampleStatus() *server.Status {
 		Time: at, Ready: true,
 		Proxies: []server.ProxyStatus{
 			{Node: "api-1-sidecar-proxy", Kind: server.KindSidecar, Service: "api", Registered: true, Connected: true, Streams: 1,
-				ConnectedSince: &since, Snapshot: all("aaaaaaaaaaaaaaaa"), Sent: all("aaaaaaaaaaaaaaaa"), ACKed: all("aaaaaaaaaaaaaaaa")},
+				ConnectedSince: &since, Identity: "consul-token:6a1253d2-1785-24fd-91c2-f8e78c745511", Snapshot: all("aaaaaaaaaaaaaaaa"), Sent: all("aaaaaaaaaaaaaaaa"), ACKed: all("aaaaaaaaaaaaaaaa")},
 			{Node: "grpc-client-1", Kind: server.KindProxyless, Connected: true, Streams: 1, ConnectedSince: &since,
 				Snapshot: all("cccccccccccccccc"), Sent: all("cccccccccccccccc"), ACKed: all("bbbbbbbbbbbbbbbb")},
 			{Node: "store-1-sidecar-proxy", Kind: server.KindSidecar, Service: "store", Registered: true,
 				HeldBack: `not ready: waiting for the leaf certificate of service "store"`},
 			{Node: "web-1-sidecar-proxy", Kind: server.KindSidecar, Service: "web", Registered: true, Connected: true, Streams: 2,
-				ConnectedSince: &since, Snapshot: web, Sent: web, ACKed: webACKed},
+				ConnectedSince: &since, Identity: "kubernetes:default/web pod web-7d9c/uid-3f1c", Snapshot: web, Sent: web, ACKed: webACKed},
 		},
 		Rejections: []server.Rejection{
 			{Node: "grpc-client-1", TypeURL: xds.ClusterType, Version: "cccccccccccccccc", AcceptedVersion: "bbbbbbbbbbbbbbbb",
@@ -142,6 +143,7 @@ func TestHandler(t *testing.T) {
 		{name: "ready", path: "/ready", ready: true, code: 200, body: "ready\n"},
 		{name: "metrics", path: "/metrics", code: 200, body: "meshlet_controlplane_test_total 3"},
 		{name: "status", path: "/status", code: 200, body: `"node": "web-1-sidecar-proxy"`},
+		{name: "status shows identities", path: "/status", code: 200, body: `"identity": "kubernetes:default/web pod web-7d9c/uid-3f1c"`},
 		{name: "no pprof by default", path: "/debug/pprof/", code: 404},
 		{name: "pprof when asked", pprof: true, path: "/debug/pprof/", code: 200, body: "goroutine"},
 		{name: "status is read-only", path: "/status?x", code: 200},

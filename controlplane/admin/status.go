@@ -92,7 +92,9 @@ func ShortType(typeURL string) string { return typeURL[strings.LastIndex(typeURL
 // the proxies with their connection and the version they last acknowledged
 // per type ("!" after a version: the latest one of that type was rejected;
 // "*": a newer version is sent or built but not acknowledged yet; "-":
-// nothing acknowledged); the proxies whose snapshot is held back; then
+// nothing acknowledged); under it, per proxy, the authenticated identity
+// of its newest stream and why its snapshot is held back, when it has
+// them; then
 // every rejection with its node, type, versions, time, error and, per
 // rejected resource, its sources (policy file:line (kind name) or Consul
 // entry).
@@ -147,6 +149,9 @@ func WriteText(w io.Writer, addr string, st *server.Status) error {
 	}
 	fmt.Fprintln(&b, `versions last ACKed; "!" latest version rejected, "*" newer version not ACKed yet, "-" none`)
 	for _, p := range st.Proxies {
+		if p.Identity != "" {
+			fmt.Fprintf(&b, "%s: authenticated as %s\n", p.Node, p.Identity)
+		}
 		if p.HeldBack != "" {
 			fmt.Fprintf(&b, "%s: snapshot held back (keeps its last config): %s\n", p.Node, p.HeldBack)
 		}

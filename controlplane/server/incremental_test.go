@@ -254,7 +254,7 @@ func proxylessState(s *Server) (map[string]map[string]types.Resource, map[string
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	v := map[string]string{}
-	if h := s.published[ProxylessGroup]; len(h) > 0 {
+	if h := s.proxylessPublished; len(h) > 0 {
 		v = maps.Clone(h[len(h)-1].versions)
 	}
 	return res, v

@@ -153,11 +153,13 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	held := map[string]int{HeldNotReady: 0, HeldInconsistent: 0, HeldError: 0}
 	s := m.s
 	s.mu.Lock()
-	for _, st := range s.streams {
-		connected[proxyKind(st.node)]++
-	}
-	for _, reason := range s.heldBack {
-		held[reason]++
+	for _, n := range s.nodes {
+		for _, st := range n.streams {
+			connected[proxyKind(st.node)]++
+		}
+		if n.heldReason != "" {
+			held[n.heldReason]++
+		}
 	}
 	s.mu.Unlock()
 	for kind, n := range connected {

@@ -266,7 +266,7 @@ func (s *Server) publishProxyless(changes map[string]*proxylessChange, names map
 		}
 		rec.versions[typeURL] = linearVersion(s.versionPrefix, lt.version)
 	}
-	s.recordPublishedLocked(ProxylessGroup, rec)
+	s.proxylessPublished = appendHistory(s.proxylessPublished, rec)
 	s.mu.Unlock()
 
 	for _, typeURL := range slices.Sorted(maps.Keys(changes)) {

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -35,10 +34,11 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-// ProxylessGroup is the key under which the server records what it serves
-// all proxyless gRPC clients (see xds.IsProxylessGRPC): the node hash of
-// every such client, and the key of their published versions. The leading
-// "~" keeps it apart from Consul service IDs in logs.
+// ProxylessGroup is the node hash of every proxyless gRPC client (see
+// xds.IsProxylessGRPC): the clients share one set of resources and one
+// published history (Server.proxylessPublished), though each is recorded
+// and shown in Status under its own node ID. The leading "~" keeps it
+// apart from Consul service IDs in logs.
 const ProxylessGroup = "~proxyless-grpc"
 
 // sidecarCacheKey is the MuxCache key of the snapshot cache.
@@ -51,6 +51,14 @@ type Config struct {
 	// GRPCOptions are appended to the server's defaults (keepalive policy
 	// allowing client pings every 10 s).
 	GRPCOptions []grpc.ServerOption
+	// StreamIdentity returns a display form of the authenticated identity
+	// of the ADS stream whose context is ctx (as an authenticating gRPC
+	// interceptor left it), e.g. "kubernetes:default/web pod
+	// web-7d9c/uid…" or "consul-token:<accessor>", or "" when the stream
+	// is not authenticated. It is called once per stream, when the stream
+	// opens, without the server's lock held; Status shows the result
+	// (ProxyStatus.Identity). nil: every stream's identity is "".
+	StreamIdentity func(ctx context.Context) string
 }
 
 // Server builds one snapshot per sidecar, and the resources of all
@@ -71,6 +79,8 @@ type Server struct {
 	grpc          *grpc.Server
 	guard         *nackguard.Guard
 	metrics       *metrics
+	// identity is Config.StreamIdentity (never nil).
+	identity func(ctx context.Context) string
 
 	changed chan struct{} // capacity 1: a rebuild is due
 
@@ -84,7 +94,9 @@ type Server struct {
 	done    chan struct{} // closed when the build loop has exited
 	closeMu sync.Once
 
-	mu sync.Mutex // guards the fields below
+	// mu guards the fields below, the records they hold (nodeInfo,
+	// streamState and their parts), and the linearType mirrors.
+	mu sync.Mutex
 	// catalog and policies are the latest inputs; catalog is nil until the
 	// first one arrives (no snapshot is built before that).
 	catalog  *model.Catalog
@@ -92,30 +104,20 @@ type Server struct {
 	// pending holds, by trigger (TriggerConsul, TriggerPolicy), the time of
 	// the first input change no build has consumed yet.
 	pending map[string]time.Time
-	// versions is the last published per-type version string by sidecar
-	// node ID.
-	versions map[string]string
-	// published holds the last maxPublished snapshots set per node key
-	// (ProxylessGroup: the proxyless caches' versions after each update),
-	// oldest first.
-	published map[string][]*published
-	// streams maps an open stream ID to its state (added on the first
-	// request that carries a node).
+	// nodes holds one record per xDS node ID (a proxyless client's too):
+	// every sidecar built for and every node with an open stream, until
+	// pruneLocked deletes it whole.
+	nodes map[string]*nodeInfo
+	// streams indexes the open ADS streams by stream ID, from their
+	// opening (onOpen) to their closing; a stream also joins its node's
+	// record (nodeInfo.streams) at its first request that carries a node.
 	streams map[int64]*streamState
-	// unknownLogged records node IDs already reported as unregistered.
-	unknownLogged map[string]bool
-	// notReady records, by node key, the reason its snapshot was last held
-	// back (logged once per reason); heldBack the reason's kind
-	// (HeldNotReady, ...).
-	notReady map[string]string
-	heldBack map[string]string
-	// rejections holds the NACKs not followed by an ACK of the same type.
-	rejections map[rejectionKey]*Rejection
-	// seq numbers NACKs and ACKs; lastACK is the number of the last ACK
-	// per node and type, so a NACK explained outside the lock is not
-	// recorded after a newer ACK.
-	seq     uint64
-	lastACK map[rejectionKey]uint64
+	// proxylessPublished is the proxyless group's history: the versions of
+	// the proxyless caches after each of the last maxPublished updates,
+	// oldest first.
+	proxylessPublished []*published
+	// seq numbers NACKs and ACKs (see nodeType.lastACK).
+	seq uint64
 }
 
 // New returns a Server ready to Serve. Its build loop runs until Close.
@@ -123,23 +125,21 @@ func New(cfg Config) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.StreamIdentity == nil {
+		cfg.StreamIdentity = func(context.Context) string { return "" }
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
-		log:           cfg.Logger,
-		changed:       make(chan struct{}, 1),
-		stop:          cancel,
-		done:          make(chan struct{}),
-		policies:      &policy.Set{},
-		built:         map[string]builtNode{},
-		pending:       map[string]time.Time{},
-		versions:      map[string]string{},
-		published:     map[string][]*published{},
-		streams:       map[int64]*streamState{},
-		unknownLogged: map[string]bool{},
-		notReady:      map[string]string{},
-		heldBack:      map[string]string{},
-		rejections:    map[rejectionKey]*Rejection{},
-		lastACK:       map[rejectionKey]uint64{},
+		log:      cfg.Logger,
+		identity: cfg.StreamIdentity,
+		changed:  make(chan struct{}, 1),
+		stop:     cancel,
+		done:     make(chan struct{}),
+		policies: &policy.Set{},
+		built:    map[string]builtNode{},
+		pending:  map[string]time.Time{},
+		nodes:    map[string]*nodeInfo{},
+		streams:  map[int64]*streamState{},
 	}
 	s.metrics = newMetrics(s)
 	s.cache = cache.NewSnapshotCache(true, nodeHash{}, cacheLogger{cfg.Logger})
@@ -340,51 +340,16 @@ type inputs struct {
 
 // holdBack logs, once per reason, that node keeps its last snapshot.
 func (s *Server) holdBack(node, reason string, err error) {
-	s.mu.Lock()
-	same := s.notReady[node] == err.Error()
-	s.notReady[node] = err.Error()
-	s.heldBack[node] = reason
-	s.mu.Unlock()
-	if !same {
+	if !s.setHeldBack(node, reason, err.Error()) {
 		s.log.Info("xds: snapshot held back; the proxy keeps its last config", "node", node, "reason", err)
 	}
 }
 
-// prune forgets the state of sidecars that are neither in cat nor
-// connected.
+// prune forgets the nodes that are neither in cat nor connected.
 func (s *Server) prune(cat *model.Catalog) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	connected := map[string]bool{}
-	for _, st := range s.streams {
-		connected[st.node.GetId()] = true
-	}
-	gone := func(node string) bool {
-		_, registered := cat.Proxies[node]
-		return node != ProxylessGroup && !registered && !connected[node]
-	}
-	for _, m := range []map[string]string{s.notReady, s.heldBack} {
-		for node := range m {
-			if gone(node) {
-				delete(m, node)
-			}
-		}
-	}
-	for node := range s.published {
-		if gone(node) {
-			delete(s.published, node)
-		}
-	}
-	for k := range s.rejections {
-		if gone(k.node) {
-			delete(s.rejections, k)
-		}
-	}
-	for k := range s.lastACK {
-		if gone(k.node) {
-			delete(s.lastACK, k)
-		}
-	}
+	s.pruneLocked(cat)
+	s.mu.Unlock()
 }
 
 // typedResources are the resources of one type in a snapshot, with their
@@ -430,51 +395,31 @@ func (s *Server) publish(ctx context.Context, node string, res []typedResources,
 	}
 
 	s.mu.Lock()
-	unchanged := s.versions[node] == all
-	if unchanged {
-		delete(s.notReady, node)
-		delete(s.heldBack, node)
-	}
+	unchanged := s.nodeLocked(node).version == all
 	s.mu.Unlock()
 	if unchanged {
+		s.setHeldBack(node, "", "")
 		return false, true
 	}
 	if err := snap.Consistent(); err != nil {
-		s.mu.Lock()
-		s.notReady[node] = "inconsistent snapshot: " + err.Error()
-		s.heldBack[node] = HeldInconsistent
-		s.mu.Unlock()
+		s.setHeldBack(node, HeldInconsistent, "inconsistent snapshot: "+err.Error())
 		s.log.Error("xds: inconsistent snapshot not published; node keeps its last one", "node", node, "error", err)
 		return false, false
 	}
 	if err := s.cache.SetSnapshot(ctx, node, snap); err != nil {
-		s.mu.Lock()
-		s.notReady[node] = "set snapshot: " + err.Error()
-		s.heldBack[node] = HeldError
-		s.mu.Unlock()
+		s.setHeldBack(node, HeldError, "set snapshot: "+err.Error())
 		s.log.Error("xds: set snapshot", "node", node, "error", err)
 		return false, false
 	}
 	now := time.Now()
 	s.mu.Lock()
-	s.versions[node] = all
-	delete(s.notReady, node)
-	delete(s.heldBack, node)
-	s.recordPublishedLocked(node, rec)
+	n := s.nodeLocked(node)
+	n.version, n.heldBack, n.heldReason = all, "", ""
+	n.published = appendHistory(n.published, rec)
 	s.mu.Unlock()
 	s.metrics.snapshotsSet.Inc()
 	s.metrics.observePush(in.pending, now)
 	return true, true
-}
-
-// recordPublishedLocked appends rec to key's history of published
-// snapshots, keeping the last maxPublished. s.mu must be held.
-func (s *Server) recordPublishedLocked(key string, rec *published) {
-	h := append(s.published[key], rec)
-	if len(h) > maxPublished {
-		h = slices.Clone(h[len(h)-maxPublished:])
-	}
-	s.published[key] = h
 }
 
 func toResources[T types.Resource](in []T) []types.Resource {
@@ -516,12 +461,24 @@ func (nodeHash) ID(node *core.Node) string {
 	return node.GetId()
 }
 
+// callbacks are the ADS server's callbacks. The server registers no delta
+// callbacks: delta (incremental) streams are served but not recorded.
 func (s *Server) callbacks() xdsserver.CallbackFuncs {
 	return xdsserver.CallbackFuncs{
+		StreamOpenFunc:     s.onOpen,
 		StreamRequestFunc:  s.onRequest,
 		StreamResponseFunc: s.onResponse,
 		StreamClosedFunc:   s.onClosed,
 	}
+}
+
+// onOpen indexes a new stream with its authenticated identity.
+func (s *Server) onOpen(ctx context.Context, id int64, _ string) error {
+	st := newStreamState(s.identity(ctx))
+	s.mu.Lock()
+	s.streams[id] = st
+	s.mu.Unlock()
+	return nil
 }
 
 // onResponse records the version and nonce of each response sent.
@@ -536,17 +493,35 @@ func (s *Server) onResponse(_ context.Context, id int64, _ *discovery.DiscoveryR
 }
 
 // onClosed forgets the stream; a node that is gone from the catalog and
-// has no other stream loses its rejections.
+// has no other stream loses its record.
 func (s *Server) onClosed(id int64, node *core.Node) {
 	s.guard.OnStreamClosed(id)
 	s.mu.Lock()
-	delete(s.streams, id)
-	cat := s.catalog
-	s.mu.Unlock()
-	if cat != nil {
-		s.prune(cat)
+	if st := s.streams[id]; st != nil && st.node != nil && s.nodes[st.node.GetId()] != nil {
+		delete(s.nodes[st.node.GetId()].streams, id)
 	}
+	delete(s.streams, id)
+	if s.catalog != nil {
+		s.pruneLocked(s.catalog)
+	}
+	s.mu.Unlock()
 	s.log.Info("xds: stream closed", "stream", id, "node", node.GetId())
+}
+
+// request is what onRequest recorded of a request under the lock.
+type request struct {
+	node  *core.Node
+	first bool // the stream's first request that carries its node
+	// unknown: node is a sidecar not registered in Consul, not reported
+	// yet.
+	unknown bool
+	ack     bool
+	seq     uint64 // Server.seq of the request
+	// rejected is, for a NACK of the last response sent, its version; snap
+	// is the snapshot published with that version (the newest one when
+	// rejected is ""), nil when none is known.
+	rejected string
+	snap     *published
 }
 
 // onRequest logs each new node; records ACKs (a request acknowledging the
@@ -558,94 +533,108 @@ func (s *Server) onClosed(id int64, node *core.Node) {
 // resource it names changes).
 func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) error {
 	now := time.Now()
-	typeURL := req.GetTypeUrl()
-	s.mu.Lock()
-	st := s.streams[id]
-	first := st == nil
-	if first {
-		if req.GetNode() == nil {
-			s.mu.Unlock()
-			s.guard.OnStreamRequest(id, req)
-			return nil
-		}
-		st = &streamState{node: req.GetNode(), opened: now, types: map[string]*typeState{}}
-		s.streams[id] = st
+	r, ok := s.recordRequest(id, req, now)
+	if !ok {
+		s.guard.OnStreamRequest(id, req)
+		return nil
 	}
-	node := st.node
-	key := rejectionKey{node.GetId(), typeURL}
-	var unknown bool
-	if first && s.catalog != nil && !xds.IsProxylessGRPC(node) {
-		if _, ok := s.catalog.Proxies[node.GetId()]; !ok && !s.unknownLogged[node.GetId()] {
-			unknown = true
-			s.unknownLogged[node.GetId()] = true
-		}
+	if r.first {
+		s.log.Info("xds: stream opened", "stream", id, "node", r.node.GetId(), "userAgent", r.node.GetUserAgentName())
 	}
-	ts := st.typ(typeURL)
-	ts.subscribed = req.GetResourceNames()
-	s.seq++
-	seq := s.seq
-	var ack bool
-	var snap *published
-	rejected := ""
-	if req.GetErrorDetail() == nil {
-		if n := req.GetResponseNonce(); n != "" && n == ts.sentNonce && n != ts.ackedNonce && req.GetVersionInfo() == ts.sentVersion {
-			ack = true
-			ts.ackedNonce, ts.ackedVersion, ts.ackedAt = n, req.GetVersionInfo(), now
-			s.lastACK[key] = seq
-			delete(s.rejections, key)
-		}
-	} else {
-		if req.GetResponseNonce() == ts.sentNonce {
-			rejected = ts.sentVersion
-		}
-		snap = s.publishedLocked(nodeHash{}.ID(node), typeURL, rejected)
-	}
-	s.mu.Unlock()
-	if first {
-		s.log.Info("xds: stream opened", "stream", id, "node", node.GetId(), "userAgent", node.GetUserAgentName())
-	}
-	if unknown {
+	if r.unknown {
 		s.log.Warn("xds: no connect-proxy is registered in Consul with this node ID; it gets config once one is",
-			"node", node.GetId())
+			"node", r.node.GetId())
 	}
-	if ack {
-		s.metrics.acks.WithLabelValues(typeLabel(typeURL)).Inc()
+	if r.ack {
+		s.metrics.acks.WithLabelValues(typeLabel(req.GetTypeUrl())).Inc()
 	}
-	if d := req.GetErrorDetail(); d != nil {
-		accepted := req.GetVersionInfo()
-		guarded, parked := s.guard.OnStreamRequest(id, req)
-		if rejected == "" {
-			rejected = guarded
-		}
-		res, named := blame(nodeHash{}.ID(node), node.GetId(), snap, typeURL, d, req.GetResourceNames())
-		r := &Rejection{Node: node.GetId(), TypeURL: typeURL, Version: rejected, AcceptedVersion: accepted,
-			Error: d.GetMessage(), Time: now, FirstTime: now, Count: 1, Named: named, Resources: res}
-		s.mu.Lock()
-		if s.lastACK[key] < seq {
-			if prev := s.rejections[key]; prev != nil && prev.Version == r.Version {
-				r.FirstTime, r.Count = prev.FirstTime, prev.Count+1
-			}
-			s.rejections[key] = r
-		}
-		s.mu.Unlock()
-		s.metrics.nacks.WithLabelValues(node.GetId(), typeLabel(typeURL)).Inc()
-		var sources []string
-		for _, src := range r.Sources() {
-			sources = append(sources, src.String())
-		}
-		s.log.Warn("xds: NACK: the proxy rejected an update and keeps its last accepted config",
-			"node", node.GetId(), "type", typeURL, "rejectedVersion", rejected,
-			"acceptedVersion", accepted, "error", d.GetMessage(), "resources", resourceNames(res),
-			"sources", sources, "heldUntilConfigChanges", parked)
+	if req.GetErrorDetail() != nil {
+		s.recordNACK(id, req, r, now)
 	}
 	return nil
 }
 
-// publishedLocked returns the newest snapshot published for key whose
-// typeURL version is version (the newest one when version is ""), or nil.
+// recordRequest records req on stream id: the stream joins its node's
+// record at its first request that carries a node; an ACK is recorded on
+// the stream and the node. ok is false when req is not recorded (no node
+// known yet).
+func (s *Server) recordRequest(id int64, req *discovery.DiscoveryRequest, now time.Time) (r request, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
+	if st == nil || (st.node == nil && req.GetNode() == nil) {
+		return request{}, false
+	}
+	r.first = st.node == nil
+	if r.first {
+		st.node, st.opened = req.GetNode(), now
+	}
+	r.node = st.node
+	n := s.nodeLocked(r.node.GetId())
+	if r.first {
+		n.streams[id] = st
+		r.unknown = s.unknownLocked(r.node, n)
+	}
+	typeURL := req.GetTypeUrl()
+	ts := st.typ(typeURL)
+	ts.subscribed = req.GetResourceNames()
+	s.seq++
+	r.seq = s.seq
+	if req.GetErrorDetail() == nil {
+		if r.ack = ts.ack(req, now); r.ack {
+			n.typ(typeURL).ack(r.seq)
+		}
+		return r, true
+	}
+	if req.GetResponseNonce() == ts.sentNonce {
+		r.rejected = ts.sentVersion
+	}
+	r.snap = findPublished(s.historyLocked(r.node), typeURL, r.rejected)
+	return r, true
+}
+
+// unknownLocked reports whether node, whose record is n, is a sidecar not
+// registered in Consul that was not reported yet, and marks it reported.
 // s.mu must be held.
-func (s *Server) publishedLocked(key, typeURL, version string) *published {
-	h := s.published[key]
+func (s *Server) unknownLocked(node *core.Node, n *nodeInfo) bool {
+	if s.catalog == nil || xds.IsProxylessGRPC(node) || n.unknownLogged {
+		return false
+	}
+	_, registered := s.catalog.Proxies[node.GetId()]
+	n.unknownLogged = !registered
+	return !registered
+}
+
+// recordNACK records and logs req, a NACK recorded by recordRequest as r,
+// with the resources it blames, and parks its watch (nackguard).
+func (s *Server) recordNACK(id int64, req *discovery.DiscoveryRequest, r request, now time.Time) {
+	d, typeURL, accepted := req.GetErrorDetail(), req.GetTypeUrl(), req.GetVersionInfo()
+	guarded, parked := s.guard.OnStreamRequest(id, req)
+	if r.rejected == "" {
+		r.rejected = guarded
+	}
+	res, named := blame(nodeHash{}.ID(r.node), r.node.GetId(), r.snap, typeURL, d, req.GetResourceNames())
+	rej := &Rejection{Node: r.node.GetId(), TypeURL: typeURL, Version: r.rejected, AcceptedVersion: accepted,
+		Error: d.GetMessage(), Time: now, FirstTime: now, Count: 1, Named: named, Resources: res}
+	s.mu.Lock()
+	if n := s.nodes[r.node.GetId()]; n != nil { // nil: pruned since, stream closed
+		n.typ(typeURL).reject(rej, r.seq)
+	}
+	s.mu.Unlock()
+	s.metrics.nacks.WithLabelValues(r.node.GetId(), typeLabel(typeURL)).Inc()
+	var sources []string
+	for _, src := range rej.Sources() {
+		sources = append(sources, src.String())
+	}
+	s.log.Warn("xds: NACK: the proxy rejected an update and keeps its last accepted config",
+		"node", r.node.GetId(), "type", typeURL, "rejectedVersion", r.rejected,
+		"acceptedVersion", accepted, "error", d.GetMessage(), "resources", resourceNames(res),
+		"sources", sources, "heldUntilConfigChanges", parked)
+}
+
+// findPublished returns the newest snapshot of h whose typeURL version is
+// version (the newest one when version is ""), or nil.
+func findPublished(h []*published, typeURL, version string) *published {
 	for i := len(h) - 1; i >= 0; i-- {
 		if version == "" || h[i].versions[typeURL] == version {
 			return h[i]

@@ -13,7 +13,6 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/model"
-	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/translate"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -53,6 +52,10 @@ type ProxyStatus struct {
 	Connected      bool       `json:"connected"`
 	Streams        int        `json:"streams,omitempty"`
 	ConnectedSince *time.Time `json:"connectedSince,omitempty"`
+	// Identity is the authenticated identity of the node's newest stream
+	// (Config.StreamIdentity), e.g. "consul-token:<accessor>"; "" when it
+	// is not authenticated or the node is not connected.
+	Identity string `json:"identity,omitempty"`
 	// HeldBack is why the node's latest build was not published (it keeps
 	// its last snapshot), e.g. "not ready: waiting for the leaf
 	// certificate of service \"web\""; "" when its snapshot is current.
@@ -127,52 +130,6 @@ func (r Rejection) Sources() []translate.Source {
 	return translate.SourceMap{r.TypeURL: byName}.For(r.TypeURL, names...)
 }
 
-// streamState is what the server tracks of one ADS stream.
-type streamState struct {
-	node   *core.Node
-	opened time.Time // first request
-	types  map[string]*typeState
-}
-
-func (st *streamState) typ(typeURL string) *typeState {
-	t := st.types[typeURL]
-	if t == nil {
-		t = &typeState{}
-		st.types[typeURL] = t
-	}
-	return t
-}
-
-// typeState is one type's exchange on one stream.
-type typeState struct {
-	// subscribed are the resource names of the latest request.
-	subscribed               []string
-	sentVersion, sentNonce   string
-	sentAt                   time.Time
-	ackedVersion, ackedNonce string
-	ackedAt                  time.Time
-}
-
-// published is one snapshot set for a node, with what it was built from,
-// so a later NACK of one of its versions can be explained.
-type published struct {
-	versions map[string]string   // by type URL
-	names    map[string][]string // resource names by type URL
-	// cat is what the snapshot was built from: for a sidecar its scope of
-	// the catalog (model.Catalog.Scope, a few values, so keeping
-	// maxPublished of them per node costs little), for the proxyless group
-	// the whole catalog.
-	cat *model.Catalog
-	pol *policy.Set
-}
-
-// maxPublished is how many snapshots per node are kept for explaining
-// NACKs of versions that are no longer current.
-const maxPublished = 4
-
-// rejectionKey identifies a Rejection: one per node and type.
-type rejectionKey struct{ node, typeURL string }
-
 func proxyKind(node *core.Node) string {
 	if xds.IsProxylessGRPC(node) {
 		return KindProxyless
@@ -217,75 +174,85 @@ func (s *Server) Status() *Status {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	byNode := map[string]*ProxyStatus{}
-	get := func(id, kind string) *ProxyStatus {
-		p := byNode[id]
-		if p == nil {
-			p = &ProxyStatus{Node: id, Kind: kind}
-			byNode[id] = p
-		}
-		return p
-	}
+	var registered map[string]*model.Proxy
 	if s.catalog != nil {
-		for id, p := range s.catalog.Proxies {
-			ps := get(id, KindSidecar)
-			ps.Service, ps.Registered = p.Service, true
+		registered = s.catalog.Proxies
+	}
+	for id, p := range registered {
+		if s.nodes[id] == nil {
+			out.Proxies = append(out.Proxies, ProxyStatus{Node: id, Kind: KindSidecar, Service: p.Service, Registered: true})
 		}
 	}
-	// newest[id] is the newest stream of each node, whose exchange is shown.
-	newest := map[string]*streamState{}
-	for _, st := range s.streams {
-		id := st.node.GetId()
-		ps := get(id, proxyKind(st.node))
-		ps.Connected = true
-		ps.Streams++
-		if n := newest[id]; n == nil || st.opened.After(n.opened) {
-			newest[id] = st
+	for id, n := range s.nodes {
+		if ps, shown := s.proxyStatusLocked(id, n, registered[id]); shown {
+			out.Proxies = append(out.Proxies, ps)
 		}
-	}
-	for id, st := range newest {
-		ps := byNode[id]
-		since := st.opened
-		ps.ConnectedSince = &since
-		if ps.Kind == KindProxyless {
-			ps.Snapshot = s.proxylessCurrentLocked(st)
-		}
-		for typ, ts := range st.types {
-			if ps.Subscribed == nil {
-				ps.Subscribed = map[string][]string{}
-			}
-			ps.Subscribed[typ] = slices.Clone(ts.subscribed)
-			if ts.sentVersion != "" {
-				if ps.Sent == nil {
-					ps.Sent = map[string]string{}
-				}
-				ps.Sent[typ] = ts.sentVersion
-			}
-			if ts.ackedNonce != "" {
-				if ps.ACKed == nil {
-					ps.ACKed = map[string]string{}
-				}
-				ps.ACKed[typ] = ts.ackedVersion
+		for _, t := range n.types {
+			if t.rejection != nil {
+				out.Rejections = append(out.Rejections, *t.rejection)
 			}
 		}
-	}
-	for id, ps := range byNode {
-		if ps.Kind == KindSidecar {
-			if h := s.published[id]; len(h) > 0 {
-				ps.Snapshot = maps.Clone(h[len(h)-1].versions)
-			}
-			ps.HeldBack = s.notReady[id]
-		}
-		out.Proxies = append(out.Proxies, *ps)
 	}
 	slices.SortFunc(out.Proxies, func(a, b ProxyStatus) int { return cmp.Compare(a.Node, b.Node) })
-	for _, r := range s.rejections {
-		out.Rejections = append(out.Rejections, *r)
-	}
 	slices.SortFunc(out.Rejections, func(a, b Rejection) int {
 		return cmp.Or(cmp.Compare(a.Node, b.Node), cmp.Compare(a.TypeURL, b.TypeURL))
 	})
 	return out
+}
+
+// proxyStatusLocked returns the status of node id from its record n and
+// its registration p (nil when it is not registered); shown is false for
+// a node neither registered nor connected (its record is about to be
+// pruned). s.mu must be held.
+func (s *Server) proxyStatusLocked(id string, n *nodeInfo, p *model.Proxy) (ps ProxyStatus, shown bool) {
+	newest := n.newest()
+	if p == nil && newest == nil {
+		return ps, false
+	}
+	ps = ProxyStatus{Node: id, Kind: KindSidecar, Connected: newest != nil, Streams: len(n.streams)}
+	if p != nil {
+		ps.Service, ps.Registered = p.Service, true
+	} else {
+		ps.Kind = proxyKind(newest.node)
+	}
+	if newest != nil {
+		s.showStreamLocked(&ps, newest)
+	}
+	if ps.Kind == KindSidecar {
+		if len(n.published) > 0 {
+			ps.Snapshot = maps.Clone(n.published[len(n.published)-1].versions)
+		}
+		ps.HeldBack = n.heldBack
+	}
+	return ps, true
+}
+
+// showStreamLocked sets in ps the identity and the exchange of st, the
+// node's newest stream. s.mu must be held.
+func (s *Server) showStreamLocked(ps *ProxyStatus, st *streamState) {
+	since := st.opened
+	ps.ConnectedSince, ps.Identity = &since, st.identity
+	if ps.Kind == KindProxyless {
+		ps.Snapshot = s.proxylessCurrentLocked(st)
+	}
+	for typ, ts := range st.types {
+		if ps.Subscribed == nil {
+			ps.Subscribed = map[string][]string{}
+		}
+		ps.Subscribed[typ] = slices.Clone(ts.subscribed)
+		if ts.sentVersion != "" {
+			if ps.Sent == nil {
+				ps.Sent = map[string]string{}
+			}
+			ps.Sent[typ] = ts.sentVersion
+		}
+		if ts.ackedNonce != "" {
+			if ps.ACKed == nil {
+				ps.ACKed = map[string]string{}
+			}
+			ps.ACKed[typ] = ts.ackedVersion
+		}
+	}
 }
 
 // blame returns the resources of typeURL a NACK's error_detail blames in the

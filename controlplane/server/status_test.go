@@ -20,6 +20,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/internal/testutil"
@@ -64,11 +65,18 @@ func dialADS(t *testing.T, addr, node string) *adsClient {
 // dialADSNode opens an ADS stream whose requests carry node.
 func dialADSNode(t *testing.T, addr string, node *core.Node) *adsClient {
 	t.Helper()
+	return dialADSMetadata(t, addr, node, nil)
+}
+
+// dialADSMetadata opens an ADS stream carrying md (gRPC metadata, e.g. an
+// authorization token) whose requests carry node.
+func dialADSMetadata(t *testing.T, addr string, node *core.Node, md metadata.MD) *adsClient {
+	t.Helper()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(metadata.NewOutgoingContext(context.Background(), md))
 	stream, err := discovery.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
 	if err != nil {
 		cancel()
@@ -365,4 +373,81 @@ func TestHeldBackCountedAndShown(t *testing.T) {
 	}
 	s.SetCatalog(catalog(true))
 	waitStatus(t, s, "web no longer held back", func(st *Status) bool { return proxyStatus(st, "web-1-sidecar-proxy").HeldBack == "" })
+}
+
+// identityKey is the context key under which fakeAuth stores a stream's
+// identity.
+type identityKey struct{}
+
+// authStream is a server stream with the context fakeAuth gave it.
+type authStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (a authStream) Context() context.Context { return a.ctx }
+
+// fakeAuth is a stream interceptor standing for the ADS authentication:
+// it takes the bearer token of the stream's metadata for its identity and
+// stores it in the stream's context.
+func fakeAuth(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	ctx := ss.Context()
+	if v := metadata.ValueFromIncomingContext(ctx, xds.AuthorizationMetadataKey); len(v) > 0 {
+		ctx = context.WithValue(ctx, identityKey{}, strings.TrimPrefix(v[0], xds.BearerPrefix))
+	}
+	return handler(srv, authStream{ss, ctx})
+}
+
+// identityOf is a Config.StreamIdentity reading what fakeAuth stored.
+func identityOf(ctx context.Context) string {
+	id, _ := ctx.Value(identityKey{}).(string)
+	return id
+}
+
+// TestStreamIdentityShownInStatus: the identity Config.StreamIdentity
+// returns for a stream's context when it opens shows in Status for the
+// stream's node: that of its newest stream.
+func TestStreamIdentityShownInStatus(t *testing.T) {
+	const (
+		webID   = "kubernetes:default/web pod web-7d9c/uid-3f1c"
+		tokenID = "consul-token:6a1253d2-1785-24fd-91c2-f8e78c745511"
+	)
+	web := &core.Node{Id: "web-1-sidecar-proxy", UserAgentName: xds.UserAgentName}
+	tests := []struct {
+		name     string
+		identity func(context.Context) string
+		node     *core.Node
+		// tokens are the bearer tokens of the node's streams, opened in
+		// this order ("": none).
+		tokens []string
+		want   string
+	}{
+		{name: "authenticated sidecar", identity: identityOf, node: web, tokens: []string{webID}, want: webID},
+		{name: "unauthenticated stream", identity: identityOf, node: web, tokens: []string{""}, want: ""},
+		{name: "no StreamIdentity", node: web, tokens: []string{webID}, want: ""},
+		{name: "proxyless client", identity: identityOf, node: grpcNode("client-a"), tokens: []string{tokenID}, want: tokenID},
+		{name: "newest stream's", identity: identityOf, node: web, tokens: []string{tokenID, webID}, want: webID},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), StreamIdentity: tc.identity,
+				GRPCOptions: []grpc.ServerOption{grpc.StreamInterceptor(fakeAuth)}})
+			addr := serveADS(t, s)
+			s.SetCatalog(catalog(true))
+			id := tc.node.GetId()
+			var p ProxyStatus
+			for i, token := range tc.tokens {
+				md := metadata.MD{}
+				if token != "" {
+					md.Set(xds.AuthorizationMetadataKey, xds.BearerPrefix+token)
+				}
+				dialADSMetadata(t, addr, tc.node, md).send(&discovery.DiscoveryRequest{TypeUrl: xds.ClusterType})
+				st := waitStatus(t, s, fmt.Sprintf("%s's stream %d", id, i+1), func(st *Status) bool { return proxyStatus(st, id).Streams == i+1 })
+				p = proxyStatus(st, id)
+			}
+			if p.Identity != tc.want {
+				t.Errorf("%s's identity = %q, want %q", id, p.Identity, tc.want)
+			}
+		})
+	}
 }
