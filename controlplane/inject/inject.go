@@ -343,18 +343,17 @@ func PodServiceAccount(pod *corev1.Pod) string {
 // checkIdentity refuses a pod registering as a service its ServiceAccount
 // may not act as (Config.ServiceAccountMayActAs): the control plane hands
 // a sidecar the identity, and the private key, of the service its token's
-// ServiceAccount vouches for. A pod registers as one service, rec.Service.
+// ServiceAccount vouches for. A pod registers as one service,
+// rec.Service (its instance and its proxy both carry that name); a Record
+// that grows more must check each.
 func (in *Injector) checkIdentity(pod *corev1.Pod, namespace string, rec Record) error {
-	sa := PodServiceAccount(pod)
-	for _, svc := range []string{rec.Service} {
-		if in.serviceAccountMayActAs(namespace, sa, svc) {
-			continue
-		}
-		return fmt.Errorf("%w: pod's ServiceAccount %q may not act as service %q: a sidecar's identity is its ServiceAccount; "+
-			"run the pod as ServiceAccount %q, or allow it in MeshDefaults spec.serviceAccounts (serviceAccount: %s, namespace: %s, services: [%s])",
-			ErrRefused, sa, svc, svc, sa, namespace, svc)
+	sa, svc := PodServiceAccount(pod), rec.Service
+	if in.serviceAccountMayActAs(namespace, sa, svc) {
+		return nil
 	}
-	return nil
+	return fmt.Errorf("%w: pod's ServiceAccount %q may not act as service %q: a sidecar's identity is its ServiceAccount; "+
+		"run the pod as ServiceAccount %q, or allow it in MeshDefaults spec.serviceAccounts (serviceAccount: %s, namespace: %s, services: [%s])",
+		ErrRefused, sa, svc, svc, sa, namespace, svc)
 }
 
 func (in *Injector) serviceAccountMayActAs(namespace, sa, service string) bool {
