@@ -39,6 +39,15 @@ const (
 	StateDir = "/var/run/meshlet"
 	// StateVolume is the emptyDir volume mounted at StateDir.
 	StateVolume = "meshlet-state"
+	// TokenVolume is the projected volume of the sidecar's ServiceAccount
+	// token (audience xds.TokenAudience), mounted at xds.PodTokenDir;
+	// CAVolume the ConfigMap volume of xds.CARootConfigMap, mounted at
+	// xds.PodCADir. A pod's own volume of one of these names (or
+	// StateVolume's) keeps it: the sidecar's gets a numeric suffix.
+	TokenVolume = "meshlet-token"
+	CAVolume    = "meshlet-xds-ca"
+	// DefaultServiceAccount is the ServiceAccount of a pod that names none.
+	DefaultServiceAccount = "default"
 )
 
 // DefaultResources are the sidecar's resources when no annotation sets
@@ -77,6 +86,21 @@ type Config struct {
 	// False here; `controlplane serve -kube -transparent-proxy` defaults
 	// to true, as consul-k8s's transparent proxy does.
 	TransparentByDefault bool
+	// XDSInsecure gives the sidecar -xds-insecure (plaintext ADS, no
+	// authentication) instead of its credentials: no token nor CA volume,
+	// no -token-file nor -xds-ca-file. Development only; it matches the
+	// control plane's -xds-insecure, which serves ADS in plaintext and
+	// trusts the node ID a stream names. False: the sidecar verifies the
+	// control plane with the CA bundle of xds.CARootConfigMap and presents
+	// a projected ServiceAccount token (xds/auth.go).
+	XDSInsecure bool
+	// ServiceAccountMayActAs reports whether a pod of namespace running
+	// as serviceAccount may register as service; the control plane sets
+	// it to (*policy.Set).ServiceAccountMayActAs of its current policies
+	// (MeshDefaults spec.serviceAccounts). It must be safe for concurrent
+	// use. Nil allows only service == serviceAccount. Mutate refuses a pod
+	// it does not allow: a sidecar's identity is its ServiceAccount.
+	ServiceAccountMayActAs func(namespace, serviceAccount, service string) bool
 }
 
 func (c *Config) setDefaults() {
@@ -153,8 +177,9 @@ const (
 
 // ErrRefused wraps every error Mutate returns for a pod that cannot be
 // injected as it is (a malformed annotation, a probe naming no port, several
-// Services and no meshlet.io/service); the webhook refuses such a pod with
-// the message, which names the annotation and its value or the field.
+// Services and no meshlet.io/service, a service its ServiceAccount may not
+// act as); the webhook refuses such a pod with the message, which names the
+// annotation and its value or the field.
 var ErrRefused = errors.New("inject: refused")
 
 // Injector mutates pods. It is safe for concurrent use.
@@ -188,6 +213,9 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 	}
 	rec, err := in.record(pod, selecting)
 	if err != nil {
+		return nil, SkipNone, err
+	}
+	if err := in.checkIdentity(pod, namespace, rec); err != nil {
 		return nil, SkipNone, err
 	}
 	res, err := resources(pod.Annotations)
@@ -225,12 +253,13 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 		return nil, SkipNone, annotationErr(AnnotationRewriteProbes, v, "want true or false")
 	}
 
-	sc := in.sidecar(rec, probes, res, logLevel)
+	vols, mounts := in.volumes(out)
+	sc := in.sidecar(rec, probes, res, logLevel, mounts)
 	var initC *corev1.Container
 	if rec.Transparent {
 		initC = in.interceptContainer(rec.Exclusions)
 	}
-	out.Spec.Volumes = append(out.Spec.Volumes, corev1.Volume{Name: StateVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}}})
+	out.Spec.Volumes = append(out.Spec.Volumes, vols...)
 	if in.cfg.NativeSidecars {
 		always := corev1.ContainerRestartPolicyAlways
 		sc.RestartPolicy = &always
@@ -301,6 +330,37 @@ func (in *Injector) record(pod *corev1.Pod, selecting []string) (Record, error) 
 		}
 	}
 	return rec, nil
+}
+
+// PodServiceAccount is the ServiceAccount pod runs as:
+// spec.serviceAccountName, else DefaultServiceAccount (the API server's
+// ServiceAccount admission sets it before webhooks run; the fallback is
+// for pods read elsewhere).
+func PodServiceAccount(pod *corev1.Pod) string {
+	return cmp.Or(pod.Spec.ServiceAccountName, pod.Spec.DeprecatedServiceAccount, DefaultServiceAccount)
+}
+
+// checkIdentity refuses a pod registering as a service its ServiceAccount
+// may not act as (Config.ServiceAccountMayActAs): the control plane hands
+// a sidecar the identity, and the private key, of the service its token's
+// ServiceAccount vouches for. A pod registers as one service,
+// rec.Service (its instance and its proxy both carry that name); a Record
+// that grows more must check each.
+func (in *Injector) checkIdentity(pod *corev1.Pod, namespace string, rec Record) error {
+	sa, svc := PodServiceAccount(pod), rec.Service
+	if in.serviceAccountMayActAs(namespace, sa, svc) {
+		return nil
+	}
+	return fmt.Errorf("%w: pod's ServiceAccount %q may not act as service %q: a sidecar's identity is its ServiceAccount; "+
+		"run the pod as ServiceAccount %q, or allow it in MeshDefaults spec.serviceAccounts (serviceAccount: %s, namespace: %s, services: [%s])",
+		ErrRefused, sa, svc, svc, sa, namespace, svc)
+}
+
+func (in *Injector) serviceAccountMayActAs(namespace, sa, service string) bool {
+	if in.cfg.ServiceAccountMayActAs == nil {
+		return sa == service
+	}
+	return in.cfg.ServiceAccountMayActAs(namespace, sa, service)
 }
 
 func annotationErr(name, value, why string) error {

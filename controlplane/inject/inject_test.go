@@ -3,6 +3,7 @@ package inject
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -20,16 +21,22 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"sigs.k8s.io/yaml"
 
+	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/internal/golden"
 	"github.com/meshlet/meshlet/xds"
 )
 
 // testCase is one testdata/*.yaml file: a pod as the API server sends it
-// for admission, its namespace, and the Services that select it.
+// for admission, its namespace, and the Services that select it; native
+// (default true) and insecure set Config.NativeSidecars and
+// Config.XDSInsecure, and policy, a policy file, gives
+// Config.ServiceAccountMayActAs (name equality only without it).
 type testCase struct {
 	Namespace string          `json:"namespace"`
 	Services  []string        `json:"services"`
 	Native    *bool           `json:"native"`
+	Insecure  bool            `json:"insecure"`
+	Policy    string          `json:"policy"`
 	Pod       json.RawMessage `json:"pod"`
 }
 
@@ -103,8 +110,16 @@ func TestGolden(t *testing.T) {
 				t.Fatal(err)
 			}
 			native := tc.Native == nil || *tc.Native
+			cfg := Config{NativeSidecars: native, ImagePullPolicy: corev1.PullNever, TransparentByDefault: true, XDSInsecure: tc.Insecure}
+			if tc.Policy != "" {
+				set, err := policy.Parse(map[string][]byte{"policy.yaml": []byte(tc.Policy)})
+				if err != nil {
+					t.Fatal(err)
+				}
+				cfg.ServiceAccountMayActAs = set.ServiceAccountMayActAs
+			}
 			ev := &events{}
-			wh := NewWebhook(New(Config{NativeSidecars: native, ImagePullPolicy: corev1.PullNever, TransparentByDefault: true}), WebhookOptions{Services: fixedServices(tc.Services), Events: ev, Registerer: prometheus.NewRegistry()})
+			wh := NewWebhook(New(cfg), WebhookOptions{Services: fixedServices(tc.Services), Events: ev, Registerer: prometheus.NewRegistry()})
 			resp := review(t, wh, tc.Namespace, podJSON)
 
 			got := map[string]any{"allowed": resp.Allowed}
@@ -143,7 +158,7 @@ func TestGolden(t *testing.T) {
 			if err := json.Unmarshal(patched, &pod); err != nil {
 				t.Fatal(err)
 			}
-			checkInjected(t, &pod, native)
+			checkInjected(t, &pod, tc.Namespace, New(cfg))
 			if again := review(t, wh, tc.Namespace, patched); !again.Allowed || len(again.Patch) != 0 {
 				t.Errorf("re-submitting the injected pod: allowed %v, patch %s; want it unchanged", again.Allowed, again.Patch)
 			}
@@ -151,8 +166,8 @@ func TestGolden(t *testing.T) {
 	}
 }
 
-// checkInjected checks what every injected pod must have.
-func checkInjected(t *testing.T, pod *corev1.Pod, native bool) {
+// checkInjected checks what every pod in injects must have.
+func checkInjected(t *testing.T, pod *corev1.Pod, ns string, in *Injector) {
 	t.Helper()
 	rec, ok, err := ParseRecord(pod)
 	if !ok || err != nil {
@@ -172,7 +187,7 @@ func checkInjected(t *testing.T, pod *corev1.Pod, native bool) {
 		inits = inits[1:]
 	}
 	var sc *corev1.Container
-	if native {
+	if in.cfg.NativeSidecars {
 		sc = &inits[0]
 		if sc.RestartPolicy == nil || *sc.RestartPolicy != corev1.ContainerRestartPolicyAlways {
 			t.Errorf("native sidecar restartPolicy = %v, want Always", sc.RestartPolicy)
@@ -198,6 +213,74 @@ func checkInjected(t *testing.T, pod *corev1.Pod, native bool) {
 	}
 	if pod.Labels[LabelInjected] != "true" {
 		t.Errorf("label %s missing", LabelInjected)
+	}
+	if sa := PodServiceAccount(pod); !in.serviceAccountMayActAs(ns, sa, rec.Service) {
+		t.Errorf("pod of ServiceAccount %q injected as service %q", sa, rec.Service)
+	}
+	checkCredentials(t, pod, sc, in.cfg.XDSInsecure)
+}
+
+// checkCredentials checks the sidecar's ADS credentials: the projected
+// token and the CA bundle mounted read-only where its flags say, or
+// neither with -xds-insecure; and that no volume name is used twice.
+func checkCredentials(t *testing.T, pod *corev1.Pod, sc *corev1.Container, insecure bool) {
+	t.Helper()
+	vols := map[string]corev1.Volume{}
+	for _, v := range pod.Spec.Volumes {
+		if _, dup := vols[v.Name]; dup {
+			t.Errorf("volume %q twice in the pod", v.Name)
+		}
+		vols[v.Name] = v
+	}
+	mounts := map[string]corev1.VolumeMount{}
+	for _, m := range sc.VolumeMounts {
+		if _, ok := vols[m.Name]; !ok {
+			t.Errorf("sidecar mounts %q, which is not a volume of the pod", m.Name)
+		}
+		mounts[m.MountPath] = m
+	}
+	args := strings.Join(sc.Args, " ")
+	if insecure {
+		if !slices.Contains(sc.Args, "-xds-insecure") || strings.Contains(args, "-token-file") || strings.Contains(args, "-xds-ca-file") {
+			t.Errorf("insecure sidecar args %v: want -xds-insecure and no credentials", sc.Args)
+		}
+		if _, ok := mounts[xds.PodTokenDir]; ok {
+			t.Errorf("insecure sidecar mounts a token")
+		}
+		if _, ok := mounts[xds.PodCADir]; ok {
+			t.Errorf("insecure sidecar mounts a CA bundle")
+		}
+		return
+	}
+	if !slices.Contains(sc.Args, "-xds-ca-file="+xds.PodCAFile) || !slices.Contains(sc.Args, "-token-file="+xds.PodTokenFile) || strings.Contains(args, "-xds-insecure") {
+		t.Errorf("sidecar args %v: want -xds-ca-file=%s and -token-file=%s", sc.Args, xds.PodCAFile, xds.PodTokenFile)
+	}
+	tm, ok := mounts[xds.PodTokenDir]
+	if !ok || !tm.ReadOnly {
+		t.Fatalf("sidecar mount of %s: %+v, want read-only", xds.PodTokenDir, tm)
+	}
+	if p := vols[tm.Name].Projected; p == nil || len(p.Sources) != 1 || p.Sources[0].ServiceAccountToken == nil ||
+		p.Sources[0].ServiceAccountToken.Audience != xds.TokenAudience || *p.Sources[0].ServiceAccountToken.ExpirationSeconds != xds.TokenExpirationSeconds ||
+		xds.PodTokenDir+"/"+p.Sources[0].ServiceAccountToken.Path != xds.PodTokenFile {
+		t.Errorf("token volume %+v: want one ServiceAccount token of audience %s", vols[tm.Name], xds.TokenAudience)
+	}
+	cm, ok := mounts[xds.PodCADir]
+	if !ok || !cm.ReadOnly {
+		t.Fatalf("sidecar mount of %s: %+v, want read-only", xds.PodCADir, cm)
+	}
+	if c := vols[cm.Name].ConfigMap; c == nil || c.Name != xds.CARootConfigMap || len(c.Items) != 1 || c.Items[0].Key != xds.CARootKey ||
+		xds.PodCADir+"/"+c.Items[0].Path != xds.PodCAFile {
+		t.Errorf("CA volume %+v: want ConfigMap %s key %s", vols[cm.Name], xds.CARootConfigMap, xds.CARootKey)
+	}
+	for _, c := range append(slices.Clone(pod.Spec.Containers), pod.Spec.InitContainers...) {
+		if c.Name == SidecarContainer {
+			continue
+		}
+		for _, m := range c.VolumeMounts {
+			if m.Name == tm.Name || m.Name == cm.Name {
+				t.Errorf("container %s mounts the sidecar's credentials (%s)", c.Name, m.Name)
+			}
+		}
 	}
 }
 
@@ -238,5 +321,50 @@ func TestNotAReview(t *testing.T) {
 	wh.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, Path, nil))
 	if rec.Code != http.StatusMethodNotAllowed {
 		t.Errorf("GET: %d, want 405", rec.Code)
+	}
+}
+
+// TestServiceAccountIdentity: Mutate injects a pod only as a service its
+// ServiceAccount may act as, and says which setting would allow the rest.
+func TestServiceAccountIdentity(t *testing.T) {
+	shopLegacy := func(ns, sa, svc string) bool { return sa == svc || ns == "shop" && sa == "legacy" && svc == "api" }
+	tests := []struct {
+		name      string
+		sa        string // spec.serviceAccountName
+		deprecSA  string // spec.serviceAccount (deprecated)
+		service   string // meshlet.io/service
+		namespace string
+		mayActAs  func(namespace, serviceAccount, service string) bool
+		err       string // "" when injected
+	}{
+		{name: "named like its service", sa: "api", service: "api", namespace: "shop"},
+		{name: "no ServiceAccount is default", service: "api", namespace: "shop",
+			err: `inject: refused: pod's ServiceAccount "default" may not act as service "api": a sidecar's identity is its ServiceAccount; run the pod as ServiceAccount "api", or allow it in MeshDefaults spec.serviceAccounts (serviceAccount: default, namespace: shop, services: [api])`},
+		{name: "deprecated serviceAccount field", deprecSA: "api", service: "api", namespace: "shop"},
+		{name: "another service", sa: "web", service: "api", namespace: "shop", err: `pod's ServiceAccount "web" may not act as service "api"`},
+		{name: "bound by the policy", sa: "legacy", service: "api", namespace: "shop", mayActAs: shopLegacy},
+		{name: "bound in another namespace", sa: "legacy", service: "api", namespace: "dev", mayActAs: shopLegacy,
+			err: `allow it in MeshDefaults spec.serviceAccounts (serviceAccount: legacy, namespace: dev, services: [api])`},
+		{name: "the policy decides, not equality", sa: "api", service: "api", namespace: "shop", mayActAs: func(string, string, string) bool { return false },
+			err: `pod's ServiceAccount "api" may not act as service "api"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			pod := &corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: "p", Annotations: map[string]string{AnnotationService: tc.service}},
+				Spec: corev1.PodSpec{ServiceAccountName: tc.sa, DeprecatedServiceAccount: tc.deprecSA,
+					Containers: []corev1.Container{{Name: "app", Image: "example/app:1"}}},
+			}
+			out, skip, err := New(Config{ServiceAccountMayActAs: tc.mayActAs}).Mutate(pod, tc.namespace, nil)
+			if tc.err == "" {
+				if err != nil || skip != SkipNone || !hasContainer(out, SidecarContainer) {
+					t.Fatalf("Mutate: skip %q, err %v; want the sidecar injected", skip, err)
+				}
+				return
+			}
+			if err == nil || !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("Mutate: err %v; want ErrRefused with %q", err, tc.err)
+			}
+		})
 	}
 }

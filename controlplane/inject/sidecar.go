@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"path"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,8 +17,51 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-// sidecar returns the sidecar container for a pod of rec.
-func (in *Injector) sidecar(rec Record, probes xds.AppProbes, res corev1.ResourceRequirements, logLevel string) corev1.Container {
+// volumes returns the volumes injection adds to pod and the sidecar's
+// mounts of them: its state (an in-memory emptyDir) and, unless
+// Config.XDSInsecure, its ADS credentials: the projected ServiceAccount
+// token (audience xds.TokenAudience, xds.TokenExpirationSeconds) and the
+// CA bundle of xds.CARootConfigMap, both read-only (Istio's istio-token and
+// istio-ca-root-cert). Each takes its name, or the name with the first
+// numeric suffix the pod does not use.
+func (in *Injector) volumes(pod *corev1.Pod) ([]corev1.Volume, []corev1.VolumeMount) {
+	used := map[string]bool{}
+	for _, v := range pod.Spec.Volumes {
+		used[v.Name] = true
+	}
+	var vols []corev1.Volume
+	var mounts []corev1.VolumeMount
+	add := func(name, dir string, readOnly bool, src corev1.VolumeSource) {
+		free := name
+		for i := 1; used[free]; i++ {
+			free = name + "-" + strconv.Itoa(i)
+		}
+		used[free] = true
+		vols = append(vols, corev1.Volume{Name: free, VolumeSource: src})
+		mounts = append(mounts, corev1.VolumeMount{Name: free, MountPath: dir, ReadOnly: readOnly})
+	}
+	add(StateVolume, StateDir, false, corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory}})
+	if in.cfg.XDSInsecure {
+		return vols, mounts
+	}
+	expiration := int64(xds.TokenExpirationSeconds)
+	add(TokenVolume, xds.PodTokenDir, true, corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{
+		Sources: []corev1.VolumeProjection{{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{
+			Audience: xds.TokenAudience, ExpirationSeconds: &expiration, Path: path.Base(xds.PodTokenFile),
+		}}},
+	}})
+	// Not optional: without the bundle the sidecar cannot verify the
+	// control plane, and the kubelet reports the missing ConfigMap on the
+	// pod until the control plane creates it.
+	add(CAVolume, xds.PodCADir, true, corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+		LocalObjectReference: corev1.LocalObjectReference{Name: xds.CARootConfigMap},
+		Items:                []corev1.KeyToPath{{Key: xds.CARootKey, Path: path.Base(xds.PodCAFile)}},
+	}})
+	return vols, mounts
+}
+
+// sidecar returns the sidecar container for a pod of rec, mounting mounts.
+func (in *Injector) sidecar(rec Record, probes xds.AppProbes, res corev1.ResourceRequirements, logLevel string, mounts []corev1.VolumeMount) corev1.Container {
 	env := []corev1.EnvVar{
 		{Name: xds.EnvPodName, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
 		{Name: xds.EnvPodNamespace, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
@@ -37,22 +81,30 @@ func (in *Injector) sidecar(rec Record, probes xds.AppProbes, res corev1.Resourc
 	ready.PeriodSeconds = 5
 	uid := int64(xds.SidecarUID)
 	yes, no := true, false
+	args := []string{
+		// The pod's name is known only once it is created
+		// (generateName): the kubelet expands $(MESHLET_POD_NAME).
+		"-node-id=" + xds.ProxyID("$("+xds.EnvPodName+")", rec.Service),
+		"-service=" + rec.Service,
+		"-xds-addr=" + in.cfg.XDSAddress,
+	}
+	if in.cfg.XDSInsecure {
+		args = append(args, "-xds-insecure")
+	} else {
+		args = append(args, "-xds-ca-file="+xds.PodCAFile, "-token-file="+xds.PodTokenFile)
+	}
+	args = append(args,
+		"-health-addr=:"+strconv.Itoa(xds.PodHealthPort),
+		"-state-dir="+StateDir,
+		"-log-level="+logLevel,
+	)
 	return corev1.Container{
 		Name:            SidecarContainer,
 		Image:           in.cfg.Image,
 		ImagePullPolicy: in.cfg.ImagePullPolicy,
 		Command:         []string{SidecarBinary},
-		Args: []string{
-			// The pod's name is known only once it is created
-			// (generateName): the kubelet expands $(MESHLET_POD_NAME).
-			"-node-id=" + xds.ProxyID("$("+xds.EnvPodName+")", rec.Service),
-			"-service=" + rec.Service,
-			"-xds-addr=" + in.cfg.XDSAddress,
-			"-health-addr=:" + strconv.Itoa(xds.PodHealthPort),
-			"-state-dir=" + StateDir,
-			"-log-level=" + logLevel,
-		},
-		Env: env,
+		Args:            args,
+		Env:             env,
 		Ports: []corev1.ContainerPort{
 			{Name: "meshlet-public", ContainerPort: int32(rec.PublicPort), Protocol: corev1.ProtocolTCP},
 			{Name: "meshlet-health", ContainerPort: xds.PodHealthPort, Protocol: corev1.ProtocolTCP},
@@ -60,7 +112,7 @@ func (in *Injector) sidecar(rec Record, probes xds.AppProbes, res corev1.Resourc
 		Resources:      res,
 		StartupProbe:   startup,
 		ReadinessProbe: ready,
-		VolumeMounts:   []corev1.VolumeMount{{Name: StateVolume, MountPath: StateDir}},
+		VolumeMounts:   mounts,
 		SecurityContext: &corev1.SecurityContext{
 			RunAsUser:                &uid,
 			RunAsGroup:               &uid,

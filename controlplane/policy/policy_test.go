@@ -85,6 +85,38 @@ func TestProtocolLookup(t *testing.T) {
 	}
 }
 
+func TestServiceAccountMayActAs(t *testing.T) {
+	set, err := Load("testdata/valid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name                               string
+		namespace, serviceAccount, service string
+		want                               bool
+	}{
+		{name: "own name", namespace: "shop", serviceAccount: "web", service: "web", want: true},
+		{name: "another service", namespace: "shop", serviceAccount: "web", service: "api", want: false},
+		{name: "default ServiceAccount", namespace: "shop", serviceAccount: "default", service: "api", want: false},
+		{name: "bound in its namespace", namespace: "shop", serviceAccount: "legacy", service: "store", want: true},
+		{name: "bound in another namespace", namespace: "dev", serviceAccount: "legacy", service: "api", want: false},
+		{name: "bound but not to that service", namespace: "shop", serviceAccount: "legacy", service: "web", want: false},
+		{name: "bound in every namespace", namespace: "anywhere", serviceAccount: "batch", service: "report", want: true},
+		{name: "no service", namespace: "shop", serviceAccount: "", service: "", want: false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := set.ServiceAccountMayActAs(tc.namespace, tc.serviceAccount, tc.service); got != tc.want {
+				t.Errorf("ServiceAccountMayActAs(%q, %q, %q) = %v, want %v", tc.namespace, tc.serviceAccount, tc.service, got, tc.want)
+			}
+		})
+	}
+	var nilSet *Set
+	if !nilSet.ServiceAccountMayActAs("shop", "api", "api") || nilSet.ServiceAccountMayActAs("shop", "legacy", "api") {
+		t.Error("nil set: want name equality only")
+	}
+}
+
 func TestLoadMissingDirectoryIsEmpty(t *testing.T) {
 	set, err := Load(filepath.Join(t.TempDir(), "nope"))
 	if err != nil || len(set.ServiceDefaults) != 0 {

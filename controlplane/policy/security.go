@@ -2,7 +2,10 @@ package policy
 
 import (
 	"fmt"
+	"slices"
 	"strings"
+
+	"k8s.io/apimachinery/pkg/util/validation"
 )
 
 // Kinds of security policy documents.
@@ -49,14 +52,29 @@ const (
 //	  outbound: allow-any       # transparent proxies: a connection to an address no upstream
 //	                            # matches passes through to it (allow-any, default; Istio's
 //	                            # ALLOW_ANY) or is refused (registry-only; Istio's REGISTRY_ONLY)
+//	  serviceAccounts:          # Kubernetes: ServiceAccounts that may act as other services
+//	    - serviceAccount: default   # required: a ServiceAccount name (DNS-1123 subdomain)
+//	      namespace: shop           # optional: the ServiceAccount's namespace; every namespace when empty
+//	      services: [api]           # required: the services (DNS-1123 labels) its pods may register as
 //
 // ServiceDefaults.mtlsMode overrides the mode per service, and
 // AuthorizationPolicy.defaultAction the default action per destination.
+//
+// On Kubernetes a sidecar's identity is its pod's ServiceAccount: the
+// injection webhook refuses a pod whose service (the Service selecting it,
+// or its meshlet.io/service annotation) is not its ServiceAccount's name,
+// unless serviceAccounts maps that ServiceAccount to that service
+// (Set.ServiceAccountMayActAs). Istio binds identities to ServiceAccounts
+// the same way (spiffe://<domain>/ns/<ns>/sa/<sa>); consul-k8s requires the
+// ServiceAccount to be named like the service.
 type MeshDefaults struct {
 	MTLS          *MeshMTLS          `yaml:"mtls,omitempty"`
 	Authorization *MeshAuthorization `yaml:"authorization,omitempty"`
 	Tracing       *MeshTracing       `yaml:"tracing,omitempty"`
 	Outbound      string             `yaml:"outbound,omitempty"`
+	// ServiceAccounts lets Kubernetes ServiceAccounts act as services
+	// other than the one of their own name; empty: none may.
+	ServiceAccounts []ServiceAccountBinding `yaml:"serviceAccounts,omitempty"`
 
 	Source Source `yaml:"-"`
 	Name   string `yaml:"-"`
@@ -71,6 +89,23 @@ type MeshMTLS struct {
 // MeshAuthorization is MeshDefaults.authorization.
 type MeshAuthorization struct {
 	DefaultAction string `yaml:"defaultAction,omitempty"`
+}
+
+// ServiceAccountBinding is one entry of MeshDefaults.serviceAccounts: the
+// pods running as ServiceAccount in Namespace may register as (and so get
+// the identity of) each of Services, besides the service named like the
+// ServiceAccount.
+type ServiceAccountBinding struct {
+	// Namespace is the ServiceAccount's namespace (a DNS-1123 label);
+	// empty binds the ServiceAccount of that name in every namespace.
+	Namespace string `yaml:"namespace,omitempty"`
+	// ServiceAccount is the ServiceAccount's name (a DNS-1123 subdomain,
+	// as Kubernetes requires). Required.
+	ServiceAccount string `yaml:"serviceAccount"`
+	// Services are the service names (DNS-1123 labels, as
+	// meshlet.io/service takes) the ServiceAccount may act as; at least
+	// one, no duplicates.
+	Services []string `yaml:"services"`
 }
 
 func (m *MeshDefaults) validate(v *validator) {
@@ -93,6 +128,73 @@ func (m *MeshDefaults) validate(v *validator) {
 	default:
 		v.errorf("spec.outbound", "must be %q or %q (got %q)", OutboundAllowAny, OutboundRegistryOnly, m.Outbound)
 	}
+	validBindings(v, m.ServiceAccounts)
+}
+
+// validBindings checks MeshDefaults.serviceAccounts: names Kubernetes
+// accepts, at least one service each, no (namespace, serviceAccount) pair
+// twice and no service twice in one entry.
+func validBindings(v *validator, bindings []ServiceAccountBinding) {
+	seen := map[[2]string]int{}
+	for i, b := range bindings {
+		f := fmt.Sprintf("spec.serviceAccounts[%d]", i)
+		if b.Namespace != "" {
+			if errs := validation.IsDNS1123Label(b.Namespace); len(errs) > 0 {
+				v.errorf(f+".namespace", "%q is not a namespace name: %s", b.Namespace, strings.Join(errs, "; "))
+			}
+		}
+		if b.ServiceAccount == "" {
+			v.errorf(f+".serviceAccount", "required: the ServiceAccount's name")
+		} else if errs := validation.IsDNS1123Subdomain(b.ServiceAccount); len(errs) > 0 {
+			v.errorf(f+".serviceAccount", "%q is not a ServiceAccount name: %s", b.ServiceAccount, strings.Join(errs, "; "))
+		}
+		key := [2]string{b.Namespace, b.ServiceAccount}
+		if j, dup := seen[key]; dup {
+			where := "every namespace"
+			if b.Namespace != "" {
+				where = "namespace " + b.Namespace
+			}
+			v.errorf(f+".serviceAccount", "ServiceAccount %q of %s is already listed at spec.serviceAccounts[%d]: list all its services there", b.ServiceAccount, where, j)
+		} else {
+			seen[key] = i
+		}
+		if len(b.Services) == 0 {
+			v.errorf(f+".services", "required: at least one service the ServiceAccount may act as")
+		}
+		for k, svc := range b.Services {
+			sf := fmt.Sprintf("%s.services[%d]", f, k)
+			if errs := validation.IsDNS1123Label(svc); len(errs) > 0 {
+				v.errorf(sf, "%q is not a service name: %s", svc, strings.Join(errs, "; "))
+			}
+			if j := slices.Index(b.Services, svc); j < k {
+				v.errorf(sf, "service %q is already listed at %s.services[%d]", svc, f, j)
+			}
+		}
+	}
+}
+
+// ServiceAccountMayActAs reports whether a Kubernetes pod of namespace
+// running as serviceAccount may register as service: when service is the
+// ServiceAccount's own name, or when a MeshDefaults spec.serviceAccounts
+// entry for that ServiceAccount, in namespace or in every namespace, lists
+// service. False when either name is empty. Nil-safe (a nil Set allows
+// name equality only).
+func (s *Set) ServiceAccountMayActAs(namespace, serviceAccount, service string) bool {
+	if service == "" || serviceAccount == "" {
+		return false
+	}
+	if service == serviceAccount {
+		return true
+	}
+	if s == nil || s.Mesh == nil {
+		return false
+	}
+	for _, b := range s.Mesh.ServiceAccounts {
+		if b.ServiceAccount == serviceAccount && (b.Namespace == "" || b.Namespace == namespace) && slices.Contains(b.Services, service) {
+			return true
+		}
+	}
+	return false
 }
 
 // Outbound modes of MeshDefaults.outbound.

@@ -10,6 +10,9 @@ import (
 	"slices"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -60,5 +63,50 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 				t.Errorf("kinds %v, want %v", kinds, want)
 			}
 		})
+	}
+}
+
+// TestExampleRunsEachServiceAsItsServiceAccount: the example application
+// (examples/kubernetes) decodes strictly, and each Deployment runs as a
+// ServiceAccount of the manifests named like the Service selecting it, as
+// injection requires (a sidecar's identity is its pod's ServiceAccount).
+func TestExampleRunsEachServiceAsItsServiceAccount(t *testing.T) {
+	decoder := serializer.NewCodecFactory(scheme.Scheme, serializer.EnableStrict).UniversalDeserializer()
+	accounts := map[string]bool{}
+	var services []*corev1.Service
+	var deployments []*appsv1.Deployment
+	for _, doc := range build(t, "../../examples/kubernetes") {
+		obj, _, err := decoder.Decode(doc, nil, nil)
+		if err != nil {
+			t.Fatalf("%v\n%s", err, doc)
+		}
+		switch o := obj.(type) {
+		case *corev1.ServiceAccount:
+			accounts[o.Name] = true
+		case *corev1.Service:
+			services = append(services, o)
+		case *appsv1.Deployment:
+			deployments = append(deployments, o)
+		}
+	}
+	if len(deployments) == 0 {
+		t.Fatal("no Deployments in examples/kubernetes")
+	}
+	for _, d := range deployments {
+		var selecting []string
+		for _, s := range services {
+			if len(s.Spec.Selector) > 0 && labels.SelectorFromSet(s.Spec.Selector).Matches(labels.Set(d.Spec.Template.Labels)) {
+				selecting = append(selecting, s.Name)
+			}
+		}
+		sa := d.Spec.Template.Spec.ServiceAccountName
+		switch {
+		case len(selecting) != 1:
+			t.Errorf("Deployment %s: Services %v select its pods, want one", d.Name, selecting)
+		case sa != selecting[0]:
+			t.Errorf("Deployment %s: serviceAccountName %q, want %q (its Service's name)", d.Name, sa, selecting[0])
+		case !accounts[sa]:
+			t.Errorf("Deployment %s: ServiceAccount %q is not in the manifests", d.Name, sa)
+		}
 	}
 }

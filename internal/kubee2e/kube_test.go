@@ -303,11 +303,14 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 
 	// A Job with an injected pod (client-only: no port, no Service)
 	// reaches api and completes; its native sidecar does not hold it up.
+	// It is the service caller (its name), run as the ServiceAccount
+	// caller.
+	serviceAccount(t, e, "shop", "caller")
 	job := &batchv1.Job{
 		ObjectMeta: metav1.ObjectMeta{Name: "caller", Namespace: "shop"},
 		Spec: batchv1.JobSpec{BackoffLimit: ptr(int32(0)), Template: corev1.PodTemplateSpec{
 			ObjectMeta: metav1.ObjectMeta{Annotations: map[string]string{inject.AnnotationUpstreams: "api:9191"}},
-			Spec: corev1.PodSpec{RestartPolicy: corev1.RestartPolicyNever, Containers: []corev1.Container{{
+			Spec: corev1.PodSpec{ServiceAccountName: "caller", RestartPolicy: corev1.RestartPolicyNever, Containers: []corev1.Container{{
 				Name: "caller", Image: "meshlet.local/devkube-testapp:dev", ImagePullPolicy: corev1.PullNever,
 				Args: []string{"get", "-timeout", "60s", "http://127.0.0.1:9191/hello"},
 			}}},
@@ -394,6 +397,27 @@ func ensureNamespace(t *testing.T, e *meshkube.Env, name string, inject bool) {
 	}
 }
 
+// serviceAccount creates the ServiceAccount name in ns unless it exists.
+func serviceAccount(t *testing.T, e *meshkube.Env, ns, name string) {
+	t.Helper()
+	if err := e.EnsureServiceAccount(context.Background(), ns, name); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// meshPod is testPod(name) for injection in ns as service (its
+// meshlet.io/service), run as the ServiceAccount of that name, which it
+// creates: injection admits a pod only as the service its ServiceAccount
+// may act as.
+func meshPod(t *testing.T, e *meshkube.Env, ns, name, service string) *corev1.Pod {
+	t.Helper()
+	serviceAccount(t, e, ns, service)
+	pod := testPod(name)
+	pod.Annotations = map[string]string{inject.AnnotationService: service}
+	pod.Spec.ServiceAccountName = service
+	return pod
+}
+
 func testPod(name string) *corev1.Pod {
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"test": name}},
@@ -425,7 +449,7 @@ func TestReinjectionChangesNothing(t *testing.T) {
 	e := mesh(t)
 	ensureNamespace(t, e, "shop", true)
 	ctx := context.Background()
-	created, err := e.Client().CoreV1().Pods("shop").Create(ctx, testPod("reinjected"), metav1.CreateOptions{})
+	created, err := e.Client().CoreV1().Pods("shop").Create(ctx, meshPod(t, e, "shop", "reinjected", "reinjected"), metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -517,8 +541,7 @@ func TestFigures(t *testing.T) {
 	ready := map[string]time.Duration{}
 	for i, ns := range []string{"plain", "shop", "plain", "shop"} {
 		name := fmt.Sprintf("timing-%d", i)
-		pod := testPod(name)
-		pod.Annotations = map[string]string{inject.AnnotationService: "timing"}
+		pod := meshPod(t, e, ns, name, "timing")
 		start := time.Now()
 		if _, err := e.Client().CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
@@ -586,8 +609,7 @@ func TestRegistrarLeaderElection(t *testing.T) {
 		return nil
 	})
 	t.Logf("figure: registrar leadership moved %v after the leader's pod was deleted", time.Since(start).Round(100*time.Millisecond))
-	pod := testPod("elected")
-	pod.Annotations = map[string]string{inject.AnnotationService: "elected"}
+	pod := meshPod(t, e, "shop", "elected", "elected")
 	if _, err := e.Client().CoreV1().Pods("shop").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -626,7 +648,9 @@ func TestWebhookDownFailsOnlyOptedInNamespaces(t *testing.T) {
 		}
 		return nil
 	})
-	_, err := e.Client().CoreV1().Pods("shop").Create(ctx, testPod("while-down"), metav1.CreateOptions{})
+	// A pod the webhook would inject (its ServiceAccount named like its
+	// service), so only the webhook being down refuses it.
+	_, err := e.Client().CoreV1().Pods("shop").Create(ctx, meshPod(t, e, "shop", "while-down", "while-down"), metav1.CreateOptions{})
 	if err == nil || !strings.Contains(err.Error(), "inject.meshlet.io") {
 		t.Errorf("labelled namespace while the webhook is down: err = %v, want a refusal by the webhook", err)
 	}

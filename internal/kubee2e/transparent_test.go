@@ -26,11 +26,32 @@ import (
 // namespace label and meshlet.io/transparent-proxy: web calls api and store
 // by their Service names; api fails half its answers on purpose, which a
 // RetryPolicy hides; web's app port is excluded from inbound interception
-// so the test can call it from the node as an ingress would.
+// so the test can call it from the node as an ingress would. Each workload
+// runs as the ServiceAccount of its service's name (a sidecar's identity).
 const transparentApp = `
 apiVersion: v1
 kind: Namespace
 metadata: {name: tp, labels: {meshlet.io/inject: enabled}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: tp}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: api, namespace: tp}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: store, namespace: tp}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: redis, namespace: tp}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: cache, namespace: tp}
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -42,6 +63,7 @@ spec:
       labels: {app: web}
       annotations: {meshlet.io/transparent-proxy: "true", meshlet.io/exclude-inbound-ports: "8080"}
     spec:
+      serviceAccountName: web
       containers:
       - name: web
         image: meshlet.local/examples:dev
@@ -66,6 +88,7 @@ spec:
       labels: {app: api}
       annotations: {meshlet.io/transparent-proxy: "true"}
     spec:
+      serviceAccountName: api
       containers:
       - name: api
         image: meshlet.local/examples:dev
@@ -90,6 +113,7 @@ spec:
       labels: {app: store}
       annotations: {meshlet.io/transparent-proxy: "true"}
     spec:
+      serviceAccountName: store
       containers:
       - name: store
         image: meshlet.local/examples:dev
@@ -113,6 +137,7 @@ spec:
       labels: {app: redis}
       annotations: {meshlet.io/transparent-proxy: "true"}
     spec:
+      serviceAccountName: redis
       containers:
       - name: redis
         image: meshlet.local/redis:dev
@@ -138,6 +163,7 @@ spec:
       labels: {app: cache}
       annotations: {meshlet.io/transparent-proxy: "true"}
     spec:
+      serviceAccountName: cache
       containers:
       - name: redis
         image: meshlet.local/redis:dev
@@ -397,14 +423,17 @@ func getContainer(url string, timeout time.Duration) string {
 	return fmt.Sprintf(`{name: get, image: meshlet.local/devkube-testapp:dev, imagePullPolicy: Never, args: [get, -timeout, %s, %q]}`, timeout, url)
 }
 
-// runJob runs a Job of ns, as the mesh service caller, with one container
-// (a YAML flow mapping) and waits for it to succeed (or, with !succeed,
-// to fail). The Job is named name-N, N unique in this test process (a
-// Job's template is immutable, and -count reruns the test), and its name
-// is returned.
+// runJob runs a Job of ns, as the mesh service caller (and its
+// ServiceAccount caller, created if need be), with one container (a YAML
+// flow mapping) and waits for it to succeed (or, with !succeed, to fail).
+// The Job is named name-N, N unique in this test process (a Job's template
+// is immutable, and -count reruns the test), and its name is returned.
 func runJob(t *testing.T, e *meshkube.Env, ns, name, container string, succeed bool) string {
 	t.Helper()
 	name = fmt.Sprintf("%s-%d", name, jobSeq.Add(1))
+	if err := e.EnsureServiceAccount(context.Background(), ns, "caller"); err != nil {
+		t.Fatal(err)
+	}
 	applyYAML(t, e, fmt.Sprintf(`
 apiVersion: batch/v1
 kind: Job
@@ -414,6 +443,7 @@ spec:
   template:
     metadata: {annotations: {meshlet.io/transparent-proxy: "true", meshlet.io/service: caller}}
     spec:
+      serviceAccountName: caller
       restartPolicy: Never
       containers:
       - %s

@@ -238,19 +238,29 @@ func (e *Env) WaitInjecting(ctx context.Context, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	ns := "meshkube-probe"
-	_, err := e.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns,
-		Labels: map[string]string{inject.LabelInject: inject.NamespaceEnabled}}}, metav1.CreateOptions{})
-	if err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("meshkube: %w", err)
+	// The namespace and the probe's ServiceAccount (named like its
+	// service, as injection requires) are made in the loop: the namespace
+	// of an earlier call may still be terminating.
+	ensure := func() error {
+		_, err := e.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns,
+			Labels: map[string]string{inject.LabelInject: inject.NamespaceEnabled}}}, metav1.CreateOptions{})
+		if err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("meshkube: %w", err)
+		}
+		return e.EnsureServiceAccount(ctx, ns, "probe")
 	}
 	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{GenerateName: "probe-", Namespace: ns, Annotations: map[string]string{inject.AnnotationService: "probe"}},
-		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "c", Image: "meshlet.local/pause:dev"}}}}
+		Spec: corev1.PodSpec{ServiceAccountName: "probe", Containers: []corev1.Container{{Name: "c", Image: "meshlet.local/pause:dev"}}}}
 	var last error
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	next := time.Now()
 	for {
-		got, err := e.Client().CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		var got *corev1.Pod
+		err := ensure()
+		if err == nil {
+			got, err = e.Client().CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		}
 		switch {
 		case err != nil:
 			last = err
@@ -272,6 +282,18 @@ func (e *Env) WaitInjecting(ctx context.Context, timeout time.Duration) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// EnsureServiceAccount creates the ServiceAccount name in namespace unless
+// it exists. An injected pod must run as a ServiceAccount named like its
+// service (or one MeshDefaults spec.serviceAccounts binds to it): the
+// sidecar's identity is its ServiceAccount.
+func (e *Env) EnsureServiceAccount(ctx context.Context, namespace, name string) error {
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace}}
+	if _, err := e.Client().CoreV1().ServiceAccounts(namespace).Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("meshkube: ServiceAccount %s/%s: %w", namespace, name, err)
+	}
+	return nil
 }
 
 func firstLine(s string) string {
