@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -25,6 +26,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/server"
+	"github.com/meshlet/meshlet/controlplane/xdsauth"
 )
 
 // Defaults for Config.
@@ -32,6 +34,10 @@ const (
 	DefaultXDSAddress    = "127.0.0.1:18000"
 	DefaultConsulAddress = "127.0.0.1:8500"
 	DefaultPolicyDir     = "policies"
+	// DefaultXDSTLSDir is where a control plane outside Kubernetes keeps
+	// the CA and serving certificate it issues itself for ADS (relative to
+	// its working directory); sidecars verify it with its ca.crt.
+	DefaultXDSTLSDir = "meshlet-xds-tls"
 	// DefaultAdminAddress is the admin API address of the controlplane
 	// command (flag -admin-addr) and where `controlplane status` looks.
 	DefaultAdminAddress = admin.DefaultAddress
@@ -45,8 +51,39 @@ type Config struct {
 	// ConsulAddress is the Consul agent's HTTP address (host:port or URL);
 	// DefaultConsulAddress when empty.
 	ConsulAddress string
-	// ConsulToken is an ACL token for Consul, if ACLs are on.
+	// ConsulToken is the control plane's own ACL token for Consul (its
+	// least privilege: consul.ControlPlaneACLRules). Environment variables
+	// of the Consul CLI are read too (CONSUL_HTTP_TOKEN_FILE,
+	// CONSUL_CACERT, CONSUL_HTTP_SSL...).
 	ConsulToken string
+	// ConsulTokenFile holds ConsulToken instead (a mounted Secret).
+	ConsulTokenFile string
+	// ConsulCAFile is the CA bundle that verifies Consul's HTTPS API (an
+	// https:// ConsulAddress).
+	ConsulCAFile string
+	// XDSInsecure serves ADS in plaintext and without authentication:
+	// any process that reaches the port can take any service's
+	// configuration and private key. Development only; logged as a
+	// warning at every start. Sidecars must use -xds-insecure too.
+	XDSInsecure bool
+	// XDSCertFile and XDSKeyFile serve ADS with this certificate (read
+	// again when it changes) instead of a self-issued one.
+	XDSCertFile, XDSKeyFile string
+	// XDSTLSDir keeps the CA and serving certificate the control plane
+	// issues itself for ADS outside Kubernetes (servingcert.Dir: issued at
+	// first start, persisted, renewed); DefaultXDSTLSDir when empty. Its
+	// ca.crt is the sidecars' -xds-ca-file. On Kubernetes the webhook's
+	// self-managed certificate serves ADS too.
+	XDSTLSDir string
+	// XDSCertNames are names (DNS or IP) the self-issued certificate
+	// carries besides the local ones (servingcert.LocalNames): the
+	// addresses sidecars on other machines dial.
+	XDSCertNames []string
+	// XDSTLSReady, if set, is called with the CA bundle file sidecars
+	// verify ADS with, once serving (self-issued certificates only).
+	XDSTLSReady func(caFile string)
+	// AuthCache tunes the cache of token reviews (xdsauth.Cached).
+	AuthCache xdsauth.CacheOptions
 	// PolicyDir is the policy directory; DefaultPolicyDir when empty. It must
 	// exist.
 	PolicyDir string
@@ -113,6 +150,12 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.ConsulToken != "" {
 		cc.Token = cfg.ConsulToken
 	}
+	if cfg.ConsulTokenFile != "" {
+		cc.TokenFile = cfg.ConsulTokenFile
+	}
+	if cfg.ConsulCAFile != "" {
+		cc.TLSConfig.CAFile = cfg.ConsulCAFile
+	}
 	client, err := api.NewClient(cc)
 	if err != nil {
 		return fmt.Errorf("controlplane: consul client for %s: %w", cfg.ConsulAddress, err)
@@ -133,10 +176,24 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
-	srv := server.New(server.Config{Logger: log})
+	var policies atomic.Pointer[policy.Set]
+	mayActAs := func(ns, sa, svc string) bool { return policies.Load().ServiceAccountMayActAs(ns, sa, svc) }
+	sec, err := newXDSSecurity(ctx, cfg, cc, mayActAs)
+	if err != nil {
+		lis.Close()
+		if adminLis != nil {
+			adminLis.Close()
+		}
+		return err
+	}
+	srv := server.New(server.Config{Logger: log, GRPCOptions: sec.serverOptions, StreamIdentity: xdsauth.StreamIdentity, AuthDenials: sec.denials})
 	defer srv.Close()
 	reg := prometheus.NewRegistry()
-	for _, c := range []prometheus.Collector{srv.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
+	collected := []prometheus.Collector{srv.Collector(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}
+	if sec.guard != nil {
+		collected = append(collected, sec.guard.Collector())
+	}
+	for _, c := range collected {
 		if err := reg.Register(c); err != nil {
 			lis.Close()
 			if adminLis != nil {
@@ -170,9 +227,17 @@ func Run(ctx context.Context, cfg Config) error {
 			cfg.AdminReady(adminLis.Addr())
 		}
 	}
+	if sec.run != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sec.run(ctx)
+		}()
+	}
 	if cfg.Kube != nil {
 		kc := *cfg.Kube
-		kc.Consul, kc.Registerer, kc.Logger = client.Catalog(), reg, log
+		kc.Consul, kc.Registerer, kc.Logger, kc.Certs = client.Catalog(), reg, log, sec.kubeCerts
+		kc.Injector.ServiceAccountMayActAs, kc.Injector.XDSInsecure = mayActAs, cfg.XDSInsecure
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -184,7 +249,10 @@ func Run(ctx context.Context, cfg Config) error {
 	wg.Add(3)
 	go func() {
 		defer wg.Done()
-		setPolicies := func(set *policy.Set) { srv.SetPolicies(set.WithDefaultCollector(cfg.TraceCollector)) }
+		setPolicies := func(set *policy.Set) {
+			policies.Store(set)
+			srv.SetPolicies(set.WithDefaultCollector(cfg.TraceCollector))
+		}
 		if err := policy.Watch(ctx, cfg.PolicyDir, log, setPolicies); err != nil {
 			cancel(err)
 		}
@@ -193,6 +261,9 @@ func Run(ctx context.Context, cfg Config) error {
 		defer wg.Done()
 		_ = watcher.Run(ctx, func(cat *model.Catalog) {
 			log.Debug("consul: catalog changed", "services", len(cat.Services), "proxies", len(cat.Proxies))
+			if sec.guard != nil {
+				sec.guard.SetCatalog(cat) // first: no snapshot built from cat reaches a stream it revokes
+			}
 			srv.SetCatalog(cat)
 		})
 	}()
@@ -202,7 +273,11 @@ func Run(ctx context.Context, cfg Config) error {
 			cancel(fmt.Errorf("controlplane: serve xDS: %w", err))
 		}
 	}()
-	log.Info("controlplane: serving ADS", "xds", lis.Addr().String(), "consul", cfg.ConsulAddress, "policies", cfg.PolicyDir)
+	log.Info("controlplane: serving ADS", "xds", lis.Addr().String(), "consul", cfg.ConsulAddress, "policies", cfg.PolicyDir,
+		"tls", sec.describe)
+	if sec.caFile != "" && cfg.XDSTLSReady != nil {
+		cfg.XDSTLSReady(sec.caFile)
+	}
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr())
 	}

@@ -156,6 +156,21 @@ func WriteText(w io.Writer, addr string, st *server.Status) error {
 			fmt.Fprintf(&b, "%s: snapshot held back (keeps its last config): %s\n", p.Node, p.HeldBack)
 		}
 	}
+	if len(st.Denials) > 0 {
+		fmt.Fprintf(&b, "\nREFUSED STREAMS (authentication or authorization of ADS)\n")
+		tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "LAST\tPEER\tIDENTITY\tNODE\tREASON\tCOUNT")
+		for _, d := range st.Denials {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\n", d.Last.UTC().Format(time.RFC3339), orDash(d.Peer), orDash(d.Identity),
+				orDash(d.Node), d.Reason, d.Count)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		for _, d := range st.Denials {
+			fmt.Fprintf(&b, "%s %s: %s\n", d.Reason, orDash(d.Node), d.Detail)
+		}
+	}
 	for i, r := range st.Rejections {
 		fmt.Fprintf(&b, "\nREJECTION %d of %d\n", i+1, len(st.Rejections))
 		tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)

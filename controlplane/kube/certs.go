@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -68,7 +69,9 @@ type SelfManagedCerts struct {
 	cfg  WebhookCertsConfig
 	log  *slog.Logger
 	cert atomic.Pointer[tls.Certificate]
-	mu   sync.Mutex // serialises Ensure
+	// bundle is the CA bundle of the Secret last loaded.
+	bundle atomic.Pointer[[]byte]
+	mu     sync.Mutex // serialises Ensure
 }
 
 // NewSelfManagedCerts returns the manager; call Ensure before serving.
@@ -152,7 +155,9 @@ func (m *SelfManagedCerts) Ensure(ctx context.Context) error {
 			return fmt.Errorf("kube: webhook certificate: %w", err)
 		}
 		m.cert.Store(&cert)
-		return m.patchCABundle(ctx, next[secretCACert])
+		bundle := next[secretCACert]
+		m.bundle.Store(&bundle)
+		return m.patchCABundle(ctx, bundle)
 	}
 	return errors.New("kube: webhook secret kept changing under us")
 }
@@ -259,4 +264,54 @@ func NewFileCerts(dir string) (*servingcert.Files, error) {
 		return nil, fmt.Errorf("kube: webhook certificate: %w", err)
 	}
 	return f, nil
+}
+
+// ServingCerts are the control plane's serving certificate on Kubernetes,
+// for its webhook and its xDS server alike (one certificate for the
+// Service's DNS names), and the CA bundle that verifies it: the API
+// server gets it as the webhook's caBundle, sidecars from the CA root
+// ConfigMap (xds.CARootConfigMap) in their namespace.
+type ServingCerts struct {
+	// GetCertificate is tls.Config.GetCertificate.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	// CABundle returns the current CA bundle (PEM); nil when unknown.
+	CABundle func() []byte
+	// Source says where they come from, for logs.
+	Source string
+	// run keeps them current until ctx is done; nil when nothing to do.
+	run func(ctx context.Context)
+}
+
+// NewServingCerts returns cfg's certificates: tls.crt, tls.key and ca.crt
+// of cfg.CertDir (cert-manager) when set, else self-managed ones in the
+// cfg.SecretName Secret (SelfManagedCerts, made or loaded now). Errors:
+// the files or the Secret cannot be read or written.
+func NewServingCerts(ctx context.Context, cfg Config) (*ServingCerts, error) {
+	cfg.setDefaults()
+	if cfg.CertDir != "" {
+		fc, err := NewFileCerts(cfg.CertDir)
+		if err != nil {
+			return nil, err
+		}
+		caFile := filepath.Join(cfg.CertDir, secretCACert)
+		return &ServingCerts{GetCertificate: fc.GetCertificate, Source: cfg.CertDir, CABundle: func() []byte {
+			b, _ := os.ReadFile(caFile)
+			return b
+		}}, nil
+	}
+	m := NewSelfManagedCerts(WebhookCertsConfig{Client: cfg.Client, Namespace: cfg.Namespace, SecretName: cfg.SecretName,
+		ServiceName: cfg.ServiceName, WebhookConfigName: cfg.WebhookConfigName, Logger: cfg.Logger})
+	if err := m.Ensure(ctx); err != nil {
+		return nil, err
+	}
+	return &ServingCerts{GetCertificate: m.GetCertificate, CABundle: m.CABundle, run: m.Run,
+		Source: "self-managed in secret " + cfg.Namespace + "/" + cfg.SecretName}, nil
+}
+
+// CABundle returns the CA bundle of the Secret last loaded (PEM).
+func (m *SelfManagedCerts) CABundle() []byte {
+	if b := m.bundle.Load(); b != nil {
+		return *b
+	}
+	return nil
 }

@@ -91,6 +91,10 @@ type Config struct {
 	Logger     *slog.Logger
 	// WebhookReady, if set, is called with the webhook's bound address.
 	WebhookReady func(net.Addr)
+	// Certs are the serving certificates (NewServingCerts) when the caller
+	// made them already (the control plane serves xDS with the same
+	// ones); nil makes them here.
+	Certs *ServingCerts
 }
 
 func (c *Config) setDefaults() {
@@ -152,21 +156,11 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
-	var getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error)
-	var selfCerts *SelfManagedCerts
-	if cfg.CertDir != "" {
-		fc, err := NewFileCerts(cfg.CertDir)
-		if err != nil {
+	certs := cfg.Certs
+	if certs == nil {
+		if certs, err = NewServingCerts(ctx, cfg); err != nil {
 			return err
 		}
-		getCert = fc.GetCertificate
-	} else {
-		selfCerts = NewSelfManagedCerts(WebhookCertsConfig{Client: cfg.Client, Namespace: cfg.Namespace, SecretName: cfg.SecretName,
-			ServiceName: cfg.ServiceName, WebhookConfigName: cfg.WebhookConfigName, Logger: log})
-		if err := selfCerts.Ensure(ctx); err != nil {
-			return err
-		}
-		getCert = selfCerts.GetCertificate
 	}
 
 	all := informers.NewSharedInformerFactory(cfg.Client, 0)
@@ -189,7 +183,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("kube: listen for the webhook on %s: %w", cfg.WebhookAddress, err)
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
-		TLSConfig: &tls.Config{GetCertificate: getCert, MinVersion: tls.VersionTLS12},
+		TLSConfig: &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12},
 		ErrorLog:  slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 
 	var reg *Registrar
@@ -222,30 +216,45 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}()
 	log.Info("kube: serving the injection webhook", "address", lis.Addr().String(), "native_sidecars", native,
-		"image", cfg.Injector.Image, "certificates", cmp.Or(cfg.CertDir, "self-managed in secret "+cfg.Namespace+"/"+cfg.SecretName))
+		"image", cfg.Injector.Image, "certificates", certs.Source)
 	if cfg.WebhookReady != nil {
 		cfg.WebhookReady(lis.Addr())
 	}
-	if selfCerts != nil {
+	if certs.run != nil {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			selfCerts.Run(ctx)
+			certs.run(ctx)
 		}()
 	}
-	if reg != nil {
-		wg.Add(1)
+	// What one replica at a time does: keep the CA root ConfigMap in
+	// every namespace, and register pods in Consul.
+	roots := newCARootPublisher(cfg.Client, certs.CABundle, log)
+	leader := func(ctx context.Context) error {
+		var lwg sync.WaitGroup
+		lwg.Add(1)
 		go func() {
-			defer wg.Done()
-			if !cfg.LeaderElect {
-				if err := reg.Run(ctx); err != nil && ctx.Err() == nil {
-					errc <- err
-				}
-				return
+			defer lwg.Done()
+			roots.Run(ctx)
+		}()
+		defer lwg.Wait()
+		if reg == nil {
+			<-ctx.Done()
+			return nil
+		}
+		return reg.Run(ctx)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if !cfg.LeaderElect {
+			if err := leader(ctx); err != nil && ctx.Err() == nil {
+				errc <- err
 			}
-			runLeader(ctx, cfg, log, reg.Run)
-		}()
-	}
+			return
+		}
+		runLeader(ctx, cfg, log, leader)
+	}()
 	var runErr error
 	select {
 	case <-ctx.Done():

@@ -32,6 +32,8 @@ func mutate(t *testing.T, v reflect.Value, i int) {
 			f.Set(reflect.ValueOf(netip.MustParseAddrPort("10.96.0.1:80")))
 		case reflect.TypeFor[Exclusions]():
 			f.Set(reflect.ValueOf(Exclusions{UIDs: []int{1000}}))
+		case reflect.TypeFor[PodRef]():
+			f.Set(reflect.ValueOf(PodRef{Namespace: "shop", Name: "web-0", UID: "u1"}))
 		default:
 			t.Fatalf("field %s of type %s: teach mutate", v.Elem().Type().Field(i).Name, f.Type())
 		}

@@ -31,6 +31,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/server/nackguard"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/controlplane/xdsauth"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -59,6 +60,9 @@ type Config struct {
 	// opens, without the server's lock held; Status shows the result
 	// (ProxyStatus.Identity). nil: every stream's identity is "".
 	StreamIdentity func(ctx context.Context) string
+	// AuthDenials returns the ADS streams refused by the authenticating
+	// interceptor (xdsauth.Guard.Denials), shown by Status; nil: none.
+	AuthDenials func() []xdsauth.Denial
 }
 
 // Server builds one snapshot per sidecar, and the resources of all
@@ -81,6 +85,8 @@ type Server struct {
 	metrics       *metrics
 	// identity is Config.StreamIdentity (never nil).
 	identity func(ctx context.Context) string
+	// denials is Config.AuthDenials (nil: none).
+	denials func() []xdsauth.Denial
 
 	changed chan struct{} // capacity 1: a rebuild is due
 
@@ -132,6 +138,7 @@ func New(cfg Config) *Server {
 	s := &Server{
 		log:      cfg.Logger,
 		identity: cfg.StreamIdentity,
+		denials:  cfg.AuthDenials,
 		changed:  make(chan struct{}, 1),
 		stop:     cancel,
 		done:     make(chan struct{}),

@@ -14,6 +14,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/controlplane/xdsauth"
 	"github.com/meshlet/meshlet/xds"
 )
 
@@ -32,6 +33,10 @@ type Status struct {
 	// Rejections lists the NACKs not yet followed by an ACK of the same
 	// type from the same node, sorted by node and type URL.
 	Rejections []Rejection `json:"rejections"`
+	// Denials lists the ADS streams refused by authentication or
+	// authorization (Config.AuthDenials), each distinct peer, identity,
+	// node and reason once with its count, oldest first.
+	Denials []xdsauth.Denial `json:"denials,omitempty"`
 }
 
 // ProxyStatus is one node in Status.
@@ -197,6 +202,9 @@ func (s *Server) Status() *Status {
 	slices.SortFunc(out.Rejections, func(a, b Rejection) int {
 		return cmp.Or(cmp.Compare(a.Node, b.Node), cmp.Compare(a.TypeURL, b.TypeURL))
 	})
+	if s.denials != nil {
+		out.Denials = s.denials()
+	}
 	return out
 }
 

@@ -22,6 +22,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -132,7 +133,14 @@ func serve(args []string, stderr io.Writer) int {
 	var cfg controlplane.Config
 	fs.StringVar(&cfg.XDSAddress, "xds-addr", controlplane.DefaultXDSAddress, "host:port to serve ADS (gRPC) on")
 	fs.StringVar(&cfg.ConsulAddress, "consul-addr", cli.EnvOr("CONSUL_HTTP_ADDR", controlplane.DefaultConsulAddress), "Consul agent HTTP address (env CONSUL_HTTP_ADDR)")
-	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "Consul ACL token (env CONSUL_HTTP_TOKEN)")
+	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "the control plane's Consul ACL token (env CONSUL_HTTP_TOKEN; its rules: README, Security model)")
+	fs.StringVar(&cfg.ConsulTokenFile, "consul-token-file", os.Getenv("CONSUL_HTTP_TOKEN_FILE"), "file holding the control plane's Consul ACL token, e.g. a mounted Secret (env CONSUL_HTTP_TOKEN_FILE)")
+	fs.StringVar(&cfg.ConsulCAFile, "consul-ca-file", os.Getenv("CONSUL_CACERT"), "CA bundle verifying Consul's HTTPS API, with an https:// -consul-addr (env CONSUL_CACERT)")
+	fs.BoolVar(&cfg.XDSInsecure, "xds-insecure", false, "serve ADS in plaintext WITHOUT authentication: any process reaching -xds-addr gets any service's config and private key (development only; sidecars need -xds-insecure too)")
+	fs.StringVar(&cfg.XDSCertFile, "xds-cert-file", "", "serve ADS with this certificate (PEM; read again when it changes) instead of a self-issued one; with -xds-key-file")
+	fs.StringVar(&cfg.XDSKeyFile, "xds-key-file", "", "the key of -xds-cert-file (PEM)")
+	fs.StringVar(&cfg.XDSTLSDir, "xds-tls-dir", controlplane.DefaultXDSTLSDir, "outside Kubernetes, without -xds-cert-file: where the control plane keeps the CA and ADS serving certificate it issues itself (created at first start, renewed); sidecars verify ADS with its ca.crt (-xds-ca-file)")
+	certNames := fs.String("xds-cert-names", "", "comma-separated DNS names or IP addresses the self-issued ADS certificate carries besides localhost, the host name, loopback and -xds-addr's host (the addresses sidecars on other machines dial)")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", controlplane.DefaultPolicyDir, "directory of policy files (watched for changes)")
 	fs.StringVar(&cfg.AdminAddress, "admin-addr", controlplane.DefaultAdminAddress, "host:port of the admin API (/ready, /status, /metrics; unauthenticated, keep it on loopback; port 0 picks one; empty turns it off)")
 	fs.BoolVar(&cfg.AdminPprof, "admin-pprof", false, "serve Go profiles under /debug/pprof/ on the admin API")
@@ -177,6 +185,11 @@ func serve(args []string, stderr io.Writer) int {
 			return 2
 		}
 		cfg.Kube = &kc
+	}
+	for _, n := range strings.Split(*certNames, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			cfg.XDSCertNames = append(cfg.XDSCertNames, n)
+		}
 	}
 	if collector.Endpoint != "" {
 		if err := collector.Validate(); err != nil {
