@@ -82,6 +82,12 @@ type Config struct {
 	// XDSTLSReady, if set, is called with the CA bundle file sidecars
 	// verify ADS with, once serving (self-issued certificates only).
 	XDSTLSReady func(caFile string)
+	// ConsulAuthMethod, when set, names a Consul auth method (type jwt or
+	// kubernetes) that JWTs presented on ADS are exchanged through for
+	// Consul ACL tokens (xdsauth.ConsulLogin): proxyless gRPC clients and
+	// sidecars outside Kubernetes holding a JWT. Without it, JWTs are
+	// Kubernetes ServiceAccount tokens reviewed by the API server (Kube).
+	ConsulAuthMethod string
 	// AuthCache tunes the cache of token reviews (xdsauth.Cached).
 	AuthCache xdsauth.CacheOptions
 	// PolicyDir is the policy directory; DefaultPolicyDir when empty. It must

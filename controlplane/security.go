@@ -16,6 +16,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/kube"
 	"github.com/meshlet/meshlet/controlplane/servingcert"
 	"github.com/meshlet/meshlet/controlplane/xdsauth"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // xdsSecurity is how ADS is served: its TLS certificate and the Guard
@@ -95,16 +96,18 @@ func newXDSSecurity(ctx context.Context, cfg Config, cc *api.Config, mayActAs fu
 		return nil, err
 	}
 	tokens := xdsauth.ByTokenShape{Other: xdsauth.Cached(consulAuth, cacheOpts(xdsauth.KindConsul))}
-	if cfg.Kube != nil {
+	authorities := "Consul ACL tokens"
+	switch {
+	case cfg.ConsulAuthMethod != "":
+		tokens.JWT = xdsauth.Cached(&xdsauth.ConsulLogin{Consul: consulAuth, AuthMethod: cfg.ConsulAuthMethod}, cacheOpts(xdsauth.KindConsul))
+		authorities += ", JWTs through Consul auth method " + cfg.ConsulAuthMethod
+	case cfg.Kube != nil:
 		tokens.JWT = xdsauth.Cached(&xdsauth.KubeAuthenticator{Client: cfg.Kube.Client}, cacheOpts(xdsauth.KindKubernetes))
+		authorities += ", Kubernetes ServiceAccount tokens (TokenReview, audience " + xds.TokenAudience + ")"
 	}
 	guard = xdsauth.NewGuard(xdsauth.GuardConfig{Authenticator: tokens, Consul: consulAuth, ServiceAccountMayActAs: mayActAs, Logger: log})
 	sec.guard, sec.denials = guard, guard.Denials
 	sec.serverOptions = append([]grpc.ServerOption{grpc.Creds(creds)}, guard.ServerOptions()...)
-	authorities := "Consul ACL tokens"
-	if cfg.Kube != nil {
-		authorities = "Kubernetes ServiceAccount tokens (TokenReview), Consul ACL tokens"
-	}
 	sec.describe += "; streams authenticated with " + authorities
 	go warnACLsDisabled(ctx, cc, cfg)
 	return sec, nil

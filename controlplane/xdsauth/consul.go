@@ -80,7 +80,7 @@ func consulError(what string, err error) error {
 		switch {
 		case strings.Contains(se.Body, "ACL support disabled"):
 			return fmt.Errorf("%w: consul: %s: the agent has ACLs disabled, so no token can be checked (enable ACLs, or run the control plane and its sidecars with -xds-insecure)", ErrInvalidToken, what)
-		case se.Code == http.StatusForbidden || se.Code == http.StatusUnauthorized || se.Code == http.StatusNotFound:
+		case se.Code == http.StatusForbidden || se.Code == http.StatusUnauthorized || se.Code == http.StatusNotFound || se.Code == http.StatusBadRequest:
 			return fmt.Errorf("%w: consul: %s: %s", ErrInvalidToken, what, strings.TrimSpace(se.Body))
 		}
 	}
@@ -120,4 +120,38 @@ func (c *ConsulAuthenticator) MayActAs(ctx context.Context, id *Identity, servic
 		return false, fmt.Errorf("%w: consul: authorize: unexpected answer %q", ErrUnavailable, b)
 	}
 	return out[0].Allow, nil
+}
+
+// ConsulLogin turns a JWT into a Consul ACL token by logging in with a
+// Consul auth method (POST /v1/acl/login; a "jwt" method validating the
+// issuer's keys, or a "kubernetes" one), as consul-dataplane's login
+// credentials do: the method's binding rules decide which service
+// identities the token gets, and that token's service:write decides what
+// the stream may act as (ConsulAuthenticator.MayActAs). Give the method a
+// MaxTokenTTL (e.g. 10m): every JWT the control plane has not seen logs in
+// again, and the tokens made expire instead of accumulating.
+type ConsulLogin struct {
+	// Consul is the authenticator asking the same agent. Required.
+	Consul *ConsulAuthenticator
+	// AuthMethod names the Consul auth method. Required.
+	AuthMethod string
+}
+
+var _ Authenticator = (*ConsulLogin)(nil)
+
+// Authenticate implements Authenticator: the identity of the token the
+// login made, expiring with the sooner of the JWT and the token. A JWT the
+// method refuses wraps ErrInvalidToken with Consul's reason.
+func (l *ConsulLogin) Authenticate(ctx context.Context, jwt string) (*Identity, error) {
+	tok, _, err := l.Consul.client.ACL().Login(&api.ACLLoginParams{AuthMethod: l.AuthMethod, BearerToken: jwt,
+		Meta: map[string]string{"meshlet": "xds"}}, (&api.WriteOptions{}).WithContext(ctx))
+	if err != nil {
+		return nil, consulError("login with auth method "+l.AuthMethod, err)
+	}
+	id := &Identity{Kind: KindConsul, AccessorID: tok.AccessorID, Description: "login with " + l.AuthMethod, secret: tok.SecretID,
+		Expires: jwtExpiry(jwt)}
+	if tok.ExpirationTime != nil && (id.Expires.IsZero() || tok.ExpirationTime.Before(id.Expires)) {
+		id.Expires = *tok.ExpirationTime
+	}
+	return id, nil
 }

@@ -10,6 +10,9 @@
 //	                               explain a connection from a proxy's application to an
 //	                               address: interception, filter chain, route, authorization,
 //	                               endpoints (exit 1 when the proxy is unknown)
+//	controlplane grpc-bootstrap [flags]
+//	                               print the xDS bootstrap of a proxyless gRPC client
+//	                               (TLS channel credentials, JWT call credentials)
 //	controlplane trace [flags] <trace-id>
 //	                               print a trace from Jaeger's query API as a tree of
 //	                               spans with durations (exit 1 when not found)
@@ -35,6 +38,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/policy"
 	"github.com/meshlet/meshlet/controlplane/traceview"
 	"github.com/meshlet/meshlet/internal/cli"
+	"github.com/meshlet/meshlet/xds"
 )
 
 func main() {
@@ -43,7 +47,7 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate" || args[0] == "status" || args[0] == "trace" || args[0] == "why") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "validate" || args[0] == "status" || args[0] == "trace" || args[0] == "why" || args[0] == "grpc-bootstrap") {
 		cmd, args = args[0], args[1:]
 	}
 	switch cmd {
@@ -55,6 +59,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return admin.WhyCommand(context.Background(), args, stdout, stderr)
 	case "trace":
 		return trace(args, stdout, stderr)
+	case "grpc-bootstrap":
+		return grpcBootstrap(args, stdout, stderr)
 	default:
 		return serve(args, stderr)
 	}
@@ -102,6 +108,36 @@ func trace(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// grpcBootstrap prints a proxyless gRPC client's xDS bootstrap
+// (xds.GRPCBootstrap) for GRPC_XDS_BOOTSTRAP_CONFIG or a file named by
+// GRPC_XDS_BOOTSTRAP.
+func grpcBootstrap(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("controlplane grpc-bootstrap", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var b xds.GRPCBootstrap
+	fs.StringVar(&b.Server, "xds-addr", controlplane.DefaultXDSAddress, "the control plane's ADS address as the client dials it")
+	fs.StringVar(&b.NodeID, "node-id", "", "the client's xDS node ID (required)")
+	fs.StringVar(&b.CAFile, "xds-ca-file", "", "CA bundle verifying the control plane (its -xds-tls-dir's ca.crt; in a pod "+xds.PodCAFile+")")
+	fs.StringVar(&b.TokenFile, "token-file", "", "the client's JWT: a projected ServiceAccount token of audience "+xds.TokenAudience+", or a JWT the -consul-auth-method trusts")
+	fs.BoolVar(&b.Insecure, "xds-insecure", false, "plaintext, no token (a control plane run with -xds-insecure)")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: controlplane grpc-bootstrap -node-id ID [-xds-addr host:port] -xds-ca-file F -token-file F")
+		fmt.Fprintln(stderr, "Prints a grpc-go xDS bootstrap; run the client with "+xds.EnvGRPCCallCreds+"=true so it sends the token.")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil || fs.NArg() != 0 {
+		fs.Usage()
+		return 2
+	}
+	out, err := b.JSON()
+	if err != nil {
+		fmt.Fprintf(stderr, "controlplane grpc-bootstrap: %v\n", err)
+		return 2
+	}
+	fmt.Fprintf(stdout, "%s\n", out)
+	return 0
+}
+
 func validate(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("controlplane validate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -136,6 +172,7 @@ func serve(args []string, stderr io.Writer) int {
 	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "the control plane's Consul ACL token (env CONSUL_HTTP_TOKEN; its rules: README, Security model)")
 	fs.StringVar(&cfg.ConsulTokenFile, "consul-token-file", os.Getenv("CONSUL_HTTP_TOKEN_FILE"), "file holding the control plane's Consul ACL token, e.g. a mounted Secret (env CONSUL_HTTP_TOKEN_FILE)")
 	fs.StringVar(&cfg.ConsulCAFile, "consul-ca-file", os.Getenv("CONSUL_CACERT"), "CA bundle verifying Consul's HTTPS API, with an https:// -consul-addr (env CONSUL_CACERT)")
+	fs.StringVar(&cfg.ConsulAuthMethod, "consul-auth-method", "", "Consul auth method (type jwt or kubernetes) JWTs presented on ADS are logged in with for Consul ACL tokens, as consul-dataplane's login: proxyless gRPC clients and sidecars holding a JWT outside Kubernetes (default: with -kube, JWTs are ServiceAccount tokens checked with a TokenReview)")
 	fs.BoolVar(&cfg.XDSInsecure, "xds-insecure", false, "serve ADS in plaintext WITHOUT authentication: any process reaching -xds-addr gets any service's config and private key (development only; sidecars need -xds-insecure too)")
 	fs.StringVar(&cfg.XDSCertFile, "xds-cert-file", "", "serve ADS with this certificate (PEM; read again when it changes) instead of a self-issued one; with -xds-key-file")
 	fs.StringVar(&cfg.XDSKeyFile, "xds-key-file", "", "the key of -xds-cert-file (PEM)")
