@@ -215,3 +215,22 @@ func TestCredentialsValidate(t *testing.T) {
 		t.Fatalf("missing CA file: %v", err)
 	}
 }
+
+// TestProbeReportsTheRefusal: Probe returns the control plane's refusal
+// (its gRPC status and reason), with or without a token.
+func TestProbeReportsTheRefusal(t *testing.T) {
+	srv := startTokenServer(t)
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	writeFile(t, tokenFile, "some-token")
+	for _, tok := range []string{"", tokenFile} {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		res, err := Probe(ctx, srv.addr, Credentials{CAFile: srv.caFile, TokenFile: tok}, &core.Node{Id: "api-1-sidecar-proxy"})
+		cancel()
+		if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "wrong_node") || res != nil {
+			t.Fatalf("token file %q: %v %v, want the refusal", tok, res, err)
+		}
+	}
+	if got := srv.seen(); len(got) != 2 || got[0] != "" || got[1] != xds.BearerPrefix+"some-token" {
+		t.Fatalf("tokens seen %q", got)
+	}
+}

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+
 	"github.com/meshlet/meshlet/internal/cli"
 	"github.com/meshlet/meshlet/sidecar"
 	"github.com/meshlet/meshlet/sidecar/intercept"
@@ -33,6 +35,9 @@ func run(args []string, stderr io.Writer) int {
 	}
 	if len(args) > 0 && args[0] == "intercept" {
 		return interceptCmd(args[1:], os.Stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "xds-check" {
+		return xdsCheck(args[1:], os.Stdout, stderr)
 	}
 	fs := flag.NewFlagSet("sidecar", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -83,6 +88,36 @@ func xdsCredentialFlags(fs *flag.FlagSet, c *xdsclient.Credentials) {
 	fs.StringVar(&c.ServerName, "xds-server-name", os.Getenv(xds.EnvXDSServerName), "name the control plane's certificate must carry (env "+xds.EnvXDSServerName+"; default: the host of -xds-addr)")
 	fs.StringVar(&c.TokenFile, "token-file", os.Getenv(xds.EnvTokenFile), "file holding this proxy's token, read at every ADS stream: a projected ServiceAccount token of audience "+xds.TokenAudience+" (Kubernetes) or a Consul ACL token with service:write on the proxy's service (env "+xds.EnvTokenFile+"; in a pod "+xds.PodTokenFile+")")
 	fs.BoolVar(&c.Insecure, "xds-insecure", os.Getenv(xds.EnvXDSInsecure) != "", "dial ADS in plaintext and send no token (development only; the control plane must run with -xds-insecure too) (env "+xds.EnvXDSInsecure+")")
+}
+
+// xdsCheck is `sidecar xds-check -node-id ID [credential flags]`: one ADS
+// stream as that node, asking for its secrets, to see whether this
+// process's credentials get it served (and what) or refused (and why).
+// Without -token-file it sends no token, as an unauthenticated process
+// would. Exit status 0 when served, 1 when refused or unreachable (the
+// reason on stderr), 2 for bad flags.
+func xdsCheck(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("sidecar xds-check", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	node := fs.String("node-id", os.Getenv("MESHLET_NODE_ID"), "the xDS node ID to ask as (env MESHLET_NODE_ID)")
+	addr := fs.String("xds-addr", cli.EnvOr("MESHLET_XDS_ADDR", sidecar.DefaultXDSAddress), "control plane ADS address host:port (env MESHLET_XDS_ADDR)")
+	timeout := fs.Duration("timeout", 10*time.Second, "give up after this long")
+	var creds xdsclient.Credentials
+	xdsCredentialFlags(fs, &creds)
+	if err := fs.Parse(args); err != nil || fs.NArg() != 0 || *node == "" {
+		fmt.Fprintln(stderr, "usage: sidecar xds-check -node-id ID [-xds-addr host:port] [-xds-ca-file F] [-token-file F | -xds-insecure]")
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	res, err := xdsclient.Probe(ctx, *addr, creds, &core.Node{Id: *node})
+	if err != nil {
+		fmt.Fprintf(stderr, "xds-check: %s as node %s: not served: %v\n", *addr, *node, err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "xds-check: %s as node %s: served secrets %v; workload certificate %q; private key received: %t\n",
+		*addr, *node, res.Secrets, res.SPIFFEID, res.PrivateKey)
+	return 0
 }
 
 // waitReady is `sidecar wait-ready [-url URL] [-timeout D]`: it polls the
