@@ -409,7 +409,8 @@ func startNSSidecar(t testing.TB, ns *netnstest.NS, nodeID, xdsAddr string) *nsS
 		t.Fatal(err)
 	}
 	const admin = "127.0.0.1:19000" // the namespace is the test's own: any port is free
-	cmd := exec.Command(bin, "-node-id", nodeID, "-xds-addr", xdsAddr, "-admin-addr", admin, "-drain-timeout", "1s",
+	// The xDS server is the test's own plaintext xdstest server.
+	cmd := exec.Command(bin, "-node-id", nodeID, "-xds-addr", xdsAddr, "-xds-insecure", "-admin-addr", admin, "-drain-timeout", "1s",
 		"-log-level", "debug", "-reclaim-startup-memory=false")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Credential: &syscall.Credential{Uid: captureUID, Gid: captureUID}}

@@ -142,7 +142,9 @@ func serviceOf(k kind) string {
 // with GOMAXPROCS=1, and waits for their admin /ready.
 func (h *harness) startSidecars(r *running, dir string, nodes ...string) error {
 	for _, node := range nodes {
-		args := []string{"-node-id", node, "-xds-addr", h.mesh.srv.Addr, "-admin-addr", h.adminAddr[node], "-drain-timeout", "1s"}
+		// The data path is measured: xDS comes from the harness's own
+		// plaintext xdstest server.
+		args := []string{"-node-id", node, "-xds-addr", h.mesh.srv.Addr, "-xds-insecure", "-admin-addr", h.adminAddr[node], "-drain-timeout", "1s"}
 		if h.cfg.PprofDir != "" {
 			args = append(args, "-admin-pprof")
 		}
