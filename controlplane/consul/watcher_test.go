@@ -1,4 +1,4 @@
-package consul
+package consul_test
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/goleak"
 
+	"github.com/meshlet/meshlet/controlplane/consul"
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
@@ -58,7 +59,7 @@ func runWatcher(t *testing.T, addr string, logs *safeBuffer) *latest {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := New(Config{Client: client, Address: addr, Logger: slog.New(slog.NewTextHandler(logs, nil)),
+	w, err := consul.New(consul.Config{Client: client, Address: addr, Logger: slog.New(slog.NewTextHandler(logs, nil)),
 		MinBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
