@@ -117,7 +117,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("controlplane: consul client for %s: %w", cfg.ConsulAddress, err)
 	}
-	watcher, err := consul.New(consul.Config{Client: client, Address: cfg.ConsulAddress, Logger: log})
+	watcher, err := consul.New(consul.Config{Client: client, Address: cfg.ConsulAddress, Logger: log,
+		Anonymous: cc.Token == "" && cc.TokenFile == ""})
 	if err != nil {
 		return err
 	}

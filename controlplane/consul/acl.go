@@ -21,6 +21,15 @@ import (
 // logs which permission is missing.
 //
 // /v1/agent/connect/ca/roots (the Connect CA roots) needs no permission.
+//
+// Beware when checking rules by hand: Consul 1.19's agent keeps the leaf
+// certificates it fetched (for the sidecars registered with it, or for an
+// earlier caller) and answers /v1/agent/connect/ca/leaf/<service> from
+// that cache without checking the caller's token, so a token without
+// service:write gets a leaf (and its private key) the agent already holds.
+// The control plane still needs service:write: the agent signs a leaf it
+// does not hold yet only for a token that may write the service (services
+// registered through the catalog, as on Kubernetes, or with other agents).
 const ControlPlaneACLRules = `# meshlet control plane (controlplane/consul.ControlPlaneACLRules)
 service_prefix "" {
   # read:  /v1/catalog/services (the service list) and
@@ -32,7 +41,8 @@ service_prefix "" {
   policy = "write"
   # /v1/config/service-intentions (the service-intentions config entries,
   # the only config entries the control plane reads): Consul leaves out the
-  # entries of the destinations a token cannot read intentions of.
+  # entries of the destinations a token cannot read intentions of. (A
+  # service rule of read or write implies it; written out as it is needed.)
   intentions = "read"
 }
 node_prefix "" {
@@ -79,14 +89,14 @@ var ErrACLDenied = errors.New("consul: ACL permission denied")
 
 // ACLError is a request Consul refused with HTTP 403 for its ACL token.
 // Its Error names the missing permission and what needed it, e.g.
-// `consul: ACL token lacks service:write on "api" (needed for the leaf
-// certificate of api)`.
+// "consul: ACL token lacks service:write on api (needed for the leaf
+// certificate of api)".
 type ACLError struct {
 	// For is what the refused request was for, e.g. "the leaf certificate
 	// of api".
 	For string
 	// Permission is the missing permission ("service:write"), Resource what
-	// it was missing on (`"api"`); both empty when Consul's answer does not
+	// it was missing on ("api"); both empty when Consul's answer does not
 	// name them (TokenNotFound then tells whether the token is unknown).
 	Permission, Resource string
 	// Anonymous is set when the request carried no token (Consul used the
@@ -114,7 +124,7 @@ func (e *ACLError) Error() string {
 	if e.Resource != "" {
 		fmt.Fprintf(&b, " on %s", e.Resource)
 	}
-	if e.For != "" {
+	if e.For != "" && !e.TokenNotFound {
 		fmt.Fprintf(&b, " (needed for %s)", e.For)
 	}
 	return b.String()
@@ -126,10 +136,19 @@ func (e *ACLError) Unwrap() error { return ErrACLDenied }
 // lacksPermission matches Consul's acl.PermissionDeniedError text:
 // "Permission denied: token with AccessorID '…' lacks permission
 // 'service:write' on \"api\"" (or "anonymous token lacks …").
-var lacksPermission = regexp.MustCompile(`lacks permission '([^']+)'(?: on ("[^"]*"))?`)
+var lacksPermission = regexp.MustCompile(`lacks permission '([^']+)'(?: on "([^"]*)")?`)
 
-// aclError returns err as an *ACLError when it is Consul's HTTP 403, with
-// what the request was for; nil otherwise.
+// ACLErrorOf returns err as an *ACLError when it is Consul's HTTP 403 (an
+// api.StatusError), with what the request was for ("the leaf certificate
+// of api"); nil otherwise.
+func ACLErrorOf(err error, what string) error {
+	if e := aclError(err, what); e != nil {
+		return e
+	}
+	return nil
+}
+
+// aclError is ACLErrorOf's *ACLError.
 func aclError(err error, what string) *ACLError {
 	var se api.StatusError
 	if !errors.As(err, &se) || se.Code != http.StatusForbidden {

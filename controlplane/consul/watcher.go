@@ -46,6 +46,11 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound retry delays after a failed query;
 	// defaults DefaultMinBackoff and DefaultMaxBackoff.
 	MinBackoff, MaxBackoff time.Duration
+	// Anonymous tells that Client sends no ACL token: when the agent
+	// answers that its ACLs default to deny, the Watcher says, once, that
+	// it sees only what Consul's anonymous token may read (Consul filters
+	// the answers to an anonymous request without saying so).
+	Anonymous bool
 }
 
 func (c *Config) setDefaults() {
@@ -98,6 +103,11 @@ type Watcher struct {
 	// lastAnswer is when a query last had an answer (unix nanoseconds):
 	// a failure within outageAfter of it is not an outage.
 	lastAnswer atomic.Int64
+	// anonymousLogged is set once the lack of a token has been reported;
+	// unknownToken while Consul does not know the token (reported once,
+	// whichever query learns it first).
+	anonymousLogged atomic.Bool
+	unknownToken    atomic.Bool
 
 	// builder converts entries into Catalogs; only Run's goroutine uses it.
 	builder *catalogBuilder
@@ -304,6 +314,7 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 			continue
 		}
 		w.reached()
+		w.unknownToken.Store(false)
 		bo.Reset()
 		if denied {
 			denied = false
@@ -311,6 +322,12 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 		}
 		if meta == nil {
 			meta = &api.QueryMeta{}
+		}
+		if w.cfg.Anonymous && meta.DefaultACLPolicy == "deny" && w.anonymousLogged.CompareAndSwap(false, true) {
+			w.cfg.Logger.Error("consul: the agent's ACLs default to deny and the control plane gives no ACL token: "+
+				"Consul answers it only what the anonymous token may read (nothing, by default), so the mesh looks empty; "+
+				"give it a token with the rules of controlplane/consul.ControlPlaneACLRules (-consul-token or "+
+				"CONSUL_HTTP_TOKEN; README, Consul ACLs)", "agent", w.cfg.Address)
 		}
 		if meta.ResultsFilteredByACLs != filtered {
 			filtered = meta.ResultsFilteredByACLs
@@ -334,9 +351,10 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 
 // aclDenied reports a query Consul refused for the ACL token (HTTP 403):
 // an error naming the missing permission the first time, debug after
-// (again is set) until the query succeeds.
+// (again is set) until the query succeeds. An unknown token is reported
+// once for all the queries.
 func (w *Watcher) aclDenied(err *ACLError, again bool) {
-	if again {
+	if again || err.TokenNotFound && w.unknownToken.Swap(true) {
 		w.cfg.Logger.Debug("consul: query refused by ACLs", "error", err)
 		return
 	}
