@@ -42,11 +42,17 @@ type Config struct {
 	// XDSAddress is where ADS is served (host:port); DefaultXDSAddress when
 	// empty. Port 0 picks a free port (see Ready).
 	XDSAddress string
-	// ConsulAddress is the Consul agent's HTTP address (host:port or URL);
-	// DefaultConsulAddress when empty.
+	// ConsulAddress is the Consul agent's HTTP address (host:port or URL;
+	// https://host:port for its HTTPS API); DefaultConsulAddress when
+	// empty.
 	ConsulAddress string
-	// ConsulToken is an ACL token for Consul, if ACLs are on.
+	// ConsulToken is an ACL token for Consul, if ACLs are on. With ACLs
+	// defaulting to deny it needs the rules of consul.ControlPlaneACLRules
+	// (with Kube, consul.KubeControlPlaneACLRules).
 	ConsulToken string
+	// ConsulCAFile is a PEM file of the CA certificates that verify the
+	// agent's HTTPS certificate; the system roots when empty.
+	ConsulCAFile string
 	// PolicyDir is the policy directory; DefaultPolicyDir when empty. It must
 	// exist.
 	PolicyDir string
@@ -112,6 +118,9 @@ func Run(ctx context.Context, cfg Config) error {
 	cc.Address = cfg.ConsulAddress
 	if cfg.ConsulToken != "" {
 		cc.Token = cfg.ConsulToken
+	}
+	if cfg.ConsulCAFile != "" {
+		cc.TLSConfig.CAFile = cfg.ConsulCAFile
 	}
 	client, err := api.NewClient(cc)
 	if err != nil {

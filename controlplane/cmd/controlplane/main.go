@@ -132,7 +132,8 @@ func serve(args []string, stderr io.Writer) int {
 	var cfg controlplane.Config
 	fs.StringVar(&cfg.XDSAddress, "xds-addr", controlplane.DefaultXDSAddress, "host:port to serve ADS (gRPC) on")
 	fs.StringVar(&cfg.ConsulAddress, "consul-addr", cli.EnvOr("CONSUL_HTTP_ADDR", controlplane.DefaultConsulAddress), "Consul agent HTTP address (env CONSUL_HTTP_ADDR)")
-	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "Consul ACL token (env CONSUL_HTTP_TOKEN)")
+	fs.StringVar(&cfg.ConsulToken, "consul-token", os.Getenv("CONSUL_HTTP_TOKEN"), "Consul ACL token (env CONSUL_HTTP_TOKEN); with ACLs on it needs the rules in README, Consul ACLs")
+	fs.StringVar(&cfg.ConsulCAFile, "consul-cacert", os.Getenv("CONSUL_CACERT"), "CA certificates (PEM) that verify Consul's HTTPS API, for an https:// -consul-addr (env CONSUL_CACERT)")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", controlplane.DefaultPolicyDir, "directory of policy files (watched for changes)")
 	fs.StringVar(&cfg.AdminAddress, "admin-addr", controlplane.DefaultAdminAddress, "host:port of the admin API (/ready, /status, /metrics; unauthenticated, keep it on loopback; port 0 picks one; empty turns it off)")
 	fs.BoolVar(&cfg.AdminPprof, "admin-pprof", false, "serve Go profiles under /debug/pprof/ on the admin API")
