@@ -116,7 +116,8 @@ type Options struct {
 	// Dir holds the files the agent is given: its ACL configuration (with
 	// the management token; mode 0600) and, with TLS, the CA certificate
 	// and the server's certificate and key. When empty, a new temporary
-	// directory that Stop and Kill remove (Release leaves it).
+	// directory that Stop and Kill remove (Release leaves it); none
+	// without ACLs and TLS.
 	Dir string
 }
 
@@ -213,7 +214,7 @@ func start(ctx context.Context, o Options) (_ *Agent, err error) {
 	p := func(i int) string { return strconv.Itoa(ports[i]) }
 	bind := cmp.Or(o.BindAddress, "127.0.0.1")
 	dir, removeDir := o.Dir, ""
-	if dir == "" {
+	if dir == "" && (!o.DisableACL || o.TLS) {
 		if dir, err = os.MkdirTemp("", "devconsul-"); err != nil {
 			return nil, fmt.Errorf("devconsul: %w", err)
 		}
