@@ -275,8 +275,8 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 	bo.Reset()
 	w.queries.Add(1)
 	defer w.queries.Add(-1)
-	// denied and filtered are the last ACL state of this query, for
-	// logging only its transitions.
+	// denied is set while this query's ACL refusal is reported, filtered
+	// while its answers are filtered by ACLs: only transitions are logged.
 	var denied, filtered bool
 	for ctx.Err() == nil {
 		opts := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime}).WithContext(ctx)
@@ -296,8 +296,11 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 				// The agent answered: it is reachable, the token may
 				// not do this.
 				w.reached()
-				w.aclDenied(aclError(err, what), denied)
-				denied = true
+				if !denied {
+					denied = w.aclDenied(aclError(err, what))
+				} else {
+					w.cfg.Logger.Debug("consul: query refused by ACLs", "query", what, "error", err)
+				}
 			case time.Now().UnixNano()-w.limitLogged.Load() < int64(time.Minute):
 				// Over its limit the agent also answers 429 on
 				// connections idle in the pool and closes them:
@@ -318,7 +321,7 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 		bo.Reset()
 		if denied {
 			denied = false
-			w.cfg.Logger.Info("consul: the ACL token may read "+what+" now", "agent", w.cfg.Address)
+			w.cfg.Logger.Info("consul: the ACL token is allowed "+what+" now", "agent", w.cfg.Address)
 		}
 		if meta == nil {
 			meta = &api.QueryMeta{}
@@ -349,17 +352,18 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 	}
 }
 
-// aclDenied reports a query Consul refused for the ACL token (HTTP 403):
-// an error naming the missing permission the first time, debug after
-// (again is set) until the query succeeds. An unknown token is reported
-// once for all the queries.
-func (w *Watcher) aclDenied(err *ACLError, again bool) {
-	if again || err.TokenNotFound && w.unknownToken.Swap(true) {
+// aclDenied reports a query Consul refused for the ACL token (HTTP 403)
+// with an error naming the missing permission, and reports whether it did:
+// an unknown token is reported once for all the queries (until one
+// succeeds), the others log it at debug level.
+func (w *Watcher) aclDenied(err *ACLError) bool {
+	if err.TokenNotFound && w.unknownToken.Swap(true) {
 		w.cfg.Logger.Debug("consul: query refused by ACLs", "error", err)
-		return
+		return false
 	}
 	w.cfg.Logger.Error(err.Error()+"; the control plane's token needs the rules of controlplane/consul.ControlPlaneACLRules "+
 		"(README, Consul ACLs); retrying with backoff", "agent", w.cfg.Address, "consul", err.Body)
+	return true
 }
 
 // aclFiltered reports that Consul left part of a query's answer out

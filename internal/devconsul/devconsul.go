@@ -320,8 +320,9 @@ func (a *Agent) Scheme() string {
 // controlplane.Config.ConsulAddress and CONSUL_HTTP_ADDR take).
 func (a *Agent) URL() string { return a.Scheme() + "://" + a.HTTPAddr }
 
-// ACL reports whether the agent runs with ACLs (not Options.DisableACL).
-func (a *Agent) ACL() bool { return a.ManagementToken != "" }
+// ACLEnabled reports whether the agent runs with ACLs (not
+// Options.DisableACL).
+func (a *Agent) ACLEnabled() bool { return a.ManagementToken != "" }
 
 // Config returns a Consul API client configuration for the agent with
 // token (anonymous when empty): its address and scheme, CAFile with TLS,
@@ -360,7 +361,7 @@ func (a *Agent) waitReady(ctx context.Context, timeout time.Duration) error {
 		if leader == "" {
 			return fmt.Errorf("agent at %s: no leader yet", a.URL())
 		}
-		if a.ACL() {
+		if a.ACLEnabled() {
 			if _, _, err := a.Client.ACL().TokenReadSelf(nil); err != nil {
 				return fmt.Errorf("agent at %s: management token not usable yet: %w", a.URL(), err)
 			}
@@ -375,7 +376,7 @@ func (a *Agent) waitReady(ctx context.Context, timeout time.Duration) error {
 // every service and node). The token is created once per service and
 // cached. With Options.DisableACL it returns "" (no token is needed).
 func (a *Agent) ServiceToken(ctx context.Context, service string) (string, error) {
-	if !a.ACL() {
+	if !a.ACLEnabled() {
 		return "", nil
 	}
 	a.mu.Lock()
@@ -401,7 +402,7 @@ func (a *Agent) ServiceToken(ctx context.Context, service string) (string, error
 // running with it proves those rules enough. Created once per kind and
 // cached. With Options.DisableACL it returns "".
 func (a *Agent) ControlPlaneToken(ctx context.Context, kube bool) (string, error) {
-	if !a.ACL() {
+	if !a.ACLEnabled() {
 		return "", nil
 	}
 	a.mu.Lock()
@@ -421,7 +422,7 @@ func (a *Agent) ControlPlaneToken(ctx context.Context, kube bool) (string, error
 // whose secret is secretID (a UUID, see NewUUID), for a control plane
 // given its token before the agent existed. It is not cached.
 func (a *Agent) CreateControlPlaneToken(ctx context.Context, kube bool, secretID string) error {
-	if !a.ACL() {
+	if !a.ACLEnabled() {
 		return errors.New("devconsul: CreateControlPlaneToken: the agent runs without ACLs")
 	}
 	_, err := a.createControlPlaneToken(ctx, kube, secretID)

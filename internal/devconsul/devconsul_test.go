@@ -58,8 +58,8 @@ func isForbidden(err error) bool {
 func TestACLsDefaultDeny(t *testing.T) {
 	logs := &testlog.Buffer{}
 	a := StartForTestWith(t, Options{Log: logs})
-	if !a.ACL() || a.ManagementToken == "" || a.Client == nil {
-		t.Fatalf("ACL() = %v, management token %q", a.ACL(), a.ManagementToken)
+	if !a.ACLEnabled() || a.ManagementToken == "" || a.Client == nil {
+		t.Fatalf("ACLEnabled() = %v, management token %q", a.ACLEnabled(), a.ManagementToken)
 	}
 	ctx := context.Background()
 
@@ -145,8 +145,8 @@ func TestACLsDefaultDeny(t *testing.T) {
 
 func TestDisableACL(t *testing.T) {
 	a := StartForTestWith(t, Options{DisableACL: true})
-	if a.ACL() || a.ManagementToken != "" {
-		t.Fatalf("ACL() = %v, token %q; want none", a.ACL(), a.ManagementToken)
+	if a.ACLEnabled() || a.ManagementToken != "" {
+		t.Fatalf("ACLEnabled() = %v, token %q; want none", a.ACLEnabled(), a.ManagementToken)
 	}
 	anon, err := a.NewClient("")
 	if err != nil {
