@@ -48,11 +48,13 @@ type Config struct {
 	// XDSAddress is where ADS is served (host:port); DefaultXDSAddress when
 	// empty. Port 0 picks a free port (see Ready).
 	XDSAddress string
-	// ConsulAddress is the Consul agent's HTTP address (host:port or URL);
-	// DefaultConsulAddress when empty.
+	// ConsulAddress is the Consul agent's HTTP address (host:port or URL;
+	// https://host:port for its HTTPS API); DefaultConsulAddress when
+	// empty.
 	ConsulAddress string
 	// ConsulToken is the control plane's own ACL token for Consul (its
-	// least privilege: consul.ControlPlaneACLRules). Environment variables
+	// least privilege: consul.ControlPlaneACLRules; with Kube,
+	// consul.KubeControlPlaneACLRules). Environment variables
 	// of the Consul CLI are read too (CONSUL_HTTP_TOKEN_FILE,
 	// CONSUL_CACERT, CONSUL_HTTP_SSL...).
 	ConsulToken string
@@ -166,7 +168,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("controlplane: consul client for %s: %w", cfg.ConsulAddress, err)
 	}
-	watcher, err := consul.New(consul.Config{Client: client, Address: cfg.ConsulAddress, Logger: log})
+	watcher, err := consul.New(consul.Config{Client: client, Address: cfg.ConsulAddress, Logger: log,
+		Anonymous: cc.Token == "" && cc.TokenFile == ""})
 	if err != nil {
 		return err
 	}

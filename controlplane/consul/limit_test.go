@@ -1,4 +1,4 @@
-package consul
+package consul_test
 
 import (
 	"fmt"
@@ -29,7 +29,7 @@ func TestWatcherNamesTheConnectionLimit(t *testing.T) {
 		}
 	}
 	logs := &safeBuffer{}
-	l := runWatcher(t, agent.HTTPAddr, logs)
+	l := runControlPlaneWatcher(t, agent, logs)
 	testutil.Eventually(t, 10*time.Second, "a connection-limit log line", func() error {
 		if out := logs.String(); !strings.Contains(out, "limits.http_max_conns_per_client") {
 			return fmt.Errorf("logs:\n%s", out)
@@ -69,7 +69,7 @@ func TestWatcherNamesTheCSRRateLimit(t *testing.T) {
 		}
 	}
 	logs := &safeBuffer{}
-	l := runWatcher(t, agent.HTTPAddr, logs)
+	l := runControlPlaneWatcher(t, agent, logs)
 	l.wait(t, 30*time.Second, "a leaf for every proxied service", func(c *model.Catalog) bool { return len(c.Leaves) == n })
 	out := logs.String()
 	if n := strings.Count(out, "rate-limits leaf certificate signing"); n != 1 {

@@ -15,12 +15,12 @@ import (
 
 // watchRoots follows /v1/agent/connect/ca/roots.
 func (w *Watcher) watchRoots(ctx context.Context, notify func()) {
-	w.blockingLoop(ctx, "connect CA roots", func(opts *api.QueryOptions) (uint64, func(), error) {
+	w.blockingLoop(ctx, "the Connect CA roots", "no permission", func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
 		list, meta, err := w.cfg.Client.Agent().ConnectCARoots(opts)
 		if err != nil {
-			return 0, nil, err
+			return nil, nil, err
 		}
-		return meta.LastIndex, func() {
+		return meta, func() {
 			ca := &model.CA{TrustDomain: list.TrustDomain}
 			for _, r := range list.Roots {
 				ca.Roots = append(ca.Roots, model.Root{ID: r.ID, CertPEM: r.RootCertPEM, Active: r.ID == list.ActiveRootID || r.Active})
@@ -47,12 +47,12 @@ func (w *Watcher) watchRoots(ctx context.Context, notify func()) {
 // watchLeaf follows /v1/agent/connect/ca/leaf/<service>: the agent renews
 // the certificate and answers the blocking query with the new one.
 func (w *Watcher) watchLeaf(ctx context.Context, service string, notify func()) {
-	w.blockingLoop(ctx, "leaf certificate of "+service, func(opts *api.QueryOptions) (uint64, func(), error) {
+	w.blockingLoop(ctx, "the leaf certificate of "+service, "service:write on "+service, func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
 		leaf, meta, err := w.cfg.Client.Agent().ConnectCALeaf(service, opts)
 		if err != nil {
-			return 0, nil, err
+			return nil, nil, err
 		}
-		return meta.LastIndex, func() {
+		return meta, func() {
 			w.mu.Lock()
 			w.leaves[service] = &model.Leaf{
 				Service: service, CertPEM: leaf.CertPEM, KeyPEM: leaf.PrivateKeyPEM, SPIFFEID: leaf.ServiceURI,
@@ -67,12 +67,12 @@ func (w *Watcher) watchLeaf(ctx context.Context, service string, notify func()) 
 
 // watchIntentions follows the service-intentions config entries.
 func (w *Watcher) watchIntentions(ctx context.Context, notify func()) {
-	w.blockingLoop(ctx, "service intentions", func(opts *api.QueryOptions) (uint64, func(), error) {
+	w.blockingLoop(ctx, "the service intentions", "intentions:read on every service", func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
 		entries, meta, err := w.cfg.Client.ConfigEntries().List(api.ServiceIntentions, opts)
 		if err != nil {
-			return 0, nil, err
+			return nil, nil, err
 		}
-		return meta.LastIndex, func() {
+		return meta, func() {
 			out := map[string]*model.Intentions{}
 			for _, e := range entries {
 				if si, ok := e.(*api.ServiceIntentionsConfigEntry); ok {

@@ -46,6 +46,11 @@ type Config struct {
 	// MinBackoff and MaxBackoff bound retry delays after a failed query;
 	// defaults DefaultMinBackoff and DefaultMaxBackoff.
 	MinBackoff, MaxBackoff time.Duration
+	// Anonymous tells that Client sends no ACL token: when the agent
+	// answers that its ACLs default to deny, the Watcher says, once, that
+	// it sees only what Consul's anonymous token may read (Consul filters
+	// the answers to an anonymous request without saying so).
+	Anonymous bool
 }
 
 func (c *Config) setDefaults() {
@@ -98,6 +103,11 @@ type Watcher struct {
 	// lastAnswer is when a query last had an answer (unix nanoseconds):
 	// a failure within outageAfter of it is not an outage.
 	lastAnswer atomic.Int64
+	// anonymousLogged is set once the lack of a token has been reported;
+	// unknownToken while Consul does not know the token (reported once,
+	// whichever query learns it first).
+	anonymousLogged atomic.Bool
+	unknownToken    atomic.Bool
 
 	// builder converts entries into Catalogs; only Run's goroutine uses it.
 	builder *catalogBuilder
@@ -222,23 +232,23 @@ func (w *Watcher) watchServiceList(ctx context.Context, notify func()) {
 		w.mu.Unlock()
 		notify()
 	}
-	w.blockingLoop(ctx, "catalog services", func(opts *api.QueryOptions) (uint64, func(), error) {
+	w.blockingLoop(ctx, "the service list", "service:read on every service", func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
 		services, meta, err := w.cfg.Client.Catalog().Services(opts)
 		if err != nil {
-			return 0, nil, err
+			return nil, nil, err
 		}
-		return meta.LastIndex, func() { apply(services) }, nil
+		return meta, func() { apply(services) }, nil
 	})
 }
 
 // watchService follows /v1/health/service/<name>.
 func (w *Watcher) watchService(ctx context.Context, name string, notify func()) {
-	w.blockingLoop(ctx, "health of service "+name, func(opts *api.QueryOptions) (uint64, func(), error) {
+	w.blockingLoop(ctx, "the instances of "+name, "service:read on "+name+" and node:read on every node", func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
 		entries, meta, err := w.cfg.Client.Health().Service(name, "", false, opts)
 		if err != nil {
-			return 0, nil, err
+			return nil, nil, err
 		}
-		return meta.LastIndex, func() {
+		return meta, func() {
 			w.mu.Lock()
 			w.entries[name] = entries
 			w.dirty[name] = true
@@ -252,9 +262,12 @@ func (w *Watcher) watchService(ctx context.Context, name string, notify func()) 
 // (consul api/watch/plan.go): WaitIndex from the last LastIndex, reset to 0
 // when the index goes backwards, results with an unchanged index skipped,
 // capped jittered exponential backoff on error. query returns the result's
-// index and a function that applies the result, called only when the index
-// changed.
-func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api.QueryOptions) (uint64, func(), error)) {
+// meta and a function that applies the result, called only when the index
+// changed. what names the result in logs ("the leaf certificate of api");
+// needs is the ACL permission without which Consul filters the result
+// ("service:read on every service"), named in the warning logged when the
+// answer says Consul left something out (X-Consul-Results-Filtered-By-ACLs).
+func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query func(*api.QueryOptions) (*api.QueryMeta, func(), error)) {
 	var index uint64
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = w.cfg.MinBackoff
@@ -262,9 +275,12 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 	bo.Reset()
 	w.queries.Add(1)
 	defer w.queries.Add(-1)
+	// denied is set while this query's ACL refusal is reported, filtered
+	// while its answers are filtered by ACLs: only transitions are logged.
+	var denied, filtered bool
 	for ctx.Err() == nil {
 		opts := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime}).WithContext(ctx)
-		next, apply, err := query(opts)
+		meta, apply, err := query(opts)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -276,6 +292,15 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 				w.csrRateLimited(what, err)
 			case errors.As(err, &se) && se.Code == http.StatusTooManyRequests:
 				w.connectionLimit(what, err)
+			case errors.As(err, &se) && se.Code == http.StatusForbidden:
+				// The agent answered: it is reachable, the token may
+				// not do this.
+				w.reached()
+				if !denied {
+					denied = w.aclDenied(aclError(err, what))
+				} else {
+					w.cfg.Logger.Debug("consul: query refused by ACLs", "query", what, "error", err)
+				}
 			case time.Now().UnixNano()-w.limitLogged.Load() < int64(time.Minute):
 				// Over its limit the agent also answers 429 on
 				// connections idle in the pool and closes them:
@@ -292,7 +317,26 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 			continue
 		}
 		w.reached()
+		w.unknownToken.Store(false)
 		bo.Reset()
+		if denied {
+			denied = false
+			w.cfg.Logger.Info("consul: the ACL token is allowed "+what+" now", "agent", w.cfg.Address)
+		}
+		if meta == nil {
+			meta = &api.QueryMeta{}
+		}
+		if w.cfg.Anonymous && meta.DefaultACLPolicy == "deny" && w.anonymousLogged.CompareAndSwap(false, true) {
+			w.cfg.Logger.Error("consul: the agent's ACLs default to deny and the control plane gives no ACL token: "+
+				"Consul answers it only what the anonymous token may read (nothing, by default), so the mesh looks empty; "+
+				"give it a token with the rules of controlplane/consul.ControlPlaneACLRules (-consul-token or "+
+				"CONSUL_HTTP_TOKEN; README, Consul ACLs)", "agent", w.cfg.Address)
+		}
+		if meta.ResultsFilteredByACLs != filtered {
+			filtered = meta.ResultsFilteredByACLs
+			w.aclFiltered(what, needs, filtered)
+		}
+		next := meta.LastIndex
 		if next == index && index != 0 {
 			continue // the wait timed out with nothing new
 		}
@@ -306,6 +350,33 @@ func (w *Watcher) blockingLoop(ctx context.Context, what string, query func(*api
 			index = next
 		}
 	}
+}
+
+// aclDenied reports a query Consul refused for the ACL token (HTTP 403)
+// with an error naming the missing permission, and reports whether it did:
+// an unknown token is reported once for all the queries (until one
+// succeeds), the others log it at debug level.
+func (w *Watcher) aclDenied(err *ACLError) bool {
+	if err.TokenNotFound && w.unknownToken.Swap(true) {
+		w.cfg.Logger.Debug("consul: query refused by ACLs", "error", err)
+		return false
+	}
+	w.cfg.Logger.Error(err.Error()+"; the control plane's token needs the rules of controlplane/consul.ControlPlaneACLRules "+
+		"(README, Consul ACLs); retrying with backoff", "agent", w.cfg.Address, "consul", err.Body)
+	return true
+}
+
+// aclFiltered reports that Consul left part of a query's answer out
+// because the ACL token may not read it (filtered), or that it no longer
+// does.
+func (w *Watcher) aclFiltered(what, needs string, filtered bool) {
+	if !filtered {
+		w.cfg.Logger.Info("consul: "+what+" no longer filtered by ACLs", "agent", w.cfg.Address)
+		return
+	}
+	w.cfg.Logger.Warn("consul: ACL token lacks "+needs+": Consul left part of "+what+" out of its answer "+
+		"(X-Consul-Results-Filtered-By-ACLs), so the mesh misses what the token may not read; the control plane's "+
+		"token needs the rules of controlplane/consul.ControlPlaneACLRules (README, Consul ACLs)", "agent", w.cfg.Address)
 }
 
 // connectionLimit reports, at most once a minute, that the agent refuses

@@ -1,4 +1,4 @@
-package consul
+package consul_test
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/goleak"
 
+	"github.com/meshlet/meshlet/controlplane/consul"
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
@@ -50,16 +51,18 @@ func (l *latest) wait(t *testing.T, timeout time.Duration, what string, cond fun
 
 type safeBuffer = testlog.Buffer
 
-func runWatcher(t *testing.T, addr string, logs *safeBuffer) *latest {
+// runWatcher runs a Watcher of client (at addr, for its logs) until the
+// test ends.
+func runWatcher(t *testing.T, client *api.Client, addr string, logs *safeBuffer) *latest {
 	t.Helper()
-	cc := api.DefaultNonPooledConfig()
-	cc.Address = addr
-	client, err := api.NewClient(cc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w, err := New(Config{Client: client, Address: addr, Logger: slog.New(slog.NewTextHandler(logs, nil)),
-		MinBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	return runWatcherWith(t, consul.Config{Client: client, Address: addr}, logs)
+}
+
+func runWatcherWith(t *testing.T, cfg consul.Config, logs *safeBuffer) *latest {
+	t.Helper()
+	cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	cfg.MinBackoff, cfg.MaxBackoff = 50*time.Millisecond, 200*time.Millisecond
+	w, err := consul.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,6 +78,29 @@ func runWatcher(t *testing.T, addr string, logs *safeBuffer) *latest {
 		<-done
 	})
 	return l
+}
+
+// controlPlaneClient is a client of agent with the control plane's token
+// (the rules of consul.ControlPlaneACLRules and nothing else), what the
+// control plane runs with.
+func controlPlaneClient(t *testing.T, agent *devconsul.Agent) *api.Client {
+	t.Helper()
+	tok, err := agent.ControlPlaneToken(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := agent.NewClient(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// runControlPlaneWatcher runs a Watcher of agent with the control plane's
+// token.
+func runControlPlaneWatcher(t *testing.T, agent *devconsul.Agent, logs *safeBuffer) *latest {
+	t.Helper()
+	return runWatcher(t, controlPlaneClient(t, agent), agent.HTTPAddr, logs)
 }
 
 func register(t *testing.T, c *api.Client, id string, port int) {
@@ -106,7 +132,7 @@ func TestWatcherFollowsConsulWithin2s(t *testing.T) {
 	agent := devconsul.StartForTest(t)
 	register(t, agent.Client, "api-1", 9001)
 	logs := &safeBuffer{}
-	l := runWatcher(t, agent.HTTPAddr, logs)
+	l := runControlPlaneWatcher(t, agent, logs)
 	l.wait(t, 5*time.Second, "api-1's sidecar", func(c *model.Catalog) bool {
 		return strings.Join(healthyProxies(c), ",") == "api-1-sidecar-proxy"
 	})
@@ -152,15 +178,24 @@ func TestWatcherRecoversWhenConsulComesUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := "127.0.0.1:" + itoa(ports[0])
+	// The token is given before the agent exists: its management token,
+	// chosen here.
+	token := devconsul.NewUUID()
+	cc := api.DefaultNonPooledConfig()
+	cc.Address, cc.Token = addr, token
+	client, err := api.NewClient(cc)
+	if err != nil {
+		t.Fatal(err)
+	}
 	logs := &safeBuffer{}
-	l := runWatcher(t, addr, logs) // nothing listens there yet
+	l := runWatcher(t, client, addr, logs) // nothing listens there yet
 	testutil.Eventually(t, 5*time.Second, "an unreachable log line", func() error {
 		if out := logs.String(); !strings.Contains(out, "consul: agent unreachable") {
 			return fmt.Errorf("logs:\n%s", out)
 		}
 		return nil
 	})
-	agent := devconsul.StartForTestWith(t, devconsul.Options{HTTPPort: ports[0]})
+	agent := devconsul.StartForTestWith(t, devconsul.Options{HTTPPort: ports[0], ManagementToken: token})
 	register(t, agent.Client, "api-1", 9001)
 	l.wait(t, 10*time.Second, "catalog after Consul came up", func(c *model.Catalog) bool { return len(healthyProxies(c)) == 1 })
 	out := logs.String()
@@ -177,7 +212,7 @@ func itoa(i int) string { return strconv.Itoa(i) }
 func TestWatcherFollowsConnectCAAndIntentions(t *testing.T) {
 	agent := devconsul.StartForTest(t)
 	register(t, agent.Client, "api-1", 9001)
-	l := runWatcher(t, agent.HTTPAddr, &safeBuffer{})
+	l := runControlPlaneWatcher(t, agent, &safeBuffer{})
 	l.wait(t, 10*time.Second, "CA roots and api's leaf certificate", func(c *model.Catalog) bool {
 		return c.CA != nil && len(c.CA.Roots) == 1 && c.Leaves["api"] != nil
 	})
@@ -227,7 +262,7 @@ func TestFirstCatalogCarriesTheIntentions(t *testing.T) {
 	}, nil); err != nil {
 		t.Fatal(err)
 	}
-	l := runWatcher(t, agent.HTTPAddr, &safeBuffer{})
+	l := runControlPlaneWatcher(t, agent, &safeBuffer{})
 	l.wait(t, 10*time.Second, "a catalog", func(*model.Catalog) bool { return true })
 	l.mu.Lock()
 	first := l.first

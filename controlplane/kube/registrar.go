@@ -349,11 +349,10 @@ func (r *Registrar) reconcile(ctx context.Context, key string) error {
 	}
 	wo := (&api.WriteOptions{}).WithContext(ctx)
 	// The instance first: the proxy's health includes its destination's.
-	if _, err := r.cfg.Consul.Register(want.Instance, wo); err != nil {
-		return fmt.Errorf("kube: register %s: %w", want.Instance.Service.ID, err)
-	}
-	if _, err := r.cfg.Consul.Register(want.Proxy, wo); err != nil {
-		return fmt.Errorf("kube: register %s: %w", want.Proxy.Service.ID, err)
+	for _, reg := range []*api.CatalogRegistration{want.Instance, want.Proxy} {
+		if _, err := r.cfg.Consul.Register(reg, wo); err != nil {
+			return fmt.Errorf("kube: register %s: %w", reg.Service.ID, aclNamed(err, "registering "+reg.Service.ID+" on node "+reg.Node))
+		}
 	}
 	r.mu.Lock()
 	r.registered[key] = registered{node: want.Instance.Node, instanceID: want.Instance.Service.ID, proxyID: want.Proxy.Service.ID, hash: h}
@@ -379,7 +378,7 @@ func (r *Registrar) desired(pod *corev1.Pod) (Registration, bool) {
 func (r *Registrar) deregister(have registered) error {
 	for _, id := range []string{have.proxyID, have.instanceID} {
 		if _, err := r.cfg.Consul.Deregister(&api.CatalogDeregistration{Node: have.node, ServiceID: id}, nil); err != nil {
-			return fmt.Errorf("kube: deregister %s: %w", id, err)
+			return fmt.Errorf("kube: deregister %s: %w", id, aclNamed(err, "deregistering "+id+" from node "+have.node))
 		}
 	}
 	return nil
@@ -411,7 +410,8 @@ func (r *Registrar) resync(ctx context.Context) {
 					}
 				}
 				if _, err := r.cfg.Consul.Deregister(&api.CatalogDeregistration{Node: n.Node, ServiceID: s.ID}, nil); err != nil {
-					r.log.Warn("kube: registrar: resync: deregister failed", "service", s.ID, "error", err)
+					r.log.Warn("kube: registrar: resync: deregister failed", "service", s.ID,
+						"error", aclNamed(err, "deregistering "+s.ID+" from node "+n.Node))
 					continue
 				}
 				r.log.Info("kube: removed a stale consul registration", "service", s.ID, "node", n.Node,
@@ -426,6 +426,16 @@ func (r *Registrar) resync(ctx context.Context) {
 	for _, p := range pods {
 		r.queue.Add(p.Namespace + "/" + p.Name)
 	}
+}
+
+// aclNamed is err, or when Consul refused it for the ACL token (HTTP 403)
+// an error naming the permission missing and what needed it (the rules the
+// registrar needs: consul.KubeControlPlaneACLRules).
+func aclNamed(err error, what string) error {
+	if aerr := consul.ACLErrorOf(err, what); aerr != nil {
+		return fmt.Errorf("%w (the control plane's token needs the rules of consul.KubeControlPlaneACLRules)", aerr)
+	}
+	return err
 }
 
 func hash(reg Registration) string {

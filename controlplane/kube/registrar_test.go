@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -95,12 +96,18 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: starts a real Consul agent (make test runs it)")
 	}
-	agent, err := devconsul.Start(context.Background(), devconsul.Options{})
+	agent := devconsul.StartForTest(t)
+	// The test writes and reads with the management token, the registrar
+	// with the control plane's (consul.KubeControlPlaneACLRules only).
+	cat := agent.Client.Catalog()
+	cpToken, err := agent.ControlPlaneToken(context.Background(), true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { agent.Stop() })
-	cat := agent.Client.Catalog()
+	cp, err := agent.NewClient(cpToken)
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	// A registration left by an earlier leader for a pod that is gone.
 	stale := injectedPod("gone-1", "api", 8080, true)
@@ -116,7 +123,7 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 	all := informers.NewSharedInformerFactory(client, 0)
 	pods := informers.NewSharedInformerFactory(client, 0)
 	log, _ := testlog.New(t, "registrar")
-	r, err := NewRegistrar(RegistrarConfig{Informers: all, PodInformers: pods, Consul: cat, Logger: log})
+	r, err := NewRegistrar(RegistrarConfig{Informers: all, PodInformers: pods, Consul: cp.Catalog(), Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,6 +235,47 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor("api-2 deregistered", func() bool { s := services(); return s != nil && s["api-2-api"] == nil })
+}
+
+// TestRegistrarNeedsKubeRules: with a token of consul.ControlPlaneACLRules
+// (no node:write), the registrar's writes fail, and its log names the
+// permission missing and the rules to give.
+func TestRegistrarNeedsKubeRules(t *testing.T) {
+	agent := devconsul.StartForTest(t)
+	token, err := agent.ControlPlaneToken(context.Background(), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, err := agent.NewClient(token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := fake.NewClientset(injectedPod("api-1", "api", 8080, true))
+	all := informers.NewSharedInformerFactory(client, 0)
+	pods := informers.NewSharedInformerFactory(client, 0)
+	log, logs := testlog.New(t, "registrar")
+	r, err := NewRegistrar(RegistrarConfig{Informers: all, PodInformers: pods, Consul: cp.Catalog(), Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	all.Start(ctx.Done())
+	pods.Start(ctx.Done())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		all.Shutdown()
+		pods.Shutdown()
+	})
+	line := logs.WaitFor(t, 10*time.Second, "consul: ACL token lacks node:write on node1-virtual (needed for registering api-1-api on node node1-virtual)")
+	if !strings.Contains(line, "KubeControlPlaneACLRules") {
+		t.Errorf("the log line does not name the rules to give: %s", line)
+	}
+	if list, _, err := agent.Client.Catalog().NodeServiceList("node1-virtual", nil); err != nil || list != nil && len(list.Services) > 0 {
+		t.Errorf("registered without node:write: %+v, %v", list, err)
+	}
 }
 
 // TestRegisterHeadless: the pod of a headless Service (clusterIP None, a

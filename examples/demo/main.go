@@ -2,8 +2,8 @@
 // real parts and reports what happened. `make demo` builds everything and
 // runs it; `make demo KEEP=1` leaves the mesh up; `make demo-stop` ends it.
 //
-// It starts a Consul dev agent, the control plane (policies from
-// policies/), the web, api (three instances, api-3 deliberately flaky) and
+// It starts a Consul dev agent with ACLs on (default deny), the control
+// plane (policies from policies/; a least-privilege Consul token), the web, api (three instances, api-3 deliberately flaky) and
 // store apps with one sidecar each, registers them in Consul as Connect
 // users would, sends traffic to web (which calls api over HTTP and store
 // over TCP through its sidecar), stops api-2 gracefully midway to show
@@ -166,11 +166,41 @@ func (d *demo) runMesh() int {
 	if err != nil {
 		return d.fail("%v", err)
 	}
-	d.consul, err = devconsul.Start(ctx, devconsul.Options{Binary: filepath.Join(d.binDir, "consul"), Log: consulLog, Detached: d.keep})
+	agentDir := filepath.Join(d.workDir, "consul", "agent") // its ACL configuration
+	if err := os.MkdirAll(agentDir, 0o700); err != nil {
+		return d.fail("%v", err)
+	}
+	d.consul, err = devconsul.Start(ctx, devconsul.Options{Binary: filepath.Join(d.binDir, "consul"), Log: consulLog, Detached: d.keep, Dir: agentDir})
 	if err != nil {
 		return d.fail("Consul did not start: %v (log: %s)", err, consulLog.Name())
 	}
 	d.say("       Consul is up: http://%s (UI at /ui)", d.consul.HTTPAddr)
+	tokenDir := filepath.Join(d.workDir, "consul", "tokens")
+	if err := os.MkdirAll(tokenDir, 0o700); err != nil {
+		return d.fail("%v", err)
+	}
+	mgmtFile := filepath.Join(tokenDir, "management")
+	if err := os.WriteFile(mgmtFile, []byte(d.consul.ManagementToken+"\n"), 0o600); err != nil {
+		return d.fail("%v", err)
+	}
+	cpToken, err := d.consul.ControlPlaneToken(ctx, false)
+	if err != nil {
+		return d.fail("control plane's Consul token: %v", err)
+	}
+	var services []string
+	for _, svc := range []string{"web", "api", "store"} {
+		tok, err := d.consul.ServiceToken(ctx, svc)
+		if err != nil {
+			return d.fail("%s's Consul token: %v", svc, err)
+		}
+		if err := os.WriteFile(filepath.Join(tokenDir, svc), []byte(tok+"\n"), 0o600); err != nil {
+			return d.fail("%v", err)
+		}
+		services = append(services, svc)
+	}
+	d.say("       ACLs on, default deny: registrations and intentions are written with the management token (%s);", mgmtFile)
+	d.say("       the control plane reads with a token of policy %s only (least privilege, README \"Consul ACLs\");", devconsul.ControlPlanePolicy)
+	d.say("       each service has a token for its sidecars (service identity %s): %s/", strings.Join(services, ", "), tokenDir)
 
 	// 2. Jaeger, where the sidecars send their spans.
 	d.stepf("starting Jaeger (%s/jaeger: OTLP in, query API out, memory storage)", d.binDir)
@@ -188,7 +218,8 @@ func (d *demo) runMesh() int {
 	xdsAddr := "127.0.0.1:" + strconv.Itoa(next())
 	cpAdmin := "127.0.0.1:" + strconv.Itoa(next())
 	d.stepf("starting the control plane (ADS on %s, policies from %s/, spans to Jaeger at %s)", xdsAddr, d.policyDir, d.jaeger.OTLPGRPCAddr)
-	cp, err := d.ps.start("controlplane", "controlplane", "-consul-addr", d.consul.HTTPAddr, "-xds-addr", xdsAddr, "-policy-dir", d.policyDir,
+	cp, err := d.ps.startWithEnv("controlplane", "controlplane", []string{"CONSUL_HTTP_TOKEN=" + cpToken},
+		"-consul-addr", d.consul.HTTPAddr, "-xds-addr", xdsAddr, "-policy-dir", d.policyDir,
 		"-otlp-endpoint", d.jaeger.OTLPGRPCAddr, "-admin-addr", cpAdmin)
 	if err != nil {
 		return d.fail("%v", err)
@@ -753,6 +784,16 @@ func (d *demo) summarize(t *trafficResult) int {
 	case rs.api3Opened == 0:
 		problems = append(problems, "api-3's endpoint breaker never opened")
 	}
+	// The control plane's least-privilege token was enough: it never said
+	// it lacked a permission (controlplane/consul logs "consul: ACL ...").
+	if b, err := os.ReadFile(filepath.Join(d.workDir, "logs", "controlplane.log")); err == nil {
+		for line := range strings.Lines(string(b)) {
+			if strings.Contains(line, "consul: ACL") || strings.Contains(line, "gives no ACL token") {
+				problems = append(problems, "the control plane's Consul token: "+strings.TrimSpace(line))
+				break
+			}
+		}
+	}
 	total, ok, failed := 0, 0, 0
 	for _, s := range stats {
 		total, ok, failed = total+s.sent, ok+s.ok, failed+s.failed
@@ -823,7 +864,7 @@ func (d *demo) printKeep() {
 	for _, l := range d.keepLines {
 		fmt.Println("    " + l)
 	}
-	fmt.Printf("    %-26s http://%s/ui\n", "Consul UI and API:", d.consul.HTTPAddr)
+	fmt.Printf("    %-26s http://%s/ui   (ACLs on: log in with the token in %s/consul/tokens/management)\n", "Consul UI and API:", d.consul.HTTPAddr, d.workDir)
 	fmt.Printf("    %-26s %s/logs/\n", "logs:", d.workDir)
 	fmt.Printf("    %-26s %s/consul/\n", "registrations:", d.workDir)
 	fmt.Printf("    %-26s make demo-stop\n", "stop it:")

@@ -30,6 +30,12 @@ type procs struct {
 }
 
 func (ps *procs) start(name, binary string, args ...string) (*proc, error) {
+	return ps.startWithEnv(name, binary, nil, args...)
+}
+
+// startWithEnv is start with env added to the demo's environment (secrets
+// such as CONSUL_HTTP_TOKEN, which a command line would show in ps).
+func (ps *procs) startWithEnv(name, binary string, env []string, args ...string) (*proc, error) {
 	logPath := filepath.Join(ps.logDir, name+".log")
 	f, err := os.Create(logPath)
 	if err != nil {
@@ -37,6 +43,9 @@ func (ps *procs) start(name, binary string, args ...string) (*proc, error) {
 	}
 	cmd := exec.Command(filepath.Join(ps.binDir, binary), args...)
 	cmd.Stdout, cmd.Stderr = f, f
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if !ps.keep {
 		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL

@@ -170,7 +170,10 @@ func run() error {
 	defer agent.Stop()
 
 	topo := newTopology(o.topo)
-	w, err := newWriter(agent.HTTPAddr)
+	// ACLs on, default deny, as in production: the writer registers with
+	// the management token, the control plane reads with its
+	// least-privilege token.
+	w, err := newWriter(agent.HTTPAddr, agent.ManagementToken)
 	if err != nil {
 		return err
 	}
@@ -185,7 +188,11 @@ func run() error {
 	logf("registered in %.1f s", res.Setup.RegisterSeconds)
 
 	// Control plane.
-	cp, err := startControlPlane(ctx, o, agent.HTTPAddr)
+	cpToken, err := agent.ControlPlaneToken(ctx, false)
+	if err != nil {
+		return err
+	}
+	cp, err := startControlPlane(ctx, o, agent.HTTPAddr, cpToken)
 	if err != nil {
 		return err
 	}
@@ -379,7 +386,7 @@ type controlPlane struct {
 	lastCPUMu sync.Mutex
 }
 
-func startControlPlane(ctx context.Context, o *options, consulAddr string) (*controlPlane, error) {
+func startControlPlane(ctx context.Context, o *options, consulAddr, consulToken string) (*controlPlane, error) {
 	ports, err := devconsul.FreePorts(2)
 	if err != nil {
 		return nil, err
@@ -397,6 +404,7 @@ func startControlPlane(ctx context.Context, o *options, consulAddr string) (*con
 	args := []string{"serve", "-xds-addr", cp.xds, "-admin-addr", cp.admin, "-admin-pprof", "-consul-addr", consulAddr, "-policy-dir", policyDir}
 	args = append(args, strings.Fields(o.cpFlags)...)
 	cp.cmd = exec.Command(o.cpBin, args...)
+	cp.cmd.Env = append(os.Environ(), "CONSUL_HTTP_TOKEN="+consulToken) // not on the command line
 	cp.cmd.Stdout, cp.cmd.Stderr = logFile, logFile
 	cp.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	logf("starting the control plane: %s %s", o.cpBin, strings.Join(args, " "))

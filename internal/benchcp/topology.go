@@ -149,13 +149,13 @@ type writer struct {
 	c *api.Client
 }
 
-func newWriter(addr string) (*writer, error) {
+func newWriter(addr, token string) (*writer, error) {
 	tr := &http.Transport{
 		DialContext:         (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 5 * time.Second}).DialContext,
 		MaxIdleConnsPerHost: 64,
 		IdleConnTimeout:     30 * time.Second,
 	}
-	c, err := api.NewClient(&api.Config{Address: addr, Transport: tr})
+	c, err := api.NewClient(&api.Config{Address: addr, Token: token, Transport: tr})
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
@@ -44,12 +45,17 @@ func TestMalformedPolicyIsReportedAndLastGoodSetKept(t *testing.T) {
 
 func TestConsulDownAtControlPlaneStart(t *testing.T) {
 	port := freePorts(t, 1)[0]
-	m := &mesh{t: t, policyDir: t.TempDir()}
+	// The control plane's token is chosen now, created once the agent is
+	// up (a few failed queries in between: "ACL token not found").
+	m := &mesh{t: t, policyDir: t.TempDir(), cpToken: devconsul.NewUUID()}
 	m.writePolicy("b.yaml", serviceDefaults("b", "http"))
 	m.startControlPlane(hostPort(port), "") // no agent there yet
 	m.cpLog.WaitFor(t, 5*time.Second, "consul: agent unreachable")
 
 	m.consul = devconsul.StartForTestWith(t, devconsul.Options{HTTPPort: port})
+	if err := m.consul.CreateControlPlaneToken(context.Background(), false, m.cpToken); err != nil {
+		t.Fatal(err)
+	}
 	_, _, _, bindPort, _ := twoServices(t, m)
 	// The intention a → b reaches b's sidecar by its own watch, maybe just
 	// after both sidecars are ready.

@@ -34,6 +34,10 @@ type mesh struct {
 	policyDir string
 	xdsAddr   string
 	cpLog     *testlog.Buffer
+	// cpToken is the control plane's Consul ACL token: the agent's
+	// ControlPlaneToken (least privilege) unless set before
+	// startControlPlane.
+	cpToken string
 }
 
 // skipShort skips t under -short (make test-short): the end-to-end tests
@@ -46,11 +50,45 @@ func skipShort(t testing.TB, what string) {
 	}
 }
 
+// newMesh starts the mesh's Consul agent: ACLs on, default deny (the
+// test's registrations and intentions are written with its management
+// token, the control plane reads with its least-privilege token).
 func newMesh(t *testing.T) *mesh {
 	t.Helper()
+	return newMeshWith(t, devconsul.Options{})
+}
+
+// newMeshWith is newMesh with the agent's options.
+func newMeshWith(t *testing.T, o devconsul.Options) *mesh {
+	t.Helper()
 	skipShort(t, "a real Consul agent")
-	m := &mesh{t: t, consul: devconsul.StartForTest(t), policyDir: t.TempDir()}
-	return m
+	return &mesh{t: t, consul: devconsul.StartForTestWith(t, o), policyDir: t.TempDir()}
+}
+
+// consulConfig sets the Consul part of a control plane's cfg: consulAddr
+// (the mesh's agent when ""), its CA file, and the control plane's token
+// (m.cpToken, else the agent's ControlPlaneToken). At cleanup it fails
+// the test if the control plane said its token lacks a permission: every
+// test proves consul.ControlPlaneACLRules enough.
+func (m *mesh) consulConfig(cfg *controlplane.Config, consulAddr string) {
+	m.t.Helper()
+	cfg.ConsulAddress = consulAddr
+	if consulAddr == "" {
+		cfg.ConsulAddress, cfg.ConsulCAFile = m.consul.URL(), m.consul.CAFile
+	}
+	if m.cpToken == "" {
+		tok, err := m.consul.ControlPlaneToken(context.Background(), false)
+		if err != nil {
+			m.t.Fatal(err)
+		}
+		m.cpToken = tok
+	}
+	cfg.ConsulToken = m.cpToken
+	m.t.Cleanup(func() {
+		if lines := m.cpLog.Lines("consul: ACL token lacks"); len(lines) > 0 {
+			m.t.Errorf("the control plane's token lacks a permission:\n%s", strings.Join(lines, "\n"))
+		}
+	})
 }
 
 // writePolicy writes a policy file into the mesh's policy directory.
@@ -70,12 +108,10 @@ func serviceDefaults(service, protocol string) string {
 }
 
 // startControlPlane runs the control plane against consulAddr (the mesh's
-// agent when ""), serving ADS on xdsAddr ("127.0.0.1:0" when "").
+// agent when "") with m.cpToken (see consulConfig), serving ADS on xdsAddr
+// ("127.0.0.1:0" when "").
 func (m *mesh) startControlPlane(consulAddr, xdsAddr string) {
 	m.t.Helper()
-	if consulAddr == "" {
-		consulAddr = m.consul.HTTPAddr
-	}
 	if xdsAddr == "" {
 		xdsAddr = "127.0.0.1:0"
 	}
@@ -84,12 +120,10 @@ func (m *mesh) startControlPlane(consulAddr, xdsAddr string) {
 	ready := make(chan string, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() {
-		done <- controlplane.Run(ctx, controlplane.Config{
-			XDSAddress: xdsAddr, ConsulAddress: consulAddr, PolicyDir: m.policyDir, Logger: logger,
-			Ready: func(a net.Addr) { ready <- a.String() },
-		})
-	}()
+	cfg := controlplane.Config{XDSAddress: xdsAddr, PolicyDir: m.policyDir, Logger: logger,
+		Ready: func(a net.Addr) { ready <- a.String() }}
+	m.consulConfig(&cfg, consulAddr)
+	go func() { done <- controlplane.Run(ctx, cfg) }()
 	m.t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -59,6 +60,22 @@ func TestRequestTraversesBothSidecars(t *testing.T) {
 	}
 	if n := bApp.hits.Load(); n != 1 {
 		t.Errorf("b's app got %d requests, want 1", n)
+	}
+}
+
+// TestConsulOverHTTPS: the control plane reaches Consul's HTTPS API
+// (https:// address, CA file, least-privilege token) as it does on
+// Kubernetes; the mesh works the same.
+func TestConsulOverHTTPS(t *testing.T) {
+	m := newMeshWith(t, devconsul.Options{TLS: true})
+	m.writePolicy("b.yaml", serviceDefaults("b", "http"))
+	m.startControlPlane("", "")
+	_, _, _, bindPort, _ := twoServices(t, m)
+	testutil.Until(t, 5*time.Second, "a request through the mesh", func() bool {
+		return call(fmt.Sprintf("http://127.0.0.1:%d/hello", bindPort)).err == nil
+	})
+	if got := m.cpLog.Lines("consul: connected"); len(got) != 1 || !strings.Contains(got[0], "https://") {
+		t.Errorf("connected lines %q, want one naming the https:// address", got)
 	}
 }
 

@@ -34,14 +34,14 @@ func (m *mesh) startControlPlaneWithAdmin() string {
 	ready, adminReady := make(chan string, 1), make(chan string, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() {
-		done <- controlplane.Run(ctx, controlplane.Config{
-			XDSAddress: "127.0.0.1:0", ConsulAddress: m.consul.HTTPAddr, PolicyDir: m.policyDir, Logger: logger,
-			AdminAddress: "127.0.0.1:0",
-			AdminReady:   func(a net.Addr) { adminReady <- a.String() },
-			Ready:        func(a net.Addr) { ready <- a.String() },
-		})
-	}()
+	cfg := controlplane.Config{
+		XDSAddress: "127.0.0.1:0", PolicyDir: m.policyDir, Logger: logger,
+		AdminAddress: "127.0.0.1:0",
+		AdminReady:   func(a net.Addr) { adminReady <- a.String() },
+		Ready:        func(a net.Addr) { ready <- a.String() },
+	}
+	m.consulConfig(&cfg, "")
+	go func() { done <- controlplane.Run(ctx, cfg) }()
 	m.t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {

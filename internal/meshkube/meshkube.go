@@ -118,8 +118,11 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 		}
 	}()
 	o.Log.Info("meshkube: cluster up; starting Consul beside it", "netns", c.Netns(), "after", time.Since(start).Round(time.Second))
+	// Without ACLs for now: the control plane in the cluster gets no
+	// Consul token yet (the manifests would pass one from a Secret:
+	// CONSUL_HTTP_TOKEN with consul.KubeControlPlaneACLRules).
 	e.Consul, err = devconsul.Start(ctx, devconsul.Options{Netns: c.Netns(), BindAddress: devkube.NodeIP, HTTPPort: ConsulHTTPPort,
-		Dial: c.DialContext, Log: o.ConsulLog, NodeName: "consul", Detached: o.Detached})
+		Dial: c.DialContext, Log: o.ConsulLog, NodeName: "consul", Detached: o.Detached, DisableACL: true})
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,8 @@
 // Package testca issues certificates shaped like Consul Connect's, for
 // tests: an EC P-256 root, and leaves with a single SPIFFE URI SAN
-// (spiffe://<trust-domain>/ns/default/dc/<dc>/svc/<service>).
+// (spiffe://<trust-domain>/ns/default/dc/<dc>/svc/<service>). It also
+// issues plain TLS serving certificates (IssueServer), e.g. for a dev
+// Consul agent's HTTPS API.
 package testca
 
 import (
@@ -12,6 +14,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net"
 	"net/url"
 	"time"
 )
@@ -103,6 +106,44 @@ func (ca *CA) MustIssue(dc, service string) *Leaf {
 		panic(err)
 	}
 	return l
+}
+
+// IssueServer returns a TLS serving certificate (server and client auth,
+// valid from an hour ago for a year) for hosts: each an IP address (an IP
+// SAN) or a DNS name (a DNS SAN); the first is its common name. Its
+// SPIFFEID is empty.
+func (ca *CA) IssueServer(hosts ...string) (*Leaf, error) {
+	if len(hosts) == 0 {
+		return nil, fmt.Errorf("testca: IssueServer needs at least one host")
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: hosts[0]},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
+	if err != nil {
+		return nil, err
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	return &Leaf{CertPEM: encode("CERTIFICATE", der), KeyPEM: encode("EC PRIVATE KEY", kder)}, nil
 }
 
 func serial() *big.Int {
