@@ -38,6 +38,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/meshlet/meshlet/controlplane/servingcert"
 	"github.com/meshlet/meshlet/controlplane/traceview"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/devjaeger"
@@ -81,7 +82,7 @@ type demo struct {
 	verdict string
 }
 
-const steps = 10
+const steps = 11
 
 func (d *demo) say(format string, args ...any) {
 	fmt.Printf("demo: "+format+"\n", args...)
@@ -218,8 +219,10 @@ func (d *demo) runMesh() int {
 	xdsAddr := "127.0.0.1:" + strconv.Itoa(next())
 	cpAdmin := "127.0.0.1:" + strconv.Itoa(next())
 	d.stepf("starting the control plane (ADS on %s, policies from %s/, spans to Jaeger at %s)", xdsAddr, d.policyDir, d.jaeger.OTLPGRPCAddr)
+	xdsTLSDir := filepath.Join(d.workDir, "xds-tls")
+	caFile := filepath.Join(xdsTLSDir, servingcert.CACertFile)
 	cp, err := d.ps.startWithEnv("controlplane", "controlplane", []string{"CONSUL_HTTP_TOKEN=" + cpToken},
-		"-consul-addr", d.consul.HTTPAddr, "-xds-addr", xdsAddr, "-policy-dir", d.policyDir,
+		"-consul-addr", d.consul.HTTPAddr, "-xds-addr", xdsAddr, "-xds-tls-dir", xdsTLSDir, "-policy-dir", d.policyDir,
 		"-otlp-endpoint", d.jaeger.OTLPGRPCAddr, "-admin-addr", cpAdmin)
 	if err != nil {
 		return d.fail("%v", err)
@@ -227,6 +230,7 @@ func (d *demo) runMesh() int {
 	if err := waitFor(10*time.Second, func() error { return dialOK(xdsAddr) }); err != nil {
 		return d.fail("control plane not serving on %s: %v\n%s", xdsAddr, err, cp.tail(20))
 	}
+	d.say("       ADS over TLS with a certificate the control plane issued itself (CA: %s); every stream must present a token", caFile)
 	d.keepLines = append(d.keepLines, fmt.Sprintf("%-26s bin/controlplane status -admin-addr %s   (http://%s/status /metrics)", "control plane:", cpAdmin, cpAdmin))
 
 	// 3. Registrations.
@@ -302,7 +306,8 @@ func (d *demo) runMesh() int {
 	t0 := time.Now()
 	for _, in := range insts {
 		in.sidecar, err = d.ps.start(in.proxyID(), "sidecar", "-node-id", in.proxyID(), "-service", in.service,
-			"-xds-addr", xdsAddr, "-admin-addr", hostPort(in.adminPort), "-drain-timeout", "5s")
+			"-xds-addr", xdsAddr, "-xds-ca-file", caFile, "-token-file", filepath.Join(tokenDir, in.service),
+			"-admin-addr", hostPort(in.adminPort), "-drain-timeout", "5s")
 		if err != nil {
 			return d.fail("%v", err)
 		}
@@ -340,7 +345,13 @@ func (d *demo) runMesh() int {
 		}
 	}
 
-	// 6. Traffic, with api-2 stopped midway.
+	// 6. Trust: what a process without api's credentials gets.
+	d.stepf("trying to take api-1's configuration and key without api's credentials (xdsclient.Probe, as `sidecar xds-check`)")
+	if err := d.checkTrust(ctx, xdsAddr, caFile, tokenDir, api1.proxyID()); err != nil {
+		return d.fail("%v", err)
+	}
+
+	// 7. Traffic, with api-2 stopped midway.
 	stopAt := d.duration / 3
 	d.stepf("sending traffic to web for %v at %d req/s per route (/api -> api over HTTP, /store -> store over TCP); api-2 stops at t=%v",
 		d.duration, d.rate, stopAt)

@@ -47,7 +47,8 @@ func TestConsulDownAtControlPlaneStart(t *testing.T) {
 	port := freePorts(t, 1)[0]
 	// The control plane's token is chosen now, created once the agent is
 	// up (a few failed queries in between: "ACL token not found").
-	m := &mesh{t: t, policyDir: t.TempDir(), cpToken: devconsul.NewUUID()}
+	m := meshWithoutConsul(t)
+	m.cpToken = devconsul.NewUUID()
 	m.writePolicy("b.yaml", serviceDefaults("b", "http"))
 	m.startControlPlane(hostPort(port), "") // no agent there yet
 	m.cpLog.WaitFor(t, 5*time.Second, "consul: agent unreachable")

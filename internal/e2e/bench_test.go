@@ -18,6 +18,7 @@ import (
 	"github.com/meshlet/meshlet/internal/testlog"
 	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
 
@@ -77,7 +78,9 @@ func pair(b *testing.B, mtls bool) string {
 		r := served(res)
 		srv.Set(b, node, "v1", r)
 		logger, _ := testlog.New(b, node)
-		s, err := sidecar.New(sidecar.Config{NodeID: node, XDSAddress: srv.Addr, AdminAddress: "127.0.0.1:0", Logger: logger})
+		// xDS from the benchmark's own plaintext xdstest server.
+		s, err := sidecar.New(sidecar.Config{NodeID: node, XDSAddress: srv.Addr, XDSCredentials: xdsclient.Credentials{Insecure: true},
+			AdminAddress: "127.0.0.1:0", Logger: logger})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -23,6 +23,7 @@ import (
 	_ "google.golang.org/grpc/xds" // registers the xds:/// resolver and balancers
 
 	"github.com/meshlet/meshlet/internal/testutil"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // grpcClientEnv makes the test binary act as a proxyless gRPC client of
@@ -131,17 +132,20 @@ type grpcClient struct {
 
 // startGRPCClient starts a grpc-go xDS client process with node ID node,
 // calling targets whose services have instances instances each (0: the
-// targets must not resolve).
-func (m *mesh) startGRPCClient(ctx context.Context, node string, instances int, targets ...string) *grpcClient {
+// targets must not resolve). Its bootstrap (xds.GRPCBootstrap, as
+// `controlplane grpc-bootstrap` writes it) verifies the control plane with
+// TLS channel credentials (gRFC A65) and sends tokenFile's JWT with the
+// JWT call credentials (gRFC A97).
+func (m *mesh) startGRPCClient(ctx context.Context, node, tokenFile string, instances int, targets ...string) *grpcClient {
 	m.t.Helper()
-	bootstrap := fmt.Sprintf(`{
-  "xds_servers": [{"server_uri": %q, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
-  "node": {"id": %q}
-}`, m.xdsAddr, node)
+	bootstrap, err := xds.GRPCBootstrap{Server: m.xdsAddr, NodeID: node, CAFile: m.caFile, TokenFile: tokenFile}.JSON()
+	if err != nil {
+		m.t.Fatal(err)
+	}
 	c := &grpcClient{node: node, targets: targets}
 	c.cmd = exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
 	c.cmd.Env = append(os.Environ(), grpcClientEnv+"="+strings.Join(targets, ","), grpcInstancesEnv+"="+strconv.Itoa(instances),
-		"GRPC_XDS_BOOTSTRAP_CONFIG="+bootstrap)
+		"GRPC_XDS_BOOTSTRAP_CONFIG="+string(bootstrap), xds.EnvGRPCCallCreds+"=true")
 	c.cmd.Stdout, c.cmd.Stderr = &c.out, &c.out
 	if err := c.cmd.Start(); err != nil {
 		m.t.Fatal(err)
@@ -214,13 +218,15 @@ func TestProxylessGRPCClientResolvesThroughControlPlane(t *testing.T) {
 			return err == nil && len(entries) == want
 		})
 	}
+	jwts := m.trustJWTs()
 	m.startControlPlane("", "")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	one := m.startGRPCClient(ctx, "grpc-e2e-greeter", 2, "xds:///greeter")
-	two := m.startGRPCClient(ctx, "grpc-e2e-greeter-echo", 2, "xds:///greeter", "xds:///echo")
-	missing := m.startGRPCClient(ctx, "grpc-e2e-missing", 0, "xds:///nope")
+	token := jwts.tokenFile(m, "grpc-client")
+	one := m.startGRPCClient(ctx, "grpc-e2e-greeter", token, 2, "xds:///greeter")
+	two := m.startGRPCClient(ctx, "grpc-e2e-greeter-echo", token, 2, "xds:///greeter", "xds:///echo")
+	missing := m.startGRPCClient(ctx, "grpc-e2e-missing", token, 0, "xds:///nope")
 
 	for _, c := range []*grpcClient{one, two} {
 		out := c.wait(t)

@@ -1,10 +1,12 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -20,10 +22,12 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/meshlet/meshlet/controlplane"
+	"github.com/meshlet/meshlet/controlplane/servingcert"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
 	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 )
 
 // mesh is one test's mesh: a real Consul agent, the control plane and
@@ -38,6 +42,21 @@ type mesh struct {
 	// ControlPlaneToken (least privilege) unless set before
 	// startControlPlane.
 	cpToken string
+	// tlsDir holds the CA and ADS serving certificate the control plane
+	// issues itself (issued with the mesh, so sidecars started before the
+	// control plane have caFile, and kept across its restarts); caFile is
+	// what sidecars verify ADS with.
+	tlsDir, caFile string
+	// tokenDir holds each service's Consul ACL token (a service identity)
+	// its sidecars present on ADS; services maps a proxy ID to its service.
+	tokenDir string
+	services map[string]string
+	// cpConfig, when set, adjusts the control plane's configuration
+	// before startControlPlane runs it.
+	cpConfig func(*controlplane.Config)
+	// insecure makes sidecars dial ADS in plaintext without a token (a
+	// control plane run with XDSInsecure).
+	insecure bool
 }
 
 // skipShort skips t under -short (make test-short): the end-to-end tests
@@ -62,7 +81,69 @@ func newMesh(t *testing.T) *mesh {
 func newMeshWith(t *testing.T, o devconsul.Options) *mesh {
 	t.Helper()
 	skipShort(t, "a real Consul agent")
-	return &mesh{t: t, consul: devconsul.StartForTestWith(t, o), policyDir: t.TempDir()}
+	m := meshWithoutConsul(t)
+	m.consul = devconsul.StartForTestWith(t, o)
+	return m
+}
+
+// meshWithoutConsul is a mesh whose Consul agent the test starts itself
+// (m.consul): its policy directory, ADS certificate and token directory.
+func meshWithoutConsul(t *testing.T) *mesh {
+	t.Helper()
+	m := &mesh{t: t, policyDir: t.TempDir(), tlsDir: t.TempDir(), tokenDir: t.TempDir(), services: map[string]string{}}
+	d, err := servingcert.OpenDir(servingcert.DirConfig{Dir: m.tlsDir, Names: servingcert.LocalNames("127.0.0.1:0"),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.caFile = d.CAFile()
+	return m
+}
+
+// credentials are what node's sidecar presents on ADS: TLS verified with
+// the control plane's CA and its service's Consul token.
+func (m *mesh) credentials(node string) xdsclient.Credentials {
+	m.t.Helper()
+	if m.insecure {
+		return xdsclient.Credentials{Insecure: true}
+	}
+	return xdsclient.Credentials{CAFile: m.caFile, TokenFile: m.tokenFile(m.serviceOf(node))}
+}
+
+// serviceOf returns the service node's proxy fronts: as registered by
+// m.register, else as Consul says, else from the node ID's shape
+// "<service>[-<n>]-sidecar-proxy".
+func (m *mesh) serviceOf(node string) string {
+	m.t.Helper()
+	if svc, ok := m.services[node]; ok {
+		return svc
+	}
+	if s, _, err := m.consul.Client.Agent().Service(node, nil); err == nil && s.Proxy != nil && s.Proxy.DestinationServiceName != "" {
+		return s.Proxy.DestinationServiceName
+	}
+	id := strings.TrimSuffix(node, "-sidecar-proxy")
+	if i := strings.LastIndexByte(id, '-'); i > 0 && strings.Trim(id[i+1:], "0123456789") == "" {
+		id = id[:i]
+	}
+	return id
+}
+
+// tokenFile returns the file holding service's Consul ACL token (a
+// service identity), made on first use.
+func (m *mesh) tokenFile(service string) string {
+	m.t.Helper()
+	path := filepath.Join(m.tokenDir, service)
+	if _, err := os.Stat(path); err == nil {
+		return path
+	}
+	tok, err := m.consul.ServiceToken(context.Background(), service)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(tok), 0o600); err != nil {
+		m.t.Fatal(err)
+	}
+	return path
 }
 
 // consulConfig sets the Consul part of a control plane's cfg: consulAddr
@@ -109,20 +190,31 @@ func serviceDefaults(service, protocol string) string {
 
 // startControlPlane runs the control plane against consulAddr (the mesh's
 // agent when "") with m.cpToken (see consulConfig), serving ADS on xdsAddr
-// ("127.0.0.1:0" when "").
+// ("127.0.0.1:0" when "") over TLS with the mesh's certificate.
 func (m *mesh) startControlPlane(consulAddr, xdsAddr string) {
 	m.t.Helper()
-	if xdsAddr == "" {
-		xdsAddr = "127.0.0.1:0"
-	}
+	m.runControlPlane(controlplane.Config{XDSAddress: cmp.Or(xdsAddr, "127.0.0.1:0")}, consulAddr)
+}
+
+// runControlPlane runs the control plane with cfg completed: the policy
+// directory, a test logger, ADS over TLS with the mesh's certificate
+// (m.tlsDir), Consul (consulConfig), then m.cpConfig. It returns once ADS
+// serves (and the admin API, when cfg.AdminAddress is set), with the
+// admin address; the control plane stops at cleanup.
+func (m *mesh) runControlPlane(cfg controlplane.Config, consulAddr string) (adminAddr string) {
+	m.t.Helper()
 	logger, buf := testlog.New(m.t, "controlplane")
 	m.cpLog = buf
-	ready := make(chan string, 1)
+	ready, adminReady := make(chan string, 1), make(chan string, 1)
+	cfg.PolicyDir, cfg.Logger, cfg.XDSTLSDir = m.policyDir, logger, m.tlsDir
+	cfg.Ready = func(a net.Addr) { ready <- a.String() }
+	cfg.AdminReady = func(a net.Addr) { adminReady <- a.String() }
+	m.consulConfig(&cfg, consulAddr)
+	if m.cpConfig != nil {
+		m.cpConfig(&cfg)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	cfg := controlplane.Config{XDSAddress: xdsAddr, PolicyDir: m.policyDir, Logger: logger,
-		Ready: func(a net.Addr) { ready <- a.String() }}
-	m.consulConfig(&cfg, consulAddr)
 	go func() { done <- controlplane.Run(ctx, cfg) }()
 	m.t.Cleanup(func() {
 		cancel()
@@ -130,13 +222,19 @@ func (m *mesh) startControlPlane(consulAddr, xdsAddr string) {
 			m.t.Errorf("controlplane.Run: %v", err)
 		}
 	})
-	select {
-	case m.xdsAddr = <-ready:
-	case err := <-done:
-		m.t.Fatalf("control plane exited: %v", err)
-	case <-time.After(10 * time.Second):
-		m.t.Fatal("control plane not serving after 10s")
+	m.xdsAddr = ""
+	timeout := time.After(10 * time.Second)
+	for m.xdsAddr == "" || cfg.AdminAddress != "" && adminAddr == "" {
+		select {
+		case adminAddr = <-adminReady:
+		case m.xdsAddr = <-ready:
+		case err := <-done:
+			m.t.Fatalf("control plane exited: %v", err)
+		case <-timeout:
+			m.t.Fatal("control plane not serving after 10s")
+		}
 	}
+	return adminAddr
 }
 
 // proxy is a running sidecar.
@@ -156,7 +254,7 @@ func (m *mesh) startSidecar(node, xdsAddr string) *proxy {
 	}
 	logger, buf := testlog.New(m.t, node)
 	s, err := sidecar.New(sidecar.Config{
-		NodeID: node, XDSAddress: xdsAddr, AdminAddress: "127.0.0.1:0", DrainTimeout: 2 * time.Second,
+		NodeID: node, XDSAddress: xdsAddr, XDSCredentials: m.credentials(node), AdminAddress: "127.0.0.1:0", DrainTimeout: 2 * time.Second,
 		XDSMinBackoff: 50 * time.Millisecond, XDSMaxBackoff: 500 * time.Millisecond, Logger: logger,
 	})
 	if err != nil {
@@ -253,6 +351,7 @@ func (s svc) proxyID() string { return s.id + "-sidecar-proxy" }
 
 func (m *mesh) register(s svc) {
 	m.t.Helper()
+	m.services[s.proxyID()] = s.name
 	var ups []api.Upstream
 	for dest, port := range s.upstreams {
 		ups = append(ups, api.Upstream{DestinationName: dest, LocalBindPort: port})

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/meshlet/meshlet/internal/testutil"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 )
 
 // sidecarPair is the mesh path of one call: a downstream service "down"
@@ -67,8 +68,8 @@ func startPair(t *testing.T, o pairOptions) *sidecarPair {
 	m.allow("down", "up")
 	p := &sidecarPair{m: m, Addr: hostPort(bind), UpPublic: hostPort(upSidecar)}
 	if o.Processes {
-		p.DownProc = startSidecarProc(t, "down-1-sidecar-proxy", m.xdsAddr)
-		p.UpProc = startSidecarProc(t, "up-1-sidecar-proxy", m.xdsAddr)
+		p.DownProc = startSidecarProc(t, "down-1-sidecar-proxy", m.xdsAddr, m.credentials("down-1-sidecar-proxy"))
+		p.UpProc = startSidecarProc(t, "up-1-sidecar-proxy", m.xdsAddr, m.credentials("up-1-sidecar-proxy"))
 		testutil.Until(t, 15*time.Second, "sidecar processes ready", func() bool { return p.DownProc.ready() && p.UpProc.ready() })
 		testutil.Until(t, 10*time.Second, "down's sidecar reaching up's", func() bool {
 			return strings.Contains(p.DownProc.get(t, "/clusters"), "up::"+p.UpPublic+"::")
@@ -141,16 +142,18 @@ func sidecarBinary(t *testing.T) string {
 	return sidecarBin.path
 }
 
-// startSidecarProc runs bin/sidecar for node against xdsAddr; it is
-// stopped (SIGTERM, then SIGKILL) at cleanup, its log shown on failure.
-func startSidecarProc(t *testing.T, node, xdsAddr string) *sidecarProc {
+// startSidecarProc runs bin/sidecar for node against xdsAddr with creds
+// (-xds-ca-file and -token-file); it is stopped (SIGTERM, then SIGKILL) at
+// cleanup, its log shown on failure.
+func startSidecarProc(t *testing.T, node, xdsAddr string, creds xdsclient.Credentials) *sidecarProc {
 	t.Helper()
 	admin := hostPort(freePorts(t, 1)[0])
 	logf, err := os.Create(filepath.Join(t.TempDir(), node+".log"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(sidecarBinary(t), "-node-id", node, "-xds-addr", xdsAddr, "-admin-addr", admin, "-drain-timeout", "1s", "-admin-pprof")
+	cmd := exec.Command(sidecarBinary(t), "-node-id", node, "-xds-addr", xdsAddr, "-xds-ca-file", creds.CAFile, "-token-file", creds.TokenFile,
+		"-admin-addr", admin, "-drain-timeout", "1s", "-admin-pprof")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

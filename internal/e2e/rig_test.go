@@ -22,6 +22,7 @@ import (
 	"github.com/meshlet/meshlet/internal/testlog"
 	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/sidecar"
+	"github.com/meshlet/meshlet/sidecar/xdsclient"
 	"github.com/meshlet/meshlet/xds/xdstest"
 )
 
@@ -188,7 +189,9 @@ func newRigProtocol(t *testing.T, protocol, policies string, endpoints ...rigEnd
 	srv.Set(t, rigNode, "v1", r)
 
 	logger, buf := testlog.New(t, "sidecar")
-	s, err := sidecar.New(sidecar.Config{NodeID: rigNode, XDSAddress: srv.Addr, AdminAddress: "127.0.0.1:0", DrainTimeout: time.Second, Logger: logger})
+	// The rig serves hand-built resources from a plaintext xdstest server.
+	s, err := sidecar.New(sidecar.Config{NodeID: rigNode, XDSAddress: srv.Addr, XDSCredentials: xdsclient.Credentials{Insecure: true},
+		AdminAddress: "127.0.0.1:0", DrainTimeout: time.Second, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
 	}

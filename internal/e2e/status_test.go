@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os/exec"
 	"path/filepath"
@@ -19,7 +18,6 @@ import (
 	"github.com/meshlet/meshlet/controlplane"
 	"github.com/meshlet/meshlet/controlplane/admin"
 	"github.com/meshlet/meshlet/controlplane/server"
-	"github.com/meshlet/meshlet/internal/testlog"
 	"github.com/meshlet/meshlet/internal/testutil"
 	"github.com/meshlet/meshlet/xds"
 )
@@ -29,37 +27,7 @@ import (
 // it returns.
 func (m *mesh) startControlPlaneWithAdmin() string {
 	m.t.Helper()
-	logger, buf := testlog.New(m.t, "controlplane")
-	m.cpLog = buf
-	ready, adminReady := make(chan string, 1), make(chan string, 1)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	cfg := controlplane.Config{
-		XDSAddress: "127.0.0.1:0", PolicyDir: m.policyDir, Logger: logger,
-		AdminAddress: "127.0.0.1:0",
-		AdminReady:   func(a net.Addr) { adminReady <- a.String() },
-		Ready:        func(a net.Addr) { ready <- a.String() },
-	}
-	m.consulConfig(&cfg, "")
-	go func() { done <- controlplane.Run(ctx, cfg) }()
-	m.t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			m.t.Errorf("controlplane.Run: %v", err)
-		}
-	})
-	var adminAddr string
-	for adminAddr == "" || m.xdsAddr == "" {
-		select {
-		case adminAddr = <-adminReady:
-		case m.xdsAddr = <-ready:
-		case err := <-done:
-			m.t.Fatalf("control plane exited: %v", err)
-		case <-time.After(10 * time.Second):
-			m.t.Fatal("control plane not serving after 10s")
-		}
-	}
-	return adminAddr
+	return m.runControlPlane(controlplane.Config{XDSAddress: "127.0.0.1:0", AdminAddress: "127.0.0.1:0"}, "")
 }
 
 // webCallsAPI registers web-1 (upstream api on a local bind port) and
