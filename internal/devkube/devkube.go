@@ -172,6 +172,10 @@ func (c *Cluster) Netns() string { return c.netns }
 // WorkDir returns the cluster's directory.
 func (c *Cluster) WorkDir() string { return c.l.dir }
 
+// KubeletDir is the kubelet's --root-dir (pods/<uid>/volumes/... holds
+// what the pods mount).
+func (c *Cluster) KubeletDir() string { return c.l.kubeletRoot() }
+
 // LogDir returns the directory of the daemons' logs (<daemon>.log).
 func (c *Cluster) LogDir() string { return c.l.logs() }
 

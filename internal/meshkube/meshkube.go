@@ -36,9 +36,14 @@ const (
 	Namespace      = inject.DefaultMeshNamespace
 	Deployment     = "meshlet-controlplane"
 	PoliciesConfig = "meshlet-policies"
-	// ConsulHTTPPort is the Consul agent's HTTP port on devkube.NodeIP, as
+	// ConsulHTTPPort is the Consul agent's HTTPS port on devkube.NodeIP, as
 	// the dev overlay's meshlet-consul ConfigMap says.
 	ConsulHTTPPort = 8500
+	// MeshNamespace is meshlet's namespace (deploy/kubernetes).
+	MeshNamespace = "meshlet-system"
+	// ConsulSecret is the Secret of the control plane's Consul token and
+	// CA, which the manifests mount.
+	ConsulSecret = "meshlet-consul"
 	// Overlay is the kustomization Up applies, relative to the module root.
 	Overlay = "deploy/kubernetes/overlays/dev"
 	// MeshletImage is the tarball of meshlet's image in the image
@@ -118,12 +123,16 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 		}
 	}()
 	o.Log.Info("meshkube: cluster up; starting Consul beside it", "netns", c.Netns(), "after", time.Since(start).Round(time.Second))
-	// Without ACLs for now: the control plane in the cluster gets no
-	// Consul token yet (the manifests would pass one from a Secret:
-	// CONSUL_HTTP_TOKEN with consul.KubeControlPlaneACLRules).
+	// As production runs it: ACLs on (default deny) and the HTTP API over
+	// HTTPS only; the control plane gets its least-privilege token and
+	// Consul's CA in the Secret the manifests mount.
 	e.Consul, err = devconsul.Start(ctx, devconsul.Options{Netns: c.Netns(), BindAddress: devkube.NodeIP, HTTPPort: ConsulHTTPPort,
-		Dial: c.DialContext, Log: o.ConsulLog, NodeName: "consul", Detached: o.Detached, DisableACL: true})
+		Dial: c.DialContext, Log: o.ConsulLog, NodeName: "consul", Detached: o.Detached, TLS: true,
+		Dir: filepath.Join(c.WorkDir(), "consul")})
 	if err != nil {
+		return nil, err
+	}
+	if err := e.consulSecret(ctx); err != nil {
 		return nil, err
 	}
 	o.Log.Info("meshkube: installing meshlet (kubectl apply -k " + Overlay + ")")
@@ -140,6 +149,32 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 	}
 	o.Log.Info("meshkube: meshlet is up: the control plane serves and its webhook injects", "after", time.Since(start).Round(time.Second))
 	return e, nil
+}
+
+// consulSecret writes the Secret ConsulSecret in MeshNamespace (making
+// the namespace): the control plane's Consul ACL token (rules
+// consul.KubeControlPlaneACLRules) under "token" and Consul's CA under
+// "ca.crt", what deploy/kubernetes mounts at /etc/meshlet/consul.
+func (e *Env) consulSecret(ctx context.Context) error {
+	tok, err := e.Consul.ControlPlaneToken(ctx, true)
+	if err != nil {
+		return fmt.Errorf("meshkube: the control plane's Consul token: %w", err)
+	}
+	ca, err := os.ReadFile(e.Consul.CAFile)
+	if err != nil {
+		return fmt.Errorf("meshkube: Consul's CA: %w", err)
+	}
+	client := e.Client()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: MeshNamespace}}
+	if _, err := client.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("meshkube: namespace %s: %w", MeshNamespace, err)
+	}
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: ConsulSecret, Namespace: MeshNamespace},
+		Data: map[string][]byte{"token": []byte(tok), "ca.crt": ca}}
+	if _, err := client.CoreV1().Secrets(MeshNamespace).Create(ctx, sec, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("meshkube: secret %s/%s: %w", MeshNamespace, ConsulSecret, err)
+	}
+	return nil
 }
 
 // Stop stops Consul and the cluster, removing everything they made.
