@@ -47,7 +47,15 @@ type GuardConfig struct {
 	MaxDenials int
 	// Now defaults to time.Now.
 	Now func() time.Time
+	// CatalogWait bounds how long a stream's first request waits for the
+	// control plane's first catalog (sidecars connecting while it starts
+	// are answered as soon as it has one); DefaultCatalogWait when 0.
+	// Past it the stream is refused Unavailable (DenyUnavailable).
+	CatalogWait time.Duration
 }
+
+// DefaultCatalogWait is GuardConfig.CatalogWait's default.
+const DefaultCatalogWait = 30 * time.Second
 
 // ServiceWriter answers whether a Consul identity holds service:write on
 // a service (ConsulAuthenticator).
@@ -81,6 +89,9 @@ type Guard struct {
 	cfg     GuardConfig
 	log     *slog.Logger
 	catalog atomic.Pointer[model.Catalog]
+	// hasCatalog is closed by the first SetCatalog.
+	hasCatalog     chan struct{}
+	hasCatalogOnce sync.Once
 	// decisions caches Consul service:write answers by token hash and
 	// service, for the cached review's lifetime.
 	decisions *cache.LRUExpireCache
@@ -120,11 +131,14 @@ func NewGuard(cfg GuardConfig) *Guard {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.CatalogWait <= 0 {
+		cfg.CatalogWait = DefaultCatalogWait
+	}
 	if cfg.ServiceAccountMayActAs == nil {
 		cfg.ServiceAccountMayActAs = func(_, sa, svc string) bool { return sa == svc }
 	}
 	return &Guard{cfg: cfg, log: cfg.Logger, decisions: cache.NewLRUExpireCache(DefaultCacheEntries),
-		metrics: newGuardMetrics(), streams: map[*guardedStream]struct{}{}}
+		metrics: newGuardMetrics(), streams: map[*guardedStream]struct{}{}, hasCatalog: make(chan struct{})}
 }
 
 // ServerOptions installs the Guard on a gRPC server.
@@ -152,6 +166,7 @@ func (g *Guard) ObserveLookup(authority Kind) func(result string) {
 // SetCatalog, so no snapshot built from cat reaches a stream cat revokes.
 func (g *Guard) SetCatalog(cat *model.Catalog) {
 	g.catalog.Store(cat)
+	g.hasCatalogOnce.Do(func() { close(g.hasCatalog) })
 	g.mu.Lock()
 	streams := make([]*guardedStream, 0, len(g.streams))
 	for s := range g.streams {
@@ -282,10 +297,17 @@ func (g *Guard) forget(s *guardedStream) {
 // authorize decides whether id may act as node; "" when it may. service is
 // the node's service (for a sidecar).
 func (g *Guard) authorize(ctx context.Context, id *Identity, node *core.Node) (reason xds.AuthDenial, detail, service string) {
-	cat := g.catalog.Load()
-	if cat == nil {
-		return xds.DenyUnavailable, "the control plane has not read Consul's catalog yet", ""
+	t := time.NewTimer(g.cfg.CatalogWait)
+	select {
+	case <-g.hasCatalog:
+		t.Stop()
+	case <-ctx.Done():
+		t.Stop()
+		return xds.DenyUnavailable, "the stream ended while the control plane waited for Consul's catalog", ""
+	case <-t.C:
+		return xds.DenyUnavailable, fmt.Sprintf("the control plane has not read Consul's catalog after %v", g.cfg.CatalogWait), ""
 	}
+	cat := g.catalog.Load()
 	if xds.IsProxylessGRPC(node) {
 		return "", "", ""
 	}

@@ -104,6 +104,15 @@ type rig struct {
 
 func newRig(t *testing.T, mayActAs func(ns, sa, svc string) bool) *rig {
 	t.Helper()
+	r := newRigWithoutCatalog(t, mayActAs)
+	r.setCatalog(testCatalog("uid-web"))
+	return r
+}
+
+// newRigWithoutCatalog is a rig whose control plane has not read Consul
+// yet.
+func newRigWithoutCatalog(t *testing.T, mayActAs func(ns, sa, svc string) bool) *rig {
+	t.Helper()
 	dir, err := servingcert.OpenDir(servingcert.DirConfig{Dir: t.TempDir(), Names: servingcert.LocalNames("127.0.0.1:0"),
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -127,9 +136,7 @@ func newRig(t *testing.T, mayActAs func(ns, sa, svc string) bool) *rig {
 		srv.Close()
 		<-served
 	})
-	r := &rig{guard: g, srv: srv, addr: lis.Addr().String(), caFile: dir.CAFile()}
-	r.setCatalog(testCatalog("uid-web"))
-	return r
+	return &rig{guard: g, srv: srv, addr: lis.Addr().String(), caFile: dir.CAFile()}
 }
 
 func (r *rig) setCatalog(cat *model.Catalog) {
@@ -352,5 +359,33 @@ func TestConcurrentStreamsOneLookup(t *testing.T) {
 	defer mu.Unlock()
 	if results["ok"] != 1 || results["cached"] < 1 {
 		t.Fatalf("lookups %v, want exactly one asked of the authority", results)
+	}
+}
+
+// TestFirstRequestWaitsForTheCatalog: a sidecar connecting while the
+// control plane has not read Consul yet is not refused: its request waits
+// for the first catalog, then is authorized and served.
+func TestFirstRequestWaitsForTheCatalog(t *testing.T) {
+	r := newRigWithoutCatalog(t, nil)
+	s := r.dial(t, "tok-web")
+	if err := s.ask(webNode, false, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		resp, err := s.ads.Recv()
+		if err == nil && leafOf(t, resp) != "CERT-web" {
+			err = fmt.Errorf("served %v", resp)
+		}
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		t.Fatalf("answered before the control plane had a catalog: %v", err)
+	case <-time.After(50 * time.Millisecond): // nothing may come meanwhile: there is no catalog to authorize against
+	}
+	r.setCatalog(testCatalog("uid-web"))
+	if err := <-got; err != nil {
+		t.Fatal(err)
 	}
 }
