@@ -225,6 +225,11 @@ func start(ctx context.Context, o Options) (_ *Agent, err error) {
 			os.RemoveAll(removeDir)
 		}
 	}()
+	if dir != "" {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("devconsul: %w", err)
+		}
+	}
 	a := &Agent{HTTPAddr: net.JoinHostPort(bind, p(0)), tls: o.TLS, dial: o.Dial,
 		serviceTokens: map[string]string{}, controlPlaneTokens: map[bool]string{}}
 	args := []string{"agent", "-dev",
