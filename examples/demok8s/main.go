@@ -32,6 +32,7 @@ import (
 
 	"github.com/meshlet/meshlet/controlplane/inject"
 	"github.com/meshlet/meshlet/internal/meshkube"
+	"github.com/meshlet/meshlet/xds"
 )
 
 const steps = 7
@@ -223,6 +224,19 @@ func (d *demo) showInjection(ctx context.Context) {
 		}
 		d.say("       pod %s: init containers %v, containers %v", p.Name, init, main)
 		d.say("       its %s annotation: %s", inject.AnnotationInjected, p.Annotations[inject.AnnotationInjected])
+		if sc := inject.NativeSidecar(&p.Spec); sc != nil {
+			var creds []string
+			for _, a := range sc.Args {
+				if strings.HasPrefix(a, "-xds-ca-file=") || strings.HasPrefix(a, "-token-file=") || a == "-xds-insecure" {
+					creds = append(creds, a)
+				}
+			}
+			if len(creds) != 2 {
+				d.problem("the sidecar's ADS credentials are %v, want -xds-ca-file and -token-file", creds)
+			}
+			d.say("       its sidecar dials ADS over TLS as pod %s (ServiceAccount %s): %s", p.Name, p.Spec.ServiceAccountName, strings.Join(creds, " "))
+			d.say("       (the projected token of audience %s, checked by a TokenReview; the CA from ConfigMap %s)", xds.TokenAudience, xds.CARootConfigMap)
+		}
 	}
 	injected := 0
 	for _, p := range pods.Items {
