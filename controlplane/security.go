@@ -8,16 +8,24 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/meshlet/meshlet/controlplane/kube"
 	"github.com/meshlet/meshlet/controlplane/servingcert"
 	"github.com/meshlet/meshlet/controlplane/xdsauth"
 	"github.com/meshlet/meshlet/xds"
 )
+
+// MaxADSConnectionAge is how long an authenticated ADS connection lives
+// (gRPC MaxConnectionAge, ±10 % jitter; istiod's is 30 minutes too): the
+// sidecar then reconnects, resuming from its versions, and is
+// authenticated again, so a revoked token stops getting updates within it.
+const MaxADSConnectionAge = 30 * time.Minute
 
 // xdsSecurity is how ADS is served: its TLS certificate and the Guard
 // that authenticates and authorizes every stream.
@@ -107,7 +115,9 @@ func newXDSSecurity(ctx context.Context, cfg Config, cc *api.Config, mayActAs fu
 	}
 	guard = xdsauth.NewGuard(xdsauth.GuardConfig{Authenticator: tokens, Consul: consulAuth, ServiceAccountMayActAs: mayActAs, Logger: log})
 	sec.guard, sec.denials = guard, guard.Denials
-	sec.serverOptions = append([]grpc.ServerOption{grpc.Creds(creds)}, guard.ServerOptions()...)
+	sec.serverOptions = append([]grpc.ServerOption{grpc.Creds(creds),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: MaxADSConnectionAge, MaxConnectionAgeGrace: time.Minute})},
+		guard.ServerOptions()...)
 	sec.describe += "; streams authenticated with " + authorities
 	go warnACLsDisabled(ctx, cc, cfg)
 	return sec, nil

@@ -213,23 +213,31 @@ func (c *Client) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		code := grpcstatus.Code(err)
+		denied := code == codes.PermissionDenied || code == codes.Unauthenticated
 		if received {
-			// The stream had worked: this failure starts a new outage.
+			// The stream had worked: a failure to reconnect starts a new
+			// outage.
 			bo.Reset()
 			failing, refused = false, ""
 		}
-		if code := grpcstatus.Code(err); code == codes.PermissionDenied || code == codes.Unauthenticated {
+		switch {
+		case denied:
 			if msg := grpcstatus.Convert(err).Message(); msg != refused {
 				refused = msg
 				c.cfg.Logger.Error("xds: the control plane refused this proxy's stream; serving the last accepted config and retrying with backoff",
 					"server", c.cfg.Server, "code", code.String(), "reason", msg)
 			}
 			failing = true
-		} else if !failing {
+		case received:
+			// A stream the server ended (a restart, its connections'
+			// maximum age) is no outage unless reconnecting fails.
+			c.cfg.Logger.Info("xds: stream to the control plane ended; reconnecting", "server", c.cfg.Server, "error", err)
+		case !failing:
 			c.cfg.Logger.Error("xds: control plane unreachable; serving the last accepted config and retrying with backoff",
 				"server", c.cfg.Server, "error", err)
 			failing = true
-		} else {
+		default:
 			c.cfg.Logger.Debug("xds: stream failed", "server", c.cfg.Server, "error", err)
 		}
 		select {

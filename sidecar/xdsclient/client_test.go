@@ -215,3 +215,32 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
 }
+
+// TestStreamEndedByTheServerIsNoOutage: a working stream the server ends
+// (a restart, a connection's maximum age) is logged as ended and
+// reconnected at once, not as an outage; a reconnection that fails is.
+func TestStreamEndedByTheServerIsNoOutage(t *testing.T) {
+	srv := xdstest.Start(t)
+	srv.Set(t, "n1", "v1", xdstest.Resources{Listeners: []types.Resource{lis("a")}})
+	var logs syncBuffer
+	h := newRecorder()
+	c, err := New(Config{Server: srv.Addr, Node: &core.Node{Id: "n1"}, Handler: h, Credentials: Credentials{Insecure: true},
+		Logger: slog.New(slog.NewTextHandler(&logs, nil)), MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	testutil.Until(t, 5*time.Second, "v1 accepted", func() bool { v, _ := h.get(xds.ListenerType); return slices.Contains(v, "v1") })
+	srv.Stop()
+	testutil.Until(t, 5*time.Second, "the drop logged, then the failed reconnection", func() bool {
+		l := logs.String()
+		i, j := strings.Index(l, "stream to the control plane ended; reconnecting"), strings.Index(l, "control plane unreachable")
+		return i >= 0 && j > i
+	})
+	if strings.Count(logs.String(), "level=ERROR") != 1 {
+		t.Fatalf("want one error (the failed reconnection), got:\n%s", logs.String())
+	}
+}
