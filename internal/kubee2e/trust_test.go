@@ -62,7 +62,9 @@ func probeAs(t *testing.T, e *meshkube.Env, ns, name, sa, node, token string) (i
 	if _, err := pods.Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = pods.Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: ptr(int64(0))}) })
+	t.Cleanup(func() {
+		_ = pods.Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: ptr(int64(0))})
+	})
 	var code int32
 	testutil.Until(t, 90*time.Second, "probe pod "+name+" done", func() bool {
 		p, err := pods.Get(ctx, name, metav1.GetOptions{})
