@@ -1,7 +1,6 @@
 package servingcert
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/ecdsa"
@@ -307,6 +306,3 @@ func (f *Files) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	f.cert, f.modTime = &c, st.ModTime()
 	return f.cert, nil
 }
-
-// SameBundle reports whether two PEM bundles hold the same certificates.
-func SameBundle(a, b []byte) bool { return bytes.Equal(bytes.TrimSpace(a), bytes.TrimSpace(b)) }
