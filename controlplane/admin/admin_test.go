@@ -18,6 +18,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/explain"
 	"github.com/meshlet/meshlet/controlplane/server"
 	"github.com/meshlet/meshlet/controlplane/translate"
+	"github.com/meshlet/meshlet/controlplane/xdsauth"
 	"github.com/meshlet/meshlet/internal/fixtures"
 	"github.com/meshlet/meshlet/internal/golden"
 	"github.com/meshlet/meshlet/xds"
@@ -91,6 +92,11 @@ func sampleStatus() *server.Status {
 					{Origin: translate.OriginPolicy, Kind: "ServiceDefaults", Name: "api", File: "policies/services.yaml", Line: 7},
 					{Origin: translate.OriginConsul, Kind: translate.ConsulConnectProxy, Name: "web-1-sidecar-proxy", Detail: "upstream api"},
 				}}}},
+		},
+		Denials: []xdsauth.Denial{
+			{Reason: xds.DenyNoCredential, Peer: "10.244.0.9", Detail: "no bearer token in the authorization metadata", Count: 3, First: since, Last: at},
+			{Reason: xds.DenyWrongNode, Peer: "10.244.0.12", Identity: "kubernetes:shop/web pod web-7d9c", Node: "api-1-sidecar-proxy",
+				Detail: `node "api-1-sidecar-proxy" is the proxy of pod shop/api-5c4f, not of the token's pod shop/web-7d9c`, Count: 1, First: at, Last: at},
 		},
 	}
 }
