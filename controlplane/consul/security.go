@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 
@@ -61,8 +62,34 @@ func (w *Watcher) watchLeaf(ctx context.Context, service string, notify func()) 
 			w.mu.Unlock()
 			w.cfg.Logger.Info("consul: leaf certificate", "service", service, "serial", leaf.SerialNumber, "validBefore", leaf.ValidBefore)
 			notify()
+			if w.leafExposureChecked.CompareAndSwap(false, true) {
+				w.checkLeafExposure(ctx, service)
+			}
 		}, nil
 	})
+}
+
+// AnonymousToken is the secret ID of Consul's anonymous token: a request
+// carrying it is treated as one with no token.
+const AnonymousToken = "anonymous"
+
+// checkLeafExposure asks the agent, once, for service's leaf certificate
+// as the anonymous token. Consul 1.19's agent answers
+// /v1/agent/connect/ca/leaf/<service> from its cache without checking the
+// caller's token, so a leaf the control plane fetched is handed, key
+// included, to anyone who can reach the agent's HTTP API; when it is, this
+// says so, with the remedy.
+func (w *Watcher) checkLeafExposure(ctx context.Context, service string) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	leaf, _, err := w.cfg.Client.Agent().ConnectCALeaf(service, (&api.QueryOptions{Token: AnonymousToken}).WithContext(ctx))
+	if err != nil || leaf == nil || leaf.PrivateKeyPEM == "" {
+		return
+	}
+	w.cfg.Logger.Warn("consul: this agent hands cached leaf certificates and their keys to requests without a token "+
+		"(Consul answers /v1/agent/connect/ca/leaf from its cache without checking the caller): keep its HTTP API "+
+		"unreachable from workloads (on loopback, or a NetworkPolicy letting only the control plane in); README, Security model",
+		"agent", w.cfg.Address, "service", service)
 }
 
 // watchIntentions follows the service-intentions config entries.

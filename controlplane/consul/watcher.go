@@ -108,6 +108,8 @@ type Watcher struct {
 	// whichever query learns it first).
 	anonymousLogged atomic.Bool
 	unknownToken    atomic.Bool
+	// leafExposureChecked is set once checkLeafExposure has run.
+	leafExposureChecked atomic.Bool
 
 	// builder converts entries into Catalogs; only Run's goroutine uses it.
 	builder *catalogBuilder

@@ -271,3 +271,22 @@ func TestFirstCatalogCarriesTheIntentions(t *testing.T) {
 		t.Errorf("first catalog's intentions of api: %+v, want web allowed", in)
 	}
 }
+
+// TestLeafExposureWarned: Consul 1.19's agent gives a leaf certificate it
+// has cached, key included, to a request without a token; the watcher
+// checks once, after its first leaf, and warns with the remedy. (Should a
+// later Consul check the caller, the warning goes, and this test says so.)
+func TestLeafExposureWarned(t *testing.T) {
+	agent := devconsul.StartForTest(t)
+	register(t, agent.Client, "api-1", 9001)
+	logs := &safeBuffer{}
+	l := runControlPlaneWatcher(t, agent, logs)
+	l.wait(t, 10*time.Second, "api's leaf certificate", func(c *model.Catalog) bool { return c.Leaves["api"] != nil })
+	line := logs.WaitFor(t, 10*time.Second, "hands cached leaf certificates and their keys to requests without a token")
+	if !strings.Contains(line, "unreachable from workloads") || !strings.Contains(line, "service=api") {
+		t.Errorf("warning lacks the remedy or the service: %s", line)
+	}
+	if n := logs.Count("hands cached leaf certificates"); n != 1 {
+		t.Errorf("warned %d times, want once", n)
+	}
+}
