@@ -12,6 +12,8 @@ import (
 
 	"golang.org/x/sync/singleflight"
 	"k8s.io/apimachinery/pkg/util/cache"
+
+	"github.com/meshlet/meshlet/xds"
 )
 
 // ByTokenShape sends a JWT (three base64url parts joined by dots, as
@@ -80,6 +82,19 @@ func jwtExpiry(token string) time.Time {
 	return time.Unix(n, 0)
 }
 
+// Results of a token lookup, the result label of
+// meshlet_controlplane_xds_auth_lookups_total (CacheOptions.Observe).
+const (
+	// LookupOK: the authority vouched for the token.
+	LookupOK = "ok"
+	// LookupInvalid: the authority refused it.
+	LookupInvalid = "invalid"
+	// LookupUnavailable: the authority could not be asked.
+	LookupUnavailable = string(xds.DenyUnavailable)
+	// LookupCached: answered from the cache, the authority not asked.
+	LookupCached = "cached"
+)
+
 // Defaults of CacheOptions.
 const (
 	// DefaultCacheEntries bounds the cached reviews (about 1 KiB each).
@@ -107,8 +122,8 @@ type CacheOptions struct {
 	// Now defaults to time.Now.
 	Now func() time.Time
 	// Observe, if set, is told of every lookup the wrapped authenticator
-	// made (result "ok", "invalid" or "unavailable") and of every answer
-	// from the cache ("cached").
+	// made (LookupOK, LookupInvalid, LookupUnavailable) and of every
+	// answer from the cache (LookupCached).
 	Observe func(result string)
 }
 
@@ -152,7 +167,7 @@ func (c *cached) Authenticate(ctx context.Context, token string) (*Identity, err
 	if v, ok := c.lru.Get(key); ok {
 		e := v.(cacheEntry)
 		if e.id == nil || e.id.Expires.IsZero() || c.o.Now().Before(e.id.Expires) {
-			c.o.Observe("cached")
+			c.o.Observe(LookupCached)
 			return e.id, e.err
 		}
 	}
@@ -166,7 +181,7 @@ func (c *cached) Authenticate(ctx context.Context, token string) (*Identity, err
 		e := cacheEntry{id: id, err: err}
 		switch {
 		case err == nil:
-			c.o.Observe("ok")
+			c.o.Observe(LookupOK)
 			ttl := c.o.TTL
 			if !id.Expires.IsZero() {
 				ttl = min(ttl, id.Expires.Sub(c.o.Now()))
@@ -175,10 +190,10 @@ func (c *cached) Authenticate(ctx context.Context, token string) (*Identity, err
 				c.lru.Add(key, e, ttl)
 			}
 		case errors.Is(err, ErrInvalidToken):
-			c.o.Observe("invalid")
+			c.o.Observe(LookupInvalid)
 			c.lru.Add(key, e, c.o.NegativeTTL)
 		default:
-			c.o.Observe("unavailable")
+			c.o.Observe(LookupUnavailable)
 		}
 		return e, nil
 	})

@@ -357,7 +357,7 @@ func TestConcurrentStreamsOneLookup(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if results["ok"] != 1 || results["cached"] < 1 {
+	if results[xdsauth.LookupOK] != 1 || results[xdsauth.LookupCached] < 1 {
 		t.Fatalf("lookups %v, want exactly one asked of the authority", results)
 	}
 }
