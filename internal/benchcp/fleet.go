@@ -99,7 +99,13 @@ func waitSync(ctx context.Context, f *fleet, cp *controlPlane, timeout time.Dura
 			// The control plane cannot sync while the agent refuses its
 			// connections: say so now rather than at the timeout.
 			if b, err := os.ReadFile(cp.logFile.Name()); err == nil && bytes.Contains(b, []byte("limits.http_max_conns_per_client")) {
-				return time.Time{}, fmt.Errorf("the Consul agent refuses the control plane's connections (limits.http_max_conns_per_client): raise -consul-max-conns (see %s)", cp.logFile.Name())
+				why := ""
+				if bytes.Contains(b, []byte("authority unavailable: consul")) && bytes.Contains(b, []byte("Unexpected response code: 429")) {
+					// Each token review in flight holds a connection of
+					// its own besides the blocking queries.
+					why = "; its token reviews were refused too: every review in flight holds a connection of its own, on top of one per blocking query"
+				}
+				return time.Time{}, fmt.Errorf("the Consul agent refuses the control plane's connections (limits.http_max_conns_per_client %d)%s: raise -consul-max-conns (see %s)", cp.maxConns, why, cp.logFile.Name())
 			}
 		case <-deadline:
 			f.tr.mu.Lock()

@@ -107,7 +107,7 @@ func parseFlags() (*options, error) {
 	fs.Float64Var(&o.rate, "rate", 10, "endpoint changes per second")
 	fs.StringVar(&o.mix, "mix", "50,25,25", "percent of changes: sidecar instance health, plain instance health, scale out/in")
 	fs.IntVar(&o.workers, "workers", 16, "concurrent catalog writes while registering")
-	fs.IntVar(&o.consulMaxConns, "consul-max-conns", 4096, "Consul limits.http_max_conns_per_client: the control plane holds one blocking query (one connection) per Consul service name and per proxied service's leaf, 3,003 with the defaults; 0 keeps Consul's default of 200")
+	fs.IntVar(&o.consulMaxConns, "consul-max-conns", 4096, "Consul limits.http_max_conns_per_client: the control plane holds one blocking query (one connection) per Consul service name and per proxied service's leaf, 3,003 with the defaults, and, authenticated, one more per token review in flight (up to one per sidecar connecting with a token it has not reviewed yet); 0 keeps Consul's default of 200")
 	fs.Float64Var(&o.csrMaxPerSecond, "csr-max-per-second", -1, "Connect CA csr_max_per_second (-1: Consul's default, 50; 0: unlimited)")
 	fs.DurationVar(&o.syncTimeout, "sync-timeout", 4*time.Minute, "longest wait for every sidecar's first whole config")
 	fs.DurationVar(&o.changeTimeout, "change-timeout", 10*time.Second, "longest wait for a change at its sidecars (later: missed)")
@@ -536,7 +536,9 @@ type controlPlane struct {
 	xds   string
 	admin string
 	// caFile verifies its ADS certificate ("" with -xds-insecure).
-	caFile    string
+	caFile string
+	// maxConns is the agent's limits.http_max_conns_per_client.
+	maxConns  int
 	started   time.Time
 	exited    chan struct{}
 	stopOnce  sync.Once
@@ -570,7 +572,7 @@ func startControlPlane(ctx context.Context, o *options, consulAddr, consulToken 
 		return nil, err
 	}
 	cp := &controlPlane{xds: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])), admin: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[1])),
-		exited: make(chan struct{}), logFile: logFile}
+		exited: make(chan struct{}), logFile: logFile, maxConns: cmpOr(o.consulMaxConns, 200)}
 	args := []string{"serve", "-xds-addr", cp.xds, "-admin-addr", cp.admin, "-admin-pprof", "-consul-addr", consulAddr, "-policy-dir", policyDir}
 	if mode.Insecure {
 		args = append(args, "-xds-insecure")
