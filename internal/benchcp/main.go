@@ -10,8 +10,9 @@
 // sidecar/xdsclient, in this process, each presenting its service's token
 // and verifying the control plane's CA), all at once, waits until every
 // one has a whole config, then writes a stream of endpoint changes to
-// Consul at a fixed rate: flipping the check of an instance with a sidecar, of one
-// without, and adding or removing an instance with a sidecar. For every
+// Consul at a fixed rate: flipping the check of an instance with a
+// sidecar, of one without, and adding or removing an instance with a
+// sidecar. For every
 // change it records when each affected sidecar (one with that service
 // upstream) receives the load assignment that contains it, and it
 // classifies every response received during the changes as affected or
