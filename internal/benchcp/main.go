@@ -1,13 +1,18 @@
 // Command benchcp is meshlet's control-plane scale benchmark (`make
-// bench-cp`). It starts a Consul dev agent and registers a mesh through the
-// catalog API (by default 1,000 services of 10 instances each, every
-// instance with a passing check, and 1,000 connect-proxy sidecars with 3 to 5
-// upstreams each), starts the real control plane (bin/controlplane, its own
-// process), connects one simulated sidecar per registered proxy (real ADS
-// clients, sidecar/xdsclient, in this process), waits until every one has a
-// whole config, then writes a stream of endpoint changes to Consul at a
-// fixed rate: flipping the check of an instance with a sidecar, of one
-// without, and adding or removing an instance with a sidecar. For every
+// bench-cp`). It starts a Consul dev agent (ACLs on, default deny) and
+// registers a mesh through the catalog API (by default 1,000 services of 10
+// instances each, every instance with a passing check, and 1,000
+// connect-proxy sidecars with 3 to 5 upstreams each), makes a Consul ACL
+// token per meshed service (its service identity) in a file, starts the
+// real control plane (bin/controlplane, its own process, ADS over TLS with
+// a self-issued certificate and a token required on every stream),
+// connects one simulated sidecar per registered proxy (real ADS clients,
+// sidecar/xdsclient, in this process, each presenting its service's token
+// and verifying the control plane's CA), all at once, waits until every
+// one has a whole config, then writes a stream of endpoint changes to
+// Consul at a fixed rate: flipping the check of an instance with a
+// sidecar, of one without, and adding or removing an instance with a
+// sidecar. For every
 // change it records when each affected sidecar (one with that service
 // upstream) receives the load assignment that contains it, and it
 // classifies every response received during the changes as affected or
@@ -15,17 +20,28 @@
 // write to the last affected sidecar (p50/p90/p99/max), pushes to affected
 // and unaffected sidecars, the control plane's peak RSS and CPU-seconds, and
 // the time to the initial sync of every sidecar.
+//
+// Then, on the same control plane, a reconnect storm: every simulated
+// sidecar stops, and all start again at once; it times their re-sync and
+// counts the token reviews the control plane asked of Consul meanwhile
+// (meshlet_controlplane_xds_auth_lookups_total), failing the run when they
+// exceed one per distinct token (within the review cache's TTL none is
+// expected). Last, the unauthenticated comparison: a fresh control plane
+// with -xds-insecure on the same Consul, every sidecar connecting in
+// plaintext at once, the same initial sync measured; the table gives the
+// authenticated run's time and CPU as ratios to it. Before the first
+// control plane starts, the agent signs every leaf certificate
+// (-warm-leaves), so neither sync is paced by the Connect CA's rate limit
+// and both find the agent in the same state.
 package main
 
 import (
-	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -40,8 +56,7 @@ import (
 	"syscall"
 	"time"
 
-	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-
+	"github.com/meshlet/meshlet/controlplane/xdsauth"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/sidecar/xdsclient"
 )
@@ -67,6 +82,10 @@ type options struct {
 	profile               bool
 	profileSync           time.Duration
 	cpFlags               string
+	insecure              bool
+	storm                 bool
+	compareInsecure       bool
+	warmLeaves            bool
 }
 
 func parseFlags() (*options, error) {
@@ -89,15 +108,24 @@ func parseFlags() (*options, error) {
 	fs.Float64Var(&o.rate, "rate", 10, "endpoint changes per second")
 	fs.StringVar(&o.mix, "mix", "50,25,25", "percent of changes: sidecar instance health, plain instance health, scale out/in")
 	fs.IntVar(&o.workers, "workers", 16, "concurrent catalog writes while registering")
-	fs.IntVar(&o.consulMaxConns, "consul-max-conns", 4096, "Consul limits.http_max_conns_per_client: the control plane holds one blocking query (one connection) per Consul service name and per proxied service's leaf, 3,003 with the defaults; 0 keeps Consul's default of 200")
+	fs.IntVar(&o.consulMaxConns, "consul-max-conns", 4096, "Consul limits.http_max_conns_per_client: the control plane holds one blocking query (one connection) per Consul service name and per proxied service's leaf, 3,003 with the defaults, and, authenticated, one more per token review in flight (up to one per sidecar connecting with a token it has not reviewed yet); 0 keeps Consul's default of 200")
 	fs.Float64Var(&o.csrMaxPerSecond, "csr-max-per-second", -1, "Connect CA csr_max_per_second (-1: Consul's default, 50; 0: unlimited)")
 	fs.DurationVar(&o.syncTimeout, "sync-timeout", 4*time.Minute, "longest wait for every sidecar's first whole config")
 	fs.DurationVar(&o.changeTimeout, "change-timeout", 10*time.Second, "longest wait for a change at its sidecars (later: missed)")
 	fs.BoolVar(&o.profile, "profile", false, "save a CPU profile of the control plane during the changes and a heap profile after them in -out")
 	fs.DurationVar(&o.profileSync, "profile-sync", 0, "save a CPU profile of the control plane's first seconds (initial sync) in -out; the changes wait for it")
 	fs.StringVar(&o.cpFlags, "controlplane-flags", "", "extra flags for controlplane serve, space separated")
+	fs.BoolVar(&o.insecure, "insecure", false, "run every phase against a control plane with -xds-insecure (plaintext, no tokens: the benchmark before issue 18); no comparison")
+	fs.BoolVar(&o.storm, "storm", true, "after the changes, stop every simulated sidecar and start them all again at once (reconnect storm): time to all served again, CPU, token reviews asked of Consul")
+	fs.BoolVar(&o.compareInsecure, "compare-insecure", true, "after the authenticated phases, start a fresh control plane with -xds-insecure on the same Consul and time the same initial sync with plaintext sidecars (ratios authenticated ÷ insecure)")
+	fs.BoolVar(&o.warmLeaves, "warm-leaves", true, "before the first control plane starts, have the agent sign every meshed service's leaf certificate (not timed), so no measured sync is paced by the Connect CA's csr_max_per_second and the insecure comparison, which would find them signed, compares like with like")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return nil, err
+	}
+	for _, f := range strings.Fields(o.cpFlags) {
+		if name, _, _ := strings.Cut(strings.TrimLeft(f, "-"), "="); name == "xds-insecure" || name == "xds-tls-dir" {
+			return nil, fmt.Errorf("-controlplane-flags %s: the benchmark sets it (-insecure runs every phase with -xds-insecure)", f)
+		}
 	}
 	o.topo.Seed = *seed
 	if err := o.topo.validate(); err != nil {
@@ -187,16 +215,53 @@ func run() error {
 	res.Setup.Fanout = fanout(topo)
 	logf("registered in %.1f s", res.Setup.RegisterSeconds)
 
-	// Control plane.
+	// Sidecar credentials: a Consul ACL token per meshed service, in a
+	// file, and the control plane's CA (known once it has started).
 	cpToken, err := agent.ControlPlaneToken(ctx, false)
 	if err != nil {
 		return err
 	}
-	cp, err := startControlPlane(ctx, o, agent.HTTPAddr, cpToken)
+	mode := cpMode{Insecure: o.insecure, TLSDir: filepath.Join(o.out, "xds-tls"), Log: "controlplane.log"}
+	var tokens *tokenSet
+	res.Auth.Mode = "authenticated"
+	if o.insecure {
+		res.Auth.Mode = "insecure"
+	} else {
+		logf("creating %d Consul ACL tokens (a service identity per meshed service)", o.topo.Meshed)
+		start := time.Now()
+		if tokens, err = makeTokens(ctx, agent, topo, filepath.Join(o.out, "tokens"), o.workers); err != nil {
+			return err
+		}
+		res.Auth.TokensSeconds = time.Since(start).Seconds()
+		res.Auth.Tokens, res.Auth.DistinctTokens = len(tokens.files), tokens.distinct
+		logf("%d tokens in %.1f s, %d distinct among the %d sidecars", len(tokens.files), res.Auth.TokensSeconds, tokens.distinct, len(topo.sidecars))
+		// A fresh CA and certificate every run.
+		if err := os.RemoveAll(mode.TLSDir); err != nil {
+			return err
+		}
+	}
+	if o.warmLeaves {
+		logf("warming the agent's leaf certificates (%d services)", o.topo.Meshed)
+		start := time.Now()
+		if err := warmLeaves(ctx, agent, topo, cpToken, o.workers); err != nil {
+			return err
+		}
+		res.Setup.WarmLeavesSeconds = time.Since(start).Seconds()
+		logf("leaf certificates signed in %.1f s", res.Setup.WarmLeavesSeconds)
+	}
+
+	// Control plane.
+	cp, err := startControlPlane(ctx, o, agent.HTTPAddr, cpToken, mode)
 	if err != nil {
 		return err
 	}
 	defer cp.stop()
+	credsOf := func(sc *sidecar) xdsclient.Credentials {
+		if o.insecure {
+			return xdsclient.Credentials{Insecure: true}
+		}
+		return xdsclient.Credentials{CAFile: cp.caFile, TokenFile: tokens.files[sc.service]}
+	}
 	smp := &sampler{pid: cp.pid()}
 	sctx, cancelSampler := context.WithCancel(ctx)
 	var sampWG sync.WaitGroup
@@ -218,52 +283,25 @@ func run() error {
 	}
 
 	// Simulated sidecars.
-	tr := newTracker(len(topo.sidecars))
-	simLog := slog.New(slog.NewTextHandler(io.Discard, nil))
-	cctx, cancelClients := context.WithCancel(ctx)
-	var clients sync.WaitGroup
-	defer func() { cancelClients(); clients.Wait() }()
-	for _, sc := range topo.sidecars {
-		c, err := xdsclient.New(xdsclient.Config{Server: cp.xds, Node: &core.Node{Id: sc.id, Cluster: sc.service}, Handler: newSim(sc.id, tr), Logger: simLog})
-		if err != nil {
-			return err
-		}
-		clients.Add(1)
-		go func() { defer clients.Done(); _ = c.Run(cctx) }()
+	fl, err := startFleet(ctx, topo, cp.xds, credsOf)
+	if err != nil {
+		return err
 	}
-	logf("%d simulated sidecars connecting to %s; waiting for every one's whole config", len(topo.sidecars), cp.xds)
-	syncDeadline := time.After(o.syncTimeout)
-	poll := time.NewTicker(time.Second)
-	defer poll.Stop()
-wait:
-	for {
-		select {
-		case <-tr.syncDone:
-			break wait
-		case <-poll.C:
-			// The control plane cannot sync while the agent refuses its
-			// connections: say so now rather than at the timeout.
-			if b, err := os.ReadFile(filepath.Join(o.out, "controlplane.log")); err == nil && bytes.Contains(b, []byte("limits.http_max_conns_per_client")) {
-				return fmt.Errorf("the Consul agent refuses the control plane's connections (limits.http_max_conns_per_client): raise -consul-max-conns (see %s)", filepath.Join(o.out, "controlplane.log"))
-			}
-		case <-syncDeadline:
-			tr.mu.Lock()
-			n := tr.synced
-			tr.mu.Unlock()
-			return fmt.Errorf("only %d of %d sidecars had a whole config after %v (see %s)", n, len(topo.sidecars), o.syncTimeout, filepath.Join(o.out, "controlplane.log"))
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	defer fl.stop()
+	logf("%d simulated sidecars (%s) connecting to %s; waiting for every one's whole config", len(topo.sidecars), res.Auth.Mode, cp.xds)
+	syncedAt, err := waitSync(ctx, fl, cp, o.syncTimeout)
+	if err != nil {
+		return err
 	}
-	tr.mu.Lock()
-	res.InitialSync.Seconds = tr.syncedAt.Sub(cp.started).Seconds()
-	tr.mu.Unlock()
-	res.InitialSync.ReadySeconds = (<-readyAt).Seconds()
-	res.InitialSync.CPUSeconds = cp.cpu().Seconds()
-	if rss, _, err := memory(cp.pid()); err == nil {
-		res.InitialSync.RSSMB = mb(rss)
+	res.InitialSync = cp.syncResult(syncedAt, <-readyAt)
+	if m, err := scrape(ctx, fmt.Sprintf("http://%s/metrics", cp.admin)); err == nil {
+		res.Auth.InitialSyncLookups = authLookups(nil, m)
+	} else {
+		logf("metrics: %v", err)
 	}
-	logf("all %d sidecars synced %.1f s after the control plane started (first catalog after %.1f s)", len(topo.sidecars), res.InitialSync.Seconds, res.InitialSync.ReadySeconds)
+	logf("all %d sidecars synced %.1f s after the control plane started (first catalog after %.1f s; %d token reviews asked of Consul, %d cached)",
+		len(topo.sidecars), res.InitialSync.Seconds, res.InitialSync.ReadySeconds, res.Auth.InitialSyncLookups.Consul, res.Auth.InitialSyncLookups.Cached)
+	tr := fl.tr
 
 	syncProf.Wait() // one CPU profile at a time
 
@@ -322,22 +360,50 @@ wait:
 	} else {
 		logf("metrics: %v", err)
 	}
+
+	// Reconnect storm: every sidecar gone, then all back at once.
+	if o.storm {
+		st, err := reconnectStorm(ctx, o, topo, cp, fl, credsOf, tokens)
+		if err != nil {
+			return err
+		}
+		res.Storm = st
+	}
+
+	if m, err := scrape(ctx, fmt.Sprintf("http://%s/metrics", cp.admin)); err == nil {
+		res.Auth.Denied = authDenied(nil, m)
+	}
 	rss, hwm, _ := memory(cp.pid())
 	res.Controlplane.RSSEndMB = mb(rss)
 	res.Controlplane.RSSPeakMB = mb(max(hwm, smp.max()))
 	res.Controlplane.CPUSecondsTotal = cp.cpu().Seconds()
+	res.summarize(d.changes, tr)
+
+	fl.stop()
+	cancelSampler()
+	sampWG.Wait()
+	cp.stop()
+
+	// The same initial sync without TLS and tokens.
+	if o.compareInsecure && !o.insecure {
+		ins, err := compareInsecure(ctx, o, topo, agent.HTTPAddr, cpToken)
+		if err != nil {
+			return err
+		}
+		res.Insecure = ins
+		res.Ratios = &ratios{
+			InitialSyncSeconds: res.InitialSync.Seconds / ins.InitialSync.Seconds,
+			CPUSeconds:         res.InitialSync.CPUSeconds / ins.InitialSync.CPUSeconds,
+		}
+	}
+
 	if c, err := cpuTime(agent.Pid()); err == nil {
 		res.Consul.CPUSecondsTotal = c.Seconds()
 	}
 	if _, hwm, err := memory(agent.Pid()); err == nil {
 		res.Consul.RSSPeakMB = mb(hwm)
 	}
-	res.summarize(d.changes, tr)
 	res.WallSeconds = time.Since(wall).Seconds()
-
-	cancelClients()
-	clients.Wait()
-	cp.stop()
 
 	res.print(os.Stdout)
 	path := filepath.Join(o.out, "result.json")
@@ -345,11 +411,101 @@ wait:
 	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
 		return err
 	}
-	fmt.Printf("\nJSON: %s   logs: %s/{controlplane,consul}.log\n", path, o.out)
-	if res.Changes.Missed > 0 {
-		return fmt.Errorf("%d change deliveries never arrived", res.Changes.Missed)
+	logs := "controlplane,consul"
+	if res.Insecure != nil {
+		logs = "controlplane,controlplane-insecure,consul"
 	}
-	return nil
+	fmt.Printf("\nJSON: %s   logs: %s/{%s}.log\n", path, o.out, logs)
+	var errs []error
+	if res.Changes.Missed > 0 {
+		errs = append(errs, fmt.Errorf("%d change deliveries never arrived", res.Changes.Missed))
+	}
+	if st := res.Storm; st != nil && !st.OK {
+		errs = append(errs, fmt.Errorf("the reconnect storm asked Consul %d token reviews for %d distinct tokens: the control plane's review cache (xdsauth.Cached) should answer a storm within its %v TTL itself, and never cost more than one review per token",
+			st.Lookups.Consul, st.MaxConsulLookups, xdsauth.DefaultCacheTTL))
+	}
+	return errors.Join(errs...)
+}
+
+// reconnectStorm stops every client of fl, then starts a new client per
+// sidecar at once against the same control plane and measures the time
+// until each has a whole config again, the control plane's CPU meanwhile
+// and the token reviews it asked of Consul (all should be cached within
+// the cache's TTL; at most one per distinct token in any case).
+func reconnectStorm(ctx context.Context, o *options, topo *topology, cp *controlPlane, fl *fleet, creds func(*sidecar) xdsclient.Credentials, tokens *tokenSet) (*stormResult, error) {
+	fl.stop()
+	time.Sleep(time.Second) // the control plane ends the streams
+	metricsURL := fmt.Sprintf("http://%s/metrics", cp.admin)
+	m0, err := scrape(ctx, metricsURL)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	cpu0 := cp.cpu()
+	st := &stormResult{Sidecars: len(topo.sidecars)}
+	logf("reconnect storm: all %d simulated sidecars stopped, starting them again at once", len(topo.sidecars))
+	again, err := startFleet(ctx, topo, cp.xds, creds)
+	if err != nil {
+		return nil, err
+	}
+	defer again.stop()
+	syncedAt, err := waitSync(ctx, again, cp, o.syncTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("reconnect storm: %w", err)
+	}
+	st.Seconds = syncedAt.Sub(again.started).Seconds()
+	st.CPUSeconds = (cp.cpu() - cpu0).Seconds()
+	m1, err := scrape(ctx, metricsURL)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	st.Lookups = authLookups(m0, m1)
+	st.Denied = authDenied(m0, m1)
+	// The oldest cached review is at most as old as the control plane.
+	st.CacheAgeSeconds = syncedAt.Sub(cp.started).Seconds()
+	st.WithinTTL = syncedAt.Sub(cp.started) < xdsauth.DefaultCacheTTL
+	if tokens != nil {
+		st.MaxConsulLookups = tokens.distinct
+	}
+	st.OK = st.Lookups.Consul <= st.MaxConsulLookups
+	logf("reconnect storm: all %d sidecars served again after %.1f s (control plane CPU %.1f s); token reviews asked of Consul %d, cached %d",
+		len(topo.sidecars), st.Seconds, st.CPUSeconds, st.Lookups.Consul, st.Lookups.Cached)
+	return st, nil
+}
+
+// compareInsecure starts a fresh control plane with -xds-insecure on the
+// same Consul, connects every sidecar in plaintext at once and measures
+// the initial sync as the authenticated run did.
+func compareInsecure(ctx context.Context, o *options, topo *topology, consulAddr, cpToken string) (*insecureResult, error) {
+	cp, err := startControlPlane(ctx, o, consulAddr, cpToken, cpMode{Insecure: true, Log: "controlplane-insecure.log"})
+	if err != nil {
+		return nil, err
+	}
+	defer cp.stop()
+	readyAt := make(chan time.Duration, 1)
+	go func() { readyAt <- cp.waitReady(ctx) }()
+	fl, err := startFleet(ctx, topo, cp.xds, func(*sidecar) xdsclient.Credentials { return xdsclient.Credentials{Insecure: true} })
+	if err != nil {
+		return nil, err
+	}
+	defer fl.stop()
+	logf("insecure comparison: %d plaintext sidecars connecting to %s", len(topo.sidecars), cp.xds)
+	syncedAt, err := waitSync(ctx, fl, cp, o.syncTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("insecure comparison: %w", err)
+	}
+	out := &insecureResult{InitialSync: cp.syncResult(syncedAt, <-readyAt)}
+	logf("insecure comparison: all %d sidecars synced %.1f s after the control plane started (CPU %.1f s)", len(topo.sidecars), out.InitialSync.Seconds, out.InitialSync.CPUSeconds)
+	return out, nil
+}
+
+// syncResult is the initial sync of cp, its last sidecar synced at
+// syncedAt.
+func (cp *controlPlane) syncResult(syncedAt time.Time, ready time.Duration) syncResult {
+	r := syncResult{Seconds: syncedAt.Sub(cp.started).Seconds(), ReadySeconds: ready.Seconds(), CPUSeconds: cp.cpu().Seconds()}
+	if rss, _, err := memory(cp.pid()); err == nil {
+		r.RSSMB = mb(rss)
+	}
+	return r
 }
 
 func (o *options) config(mix [3]int) map[string]any {
@@ -361,6 +517,8 @@ func (o *options) config(mix [3]int) map[string]any {
 		"mix_percent":                      map[string]int{kindSidecarHealth: mix[0], kindPlainHealth: mix[1], "scale-out/in": mix[2]},
 		"consul_http_max_conns_per_client": cmpOr(o.consulMaxConns, 200), "csr_max_per_second": o.csrMaxPerSecond,
 		"controlplane_flags": o.cpFlags,
+		"ads":                map[bool]string{false: "tls+token", true: "insecure"}[o.insecure], "reconnect_storm": o.storm,
+		"compare_insecure": o.compareInsecure && !o.insecure, "warm_leaves": o.warmLeaves,
 	}
 }
 
@@ -375,9 +533,13 @@ func mb(b int64) float64 { return float64(b) / (1 << 20) }
 
 // controlPlane is the bin/controlplane process under test.
 type controlPlane struct {
-	cmd       *exec.Cmd
-	xds       string
-	admin     string
+	cmd   *exec.Cmd
+	xds   string
+	admin string
+	// caFile verifies its ADS certificate ("" with -xds-insecure).
+	caFile string
+	// maxConns is the agent's limits.http_max_conns_per_client.
+	maxConns  int
 	started   time.Time
 	exited    chan struct{}
 	stopOnce  sync.Once
@@ -386,7 +548,18 @@ type controlPlane struct {
 	lastCPUMu sync.Mutex
 }
 
-func startControlPlane(ctx context.Context, o *options, consulAddr, consulToken string) (*controlPlane, error) {
+// cpMode is how a control plane serves ADS.
+type cpMode struct {
+	// Insecure serves plaintext without authentication (-xds-insecure);
+	// otherwise TLS with a certificate it issues itself in TLSDir, and a
+	// Consul ACL token required on every stream.
+	Insecure bool
+	TLSDir   string
+	// Log names its log file in -out.
+	Log string
+}
+
+func startControlPlane(ctx context.Context, o *options, consulAddr, consulToken string, mode cpMode) (*controlPlane, error) {
 	ports, err := devconsul.FreePorts(2)
 	if err != nil {
 		return nil, err
@@ -395,13 +568,19 @@ func startControlPlane(ctx context.Context, o *options, consulAddr, consulToken 
 	if err := os.MkdirAll(policyDir, 0o755); err != nil {
 		return nil, err
 	}
-	logFile, err := os.Create(filepath.Join(o.out, "controlplane.log"))
+	logFile, err := os.Create(filepath.Join(o.out, mode.Log))
 	if err != nil {
 		return nil, err
 	}
 	cp := &controlPlane{xds: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])), admin: net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[1])),
-		exited: make(chan struct{}), logFile: logFile}
+		exited: make(chan struct{}), logFile: logFile, maxConns: cmpOr(o.consulMaxConns, 200)}
 	args := []string{"serve", "-xds-addr", cp.xds, "-admin-addr", cp.admin, "-admin-pprof", "-consul-addr", consulAddr, "-policy-dir", policyDir}
+	if mode.Insecure {
+		args = append(args, "-xds-insecure")
+	} else {
+		args = append(args, "-xds-tls-dir", mode.TLSDir)
+		cp.caFile = filepath.Join(mode.TLSDir, "ca.crt")
+	}
 	args = append(args, strings.Fields(o.cpFlags)...)
 	cp.cmd = exec.Command(o.cpBin, args...)
 	cp.cmd.Env = append(os.Environ(), "CONSUL_HTTP_TOKEN="+consulToken) // not on the command line
@@ -419,7 +598,9 @@ func startControlPlane(ctx context.Context, o *options, consulAddr, consulToken 
 		c, err := net.DialTimeout("tcp", cp.xds, time.Second)
 		if err == nil {
 			c.Close()
-			return cp, nil
+			if _, err := os.Stat(cp.caFile); cp.caFile == "" || err == nil {
+				return cp, nil
+			}
 		}
 		select {
 		case <-cp.exited:
@@ -431,7 +612,7 @@ func startControlPlane(ctx context.Context, o *options, consulAddr, consulToken 
 		}
 		if time.Now().After(deadline) {
 			cp.stop()
-			return nil, fmt.Errorf("%s does not serve xDS on %s after 30 s", o.cpBin, cp.xds)
+			return nil, fmt.Errorf("%s does not serve xDS on %s (or has not written %s) after 30 s", o.cpBin, cp.xds, cmp.Or(cp.caFile, "its CA"))
 		}
 	}
 }

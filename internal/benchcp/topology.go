@@ -150,16 +150,22 @@ type writer struct {
 }
 
 func newWriter(addr, token string) (*writer, error) {
-	tr := &http.Transport{
-		DialContext:         (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 5 * time.Second}).DialContext,
-		MaxIdleConnsPerHost: 64,
-		IdleConnTimeout:     30 * time.Second,
-	}
-	c, err := api.NewClient(&api.Config{Address: addr, Token: token, Transport: tr})
+	c, err := api.NewClient(&api.Config{Address: addr, Token: token, Transport: benchTransport(64)})
 	if err != nil {
 		return nil, err
 	}
 	return &writer{c: c}, nil
+}
+
+// benchTransport is the HTTP transport of the benchmark's own Consul
+// clients: from 127.0.0.2, outside the control plane's connection limit,
+// keeping up to idle connections.
+func benchTransport(idle int) *http.Transport {
+	return &http.Transport{
+		DialContext:         (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 5 * time.Second}).DialContext,
+		MaxIdleConnsPerHost: idle,
+		IdleConnTimeout:     30 * time.Second,
+	}
 }
 
 func (t *topology) instanceReg(s *service, in *instance) *api.CatalogRegistration {
