@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-cleanhttp"
 )
 
 // ConsulAuthenticator checks Consul ACL tokens, as consul-dataplane's
@@ -32,22 +33,35 @@ type ConsulAuthenticator struct {
 
 var _ Authenticator = (*ConsulAuthenticator)(nil)
 
+// ConsulConnections bounds the connections the token reviews open to the
+// agent (requests beyond wait for one): a reconnect storm of 1,000
+// sidecars must not take the agent's per-client connection limit
+// (limits.http_max_conns_per_client, 200 by default), which the control
+// plane's blocking queries already use most of.
+const ConsulConnections = 16
+
 // NewConsulAuthenticator returns an authenticator asking the agent cfg
 // points at (its Address, Scheme and TLSConfig; its Token is not used:
-// every question is asked with the presented token). Errors: cfg cannot
-// make a client.
+// every question is asked with the presented token), over a pool of its
+// own of at most ConsulConnections connections. Errors: cfg cannot make a
+// client.
 func NewConsulAuthenticator(cfg api.Config) (*ConsulAuthenticator, error) {
 	cfg.Token, cfg.TokenFile = "", ""
+	// A transport of its own: cfg's may be the watcher's, whose blocking
+	// queries must not wait behind reviews, nor reviews behind them.
+	tr := cleanhttp.DefaultPooledTransport()
+	if cfg.Transport != nil {
+		tr = cfg.Transport.Clone()
+	}
+	tr.MaxConnsPerHost = ConsulConnections
+	hc, err := api.NewHttpClient(tr, cfg.TLSConfig)
+	if err != nil {
+		return nil, fmt.Errorf("xdsauth: consul http client: %w", err)
+	}
+	cfg.Transport, cfg.HttpClient = tr, hc
 	client, err := api.NewClient(&cfg)
 	if err != nil {
 		return nil, fmt.Errorf("xdsauth: consul client: %w", err)
-	}
-	if cfg.Transport == nil {
-		cfg.Transport = api.DefaultConfig().Transport
-	}
-	hc, err := api.NewHttpClient(cfg.Transport, cfg.TLSConfig)
-	if err != nil {
-		return nil, fmt.Errorf("xdsauth: consul http client: %w", err)
 	}
 	addr, scheme := cfg.Address, cmp.Or(cfg.Scheme, "http")
 	if s, rest, ok := strings.Cut(addr, "://"); ok {

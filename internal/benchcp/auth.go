@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/meshlet/meshlet/controlplane/xdsauth"
 	"github.com/meshlet/meshlet/internal/devconsul"
 )
 
@@ -162,7 +163,7 @@ func authLookups(before, after map[string]float64) lookupCount {
 	lc := lookupCount{ByResult: map[string]int{}}
 	for result, n := range labelDeltas(before, after, lookupsMetric, "result") {
 		lc.ByResult[result] += n
-		if result == "cached" {
+		if result == xdsauth.LookupCached {
 			lc.Cached += n
 		} else {
 			lc.Consul += n
