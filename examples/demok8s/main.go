@@ -108,7 +108,7 @@ func (d *demo) run(state string) int {
 		return 1
 	}
 	d.say("       Consul: ACLs on (default deny), HTTPS only (%s); the control plane reads it with its least-privilege token from Secret %s/%s",
-		d.env.Consul.URL(), meshkube.MeshNamespace, meshkube.ConsulSecret)
+		d.env.Consul.URL(), meshkube.Namespace, meshkube.ConsulSecret)
 	if d.keep {
 		if err := d.env.Save(state); err != nil {
 			d.problem("cannot record the kept cluster: %v", err)

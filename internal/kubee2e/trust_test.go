@@ -164,3 +164,44 @@ func expectRefused(t *testing.T, code int32, out string, want xds.AuthDenial) {
 	}
 	t.Logf("%s", strings.TrimSpace(out))
 }
+
+// TestServiceNotItsServiceAccountRefused: a pod that claims service api
+// while running as ServiceAccount web is refused at admission, the message
+// naming its ServiceAccount, the service and the setting that would allow
+// it; allowed by that setting (MeshDefaults spec.serviceAccounts, through
+// the policies ConfigMap), the same pod is admitted.
+func TestServiceNotItsServiceAccountRefused(t *testing.T) {
+	e := mesh(t)
+	ctx := context.Background()
+	ensureNamespace(t, e, "shop", true)
+	serviceAccount(t, e, "shop", "web")
+	pod := testPod("web-as-api")
+	pod.Annotations = map[string]string{inject.AnnotationService: "api"}
+	pod.Spec.ServiceAccountName = "web"
+	_, err := e.Client().CoreV1().Pods("shop").Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+	if err == nil || !strings.Contains(err.Error(), `ServiceAccount "web" may not act as service "api"`) ||
+		!strings.Contains(err.Error(), "MeshDefaults spec.serviceAccounts") {
+		t.Fatalf("err = %v, want the refusal naming ServiceAccount, service and setting", err)
+	}
+	t.Logf("refused: %v", err)
+
+	binding := `apiVersion: meshlet.io/v1alpha1
+kind: MeshDefaults
+metadata: {name: mesh}
+spec:
+  serviceAccounts:
+  - {namespace: shop, serviceAccount: web, services: [api]}
+`
+	if err := e.SetPolicyData(ctx, map[string]string{"mesh.yaml": binding}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := e.SetPolicies(context.Background(), filepath.Join(e.Root, "policies")); err != nil {
+			t.Error(err)
+		}
+	})
+	testutil.Eventually(t, 90*time.Second, "the binding in force at admission", func() error {
+		_, err := e.Client().CoreV1().Pods("shop").Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		return err
+	})
+}

@@ -39,8 +39,6 @@ const (
 	// ConsulHTTPPort is the Consul agent's HTTPS port on devkube.NodeIP, as
 	// the dev overlay's meshlet-consul ConfigMap says.
 	ConsulHTTPPort = 8500
-	// MeshNamespace is meshlet's namespace (deploy/kubernetes).
-	MeshNamespace = "meshlet-system"
 	// ConsulSecret is the Secret of the control plane's Consul token and
 	// CA, which the manifests mount.
 	ConsulSecret = "meshlet-consul"
@@ -151,7 +149,7 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 	return e, nil
 }
 
-// consulSecret writes the Secret ConsulSecret in MeshNamespace (making
+// consulSecret writes the Secret ConsulSecret in Namespace (making
 // the namespace): the control plane's Consul ACL token (rules
 // consul.KubeControlPlaneACLRules) under "token" and Consul's CA under
 // "ca.crt", what deploy/kubernetes mounts at /etc/meshlet/consul.
@@ -165,14 +163,14 @@ func (e *Env) consulSecret(ctx context.Context) error {
 		return fmt.Errorf("meshkube: Consul's CA: %w", err)
 	}
 	client := e.Client()
-	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: MeshNamespace}}
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: Namespace}}
 	if _, err := client.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("meshkube: namespace %s: %w", MeshNamespace, err)
+		return fmt.Errorf("meshkube: namespace %s: %w", Namespace, err)
 	}
-	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: ConsulSecret, Namespace: MeshNamespace},
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: ConsulSecret, Namespace: Namespace},
 		Data: map[string][]byte{"token": []byte(tok), "ca.crt": ca}}
-	if _, err := client.CoreV1().Secrets(MeshNamespace).Create(ctx, sec, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("meshkube: secret %s/%s: %w", MeshNamespace, ConsulSecret, err)
+	if _, err := client.CoreV1().Secrets(Namespace).Create(ctx, sec, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("meshkube: secret %s/%s: %w", Namespace, ConsulSecret, err)
 	}
 	return nil
 }
