@@ -115,8 +115,13 @@ func TestWatcherWithControlPlaneACLRules(t *testing.T) {
 			l.wait(t, 10*time.Second, "the whole catalog", func(c *model.Catalog) bool { return complete(c) == "" })
 			time.Sleep(200 * time.Millisecond) // any late ACL complaint
 			for _, bad := range []string{"ACL", "level=ERROR", "level=WARN"} {
-				if strings.Contains(logs.String(), bad) {
-					t.Errorf("log has %q:\n%s", bad, logs.String())
+				for _, line := range logs.Lines(bad) {
+					// The agent's cached leaves answered without a token
+					// is Consul's doing, warned about on every dev agent
+					// (TestLeafExposureWarned).
+					if !strings.Contains(line, "hands cached leaf certificates") {
+						t.Errorf("log has %q: %s\n%s", bad, line, logs.String())
+					}
 				}
 			}
 		})

@@ -87,8 +87,8 @@ func (w *Watcher) checkLeafExposure(ctx context.Context, service string) {
 		return
 	}
 	w.cfg.Logger.Warn("consul: this agent hands cached leaf certificates and their keys to requests without a token "+
-		"(Consul answers /v1/agent/connect/ca/leaf from its cache without checking the caller): keep its HTTP API "+
-		"unreachable from workloads (on loopback, or a NetworkPolicy letting only the control plane in); README, Security model",
+		"(Consul answers /v1/agent/connect/ca/leaf from its cache without checking the caller): keep workloads from "+
+		"reaching its HTTP API (bind it to loopback, or a NetworkPolicy letting only the control plane in); README, Security model",
 		"agent", w.cfg.Address, "service", service)
 }
 

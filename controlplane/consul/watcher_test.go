@@ -283,7 +283,7 @@ func TestLeafExposureWarned(t *testing.T) {
 	l := runControlPlaneWatcher(t, agent, logs)
 	l.wait(t, 10*time.Second, "api's leaf certificate", func(c *model.Catalog) bool { return c.Leaves["api"] != nil })
 	line := logs.WaitFor(t, 10*time.Second, "hands cached leaf certificates and their keys to requests without a token")
-	if !strings.Contains(line, "unreachable from workloads") || !strings.Contains(line, "service=api") {
+	if !strings.Contains(line, "keep workloads from reaching its HTTP API") || !strings.Contains(line, "service=api") {
 		t.Errorf("warning lacks the remedy or the service: %s", line)
 	}
 	if n := logs.Count("hands cached leaf certificates"); n != 1 {

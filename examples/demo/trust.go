@@ -53,5 +53,10 @@ func (d *demo) checkTrust(ctx context.Context, xdsAddr, caFile, tokenDir, node s
 		return fmt.Errorf("%s's own token got no private key for %s: %+v", service, node, res)
 	}
 	d.say("       %-17s served its certificate (%s) and key", service+"'s token:", res.SPIFFEID)
+	if b, err := os.ReadFile(filepath.Join(d.workDir, "logs", "controlplane.log")); err == nil && strings.Contains(string(b), "hands cached leaf certificates") {
+		d.say("       but Consul's own agent hands the leaves it cached to callers without a token (Consul 1.19's")
+		d.say("       /v1/agent/connect/ca/leaf), as the control plane warns: keep workloads off the HTTP API of the agent it")
+		d.say("       reads (here all is on one machine's loopback; README, Security model)")
+	}
 	return nil
 }
