@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"slices"
 	"strconv"
 	"strings"
@@ -1417,7 +1418,10 @@ func TestHandoffToNetHTTP(t *testing.T) {
 }
 
 // TestHandoffH2CPriorKnowledge: an h2c client (prior knowledge) is served
-// by net/http.
+// by net/http, both requests on the one connection the fast path handed
+// over. (Go's client may dial a spare connection when the first is not
+// back in its pool yet, and then not use it: which connection carried each
+// request is asked of the client, not counted at the proxy.)
 func TestHandoffH2CPriorKnowledge(t *testing.T) {
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "%s %s", r.Proto, r.URL.Path)
@@ -1430,8 +1434,16 @@ func TestHandoffH2CPriorKnowledge(t *testing.T) {
 	tr := &http.Transport{Protocols: protos}
 	t.Cleanup(tr.CloseIdleConnections)
 	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
-	for range 2 {
-		resp, err := client.Get("http://" + addr + "/h2c")
+	for i := range 2 {
+		var reused bool
+		req, err := http.NewRequest(http.MethodGet, "http://"+addr+"/h2c", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+			GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused },
+		}))
+		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1440,9 +1452,12 @@ func TestHandoffH2CPriorKnowledge(t *testing.T) {
 		if resp.ProtoMajor != 2 || resp.StatusCode != 200 || string(body) != "HTTP/1.1 /h2c" {
 			t.Errorf("got %s %d %q", resp.Proto, resp.StatusCode, body)
 		}
+		if i == 1 && !reused {
+			t.Error("the second request did not reuse the first connection")
+		}
 	}
-	if _, opened := rec.conns(); opened != 2 {
-		t.Errorf("%d opens, want 2 (one connection, handed to net/http)", opened)
+	if _, opened := rec.conns(); opened < 2 {
+		t.Errorf("%d opens: the connection was not handed to net/http", opened)
 	}
 }
 
