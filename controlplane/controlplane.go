@@ -120,8 +120,8 @@ type Config struct {
 	Ready func(xdsAddr net.Addr)
 	// Kube, when set, also runs the Kubernetes side (kube.Run): the
 	// injection webhook and the registration controller, which writes
-	// injected pods to the same Consul. Its Consul, Registerer and Logger
-	// are filled in here.
+	// injected pods to the same Consul. Its Consul, Registerer, Logger,
+	// Certs and Ready (the xDS server's) are filled in here.
 	Kube *kube.Config
 }
 
@@ -246,6 +246,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Kube != nil {
 		kc := *cfg.Kube
 		kc.Consul, kc.Registerer, kc.Logger, kc.Certs = client.Catalog(), reg, log, sec.kubeCerts
+		// The pod is ready (ReadyPath) once the xDS server has its first
+		// Consul catalog too.
+		kc.Ready = srv.Ready
 		kc.Injector.ServiceAccountMayActAs, kc.Injector.XDSInsecure = mayActAs, cfg.XDSInsecure
 		wg.Add(1)
 		go func() {

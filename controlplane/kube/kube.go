@@ -32,10 +32,12 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	listerscorev1 "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
+	toolscache "k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/flowcontrol"
 
 	"github.com/meshlet/meshlet/controlplane/inject"
 )
@@ -47,14 +49,32 @@ const (
 	DefaultServiceName       = "meshlet-controlplane"
 	DefaultWebhookConfigName = "meshlet-injector"
 	DefaultLeaseName         = "meshlet-registrar"
-	// HealthPath is the webhook server's health path (the control plane
-	// pod's probes, over HTTPS).
+	// HealthPath is the webhook server's liveness path (the control plane
+	// pod's livenessProbe, over HTTPS): 200 while the process serves.
 	HealthPath = "/healthz"
+	// ReadyPath is the webhook server's readiness path (the pod's
+	// readinessProbe): 200 once the webhook's informer caches have synced
+	// and Config.Ready says the rest of the control plane is ready (the
+	// xDS server has its first Consul catalog); 503 naming what it waits
+	// for until then. The Service sends admissions and xDS streams to
+	// ready pods only.
+	ReadyPath = "/readyz"
+	// WebhookCacheWait bounds how long an admission request that arrives
+	// before the webhook's Service cache has synced waits for it; then it
+	// is answered 503 with Retry-After: 1, which the API server retries
+	// within the webhook's timeout (10 s in deploy/kubernetes). Refusing
+	// outright would fail the pod's creation; answering from a partial
+	// cache could name its service wrongly.
+	WebhookCacheWait = 2 * time.Second
 )
 
 // Config configures Run.
 type Config struct {
-	// Client talks to the API server (NewClient builds one).
+	// RESTConfig reaches the API server (NewRESTConfig builds one). The
+	// registrar's controller-runtime manager is built from it (Register
+	// needs it), and Client when that is nil.
+	RESTConfig *rest.Config
+	// Client talks to the API server; built from RESTConfig when nil.
 	Client kubernetes.Interface
 	// Consul is the catalog the registrar writes to.
 	Consul ConsulCatalog
@@ -80,10 +100,14 @@ type Config struct {
 	ServiceName       string
 	WebhookConfigName string
 	// Register turns the registration controller on (default in the
-	// controlplane command). It runs in the leader only when LeaderElect.
+	// controlplane command). It runs in the leader only when LeaderElect,
+	// afresh each leadership term.
 	Register    bool
 	LeaderElect bool
 	LeaseName   string
+	// RegistrarWorkers is how many pods the registrar reconciles at once;
+	// DefaultRegistrarWorkers when 0.
+	RegistrarWorkers int
 	// Identity names this replica in the lease (the pod's name).
 	Identity string
 	// Registerer takes the webhook's metrics; nil registers none.
@@ -95,6 +119,10 @@ type Config struct {
 	// made them already (the control plane serves xDS with the same
 	// ones); nil makes them here.
 	Certs *ServingCerts
+	// Ready, if set, is the readiness of the rest of the control plane
+	// (ReadyPath answers 503 with its reason while it is false): the xDS
+	// server's Ready, true once the first Consul catalog has arrived.
+	Ready func() (bool, string)
 }
 
 func (c *Config) setDefaults() {
@@ -122,9 +150,11 @@ const (
 	ClientBurst = 160
 )
 
-// NewClient returns a client for kubeconfig, or the in-cluster
-// configuration when kubeconfig is empty.
-func NewClient(kubeconfig string) (kubernetes.Interface, error) {
+// NewRESTConfig returns the API server configuration of kubeconfig, or the
+// in-cluster one when kubeconfig is empty, with the control plane's user
+// agent and one rate limiter (ClientQPS, ClientBurst) shared by every
+// client made from it.
+func NewRESTConfig(kubeconfig string) (*rest.Config, error) {
 	var rc *rest.Config
 	var err error
 	if kubeconfig == "" {
@@ -140,6 +170,17 @@ func NewClient(kubeconfig string) (kubernetes.Interface, error) {
 	// review the tokens of 1,000 sidecars reconnecting after a control
 	// plane restart; istiod's client allows 80/s, bursts of 160.
 	rc.QPS, rc.Burst = ClientQPS, ClientBurst
+	rc.RateLimiter = flowcontrol.NewTokenBucketRateLimiter(ClientQPS, ClientBurst)
+	return rc, nil
+}
+
+// NewClient returns a client for kubeconfig, or the in-cluster
+// configuration when kubeconfig is empty (NewRESTConfig).
+func NewClient(kubeconfig string) (kubernetes.Interface, error) {
+	rc, err := NewRESTConfig(kubeconfig)
+	if err != nil {
+		return nil, err
+	}
 	c, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("kube: client: %w", err)
@@ -155,7 +196,24 @@ func Run(ctx context.Context, cfg Config) error {
 	cfg.setDefaults()
 	log := cfg.Logger
 	if cfg.Client == nil {
-		return errors.New("kube: Config.Client is required")
+		if cfg.RESTConfig == nil {
+			return errors.New("kube: Config.Client or Config.RESTConfig is required")
+		}
+		c, err := kubernetes.NewForConfig(cfg.RESTConfig)
+		if err != nil {
+			return fmt.Errorf("kube: client: %w", err)
+		}
+		cfg.Client = c
+	}
+	var reg *Registrar
+	if cfg.Register {
+		if cfg.RESTConfig == nil {
+			return errors.New("kube: Config.RESTConfig is required to register pods (Register)")
+		}
+		var err error
+		if reg, err = NewRegistrar(RegistrarConfig{RESTConfig: cfg.RESTConfig, Consul: cfg.Consul, Workers: cfg.RegistrarWorkers, Logger: log}); err != nil {
+			return err
+		}
 	}
 	native, err := nativeSidecars(cfg.Client, cfg.NativeSidecars)
 	if err != nil {
@@ -175,10 +233,14 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// The webhook reads Services in every replica (the registrar has
+	// caches of its own, in the leader).
 	all := informers.NewSharedInformerFactory(cfg.Client, 0)
 	services := all.Core().V1().Services()
 	sel := serviceSelector{lister: services.Lister()}
-	_ = services.Informer() // the webhook reads Services in every replica
+	caches := newCacheGate("the webhook's Service cache", services.Informer().HasSynced)
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
 	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.Client.CoreV1().Events("")})
 	defer broadcaster.Shutdown()
@@ -188,8 +250,9 @@ func Run(ctx context.Context, cfg Config) error {
 		Services: sel, Events: eventRecorder{recorder}, Logger: log, Registerer: cfg.Registerer,
 	})
 	mux := http.NewServeMux()
-	mux.Handle(inject.Path, wh)
+	mux.Handle(inject.Path, caches.gate(wh, WebhookCacheWait))
 	mux.HandleFunc(HealthPath, func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.Handle(ReadyPath, readiness{caches: caches, ready: cfg.Ready})
 	lis, err := net.Listen("tcp", cfg.WebhookAddress)
 	if err != nil {
 		return fmt.Errorf("kube: listen for the webhook on %s: %w", cfg.WebhookAddress, err)
@@ -198,29 +261,19 @@ func Run(ctx context.Context, cfg Config) error {
 		TLSConfig: &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12},
 		ErrorLog:  slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 
-	var reg *Registrar
-	var podFactory informers.SharedInformerFactory
-	if cfg.Register {
-		podFactory = informers.NewSharedInformerFactoryWithOptions(cfg.Client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.LabelSelector = inject.LabelInjected + "=true"
-		}))
-		if reg, err = NewRegistrar(RegistrarConfig{Informers: all, PodInformers: podFactory, Consul: cfg.Consul, Logger: log}); err != nil {
-			lis.Close()
-			return err
-		}
-	}
 	all.Start(ctx.Done())
-	if podFactory != nil {
-		podFactory.Start(ctx.Done())
-	}
-	defer all.Shutdown()
-	if podFactory != nil {
-		defer podFactory.Shutdown()
-	}
+	defer all.Shutdown() // after cancel: it waits for the informers to stop
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 3)
-	wg.Add(1)
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		caches.run(ctx)
+		if caches.synced() {
+			log.Info("kube: the webhook's caches have synced; admitting pods")
+		}
+	}()
 	go func() {
 		defer wg.Done()
 		if err := srv.ServeTLS(lis, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -239,69 +292,133 @@ func Run(ctx context.Context, cfg Config) error {
 			certs.run(ctx)
 		}()
 	}
-	// What one replica at a time does: keep the CA root ConfigMap in
-	// every namespace, and register pods in Consul.
+	// What one replica at a time does, afresh each term: keep the CA root
+	// ConfigMap in every namespace, and register pods in Consul.
 	roots := newCARootPublisher(cfg.Client, certs.CABundle, log)
-	leader := func(ctx context.Context) error {
+	leader := func(ctx context.Context) {
 		var lwg sync.WaitGroup
 		lwg.Add(1)
 		go func() {
 			defer lwg.Done()
 			roots.Run(ctx)
 		}()
-		defer lwg.Wait()
-		if reg == nil {
+		if reg != nil {
+			runRegistrar(ctx, reg, log)
+		} else {
 			<-ctx.Done()
-			return nil
 		}
-		return reg.Run(ctx)
+		lwg.Wait()
 	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		if !cfg.LeaderElect {
-			if err := leader(ctx); err != nil && ctx.Err() == nil {
-				errc <- err
-			}
+			leader(ctx)
 			return
 		}
-		runLeader(ctx, cfg, log, leader)
+		runLeader(ctx, leaderElection{client: cfg.Client, namespace: cfg.Namespace, name: cfg.LeaseName,
+			identity: cfg.Identity, timing: defaultLeaderTiming()}, log, leader)
 	}()
 	var runErr error
 	select {
 	case <-ctx.Done():
 	case runErr = <-errc:
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	_ = srv.Shutdown(sctx)
 	cancel()
+	sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+	_ = srv.Shutdown(sctx)
+	scancel()
 	wg.Wait()
 	return runErr
 }
 
-// runLeader runs fn while this replica holds the lease, campaigning again
-// after losing it, until ctx is done (client-go leaderelection with a Lease
-// lock; 15 s lease, 10 s renew deadline, 2 s retry, its defaults).
-func runLeader(ctx context.Context, cfg Config, log *slog.Logger, fn func(context.Context) error) {
-	lock := &resourcelock.LeaseLock{
-		LeaseMeta:  metav1.ObjectMeta{Name: cfg.LeaseName, Namespace: cfg.Namespace},
-		Client:     cfg.Client.CoordinationV1(),
-		LockConfig: resourcelock.ResourceLockConfig{Identity: cfg.Identity},
+// runRegistrar runs reg until ctx is done, starting it again (a fresh
+// manager) when a run fails — its caches did not sync, the API server was
+// unreachable — after 1 s, doubling to 30 s.
+func runRegistrar(ctx context.Context, reg *Registrar, log *slog.Logger) {
+	backoff := time.Second
+	for {
+		err := reg.Run(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		log.Error("kube: registrar stopped; starting it again", "error", err, "after", backoff)
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 30*time.Second)
 	}
+}
+
+// leaderElection names the Lease runLeader campaigns for, and its timing.
+type leaderElection struct {
+	client                    kubernetes.Interface
+	namespace, name, identity string
+	timing                    leaderTiming
+}
+
+// leaderTiming is client-go leader election's: how long a lease lasts
+// unrenewed, how long the leader tries to renew it before giving up, and
+// how often it tries.
+type leaderTiming struct {
+	lease, renew, retry time.Duration
+}
+
+// defaultLeaderTiming is 15 s, 10 s, 2 s (client-go's and
+// controller-runtime's defaults).
+func defaultLeaderTiming() leaderTiming {
+	return leaderTiming{lease: 15 * time.Second, renew: 10 * time.Second, retry: 2 * time.Second}
+}
+
+// runLeader runs term while this replica holds the Lease, once per
+// leadership term, until ctx is done: campaigning again after losing it
+// (client-go leaderelection, released when ctx is done). A term's ctx is
+// cancelled when the lease is lost, and the next term starts only once
+// the previous term returned, so two terms never overlap in a replica.
+func runLeader(ctx context.Context, le leaderElection, log *slog.Logger, term func(context.Context)) {
+	lock := &resourcelock.LeaseLock{
+		LeaseMeta:  metav1.ObjectMeta{Name: le.name, Namespace: le.namespace},
+		Client:     le.client.CoordinationV1(),
+		LockConfig: resourcelock.ResourceLockConfig{Identity: le.identity},
+	}
+	lease := le.namespace + "/" + le.name
+	// client-go calls OnStartedLeading in a goroutine it does not wait
+	// for; this runner is the one goroutine that runs terms, one at a time.
+	terms := make(chan context.Context)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case tctx := <-terms:
+				term(tctx)
+				log.Info("kube: leadership term over", "lease", lease, "identity", le.identity)
+			}
+		}
+	}()
+	defer wg.Wait()
 	for ctx.Err() == nil {
-		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
-			Lock: lock, LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second,
-			ReleaseOnCancel: true, Name: cfg.LeaseName,
+		elector, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+			Lock: lock, LeaseDuration: le.timing.lease, RenewDeadline: le.timing.renew, RetryPeriod: le.timing.retry,
+			ReleaseOnCancel: true, Name: le.name,
 			Callbacks: leaderelection.LeaderCallbacks{
-				OnStartedLeading: func(lctx context.Context) {
-					log.Info("kube: leading; running the registrar", "lease", cfg.Namespace+"/"+cfg.LeaseName, "identity", cfg.Identity)
-					if err := fn(lctx); err != nil && lctx.Err() == nil {
-						log.Error("kube: registrar stopped", "error", err)
+				OnStartedLeading: func(tctx context.Context) {
+					log.Info("kube: leading; running the registrar", "lease", lease, "identity", le.identity)
+					select {
+					case terms <- tctx:
+					case <-tctx.Done():
 					}
 				},
-				OnStoppedLeading: func() { log.Info("kube: not leading; registrar stopped", "identity", cfg.Identity) },
+				OnStoppedLeading: func() { log.Info("kube: not leading", "lease", lease, "identity", le.identity) },
 				OnNewLeader: func(id string) {
-					if id != cfg.Identity {
+					if id != le.identity {
 						log.Info("kube: registrar leader", "identity", id)
 					}
 				},
@@ -311,7 +428,7 @@ func runLeader(ctx context.Context, cfg Config, log *slog.Logger, fn func(contex
 			log.Error("kube: leader election", "error", err)
 			return
 		}
-		le.Run(ctx)
+		elector.Run(ctx)
 	}
 }
 
@@ -371,6 +488,90 @@ func (s serviceSelector) SelectingServices(ns string, podLabels map[string]strin
 		}
 	}
 	return out, nil
+}
+
+// cacheGate holds admissions and readiness until informer caches have
+// synced: a pod admitted from a partial Service cache could be given the
+// wrong service name.
+type cacheGate struct {
+	what      string
+	hasSynced []toolscache.InformerSynced
+	done      chan struct{} // closed once synced
+}
+
+func newCacheGate(what string, hasSynced ...toolscache.InformerSynced) *cacheGate {
+	return &cacheGate{what: what, hasSynced: hasSynced, done: make(chan struct{})}
+}
+
+// run waits for the caches until ctx is done.
+func (g *cacheGate) run(ctx context.Context) {
+	if toolscache.WaitForCacheSync(ctx.Done(), g.hasSynced...) {
+		close(g.done)
+	}
+}
+
+// synced reports whether the caches have synced.
+func (g *cacheGate) synced() bool {
+	select {
+	case <-g.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// gate serves next once the caches have synced. A request arriving before
+// waits for them up to wait (or its own end); then it is answered 500
+// with Retry-After: 1 and a message saying why: the API server's webhook
+// client retries a 5xx that carries Retry-After (client-go's rest client)
+// within the webhook's timeout, and should the caches still not be ready,
+// the pod's creation fails with this message (failurePolicy Fail) rather
+// than admitting it with a service named from a partial cache. 500 rather
+// than 503: client-go keeps a 500's text in the error it reports.
+func (g *cacheGate) gate(next http.Handler, wait time.Duration) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !g.synced() {
+			t := time.NewTimer(wait)
+			select {
+			case <-g.done:
+			case <-t.C:
+			case <-r.Context().Done():
+			}
+			t.Stop()
+		}
+		if !g.synced() {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			w.Header().Set("Retry-After", "1")
+			w.WriteHeader(http.StatusInternalServerError)
+			fmt.Fprintf(w, "inject: caches not synced: %s is still loading after the control plane started; retry\n", g.what)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// readiness serves ReadyPath: 200 once the caches have synced and ready
+// (when set) says so, else 503 naming what is awaited.
+type readiness struct {
+	caches *cacheGate
+	ready  func() (bool, string)
+}
+
+func (h readiness) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	var waiting []string
+	if !h.caches.synced() {
+		waiting = append(waiting, "waiting for "+h.caches.what+" to sync")
+	}
+	if h.ready != nil {
+		if ok, why := h.ready(); !ok {
+			waiting = append(waiting, why)
+		}
+	}
+	if len(waiting) > 0 {
+		http.Error(w, "not ready: "+strings.Join(waiting, "; "), http.StatusServiceUnavailable)
+		return
+	}
+	io.WriteString(w, "ok\n")
 }
 
 // eventRecorder is inject.EventRecorder over client-go's recorder.

@@ -29,7 +29,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/meshlet/meshlet/controlplane"
 	"github.com/meshlet/meshlet/controlplane/admin"
@@ -217,10 +219,13 @@ func serve(args []string, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "controlplane: -sidecar-pull-policy %q: want Always, IfNotPresent or Never\n", p)
 			return 2
 		}
-		if kc.Client, err = kube.NewClient(*kubeconfig); err != nil {
+		if kc.RESTConfig, err = kube.NewRESTConfig(*kubeconfig); err != nil {
 			fmt.Fprintf(stderr, "controlplane: %v\n", err)
 			return 2
 		}
+		// controller-runtime (the registrar) logs through a process-wide
+		// logger of its own.
+		ctrllog.SetLogger(logr.FromSlogHandler(cfg.Logger.Handler()))
 		cfg.Kube = &kc
 	}
 	for _, n := range strings.Split(*certNames, ",") {
