@@ -31,6 +31,7 @@ import (
 
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
 	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/meshlet/meshlet/controlplane"
@@ -219,7 +220,10 @@ func serve(args []string, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "controlplane: -sidecar-pull-policy %q: want Always, IfNotPresent or Never\n", p)
 			return 2
 		}
-		if kc.RESTConfig, err = kube.NewRESTConfig(*kubeconfig); err != nil {
+		if kc.RESTConfig, err = kube.NewRESTConfig(*kubeconfig); err == nil {
+			kc.Client, err = kubernetes.NewForConfig(kc.RESTConfig)
+		}
+		if err != nil {
 			fmt.Fprintf(stderr, "controlplane: %v\n", err)
 			return 2
 		}
