@@ -228,10 +228,11 @@ type reconciler struct {
 
 var _ reconcile.Reconciler = (*reconciler)(nil)
 
-// registered is what was last written for a pod.
+// registered is what was last written for a pod, and when.
 type registered struct {
 	node, instanceID, proxyID string
 	hash                      string
+	at                        time.Time
 }
 
 func newReconciler(reader client.Reader, consul ConsulCatalog, log *slog.Logger) *reconciler {
@@ -303,7 +304,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		}
 	}
 	r.mu.Lock()
-	r.registered[key] = registered{node: want.Instance.Node, instanceID: want.Instance.Service.ID, proxyID: want.Proxy.Service.ID, hash: h}
+	r.registered[key] = registered{node: want.Instance.Node, instanceID: want.Instance.Service.ID, proxyID: want.Proxy.Service.ID, hash: h, at: time.Now()}
 	r.mu.Unlock()
 	r.log.Info("kube: registered a pod in consul", "pod", key.String(), "service", want.Instance.Service.Service,
 		"address", want.Instance.Service.Address, "check", want.Instance.Check.Status)
@@ -356,6 +357,7 @@ func (r *reconciler) deregister(ctx context.Context, have registered) error {
 // in Consul (removed by hand, a Consul agent that lost its state), to be
 // written again.
 func (r *reconciler) resync(ctx context.Context, requeue chan<- event.GenericEvent) {
+	listed := time.Now()
 	nodes, _, err := r.consul.Nodes((&api.QueryOptions{NodeMeta: map[string]string{MetaSyntheticNode: "true"}}).WithContext(ctx))
 	if err != nil {
 		r.log.Warn("kube: registrar: resync: cannot list consul nodes", "error", err)
@@ -389,8 +391,8 @@ func (r *reconciler) resync(ctx context.Context, requeue chan<- event.GenericEve
 	var missing []types.NamespacedName
 	r.mu.Lock()
 	for key, have := range r.registered {
-		if present[[2]string{have.node, have.instanceID}] && present[[2]string{have.node, have.proxyID}] {
-			continue
+		if have.at.After(listed) || present[[2]string{have.node, have.instanceID}] && present[[2]string{have.node, have.proxyID}] {
+			continue // written since the listing began, or there
 		}
 		// Forget it: the next reconcile writes it again.
 		delete(r.registered, key)

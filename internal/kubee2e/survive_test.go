@@ -174,7 +174,9 @@ func TestControlPlaneRestartAdmitsNoWrongService(t *testing.T) {
 	if _, err := e.Client().CoreV1().Services("shop").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = e.Client().CoreV1().Services("shop").Delete(context.Background(), "restarted", metav1.DeleteOptions{}) })
+	t.Cleanup(func() {
+		_ = e.Client().CoreV1().Services("shop").Delete(context.Background(), "restarted", metav1.DeleteOptions{})
+	})
 
 	// The stream: server-side dry runs, which the webhook admits as it
 	// would the pods (GenerateName stream-: the workload name is "stream").
