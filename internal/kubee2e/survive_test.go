@@ -132,8 +132,16 @@ func TestRegistrarRegainsLease(t *testing.T) {
 		}
 		return nil
 	})
-	if logs := controlPlaneLogs(e); !strings.Contains(logs, "kube: registrar starting") || !strings.Contains(logs, "pod=shop/regained-") {
+	logs := controlPlaneLogs(e)
+	if !strings.Contains(logs, "kube: registrar starting") || !strings.Contains(logs, "pod=shop/regained-") {
 		t.Errorf("the control plane's log does not show the new term registering the pod:\n%s", lastLines(logs, 30))
+	}
+	// controller-runtime logs through the control plane's logger.
+	if strings.Contains(logs, "log.SetLogger(...) was never called") {
+		t.Errorf("controller-runtime's logger was never set:\n%s", lastLines(logs, 30))
+	}
+	if testing.Verbose() {
+		t.Logf("the control plane's log of the lost and regained lease:\n%s", lastLines(logs, 60))
 	}
 }
 
