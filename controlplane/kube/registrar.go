@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -101,7 +102,8 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 			output = "Pod is not Ready: " + c.Message
 		}
 	}
-	instanceID, proxyID := xds.InstanceID(pod.Name, rec.Service), xds.ProxyID(pod.Name, rec.Service)
+	name := cmp.Or(rec.ConsulService, rec.Service) // records before namespaced names had only Service
+	instanceID, proxyID := xds.InstanceID(pod.Name, name), xds.ProxyID(pod.Name, name)
 	check := func(serviceID string) *api.AgentCheck {
 		return &api.AgentCheck{
 			Node: node, CheckID: pod.Namespace + "/" + serviceID, Name: CheckName, Type: CheckType,
@@ -118,7 +120,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 		Instance: &api.CatalogRegistration{
 			Node: node, Address: "127.0.0.1", NodeMeta: nodeMeta, SkipNodeUpdate: true,
 			Service: &api.AgentService{
-				ID: instanceID, Service: rec.Service, Address: pod.Status.PodIP, Port: rec.Port,
+				ID: instanceID, Service: name, Address: pod.Status.PodIP, Port: rec.Port,
 				Meta: meta, TaggedAddresses: tagged,
 			},
 			Check: check(instanceID),
@@ -126,7 +128,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 		Proxy: &api.CatalogRegistration{
 			Node: node, Address: "127.0.0.1", NodeMeta: nodeMeta, SkipNodeUpdate: true,
 			Service: &api.AgentService{
-				Kind: api.ServiceKindConnectProxy, ID: proxyID, Service: rec.Service + "-sidecar-proxy",
+				Kind: api.ServiceKindConnectProxy, ID: proxyID, Service: name + "-sidecar-proxy",
 				Address: pod.Status.PodIP, Port: rec.PublicPort, Meta: proxyMeta, TaggedAddresses: tagged,
 				Proxy: proxyConfig(rec, instanceID, ups),
 			},
@@ -141,7 +143,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service) (Registra
 // intercepted.
 func proxyConfig(rec inject.Record, instanceID string, ups []api.Upstream) *api.AgentServiceConnectProxyConfig {
 	pc := &api.AgentServiceConnectProxyConfig{
-		DestinationServiceName: rec.Service, DestinationServiceID: instanceID,
+		DestinationServiceName: cmp.Or(rec.ConsulService, rec.Service), DestinationServiceID: instanceID,
 		LocalServiceAddress: "127.0.0.1", LocalServicePort: rec.Port, Upstreams: ups,
 	}
 	if rec.Transparent {
