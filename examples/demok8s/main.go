@@ -100,7 +100,7 @@ func (d *demo) run(state string) int {
 		return a
 	}}))
 	upCtx, cancel := context.WithTimeout(ctx, 8*time.Minute)
-	d.env, err = meshkube.Up(upCtx, meshkube.Options{Root: root, PolicyDir: filepath.Join(root, "policies"), Log: log,
+	d.env, err = meshkube.Up(upCtx, meshkube.Options{Root: root, PolicyDir: filepath.Join(root, meshkube.ExamplePolicies), Log: log,
 		Images: []string{meshkube.ExamplesImage}, Detached: d.keep})
 	cancel()
 	if err != nil {
@@ -130,10 +130,10 @@ func (d *demo) run(state string) int {
 	out, _ := d.env.Cluster.Kubectl(ctx, "-n", meshkube.Namespace, "get", "deploy,svc,mutatingwebhookconfiguration")
 	fmt.Print(indent(out))
 
-	d.stepf("writing the intentions web → api and web → store to Consul (authorization is default-deny)")
-	for _, dst := range []string{"api", "store"} {
+	d.stepf("writing the intentions web.shop → api.shop and web.shop → store.shop to Consul (authorization is default-deny; a Kubernetes Service is <service>.<namespace> in Consul)")
+	for _, dst := range []string{"api.shop", "store.shop"} {
 		entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: dst,
-			Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}}}
+			Sources: []*api.SourceIntention{{Name: "web.shop", Action: api.IntentionActionAllow}}}
 		if _, _, err := d.env.Consul.Client.ConfigEntries().Set(entry, nil); err != nil {
 			d.problem("intention web → %s: %v", dst, err)
 		}
@@ -251,7 +251,7 @@ func (d *demo) showInjection(ctx context.Context) {
 	}
 	d.say("       in Consul (registered by the control plane's registrar, on the synthetic node of the Kubernetes node):")
 	for _, svc := range []string{"web", "api", "store"} {
-		entries, _, err := d.env.Consul.Client.Health().Service(svc, "", false, nil)
+		entries, _, err := d.env.Consul.Client.Health().Service(svc+".shop", "", false, nil)
 		if err != nil {
 			d.problem("consul %s: %v", svc, err)
 			continue
@@ -336,7 +336,7 @@ func (d *demo) summarize(res trafficResult) {
 	}
 	roots, _, err := d.env.Consul.Client.Agent().ConnectCARoots(nil)
 	if err == nil {
-		want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web"
+		want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web.shop"
 		fmt.Printf("  mTLS: api saw its caller as %s (SPIFFE ID from web's certificate, issued by Consul's Connect CA)\n", res.caller)
 		if res.caller != want {
 			d.problem("api saw caller %q, want %q", res.caller, want)

@@ -42,6 +42,10 @@ const (
 	// ConsulSecret is the Secret of the control plane's Consul token and
 	// CA, which the manifests mount.
 	ConsulSecret = "meshlet-consul"
+	// ExamplePolicies are the example application's policy files on
+	// Kubernetes (its services by their Consul names, <service>.shop),
+	// relative to the module root.
+	ExamplePolicies = "examples/kubernetes/policies"
 	// Overlay is the kustomization Up applies, relative to the module root.
 	Overlay = "deploy/kubernetes/overlays/dev"
 	// MeshletImage is the tarball of meshlet's image in the image
