@@ -226,24 +226,10 @@ func TestTransparentProxy(t *testing.T) {
 	web := pods(t, e, "tp", "app=web")[0]
 	webURL := "http://" + net.JoinHostPort(web.Status.PodIP, "8080")
 
-	// web → api by name: mTLS, web's identity, the retry policy hides
-	// api's failures (half of its answers are 503).
-	ok := 0
-	testutil.Eventually(t, 90*time.Second, "web reaches api by its Service name", func() error {
-		code, body, err := httpGet(e, webURL+"/api")
-		if err != nil || code != 200 {
-			return fmt.Errorf("%d %s %v", code, body, err)
-		}
-		var got map[string]string
-		_ = json.Unmarshal(body, &got)
-		if want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web.tp"; got["caller"] != want {
-			t.Fatalf("api saw caller %q, want %q", got["caller"], want)
-		}
-		return nil
-	})
 	// The policy ConfigMap reaches the control plane when the kubelet
 	// syncs the volume (seconds): wait for the retry policy in web's
-	// sidecar before counting on it.
+	// sidecar before counting on it (and on its
+	// service defaults: api speaks HTTP, so it sees web's identity).
 	testutil.Eventually(t, 90*time.Second, "the RetryPolicy in web's sidecar", func() error {
 		dump, err := sidecarAdmin(xds.ProxyID(web.Name, "web.tp"), "/config_dump")
 		if err != nil {
@@ -255,6 +241,22 @@ func TestTransparentProxy(t *testing.T) {
 		}
 		if !hasField(v, "numRetries", 10.0) {
 			return errors.New("no route with numRetries 10 yet")
+		}
+		return nil
+	})
+	// web → api by name: mTLS, web's identity, the retry policy hides
+	// api's failures (half of its answers are 503).
+	ok := 0
+	testutil.Eventually(t, 90*time.Second, "web reaches api by its Service name", func() error {
+		code, body, err := httpGet(e, webURL+"/api")
+		if err != nil || code != 200 {
+			return fmt.Errorf("%d %s %v", code, body, err)
+		}
+		var got map[string]string
+		_ = json.Unmarshal(body, &got)
+		if want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web.tp"; got["caller"] != want {
+			// api's sidecar takes the policy set a moment after web's
+			return fmt.Errorf("api saw caller %q, want %q", got["caller"], want)
 		}
 		return nil
 	})
