@@ -28,7 +28,7 @@ help:
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
 	@echo "make kube        build Kubernetes v$(KUBE_VERSION) (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl) and CoreDNS v$(COREDNS_VERSION) into bin/"
-	@echo "make images      write the OCI image tarballs the dev cluster imports (meshlet, pause, coredns, test app) into bin/images/"
+	@echo "make images      write the OCI image tarballs the dev cluster imports (meshlet, pause, coredns, jaeger, examples, redis, test app) into bin/images/"
 	@echo "make test-kube   run internal/devkube's tests against a real one-node cluster (root; Debian packages: see internal/devkube)"
 	@echo "make kube-up     start a one-node cluster in its own network namespace and leave it running (kube-down stops it)"
 	@echo "make docker      build the container image (needs a Docker engine)"
@@ -124,7 +124,7 @@ $(BIN)/ociimage: $(GO_SOURCES)
 	$(GO) build -o $@ ./internal/ociimage/cmd/ociimage
 
 image: $(IMAGES)/meshlet.tar
-images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar $(IMAGES)/examples.tar $(IMAGES)/redis.tar
+images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar $(IMAGES)/examples.tar $(IMAGES)/redis.tar $(IMAGES)/jaeger.tar
 
 # The example application (examples/kubernetes): web, api and store.
 $(IMAGES)/examples.tar: $(STATIC)/web $(STATIC)/api $(STATIC)/store $(BIN)/ociimage
@@ -163,6 +163,20 @@ $(IMAGES)/pause.tar: $(STATIC)/pause $(BIN)/ociimage
 $(IMAGES)/coredns.tar: $(BIN)/coredns $(BIN)/ociimage
 	@mkdir -p $(IMAGES)
 	$(BIN)/ociimage -o $@ -tag meshlet.local/coredns:$(COREDNS_VERSION) -file $(BIN)/coredns:/coredns -entrypoint /coredns
+
+# Jaeger for deploy/kubernetes/components/jaeger (the dev overlay has it):
+# bin/jaeger links the C library (cgo's resolver), so the image gets its
+# own static build of the same tool module (first time: a few minutes;
+# Go's build cache makes it fast after). Its entrypoint is the binary, as
+# in Jaeger's published image: the manifests give only --config.
+$(STATIC)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
+	@mkdir -p $(STATIC)
+	@CGO_ENABLED=0 LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION) (static, for its image)"
+	@touch $@
+
+$(IMAGES)/jaeger.tar: $(STATIC)/jaeger $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/jaeger:$(JAEGER_VERSION) -file $(STATIC)/jaeger:/jaeger -user 10001:10001 -entrypoint /jaeger
 
 $(IMAGES)/devkube-testapp.tar: $(STATIC)/devkube-testapp $(BIN)/ociimage
 	@mkdir -p $(IMAGES)

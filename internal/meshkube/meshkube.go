@@ -53,6 +53,13 @@ const (
 	MeshletImage  = "meshlet.tar"
 	ExamplesImage = "examples.tar"
 	TestAppImage  = "devkube-testapp.tar"
+	// JaegerImage is Jaeger's image tarball (make images), which Up
+	// always imports: the dev overlay includes components/jaeger.
+	JaegerImage = "jaeger.tar"
+	// JaegerService is the Service (and Deployment) of the in-cluster
+	// Jaeger in Namespace, JaegerQueryPort its query API's HTTP port.
+	JaegerService   = "meshlet-jaeger"
+	JaegerQueryPort = 16686
 )
 
 // Options configure Up.
@@ -104,7 +111,7 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 		}
 	}
 	o.ImageDir = cmp.Or(o.ImageDir, devkube.FindImageDir())
-	images := []string{filepath.Join(o.ImageDir, MeshletImage)}
+	images := []string{filepath.Join(o.ImageDir, MeshletImage), filepath.Join(o.ImageDir, JaegerImage)}
 	for _, im := range o.Images {
 		images = append(images, filepath.Join(o.ImageDir, im))
 	}
