@@ -170,7 +170,7 @@ func (d *demo) retried(ctx context.Context, root, local string, rep *traceReport
 		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		for range 3 { // spans reach Jaeger in batches (1 s)
 			time.Sleep(time.Second)
-			ids, err := searchTag(sctx, local, "web", string(tracing.AttrRetryCause), string(xds.Retry5xx))
+			ids, err := searchTag(sctx, local, "web.shop", string(tracing.AttrRetryCause), string(xds.Retry5xx))
 			if err != nil {
 				continue
 			}
@@ -197,7 +197,7 @@ func (d *demo) retried(ctx context.Context, root, local string, rep *traceReport
 	}
 	attempts := 0
 	for _, s := range tr.Spans {
-		if s.Service == "web" && strings.HasPrefix(s.Operation, "attempt ") {
+		if s.Service == "web.shop" && strings.HasPrefix(s.Operation, "attempt ") {
 			attempts++
 		}
 	}
@@ -223,7 +223,7 @@ func (d *demo) retried(ctx context.Context, root, local string, rep *traceReport
 func (d *demo) waitFlaky(ctx context.Context, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		entries, _, err := d.env.Consul.Client.Health().Service("api", "", true, nil)
+		entries, _, err := d.env.Consul.Client.Health().Service("api.shop", "", true, nil)
 		if err == nil && slices.ContainsFunc(entries, func(e *api.ServiceEntry) bool { return e.Service.Meta["pod-name"] == "api-flaky" }) {
 			time.Sleep(2 * time.Second) // the endpoint reaches web's sidecar over xDS
 			return nil
@@ -244,7 +244,7 @@ func bothSidecars(tr *traceview.Trace, minAPI int) error {
 	var outbound bool
 	attempts := map[string]bool{}
 	for _, s := range tr.Spans {
-		if s.Service == "web" && s.Kind == "client" {
+		if s.Service == "web.shop" && s.Kind == "client" {
 			if strings.HasPrefix(s.Operation, "attempt ") {
 				attempts[s.SpanID] = true
 			} else {

@@ -29,7 +29,7 @@ import (
 func TestSpansOfBothSidecarsInClusterJaeger(t *testing.T) {
 	e := mesh(t)
 	ctx := context.Background()
-	intention(t, e, "web", "api")
+	intention(t, e, "web.shop", "api.shop")
 	kubectl(t, e, "apply", "-k", filepath.Join(e.Root, "examples/kubernetes"))
 	appReady(t, e, "shop", 3*time.Minute, "web", "api")
 	queryURL, err := e.JaegerQueryURL(ctx, 2*time.Minute)
@@ -78,11 +78,11 @@ func TestSpansOfBothSidecarsInClusterJaeger(t *testing.T) {
 	var outbound, attempt, inbound *traceview.Span
 	for _, s := range tr.Spans {
 		switch {
-		case s.Service == "web" && s.Kind == "client" && strings.HasPrefix(s.Operation, "attempt "):
+		case s.Service == "web.shop" && s.Kind == "client" && strings.HasPrefix(s.Operation, "attempt "):
 			attempt = s
-		case s.Service == "web" && s.Kind == "client" && strings.HasPrefix(s.Operation, "outbound "):
+		case s.Service == "web.shop" && s.Kind == "client" && strings.HasPrefix(s.Operation, "outbound "):
 			outbound = s
-		case s.Service == "api" && s.Kind == "server" && strings.HasPrefix(s.Operation, "inbound "):
+		case s.Service == "api.shop" && s.Kind == "server" && strings.HasPrefix(s.Operation, "inbound "):
 			inbound = s
 		}
 	}
@@ -96,7 +96,7 @@ func TestSpansOfBothSidecarsInClusterJaeger(t *testing.T) {
 	case inbound.ParentID != attempt.SpanID:
 		t.Errorf("api's inbound span has parent %s, want web's attempt %s: the trace context did not cross the hop", inbound.ParentID, attempt.SpanID)
 	}
-	if v, _ := inbound.Tag(string(tracing.AttrPeerSPIFFEID)); !strings.HasSuffix(fmt.Sprint(v), "/svc/web") {
+	if v, _ := inbound.Tag(string(tracing.AttrPeerSPIFFEID)); !strings.HasSuffix(fmt.Sprint(v), "/svc/web.shop") {
 		t.Errorf("api's inbound span: %s = %v, want web's SPIFFE ID", tracing.AttrPeerSPIFFEID, v)
 	}
 	if v, _ := inbound.Tag("http.response.status_code"); fmt.Sprint(v) != "200" {
