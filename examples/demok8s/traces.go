@@ -254,7 +254,7 @@ func bothSidecars(tr *traceview.Trace, minAPI int) error {
 	}
 	n := 0
 	for _, s := range tr.Spans {
-		if s.Service == "api" && s.Kind == "server" && attempts[s.ParentID] {
+		if s.Service == "api.shop" && s.Kind == "server" && attempts[s.ParentID] {
 			n++
 		}
 	}
