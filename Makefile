@@ -64,11 +64,13 @@ $(BIN)/consul: deploy/tools/consul/go.mod deploy/tools/consul/go.sum
 
 # Jaeger (v2, cmd/jaeger) likewise, from deploy/tools/jaeger: about 5 minutes
 # the first time. Module builds have no web UI; see README "Tracing with Jaeger".
+# Static (CGO_ENABLED=0, Go's own resolver), so the one build runs on this
+# host (demo, tests) and in the dev cluster's image alike.
 jaeger: $(BIN)/jaeger
 
 $(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
 	@mkdir -p $(BIN)
-	@LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
+	@CGO_ENABLED=0 LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
 	@touch $@
 
 # deploy/tools/deps.sh installs what a target runs (Debian packages, Go
@@ -165,18 +167,11 @@ $(IMAGES)/coredns.tar: $(BIN)/coredns $(BIN)/ociimage
 	$(BIN)/ociimage -o $@ -tag meshlet.local/coredns:$(COREDNS_VERSION) -file $(BIN)/coredns:/coredns -entrypoint /coredns
 
 # Jaeger for deploy/kubernetes/components/jaeger (the dev overlay has it):
-# bin/jaeger links the C library (cgo's resolver), so the image gets its
-# own static build of the same tool module (first time: a few minutes;
-# Go's build cache makes it fast after). Its entrypoint is the binary, as
-# in Jaeger's published image: the manifests give only --config.
-$(STATIC)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
-	@mkdir -p $(STATIC)
-	@CGO_ENABLED=0 LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION) (static, for its image)"
-	@touch $@
-
-$(IMAGES)/jaeger.tar: $(STATIC)/jaeger $(BIN)/ociimage
+# bin/jaeger itself (static). Its entrypoint is the binary, as in Jaeger's
+# published image: the manifests give only --config.
+$(IMAGES)/jaeger.tar: $(BIN)/jaeger $(BIN)/ociimage
 	@mkdir -p $(IMAGES)
-	$(BIN)/ociimage -o $@ -tag meshlet.local/jaeger:$(JAEGER_VERSION) -file $(STATIC)/jaeger:/jaeger -user 10001:10001 -entrypoint /jaeger
+	$(BIN)/ociimage -o $@ -tag meshlet.local/jaeger:$(JAEGER_VERSION) -file $(BIN)/jaeger:/jaeger -user 10001:10001 -entrypoint /jaeger
 
 $(IMAGES)/devkube-testapp.tar: $(STATIC)/devkube-testapp $(BIN)/ociimage
 	@mkdir -p $(IMAGES)
