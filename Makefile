@@ -28,7 +28,7 @@ help:
 	@echo "make consul      build bin/consul from deploy/tools/consul"
 	@echo "make jaeger      build bin/jaeger (Jaeger $(JAEGER_VERSION), query API without web UI) from deploy/tools/jaeger"
 	@echo "make kube        build Kubernetes v$(KUBE_VERSION) (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl) and CoreDNS v$(COREDNS_VERSION) into bin/"
-	@echo "make images      write the OCI image tarballs the dev cluster imports (meshlet, pause, coredns, test app) into bin/images/"
+	@echo "make images      write the OCI image tarballs the dev cluster imports (meshlet, pause, coredns, jaeger, examples, redis, test app) into bin/images/"
 	@echo "make test-kube   run internal/devkube's tests against a real one-node cluster (root; Debian packages: see internal/devkube)"
 	@echo "make kube-up     start a one-node cluster in its own network namespace and leave it running (kube-down stops it)"
 	@echo "make docker      build the container image (needs a Docker engine)"
@@ -64,11 +64,13 @@ $(BIN)/consul: deploy/tools/consul/go.mod deploy/tools/consul/go.sum
 
 # Jaeger (v2, cmd/jaeger) likewise, from deploy/tools/jaeger: about 5 minutes
 # the first time. Module builds have no web UI; see README "Tracing with Jaeger".
+# Static (CGO_ENABLED=0, Go's own resolver), so the one build runs on this
+# host (demo, tests) and in the dev cluster's image alike.
 jaeger: $(BIN)/jaeger
 
 $(BIN)/jaeger: deploy/tools/jaeger/go.mod deploy/tools/jaeger/go.sum
 	@mkdir -p $(BIN)
-	@LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
+	@CGO_ENABLED=0 LDFLAGS="-s -w" deploy/tools/build-tool.sh deploy/tools/jaeger github.com/jaegertracing/jaeger/cmd/jaeger $@ "Jaeger v$(JAEGER_VERSION)"
 	@touch $@
 
 # deploy/tools/deps.sh installs what a target runs (Debian packages, Go
@@ -124,7 +126,7 @@ $(BIN)/ociimage: $(GO_SOURCES)
 	$(GO) build -o $@ ./internal/ociimage/cmd/ociimage
 
 image: $(IMAGES)/meshlet.tar
-images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar $(IMAGES)/examples.tar $(IMAGES)/redis.tar
+images: $(IMAGES)/meshlet.tar $(IMAGES)/pause.tar $(IMAGES)/coredns.tar $(IMAGES)/devkube-testapp.tar $(IMAGES)/examples.tar $(IMAGES)/redis.tar $(IMAGES)/jaeger.tar
 
 # The example application (examples/kubernetes): web, api and store.
 $(IMAGES)/examples.tar: $(STATIC)/web $(STATIC)/api $(STATIC)/store $(BIN)/ociimage
@@ -163,6 +165,13 @@ $(IMAGES)/pause.tar: $(STATIC)/pause $(BIN)/ociimage
 $(IMAGES)/coredns.tar: $(BIN)/coredns $(BIN)/ociimage
 	@mkdir -p $(IMAGES)
 	$(BIN)/ociimage -o $@ -tag meshlet.local/coredns:$(COREDNS_VERSION) -file $(BIN)/coredns:/coredns -entrypoint /coredns
+
+# Jaeger for deploy/kubernetes/components/jaeger (the dev overlay has it):
+# bin/jaeger itself (static). Its entrypoint is the binary, as in Jaeger's
+# published image: the manifests give only --config.
+$(IMAGES)/jaeger.tar: $(BIN)/jaeger $(BIN)/ociimage
+	@mkdir -p $(IMAGES)
+	$(BIN)/ociimage -o $@ -tag meshlet.local/jaeger:$(JAEGER_VERSION) -file $(BIN)/jaeger:/jaeger -user 10001:10001 -entrypoint /jaeger
 
 $(IMAGES)/devkube-testapp.tar: $(STATIC)/devkube-testapp $(BIN)/ociimage
 	@mkdir -p $(IMAGES)

@@ -113,7 +113,11 @@ func newXDSSecurity(ctx context.Context, cfg Config, cc *api.Config, mayActAs fu
 		tokens.JWT = xdsauth.Cached(&xdsauth.KubeAuthenticator{Client: cfg.Kube.Client}, cacheOpts(xdsauth.KindKubernetes))
 		authorities += ", Kubernetes ServiceAccount tokens (TokenReview, audience " + xds.TokenAudience + ")"
 	}
-	guard = xdsauth.NewGuard(xdsauth.GuardConfig{Authenticator: tokens, Consul: consulAuth, ServiceAccountMayActAs: mayActAs, Logger: log})
+	gc := xdsauth.GuardConfig{Authenticator: tokens, Consul: consulAuth, ServiceAccountMayActAs: mayActAs, Logger: log}
+	if cfg.Kube != nil {
+		gc.KubernetesService = cfg.Kube.Injector.Names.Kubernetes
+	}
+	guard = xdsauth.NewGuard(gc)
 	sec.guard, sec.denials = guard, guard.Denials
 	sec.serverOptions = append([]grpc.ServerOption{grpc.Creds(creds),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: MaxADSConnectionAge, MaxConnectionAgeGrace: time.Minute})},

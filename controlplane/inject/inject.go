@@ -86,6 +86,9 @@ type Config struct {
 	// False here; `controlplane serve -kube -transparent-proxy` defaults
 	// to true, as consul-k8s's transparent proxy does.
 	TransparentByDefault bool
+	// Names is how Kubernetes Services are named in Consul;
+	// NamespacedNames when empty.
+	Names ServiceNames
 	// XDSInsecure gives the sidecar -xds-insecure (plaintext ADS, no
 	// authentication) instead of its credentials: no token nor CA volume,
 	// no -token-file nor -xds-ca-file. Development only; it matches the
@@ -107,14 +110,20 @@ func (c *Config) setDefaults() {
 	c.Image = cmp.Or(c.Image, DefaultImage)
 	c.XDSAddress = cmp.Or(c.XDSAddress, DefaultXDSAddress)
 	c.MeshNamespace = cmp.Or(c.MeshNamespace, DefaultMeshNamespace)
+	c.Names = c.Names.orDefault()
 }
 
 // Record is what the webhook decided for a pod, kept as JSON in its
 // AnnotationInjected: the registration controller registers the pod in
 // Consul from it.
 type Record struct {
-	// Service is the pod's service name in Consul.
+	// Service is the pod's Kubernetes service name (the Service selecting
+	// it, meshlet.io/service, or its workload's name).
 	Service string `json:"service"`
+	// ConsulService is its name in Consul (Config.Names: "<service>.<
+	// namespace>" by default); "" in records of earlier versions, whose
+	// Consul name is Service.
+	ConsulService string `json:"consulService,omitempty"`
 	// Port is the application's port; 0 for a client-only proxy.
 	Port int `json:"port,omitempty"`
 	// Upstreams are the explicit upstreams (AnnotationUpstreams).
@@ -139,7 +148,8 @@ type Exclusions struct {
 	UIDs          string `json:"uids,omitempty"`
 }
 
-// Upstream is one entry of AnnotationUpstreams.
+// Upstream is one entry of AnnotationUpstreams, its service resolved to
+// its Consul name (ServiceNames.Upstream).
 type Upstream struct {
 	Service   string `json:"service"`
 	LocalPort int    `json:"localPort"`
@@ -211,7 +221,7 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 	case pod.Spec.HostNetwork:
 		return pod, SkipHostNetwork, nil
 	}
-	rec, err := in.record(pod, selecting)
+	rec, err := in.record(pod, namespace, selecting)
 	if err != nil {
 		return nil, SkipNone, err
 	}
@@ -281,7 +291,7 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 }
 
 // record decides the pod's service, port and upstreams.
-func (in *Injector) record(pod *corev1.Pod, selecting []string) (Record, error) {
+func (in *Injector) record(pod *corev1.Pod, namespace string, selecting []string) (Record, error) {
 	rec := Record{PublicPort: xds.PodPublicPort}
 	switch v, ok := pod.Annotations[AnnotationService]; {
 	case ok:
@@ -301,6 +311,7 @@ func (in *Injector) record(pod *corev1.Pod, selecting []string) (Record, error) 
 			return rec, fmt.Errorf("%w: no Service selects this pod and its workload name %q is not a service name: set %s", ErrRefused, rec.Service, AnnotationService)
 		}
 	}
+	rec.ConsulService = in.cfg.Names.Consul(namespace, rec.Service)
 	port, err := appPort(pod)
 	if err != nil {
 		return rec, err
@@ -320,7 +331,7 @@ func (in *Injector) record(pod *corev1.Pod, selecting []string) (Record, error) 
 		}
 	}
 	rec.Port = port
-	if rec.Upstreams, err = parseUpstreams(pod.Annotations[AnnotationUpstreams]); err != nil {
+	if rec.Upstreams, err = in.parseUpstreams(namespace, pod.Annotations[AnnotationUpstreams]); err != nil {
 		return rec, err
 	}
 	for _, u := range rec.Upstreams {
@@ -397,7 +408,9 @@ func appPort(pod *corev1.Pod) (int, error) {
 }
 
 // parseUpstreams reads "<service>:<port>,..." (spaces allowed).
-func parseUpstreams(v string) ([]Upstream, error) {
+// parseUpstreams reads AnnotationUpstreams of a pod of namespace, each
+// service resolved to its Consul name.
+func (in *Injector) parseUpstreams(namespace, v string) ([]Upstream, error) {
 	if strings.TrimSpace(v) == "" {
 		return nil, nil
 	}
@@ -409,8 +422,9 @@ func parseUpstreams(v string) ([]Upstream, error) {
 		if !ok {
 			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("%q: want <service>:<local port>", item))
 		}
-		if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
-			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("%q: service name: %s", item, strings.Join(errs, "; ")))
+		consul, err := in.cfg.Names.Upstream(namespace, name)
+		if err != nil {
+			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("%q: service name %s", item, err))
 		}
 		port, err := strconv.Atoi(portStr)
 		if err != nil || port < 1 || port > 65535 {
@@ -420,7 +434,7 @@ func parseUpstreams(v string) ([]Upstream, error) {
 			return nil, annotationErr(AnnotationUpstreams, v, fmt.Sprintf("local port %d given to both %s and %s", port, prev, name))
 		}
 		ports[port] = name
-		out = append(out, Upstream{Service: name, LocalPort: port})
+		out = append(out, Upstream{Service: consul, LocalPort: port})
 	}
 	return out, nil
 }

@@ -208,7 +208,7 @@ func checkInjected(t *testing.T, pod *corev1.Pod, ns string, in *Injector) {
 	if sc.StartupProbe == nil || sc.StartupProbe.HTTPGet == nil || sc.StartupProbe.HTTPGet.Path != xds.ReadyPath {
 		t.Errorf("startup probe %+v, want %s", sc.StartupProbe, xds.ReadyPath)
 	}
-	if !strings.Contains(strings.Join(sc.Args, " "), "-node-id=$("+xds.EnvPodName+")-"+rec.Service+"-sidecar-proxy") {
+	if !strings.Contains(strings.Join(sc.Args, " "), "-node-id=$("+xds.EnvPodName+")-"+rec.ConsulService+"-sidecar-proxy") {
 		t.Errorf("args %v: node ID is not the proxy's Consul service ID", sc.Args)
 	}
 	if pod.Labels[LabelInjected] != "true" {
@@ -286,25 +286,40 @@ func checkCredentials(t *testing.T, pod *corev1.Pod, sc *corev1.Container, insec
 
 func TestParseUpstreams(t *testing.T) {
 	for _, tc := range []struct {
-		in, err string
-		n       int
+		name  string
+		names ServiceNames
+		in    string
+		err   string
+		want  []string // Consul names
 	}{
-		{"", "", 0},
-		{"api:9191", "", 1},
-		{" api:9191 , store:9192 ", "", 2},
-		{"api:notaport", `meshlet.io/upstreams="api:notaport": "api:notaport": "notaport" is not a port`, 0},
-		{"api", "want <service>:<local port>", 0},
-		{"api:0", "is not a port", 0},
-		{"Api_x:80", "service name", 0},
-		{"api:80,store:80", "local port 80 given to both api and store", 0},
+		{name: "none", in: ""},
+		{name: "own namespace", in: "api:9191", want: []string{"api.shop"}},
+		{name: "two, spaces", in: " api:9191 , store:9192 ", want: []string{"api.shop", "store.shop"}},
+		{name: "another namespace", in: "api.other:9191", want: []string{"api.other"}},
+		{name: "another namespace, DNS forms", in: "api.other.svc:9191,db.data.svc.cluster.local:9192", want: []string{"api.other", "db.data"}},
+		{name: "flat", names: FlatNames, in: "api:9191", want: []string{"api"}},
+		{name: "flat, another namespace", names: FlatNames, in: "api.other:9191", err: "names another namespace, but Consul names are flat"},
+		{name: "not a port", in: "api:notaport", err: `meshlet.io/upstreams="api:notaport": "api:notaport": "notaport" is not a port`},
+		{name: "no port", in: "api", err: "want <service>:<local port>"},
+		{name: "port 0", in: "api:0", err: "is not a port"},
+		{name: "bad name", in: "Api_x:80", err: "service name"},
+		{name: "too many dots", in: "a.b.c:80", err: "want <service>, <service>.<namespace>"},
+		{name: "a port twice", in: "api:80,store:80", err: "local port 80 given to both api and store"},
 	} {
-		ups, err := parseUpstreams(tc.in)
-		if (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
-			t.Errorf("%q: err %v, want %q", tc.in, err, tc.err)
-		}
-		if len(ups) != tc.n {
-			t.Errorf("%q: %d upstreams, want %d", tc.in, len(ups), tc.n)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			in := New(Config{Names: tc.names})
+			ups, err := in.parseUpstreams("shop", tc.in)
+			if (err == nil) != (tc.err == "") || err != nil && !strings.Contains(err.Error(), tc.err) {
+				t.Fatalf("err %v, want %q", err, tc.err)
+			}
+			var got []string
+			for _, u := range ups {
+				got = append(got, u.Service)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("upstreams %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
 

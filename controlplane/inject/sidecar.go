@@ -84,8 +84,8 @@ func (in *Injector) sidecar(rec Record, probes xds.AppProbes, res corev1.Resourc
 	args := []string{
 		// The pod's name is known only once it is created
 		// (generateName): the kubelet expands $(MESHLET_POD_NAME).
-		"-node-id=" + xds.ProxyID("$("+xds.EnvPodName+")", rec.Service),
-		"-service=" + rec.Service,
+		"-node-id=" + xds.ProxyID("$("+xds.EnvPodName+")", rec.ConsulService),
+		"-service=" + rec.ConsulService,
 		"-xds-addr=" + in.cfg.XDSAddress,
 	}
 	if in.cfg.XDSInsecure {

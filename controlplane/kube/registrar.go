@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -146,7 +147,8 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service, slices []
 	if status == api.HealthPassing && ep.notServing != "" {
 		status, output = api.HealthCritical, "EndpointSlice "+pod.Namespace+"/"+ep.notServing+" marks the endpoint not serving"
 	}
-	instanceID, proxyID := xds.InstanceID(pod.Name, rec.Service), xds.ProxyID(pod.Name, rec.Service)
+	name := cmp.Or(rec.ConsulService, rec.Service) // records before namespaced names had only Service
+	instanceID, proxyID := xds.InstanceID(pod.Name, name), xds.ProxyID(pod.Name, name)
 	check := func(serviceID string) *api.AgentCheck {
 		return &api.AgentCheck{
 			Node: node, CheckID: pod.Namespace + "/" + serviceID, Name: CheckName, Type: CheckType,
@@ -174,7 +176,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service, slices []
 		Instance: &api.CatalogRegistration{
 			Node: node, Address: nodeAddress, TaggedAddresses: nodeTagged, NodeMeta: nodeMeta, SkipNodeUpdate: true,
 			Service: &api.AgentService{
-				ID: instanceID, Service: rec.Service, Address: podIPs[0], Port: rec.Port,
+				ID: instanceID, Service: name, Address: podIPs[0], Port: rec.Port,
 				Meta: meta, TaggedAddresses: tagged(rec.Port),
 			},
 			Check: check(instanceID),
@@ -182,7 +184,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service, slices []
 		Proxy: &api.CatalogRegistration{
 			Node: node, Address: nodeAddress, TaggedAddresses: maps.Clone(nodeTagged), NodeMeta: nodeMeta, SkipNodeUpdate: true,
 			Service: &api.AgentService{
-				Kind: api.ServiceKindConnectProxy, ID: proxyID, Service: rec.Service + "-sidecar-proxy",
+				Kind: api.ServiceKindConnectProxy, ID: proxyID, Service: name + "-sidecar-proxy",
 				Address: podIPs[0], Port: rec.PublicPort, Meta: proxyMeta, TaggedAddresses: tagged(rec.PublicPort),
 				Proxy: proxyConfig(rec, instanceID, ups),
 			},
@@ -261,7 +263,7 @@ func endpointOf(pod *corev1.Pod, slices []discoveryv1.EndpointSlice) endpointSta
 // intercepted.
 func proxyConfig(rec inject.Record, instanceID string, ups []api.Upstream) *api.AgentServiceConnectProxyConfig {
 	pc := &api.AgentServiceConnectProxyConfig{
-		DestinationServiceName: rec.Service, DestinationServiceID: instanceID,
+		DestinationServiceName: cmp.Or(rec.ConsulService, rec.Service), DestinationServiceID: instanceID,
 		LocalServiceAddress: "127.0.0.1", LocalServicePort: rec.Port, Upstreams: ups,
 	}
 	if rec.Transparent {

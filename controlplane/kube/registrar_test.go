@@ -115,6 +115,14 @@ func TestRegisterShapes(t *testing.T) {
 			t.Errorf("%s: registered", tc.name)
 		}
 	}
+	// The Consul name of a namespaced record names the instance, the
+	// proxy and its destination.
+	nreg, _ := Register(pod, inject.Record{Service: "api", ConsulService: "api.shop", Port: 8080, PublicPort: 20000}, svc, nil)
+	if nreg.Instance.Service.ID != "api-7c9d8f6b5d-x2x4z-api.shop" || nreg.Instance.Service.Service != "api.shop" ||
+		nreg.Proxy.Service.Service != "api.shop-sidecar-proxy" || nreg.Proxy.Service.Proxy.DestinationServiceName != "api.shop" ||
+		nreg.Instance.Service.Meta[MetaService] != "api" {
+		t.Errorf("namespaced: instance %+v, proxy %+v", nreg.Instance.Service, nreg.Proxy.Service)
+	}
 	// Without a host IP (a fake API server), the node keeps loopback.
 	p := pod.DeepCopy()
 	p.Status.HostIP, p.Status.HostIPs = "", nil

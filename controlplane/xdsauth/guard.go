@@ -40,6 +40,12 @@ type GuardConfig struct {
 	// spec.serviceAccounts binding); nil allows the ServiceAccount's own
 	// name only.
 	ServiceAccountMayActAs func(namespace, serviceAccount, service string) bool
+	// KubernetesService names the Kubernetes Service of a Consul service
+	// as seen from namespace (inject.ServiceNames.Kubernetes: api.shop is
+	// Service api of namespace shop); ok false for another namespace's.
+	// ServiceAccountMayActAs is asked about that name. nil: the Consul
+	// name is the Kubernetes one.
+	KubernetesService func(namespace, consulService string) (name string, ok bool)
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// MaxDenials bounds the denials kept for Denials (distinct peer,
@@ -136,6 +142,9 @@ func NewGuard(cfg GuardConfig) *Guard {
 	}
 	if cfg.ServiceAccountMayActAs == nil {
 		cfg.ServiceAccountMayActAs = func(_, sa, svc string) bool { return sa == svc }
+	}
+	if cfg.KubernetesService == nil {
+		cfg.KubernetesService = func(_, svc string) (string, bool) { return svc, true }
 	}
 	return &Guard{cfg: cfg, log: cfg.Logger, decisions: cache.NewLRUExpireCache(DefaultCacheEntries),
 		metrics: newGuardMetrics(), streams: map[*guardedStream]struct{}{}, hasCatalog: make(chan struct{})}
@@ -348,8 +357,13 @@ func (g *Guard) kubeMayBe(id *Identity, p *model.Proxy) (xds.AuthDenial, string)
 		return xds.DenyWrongNode, fmt.Sprintf("node %q is the proxy of pod %s, not of the token's pod %s/%s", p.ID, p.Pod, id.Namespace, id.PodName)
 	case p.Pod.UID != "" && id.PodUID != "" && p.Pod.UID != id.PodUID:
 		return xds.DenyWrongNode, fmt.Sprintf("node %q is the proxy of pod %s uid %s, a later pod than the token's (uid %s)", p.ID, p.Pod, p.Pod.UID, id.PodUID)
-	case !g.cfg.ServiceAccountMayActAs(id.Namespace, id.ServiceAccount, p.Service):
-		return xds.DenyWrongNode, fmt.Sprintf("ServiceAccount %s/%s may not act as service %q: run the pod as ServiceAccount %q, or allow it in MeshDefaults spec.serviceAccounts", id.Namespace, id.ServiceAccount, p.Service, p.Service)
+	}
+	svc, ok := g.cfg.KubernetesService(id.Namespace, p.Service)
+	switch {
+	case !ok:
+		return xds.DenyWrongNode, fmt.Sprintf("node %q fronts %q, a service of another namespace than %s", p.ID, p.Service, id.Namespace)
+	case !g.cfg.ServiceAccountMayActAs(id.Namespace, id.ServiceAccount, svc):
+		return xds.DenyWrongNode, fmt.Sprintf("ServiceAccount %s/%s may not act as service %q: run the pod as ServiceAccount %q, or allow it in MeshDefaults spec.serviceAccounts", id.Namespace, id.ServiceAccount, svc, svc)
 	}
 	return "", ""
 }

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/meshlet/meshlet/controlplane/inject"
 	"github.com/meshlet/meshlet/controlplane/model"
 	"github.com/meshlet/meshlet/controlplane/server"
 	"github.com/meshlet/meshlet/controlplane/servingcert"
@@ -111,7 +112,7 @@ func newRig(t *testing.T, mayActAs func(ns, sa, svc string) bool) *rig {
 
 // newRigWithoutCatalog is a rig whose control plane has not read Consul
 // yet.
-func newRigWithoutCatalog(t *testing.T, mayActAs func(ns, sa, svc string) bool) *rig {
+func newRigWithoutCatalog(t *testing.T, mayActAs func(ns, sa, svc string) bool, opts ...func(*xdsauth.GuardConfig)) *rig {
 	t.Helper()
 	dir, err := servingcert.OpenDir(servingcert.DirConfig{Dir: t.TempDir(), Names: servingcert.LocalNames("127.0.0.1:0"),
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
@@ -119,10 +120,13 @@ func newRigWithoutCatalog(t *testing.T, mayActAs func(ns, sa, svc string) bool) 
 		t.Fatal(err)
 	}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	g := xdsauth.NewGuard(xdsauth.GuardConfig{Authenticator: identities, Consul: fakeWriter{"acc-api": {"api"}},
-		ServiceAccountMayActAs: mayActAs, Logger: log})
-	opts := append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{GetCertificate: dir.GetCertificate}))}, g.ServerOptions()...)
-	srv := server.New(server.Config{Logger: log, GRPCOptions: opts, StreamIdentity: xdsauth.StreamIdentity, AuthDenials: g.Denials})
+	gc := xdsauth.GuardConfig{Authenticator: identities, Consul: fakeWriter{"acc-api": {"api"}}, ServiceAccountMayActAs: mayActAs, Logger: log}
+	for _, o := range opts {
+		o(&gc)
+	}
+	g := xdsauth.NewGuard(gc)
+	serverOpts := append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{GetCertificate: dir.GetCertificate}))}, g.ServerOptions()...)
+	srv := server.New(server.Config{Logger: log, GRPCOptions: serverOpts, StreamIdentity: xdsauth.StreamIdentity, AuthDenials: g.Denials})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -387,5 +391,34 @@ func TestFirstRequestWaitsForTheCatalog(t *testing.T) {
 	r.setCatalog(testCatalog("uid-web"))
 	if err := <-got; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestGuardNamespacedNames: with Kubernetes Services named
+// <service>.<namespace> in Consul, a ServiceAccount acts as its own
+// namespace's service of its name, not another namespace's.
+func TestGuardNamespacedNames(t *testing.T) {
+	r := newRigWithoutCatalog(t, nil, func(c *xdsauth.GuardConfig) { c.KubernetesService = inject.NamespacedNames.Kubernetes })
+	pod := model.PodRef{Namespace: "shop", Name: "web-abc", UID: "uid-web"}
+	cat := model.NewCatalog(map[string]*model.Service{}, map[string]*model.Proxy{
+		"own":   {ID: "own", Service: "web.shop", Address: "127.0.0.1", Port: 21000, LocalAppAddress: "127.0.0.1", LocalAppPort: 9000, Healthy: true, Pod: pod},
+		"other": {ID: "other", Service: "web.prod", Address: "127.0.0.1", Port: 21001, LocalAppAddress: "127.0.0.1", LocalAppPort: 9001, Healthy: true, Pod: pod},
+	})
+	cat.CA = &model.CA{TrustDomain: "td.consul", Roots: []model.Root{{ID: "r", CertPEM: "ROOT", Active: true}}}
+	for _, svc := range []string{"web.shop", "web.prod"} {
+		cat.Leaves[svc] = &model.Leaf{Service: svc, CertPEM: "CERT-" + svc, KeyPEM: "KEY", SPIFFEID: "spiffe://td.consul/ns/default/dc/dc1/svc/" + svc}
+	}
+	r.setCatalog(cat)
+	s := r.dial(t, "tok-web")
+	if err := s.ask("own", false, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := s.ads.Recv(); err != nil || leafOf(t, resp) != "CERT-web.shop" {
+		t.Fatalf("web.shop for shop's web: %v %v", resp, err)
+	}
+	s = r.dial(t, "tok-web")
+	_ = s.ask("other", false, "", "")
+	if _, err := s.ads.Recv(); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "a service of another namespace") {
+		t.Fatalf("web.prod for shop's web: %v, want PermissionDenied (another namespace)", err)
 	}
 }

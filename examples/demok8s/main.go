@@ -6,10 +6,13 @@
 // Deployments and Services (examples/kubernetes) in a namespace labelled
 // meshlet.io/inject=enabled. It shows the pods injected and registered in
 // Consul, sends traffic to web (which calls api over HTTP and store over TCP
-// through its sidecar, mTLS between sidecars), prints a summary, stops
-// everything and ends with "demo-k8s: PASS ..." or "demo-k8s: FAIL ..."
-// (exit status 0 or 1). `make demo-k8s` builds what it needs and runs it;
-// KEEP=1 leaves it running; `make demo-k8s-stop` ends it.
+// through its sidecar, mTLS between sidecars; each request starts a W3C
+// trace), reads traces back from the Jaeger the dev overlay runs in the
+// cluster (deploy/kubernetes/components/jaeger): a request's, and a retried
+// one's once a flaky api instance joins (api-flaky.yaml), prints a summary,
+// stops everything and ends with "demo-k8s: PASS ..." or "demo-k8s: FAIL
+// ..." (exit status 0 or 1). `make demo-k8s` builds what it needs and runs
+// it; KEEP=1 leaves it running; `make demo-k8s-stop` ends it.
 package main
 
 import (
@@ -35,7 +38,7 @@ import (
 	"github.com/meshlet/meshlet/xds"
 )
 
-const steps = 7
+const steps = 8
 
 type demo struct {
 	root, workDir string
@@ -100,7 +103,7 @@ func (d *demo) run(state string) int {
 		return a
 	}}))
 	upCtx, cancel := context.WithTimeout(ctx, 8*time.Minute)
-	d.env, err = meshkube.Up(upCtx, meshkube.Options{Root: root, PolicyDir: filepath.Join(root, "policies"), Log: log,
+	d.env, err = meshkube.Up(upCtx, meshkube.Options{Root: root, PolicyDir: filepath.Join(root, meshkube.ExamplePolicies), Log: log,
 		Images: []string{meshkube.ExamplesImage}, Detached: d.keep})
 	cancel()
 	if err != nil {
@@ -130,10 +133,10 @@ func (d *demo) run(state string) int {
 	out, _ := d.env.Cluster.Kubectl(ctx, "-n", meshkube.Namespace, "get", "deploy,svc,mutatingwebhookconfiguration")
 	fmt.Print(indent(out))
 
-	d.stepf("writing the intentions web → api and web → store to Consul (authorization is default-deny)")
-	for _, dst := range []string{"api", "store"} {
+	d.stepf("writing the intentions web.shop → api.shop and web.shop → store.shop to Consul (authorization is default-deny; a Kubernetes Service is <service>.<namespace> in Consul)")
+	for _, dst := range []string{"api.shop", "store.shop"} {
 		entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: dst,
-			Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}}}
+			Sources: []*api.SourceIntention{{Name: "web.shop", Action: api.IntentionActionAllow}}}
 		if _, _, err := d.env.Consul.Client.ConfigEntries().Set(entry, nil); err != nil {
 			d.problem("intention web → %s: %v", dst, err)
 		}
@@ -160,14 +163,17 @@ func (d *demo) run(state string) int {
 	d.stepf("sending traffic to web for %v (web → api over HTTP, web → store over TCP, through web's sidecar)", d.duration)
 	res := d.traffic(ctx)
 
+	d.stepf("reading traces back from the in-cluster Jaeger (Service %s/%s; every sidecar exports its spans to it over OTLP)", meshkube.Namespace, meshkube.JaegerService)
+	tr := d.traces(ctx, root, res)
+
 	d.stepf("summary")
 	d.summarize(res)
 	if d.keep {
 		d.step++ // no stop step
-		d.printKeep(state)
+		d.printKeep(state, tr)
 	}
-	verdict := fmt.Sprintf("%d requests, %d ok, %d failed; 5 pods injected and registered in Consul, Ready %.1fs after kubectl apply; api saw web as %s",
-		res.sent, res.ok, res.sent-res.ok, readyIn.Seconds(), res.caller)
+	verdict := fmt.Sprintf("%d requests, %d ok, %d failed; 5 pods injected and registered in Consul, Ready %.1fs after kubectl apply; api saw web as %s; %s",
+		res.sent, res.ok, res.sent-res.ok, readyIn.Seconds(), res.caller, tr.verdict())
 	stopAll()
 	if len(d.problems) > 0 || res.ok != res.sent || res.sent == 0 {
 		d.say("FAIL %s; problems: %s", verdict, strings.Join(d.problems, "; "))
@@ -251,7 +257,7 @@ func (d *demo) showInjection(ctx context.Context) {
 	}
 	d.say("       in Consul (registered by the control plane's registrar, on the synthetic node of the Kubernetes node):")
 	for _, svc := range []string{"web", "api", "store"} {
-		entries, _, err := d.env.Consul.Client.Health().Service(svc, "", false, nil)
+		entries, _, err := d.env.Consul.Client.Health().Service(svc+".shop", "", false, nil)
 		if err != nil {
 			d.problem("consul %s: %v", svc, err)
 			continue
@@ -275,10 +281,11 @@ func (d *demo) showInjection(ctx context.Context) {
 }
 
 type trafficResult struct {
-	sent, ok int
-	byRoute  map[string]map[string]int // route → instance → count
-	failures map[string]int
-	caller   string
+	sent, ok  int
+	byRoute   map[string]map[string]int // route → instance → count
+	failures  map[string]int
+	caller    string
+	apiTraces []string // the W3C trace IDs of the /api requests that succeeded
 }
 
 func (d *demo) traffic(ctx context.Context) trafficResult {
@@ -298,7 +305,7 @@ func (d *demo) traffic(ctx context.Context) trafficResult {
 		<-tick.C
 		for _, route := range []string{"api", "store"} {
 			res.sent++
-			resp, err := client.Get(base + "/" + route)
+			traceID, resp, err := tracedGet(ctx, client, base+"/"+route)
 			if err != nil {
 				res.failures[err.Error()]++
 				continue
@@ -314,6 +321,7 @@ func (d *demo) traffic(ctx context.Context) trafficResult {
 			res.byRoute[route][got["instance"]]++
 			if route == "api" {
 				res.caller = got["caller"]
+				res.apiTraces = append(res.apiTraces, traceID)
 			}
 		}
 	}
@@ -336,7 +344,7 @@ func (d *demo) summarize(res trafficResult) {
 	}
 	roots, _, err := d.env.Consul.Client.Agent().ConnectCARoots(nil)
 	if err == nil {
-		want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web"
+		want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web.shop"
 		fmt.Printf("  mTLS: api saw its caller as %s (SPIFFE ID from web's certificate, issued by Consul's Connect CA)\n", res.caller)
 		if res.caller != want {
 			d.problem("api saw caller %q, want %q", res.caller, want)
@@ -348,11 +356,15 @@ func (d *demo) summarize(res trafficResult) {
 	fmt.Println()
 }
 
-func (d *demo) printKeep(state string) {
+func (d *demo) printKeep(state string, tr traceReport) {
 	c := d.env.Cluster
 	d.say("the cluster keeps running (KEEP=1); look around with:")
 	fmt.Printf("    ip netns exec %s %s %s get pods -A\n", filepath.Base(c.Netns()), filepath.Join(d.root, "bin/kubectl"), strings.Join(c.KubectlFlags(), " "))
 	fmt.Printf("    ip netns exec %s curl -s http://%s/v1/catalog/services   (Consul)\n", filepath.Base(c.Netns()), d.env.Consul.HTTPAddr)
+	if tr.queryURL != "" && tr.plain != "" {
+		fmt.Printf("    ip netns exec %s %s trace -jaeger-url %s %s   (Jaeger; make build first)\n", filepath.Base(c.Netns()),
+			filepath.Join(d.root, "bin/controlplane"), tr.queryURL, tr.plain)
+	}
 	fmt.Printf("    make demo-k8s-stop   (or: go run ./examples/demok8s -stop; state in %s)\n", state)
 }
 

@@ -79,7 +79,7 @@ func mesh(t *testing.T) *meshkube.Env {
 		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 		defer cancel()
 		root, _ := filepath.Abs("../..")
-		env, envErr = meshkube.Up(ctx, meshkube.Options{Root: root, PolicyDir: filepath.Join(root, "policies"), Log: log,
+		env, envErr = meshkube.Up(ctx, meshkube.Options{Root: root, PolicyDir: filepath.Join(root, meshkube.ExamplePolicies), Log: log,
 			Images: []string{meshkube.ExamplesImage, meshkube.TestAppImage, redisImage}})
 	})
 	if envErr != nil {
@@ -174,9 +174,9 @@ func pods(t *testing.T, e *meshkube.Env, ns, selector string) []corev1.Pod {
 func TestInjectedAppOverMTLS(t *testing.T) {
 	e := mesh(t)
 	ctx := context.Background()
-	intention(t, e, "web", "api")
-	intention(t, e, "web", "store")
-	intention(t, e, "caller", "api")
+	intention(t, e, "web.shop", "api.shop")
+	intention(t, e, "web.shop", "store.shop")
+	intention(t, e, "caller.shop", "api.shop")
 	applied := time.Now()
 	kubectl(t, e, "apply", "-k", filepath.Join(e.Root, "examples/kubernetes"))
 	appReady(t, e, "shop", 3*time.Minute, "web", "api", "store")
@@ -210,7 +210,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 	// Registered in Consul: IDs, meta, the readiness check.
 	apiPods := pods(t, e, "shop", "app=api")
 	testutil.Eventually(t, 30*time.Second, "api pods registered and passing", func() error {
-		entries, _, err := e.Consul.Client.Health().Service("api", "", true, nil)
+		entries, _, err := e.Consul.Client.Health().Service("api.shop", "", true, nil)
 		if err != nil {
 			return err
 		}
@@ -233,7 +233,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, p := range apiPods {
-		in, px := byID[xds.InstanceID(p.Name, "api")], byID[xds.ProxyID(p.Name, "api")]
+		in, px := byID[xds.InstanceID(p.Name, "api.shop")], byID[xds.ProxyID(p.Name, "api.shop")]
 		if in == nil || px == nil {
 			t.Fatalf("pod %s: instance %v proxy %v not in consul node %s", p.Name, in, px, node)
 		}
@@ -264,7 +264,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantCaller := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web"
+	wantCaller := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web.shop"
 	web := pods(t, e, "shop", "app=web")[0]
 	webURL := "http://" + net.JoinHostPort(web.Status.PodIP, "8080")
 	seen := map[string]bool{}
@@ -295,7 +295,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 	if code, body, err := httpGet(e, webURL+"/store"); err != nil || code != 200 {
 		t.Errorf("web → store: %d %s %v", code, body, err)
 	}
-	if rss, err := sidecarRSS(xds.ProxyID(web.Name, "web")); err != nil {
+	if rss, err := sidecarRSS(xds.ProxyID(web.Name, "web.shop")); err != nil {
 		t.Errorf("sidecar RSS: %v", err)
 	} else {
 		t.Logf("figure: web's sidecar RSS in its pod after these requests: %.1f MiB", float64(rss)/(1<<20))
@@ -336,7 +336,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 		return fmt.Errorf("active %d, succeeded %d", j.Status.Active, j.Status.Succeeded)
 	})
 	testutil.Eventually(t, 30*time.Second, "the finished job's pod deregistered", func() error {
-		entries, _, err := e.Consul.Client.Catalog().Service("caller", "", nil)
+		entries, _, err := e.Consul.Client.Catalog().Service("caller.shop", "", nil)
 		if err != nil || len(entries) > 0 {
 			return fmt.Errorf("%d caller instances in consul (%v)", len(entries), err)
 		}
@@ -346,7 +346,7 @@ func TestInjectedAppOverMTLS(t *testing.T) {
 	// Scaling api to 0 removes it from Consul.
 	kubectl(t, e, "-n", "shop", "scale", "deployment/api", "--replicas=0")
 	testutil.Eventually(t, 60*time.Second, "api gone from consul", func() error {
-		for _, name := range []string{"api", "api-sidecar-proxy"} {
+		for _, name := range []string{"api.shop", "api.shop-sidecar-proxy"} {
 			entries, _, err := e.Consul.Client.Catalog().Service(name, "", nil)
 			if err != nil {
 				return err
@@ -537,7 +537,7 @@ func TestFigures(t *testing.T) {
 	ensureNamespace(t, e, "shop", true)
 	ensureNamespace(t, e, "plain", false)
 	ctx := context.Background()
-	intention(t, e, "timing", "api")
+	intention(t, e, "timing.shop", "api.shop")
 	ready := map[string]time.Duration{}
 	for i, ns := range []string{"plain", "shop", "plain", "shop"} {
 		name := fmt.Sprintf("timing-%d", i)
@@ -574,7 +574,7 @@ func TestRegistrarLeaderElection(t *testing.T) {
 	e := mesh(t)
 	ensureNamespace(t, e, "shop", true)
 	ctx := context.Background()
-	intention(t, e, "elected", "api")
+	intention(t, e, "elected.shop", "api.shop")
 	kubectl(t, e, "-n", meshkube.Namespace, "scale", "deployment/"+meshkube.Deployment, "--replicas=2")
 	t.Cleanup(func() {
 		kubectl(t, e, "-n", meshkube.Namespace, "scale", "deployment/"+meshkube.Deployment, "--replicas=1")
@@ -614,7 +614,7 @@ func TestRegistrarLeaderElection(t *testing.T) {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, time.Minute, "the new leader registers a new pod", func() error {
-		entries, _, err := e.Consul.Client.Health().Service("elected", "", true, nil)
+		entries, _, err := e.Consul.Client.Health().Service("elected.shop", "", true, nil)
 		if err != nil || len(entries) != 1 {
 			return fmt.Errorf("%d passing instances (%v)", len(entries), err)
 		}

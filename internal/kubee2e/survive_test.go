@@ -116,7 +116,7 @@ func TestRegistrarRegainsLease(t *testing.T) {
 	})
 	t.Logf("figure: leadership regained %v after it was taken", time.Since(lost).Round(100*time.Millisecond))
 
-	intention(t, e, "regained", "api")
+	intention(t, e, "regained.shop", "api.shop")
 	d := meshDeployment(t, e, "shop", "regained")
 	if _, err := e.Client().AppsV1().Deployments("shop").Create(ctx, d, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -126,7 +126,7 @@ func TestRegistrarRegainsLease(t *testing.T) {
 	})
 	appReady(t, e, "shop", 2*time.Minute, "regained")
 	testutil.Eventually(t, time.Minute, "the new term registers the Deployment's pod", func() error {
-		entries, _, err := e.Consul.Client.Health().Service("regained", "", true, nil)
+		entries, _, err := e.Consul.Client.Health().Service("regained.shop", "", true, nil)
 		if err != nil || len(entries) != 1 {
 			return fmt.Errorf("%d passing instances (%v)", len(entries), err)
 		}

@@ -192,21 +192,22 @@ const redisImage = "redis.tar"
 func TestTransparentProxy(t *testing.T) {
 	e := mesh(t)
 	ctx := context.Background()
-	intention(t, e, "web", "api")
-	intention(t, e, "web", "store")
-	intention(t, e, "caller", "api")
-	intention(t, e, "caller", "redis")
-	intention(t, e, "caller", "cache")
+	intention(t, e, "web.tp", "api.tp")
+	intention(t, e, "web.tp", "store.tp")
+	intention(t, e, "caller.tp", "api.tp")
+	intention(t, e, "caller.tp", "redis.tp")
+	intention(t, e, "caller.tp", "cache.tp")
 	cm, err := e.Client().CoreV1().ConfigMaps(meshkube.Namespace).Get(ctx, meshkube.PoliciesConfig, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The repository's mesh and service defaults (api and web speak HTTP),
-	// and a retry policy of this test's own for api (10 retries on 5xx:
-	// 30 calls to an api failing 30% of the time all succeed but with
-	// probability 1 - 30 × 0.3^11).
-	policies := map[string]string{"mesh.yaml": cm.Data["mesh.yaml"], "services.yaml": cm.Data["services.yaml"],
-		"retry.yaml": "apiVersion: meshlet.io/v1alpha1\nkind: RetryPolicy\nmetadata: {name: api-retries}\nspec:\n  service: api\n  retryOn: [5xx]\n  numRetries: 10\n  backoff: {baseInterval: 5ms, maxInterval: 20ms}\n"}
+	// The mesh defaults, this namespace's service defaults (api and web
+	// speak HTTP; a Service is <service>.tp in Consul), and a retry policy
+	// for api (10 retries on 5xx: 30 calls to an api failing 30% of the
+	// time all succeed but with probability 1 - 30 × 0.3^11).
+	services := strings.ReplaceAll(cm.Data["services.yaml"], ".shop\n", ".tp\n")
+	policies := map[string]string{"mesh.yaml": cm.Data["mesh.yaml"], "services.yaml": services,
+		"retry.yaml": "apiVersion: meshlet.io/v1alpha1\nkind: RetryPolicy\nmetadata: {name: api-retries}\nspec:\n  service: api.tp\n  retryOn: [5xx]\n  numRetries: 10\n  backoff: {baseInterval: 5ms, maxInterval: 20ms}\n"}
 	if err := e.SetPolicyData(ctx, policies); err != nil {
 		t.Fatal(err)
 	}
@@ -225,6 +226,24 @@ func TestTransparentProxy(t *testing.T) {
 	web := pods(t, e, "tp", "app=web")[0]
 	webURL := "http://" + net.JoinHostPort(web.Status.PodIP, "8080")
 
+	// The policy ConfigMap reaches the control plane when the kubelet
+	// syncs the volume (seconds): wait for the retry policy in web's
+	// sidecar before counting on it (and on its
+	// service defaults: api speaks HTTP, so it sees web's identity).
+	testutil.Eventually(t, 90*time.Second, "the RetryPolicy in web's sidecar", func() error {
+		dump, err := sidecarAdmin(xds.ProxyID(web.Name, "web.tp"), "/config_dump")
+		if err != nil {
+			return err
+		}
+		var v any
+		if err := json.Unmarshal([]byte(dump), &v); err != nil {
+			return err
+		}
+		if !hasField(v, "numRetries", 10.0) {
+			return errors.New("no route with numRetries 10 yet")
+		}
+		return nil
+	})
 	// web → api by name: mTLS, web's identity, the retry policy hides
 	// api's failures (half of its answers are 503).
 	ok := 0
@@ -235,25 +254,9 @@ func TestTransparentProxy(t *testing.T) {
 		}
 		var got map[string]string
 		_ = json.Unmarshal(body, &got)
-		if want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web"; got["caller"] != want {
-			t.Fatalf("api saw caller %q, want %q", got["caller"], want)
-		}
-		return nil
-	})
-	// The policy ConfigMap reaches the control plane when the kubelet
-	// syncs the volume (seconds): wait for the retry policy in web's
-	// sidecar before counting on it.
-	testutil.Eventually(t, 90*time.Second, "the RetryPolicy in web's sidecar", func() error {
-		dump, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/config_dump")
-		if err != nil {
-			return err
-		}
-		var v any
-		if err := json.Unmarshal([]byte(dump), &v); err != nil {
-			return err
-		}
-		if !hasField(v, "numRetries", 10.0) {
-			return errors.New("no route with numRetries 10 yet")
+		if want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/web.tp"; got["caller"] != want {
+			// api's sidecar takes the policy set a moment after web's
+			return fmt.Errorf("api saw caller %q, want %q", got["caller"], want)
 		}
 		return nil
 	})
@@ -275,8 +278,8 @@ func TestTransparentProxy(t *testing.T) {
 	}
 
 	// An intention deny: refused at web's sidecar with the typed reason.
-	entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: "api",
-		Sources: []*api.SourceIntention{{Name: "web", Action: api.IntentionActionDeny}, {Name: "caller", Action: api.IntentionActionAllow}}}
+	entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: "api.tp",
+		Sources: []*api.SourceIntention{{Name: "web.tp", Action: api.IntentionActionDeny}, {Name: "caller.tp", Action: api.IntentionActionAllow}}}
 	if _, _, err := e.Consul.Client.ConfigEntries().Set(entry, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +293,7 @@ func TestTransparentProxy(t *testing.T) {
 		}
 		return nil
 	})
-	entry.Sources = []*api.SourceIntention{{Name: "web", Action: api.IntentionActionAllow}, {Name: "caller", Action: api.IntentionActionAllow}}
+	entry.Sources = []*api.SourceIntention{{Name: "web.tp", Action: api.IntentionActionAllow}, {Name: "caller.tp", Action: api.IntentionActionAllow}}
 	if _, _, err := e.Consul.Client.ConfigEntries().Set(entry, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +350,7 @@ func TestTransparentProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 90*time.Second, "registry-only in web's sidecar (no pass-through chain)", func() error {
-		body, err := sidecarAdmin(xds.ProxyID(web.Name, "web"), "/listeners?format=json")
+		body, err := sidecarAdmin(xds.ProxyID(web.Name, "web.tp"), "/listeners?format=json")
 		if err != nil {
 			return err
 		}

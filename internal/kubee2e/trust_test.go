@@ -101,7 +101,7 @@ func TestADSTrustInCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 2*time.Minute, "api-0 Ready (its sidecar served over TLS with its projected token)", func() error { return podReady(e, ns, "api-0") })
-	node := xds.ProxyID("api-0", "api")
+	node := xds.ProxyID("api-0", "api.trust")
 
 	for _, tc := range []struct {
 		name, pod, sa, token string
@@ -196,7 +196,7 @@ spec:
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := e.SetPolicies(context.Background(), filepath.Join(e.Root, "policies")); err != nil {
+		if err := e.SetPolicies(context.Background(), filepath.Join(e.Root, meshkube.ExamplePolicies)); err != nil {
 			t.Error(err)
 		}
 	})

@@ -42,6 +42,10 @@ const (
 	// ConsulSecret is the Secret of the control plane's Consul token and
 	// CA, which the manifests mount.
 	ConsulSecret = "meshlet-consul"
+	// ExamplePolicies are the example application's policy files on
+	// Kubernetes (its services by their Consul names, <service>.shop),
+	// relative to the module root.
+	ExamplePolicies = "examples/kubernetes/policies"
 	// Overlay is the kustomization Up applies, relative to the module root.
 	Overlay = "deploy/kubernetes/overlays/dev"
 	// MeshletImage is the tarball of meshlet's image in the image
@@ -49,6 +53,13 @@ const (
 	MeshletImage  = "meshlet.tar"
 	ExamplesImage = "examples.tar"
 	TestAppImage  = "devkube-testapp.tar"
+	// JaegerImage is Jaeger's image tarball (make images), which Up
+	// always imports: the dev overlay includes components/jaeger.
+	JaegerImage = "jaeger.tar"
+	// JaegerService is the Service (and Deployment) of the in-cluster
+	// Jaeger in Namespace, JaegerQueryPort its query API's HTTP port.
+	JaegerService   = "meshlet-jaeger"
+	JaegerQueryPort = 16686
 )
 
 // Options configure Up.
@@ -100,7 +111,7 @@ func Up(ctx context.Context, o Options) (_ *Env, err error) {
 		}
 	}
 	o.ImageDir = cmp.Or(o.ImageDir, devkube.FindImageDir())
-	images := []string{filepath.Join(o.ImageDir, MeshletImage)}
+	images := []string{filepath.Join(o.ImageDir, MeshletImage), filepath.Join(o.ImageDir, JaegerImage)}
 	for _, im := range o.Images {
 		images = append(images, filepath.Join(o.ImageDir, im))
 	}

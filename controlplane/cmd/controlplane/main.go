@@ -200,6 +200,7 @@ func serve(args []string, stderr io.Writer) int {
 	fs.StringVar(&kc.Injector.XDSAddress, "sidecar-xds-addr", inject.DefaultXDSAddress, "with -kube: the ADS address injected sidecars dial")
 	fs.StringVar(&kc.NativeSidecars, "native-sidecars", "auto", "with -kube: inject native sidecars (init containers with restartPolicy Always): true, false, or auto (API server 1.29 or later)")
 	fs.BoolVar(&kc.Injector.TransparentByDefault, "transparent-proxy", true, "with -kube: intercept injected pods' traffic unless they set meshlet.io/transparent-proxy: \"false\" (an init container installs iptables rules); consul-k8s's default")
+	names := fs.String("kube-service-names", string(inject.NamespacedNames), "with -kube: how a Kubernetes Service is named in Consul: namespaced (<service>.<namespace>: namespaces are boundaries) or flat (<service>: same-named Services of every namespace are one service, one identity; consul-k8s CE's default)")
 	fs.BoolVar(&kc.Register, "register", true, "with -kube: register injected pods in Consul")
 	fs.BoolVar(&kc.LeaderElect, "leader-elect", true, "with -kube: run the registration in one replica at a time (Lease "+kube.DefaultLeaseName+")")
 	fs.StringVar(&kc.Identity, "identity", os.Getenv("POD_NAME"), "with -kube: this replica's name in the lease (env POD_NAME; default the host name)")
@@ -213,6 +214,11 @@ func serve(args []string, stderr io.Writer) int {
 		return 2
 	}
 	if *kubeOn {
+		kc.Injector.Names = inject.ServiceNames(*names)
+		if err := kc.Injector.Names.Validate(); err != nil {
+			fmt.Fprintf(stderr, "controlplane: -kube-service-names: %v\n", err)
+			return 2
+		}
 		switch p := corev1.PullPolicy(*pullPolicy); p {
 		case "", corev1.PullAlways, corev1.PullIfNotPresent, corev1.PullNever:
 			kc.Injector.ImagePullPolicy = p
