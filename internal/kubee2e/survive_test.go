@@ -3,7 +3,6 @@ package kubee2e
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -160,7 +159,7 @@ func TestControlPlaneRestartAdmitsNoWrongService(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	policies := map[string]string{}
+	original, policies := cm.Data, map[string]string{}
 	for k, v := range cm.Data {
 		policies[k] = v
 	}
@@ -173,7 +172,7 @@ func TestControlPlaneRestartAdmitsNoWrongService(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := e.SetPolicies(context.Background(), filepath.Join(e.Root, "policies")); err != nil {
+		if err := e.SetPolicyData(context.Background(), original); err != nil {
 			t.Error(err)
 		}
 	})

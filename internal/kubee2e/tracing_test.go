@@ -107,7 +107,7 @@ func TestSpansOfBothSidecarsInClusterJaeger(t *testing.T) {
 	inCluster := "http://" + meshkube.JaegerService + "." + meshkube.Namespace + ".svc:16686"
 	out := kubectl(t, e, "-n", meshkube.Namespace, "exec", "deploy/"+meshkube.Deployment, "-c", "controlplane", "--",
 		"controlplane", "trace", "-jaeger-url", inCluster, "-wait-spans", "3", traceID)
-	if !strings.Contains(out, "trace "+tr.ID+":") || !strings.Contains(out, "services api, web") {
+	if !strings.Contains(out, "trace "+tr.ID+":") || !strings.Contains(out, "services api.shop, web.shop") {
 		t.Errorf("controlplane trace -jaeger-url %s %s printed:\n%s", inCluster, traceID, out)
 	}
 }
