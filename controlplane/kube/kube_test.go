@@ -133,15 +133,13 @@ func optimisticConcurrency(client *fake.Clientset, resource string) {
 	var mu sync.Mutex // serializes the compare and the write
 	next := 0
 	client.PrependReactor("*", resource, func(a k8stesting.Action) (bool, runtime.Object, error) {
-		var obj runtime.Object
-		switch a := a.(type) {
-		case k8stesting.CreateAction:
-			obj = a.GetObject()
-		case k8stesting.UpdateAction:
-			obj = a.GetObject()
-		default:
+		// CreateAction and UpdateAction have the same method set: tell
+		// them apart by verb.
+		wa, ok := a.(interface{ GetObject() runtime.Object })
+		if !ok || a.GetVerb() != "create" && a.GetVerb() != "update" {
 			return false, nil, nil
 		}
+		obj := wa.GetObject()
 		mu.Lock()
 		defer mu.Unlock()
 		m, err := meta.Accessor(obj)
