@@ -1,6 +1,9 @@
 package xds
 
-import "strings"
+import (
+	"strconv"
+	"strings"
+)
 
 // Transparent proxying: what the control plane and a sidecar whose pod's
 // traffic is intercepted (iptables REDIRECT) agree on. The shapes follow
@@ -65,4 +68,38 @@ func DirectCluster(service string) string { return directClusterPrefix + service
 // DirectCluster, and false for any other name.
 func DirectClusterService(clusterName string) (string, bool) {
 	return strings.CutPrefix(clusterName, directClusterPrefix)
+}
+
+// Several ports of one service (a Kubernetes Service with several ports):
+// its callers' transparent proxies match each port's virtual address and
+// dial the port's target port on the instance's own address, in the
+// service's mTLS; the callee's inbound capture listener terminates that
+// mTLS on the target port (original destination) and hands the connection
+// to the app on that port. The service's own port (the instance's Port,
+// behind the public listener) keeps its usual path.
+const (
+	// MetaServicePorts is the service instance meta key listing the
+	// Kubernetes Service's TCP ports as "<port>:<targetPort>" pairs joined
+	// by commas, in the Service's order ("80:8080,9090:9090"): port is the
+	// Service port (paired with the instance's virtual address), targetPort
+	// the pod's port it maps to, resolved to a number (Kubernetes
+	// ServicePort.port and targetPort). Written by the Kubernetes
+	// registrar; absent means one port, the instance's own.
+	MetaServicePorts = "service-ports"
+	// portSeparator joins a service or local app cluster's name and a port.
+	portSeparator = ":"
+)
+
+// ServicePortCluster returns the name of the cluster (and load assignment)
+// of a service's other target port targetPort, dialled on its instances'
+// own addresses: "<service>:<targetPort>".
+func ServicePortCluster(service string, targetPort int) string {
+	return service + portSeparator + strconv.Itoa(targetPort)
+}
+
+// LocalAppPortCluster returns the name of the static cluster of the local
+// app's other port port (a Service's other target port):
+// "local_app:<port>".
+func LocalAppPortCluster(port int) string {
+	return LocalAppCluster + portSeparator + strconv.Itoa(port)
 }

@@ -90,6 +90,7 @@ func (b *catalogBuilder) update(name string, entries []*api.ServiceEntry) {
 			Weight:     passingWeight(e.Service.Weights),
 			Healthy:    e.Checks.AggregatedStatus() == api.HealthPassing,
 			Virtual:    virtualAddress(e.Service),
+			Ports:      servicePorts(e.Service.Meta[xds.MetaServicePorts]),
 		}
 		svc.Instances = append(svc.Instances, in)
 		k := instanceKey{in.Node, in.ID}
@@ -303,6 +304,23 @@ func virtualAddress(s *api.AgentService) netip.AddrPort {
 		return netip.AddrPort{}
 	}
 	return netip.AddrPortFrom(a.Unmap(), uint16(v.Port))
+}
+
+// servicePorts reads meta xds.MetaServicePorts ("<port>:<targetPort>,...");
+// pairs that are not two ports in 1-65535 are left out, and nil when none
+// is left.
+func servicePorts(v string) []model.ServicePort {
+	var out []model.ServicePort
+	for item := range strings.SplitSeq(v, ",") {
+		a, b, ok := strings.Cut(strings.TrimSpace(item), ":")
+		port, err1 := strconv.Atoi(a)
+		target, err2 := strconv.Atoi(b)
+		if !ok || err1 != nil || err2 != nil || port < 1 || port > 65535 || target < 1 || target > 65535 {
+			continue
+		}
+		out = append(out, model.ServicePort{Port: port, TargetPort: target})
+	}
+	return out
 }
 
 func passingWeight(w api.AgentWeights) int {

@@ -1,6 +1,7 @@
 package consul
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/hashicorp/consul/api"
@@ -80,5 +81,20 @@ func TestBuildCatalog(t *testing.T) {
 	if len(web.Upstreams) != 2 || web.Upstreams[0].Service != "api" || web.Upstreams[0].BindAddress != "127.0.0.2" ||
 		web.Upstreams[1].Service != "store" || web.Upstreams[1].BindAddress != DefaultLocalAddress {
 		t.Errorf("web upstreams = %+v, want api@127.0.0.2 then store@127.0.0.1, prepared query dropped", web.Upstreams)
+	}
+}
+
+// TestServicePortsMeta: an instance's xds.MetaServicePorts becomes its
+// Ports; malformed pairs are left out, not fatal.
+func TestServicePortsMeta(t *testing.T) {
+	for v, want := range map[string]string{
+		"":                               "[]",
+		"80:8080,9090:9090":              "[{80 8080} {9090 9090}]",
+		" 80:8080 , x:1,70000:1,1:0,443": "[{80 8080}]",
+		"53:53":                          "[{53 53}]",
+	} {
+		if got := fmt.Sprint(servicePorts(v)); got != want {
+			t.Errorf("servicePorts(%q) = %s, want %s", v, got, want)
+		}
 	}
 }

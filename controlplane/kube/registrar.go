@@ -8,10 +8,12 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"strings"
 
 	"github.com/hashicorp/consul/api"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/meshlet/meshlet/controlplane/consul"
 	"github.com/meshlet/meshlet/controlplane/inject"
@@ -99,8 +101,13 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service, slices []
 		MetaManagedBy: ManagedBy,
 	}
 	virtual := map[string]api.ServiceAddress{}
+	instanceMeta := maps.Clone(meta)
 	if svc != nil {
 		meta[MetaService] = svc.Name
+		instanceMeta[MetaService] = svc.Name
+		if v := servicePorts(svc, pod); v != "" {
+			instanceMeta[xds.MetaServicePorts] = v
+		}
 		if len(svc.Spec.Ports) > 0 {
 			port := int(svc.Spec.Ports[0].Port)
 			for i, ip := range ips(svc.Spec.ClusterIP, svc.Spec.ClusterIPs, func(s string) string { return s }) {
@@ -177,7 +184,7 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service, slices []
 			Node: node, Address: nodeAddress, TaggedAddresses: nodeTagged, NodeMeta: nodeMeta, SkipNodeUpdate: true,
 			Service: &api.AgentService{
 				ID: instanceID, Service: name, Address: podIPs[0], Port: rec.Port,
-				Meta: meta, TaggedAddresses: tagged(rec.Port),
+				Meta: instanceMeta, TaggedAddresses: tagged(rec.Port),
 			},
 			Check: check(instanceID),
 		},
@@ -191,6 +198,39 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service, slices []
 			Check: check(proxyID),
 		},
 	}, true
+}
+
+// servicePorts is xds.MetaServicePorts of svc's TCP ports for pod:
+// "<port>:<targetPort>,..." in the Service's order, a named targetPort
+// resolved to the pod's container port of that name (a name the pod does
+// not have leaves the port out, as kube-proxy has no endpoint for it), an
+// unset one the port itself; "" when no port is left.
+func servicePorts(svc *corev1.Service, pod *corev1.Pod) string {
+	var pairs []string
+	for _, sp := range svc.Spec.Ports {
+		if sp.Protocol != "" && sp.Protocol != corev1.ProtocolTCP {
+			continue
+		}
+		target := int(sp.Port)
+		switch {
+		case sp.TargetPort.Type == intstr.String:
+			target = 0
+			for _, c := range pod.Spec.Containers {
+				for _, cp := range c.Ports {
+					if cp.Name == sp.TargetPort.StrVal && (cp.Protocol == "" || cp.Protocol == corev1.ProtocolTCP) {
+						target = int(cp.ContainerPort)
+					}
+				}
+			}
+		case sp.TargetPort.IntVal != 0:
+			target = int(sp.TargetPort.IntVal)
+		}
+		if target == 0 {
+			continue
+		}
+		pairs = append(pairs, fmt.Sprintf("%d:%d", sp.Port, target))
+	}
+	return strings.Join(pairs, ",")
 }
 
 // ips is the list form of a dual-stack field (PodIPs, HostIPs,

@@ -14,6 +14,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 	"sigs.k8s.io/controller-runtime/pkg/event"
@@ -23,6 +24,7 @@ import (
 	"github.com/meshlet/meshlet/controlplane/inject"
 	"github.com/meshlet/meshlet/internal/devconsul"
 	"github.com/meshlet/meshlet/internal/testlog"
+	"github.com/meshlet/meshlet/xds"
 )
 
 func injectedPod(name, service string, port int, ready bool) *corev1.Pod {
@@ -574,5 +576,38 @@ func TestRegisterHeadless(t *testing.T) {
 	}
 	if reg.Instance.Service.Port != 7000 || reg.Proxy.Service.Proxy.Mode != api.ProxyModeTransparent || reg.Proxy.Service.Proxy.DestinationServiceID != reg.Instance.Service.ID {
 		t.Errorf("instance port %d, proxy %+v", reg.Instance.Service.Port, reg.Proxy.Service.Proxy)
+	}
+}
+
+// TestRegisterServicePorts: the instance lists its Service's TCP ports
+// with their target ports resolved (a number, a container port's name, an
+// unset target meaning the port; an unknown name and a UDP port left out)
+// in meta xds.MetaServicePorts; the proxy does not; one virtual address
+// stays on the first port (consul-k8s's tagged address).
+func TestRegisterServicePorts(t *testing.T) {
+	pod := injectedPod("api-1", "api", 8080, true)
+	pod.Spec.Containers = []corev1.Container{{Name: "app", Ports: []corev1.ContainerPort{
+		{Name: "http", ContainerPort: 8080}, {Name: "grpc", ContainerPort: 9090}, {Name: "dns", ContainerPort: 5353, Protocol: corev1.ProtocolUDP}}}}
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "api", Namespace: "shop"},
+		Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.20", ClusterIPs: []string{"10.96.0.20"}, Ports: []corev1.ServicePort{
+			{Name: "http", Port: 80, TargetPort: intstr.FromString("http")},
+			{Name: "grpc", Port: 9090, TargetPort: intstr.FromString("grpc")},
+			{Name: "admin", Port: 8081},
+			{Name: "metrics", Port: 9100, TargetPort: intstr.FromInt32(9102)},
+			{Name: "gone", Port: 7000, TargetPort: intstr.FromString("nosuchport")},
+			{Name: "dns", Port: 53, TargetPort: intstr.FromString("dns"), Protocol: corev1.ProtocolUDP},
+		}}}
+	reg, ok := Register(pod, inject.Record{Service: "api", Port: 8080, PublicPort: 20000, Transparent: true}, svc, nil)
+	if !ok {
+		t.Fatal("not registered")
+	}
+	if got, want := reg.Instance.Service.Meta[xds.MetaServicePorts], "80:8080,9090:9090,8081:8081,9100:9102"; got != want {
+		t.Errorf("instance meta %s = %q, want %q", xds.MetaServicePorts, got, want)
+	}
+	if v, ok := reg.Proxy.Service.Meta[xds.MetaServicePorts]; ok {
+		t.Errorf("proxy carries %s = %q", xds.MetaServicePorts, v)
+	}
+	if v := reg.Instance.Service.TaggedAddresses[consul.VirtualTaggedAddress]; v.Address != "10.96.0.20" || v.Port != 80 {
+		t.Errorf("virtual = %+v, want 10.96.0.20:80", v)
 	}
 }

@@ -84,20 +84,63 @@ type Instance struct {
 	// its Kubernetes Service's ClusterIP and port there): where transparent
 	// proxies' callers dial the service. Zero when none.
 	Virtual netip.AddrPort
+	// Ports are the ports of the instance's Kubernetes Service, in its
+	// order (meta xds.MetaServicePorts): each Service port is a virtual
+	// address on Virtual's IP too, and maps to a target port of the
+	// instance. Nil for an instance of one port (Port, at Virtual).
+	Ports []ServicePort
+}
+
+// ServicePort is one port of a Kubernetes Service as the registrar wrote
+// it: Port is the Service port (the virtual address's port), TargetPort
+// the instance's port it maps to (ServicePort.targetPort, a number).
+type ServicePort struct {
+	Port, TargetPort int
 }
 
 // VirtualAddresses returns the distinct virtual addresses of s's
-// instances, sorted (a Kubernetes Service has one; a service registered
-// from several clusters may have more).
+// instances, sorted: each instance's Virtual and, with the same IP, each
+// of its Ports (a Kubernetes Service has one IP per family and one address
+// per port; a service registered from several clusters may have more).
 func (s *Service) VirtualAddresses() []netip.AddrPort {
 	var out []netip.AddrPort
+	add := func(a netip.AddrPort) {
+		if a.IsValid() && !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
 	for _, in := range s.Instances {
-		if in.Virtual.IsValid() && !slices.Contains(out, in.Virtual) {
-			out = append(out, in.Virtual)
+		add(in.Virtual)
+		if in.Virtual.IsValid() {
+			for _, p := range in.Ports {
+				if p.Port > 0 && p.Port <= 65535 {
+					add(netip.AddrPortFrom(in.Virtual.Addr(), uint16(p.Port)))
+				}
+			}
 		}
 	}
 	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
 	return out
+}
+
+// OtherTargetPort returns the target port that Service port port of s
+// maps to when that is not its instances' own port (the app's port behind
+// their public listeners), from the first instance, by ID, that lists
+// port in its Ports; 0 when port is the instances' own port or no instance
+// lists it. Callers dial such a port on the instances' own addresses
+// (xds.ServicePortCluster).
+func (s *Service) OtherTargetPort(port int) int {
+	for _, in := range s.Instances {
+		for _, p := range in.Ports {
+			if p.Port == port {
+				if p.TargetPort == in.Port {
+					return 0
+				}
+				return p.TargetPort
+			}
+		}
+	}
+	return 0
 }
 
 // HostPort returns "address:port".
@@ -459,7 +502,7 @@ func (s *Service) Equal(o *Service) bool {
 // Equal reports whether i and o have the same content.
 func (i Instance) Equal(o Instance) bool {
 	return i.ID == o.ID && i.Node == o.Node && i.Datacenter == o.Datacenter && i.Address == o.Address &&
-		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && i.Virtual == o.Virtual && maps.Equal(i.Meta, o.Meta)
+		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && i.Virtual == o.Virtual && slices.Equal(i.Ports, o.Ports) && maps.Equal(i.Meta, o.Meta)
 }
 
 // Equal reports whether p and o have the same content.

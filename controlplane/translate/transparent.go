@@ -53,6 +53,7 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 	var chains []xdsbuild.CaptureChain
 	var outbound *listener.Listener // a traced HTTP upstream listener: its direction and extras
 	var direct []string             // reachable headless services, for their chains after the virtual ones
+	portsAdded := map[string]bool{} // the clusters of services' other target ports, added once
 	for _, name := range cat.UpstreamNames(p) {
 		svc := cat.Services[name]
 		explicit := seen[name]
@@ -123,8 +124,16 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 			if len(ports) > 1 {
 				chainName = fmt.Sprintf("%s:%d", chainName, port)
 			}
-			chains = append(chains, xdsbuild.CaptureChain{Name: chainName, Prefixes: byPort[port], Port: int(port),
-				Filters: up.listener.GetFilterChains()[0].GetFilters()})
+			filters := up.listener.GetFilterChains()[0].GetFilters()
+			if target := svc.OtherTargetPort(int(port)); target != 0 && (explicit || ok) {
+				var res upstream
+				filters, res = portUpstream(cat, pol, p, name, target, pv, capture)
+				if !portsAdded[res.cluster.GetName()] {
+					portsAdded[res.cluster.GetName()] = true
+					r.add(res)
+				}
+			}
+			chains = append(chains, xdsbuild.CaptureChain{Name: chainName, Prefixes: byPort[port], Port: int(port), Filters: filters})
 		}
 	}
 	taken := map[netip.AddrPort]bool{}
@@ -148,7 +157,9 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 	}
 	r.Listeners = append(r.Listeners, out)
 	if public != nil {
-		r.Listeners = append(r.Listeners, inboundCapture(public, p.LocalAppPort))
+		in := inboundCapture(public, p.LocalAppPort)
+		in.FilterChains = append(in.FilterChains, otherPortChains(r, cat, pol, p, pv)...)
+		r.Listeners = append(r.Listeners, in)
 	}
 	if passthrough || public != nil {
 		r.Clusters = append(r.Clusters, xdsbuild.NewPassthroughCluster())
@@ -215,6 +226,106 @@ func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service s
 	return chains, xdsbuild.NewDirectCluster(name, opts)
 }
 
+// portUpstream returns the outbound capture chain filters for target
+// port target of service, one of its Kubernetes Service's other ports
+// (model.Service.OtherTargetPort), and the upstream they go to: a TCP
+// proxy to the EDS cluster xds.ServicePortCluster(service, target) with
+// the service's mTLS (SNI and SPIFFE ID; no ALPN: the port's bytes go as
+// they are, whatever the service's protocol) and resilience settings,
+// whose load assignment is the target port on the address of each
+// instance fronted by a healthy transparent proxy (the callee's inbound
+// capture listener terminates the mTLS there: otherPortChains). The
+// chain's inputs are noted on chain, the cluster's and load assignment's
+// in pv.
+func portUpstream(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service string, target int, pv *provenance, chain note) ([]*listener.Filter, upstream) {
+	name := xds.ServicePortCluster(service, target)
+	cl := pv.on(clusterKey(name))
+	cl.add(serviceSource(service, "ports"))
+	opts := clusterOptions(pol, service, xdsbuild.ClusterOptions{Protocol: xds.ProtocolTCP}, cl)
+	opts.TLS = upstreamTLS(cat, pol, p, service, xds.ProtocolTCP, cl)
+	eps := pv.on(endpointKey(name))
+	eps.add(serviceSource(service, "catalog/health"), serviceSource(service, "sidecars: catalog/health"))
+	var endpoints []xdsbuild.Endpoint
+	if svc := cat.Services[service]; svc != nil {
+		for _, in := range svc.Instances {
+			if in.Healthy && fronted(cat, service, in) && slices.ContainsFunc(in.Ports, func(sp model.ServicePort) bool { return sp.TargetPort == target }) {
+				endpoints = append(endpoints, xdsbuild.Endpoint{Host: in.Address, Port: target, Weight: in.Weight, Region: in.Datacenter})
+			}
+		}
+	}
+	filters := xdsbuild.NewTCPProxyListener(xds.UpstreamListener(service), "127.0.0.1", 0, name, xdsbuild.TCPProxyOptions{
+		MaxConnectAttempts: tcpConnectAttempts(pol, service, chain),
+		IdleTimeout:        tcpIdleTimeout(pol, service, chain),
+	}).GetFilterChains()[0].GetFilters()
+	return filters, upstream{service: service, protocol: xds.ProtocolTCP,
+		cluster: xdsbuild.NewEDSCluster(name, opts), load: xdsbuild.NewLoadAssignment(name, endpoints)}
+}
+
+// otherPortChains returns the inbound capture listener's chains for the
+// other target ports of p's own instance (its Kubernetes Service's ports
+// besides the app's, model.Instance.Ports), and adds their local app
+// clusters xds.LocalAppPortCluster to r: per port, the public listener's
+// shape (mTLS, in permissive mode a plaintext chain too) matched on that
+// destination port, with network RBAC from the service's intentions (L7
+// permissions cannot apply and refuse, as on a TCP service) before a TCP
+// proxy to the app on that port. Ports the pod excludes from interception
+// get none. Their inputs are noted in pv.
+func otherPortChains(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Proxy, pv *provenance) []*listener.FilterChain {
+	var targets []int
+	if svc := cat.Services[p.Service]; svc != nil {
+		for _, in := range svc.Instances {
+			if in.ID != p.ServiceID {
+				continue
+			}
+			for _, sp := range in.Ports {
+				if sp.TargetPort != p.LocalAppPort && !slices.Contains(targets, sp.TargetPort) && !slices.Contains(p.Exclusions.InboundPorts, sp.TargetPort) {
+					targets = append(targets, sp.TargetPort)
+				}
+			}
+		}
+	}
+	slices.Sort(targets)
+	var out []*listener.FilterChain
+	lis := pv.on(listenerKey(xds.InboundCaptureListener))
+	for _, port := range targets {
+		cn := xds.LocalAppPortCluster(port)
+		local := pv.on(clusterKey(cn))
+		local.add(registration(p, "local app"), serviceSource(p.Service, "ports"))
+		lis.add(serviceSource(p.Service, "ports"))
+		o := xdsbuild.InboundOptions{
+			TLS:        xdsbuild.DownstreamTLS(minTLSVersion(pol, lis), nil),
+			Permissive: mtlsMode(pol, p.Service, lis) == policy.MTLSPermissive,
+			Cluster:    cn,
+		}
+		o.TCP.IdleTimeout = tcpIdleTimeout(pol, p.Service, lis)
+		o.Rules, o.Shadow = authzRules(cat, pol, p.Service, false, lis)
+		name := fmt.Sprintf("%s:%d", xds.PublicListener, port)
+		for _, fc := range xdsbuild.NewInboundListener(name, "0.0.0.0", port, o).GetFilterChains() {
+			if fc.FilterChainMatch == nil {
+				fc.FilterChainMatch = &listener.FilterChainMatch{}
+			}
+			fc.FilterChainMatch.DestinationPort = wrapperspb.UInt32(uint32(port))
+			fc.Name = name
+			if tp := fc.FilterChainMatch.GetTransportProtocol(); tp != "" {
+				fc.Name += ":" + tp
+			}
+			out = append(out, fc)
+		}
+		r.Clusters = append(r.Clusters, xdsbuild.NewStaticCluster(cn, p.LocalAppAddress, port, xdsbuild.ClusterOptions{Protocol: xds.ProtocolTCP}))
+	}
+	return out
+}
+
+// fronted reports whether instance in of service is fronted by a healthy
+// transparent proxy with a public listener (Proxy.ServiceID on the same
+// node), whose pod's inbound interception hands a connection dialled to
+// the instance's own address to the sidecar's mTLS chains.
+func fronted(cat *model.Catalog, service string, in model.Instance) bool {
+	return slices.ContainsFunc(cat.ProxiesFor(service), func(q *model.Proxy) bool {
+		return q.ServiceID == in.ID && q.Node == in.Node && q.Healthy && q.Transparent() && !q.ClientOnly()
+	})
+}
+
 // directInstances returns the addresses (IP and port) of the instances of
 // service that a caller's sidecar may dial directly: healthy, with an IP
 // address and a port, and fronted (Proxy.ServiceID on the same node) by a
@@ -232,10 +343,7 @@ func directInstances(cat *model.Catalog, service string) []netip.AddrPort {
 		if err != nil || !in.Healthy || in.Port <= 0 || in.Port > 65535 {
 			continue
 		}
-		fronted := slices.ContainsFunc(cat.ProxiesFor(service), func(q *model.Proxy) bool {
-			return q.ServiceID == in.ID && q.Node == in.Node && q.Healthy && q.Transparent() && !q.ClientOnly()
-		})
-		if fronted {
+		if fronted(cat, service, in) {
 			out = append(out, netip.AddrPortFrom(addr.Unmap(), uint16(in.Port)))
 		}
 	}

@@ -1,6 +1,7 @@
 package xdsbuild
 
 import (
+	"cmp"
 	"strings"
 	"time"
 
@@ -120,6 +121,10 @@ type InboundOptions struct {
 	// TCP shapes the TCP proxy to xds.LocalAppCluster when HTTP is false
 	// (its idle timeout; connect attempts stay 1).
 	TCP TCPProxyOptions
+	// Cluster is the local app's cluster the chains send to;
+	// xds.LocalAppCluster when empty (xds.LocalAppPortCluster for a
+	// Service's other target port).
+	Cluster string
 }
 
 // PermissiveDetectTimeout is a permissive listener's
@@ -163,7 +168,7 @@ func NewInboundListener(name, host string, port int, o InboundOptions) *listener
 func inboundFilters(name string, o InboundOptions, secure bool) []*listener.Filter {
 	if o.HTTP {
 		m := withUpgrades(newHCM(name, HTTPListenerOptions{
-			RouteConfig: NewRouteConfig(xds.LocalAppCluster, xds.LocalAppCluster, RouteOptions{}),
+			RouteConfig: NewRouteConfig(cmp.Or(o.Cluster, xds.LocalAppCluster), cmp.Or(o.Cluster, xds.LocalAppCluster), RouteOptions{}),
 			Via:         o.Via,
 			Tracing:     o.Tracing,
 		}))
@@ -188,5 +193,5 @@ func inboundFilters(name string, o InboundOptions, secure bool) []*listener.Filt
 			Rules: o.Rules, ShadowRules: o.Shadow, StatPrefix: name, ShadowRulesStatPrefix: "denied_by_",
 		})}})
 	}
-	return append(fs, &listener.Filter{Name: xds.TCPProxyFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(newTCPProxy(name, xds.LocalAppCluster, o.TCP))}})
+	return append(fs, &listener.Filter{Name: xds.TCPProxyFilter, ConfigType: &listener.Filter_TypedConfig{TypedConfig: xds.MustAny(newTCPProxy(name, cmp.Or(o.Cluster, xds.LocalAppCluster), o.TCP))}})
 }

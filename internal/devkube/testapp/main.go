@@ -7,6 +7,12 @@
 //	                              prints the body; exit 1 on failure
 //	testapp lookup NAME           resolve NAME with the pod's resolv.conf (Go's resolver);
 //	                              prints one address a line; exit 1 on failure
+//	testapp serve-grpc ADDR       gRPC on ADDR (h2c): the standard health service (grpc.health.v1),
+//	                              SERVING for "" and for the service named by the pod's hostname
+//	testapp grpc-check [-timeout D] [-service S] ADDR
+//	                              call grpc.health.v1.Health/Check on ADDR (h2c), retrying until it
+//	                              answers SERVING or D (default 30s) passes; prints the status;
+//	                              exit 1 on failure
 package main
 
 import (
@@ -22,11 +28,16 @@ import (
 	"os/signal"
 	"syscall"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: testapp serve ADDR | get [-timeout D] URL | lookup NAME")
+		fmt.Fprintln(os.Stderr, "usage: testapp serve ADDR | get [-timeout D] URL | lookup NAME | serve-grpc ADDR | grpc-check [-timeout D] [-service S] ADDR")
 		os.Exit(2)
 	}
 	var err error
@@ -37,6 +48,10 @@ func main() {
 		err = get(os.Args[2:])
 	case "lookup":
 		err = lookup(os.Args[2:])
+	case "serve-grpc":
+		err = serveGRPC(os.Args[2:])
+	case "grpc-check":
+		err = grpcCheck(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -135,4 +150,67 @@ func lookup(args []string) error {
 		fmt.Println(a)
 	}
 	return nil
+}
+
+func serveGRPC(args []string) error {
+	if len(args) != 1 {
+		return errors.New("serve-grpc: want ADDR")
+	}
+	host, _ := os.Hostname()
+	l, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return fmt.Errorf("serve-grpc: %w", err)
+	}
+	srv := grpc.NewServer()
+	hs := health.NewServer()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus(host, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(srv, hs)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		srv.GracefulStop()
+	}()
+	slog.Info("testapp: serving gRPC", "addr", args[0], "host", host)
+	return srv.Serve(l)
+}
+
+func grpcCheck(args []string) error {
+	fl := flag.NewFlagSet("grpc-check", flag.ContinueOnError)
+	timeout := fl.Duration("timeout", 30*time.Second, "give up after this long")
+	service := fl.String("service", "", "the health service to check")
+	if err := fl.Parse(args); err != nil {
+		return err
+	}
+	if fl.NArg() != 1 {
+		return errors.New("grpc-check: want ADDR")
+	}
+	conn, err := grpc.NewClient("passthrough:///"+fl.Arg(0), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	client := healthpb.NewHealthClient(conn)
+	var lastErr error
+	for {
+		cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
+		resp, err := client.Check(cctx, &healthpb.HealthCheckRequest{Service: *service})
+		ccancel()
+		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			fmt.Println(resp.GetStatus())
+			return nil
+		}
+		lastErr = err
+		if err == nil {
+			lastErr = fmt.Errorf("status %s", resp.GetStatus())
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("grpc-check %s: %w", fl.Arg(0), lastErr)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
