@@ -12,8 +12,10 @@ const (
 	NamespaceEnabled = "enabled"
 
 	// AnnotationService names the pod's service in Consul (a DNS-1123
-	// label). Default: the one Kubernetes Service selecting the pod, else
-	// the workload's name (Deployment, StatefulSet, Job...).
+	// label). Default: the one Kubernetes Service selecting the pod; of
+	// several, the only one that is not headless, else (all headless) the
+	// one named like the pod's ServiceAccount; with none, the workload's
+	// name (Deployment, StatefulSet, Job...).
 	AnnotationService = "meshlet.io/service"
 	// AnnotationPort is the application's port: a number or the name of a
 	// container port. Default: the first container port of the first

@@ -207,10 +207,10 @@ func New(cfg Config) *Injector {
 func (in *Injector) Config() Config { return in.cfg }
 
 // Mutate returns a copy of pod with the sidecar injected, or pod itself
-// and why it was skipped. selecting names the Kubernetes Services whose
-// selector matches the pod (the service name when no annotation gives
-// one). Errors wrap ErrRefused.
-func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string) (*corev1.Pod, Skip, error) {
+// and why it was skipped. selecting are the Kubernetes Services whose
+// selector matches the pod (they give the service name when no annotation
+// does: record). Errors wrap ErrRefused.
+func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []SelectingService) (*corev1.Pod, Skip, error) {
 	switch {
 	case pod.Annotations[AnnotationInjected] != "" || hasContainer(pod, SidecarContainer):
 		return pod, SkipInjected, nil
@@ -291,7 +291,7 @@ func (in *Injector) Mutate(pod *corev1.Pod, namespace string, selecting []string
 }
 
 // record decides the pod's service, port and upstreams.
-func (in *Injector) record(pod *corev1.Pod, namespace string, selecting []string) (Record, error) {
+func (in *Injector) record(pod *corev1.Pod, namespace string, selecting []SelectingService) (Record, error) {
 	rec := Record{PublicPort: xds.PodPublicPort}
 	switch v, ok := pod.Annotations[AnnotationService]; {
 	case ok:
@@ -299,12 +299,12 @@ func (in *Injector) record(pod *corev1.Pod, namespace string, selecting []string
 			return rec, annotationErr(AnnotationService, v, strings.Join(errs, "; "))
 		}
 		rec.Service = v
-	case len(selecting) == 1:
-		rec.Service = selecting[0]
-	case len(selecting) > 1:
-		s := slices.Clone(selecting)
-		slices.Sort(s)
-		return rec, fmt.Errorf("%w: Services %s all select this pod: set %s to the one it serves", ErrRefused, strings.Join(s, ", "), AnnotationService)
+	case len(selecting) > 0:
+		name, err := identityService(pod, selecting)
+		if err != nil {
+			return rec, err
+		}
+		rec.Service = name
 	default:
 		rec.Service = workloadName(pod)
 		if errs := validation.IsDNS1123Label(rec.Service); rec.Service == "" || len(errs) > 0 {
@@ -341,6 +341,46 @@ func (in *Injector) record(pod *corev1.Pod, namespace string, selecting []string
 		}
 	}
 	return rec, nil
+}
+
+// identityService chooses the service a pod selected by the Services
+// selecting registers as (its identity): the one Service; else the only
+// one with a virtual address, the others being headless (a StatefulSet's
+// governing headless Service beside its client Service: the pods' own
+// addresses, dialled by their DNS names, reach the same identity, see
+// xds.MetaDialedDirectly); else, all headless, the one named like the
+// pod's ServiceAccount (a sidecar's identity is its ServiceAccount:
+// checkIdentity). Several Services with virtual addresses are refused:
+// only one of them would reach the pod through the mesh, and which is the
+// user's to say (AnnotationService).
+func identityService(pod *corev1.Pod, selecting []SelectingService) (string, error) {
+	if len(selecting) == 1 {
+		return selecting[0].Name, nil
+	}
+	sa := PodServiceAccount(pod)
+	var names, virtual []string
+	named := ""
+	for _, s := range selecting {
+		names = append(names, s.Name)
+		if !s.Headless {
+			virtual = append(virtual, s.Name)
+		} else if s.Name == sa {
+			named = s.Name
+		}
+	}
+	slices.Sort(names)
+	switch {
+	case len(virtual) == 1:
+		return virtual[0], nil
+	case len(virtual) == 0 && named != "":
+		return named, nil
+	case len(virtual) == 0:
+		return "", fmt.Errorf("%w: headless Services %s all select this pod and none is named like its ServiceAccount %q: set %s to the one it serves",
+			ErrRefused, strings.Join(names, ", "), sa, AnnotationService)
+	}
+	slices.Sort(virtual)
+	return "", fmt.Errorf("%w: Services %s all select this pod and %s have cluster IPs: only one can reach it through the mesh; set %s to the one it serves",
+		ErrRefused, strings.Join(names, ", "), strings.Join(virtual, ", "), AnnotationService)
 }
 
 // PodServiceAccount is the ServiceAccount pod runs as:

@@ -34,15 +34,28 @@ import (
 type testCase struct {
 	Namespace string          `json:"namespace"`
 	Services  []string        `json:"services"`
+	Headless  []string        `json:"headless"`
 	Native    *bool           `json:"native"`
 	Insecure  bool            `json:"insecure"`
 	Policy    string          `json:"policy"`
 	Pod       json.RawMessage `json:"pod"`
 }
 
-type fixedServices []string
+type fixedServices []SelectingService
 
-func (f fixedServices) SelectingServices(string, map[string]string) ([]string, error) { return f, nil }
+func (f fixedServices) SelectingServices(string, map[string]string) ([]SelectingService, error) {
+	return f, nil
+}
+
+// selectingServices are a test case's Services, those listed in headless
+// headless.
+func selectingServices(names, headless []string) fixedServices {
+	var out fixedServices
+	for _, n := range names {
+		out = append(out, SelectingService{Name: n, Headless: slices.Contains(headless, n)})
+	}
+	return out
+}
 
 type events struct {
 	mu  sync.Mutex
@@ -119,7 +132,7 @@ func TestGolden(t *testing.T) {
 				cfg.ServiceAccountMayActAs = set.ServiceAccountMayActAs
 			}
 			ev := &events{}
-			wh := NewWebhook(New(cfg), WebhookOptions{Services: fixedServices(tc.Services), Events: ev, Registerer: prometheus.NewRegistry()})
+			wh := NewWebhook(New(cfg), WebhookOptions{Services: selectingServices(tc.Services, tc.Headless), Events: ev, Registerer: prometheus.NewRegistry()})
 			resp := review(t, wh, tc.Namespace, podJSON)
 
 			got := map[string]any{"allowed": resp.Allowed}

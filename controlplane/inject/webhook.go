@@ -29,7 +29,15 @@ const maxReviewBytes = 8 << 20
 // ServiceSelector finds the Kubernetes Services of a namespace whose
 // selector matches a pod's labels (from an informer's cache).
 type ServiceSelector interface {
-	SelectingServices(namespace string, podLabels map[string]string) ([]string, error)
+	SelectingServices(namespace string, podLabels map[string]string) ([]SelectingService, error)
+}
+
+// SelectingService is a Kubernetes Service whose selector matches a pod:
+// its name, and whether it is headless (clusterIP: None, no virtual
+// address: its clients dial the pods' own addresses).
+type SelectingService struct {
+	Name     string
+	Headless bool
 }
 
 // EventRecorder reports a pod that asked for a sidecar and was skipped,
@@ -124,7 +132,7 @@ func (w *Webhook) review(req *admissionv1.AdmissionRequest) (*admissionv1.Admiss
 	if pod.Namespace != "" {
 		ns = pod.Namespace
 	}
-	var selecting []string
+	var selecting []SelectingService
 	if w.opts.Services != nil && pod.Annotations[AnnotationService] == "" {
 		var err error
 		if selecting, err = w.opts.Services.SelectingServices(ns, pod.Labels); err != nil {

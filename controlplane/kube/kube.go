@@ -473,21 +473,24 @@ func ownImage(ctx context.Context, c kubernetes.Interface, ns, pod string) (stri
 // serviceSelector is inject.ServiceSelector over a Service lister.
 type serviceSelector struct{ lister listerscorev1.ServiceLister }
 
-func (s serviceSelector) SelectingServices(ns string, podLabels map[string]string) ([]string, error) {
+func (s serviceSelector) SelectingServices(ns string, podLabels map[string]string) ([]inject.SelectingService, error) {
 	svcs, err := s.lister.Services(ns).List(labels.Everything())
 	if err != nil {
 		return nil, err
 	}
-	var out []string
+	var out []inject.SelectingService
 	for _, svc := range svcs {
-		if len(svc.Spec.Selector) == 0 {
-			continue
-		}
-		if labels.SelectorFromSet(svc.Spec.Selector).Matches(labels.Set(podLabels)) {
-			out = append(out, svc.Name)
+		if selects(svc, podLabels) {
+			out = append(out, inject.SelectingService{Name: svc.Name, Headless: svc.Spec.ClusterIP == corev1.ClusterIPNone})
 		}
 	}
 	return out, nil
+}
+
+// selects reports whether Service svc selects pods labelled podLabels (a
+// Service without a selector selects none: its endpoints are its own).
+func selects(svc *corev1.Service, podLabels map[string]string) bool {
+	return len(svc.Spec.Selector) > 0 && labels.SelectorFromSet(svc.Spec.Selector).Matches(labels.Set(podLabels))
 }
 
 // cacheGate holds admissions and readiness until informer caches have
