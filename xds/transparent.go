@@ -86,6 +86,15 @@ const (
 	// ServicePort.port and targetPort). Written by the Kubernetes
 	// registrar; absent means one port, the instance's own.
 	MetaServicePorts = "service-ports"
+	// MetaDialedDirectly is the service instance meta key whose value
+	// "true" says callers also dial the instance's own address (a headless
+	// Kubernetes Service selects its pod besides the Service it registers
+	// as: a StatefulSet pod's DNS name): their transparent proxies get
+	// chains matching the instance's address on its ports, in the
+	// service's mTLS, as for a headless service's instances (Consul's
+	// service-defaults TransparentProxy.DialedDirectly, per instance).
+	// Written by the Kubernetes registrar.
+	MetaDialedDirectly = "dialed-directly"
 	// portSeparator joins a service or local app cluster's name and a port.
 	portSeparator = ":"
 )

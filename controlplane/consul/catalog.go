@@ -81,16 +81,17 @@ func (b *catalogBuilder) update(name string, entries []*api.ServiceEntry) {
 			svc = &model.Service{Name: name}
 		}
 		in := model.Instance{
-			ID:         e.Service.ID,
-			Node:       nodeName(e),
-			Datacenter: datacenter(e),
-			Address:    serviceAddress(e),
-			Port:       e.Service.Port,
-			Meta:       e.Service.Meta,
-			Weight:     passingWeight(e.Service.Weights),
-			Healthy:    e.Checks.AggregatedStatus() == api.HealthPassing,
-			Virtual:    virtualAddress(e.Service),
-			Ports:      servicePorts(e.Service.Meta[xds.MetaServicePorts]),
+			ID:             e.Service.ID,
+			Node:           nodeName(e),
+			Datacenter:     datacenter(e),
+			Address:        serviceAddress(e),
+			Port:           e.Service.Port,
+			Meta:           e.Service.Meta,
+			Weight:         passingWeight(e.Service.Weights),
+			Healthy:        e.Checks.AggregatedStatus() == api.HealthPassing,
+			Virtual:        virtualAddress(e.Service),
+			Ports:          servicePorts(e.Service.Meta[xds.MetaServicePorts]),
+			DialedDirectly: e.Service.Meta[xds.MetaDialedDirectly] == "true",
 		}
 		svc.Instances = append(svc.Instances, in)
 		k := instanceKey{in.Node, in.ID}

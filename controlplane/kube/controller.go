@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -240,7 +241,9 @@ func newReconciler(reader client.Reader, consul ConsulCatalog, log *slog.Logger)
 }
 
 // servicePods maps a Service to the injected pods of its namespace
-// registered under its name (its meta, its virtual addresses).
+// registered under its name (its meta, its virtual addresses) and, for a
+// headless Service, to the pods it selects (dialled directly:
+// Registration.SetDialedDirectly).
 func (r *reconciler) servicePods(ctx context.Context, o client.Object) []reconcile.Request {
 	var pods corev1.PodList
 	if err := r.reader.List(ctx, &pods, client.InNamespace(o.GetNamespace()), client.MatchingFields{podServiceField: o.GetName()}); err != nil {
@@ -250,6 +253,18 @@ func (r *reconciler) servicePods(ctx context.Context, o client.Object) []reconci
 	out := make([]reconcile.Request, 0, len(pods.Items))
 	for _, p := range pods.Items {
 		out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: p.Namespace, Name: p.Name}})
+	}
+	if svc, ok := o.(*corev1.Service); ok && svc.Spec.ClusterIP == corev1.ClusterIPNone && len(svc.Spec.Selector) > 0 {
+		var selected corev1.PodList
+		if err := r.reader.List(ctx, &selected, client.InNamespace(svc.Namespace), client.MatchingLabels(svc.Spec.Selector)); err != nil {
+			r.log.Warn("kube: registrar: cannot list the pods a headless Service selects", "service", svc.Namespace+"/"+svc.Name, "error", err)
+			return out
+		}
+		for _, p := range selected.Items {
+			if req := (reconcile.Request{NamespacedName: types.NamespacedName{Namespace: p.Namespace, Name: p.Name}}); !slices.Contains(out, req) {
+				out = append(out, req)
+			}
+		}
 	}
 	return out
 }
@@ -336,6 +351,18 @@ func (r *reconciler) desired(ctx context.Context, pod *corev1.Pod) (Registration
 		return Registration{}, false, fmt.Errorf("kube: registrar: endpointslices of %s/%s: %w", pod.Namespace, rec.Service, err)
 	}
 	reg, ok := Register(pod, rec, svc, slices.Items)
+	if ok {
+		var svcs corev1.ServiceList
+		if err := r.reader.List(ctx, &svcs, client.InNamespace(pod.Namespace)); err != nil {
+			return Registration{}, false, fmt.Errorf("kube: registrar: services of %s: %w", pod.Namespace, err)
+		}
+		for i := range svcs.Items {
+			if s := &svcs.Items[i]; s.Name != rec.Service && s.Spec.ClusterIP == corev1.ClusterIPNone && selects(s, pod.Labels) {
+				reg.SetDialedDirectly()
+				break
+			}
+		}
+	}
 	return reg, ok, nil
 }
 

@@ -233,6 +233,14 @@ func servicePorts(svc *corev1.Service, pod *corev1.Pod) string {
 	return strings.Join(pairs, ",")
 }
 
+// SetDialedDirectly marks the instance as dialled on its own address
+// (meta xds.MetaDialedDirectly: "true"): a headless Service other than the
+// one it registers as selects its pod, whose clients resolve the pod's DNS
+// name and dial it.
+func (r Registration) SetDialedDirectly() {
+	r.Instance.Service.Meta[xds.MetaDialedDirectly] = "true"
+}
+
 // ips is the list form of a dual-stack field (PodIPs, HostIPs,
 // ClusterIPs), or the single field when the list is empty (an older API
 // server, a fake).

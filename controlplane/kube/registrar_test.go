@@ -431,6 +431,24 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 			s.TaggedAddresses[TaggedVirtualIPv6].Address == "fd00:10:96::7" && s.Meta[MetaService] == "api"
 	})
 
+	// A headless Service selecting the pod too (a StatefulSet's governing
+	// Service): it maps to the pod, which is then dialled directly.
+	peers := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "api-peers", Namespace: "shop"},
+		Spec: corev1.ServiceSpec{ClusterIP: corev1.ClusterIPNone, Selector: map[string]string{"app": "api"}, Ports: []corev1.ServicePort{{Port: 8080}}}}
+	if err := c.Create(ctx, peers); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.servicePods(ctx, peers); !slices.Equal(got, want) {
+		t.Errorf("headless Service api-peers maps to %v, want %v", got, want)
+	}
+	reconcilePod(t, r, "api-1")
+	expect("dialed directly", func() bool { s := services()["api-1-api"]; return s != nil && s.Meta[xds.MetaDialedDirectly] == "true" })
+	if err := c.Delete(ctx, peers); err != nil {
+		t.Fatal(err)
+	}
+	reconcilePod(t, r, "api-1")
+	expect("no longer dialed directly", func() bool { s := services()["api-1-api"]; return s != nil && s.Meta[xds.MetaDialedDirectly] == "" })
+
 	// The slice marks the endpoint not serving: critical, saying so.
 	es.Endpoints[0].Conditions = discoveryv1.EndpointConditions{Ready: ptrTo(false), Serving: ptrTo(false), Terminating: ptrTo(false)}
 	if err := c.Update(ctx, &es); err != nil {

@@ -89,6 +89,12 @@ type Instance struct {
 	// address on Virtual's IP too, and maps to a target port of the
 	// instance. Nil for an instance of one port (Port, at Virtual).
 	Ports []ServicePort
+	// DialedDirectly is true when callers also dial the instance's own
+	// address, though its service has a virtual address (a headless
+	// Kubernetes Service selects its pod too; meta
+	// xds.MetaDialedDirectly): transparent callers match it as they match
+	// a headless service's instances.
+	DialedDirectly bool
 }
 
 // ServicePort is one port of a Kubernetes Service as the registrar wrote
@@ -375,6 +381,12 @@ func (s *Service) HasVirtual() bool {
 	return false
 }
 
+// DialedDirectly reports whether an instance of s is dialled on its own
+// address (Instance.DialedDirectly), or s is headless.
+func (s *Service) DialedDirectly() bool {
+	return s.Headless() || slices.ContainsFunc(s.Instances, func(in Instance) bool { return in.DialedDirectly })
+}
+
 // Headless reports whether s has instances and none has a virtual
 // address: a Kubernetes Service with clusterIP None (the registrar gives
 // its instances no virtual tagged address), whose callers resolve its name
@@ -502,7 +514,7 @@ func (s *Service) Equal(o *Service) bool {
 // Equal reports whether i and o have the same content.
 func (i Instance) Equal(o Instance) bool {
 	return i.ID == o.ID && i.Node == o.Node && i.Datacenter == o.Datacenter && i.Address == o.Address &&
-		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && i.Virtual == o.Virtual && slices.Equal(i.Ports, o.Ports) && maps.Equal(i.Meta, o.Meta)
+		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && i.Virtual == o.Virtual && slices.Equal(i.Ports, o.Ports) && i.DialedDirectly == o.DialedDirectly && maps.Equal(i.Meta, o.Meta)
 }
 
 // Equal reports whether p and o have the same content.

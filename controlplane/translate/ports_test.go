@@ -6,6 +6,7 @@ import (
 	"slices"
 	"testing"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -24,7 +25,11 @@ import (
 // listener) and 9090 → 9090, as the registrar writes them
 // (xds.MetaServicePorts), read back through the Consul watcher's
 // BuildCatalog. web may reach api (intention); ops may not.
-func portsCatalog() *model.Catalog {
+func portsCatalog() *model.Catalog { return portsCatalogDialed("") }
+
+// portsCatalogDialed is portsCatalog with the instance of pod dialled
+// directly (xds.MetaDialedDirectly: a headless Service selects it too).
+func portsCatalogDialed(dialed string) *model.Catalog {
 	entry := func(svc *api.AgentService) *api.ServiceEntry {
 		return &api.ServiceEntry{Node: &api.Node{Node: "node1-virtual", Address: "10.0.0.1", Datacenter: "dc1"}, Service: svc,
 			Checks: api.HealthChecks{{Status: api.HealthPassing}}}
@@ -33,6 +38,9 @@ func portsCatalog() *model.Catalog {
 		s := &api.AgentService{ID: pod + "-" + name, Service: name, Address: ip, Port: port, Meta: map[string]string{"protocol": "http"}}
 		if ports != "" {
 			s.Meta[xds.MetaServicePorts] = ports
+		}
+		if pod == dialed {
+			s.Meta[xds.MetaDialedDirectly] = "true"
 		}
 		s.TaggedAddresses = map[string]api.ServiceAddress{consul.VirtualTaggedAddress: {Address: virtual, Port: vport}}
 		return entry(s)
@@ -226,4 +234,66 @@ func TestServicePortsReachedOverMTLS(t *testing.T) {
 func hostPort(e *endpoint.LbEndpoint) string {
 	a := e.GetEndpoint().GetAddress().GetSocketAddress()
 	return fmt.Sprintf("%s:%d", a.GetAddress(), a.GetPortValue())
+}
+
+// TestDialedDirectlyInstances: an instance of a service with a virtual
+// address that a headless Service selects too (meta
+// xds.MetaDialedDirectly) is matched on its own address, on its port and
+// its Service's other target ports, by callers that may reach the
+// service, in the service's mTLS (the direct cluster); its sibling
+// without the meta is not, and a caller that may not reach the service
+// gets no such chain.
+func TestDialedDirectlyInstances(t *testing.T) {
+	cat := portsCatalogDialed("api-1")
+	directOf := func(id string) ([]string, bool) {
+		p := cat.Proxies[id]
+		r, err := Proxy(cat.Scope(p), nil, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, l := range r.Listeners {
+			if l.GetName() != xds.OutboundCaptureListener {
+				continue
+			}
+			for _, fc := range l.GetFilterChains() {
+				if svc, ok := xds.DirectService(fc.GetName()); !ok || svc != "api" {
+					continue
+				}
+				for _, pr := range fc.GetFilterChainMatch().GetPrefixRanges() {
+					got = append(got, fmt.Sprintf("%s:%d", pr.GetAddressPrefix(), fc.GetFilterChainMatch().GetDestinationPort().GetValue()))
+				}
+			}
+		}
+		slices.Sort(got)
+		return got, slices.ContainsFunc(r.Clusters, func(c *cluster.Cluster) bool { return c.GetName() == xds.DirectCluster("api") })
+	}
+	if got, has := directOf("web-1-web-sidecar-proxy"); fmt.Sprint(got) != "[10.244.0.6:8080 10.244.0.6:9090]" || !has {
+		t.Errorf("web's direct chains for api match %v (cluster %v), want api-1's address on 8080 and 9090", got, has)
+	}
+	if got, has := directOf("ops-1-ops-sidecar-proxy"); len(got) > 0 || has {
+		t.Errorf("ops may not reach api but matches %v (cluster %v)", got, has)
+	}
+	if got, _ := directOfCatalog(t, portsCatalog(), "web-1-web-sidecar-proxy"); len(got) > 0 {
+		t.Errorf("without the meta, web matches api's instances directly: %v", got)
+	}
+}
+
+// directOfCatalog is the names of proxy id's direct chains in cat.
+func directOfCatalog(t *testing.T, cat *model.Catalog, id string) ([]string, error) {
+	t.Helper()
+	p := cat.Proxies[id]
+	r, err := Proxy(cat, nil, p)
+	if err != nil {
+		return nil, err
+	}
+	var got []string
+	for _, l := range r.Listeners {
+		for _, fc := range l.GetFilterChains() {
+			if _, ok := xds.DirectService(fc.GetName()); ok {
+				got = append(got, fc.GetName())
+			}
+		}
+	}
+	return got, nil
 }

@@ -107,6 +107,9 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 				continue
 			}
 		}
+		if (explicit || ok) && svc.DialedDirectly() {
+			direct = append(direct, name) // its instances' own addresses too
+		}
 		if up.listener.GetTrafficDirection() != core.TrafficDirection_UNSPECIFIED && outbound == nil {
 			outbound = up.listener
 		}
@@ -327,24 +330,32 @@ func fronted(cat *model.Catalog, service string, in model.Instance) bool {
 }
 
 // directInstances returns the addresses (IP and port) of the instances of
-// service that a caller's sidecar may dial directly: healthy, with an IP
+// service that a caller's sidecar may dial directly: every instance of a
+// headless service, the instances dialled directly (model.Instance.
+// DialedDirectly) of one with a virtual address; healthy, with an IP
 // address and a port, and fronted (Proxy.ServiceID on the same node) by a
 // healthy transparent proxy with a public listener, so that their pod's
-// inbound interception hands the connection to the sidecar's mTLS chain.
-// Other instances' connections keep the pass-through.
+// inbound interception hands the connection to the sidecar's mTLS chain
+// (on the instance's port, and on its Service's other target ports:
+// otherPortChains). Other instances' connections keep the pass-through.
 func directInstances(cat *model.Catalog, service string) []netip.AddrPort {
 	svc := cat.Services[service]
 	if svc == nil {
 		return nil
 	}
+	headless := svc.Headless()
 	var out []netip.AddrPort
 	for _, in := range svc.Instances {
 		addr, err := netip.ParseAddr(in.Address)
-		if err != nil || !in.Healthy || in.Port <= 0 || in.Port > 65535 {
+		if err != nil || !in.Healthy || in.Port <= 0 || in.Port > 65535 || !headless && !in.DialedDirectly || !fronted(cat, service, in) {
 			continue
 		}
-		if fronted(cat, service, in) {
-			out = append(out, netip.AddrPortFrom(addr.Unmap(), uint16(in.Port)))
+		addr = addr.Unmap()
+		out = append(out, netip.AddrPortFrom(addr, uint16(in.Port)))
+		for _, sp := range in.Ports {
+			if a := netip.AddrPortFrom(addr, uint16(sp.TargetPort)); sp.TargetPort != in.Port && !slices.Contains(out, a) {
+				out = append(out, a)
+			}
 		}
 	}
 	return out
