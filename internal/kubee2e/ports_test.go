@@ -61,6 +61,39 @@ spec:
   ports:
   - {name: http, port: 80, targetPort: http}
   - {name: grpc, port: 9090, targetPort: grpc, appProtocol: grpc}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: kv, namespace: ports}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: kv, namespace: ports}
+spec:
+  serviceName: kv-peers
+  selector: {matchLabels: {app: kv}}
+  template:
+    metadata: {labels: {app: kv}}
+    spec:
+      serviceAccountName: kv
+      containers:
+      - name: kv
+        image: meshlet.local/examples:dev
+        imagePullPolicy: Never
+        command: [/usr/local/bin/api, -addr=0.0.0.0:8080, -id=$(POD_NAME)]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /health, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kv-peers, namespace: ports}
+spec: {clusterIP: None, selector: {app: kv}, ports: [{port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kv, namespace: ports}
+spec: {selector: {app: kv}, ports: [{port: 80, targetPort: 8080}]}
 `
 
 // TestEveryServicePortThroughTheMesh: a two-port Service (HTTP and gRPC),
@@ -68,7 +101,11 @@ spec:
 // HTTP with the caller's SPIFFE ID seen by the app, gRPC's health check
 // answered — and plaintext from outside the mesh to either port, by pod IP
 // or ClusterIP, is refused (strict mTLS: no plaintext path around it on
-// the Service's second port).
+// the Service's second port). A StatefulSet selected by its headless
+// Service and a client Service, injected without annotation, registers as
+// the client Service and is reached through both: by the client Service's
+// name and by its pod's DNS name, each over mTLS (the caller's SPIFFE ID
+// seen).
 func TestEveryServicePortThroughTheMesh(t *testing.T) {
 	e := mesh(t)
 	ctx := context.Background()
@@ -80,7 +117,9 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 	if policies == nil {
 		policies = map[string]string{}
 	}
-	policies["multi-ports.yaml"] = "apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: multi-ports}\nspec: {service: multi.ports, protocol: http}\n"
+	for _, svc := range []string{"multi", "kv"} {
+		policies[svc+"-ports.yaml"] = fmt.Sprintf("apiVersion: meshlet.io/v1alpha1\nkind: ServiceDefaults\nmetadata: {name: %[1]s-ports}\nspec: {service: %[1]s.ports, protocol: http}\n", svc)
+	}
 	if err := e.SetPolicyData(ctx, policies); err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +130,9 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 	}
 	applyYAML(t, e, twoPortApp)
 	intention(t, e, "caller.ports", "multi.ports")
+	intention(t, e, "caller.ports", "kv.ports")
 	appReady(t, e, "ports", 3*time.Minute, "multi")
+	testutil.Eventually(t, 2*time.Minute, "kv-0 Ready", func() error { return podReady(e, "ports", "kv-0") })
 	pod := pods(t, e, "ports", "app=multi")[0]
 	entries, _, err := e.Consul.Client.Health().Service("multi.ports", "", true, nil)
 	if err != nil || len(entries) != 1 {
@@ -117,6 +158,33 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 		t.Errorf("http://multi/hello: answered by %q seeing caller %q; want %q seeing %q", got["instance"], got["caller"], pod.Name, want)
 	}
 	runJob(t, e, "ports", "grpc", `{name: get, image: meshlet.local/devkube-testapp:dev, imagePullPolicy: Never, args: [grpc-check, -timeout, 60s, "multi:9090"]}`, true)
+
+	// The StatefulSet: registered as kv.ports, dialled directly for its
+	// headless Service; reached by both names over mTLS.
+	kv, _, err := e.Consul.Client.Health().Service("kv.ports", "", true, nil)
+	if err != nil || len(kv) != 1 || kv[0].Service.Meta[xds.MetaDialedDirectly] != "true" {
+		t.Fatalf("Consul service kv.ports: %d passing instances (%v), want one dialled directly", len(kv), err)
+	}
+	if peers, _, _ := e.Consul.Client.Catalog().Service("kv-peers.ports", "", nil); len(peers) != 0 {
+		t.Errorf("the headless Service kv-peers is registered too: %d instances", len(peers))
+	}
+	testutil.Eventually(t, 2*time.Minute, "kv serving HTTP", func() error {
+		dump, err := sidecarAdmin(xds.ProxyID("kv-0", "kv.ports"), "/config_dump")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(dump, "HttpConnectionManager") {
+			return errors.New("no HTTP connection manager in kv-0's sidecar yet")
+		}
+		return nil
+	})
+	for _, url := range []string{"http://kv/hello", "http://kv-0.kv-peers:8080/hello"} {
+		job := runJob(t, e, "ports", "kv", getContainer(url, 60*time.Second), true)
+		got := answerOf(t, e, "ports", job)
+		if want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/caller.ports"; got["instance"] != "kv-0" || got["caller"] != want {
+			t.Errorf("%s: answered by %q seeing caller %q; want kv-0 seeing %q", url, got["instance"], got["caller"], want)
+		}
+	}
 
 	svc, err := e.Client().CoreV1().Services("ports").Get(ctx, "multi", metav1.GetOptions{})
 	if err != nil {
