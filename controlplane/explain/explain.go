@@ -183,7 +183,19 @@ func (r *Report) capture(cat *model.Catalog, pol *policy.Set, p *model.Proxy, re
 // direct explains a chain of headless service (xds.DirectChain): a TCP
 // proxy to its ORIGINAL_DST cluster, which dials dst itself over mTLS.
 func (r *Report) direct(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res translate.Resources, fc *listener.FilterChain, service string, dst netip.AddrPort, step func(string, string, ...any)) error {
-	step("filter chain", "%s: %s is an instance of headless service %s; mTLS to the original destination", fc.GetName(), dst, service)
+	what := "headless service " + service
+	serves := service + "'s public listener"
+	if svc := cat.Services[service]; svc != nil {
+		if !svc.Headless() {
+			what = "service " + service + ", dialled directly (a headless Service selects it too)"
+		}
+		for _, in := range svc.Instances {
+			if a, err := netip.ParseAddr(in.Address); err == nil && a.Unmap() == dst.Addr() && in.Port != int(dst.Port()) {
+				serves = service + "'s chains for its other target port"
+			}
+		}
+	}
+	step("filter chain", "%s: %s is an instance of %s; mTLS to the original destination", fc.GetName(), dst, what)
 	var clusterName string
 	for _, f := range fc.GetFilters() {
 		if f.GetName() != xds.TCPProxyFilter {
@@ -195,7 +207,7 @@ func (r *Report) direct(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 		}
 		clusterName = t.GetCluster()
 	}
-	step("route", "TCP proxy (for every protocol of a headless service) to cluster %s (ORIGINAL_DST: the address the application dialled)", clusterName)
+	step("route", "TCP proxy (for every protocol of a service dialled directly) to cluster %s (ORIGINAL_DST: the address the application dialled)", clusterName)
 	ok, rule := translate.ReachRule(cat, pol, p.Service, service)
 	if !ok { // an explicit upstream gets its chain regardless
 		step("authorization", "denied by %s at the sidecar of %s (mTLS, then RBAC on %s's SPIFFE ID): HTTP requests get 403 %s, TCP connections are closed",
@@ -218,8 +230,8 @@ func (r *Report) direct(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 			id = sans[0].GetMatcher().GetExact()
 		}
 	}
-	step("endpoints", "cluster %s to %s only, over mTLS (SNI %s, requiring %s): the pod's inbound interception hands it to its sidecar's %s, which serves %s's public listener on port %d",
-		clusterName, dst, sni, id, xds.InboundCaptureListener, service, dst.Port())
+	step("endpoints", "cluster %s to %s only, over mTLS (SNI %s, requiring %s): the pod's inbound interception hands it to its sidecar's %s, which serves %s on port %d",
+		clusterName, dst, sni, id, xds.InboundCaptureListener, serves, dst.Port())
 	r.Outcome = OutcomeMesh
 	return nil
 }
@@ -326,6 +338,9 @@ func (r *Report) follow(cat *model.Catalog, pol *policy.Set, p *model.Proxy, res
 	}
 	if len(eps) == 0 {
 		step("endpoints", "none healthy: requests fail with 503 %s", xds.ReasonNoHealthyUpstream)
+	} else if port, other := strings.CutPrefix(clusterName, service+":"); other {
+		step("endpoints", "cluster %s over mTLS to target port %s of %s's healthy instances, whose pods' inbound interception hands it to their sidecar's %s: %s",
+			clusterName, port, service, xds.InboundCaptureListener, strings.Join(eps, ", "))
 	} else {
 		step("endpoints", "cluster %s over mTLS to the public listeners of %s's healthy sidecars: %s", clusterName, service, strings.Join(eps, ", "))
 	}

@@ -17,7 +17,9 @@ import (
 // (admin), an excluded port and CIDR, the Kubernetes API server, loopback,
 // pass-through and registry-only refusal, an explicit upstream of a proxy
 // in direct mode; instances of headless services: db's ready one (mTLS to
-// it), its not-ready one and ledger's, which web may not reach (no chain).
+// it), its not-ready one and ledger's, which web may not reach (no chain);
+// media's second Service port by its virtual address and, dialled directly,
+// by its pod's address.
 func TestWhyGolden(t *testing.T) {
 	registryOnly, err := policy.Parse(map[string][]byte{"mesh.yaml": []byte("apiVersion: meshlet.io/v1alpha1\nkind: MeshDefaults\nmetadata: {name: mesh}\nspec: {outbound: registry-only}\n")})
 	if err != nil {
@@ -45,6 +47,8 @@ func TestWhyGolden(t *testing.T) {
 		{"headless-not-ready", "web-1", "10.244.0.14:7000", nil, false, OutcomePassthrough},
 		{"headless-denied", "web-1", "10.244.0.15:8080", nil, false, OutcomePassthrough},
 		{"headless-denied-registry-only", "web-1", "10.244.0.15:8080", registryOnly, false, OutcomeRefused},
+		{"service-other-port", "web-1", "10.96.0.60:9090", nil, false, OutcomeMesh},
+		{"dialed-directly-other-port", "web-1", "10.244.0.16:9090", nil, false, OutcomeMesh},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cat := fixtures.TransparentCatalog()

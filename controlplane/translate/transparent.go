@@ -64,7 +64,15 @@ func transparent(r *Resources, cat *model.Catalog, pol *policy.Set, p *model.Pro
 		// listener and, for an implicit upstream, whether it has a route,
 		// cluster and load assignment (or their direct cluster).
 		cn := xds.ServiceCluster(name)
-		reached := capture.and(pv.on(routeKey(cn), clusterKey(cn), endpointKey(cn), clusterKey(xds.DirectCluster(name))))
+		keys := []resourceKey{routeKey(cn), clusterKey(cn), endpointKey(cn), clusterKey(xds.DirectCluster(name))}
+		if svc != nil {
+			for _, v := range svc.VirtualAddresses() {
+				if t := svc.OtherTargetPort(int(v.Port())); t != 0 {
+					keys = append(keys, clusterKey(xds.ServicePortCluster(name, t)), endpointKey(xds.ServicePortCluster(name, t)))
+				}
+			}
+		}
+		reached := capture.and(pv.on(keys...))
 		if svc != nil && svc.Headless() {
 			if explicit {
 				direct = append(direct, name)
