@@ -141,7 +141,7 @@ func TestNamespacesAreBoundaries(t *testing.T) {
 		}
 		// The policies ConfigMap reaches the control plane when the
 		// kubelet syncs its volume: wait until api and db speak HTTP
-		// (their inbound listener has an HTTP connection manager, which
+		// (their public listener has an HTTP connection manager, which
 		// passes the caller's identity on).
 		for _, p := range []struct{ pod, svc string }{{pods(t, e, ns, "app=api")[0].Name, "api"}, {"db-0", "db"}} {
 			testutil.Eventually(t, 2*time.Minute, p.svc+"."+ns+" serving HTTP", func() error {
@@ -149,8 +149,8 @@ func TestNamespacesAreBoundaries(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				if !strings.Contains(dump, "HttpConnectionManager") {
-					return fmt.Errorf("no HTTP connection manager in %s's sidecar yet", p.pod)
+				if ok, err := servesHTTP(dump); err != nil || !ok {
+					return fmt.Errorf("%s's public listener does not speak HTTP yet (%v)", p.pod, err)
 				}
 				return nil
 			})
@@ -181,4 +181,40 @@ func TestNamespacesAreBoundaries(t *testing.T) {
 	if want := "spiffe://" + roots.TrustDomain + "/ns/default/dc/dc1/svc/caller.ns-blue"; got["instance"] != greenPod+".ns-green" || got["caller"] != want {
 		t.Errorf("api.ns-green from ns-blue: answered by %q seeing %q; want %q seeing %q", got["instance"], got["caller"], greenPod+".ns-green", want)
 	}
+}
+
+// servesHTTP reports whether a sidecar's /config_dump has its public
+// listener speaking HTTP (an HTTP connection manager in one of its filter
+// chains): the service's protocol policy has reached it. Other listeners'
+// connection managers (outbound chains to HTTP services) do not count.
+func servesHTTP(dump string) (bool, error) {
+	var v any
+	if err := json.Unmarshal([]byte(dump), &v); err != nil {
+		return false, err
+	}
+	var walk func(any) bool
+	walk = func(v any) bool {
+		switch v := v.(type) {
+		case map[string]any:
+			if v["name"] == xds.PublicListener {
+				if _, ok := v["filterChains"]; ok {
+					b, _ := json.Marshal(v)
+					return strings.Contains(string(b), "HttpConnectionManager")
+				}
+			}
+			for _, c := range v {
+				if walk(c) {
+					return true
+				}
+			}
+		case []any:
+			for _, c := range v {
+				if walk(c) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	return walk(v), nil
 }

@@ -146,8 +146,8 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if !strings.Contains(dump, "HttpConnectionManager") || !strings.Contains(dump, xds.LocalAppPortCluster(9090)) {
-			return fmt.Errorf("no HTTP connection manager or no %s in the sidecar's config yet", xds.LocalAppPortCluster(9090))
+		if ok, err := servesHTTP(dump); err != nil || !ok || !strings.Contains(dump, xds.LocalAppPortCluster(9090)) {
+			return fmt.Errorf("the public listener does not speak HTTP (%v) or no %s in the sidecar's config yet", err, xds.LocalAppPortCluster(9090))
 		}
 		return nil
 	})
@@ -173,8 +173,8 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if !strings.Contains(dump, "HttpConnectionManager") {
-			return errors.New("no HTTP connection manager in kv-0's sidecar yet")
+		if ok, err := servesHTTP(dump); err != nil || !ok {
+			return fmt.Errorf("kv-0's public listener does not speak HTTP yet (%v)", err)
 		}
 		return nil
 	})
