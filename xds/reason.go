@@ -32,6 +32,14 @@ const (
 	ReasonTLSHandshakeFailed   FailureReason = "tls_handshake_failed"   // 503: the mTLS handshake with the upstream failed
 	ReasonAuthzDenied          FailureReason = "authz_denied"           // 403: an RBAC rule denied the request (TCP: the connection is closed)
 	ReasonUpgradeNotAllowed    FailureReason = "upgrade_not_allowed"    // 403: the route does not allow the protocol upgrade asked for
+	// ReasonDownstreamProtocolError: 400, the request's body is malformed
+	// (a chunk size that is not one, or overflows); the upstream exchange
+	// is aborted at once (Envoy's response flag DPE).
+	ReasonDownstreamProtocolError FailureReason = "downstream_protocol_error"
+	// ReasonRequestHeadersTooLarge: 431, the request has more header
+	// fields than the connection manager's max_headers_count (a head over
+	// max_request_headers_kb is answered 431 by the HTTP server itself).
+	ReasonRequestHeadersTooLarge FailureReason = "request_headers_too_large"
 )
 
 // TCP failure reasons.

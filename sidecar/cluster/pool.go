@@ -270,10 +270,19 @@ func (p *h1Pool) roundTripOnce(ctx context.Context, req *http.Request, headerTim
 	var writeDone chan error
 	if req.Body != nil && req.Body != http.NoBody {
 		writeDone = make(chan error, 1)
+		body := &bodyReadErr{ReadCloser: req.Body}
+		req.Body = body
 		go func() {
 			err := req.Write(conn.bw)
 			if err == nil {
 				err = conn.bw.Flush()
+			}
+			if body.err != nil {
+				// The downstream's body failed (malformed, or its client
+				// left): the upstream will not get the rest, so it will not
+				// answer; abort the exchange now rather than at the route
+				// timeout. The caller tells the cause (Downstream).
+				_ = conn.conn.Close()
 			}
 			writeDone <- err
 		}()
@@ -516,4 +525,19 @@ func (b *h1Body) release(reuse bool) {
 	}
 	b.conn.close()
 	b.rc.Close()
+}
+
+// bodyReadErr records the first error other than io.EOF of reading a
+// request body, which Request.Write reports only as an opaque error.
+type bodyReadErr struct {
+	io.ReadCloser
+	err error // written by the request writer before writeDone
+}
+
+func (b *bodyReadErr) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF && b.err == nil {
+		b.err = err
+	}
+	return n, err
 }

@@ -6,6 +6,7 @@
 package config
 
 import (
+	"cmp"
 	"math"
 	"slices"
 	"time"
@@ -185,6 +186,44 @@ type HTTPConnectionManager struct {
 	// Envoy; 0 (the field set to 0s) disables it: the connection is closed
 	// at once.
 	DelayedCloseTimeout time.Duration
+	// MaxRequestHeadersBytes bounds a request's head (request line and
+	// header fields, as on the wire; HTTP/2: the header list) in bytes:
+	// a larger one is answered 431 (HttpConnectionManager.
+	// max_request_headers_kb × 1024; DefaultMaxRequestHeadersBytes when
+	// unset, Envoy's 60 KiB).
+	MaxRequestHeadersBytes int
+	// MaxHeadersCount bounds a request's header fields: more are answered
+	// 431 (HttpConnectionManager.common_http_protocol_options.
+	// max_headers_count; DefaultMaxHeadersCount when unset, Envoy's 100).
+	MaxHeadersCount int
+	// RequestHeadersTimeout bounds the time from a request's first byte
+	// to the end of its head: a client still sending it then is closed
+	// (HttpConnectionManager.request_headers_timeout;
+	// DefaultRequestHeadersTimeout when unset; 0, the field set to 0s,
+	// disables it, as Envoy's default does).
+	RequestHeadersTimeout time.Duration
+}
+
+// Defaults of HTTPConnectionManager's request limits. The head size and
+// field count are Envoy's defaults. Envoy has no request headers timeout
+// by default; meshlet bounds a head at 10 s (HAProxy's common
+// `timeout http-request`): a peer in the mesh sends a head in one write,
+// and a client trickling one (slowloris) must not hold a connection.
+const (
+	DefaultMaxRequestHeadersBytes = 60 << 10
+	DefaultMaxHeadersCount        = 100
+	DefaultRequestHeadersTimeout  = 10 * time.Second
+)
+
+// HeadersBytesLimit is MaxRequestHeadersBytes, or its default when unset
+// (0: a connection manager not decoded from xDS).
+func (h *HTTPConnectionManager) HeadersBytesLimit() int {
+	return cmp.Or(h.MaxRequestHeadersBytes, DefaultMaxRequestHeadersBytes)
+}
+
+// HeadersCountLimit is MaxHeadersCount, or its default when unset.
+func (h *HTTPConnectionManager) HeadersCountLimit() int {
+	return cmp.Or(h.MaxHeadersCount, DefaultMaxHeadersCount)
 }
 
 // DefaultDelayedCloseTimeout is HTTPConnectionManager.DelayedCloseTimeout

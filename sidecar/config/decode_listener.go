@@ -368,11 +368,30 @@ func decodeFilterChain(fc *listener.FilterChain, kind xds.ResourceKind, name, fi
 }
 
 func decodeHCM(m *hcm.HttpConnectionManager, kind xds.ResourceKind, name, field string) (*HTTPConnectionManager, error) {
-	h := &HTTPConnectionManager{StatPrefix: m.GetStatPrefix(), Via: m.GetVia(), DelayedCloseTimeout: DefaultDelayedCloseTimeout}
+	h := &HTTPConnectionManager{StatPrefix: m.GetStatPrefix(), Via: m.GetVia(), DelayedCloseTimeout: DefaultDelayedCloseTimeout,
+		MaxRequestHeadersBytes: DefaultMaxRequestHeadersBytes, MaxHeadersCount: DefaultMaxHeadersCount, RequestHeadersTimeout: DefaultRequestHeadersTimeout}
 	if d := m.GetDelayedCloseTimeout(); d != nil {
 		if h.DelayedCloseTimeout = d.AsDuration(); !d.IsValid() || h.DelayedCloseTimeout < 0 {
 			return nil, fieldErr(kind, name, field+".delayed_close_timeout", "must be a valid duration of 0 (no delayed close) or more")
 		}
+	}
+	if d := m.GetRequestHeadersTimeout(); d != nil {
+		if h.RequestHeadersTimeout = d.AsDuration(); !d.IsValid() || h.RequestHeadersTimeout < 0 {
+			return nil, fieldErr(kind, name, field+".request_headers_timeout", "must be a valid duration of 0 (none) or more")
+		}
+	}
+	if v := m.GetMaxRequestHeadersKb(); v != nil {
+		// Envoy's range: 1 to 8192 KiB (its proto validation says so too).
+		if v.GetValue() < 1 || v.GetValue() > 8192 {
+			return nil, fieldErr(kind, name, field+".max_request_headers_kb", "%d out of range 1-8192", v.GetValue())
+		}
+		h.MaxRequestHeadersBytes = int(v.GetValue()) << 10
+	}
+	if v := m.GetCommonHttpProtocolOptions().GetMaxHeadersCount(); v != nil {
+		if v.GetValue() < 1 {
+			return nil, fieldErr(kind, name, field+".common_http_protocol_options.max_headers_count", "must be 1 or more")
+		}
+		h.MaxHeadersCount = int(v.GetValue())
 	}
 	switch m.GetCodecType() {
 	case hcm.HttpConnectionManager_AUTO:

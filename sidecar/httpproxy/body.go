@@ -1,8 +1,11 @@
 package httpproxy
 
 import (
+	"context"
 	"errors"
 	"io"
+	"net"
+	"net/http"
 	"sync"
 	"sync/atomic"
 )
@@ -17,9 +20,10 @@ type replayBody struct {
 	src      io.ReadCloser
 	buf      []byte
 	limit    int
-	overflow bool // more than limit bytes read: the recording is incomplete
-	eof      bool // src is exhausted
-	read     bool // any byte was read from src
+	overflow bool  // more than limit bytes read: the recording is incomplete
+	eof      bool  // src is exhausted
+	read     bool  // any byte was read from src
+	srcErr   error // the first error other than io.EOF reading src
 	// srcDone is eof, readable without mu (which an attempt holds while
 	// it waits for the downstream).
 	srcDone atomic.Bool
@@ -92,8 +96,26 @@ func (a *attemptBody) Read(p []byte) (int, error) {
 	if errors.Is(err, io.EOF) {
 		b.eof = true
 		b.srcDone.Store(true)
+	} else if err != nil && b.srcErr == nil {
+		b.srcErr = err
 	}
 	return n, err
+}
+
+// malformed reports whether reading the downstream body failed on its
+// content (net/http's chunked reader: a chunk size that is not hex, or
+// overflows), not on its transport (the client left, a deadline, a
+// truncated body): the request is bad, not gone.
+func (b *replayBody) malformed() bool {
+	b.mu.Lock()
+	err := b.srcErr
+	b.mu.Unlock()
+	if err == nil {
+		return false
+	}
+	var ne net.Error
+	return !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, net.ErrClosed) && !errors.As(err, &ne) &&
+		!errors.Is(err, http.ErrBodyReadAfterClose) && !errors.Is(err, context.Canceled) && !errors.Is(err, errAttemptOver)
 }
 
 // Close ends this attempt's use of the body; the downstream body stays open

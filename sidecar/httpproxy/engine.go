@@ -65,6 +65,10 @@ type wire interface {
 	timedOut() bool
 	// replayable reports whether the request body can be sent again whole.
 	replayable() bool
+	// badBody reports whether reading the request body failed on its
+	// content (malformed chunked encoding): a failed attempt is the
+	// downstream's fault then, answered 400, not retried.
+	badBody() bool
 }
 
 var (
@@ -286,6 +290,13 @@ func (x *exchange) forward(ctx, traceCtx context.Context) *cluster.Attempt {
 				att.End(cluster.OutcomeCancelled)
 				x.endAttempt(aspan, 0, "", "", 0)
 				return nil
+			}
+			if w.badBody() {
+				// The upstream did not fail: the request did (the transport
+				// aborted the attempt as the body broke off).
+				att.End(cluster.OutcomeCancelled)
+				x.endAttempt(aspan, 0, xds.ReasonDownstreamProtocolError, "", 0)
+				return x.failWith(&failure{http.StatusBadRequest, xds.ReasonDownstreamProtocolError})
 			}
 			att.End(cluster.OutcomeLocalFailure)
 			var ue *cluster.UpstreamError

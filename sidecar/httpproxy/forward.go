@@ -45,6 +45,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer x.finish()
 
 	hc := s.chain.Load()
+	if headerCount(r) > hc.HeadersCountLimit() {
+		// The head's size is net/http's to refuse (MaxHeaderBytes), the
+		// count the connection manager's (max_headers_count), as Envoy's
+		// codec does, before any filter.
+		x.cluster, x.route = "", ""
+		x.fail(http.StatusRequestHeaderFieldsTooLarge, xds.ReasonRequestHeadersTooLarge, "")
+		return
+	}
 	r.Header.Del("X-Forwarded-Client-Cert") // SANITIZE and SANITIZE_SET: never trust the downstream's
 	// An HTTP/1.1 Upgrade (WebSocket) is tunnelled when enabled; h2c
 	// upgrades are ignored (served as HTTP/1.1), others refused.
@@ -243,6 +251,9 @@ func (f *forward) timedOut() bool { return f.timedOutFlag.Load() }
 // replayable implements wire: the replay body has all it read.
 func (f *forward) replayable() bool { return f.body == nil || f.body.replayable() }
 
+// badBody implements wire.
+func (f *forward) badBody() bool { return f.body != nil && f.body.malformed() }
+
 // answer implements wire. An answer given before the request body was all
 // read says Connection: close and the connection closes lingering
 // (endEarly); a gRPC answer is trailers-only.
@@ -386,4 +397,17 @@ func (i *idleReader) Read(p []byte) (int, error) {
 		i.timer.Stop()
 	}
 	return n, err
+}
+
+// headerCount is the number of header fields of r as its client sent them
+// (Host included; net/http keeps it apart from Header).
+func headerCount(r *http.Request) int {
+	n := 0
+	for _, vs := range r.Header {
+		n += len(vs)
+	}
+	if r.Host != "" {
+		n++
+	}
+	return n
 }

@@ -99,6 +99,11 @@ type fastConn struct {
 	// idleSet is when the read deadline (DownstreamIdleTimeout) was last
 	// set (UnixNano): it is moved at most once a minute.
 	idleSet int64
+	// headSince is when a request head was first seen incomplete
+	// (UnixNano; 0 when none is): the read deadline is then the chain's
+	// RequestHeadersTimeout from there, which bytes trickling in do not
+	// move (slowloris).
+	headSince int64
 
 	// xfcc caches the x-forwarded-client-cert value for chain xfccFor.
 	xfccFor *config.HTTPConnectionManager
@@ -308,11 +313,26 @@ func (fc *fastConn) readHead() (parseResult, bool) {
 				return 0, false // closed by Shutdown
 			}
 			res := fc.head.parseRequest(fc.buf[fc.r:fc.w])
-			if res != parseNeedMore {
+			hc := fc.s.chain.Load()
+			if res == parseOK && len(fc.head.fields) > hc.HeadersCountLimit() {
+				res = parseFallback // net/http answers 431 (forward.go)
+			}
+			if res != parseNeedMore || fc.w-fc.r >= min(fastMaxHead, hc.HeadersBytesLimit()) {
+				if fc.headSince != 0 {
+					// The head is in: the idle deadline again.
+					now := time.Now()
+					fc.headSince, fc.idleSet = 0, now.UnixNano()
+					_ = fc.conn.SetReadDeadline(now.Add(DownstreamIdleTimeout))
+				}
+				if res == parseNeedMore {
+					return parseFallback, true // too large: net/http answers 431 (its MaxHeaderBytes)
+				}
 				return res, true
 			}
-			if fc.w-fc.r >= fastMaxHead {
-				return parseFallback, true // net/http answers 431
+			if fc.headSince == 0 && hc.RequestHeadersTimeout > 0 {
+				now := time.Now()
+				fc.headSince = now.UnixNano()
+				_ = fc.conn.SetReadDeadline(now.Add(hc.RequestHeadersTimeout))
 			}
 		} else {
 			fc.r, fc.w = 0, 0
@@ -333,7 +353,7 @@ func (fc *fastConn) readHead() (parseResult, bool) {
 		if fc.w == len(fc.buf) {
 			fc.grow(fc.w - fc.r + 1)
 		}
-		if fc.s.fast.now.Load()-fc.idleSet > int64(time.Minute) {
+		if fc.headSince == 0 && fc.s.fast.now.Load()-fc.idleSet > int64(time.Minute) {
 			now := time.Now()
 			fc.idleSet = now.UnixNano()
 			_ = fc.conn.SetReadDeadline(now.Add(DownstreamIdleTimeout))

@@ -316,6 +316,11 @@ func (fc *fastConn) timedOut() bool {
 // replayable implements wire: bodies are read whole before forwarding.
 func (fc *fastConn) replayable() bool { return true }
 
+// badBody implements wire: the fast path takes Content-Length bodies only
+// (chunked requests go to net/http), which can be cut short, not
+// malformed.
+func (fc *fastConn) badBody() bool { return false }
+
 // staleConn reports the errors of a pooled connection the upstream closed
 // while it was idle, met by the request's write or its first read: EOF,
 // reset, broken pipe.

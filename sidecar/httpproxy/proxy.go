@@ -146,9 +146,15 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 	s.tunnelCtx, s.tunnelCancel = context.WithCancel(context.Background())
 	s.conns = newConnQueue()
 	s.srv = &http.Server{
-		Handler:           s,
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       5 * time.Minute,
+		Handler: s,
+		// The request limits of the connection manager, as the fast path
+		// applies them (h1conn.go): net/http reads MaxHeaderBytes plus
+		// 4 KiB of slack before its 431 (HTTP/2: the header list size it
+		// advertises), so the slack is taken off. The header count is
+		// checked per request (forward.go).
+		MaxHeaderBytes:    max(hc.HeadersBytesLimit()-4096, 1),
+		ReadHeaderTimeout: hc.RequestHeadersTimeout,
+		IdleTimeout:       DownstreamIdleTimeout,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 		ConnState: func(_ net.Conn, st http.ConnState) {
 			switch st {
@@ -226,13 +232,19 @@ func (s *Server) Handle(conn net.Conn) {
 // needs a new Server.
 func (s *Server) Update(l *config.Listener, snap *config.Snapshot) bool {
 	c := l.Chain(s.secure)
-	if c == nil || c.HTTP == nil || c.HTTP.Codec != s.codec {
+	if c == nil || c.HTTP == nil || c.HTTP.Codec != s.codec || !sameServerLimits(c.HTTP, s.chain.Load()) {
 		return false
 	}
 	s.table.Store(tableFor(c.HTTP, snap))
 	s.chain.Store(c.HTTP)
 	s.tracer.Store(s.tracerFor(c.HTTP))
 	return true
+}
+
+// sameServerLimits reports whether a and b set net/http's server the same
+// way (its MaxHeaderBytes and ReadHeaderTimeout are fixed once it serves).
+func sameServerLimits(a, b *config.HTTPConnectionManager) bool {
+	return a.HeadersBytesLimit() == b.HeadersBytesLimit() && a.RequestHeadersTimeout == b.RequestHeadersTimeout
 }
 
 func (s *Server) tracerFor(hc *config.HTTPConnectionManager) *tracing.HTTP {
