@@ -122,6 +122,9 @@ type proxyOpts struct {
 	// DefaultDelayedCloseTimeout (as decoded from xDS without the field),
 	// negative is 0 (off).
 	delayedClose time.Duration
+	// headersTimeout is the chain's RequestHeadersTimeout (0: none, as a
+	// chain built by hand has); routeTimeout the "/" route's Timeout.
+	headersTimeout, routeTimeout time.Duration
 }
 
 // startProxy runs a Server (Via "test-proxy") whose virtual host "*" routes
@@ -148,15 +151,16 @@ func startProxy(t *testing.T, o proxyOpts) (string, *Server) {
 	if o.delayedClose != 0 {
 		delayedClose = max(o.delayedClose, 0)
 	}
-	hc := &config.HTTPConnectionManager{Via: "test-proxy", Upgrades: o.upgrades, RBAC: o.rbac, DelayedCloseTimeout: delayedClose, RouteConfig: &config.RouteConfig{
-		Name: "rc", VirtualHosts: []*config.VirtualHost{
-			{Name: "vh", Domains: []string{"*"}, Routes: []*config.Route{
-				{Name: "missing", Match: config.MatchPrefix, Path: "/missing-cluster", CaseSensitive: true, Cluster: "nope", BodyBufferBytes: config.DefaultBodyBufferBytes},
-				{Name: "default", Match: config.MatchPrefix, Path: "/", CaseSensitive: true, Cluster: "c", Retry: o.retry, BodyBufferBytes: bodyBuffer},
-			}},
-			{Name: "empty", Domains: []string{"no-routes.internal"}},
-		},
-	}}
+	hc := &config.HTTPConnectionManager{Via: "test-proxy", Upgrades: o.upgrades, RBAC: o.rbac, DelayedCloseTimeout: delayedClose,
+		RequestHeadersTimeout: o.headersTimeout, RouteConfig: &config.RouteConfig{
+			Name: "rc", VirtualHosts: []*config.VirtualHost{
+				{Name: "vh", Domains: []string{"*"}, Routes: []*config.Route{
+					{Name: "missing", Match: config.MatchPrefix, Path: "/missing-cluster", CaseSensitive: true, Cluster: "nope", BodyBufferBytes: config.DefaultBodyBufferBytes},
+					{Name: "default", Match: config.MatchPrefix, Path: "/", CaseSensitive: true, Cluster: "c", Retry: o.retry, BodyBufferBytes: bodyBuffer, Timeout: o.routeTimeout},
+				}},
+				{Name: "empty", Domains: []string{"no-routes.internal"}},
+			},
+		}}
 	l := &config.Listener{Name: "l", Chains: []*config.FilterChain{{HTTP: hc}}}
 	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.DiscardHandler), Options{Recorder: o.rec, NetHTTPOnly: o.netHTTPOnly})
 	ln, err := listenWith(o.rcvBuf, 0)
