@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"reflect"
+	"regexp"
 	"slices"
 	"sync"
 	"time"
@@ -94,6 +95,7 @@ func (w *Watcher) checkLeafExposure(ctx context.Context, service string) {
 
 // watchIntentions follows the service-intentions config entries.
 func (w *Watcher) watchIntentions(ctx context.Context, notify func()) {
+	warned := map[string]bool{} // the problems logged, by entry: once each
 	w.blockingLoop(ctx, "the service intentions", "intentions:read on every service", func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
 		entries, meta, err := w.cfg.Client.ConfigEntries().List(api.ServiceIntentions, opts)
 		if err != nil {
@@ -103,7 +105,15 @@ func (w *Watcher) watchIntentions(ctx context.Context, notify func()) {
 			out := map[string]*model.Intentions{}
 			for _, e := range entries {
 				if si, ok := e.(*api.ServiceIntentionsConfigEntry); ok {
-					out[si.Name] = convertIntentions(si)
+					in, problems := convertIntentions(si)
+					out[si.Name] = in
+					for _, p := range problems {
+						if key := si.Name + "\x00" + p; !warned[key] {
+							warned[key] = true
+							w.cfg.Logger.Warn("consul: an intention cannot be enforced as written; it fails closed",
+								"entry", "service-intentions/"+si.Name, "problem", p)
+						}
+					}
 				}
 			}
 			w.mu.Lock()
@@ -122,31 +132,81 @@ func (w *Watcher) watchIntentions(ctx context.Context, notify func()) {
 }
 
 // convertIntentions turns a service-intentions entry into model rules,
-// most precedent source first.
-func convertIntentions(e *api.ServiceIntentionsConfigEntry) *model.Intentions {
+// most precedent source first, and says what of it cannot be enforced as
+// written (Consul validates entries when they are written; these are
+// checked again so that no sidecar is sent an RBAC filter it must NACK):
+// a source without a name is left out; a permission whose HTTP match is
+// unusable (a header without a name or without exactly one match, a path
+// or header regex RE2 does not compile) fails closed — an allow is left out, a deny denies every
+// request of its source.
+func convertIntentions(e *api.ServiceIntentionsConfigEntry) (*model.Intentions, []string) {
 	in := &model.Intentions{Destination: e.Name}
+	var problems []string
 	srcs := slices.Clone(e.Sources)
 	slices.SortStableFunc(srcs, func(a, b *api.SourceIntention) int { return cmp.Compare(b.Precedence, a.Precedence) })
-	for _, s := range srcs {
-		if s.Peer != "" || s.SamenessGroup != "" {
+	for i, s := range srcs {
+		if s == nil || s.Peer != "" || s.SamenessGroup != "" {
 			continue // cluster peering is not supported
 		}
+		if s.Name == "" {
+			problems = append(problems, fmt.Sprintf("Sources[%d].Name: required; the source is left out", i))
+			continue
+		}
 		src := model.IntentionSource{Name: s.Name, Action: string(s.Action), Origin: fmt.Sprintf("consul intention %s => %s", s.Name, e.Name)}
-		for _, p := range s.Permissions {
+		for j, p := range s.Permissions {
+			if p == nil {
+				continue
+			}
 			perm := model.IntentionPermission{Action: string(p.Action)}
 			if h := p.HTTP; h != nil {
 				perm.HTTP = model.HTTPMatch{PathExact: h.PathExact, PathPrefix: h.PathPrefix, PathRegex: h.PathRegex, Methods: h.Methods}
-				for _, hh := range h.Header {
+				bad := badRegex(h.PathRegex, fmt.Sprintf("Sources[%d].Permissions[%d].HTTP.PathRegex", i, j))
+				for k, hh := range h.Header {
+					field := fmt.Sprintf("Sources[%d].Permissions[%d].HTTP.Header[%d]", i, j, k)
+					kinds := 0
+					for _, set := range []bool{hh.Present, hh.Exact != "", hh.Prefix != "", hh.Suffix != "", hh.Regex != ""} {
+						if set {
+							kinds++
+						}
+					}
+					switch {
+					case hh.Name == "":
+						bad = cmp.Or(bad, field+".Name: required")
+					case kinds != 1:
+						bad = cmp.Or(bad, field+": exactly one of Present, Exact, Prefix, Suffix and Regex is required")
+					default:
+						bad = cmp.Or(bad, badRegex(hh.Regex, field+".Regex"))
+					}
 					perm.HTTP.Headers = append(perm.HTTP.Headers, model.HeaderMatch{
 						Name: hh.Name, Exact: hh.Exact, Prefix: hh.Prefix, Suffix: hh.Suffix, Regex: hh.Regex, Present: hh.Present, Invert: hh.Invert,
 					})
+				}
+				if bad != "" {
+					if p.Action != api.IntentionActionDeny {
+						problems = append(problems, bad+"; the allow is left out")
+						continue
+					}
+					problems = append(problems, bad+"; the deny applies to every request")
+					perm.HTTP = model.HTTPMatch{}
 				}
 			}
 			src.Permissions = append(src.Permissions, perm)
 		}
 		in.Sources = append(in.Sources, src)
 	}
-	return in
+	return in, problems
+}
+
+// badRegex is field's problem when re (non-empty) is not an RE2 regular
+// expression (Envoy's safe_regex, which sidecars compile), else "".
+func badRegex(re, field string) string {
+	if re == "" {
+		return ""
+	}
+	if _, err := regexp.Compile(re); err != nil {
+		return field + ": " + err.Error()
+	}
+	return ""
 }
 
 // leafWatches runs one leaf watch per proxied service.

@@ -376,6 +376,9 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 		}
 	}
 	h.code = int(c[0]-'0')*100 + int(c[1]-'0')*10 + int(c[2]-'0')
+	if h.code < 100 {
+		return parseFallback // not a status code (RFC 9110 §15: 100-599, 3 digits)
+	}
 	lengths := 0
 	var connection [4][]byte
 	nconn := 0
@@ -433,6 +436,9 @@ func (h *respHead) parseResponse(b []byte) parseResult {
 			}
 		case 17:
 			if eqLower(name, "transfer-encoding") {
+				if len(value) == 0 {
+					return parseFallback // an empty coding list frames nothing (RFC 9112 §6.1)
+				}
 				// A coding list ending in chunked is passed through as is
 				// (chunk framing relayed, the field kept); without a final
 				// chunked the body runs until the upstream closes (RFC 9112
