@@ -12,7 +12,7 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short lint vet fmt docker clean help bench bench-cp deps
+.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short lint vet fmt docker clean help bench bench-cp deps fuzz
 
 all: build
 
@@ -242,6 +242,20 @@ $(BIN)/vegeta: deploy/tools/vegeta/go.mod deploy/tools/vegeta/go.sum
 # (e.g. -changes 600 -rate 20, -profile; go run ./internal/benchcp -h).
 bench-cp: $(BIN)/consul $(BIN)/controlplane
 	$(GO) run ./internal/benchcp -consul $(BIN)/consul -controlplane $(BIN)/controlplane -out .work/bench-cp $(BENCHCPFLAGS)
+
+# make fuzz: each fuzz target explores for FUZZTIME (default 10s; CI runs
+# it with 5s) on top of its seeds and testdata/fuzz corpus, which `make test`
+# runs every time. A failing input is written to the package's
+# testdata/fuzz/<target>/: commit it, it becomes a regression test.
+FUZZTIME ?= 10s
+FUZZ_TARGETS = ./sidecar/httpproxy:FuzzParseRequest ./sidecar/httpproxy:FuzzParseResponse ./controlplane/policy:FuzzParse \
+	./sidecar/config:FuzzDecode ./controlplane/consul:FuzzIntentionsTranslate
+fuzz:
+	@mkdir -p .work; set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz: $$name ($$pkg) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg > .work/fuzz-$$name.log 2>&1 || { tail -30 .work/fuzz-$$name.log; exit 1; }; \
+	done
 
 test-short:
 	$(GO) test -short -count=1 ./...

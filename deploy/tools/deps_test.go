@@ -99,7 +99,7 @@ func TestCIRunInstallsNothingItself(t *testing.T) {
 	if m := install.Find(b); m != nil {
 		t.Errorf(".ci/run installs on its own: %q; make test and make demo install what they need (deploy/tools/deps.sh)", m)
 	}
-	for _, cmd := range []string{"make lint", "make test", "make demo", "make demo-k8s"} {
+	for _, cmd := range []string{"make lint", "make test", "make fuzz", "make demo", "make demo-k8s"} {
 		if !bytes.Contains(b, []byte(cmd)) {
 			t.Errorf(".ci/run does not run %q", cmd)
 		}
