@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/http/httptrace"
+	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -1474,7 +1476,7 @@ func TestHandoffH2CPriorKnowledge(t *testing.T) {
 func TestStalePooledConnection(t *testing.T) {
 	var mu sync.Mutex
 	var seen []string
-	closed := make(chan struct{}, 100)
+	closed := make(chan [2]string, 100) // the closed connection's upstream and proxy addresses
 	up := newRawUpstream(t, func(c net.Conn, br *bufio.Reader) {
 		req, body, err := readReq(br)
 		if err != nil {
@@ -1485,8 +1487,9 @@ func TestStalePooledConnection(t *testing.T) {
 		mu.Unlock()
 		msg := req.URL.Path + " " + string(body)
 		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(msg), msg)
+		local, remote := c.LocalAddr().String(), c.RemoteAddr().String()
 		c.Close()
-		closed <- struct{}{}
+		closed <- [2]string{local, remote}
 	})
 	tests := []struct {
 		name      string
@@ -1546,7 +1549,14 @@ func TestStalePooledConnection(t *testing.T) {
 						}
 						if tc.waitClose {
 							select {
-							case <-closed:
+							case conn := <-closed:
+								// The FIN reached the proxy's socket (its
+								// kernel acknowledged it): an idle connection
+								// the upstream closed, which the pool must not
+								// use for the next POST. Until then the next
+								// request meets the keep-alive race instead,
+								// which no client can win for a POST.
+								waitFinAcked(t, conn[0], conn[1])
 							case <-time.After(3 * time.Second):
 								t.Fatal("the upstream did not close")
 							}
@@ -2101,4 +2111,30 @@ func TestGRPCFailureOverHTTP1(t *testing.T) {
 			}
 		})
 	}
+}
+
+// waitFinAcked waits until the TCP connection from local to remote
+// (IPv4, "ip:port") has left FIN_WAIT1 in /proc/net/tcp: the peer's kernel
+// received and acknowledged local's FIN (FIN_WAIT2, TIME_WAIT, or gone).
+func waitFinAcked(t *testing.T, local, remote string) {
+	t.Helper()
+	hexAddr := func(s string) string {
+		ap := netip.MustParseAddrPort(s)
+		a := ap.Addr().As4()
+		return fmt.Sprintf("%02X%02X%02X%02X:%04X", a[3], a[2], a[1], a[0], ap.Port())
+	}
+	l, r := hexAddr(local), hexAddr(remote)
+	testutil.Until(t, 5*time.Second, "the FIN of "+local+" acknowledged by "+remote, func() bool {
+		b, err := os.ReadFile("/proc/net/tcp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 3 && f[1] == l && f[2] == r {
+				return f[3] != "04" // FIN_WAIT1
+			}
+		}
+		return true
+	})
 }
