@@ -16,6 +16,7 @@ import (
 	"github.com/meshlet/meshlet/sidecar/config"
 	"github.com/meshlet/meshlet/sidecar/rawsock"
 	"github.com/meshlet/meshlet/sidecar/tlsid"
+	"github.com/meshlet/meshlet/xds"
 )
 
 // The fast path's connection loop: one goroutine per downstream
@@ -261,6 +262,15 @@ func (fc *fastConn) serve() {
 			return
 		}
 		if res == parseFallback {
+			if bothFramings(fc.buf[fc.r:fc.w]) {
+				// Content-Length and Transfer-Encoding both: refused, as
+				// Envoy does by default (RFC 9112 §6.1 calls it a likely
+				// smuggling attempt; net/http would read the chunks and keep
+				// the connection).
+				_, _ = io.WriteString(fc.rw, badFramingAnswer)
+				lingering = true
+				return
+			}
 			handedOff = true
 			fc.handoff()
 			return
@@ -281,6 +291,12 @@ func (fc *fastConn) serve() {
 		}
 	}
 }
+
+// badFramingAnswer is the fast path's answer to a request head with both
+// Content-Length and Transfer-Encoding; the connection closes after it.
+var badFramingAnswer = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n" + xds.ReasonHeader + ": " +
+	string(xds.ReasonDownstreamProtocolError) + "\r\nConnection: close\r\nContent-Length: 59\r\n\r\n" +
+	"both Content-Length and Transfer-Encoding: request refused\n"
 
 // inputLeft reports whether the client sent bytes past the request just
 // answered: read already (pipelined), or waiting in the socket when the

@@ -76,6 +76,29 @@ func lastTokenIs(v []byte, token string) bool {
 	return eqLower(bytes.TrimSpace(v), token)
 }
 
+// bothFramings reports whether the request head at the start of b (whole
+// or not) has both a Content-Length and a Transfer-Encoding field.
+func bothFramings(b []byte) bool {
+	i := bytes.IndexByte(b, '\n')
+	if i < 0 {
+		return false
+	}
+	b = b[i+1:]
+	cl, te := false, false
+	for {
+		name, _, n, res := nextField(b)
+		if res != parseOK || name == nil {
+			return false
+		}
+		b = b[n:]
+		cl = cl || eqLower(name, "content-length")
+		te = te || eqLower(name, "transfer-encoding")
+		if cl && te {
+			return true
+		}
+	}
+}
+
 // parseLength parses a Content-Length value: 1DIGIT (RFC 9110 §8.6), no
 // sign, at most 18 digits.
 func parseLength(v []byte) (int64, bool) {

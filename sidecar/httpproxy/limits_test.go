@@ -7,7 +7,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -191,6 +193,91 @@ func TestSlowHeadCut(t *testing.T) {
 			write(t, c2, "GET /c HTTP/1.1\r\nHost: api.internal\r\n\r\n")
 			if resp, _ := readResp(t, br2, http.MethodGet); resp.StatusCode != http.StatusOK {
 				t.Fatalf("another client: %d", resp.StatusCode)
+			}
+		})
+	}
+}
+
+// TestHostileRequests: on both wires, request heads and framings that
+// proxies are known to disagree on are refused (400, 414, 431, 501) or
+// closed, or forwarded in one unambiguous reading (net/http re-frames what
+// it forwards). Content-Length with Transfer-Encoding is refused with 400
+// on the fast path (Envoy's default), so the bytes after it never reach
+// the upstream as a request (/smuggled); net/http's server, the other
+// wire, reads such a request by its chunks (RFC 9112 §6.1 allows it) and
+// the bytes after as the client's next request.
+func TestHostileRequests(t *testing.T) {
+	smuggled := "GET /smuggled HTTP/1.1\r\nHost: api.internal\r\n\r\n"
+	tests := []struct {
+		name    string
+		raw     string
+		allowed []int // statuses allowed; 0: the connection closed unanswered
+	}{
+		{"CL.TE", "POST /a HTTP/1.1\r\nHost: api.internal\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled, []int{400}},
+		{"TE.CL", "POST /a HTTP/1.1\r\nHost: api.internal\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n", []int{400}},
+		{"two Content-Lengths", "POST /a HTTP/1.1\r\nHost: api.internal\r\nContent-Length: 5\r\nContent-Length: 52\r\n\r\nhello" + smuggled, []int{400}},
+		{"Content-Length with a sign", "POST /a HTTP/1.1\r\nHost: api.internal\r\nContent-Length: +5\r\n\r\nhello", []int{400}},
+		{"obfuscated Transfer-Encoding", "POST /a HTTP/1.1\r\nHost: api.internal\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", []int{400, 501}},
+		{"Transfer-Encoding listed twice", "POST /a HTTP/1.1\r\nHost: api.internal\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n", []int{200, 400, 501}},
+		{"space before the colon", "POST /a HTTP/1.1\r\nHost: api.internal\r\nTransfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\nhello", []int{400}},
+		{"NUL in a field", "GET /a HTTP/1.1\r\nHost: api.internal\r\nX-A: a\x00b\r\n\r\n", []int{400}},
+		{"control character in a field", "GET /a HTTP/1.1\r\nHost: api.internal\r\nX-A: a\x01b\r\n\r\n", []int{200, 400}},
+		{"obs-fold", "GET /a HTTP/1.1\r\nHost: api.internal\r\nX-A: a\r\n b\r\n\r\n", []int{200, 400}},
+		{"bare LF", "GET /a HTTP/1.1\nHost: api.internal\n\n", []int{200, 400}},
+		{"request line of 100 KiB", "GET /" + strings.Repeat("a", 100<<10) + " HTTP/1.1\r\nHost: api.internal\r\n\r\n", []int{414, 431}},
+		{"HTTP/0.9", "GET /a\r\n\r\n", []int{0, 400, 505}},
+		{"two Hosts", "GET /a HTTP/1.1\r\nHost: api.internal\r\nHost: evil.internal\r\n\r\n", []int{400}},
+		{"chunk size with junk", "POST /a HTTP/1.1\r\nHost: api.internal\r\nTransfer-Encoding: chunked\r\n\r\n5;\x00\r\nhello\r\n0\r\n\r\n", []int{200, 400}},
+	}
+	for _, p := range paths {
+		t.Run(p.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var seen []string
+			up := newRawUpstream(t, func(c net.Conn, br *bufio.Reader) {
+				for {
+					req, _, err := readReq(br)
+					if err != nil {
+						return
+					}
+					mu.Lock()
+					seen = append(seen, req.URL.Path)
+					mu.Unlock()
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			})
+			addr, _ := startProxy(t, proxyOpts{endpoints: []string{up.addr()}, netHTTPOnly: p.netHTTPOnly})
+			for _, tc := range tests {
+				t.Run(tc.name, func(t *testing.T) {
+					allowed := tc.allowed
+					if p.netHTTPOnly && (tc.name == "CL.TE" || tc.name == "TE.CL") {
+						allowed = []int{200} // read by the chunks
+					}
+					c, br := dialProxy(t, addr)
+					go io.WriteString(c, tc.raw)
+					status := 0
+					for { // every answer on the connection, until it closes
+						resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodPost})
+						if err != nil {
+							break
+						}
+						io.Copy(io.Discard, resp.Body)
+						if status == 0 {
+							status = resp.StatusCode
+						}
+						if !slices.Contains(allowed, resp.StatusCode) {
+							t.Errorf("answered %d, want one of %v", resp.StatusCode, allowed)
+						}
+						_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+					}
+					if status == 0 && !slices.Contains(allowed, 0) {
+						t.Errorf("closed unanswered, want one of %v", allowed)
+					}
+				})
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if !p.netHTTPOnly && slices.Contains(seen, "/smuggled") {
+				t.Errorf("a smuggled request reached the upstream: %q", seen)
 			}
 		})
 	}
