@@ -413,16 +413,28 @@ func (s *Server) publish(ctx context.Context, node string, res []typedResources,
 		s.log.Error("xds: inconsistent snapshot not published; node keeps its last one", "node", node, "error", err)
 		return false, false
 	}
+	// The record is stored before the cache answers the node's watch (a
+	// stream may send the snapshot and get its NACK back before SetSnapshot
+	// returns), so that the NACK finds what it rejects, as the proxyless
+	// group's does; it is taken back if the cache refuses the snapshot.
+	s.mu.Lock()
+	n := s.nodeLocked(node)
+	before := n.published
+	n.published = appendHistory(n.published, rec)
+	s.mu.Unlock()
 	if err := s.cache.SetSnapshot(ctx, node, snap); err != nil {
+		s.mu.Lock()
+		if h := n.published; len(h) > 0 && h[len(h)-1] == rec {
+			n.published = before
+		}
+		s.mu.Unlock()
 		s.setHeldBack(node, HeldError, "set snapshot: "+err.Error())
 		s.log.Error("xds: set snapshot", "node", node, "error", err)
 		return false, false
 	}
 	now := time.Now()
 	s.mu.Lock()
-	n := s.nodeLocked(node)
 	n.version, n.heldBack, n.heldReason = all, "", ""
-	n.published = appendHistory(n.published, rec)
 	s.mu.Unlock()
 	s.metrics.snapshotsSet.Inc()
 	s.metrics.observePush(in.pending, now)

@@ -8,12 +8,14 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	dto "github.com/prometheus/client_model/go"
@@ -450,4 +452,44 @@ func TestStreamIdentityShownInStatus(t *testing.T) {
 			}
 		})
 	}
+}
+
+// historyCheckingCache is the server's snapshot cache, checking at each
+// SetSnapshot that the node's published history already holds the
+// snapshot being set: the cache may answer a watch, and the node NACK it,
+// before SetSnapshot returns.
+type historyCheckingCache struct {
+	cache.SnapshotCache
+	s      *Server
+	t      *testing.T
+	checks atomic.Int32
+}
+
+func (c *historyCheckingCache) SetSnapshot(ctx context.Context, node string, snap cache.ResourceSnapshot) error {
+	c.s.mu.Lock()
+	var h []*published
+	if n := c.s.nodes[node]; n != nil {
+		h = n.published
+	}
+	c.s.mu.Unlock()
+	if len(h) == 0 || h[len(h)-1].versions[xds.RouteType] != snap.GetVersion(xds.RouteType) {
+		c.t.Errorf("%s: snapshot set before its record was published (history %d long): a NACK of it would find nothing to blame", node, len(h))
+	}
+	c.checks.Add(1)
+	return c.SnapshotCache.SetSnapshot(ctx, node, snap)
+}
+
+// TestSnapshotRecordedBeforeItIsSent: what CI once met as a NACK whose
+// rejected version was "no longer held" — the record of a sidecar's
+// snapshot is in its history before the cache can send the snapshot.
+func TestSnapshotRecordedBeforeItIsSent(t *testing.T) {
+	s := New(Config{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	t.Cleanup(s.Close)
+	hc := &historyCheckingCache{SnapshotCache: s.cache, s: s, t: t}
+	s.cache = hc
+	s.SetPolicies(servePolicies(t, map[string]string{"policies/api.yaml": apiHTTP}))
+	s.SetCatalog(catalog(true))
+	waitVersions(t, s, "web-1-sidecar-proxy", func(map[string]string) bool { return true })
+	s.SetPolicies(servePolicies(t, map[string]string{"policies/api.yaml": apiHTTP, "policies/retry.yaml": retryOn("envoy-ratelimited")}))
+	testutil.Until(t, 5*time.Second, "the policy change published", func() bool { return hc.checks.Load() >= 3 })
 }
