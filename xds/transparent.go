@@ -95,6 +95,12 @@ const (
 	// service-defaults TransparentProxy.DialedDirectly, per instance).
 	// Written by the Kubernetes registrar.
 	MetaDialedDirectly = "dialed-directly"
+	// MetaDirectPorts lists, with MetaDialedDirectly, the target ports
+	// (numbers, joined by commas) of the headless Services selecting the
+	// instance's pod beyond its own Service's (a StatefulSet's peer ports:
+	// ZooKeeper's 2888 and 3888, Elasticsearch's 9300): callers match the
+	// instance's address on them too, and its sidecar terminates their mTLS.
+	MetaDirectPorts = "direct-ports"
 	// portSeparator joins a service or local app cluster's name and a port.
 	portSeparator = ":"
 )

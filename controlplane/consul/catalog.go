@@ -92,6 +92,7 @@ func (b *catalogBuilder) update(name string, entries []*api.ServiceEntry) {
 			Virtual:        virtualAddress(e.Service),
 			Ports:          servicePorts(e.Service.Meta[xds.MetaServicePorts]),
 			DialedDirectly: e.Service.Meta[xds.MetaDialedDirectly] == "true",
+			DirectPorts:    portList(e.Service.Meta[xds.MetaDirectPorts]),
 		}
 		svc.Instances = append(svc.Instances, in)
 		k := instanceKey{in.Node, in.ID}
@@ -321,6 +322,19 @@ func servicePorts(v string) []model.ServicePort {
 		}
 		out = append(out, model.ServicePort{Port: port, TargetPort: target})
 	}
+	return out
+}
+
+// portList reads meta xds.MetaDirectPorts ("9090,9300"): the ports in
+// 1-65535, sorted, without duplicates; nil when none.
+func portList(v string) []int {
+	var out []int
+	for item := range strings.SplitSeq(v, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(item)); err == nil && n >= 1 && n <= 65535 && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	slices.Sort(out)
 	return out
 }
 

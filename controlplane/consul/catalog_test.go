@@ -98,3 +98,13 @@ func TestServicePortsMeta(t *testing.T) {
 		}
 	}
 }
+
+// TestDirectPortsMeta: an instance's xds.MetaDirectPorts becomes its
+// DirectPorts, sorted, deduplicated, out-of-range items left out.
+func TestDirectPortsMeta(t *testing.T) {
+	for v, want := range map[string]string{"": "[]", "9300,2888, 3888,2888": "[2888 3888 9300]", "x,0,70000,53": "[53]"} {
+		if got := fmt.Sprint(portList(v)); got != want {
+			t.Errorf("portList(%q) = %s, want %s", v, got, want)
+		}
+	}
+}

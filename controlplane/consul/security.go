@@ -17,7 +17,7 @@ import (
 
 // watchRoots follows /v1/agent/connect/ca/roots.
 func (w *Watcher) watchRoots(ctx context.Context, notify func()) {
-	w.blockingLoop(ctx, "the Connect CA roots", "no permission", func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
+	w.blockingLoop(ctx, "the Connect CA roots", noPermission, func(opts *api.QueryOptions) (*api.QueryMeta, func(), error) {
 		list, meta, err := w.cfg.Client.Agent().ConnectCARoots(opts)
 		if err != nil {
 			return nil, nil, err

@@ -269,6 +269,9 @@ func (w *Watcher) watchService(ctx context.Context, name string, notify func()) 
 // needs is the ACL permission without which Consul filters the result
 // ("service:read on every service"), named in the warning logged when the
 // answer says Consul left something out (X-Consul-Results-Filtered-By-ACLs).
+// noPermission is blockingLoop's needs for a query any token may make.
+const noPermission = "no permission"
+
 func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query func(*api.QueryOptions) (*api.QueryMeta, func(), error)) {
 	var index uint64
 	bo := backoff.NewExponentialBackOff()
@@ -319,7 +322,12 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 			continue
 		}
 		w.reached()
-		w.unknownToken.Store(false)
+		if needs != noPermission {
+			// A query that needs no permission (the CA roots) answers even
+			// for a token Consul does not know: it proves nothing, and
+			// clearing the flag would report the unknown token again.
+			w.unknownToken.Store(false)
+		}
 		bo.Reset()
 		if denied {
 			denied = false

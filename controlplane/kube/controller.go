@@ -358,8 +358,7 @@ func (r *reconciler) desired(ctx context.Context, pod *corev1.Pod) (Registration
 		}
 		for i := range svcs.Items {
 			if s := &svcs.Items[i]; s.Name != rec.Service && s.Spec.ClusterIP == corev1.ClusterIPNone && selects(s, pod.Labels) {
-				reg.SetDialedDirectly()
-				break
+				reg.SetDialedDirectly(targetPorts(s, pod))
 			}
 		}
 	}

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/hashicorp/consul/api"
@@ -236,9 +238,53 @@ func servicePorts(svc *corev1.Service, pod *corev1.Pod) string {
 // SetDialedDirectly marks the instance as dialled on its own address
 // (meta xds.MetaDialedDirectly: "true"): a headless Service other than the
 // one it registers as selects its pod, whose clients resolve the pod's DNS
-// name and dial it.
-func (r Registration) SetDialedDirectly() {
-	r.Instance.Service.Meta[xds.MetaDialedDirectly] = "true"
+// name and dial it. ports are that Service's target ports (resolved
+// against the pod); those not already the instance's own go to meta
+// xds.MetaDirectPorts.
+func (r Registration) SetDialedDirectly(ports []int) {
+	m := r.Instance.Service.Meta
+	m[xds.MetaDialedDirectly] = "true"
+	own := []int{r.Instance.Service.Port}
+	for item := range strings.SplitSeq(m[xds.MetaServicePorts], ",") {
+		if _, t, ok := strings.Cut(item, ":"); ok {
+			if n, err := strconv.Atoi(t); err == nil {
+				own = append(own, n)
+			}
+		}
+	}
+	var extra []string
+	seen := map[int]bool{}
+	if m[xds.MetaDirectPorts] != "" {
+		for item := range strings.SplitSeq(m[xds.MetaDirectPorts], ",") {
+			if n, err := strconv.Atoi(item); err == nil && !seen[n] {
+				seen[n] = true
+				extra = append(extra, item)
+			}
+		}
+	}
+	for _, p := range ports {
+		if !slices.Contains(own, p) && !seen[p] {
+			seen[p] = true
+			extra = append(extra, strconv.Itoa(p))
+		}
+	}
+	if len(extra) > 0 {
+		m[xds.MetaDirectPorts] = strings.Join(extra, ",")
+	}
+}
+
+// targetPorts are the target ports of svc's TCP ports for pod, resolved as
+// servicePorts resolves them.
+func targetPorts(svc *corev1.Service, pod *corev1.Pod) []int {
+	var out []int
+	for item := range strings.SplitSeq(servicePorts(svc, pod), ",") {
+		if _, t, ok := strings.Cut(item, ":"); ok {
+			if n, err := strconv.Atoi(t); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }
 
 // ips is the list form of a dual-stack field (PodIPs, HostIPs,

@@ -434,7 +434,7 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 	// A headless Service selecting the pod too (a StatefulSet's governing
 	// Service): it maps to the pod, which is then dialled directly.
 	peers := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "api-peers", Namespace: "shop"},
-		Spec: corev1.ServiceSpec{ClusterIP: corev1.ClusterIPNone, Selector: map[string]string{"app": "api"}, Ports: []corev1.ServicePort{{Port: 8080}}}}
+		Spec: corev1.ServiceSpec{ClusterIP: corev1.ClusterIPNone, Selector: map[string]string{"app": "api"}, Ports: []corev1.ServicePort{{Port: 8080}, {Port: 9300}}}}
 	if err := c.Create(ctx, peers); err != nil {
 		t.Fatal(err)
 	}
@@ -442,12 +442,18 @@ func TestRegistrarAgainstConsul(t *testing.T) {
 		t.Errorf("headless Service api-peers maps to %v, want %v", got, want)
 	}
 	reconcilePod(t, r, "api-1")
-	expect("dialed directly", func() bool { s := services()["api-1-api"]; return s != nil && s.Meta[xds.MetaDialedDirectly] == "true" })
+	expect("dialed directly, on its peer port too", func() bool {
+		s := services()["api-1-api"]
+		return s != nil && s.Meta[xds.MetaDialedDirectly] == "true" && s.Meta[xds.MetaDirectPorts] == "9300"
+	})
 	if err := c.Delete(ctx, peers); err != nil {
 		t.Fatal(err)
 	}
 	reconcilePod(t, r, "api-1")
-	expect("no longer dialed directly", func() bool { s := services()["api-1-api"]; return s != nil && s.Meta[xds.MetaDialedDirectly] == "" })
+	expect("no longer dialed directly", func() bool {
+		s := services()["api-1-api"]
+		return s != nil && s.Meta[xds.MetaDialedDirectly] == "" && s.Meta[xds.MetaDirectPorts] == ""
+	})
 
 	// The slice marks the endpoint not serving: critical, saying so.
 	es.Endpoints[0].Conditions = discoveryv1.EndpointConditions{Ready: ptrTo(false), Serving: ptrTo(false), Terminating: ptrTo(false)}

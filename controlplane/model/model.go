@@ -95,6 +95,10 @@ type Instance struct {
 	// xds.MetaDialedDirectly): transparent callers match it as they match
 	// a headless service's instances.
 	DialedDirectly bool
+	// DirectPorts are more target ports dialled on the instance's own
+	// address (meta xds.MetaDirectPorts: a headless Service's ports
+	// beyond its own Service's), sorted.
+	DirectPorts []int
 }
 
 // ServicePort is one port of a Kubernetes Service as the registrar wrote
@@ -514,7 +518,7 @@ func (s *Service) Equal(o *Service) bool {
 // Equal reports whether i and o have the same content.
 func (i Instance) Equal(o Instance) bool {
 	return i.ID == o.ID && i.Node == o.Node && i.Datacenter == o.Datacenter && i.Address == o.Address &&
-		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && i.Virtual == o.Virtual && slices.Equal(i.Ports, o.Ports) && i.DialedDirectly == o.DialedDirectly && maps.Equal(i.Meta, o.Meta)
+		i.Port == o.Port && i.Weight == o.Weight && i.Healthy == o.Healthy && i.Virtual == o.Virtual && slices.Equal(i.Ports, o.Ports) && i.DialedDirectly == o.DialedDirectly && slices.Equal(i.DirectPorts, o.DirectPorts) && maps.Equal(i.Meta, o.Meta)
 }
 
 // Equal reports whether p and o have the same content.

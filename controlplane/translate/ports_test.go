@@ -41,6 +41,7 @@ func portsCatalogDialed(dialed string) *model.Catalog {
 		}
 		if pod == dialed {
 			s.Meta[xds.MetaDialedDirectly] = "true"
+			s.Meta[xds.MetaDirectPorts] = "7000" // a headless Service's peer port
 		}
 		s.TaggedAddresses = map[string]api.ServiceAddress{consul.VirtualTaggedAddress: {Address: virtual, Port: vport}}
 		return entry(s)
@@ -238,8 +239,9 @@ func hostPort(e *endpoint.LbEndpoint) string {
 
 // TestDialedDirectlyInstances: an instance of a service with a virtual
 // address that a headless Service selects too (meta
-// xds.MetaDialedDirectly) is matched on its own address, on its port and
-// its Service's other target ports, by callers that may reach the
+// xds.MetaDialedDirectly) is matched on its own address, on its port, its
+// Service's other target ports and the headless Service's port (meta
+// xds.MetaDirectPorts), whose mTLS its sidecar terminates, by callers that may reach the
 // service, in the service's mTLS (the direct cluster); its sibling
 // without the meta is not, and a caller that may not reach the service
 // gets no such chain.
@@ -268,8 +270,28 @@ func TestDialedDirectlyInstances(t *testing.T) {
 		slices.Sort(got)
 		return got, slices.ContainsFunc(r.Clusters, func(c *cluster.Cluster) bool { return c.GetName() == xds.DirectCluster("api") })
 	}
-	if got, has := directOf("web-1-web-sidecar-proxy"); fmt.Sprint(got) != "[10.244.0.6:8080 10.244.0.6:9090]" || !has {
-		t.Errorf("web's direct chains for api match %v (cluster %v), want api-1's address on 8080 and 9090", got, has)
+	if got, has := directOf("web-1-web-sidecar-proxy"); fmt.Sprint(got) != "[10.244.0.6:7000 10.244.0.6:8080 10.244.0.6:9090]" || !has {
+		t.Errorf("web's direct chains for api match %v (cluster %v), want api-1's address on 7000 (its headless Service's), 8080 and 9090", got, has)
+	}
+	// api-1's sidecar terminates mTLS on the headless Service's port too.
+	p := cat.Proxies["api-1-api-sidecar-proxy"]
+	r, err := Proxy(cat, nil, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ports []uint32
+	for _, l := range r.Listeners {
+		if l.GetName() == xds.InboundCaptureListener {
+			for _, fc := range l.GetFilterChains() {
+				if fc.GetTransportSocket() != nil {
+					ports = append(ports, fc.GetFilterChainMatch().GetDestinationPort().GetValue())
+				}
+			}
+		}
+	}
+	slices.Sort(ports)
+	if fmt.Sprint(ports) != "[7000 8080 9090]" {
+		t.Errorf("api-1's inbound mTLS chains on ports %v, want 7000, 8080 and 9090", ports)
 	}
 	if got, has := directOf("ops-1-ops-sidecar-proxy"); len(got) > 0 || has {
 		t.Errorf("ops may not reach api but matches %v (cluster %v)", got, has)

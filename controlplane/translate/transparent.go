@@ -274,7 +274,8 @@ func portUpstream(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service s
 
 // otherPortChains returns the inbound capture listener's chains for the
 // other target ports of p's own instance (its Kubernetes Service's ports
-// besides the app's, model.Instance.Ports), and adds their local app
+// besides the app's, model.Instance.Ports, and the ports of headless
+// Services selecting its pod, model.Instance.DirectPorts), and adds their local app
 // clusters xds.LocalAppPortCluster to r: per port, the public listener's
 // shape (mTLS, in permissive mode a plaintext chain too) matched on that
 // destination port, with network RBAC from the service's intentions (L7
@@ -288,9 +289,13 @@ func otherPortChains(r *Resources, cat *model.Catalog, pol *policy.Set, p *model
 			if in.ID != p.ServiceID {
 				continue
 			}
+			ports := slices.Clone(in.DirectPorts)
 			for _, sp := range in.Ports {
-				if sp.TargetPort != p.LocalAppPort && !slices.Contains(targets, sp.TargetPort) && !slices.Contains(p.Exclusions.InboundPorts, sp.TargetPort) {
-					targets = append(targets, sp.TargetPort)
+				ports = append(ports, sp.TargetPort)
+			}
+			for _, port := range ports {
+				if port != p.LocalAppPort && !slices.Contains(targets, port) && !slices.Contains(p.Exclusions.InboundPorts, port) {
+					targets = append(targets, port)
 				}
 			}
 		}
@@ -344,8 +349,8 @@ func fronted(cat *model.Catalog, service string, in model.Instance) bool {
 // address and a port, and fronted (Proxy.ServiceID on the same node) by a
 // healthy transparent proxy with a public listener, so that their pod's
 // inbound interception hands the connection to the sidecar's mTLS chain
-// (on the instance's port, and on its Service's other target ports:
-// otherPortChains). Other instances' connections keep the pass-through.
+// (on the instance's port, on its Service's other target ports and on its
+// headless Services' ports: otherPortChains). Other instances' connections keep the pass-through.
 func directInstances(cat *model.Catalog, service string) []netip.AddrPort {
 	svc := cat.Services[service]
 	if svc == nil {
@@ -362,6 +367,11 @@ func directInstances(cat *model.Catalog, service string) []netip.AddrPort {
 		out = append(out, netip.AddrPortFrom(addr, uint16(in.Port)))
 		for _, sp := range in.Ports {
 			if a := netip.AddrPortFrom(addr, uint16(sp.TargetPort)); sp.TargetPort != in.Port && !slices.Contains(out, a) {
+				out = append(out, a)
+			}
+		}
+		for _, port := range in.DirectPorts {
+			if a := netip.AddrPortFrom(addr, uint16(port)); !slices.Contains(out, a) {
 				out = append(out, a)
 			}
 		}

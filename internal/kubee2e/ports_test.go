@@ -84,11 +84,16 @@ spec:
         env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
         ports: [{containerPort: 8080}]
         readinessProbe: {httpGet: {path: /health, port: 8080}, periodSeconds: 1}
+      - name: peer
+        image: meshlet.local/devkube-testapp:dev
+        imagePullPolicy: Never
+        args: [serve-grpc, "0.0.0.0:9300"]
+        ports: [{containerPort: 9300}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: kv-peers, namespace: ports}
-spec: {clusterIP: None, selector: {app: kv}, ports: [{port: 8080}]}
+spec: {clusterIP: None, selector: {app: kv}, ports: [{name: http, port: 8080}, {name: peer, port: 9300}]}
 ---
 apiVersion: v1
 kind: Service
@@ -105,7 +110,8 @@ spec: {selector: {app: kv}, ports: [{port: 80, targetPort: 8080}]}
 // Service and a client Service, injected without annotation, registers as
 // the client Service and is reached through both: by the client Service's
 // name and by its pod's DNS name, each over mTLS (the caller's SPIFFE ID
-// seen).
+// seen), and on the headless Service's peer port (gRPC) by the pod's name,
+// which is refused in plaintext too.
 func TestEveryServicePortThroughTheMesh(t *testing.T) {
 	e := mesh(t)
 	ctx := context.Background()
@@ -162,8 +168,8 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 	// The StatefulSet: registered as kv.ports, dialled directly for its
 	// headless Service; reached by both names over mTLS.
 	kv, _, err := e.Consul.Client.Health().Service("kv.ports", "", true, nil)
-	if err != nil || len(kv) != 1 || kv[0].Service.Meta[xds.MetaDialedDirectly] != "true" {
-		t.Fatalf("Consul service kv.ports: %d passing instances (%v), want one dialled directly", len(kv), err)
+	if err != nil || len(kv) != 1 || kv[0].Service.Meta[xds.MetaDialedDirectly] != "true" || kv[0].Service.Meta[xds.MetaDirectPorts] != "9300" {
+		t.Fatalf("Consul service kv.ports: %d passing instances (%v), want one dialled directly, on its peer port 9300 too", len(kv), err)
 	}
 	if peers, _, _ := e.Consul.Client.Catalog().Service("kv-peers.ports", "", nil); len(peers) != 0 {
 		t.Errorf("the headless Service kv-peers is registered too: %d instances", len(peers))
@@ -186,6 +192,13 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 		}
 	}
 
+	// The headless Service's peer port: through the mesh by the pod's name.
+	runJob(t, e, "ports", "peer", `{name: get, image: meshlet.local/devkube-testapp:dev, imagePullPolicy: Never, args: [grpc-check, -timeout, 60s, "kv-0.kv-peers:9300"]}`, true)
+	kvPod, err := e.Client().CoreV1().Pods("ports").Get(ctx, "kv-0", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	svc, err := e.Client().CoreV1().Services("ports").Get(ctx, "multi", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -193,6 +206,7 @@ func TestEveryServicePortThroughTheMesh(t *testing.T) {
 	for addr, h2 := range map[string]bool{
 		net.JoinHostPort(pod.Status.PodIP, "8080"): false, net.JoinHostPort(pod.Status.PodIP, "9090"): true,
 		net.JoinHostPort(svc.Spec.ClusterIP, "80"): false, net.JoinHostPort(svc.Spec.ClusterIP, "9090"): true,
+		net.JoinHostPort(kvPod.Status.PodIP, "9300"): true,
 	} {
 		if err := plaintextAnswered(e, addr, h2); err == nil {
 			t.Errorf("plaintext from outside the mesh to %s was answered: a path around strict mTLS", addr)
