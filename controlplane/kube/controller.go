@@ -345,21 +345,37 @@ func (r *reconciler) desired(ctx context.Context, pod *corev1.Pod) (Registration
 	case !apierrors.IsNotFound(err):
 		return Registration{}, false, fmt.Errorf("kube: registrar: service %s/%s: %w", pod.Namespace, rec.Service, err)
 	}
-	var slices discoveryv1.EndpointSliceList
-	if err := r.reader.List(ctx, &slices, client.InNamespace(pod.Namespace),
+	var eps discoveryv1.EndpointSliceList
+	if err := r.reader.List(ctx, &eps, client.InNamespace(pod.Namespace),
 		client.MatchingLabels{discoveryv1.LabelServiceName: rec.Service}); err != nil {
 		return Registration{}, false, fmt.Errorf("kube: registrar: endpointslices of %s/%s: %w", pod.Namespace, rec.Service, err)
 	}
-	reg, ok := Register(pod, rec, svc, slices.Items)
+	reg, ok := Register(pod, rec, svc, eps.Items)
 	if ok {
 		var svcs corev1.ServiceList
 		if err := r.reader.List(ctx, &svcs, client.InNamespace(pod.Namespace)); err != nil {
 			return Registration{}, false, fmt.Errorf("kube: registrar: services of %s: %w", pod.Namespace, err)
 		}
+		// The instance's own ports: its app port and its Service's targets.
+		own := []int{rec.Port}
+		if svc != nil {
+			for _, p := range resolvePorts(svc, pod) {
+				own = append(own, p.target)
+			}
+		}
+		dialed, extra := false, []int(nil)
 		for i := range svcs.Items {
 			if s := &svcs.Items[i]; s.Name != rec.Service && s.Spec.ClusterIP == corev1.ClusterIPNone && selects(s, pod.Labels) {
-				reg.SetDialedDirectly(targetPorts(s, pod))
+				dialed = true
+				for _, p := range resolvePorts(s, pod) {
+					if !slices.Contains(own, p.target) && !slices.Contains(extra, p.target) {
+						extra = append(extra, p.target)
+					}
+				}
 			}
+		}
+		if dialed {
+			reg.SetDialedDirectly(extra)
 		}
 	}
 	return reg, ok, nil

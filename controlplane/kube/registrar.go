@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -202,13 +201,15 @@ func Register(pod *corev1.Pod, rec inject.Record, svc *corev1.Service, slices []
 	}, true
 }
 
-// servicePorts is xds.MetaServicePorts of svc's TCP ports for pod:
-// "<port>:<targetPort>,..." in the Service's order, a named targetPort
-// resolved to the pod's container port of that name (a name the pod does
-// not have leaves the port out, as kube-proxy has no endpoint for it), an
-// unset one the port itself; "" when no port is left.
-func servicePorts(svc *corev1.Service, pod *corev1.Pod) string {
-	var pairs []string
+// portPair is a Service port and the pod port it targets.
+type portPair struct{ port, target int }
+
+// resolvePorts are svc's TCP ports for pod, in the Service's order, each
+// with its target port: a named one resolved to the pod's container port
+// of that name (a name the pod does not have leaves the port out, as
+// kube-proxy has no endpoint for it), an unset one the port itself.
+func resolvePorts(svc *corev1.Service, pod *corev1.Pod) []portPair {
+	var out []portPair
 	for _, sp := range svc.Spec.Ports {
 		if sp.Protocol != "" && sp.Protocol != corev1.ProtocolTCP {
 			continue
@@ -227,10 +228,19 @@ func servicePorts(svc *corev1.Service, pod *corev1.Pod) string {
 		case sp.TargetPort.IntVal != 0:
 			target = int(sp.TargetPort.IntVal)
 		}
-		if target == 0 {
-			continue
+		if target != 0 {
+			out = append(out, portPair{int(sp.Port), target})
 		}
-		pairs = append(pairs, fmt.Sprintf("%d:%d", sp.Port, target))
+	}
+	return out
+}
+
+// servicePorts is xds.MetaServicePorts of svc's ports for pod
+// (resolvePorts): "<port>:<targetPort>,..."; "" when none is left.
+func servicePorts(svc *corev1.Service, pod *corev1.Pod) string {
+	pairs := make([]string, 0, len(svc.Spec.Ports))
+	for _, p := range resolvePorts(svc, pod) {
+		pairs = append(pairs, fmt.Sprintf("%d:%d", p.port, p.target))
 	}
 	return strings.Join(pairs, ",")
 }
@@ -238,53 +248,18 @@ func servicePorts(svc *corev1.Service, pod *corev1.Pod) string {
 // SetDialedDirectly marks the instance as dialled on its own address
 // (meta xds.MetaDialedDirectly: "true"): a headless Service other than the
 // one it registers as selects its pod, whose clients resolve the pod's DNS
-// name and dial it. ports are that Service's target ports (resolved
-// against the pod); those not already the instance's own go to meta
-// xds.MetaDirectPorts.
-func (r Registration) SetDialedDirectly(ports []int) {
+// name and dial it. extra are those Services' target ports beyond the
+// instance's own (meta xds.MetaDirectPorts; none: no meta).
+func (r Registration) SetDialedDirectly(extra []int) {
 	m := r.Instance.Service.Meta
 	m[xds.MetaDialedDirectly] = "true"
-	own := []int{r.Instance.Service.Port}
-	for item := range strings.SplitSeq(m[xds.MetaServicePorts], ",") {
-		if _, t, ok := strings.Cut(item, ":"); ok {
-			if n, err := strconv.Atoi(t); err == nil {
-				own = append(own, n)
-			}
-		}
-	}
-	var extra []string
-	seen := map[int]bool{}
-	if m[xds.MetaDirectPorts] != "" {
-		for item := range strings.SplitSeq(m[xds.MetaDirectPorts], ",") {
-			if n, err := strconv.Atoi(item); err == nil && !seen[n] {
-				seen[n] = true
-				extra = append(extra, item)
-			}
-		}
-	}
-	for _, p := range ports {
-		if !slices.Contains(own, p) && !seen[p] {
-			seen[p] = true
-			extra = append(extra, strconv.Itoa(p))
-		}
-	}
 	if len(extra) > 0 {
-		m[xds.MetaDirectPorts] = strings.Join(extra, ",")
-	}
-}
-
-// targetPorts are the target ports of svc's TCP ports for pod, resolved as
-// servicePorts resolves them.
-func targetPorts(svc *corev1.Service, pod *corev1.Pod) []int {
-	var out []int
-	for item := range strings.SplitSeq(servicePorts(svc, pod), ",") {
-		if _, t, ok := strings.Cut(item, ":"); ok {
-			if n, err := strconv.Atoi(t); err == nil {
-				out = append(out, n)
-			}
+		ports := make([]string, len(extra))
+		for i, p := range extra {
+			ports[i] = strconv.Itoa(p)
 		}
+		m[xds.MetaDirectPorts] = strings.Join(ports, ",")
 	}
-	return out
 }
 
 // ips is the list form of a dual-stack field (PodIPs, HostIPs,

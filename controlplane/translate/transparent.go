@@ -220,10 +220,7 @@ func directChains(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service s
 	slices.Sort(ports)
 	opts := clusterOptions(pol, service, xdsbuild.ClusterOptions{}, cl)
 	opts.TLS = upstreamTLS(cat, pol, p, service, proto, cl)
-	tcp := xdsbuild.NewTCPProxyListener(xds.DirectChain(service), "127.0.0.1", 0, name, xdsbuild.TCPProxyOptions{
-		MaxConnectAttempts: tcpConnectAttempts(pol, service, chain),
-		IdleTimeout:        tcpIdleTimeout(pol, service, chain),
-	}).GetFilterChains()[0].GetFilters()
+	tcp := tcpFilters(pol, service, xds.DirectChain(service), name, chain)
 	var chains []xdsbuild.CaptureChain
 	for _, port := range ports {
 		chainName := xds.DirectChain(service)
@@ -264,12 +261,18 @@ func portUpstream(cat *model.Catalog, pol *policy.Set, p *model.Proxy, service s
 			}
 		}
 	}
-	filters := xdsbuild.NewTCPProxyListener(xds.UpstreamListener(service), "127.0.0.1", 0, name, xdsbuild.TCPProxyOptions{
+	return tcpFilters(pol, service, xds.UpstreamListener(service), name, chain), upstream{service: service, protocol: xds.ProtocolTCP,
+		cluster: xdsbuild.NewEDSCluster(name, opts), load: xdsbuild.NewLoadAssignment(name, endpoints)}
+}
+
+// tcpFilters are the filters of a capture chain (statistics name
+// statPrefix) proxying TCP to cluster with service's connect attempts and
+// idle timeout, whose inputs are noted on chain.
+func tcpFilters(pol *policy.Set, service, statPrefix, cluster string, chain note) []*listener.Filter {
+	return xdsbuild.NewTCPProxyListener(statPrefix, "127.0.0.1", 0, cluster, xdsbuild.TCPProxyOptions{
 		MaxConnectAttempts: tcpConnectAttempts(pol, service, chain),
 		IdleTimeout:        tcpIdleTimeout(pol, service, chain),
 	}).GetFilterChains()[0].GetFilters()
-	return filters, upstream{service: service, protocol: xds.ProtocolTCP,
-		cluster: xdsbuild.NewEDSCluster(name, opts), load: xdsbuild.NewLoadAssignment(name, endpoints)}
 }
 
 // otherPortChains returns the inbound capture listener's chains for the
@@ -316,17 +319,7 @@ func otherPortChains(r *Resources, cat *model.Catalog, pol *policy.Set, p *model
 		o.TCP.IdleTimeout = tcpIdleTimeout(pol, p.Service, lis)
 		o.Rules, o.Shadow = authzRules(cat, pol, p.Service, false, lis)
 		name := fmt.Sprintf("%s:%d", xds.PublicListener, port)
-		for _, fc := range xdsbuild.NewInboundListener(name, "0.0.0.0", port, o).GetFilterChains() {
-			if fc.FilterChainMatch == nil {
-				fc.FilterChainMatch = &listener.FilterChainMatch{}
-			}
-			fc.FilterChainMatch.DestinationPort = wrapperspb.UInt32(uint32(port))
-			fc.Name = name
-			if tp := fc.FilterChainMatch.GetTransportProtocol(); tp != "" {
-				fc.Name += ":" + tp
-			}
-			out = append(out, fc)
-		}
+		out = append(out, onPort(xdsbuild.NewInboundListener(name, "0.0.0.0", port, o).GetFilterChains(), name, port)...)
 		r.Clusters = append(r.Clusters, xdsbuild.NewStaticCluster(cn, p.LocalAppAddress, port, xdsbuild.ClusterOptions{Protocol: xds.ProtocolTCP}))
 	}
 	return out
@@ -389,19 +382,28 @@ func inboundCapture(public *listener.Listener, appPort int) *listener.Listener {
 	in.ListenerFiltersTimeout = public.GetListenerFiltersTimeout()
 	in.ContinueOnListenerFiltersTimeout = public.GetContinueOnListenerFiltersTimeout()
 	in.TrafficDirection, in.Metadata = public.GetTrafficDirection(), public.GetMetadata()
-	for _, c := range public.GetFilterChains() {
+	in.FilterChains = onPort(public.GetFilterChains(), xds.PublicListener, appPort)
+	return in
+}
+
+// onPort returns copies of an inbound listener's chains for the inbound
+// capture listener: matched on destination port too, named name (with
+// ":<transport_protocol>" when they match one).
+func onPort(chains []*listener.FilterChain, name string, port int) []*listener.FilterChain {
+	out := make([]*listener.FilterChain, 0, len(chains))
+	for _, c := range chains {
 		fc := proto.Clone(c).(*listener.FilterChain)
 		if fc.FilterChainMatch == nil {
 			fc.FilterChainMatch = &listener.FilterChainMatch{}
 		}
-		fc.FilterChainMatch.DestinationPort = wrapperspb.UInt32(uint32(appPort))
-		fc.Name = xds.PublicListener
+		fc.FilterChainMatch.DestinationPort = wrapperspb.UInt32(uint32(port))
+		fc.Name = name
 		if tp := fc.FilterChainMatch.GetTransportProtocol(); tp != "" {
 			fc.Name += ":" + tp
 		}
-		in.FilterChains = append(in.FilterChains, fc)
+		out = append(out, fc)
 	}
-	return in
+	return out
 }
 
 // denyChain is the listener (for its filters) of a chain refusing every
