@@ -12,7 +12,7 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short lint vet fmt docker clean help bench bench-cp deps fuzz
+.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short lint vet fmt docker clean help bench bench-cp deps fuzz test-faults
 
 all: build
 
@@ -22,6 +22,7 @@ help:
 	@echo "make demo-k8s    the example app on a real one-node Kubernetes cluster with meshlet injected (root; KEEP=1 leaves it up, demo-k8s-stop ends it)"
 	@echo "make test        run all tests (installs the test peers, builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
 	@echo "make lint        gofmt check, go vet and staticcheck (installs staticcheck v0.8.2 first)"
+	@echo "make test-faults the fault suite: SIGKILLs, restarts and freezes under load, zero lost requests (README Reliability; ~3 min)"
 	@echo "make test-short  go test -short: every test that starts no real Consul, Jaeger, cluster, sidecar process or peer (~2 min)"
 	@echo "make deps        install what make demo, make test and make lint run (Debian packages, Go tools); silent when all is there"
 	@echo "make build       build bin/controlplane and bin/sidecar"
@@ -260,6 +261,18 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg > .work/fuzz-$$name.log 2>&1 || { tail -30 .work/fuzz-$$name.log; exit 1; }; \
 	done
 
+# make test-faults: the fault suite (internal/e2e, build tag faults; README
+# "Reliability"): each test breaks part of a running mesh (processes, a real
+# Consul) under steady vegeta load and fails on any lost request. Prints the
+# fault table (FAULT lines); the whole log is .work/test-faults.log.
+test-faults: $(BIN)/consul $(BIN)/controlplane $(BIN)/sidecar $(BIN)/vegeta
+	@deploy/tools/deps.sh test
+	@mkdir -p .work; set -o pipefail; echo "test-faults: about 3 minutes; log .work/test-faults.log"; \
+	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_CONTROLPLANE_BIN=$(CURDIR)/$(BIN)/controlplane \
+	MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar MESHLET_VEGETA_BIN=$(CURDIR)/$(BIN)/vegeta \
+	$(GO) test -tags faults -run '^TestFault' -count=1 -v -timeout 15m $(TESTFLAGS) ./internal/e2e 2>&1 | tee .work/test-faults.log | \
+	grep --line-buffered -E '^(=== RUN|\s*--- |\s*FAULT |ok |FAIL|panic)|_test.go:[0-9]+: '
+
 test-short:
 	$(GO) test -short -count=1 ./...
 
@@ -277,7 +290,9 @@ lint:
 	@unformatted=$$(gofmt -l $(LINT_SOURCES)); \
 	if [ -n "$$unformatted" ]; then echo "gofmt: not formatted (make fmt rewrites them):"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags faults ./internal/e2e
 	PATH="$(GOBIN_DIR):$$PATH" staticcheck ./...
+	PATH="$(GOBIN_DIR):$$PATH" staticcheck -tags faults ./internal/e2e
 
 vet:
 	$(GO) vet ./...

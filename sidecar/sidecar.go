@@ -58,8 +58,9 @@ type Config struct {
 	// Service is the service the sidecar fronts, sent as the node's cluster
 	// (informational).
 	Service string
-	// XDSAddress is the control plane's ADS address; DefaultXDSAddress when
-	// empty.
+	// XDSAddress is the control plane's ADS address, host:port, or several
+	// replicas' separated by commas (see xdsclient.Config.Server);
+	// DefaultXDSAddress when empty.
 	XDSAddress string
 	// XDSCredentials verify the control plane (TLS against a CA bundle)
 	// and prove the sidecar's identity (a bearer token file), or are

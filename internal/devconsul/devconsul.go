@@ -163,6 +163,9 @@ type Agent struct {
 	tls  bool
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	proc *devproc.Process
+	// spec is how a Cluster's agent was started, for Restart; empty for
+	// a -dev agent.
+	spec devproc.Spec
 
 	mu sync.Mutex // guards the token caches below
 	// serviceTokens are ServiceToken's by service, controlPlaneTokens

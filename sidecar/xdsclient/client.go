@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,7 +57,13 @@ const (
 
 // Config configures a Client.
 type Config struct {
-	// Server is the control plane's ADS address, "host:port". Required.
+	// Server is the control plane's ADS address, "host:port", or several
+	// replicas' addresses separated by commas ("10.0.0.1:18000,10.0.0.2:18000"):
+	// the client holds one connection at a time, to an address picked at
+	// random (gRPC pick_first with shuffleAddressList, gRFC A62), and moves
+	// to another when that one fails, as Envoy's ADS cluster with several
+	// endpoints. A DNS name is resolved by gRPC's DNS resolver (every
+	// address it returns is a candidate). Required.
 	Server string
 	// Node identifies the proxy; Node.Id is required (the proxy service ID
 	// registered in Consul). UserAgentName defaults to xds.UserAgentName.
@@ -82,6 +89,10 @@ func (c *Config) Validate() error {
 	switch {
 	case c.Server == "":
 		return errors.New("xdsclient: Config.Server is required")
+	case strings.Contains(c.Server, ","):
+		if _, _, err := serverTarget(c.Server); err != nil {
+			return err
+		}
 	case c.Node.GetId() == "":
 		return errors.New("xdsclient: Config.Node.Id is required")
 	case c.Handler == nil:
@@ -194,7 +205,11 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 	}
 	opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
-	conn, err := grpc.NewClient(c.cfg.Server, opts...)
+	target, ropts, err := serverTarget(c.cfg.Server)
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(target, append(opts, ropts...)...)
 	if err != nil {
 		return fmt.Errorf("xdsclient: %s: %w", c.cfg.Server, err)
 	}

@@ -1,0 +1,191 @@
+//go:build faults
+
+package e2e
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/meshlet/meshlet/internal/testutil"
+)
+
+// faultRate is the steady load of every fault test, in requests a second
+// through web's sidecar to api: well within one core, so a lost request
+// is the mesh's doing, not the load generator's.
+const faultRate = 200
+
+// phaseMin is how long the load runs after each fault before the next
+// one, so that each line of the table counts the mesh at steady state
+// after its recovery too.
+const phaseMin = 3 * time.Second
+
+// settle lets the load run until phaseMin has passed since start.
+func settle(start time.Time) { time.Sleep(time.Until(start.Add(phaseMin))) }
+
+// phase is one fault of a test: when it was injected and how long the
+// mesh took to route around it.
+type phase struct {
+	fault    string
+	at       time.Time
+	recovery string
+}
+
+// reportPhases logs one table line per phase with the requests sent
+// between its start and the next phase's (the last one to the end of the
+// run), and fails the test on any lost request.
+func reportPhases(t *testing.T, rate int, hits []hit, phases []phase) {
+	t.Helper()
+	for i, p := range phases {
+		end := time.Now().Add(time.Hour)
+		if i+1 < len(phases) {
+			end = phases[i+1].at
+		}
+		var in []hit
+		for _, h := range hits {
+			if !h.at.Before(p.at) && h.at.Before(end) || i == 0 && h.at.Before(p.at) {
+				in = append(in, h)
+			}
+		}
+		faultReport(t, p.fault, rate, in, p.recovery)
+	}
+}
+
+// TestFaultInstanceChurn: under load, one of four api apps is SIGKILLed,
+// then another instance's sidecar, then a third is deregistered from
+// Consul and stopped, then a fifth is added. No request fails: retries
+// hide the dead endpoints until outlier detection ejects them (3
+// consecutive failures, reviewed every second) or Consul removes them.
+func TestFaultInstanceChurn(t *testing.T) {
+	fm := newFaultMesh(t, 1, 4)
+	addr := func(id string) string { return hostPort(fm.apis[id].svc.sidecarPort) }
+	v := startVegeta(t, "http://"+hostPort(fm.webBind)+"/", faultRate, 2*time.Minute)
+	warm(t, v)
+	var phases []phase
+
+	start := time.Now()
+	fm.apis["api-1"].app.Kill()
+	d := took(t, start, 15*time.Second, "api-1 ejected after its app was SIGKILLed", func() bool {
+		return fm.apiEndpoints()[addr("api-1")] == "/failed_outlier_check"
+	})
+	phases = append(phases, phase{"SIGKILL one of four upstream apps", start, fmt.Sprintf("ejected (outlier detection) in %.1fs", d.Seconds())})
+
+	settle(start)
+	start = time.Now()
+	fm.apis["api-2"].sidecar.p.Kill()
+	d = took(t, start, 15*time.Second, "api-2 ejected after its sidecar was SIGKILLed", func() bool {
+		return fm.apiEndpoints()[addr("api-2")] == "/failed_outlier_check"
+	})
+	phases = append(phases, phase{"SIGKILL one upstream sidecar", start, fmt.Sprintf("ejected (outlier detection) in %.1fs", d.Seconds())})
+
+	settle(start)
+	start = time.Now()
+	gone := addr("api-3")
+	fm.deregister("api-3")
+	d = took(t, start, 15*time.Second, "api-3 removed from web's endpoints after its deregistration", func() bool {
+		_, ok := fm.apiEndpoints()[gone]
+		return !ok
+	})
+	fm.apis["api-3"].sidecar.p.Stop()
+	fm.apis["api-3"].app.Stop()
+	phases = append(phases, phase{"deregister one instance from Consul, then stop it", start, fmt.Sprintf("removed from callers in %.1fs", d.Seconds())})
+
+	settle(start)
+	start = time.Now()
+	in := fm.addAPI("api-5")
+	d = took(t, start, 20*time.Second, "api-5 a healthy endpoint of web's after it was added", func() bool {
+		return fm.apiEndpoints()[hostPort(in.svc.sidecarPort)] == "healthy"
+	})
+	phases = append(phases, phase{"add an instance", start, fmt.Sprintf("taking traffic %.1fs after its registration", d.Seconds())})
+	testutil.Until(t, 10*time.Second, "api-5 answering through the mesh", func() bool {
+		return call("http://"+hostPort(fm.webBind)+"/").instance == "api-5" ||
+			call("http://"+hostPort(fm.webBind)+"/").instance == "api-5"
+	})
+	settle(start)
+	reportPhases(t, faultRate, v.stop(t), phases)
+}
+
+// warm waits until the load has been flowing for a second, so a fault
+// lands on a mesh at steady state.
+func warm(t *testing.T, v *vegetaRun) {
+	t.Helper()
+	testutil.Until(t, 5*time.Second, "the load running for a second", func() bool { return time.Since(v.start) > time.Second })
+}
+
+// TestFaultControlPlane: with two control plane replicas (the documented
+// HA setup: sidecars given both addresses), SIGKILL of the replica a
+// sidecar streams from moves it to the other, which serves what changed
+// meanwhile; with every replica dead the sidecars serve their last config;
+// a replica restarted on its address takes them back, and they resume from
+// their last versions (no push of what they hold). No request fails.
+func TestFaultControlPlane(t *testing.T) {
+	fm := newFaultMesh(t, 2, 3)
+	a, b := fm.cps[0], fm.cps[1]
+	all := fm.nodes()
+	testutil.Until(t, 10*time.Second, "every sidecar streaming from a replica", func() bool {
+		return len(a.connected())+len(b.connected()) == len(all)
+	})
+	v := startVegeta(t, "http://"+hostPort(fm.webBind)+"/", faultRate, 2*time.Minute)
+	warm(t, v)
+	var phases []phase
+
+	// 1. One replica SIGKILLed: its sidecars move to the other, which
+	// serves an instance added while the first is down.
+	start := time.Now()
+	a.p.Kill()
+	d := took(t, start, 15*time.Second, "every sidecar streaming from the surviving replica", func() bool {
+		return slices.Equal(b.connected(), all)
+	})
+	in := fm.addAPI("api-4")
+	took(t, start, 15*time.Second, "api-4 (added with a replica down) an endpoint of web's", func() bool {
+		return fm.apiEndpoints()[hostPort(in.svc.sidecarPort)] == "healthy"
+	})
+	all = fm.nodes()
+	phases = append(phases, phase{"SIGKILL one of two control plane replicas", start, fmt.Sprintf("sidecars on the other replica in %.1fs", d.Seconds())})
+
+	// 2. Every replica down: sidecars keep their last config.
+	a = fm.startCP(a.xds)
+	settle(start)
+	start = time.Now()
+	b.p.Kill()
+	d = took(t, start, 15*time.Second, "every sidecar streaming from the restarted replica", func() bool {
+		return slices.Equal(a.connected(), all)
+	})
+	phases = append(phases, phase{"first replica restarted, SIGKILL of the second", start, fmt.Sprintf("sidecars on the first replica in %.1fs", d.Seconds())})
+	_, acks, versions := fm.web.xdsState()
+	listenersStarted := fm.web.logCount("listener: started")
+	settle(start)
+	start = time.Now()
+	a.p.Kill()
+	testutil.Until(t, 10*time.Second, "web's sidecar seeing no control plane", func() bool { c, _, _ := fm.web.xdsState(); return !c })
+	// The outage lasts while the load runs for 5 more seconds.
+	testutil.Until(t, 10*time.Second, "5 s without a control plane", func() bool { return time.Since(start) > 5*time.Second })
+	phases = append(phases, phase{"SIGKILL of every control plane replica (5 s without one)", start, "none needed: last config served"})
+
+	// 3. A replica restarted: sidecars reconnect and resume from the
+	// versions they hold (the replica's versions are content hashes).
+	settle(start)
+	start = time.Now()
+	a = fm.startCP(a.xds)
+	d = took(t, start, 20*time.Second, "every sidecar streaming from the restarted replica", func() bool {
+		return slices.Equal(a.connected(), all)
+	})
+	testutil.Until(t, 5*time.Second, "web's sidecar connected", func() bool { c, _, _ := fm.web.xdsState(); return c })
+	// A new stream gets the whole state again (SotW: the server cannot
+	// know what the client holds), with the versions the sidecar holds,
+	// and nothing is rebuilt.
+	testutil.Until(t, 5*time.Second, "web's sidecar ACKing the restarted replica's state", func() bool {
+		_, acks2, _ := fm.web.xdsState()
+		return acks2 > acks
+	})
+	if _, _, versions2 := fm.web.xdsState(); fmt.Sprint(versions2) != fmt.Sprint(versions) {
+		t.Errorf("web's sidecar's versions changed across the restart: %v → %v", versions, versions2)
+	}
+	if n := fm.web.logCount("listener: started"); n != listenersStarted {
+		t.Errorf("web's sidecar started %d listeners again on the restarted replica's identical state", n-listenersStarted)
+	}
+	phases = append(phases, phase{"control plane restarted", start, fmt.Sprintf("sidecars reconnected in %.1fs, same versions, nothing rebuilt", d.Seconds())})
+	settle(start)
+	reportPhases(t, faultRate, v.stop(t), phases)
+}
