@@ -107,9 +107,9 @@ type faultMesh struct {
 
 // cpProc is a control plane replica running as bin/controlplane.
 type cpProc struct {
-	p           *devproc.Process
-	xds, admin  string
-	log         *os.File
+	p          *devproc.Process
+	xds, admin string
+	log        *os.File
 }
 
 // sidecarProcess is a sidecar running as bin/sidecar.

@@ -9,8 +9,8 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 
 	"github.com/meshlet/meshlet/internal/testutil"
-	"github.com/meshlet/meshlet/xds/xdstest"
 	"github.com/meshlet/meshlet/xds"
+	"github.com/meshlet/meshlet/xds/xdstest"
 )
 
 // TestSeveralServersFailOver: with two replicas' addresses the client is
