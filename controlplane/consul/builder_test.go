@@ -134,3 +134,65 @@ func TestCatalogBuilderKeepsUnchangedValues(t *testing.T) {
 		t.Error("IsScopeOf does not follow api's sidecar")
 	}
 }
+
+// TestNodeOutageKeepsEndpoints: when every sidecar of a service turns
+// critical only because of its node's check (serfHealth: Consul lost
+// touch with the agent), the sidecars healthy before stay endpoints;
+// a failing service check, a passing sidecar or a deregistration ends it.
+func TestNodeOutageKeepsEndpoints(t *testing.T) {
+	sidecar := func(id, destID string) *api.AgentService {
+		return &api.AgentService{Kind: api.ServiceKindConnectProxy, ID: id, Service: "api-sidecar-proxy", Port: 21000,
+			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api", DestinationServiceID: destID, LocalServicePort: 8080}}
+	}
+	// entries are api-1 and api-2 (and their sidecars) on node n1, whose
+	// serfHealth is node, and whose service checks are svc.
+	entries := func(node, svc string) (apps, proxies []*api.ServiceEntry) {
+		for _, id := range []string{"api-1", "api-2"} {
+			for _, s := range []*api.AgentService{{ID: id, Service: "api", Port: 8080}, sidecar(id+"-sidecar-proxy", id)} {
+				e := entry("n1", "10.0.0.1", s, svc)
+				e.Checks = append(e.Checks, &api.HealthCheck{CheckID: "serfHealth", Status: node})
+				if s.Kind == api.ServiceKindConnectProxy {
+					proxies = append(proxies, e)
+				} else {
+					apps = append(apps, e)
+				}
+			}
+		}
+		return apps, proxies
+	}
+	b := newCatalogBuilder()
+	healthyEndpoints := func(node, svc string) []string {
+		apps, proxies := entries(node, svc)
+		b.update("api", apps)
+		b.update("api-sidecar-proxy", proxies)
+		var out []string
+		for _, p := range b.build().ProxiesFor("api") {
+			if p.Healthy {
+				out = append(out, p.ID)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	both := []string{"api-1-sidecar-proxy", "api-2-sidecar-proxy"}
+	if got := healthyEndpoints(api.HealthPassing, api.HealthPassing); !slices.Equal(got, both) {
+		t.Fatalf("healthy: %v", got)
+	}
+	if got := healthyEndpoints(api.HealthCritical, api.HealthPassing); !slices.Equal(got, both) {
+		t.Errorf("serfHealth critical, service checks passing: endpoints %v, want both kept", got)
+	}
+	if held := b.heldServices()["api"]; !slices.Equal(held, both) {
+		t.Errorf("held = %v", held)
+	}
+	if got := healthyEndpoints(api.HealthCritical, api.HealthCritical); len(got) != 0 {
+		t.Errorf("service checks failing too: endpoints %v, want none", got)
+	}
+	if got := healthyEndpoints(api.HealthPassing, api.HealthPassing); !slices.Equal(got, both) {
+		t.Fatalf("healthy again: %v", got)
+	}
+	b.remove("api")
+	b.remove("api-sidecar-proxy")
+	if got := b.build().ProxiesFor("api"); len(got) != 0 || len(b.heldServices()) != 0 {
+		t.Errorf("deregistered: %v, held %v", got, b.heldServices())
+	}
+}

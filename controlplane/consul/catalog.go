@@ -44,9 +44,21 @@ type catalogBuilder struct {
 	// healthy is the health of every typical instance by node and ID, the
 	// input of a proxy's health besides its own checks.
 	healthy map[instanceKey]bool
+	// ownChecksPass tells, by node and ID, of every typical instance and
+	// proxy, whether its service checks pass (its node's checks aside).
+	ownChecksPass map[instanceKey]bool
 	// proxies are the proxies of the last build by ID, with the
 	// conversion they were derived from.
 	proxies map[string]builtProxy
+	// lastHealthy is, by service, the IDs of its sidecars that were
+	// healthy at the last build where any was; held names the services
+	// whose sidecars are all critical now, with the IDs kept as endpoints
+	// (see build).
+	lastHealthy map[string]map[string]bool
+	held        map[string][]string
+	// heldProxies are the healthy copies of held proxies by ID, reused
+	// while their conversion is the same (consumers compare by identity).
+	heldProxies map[string]builtProxy
 }
 
 type instanceKey struct{ node, id string }
@@ -64,7 +76,8 @@ type builtProxy struct {
 }
 
 func newCatalogBuilder() *catalogBuilder {
-	return &catalogBuilder{byName: map[string]*converted{}, healthy: map[instanceKey]bool{}, proxies: map[string]builtProxy{}}
+	return &catalogBuilder{byName: map[string]*converted{}, healthy: map[instanceKey]bool{}, proxies: map[string]builtProxy{},
+		lastHealthy: map[string]map[string]bool{}, held: map[string][]string{}, ownChecksPass: map[instanceKey]bool{}}
 }
 
 // update converts the entries of service name, replacing its previous ones.
@@ -97,6 +110,7 @@ func (b *catalogBuilder) update(name string, entries []*api.ServiceEntry) {
 		svc.Instances = append(svc.Instances, in)
 		k := instanceKey{in.Node, in.ID}
 		b.healthy[k] = in.Healthy
+		b.ownChecksPass[k] = ownChecksPass(e.Checks)
 		cv.instances = append(cv.instances, k)
 	}
 	if svc != nil {
@@ -131,6 +145,7 @@ func (b *catalogBuilder) update(name string, entries []*api.ServiceEntry) {
 			p = prev
 		}
 		cv.proxies = append(cv.proxies, p)
+		b.ownChecksPass[instanceKey{p.Node, p.ID}] = ownChecksPass(e.Checks)
 	}
 	b.byName[name] = cv
 }
@@ -143,6 +158,10 @@ func (b *catalogBuilder) remove(name string) {
 	}
 	for _, k := range cv.instances {
 		delete(b.healthy, k)
+		delete(b.ownChecksPass, k)
+	}
+	for _, p := range cv.proxies {
+		delete(b.ownChecksPass, instanceKey{p.Node, p.ID})
 	}
 	delete(b.byName, name)
 }
@@ -151,7 +170,101 @@ func (b *catalogBuilder) remove(name string) {
 // proxy is healthy when its checks pass and, when its destination instance
 // (same node, DestinationServiceID) is registered, that instance's checks
 // pass too.
+//
+// When every sidecar of a service is critical while still registered,
+// and only because of node checks (serfHealth: Consul's servers lost touch
+// with the agents, e.g. one frozen or restarting; the sidecars' and their
+// apps' own checks pass), the ones that were healthy at the last build
+// where any was stay healthy (are held) until one passes again, a service
+// check fails or they deregister: a Consul outage must not look like every
+// instance left. It is the mesh's panic routing, as Envoy routes to every
+// host of a cluster whose healthy share falls under its
+// healthy_panic_threshold: a node truly dead costs what an empty endpoint
+// set would (retries, outlier detection, 503), a live one keeps serving.
 func (b *catalogBuilder) build() *model.Catalog {
+	cat := b.buildRaw()
+	bySvc := map[string][]*model.Proxy{}
+	for _, p := range cat.Proxies {
+		if !p.ClientOnly() {
+			bySvc[p.Service] = append(bySvc[p.Service], p)
+		}
+	}
+	held, heldProxies := map[string][]string{}, map[string]builtProxy{}
+	for svc, ps := range bySvc {
+		healthy := map[string]bool{}
+		for _, p := range ps {
+			if p.Healthy {
+				healthy[p.ID] = true
+			}
+		}
+		if len(healthy) > 0 {
+			b.lastHealthy[svc] = healthy
+			continue
+		}
+		if !slices.ContainsFunc(ps, func(p *model.Proxy) bool { return b.lastHealthy[svc][p.ID] }) ||
+			slices.ContainsFunc(ps, func(p *model.Proxy) bool { return !b.nodeChecksOnly(p) }) {
+			continue // not the agents' doing: a service check fails somewhere
+		}
+		for _, p := range ps {
+			if b.lastHealthy[svc][p.ID] {
+				h := b.heldProxies[p.ID]
+				if h.base != p {
+					cp := *p
+					cp.Healthy = true
+					h = builtProxy{base: p, p: &cp}
+				}
+				cat.Proxies[p.ID] = h.p
+				heldProxies[p.ID] = h
+				held[svc] = append(held[svc], p.ID)
+			}
+		}
+		slices.Sort(held[svc])
+	}
+	for svc := range b.lastHealthy {
+		if bySvc[svc] == nil {
+			delete(b.lastHealthy, svc)
+		}
+	}
+	b.held, b.heldProxies = held, heldProxies
+	if len(held) > 0 {
+		return model.NewCatalog(cat.Services, cat.Proxies)
+	}
+	return cat
+}
+
+// nodeChecksOnly reports whether only node checks (serfHealth, the
+// agent's liveness, and other checks of no service) fail p: its own
+// checks and, when registered, its destination instance's pass.
+func (b *catalogBuilder) nodeChecksOnly(p *model.Proxy) bool {
+	if !b.ownChecksPass[instanceKey{p.Node, p.ID}] {
+		return false
+	}
+	if p.ServiceID != "" {
+		if ok, known := b.ownChecksPass[instanceKey{p.Node, p.ServiceID}]; known && !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// ownChecksPass reports whether every check of a service (ServiceID set)
+// among checks passes: node checks are left out.
+func ownChecksPass(checks api.HealthChecks) bool {
+	for _, c := range checks {
+		if c.ServiceID != "" && c.Status != api.HealthPassing {
+			return false
+		}
+	}
+	return true
+}
+
+// heldServices returns, by service, the sidecars the last build kept as
+// endpoints although every sidecar of the service was critical (see
+// build).
+func (b *catalogBuilder) heldServices() map[string][]string { return b.held }
+
+// buildRaw is build without holding endpoints.
+func (b *catalogBuilder) buildRaw() *model.Catalog {
 	services := make(map[string]*model.Service, len(b.byName))
 	proxies := make(map[string]*model.Proxy, len(b.proxies))
 	built := make(map[string]builtProxy, len(b.proxies))

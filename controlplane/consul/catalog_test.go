@@ -11,7 +11,7 @@ func entry(node, addr string, svc *api.AgentService, status string) *api.Service
 	return &api.ServiceEntry{
 		Node:    &api.Node{Node: node, Address: addr},
 		Service: svc,
-		Checks:  api.HealthChecks{{Status: status}},
+		Checks:  api.HealthChecks{{Status: status, ServiceID: svc.ID, CheckID: "service:" + svc.ID}},
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"strings"
 	"sync"
@@ -113,6 +114,9 @@ type Watcher struct {
 
 	// builder converts entries into Catalogs; only Run's goroutine uses it.
 	builder *catalogBuilder
+	// held is the builder's held services at the last build (logHeld);
+	// only Run's goroutine uses it.
+	held map[string][]string
 
 	mu sync.Mutex // guards the fields below
 	// entries by service name; nil until that service's first answer.
@@ -496,7 +500,29 @@ func (w *Watcher) snapshot() (*model.Catalog, bool) {
 	}
 	cat := w.builder.build()
 	cat.CA, cat.Leaves, cat.Intentions = ca, leaves, intentions
+	w.logHeld(w.builder.heldServices())
 	return cat, true
+}
+
+// logHeld logs the services whose every sidecar turned critical (their
+// last healthy ones kept as endpoints, see catalogBuilder.build) when that
+// starts, and when it ends.
+func (w *Watcher) logHeld(held map[string][]string) {
+	for svc, ids := range held {
+		if _, ok := w.held[svc]; !ok {
+			w.cfg.Logger.Warn("consul: every sidecar of "+svc+" is critical at once; keeping the ones healthy before as its endpoints "+
+				"(panic routing, as Envoy's healthy_panic_threshold) until one passes again or they deregister: a Consul outage "+
+				"(a node's serfHealth failing while its agent is frozen or restarting) must not look like every instance left; "+
+				"callers' retries and outlier detection still steer around any that is really down",
+				"service", svc, "kept", strings.Join(ids, ","), "agent", w.cfg.Address)
+		}
+	}
+	for svc := range w.held {
+		if _, ok := held[svc]; !ok {
+			w.cfg.Logger.Info("consul: "+svc+" has healthy sidecars again (or none registered); its endpoints follow Consul's health again", "service", svc)
+		}
+	}
+	w.held = maps.Clone(held)
 }
 
 // String describes the watcher for logs.

@@ -86,7 +86,7 @@ func StartCluster(ctx context.Context, o ClusterOptions) (_ *Cluster, err error)
 		return nil, fmt.Errorf("devconsul: %w", err)
 	}
 	if err := os.WriteFile(acl, []byte(ACLConfig(c.ManagementToken)+
-		"performance { raft_multiplier = 1 }\nconnect { enabled = true }\n"), 0o600); err != nil {
+		"performance { raft_multiplier = 1 }\nconnect { enabled = true }\ndisable_update_check = true\n"), 0o600); err != nil {
 		return nil, fmt.Errorf("devconsul: %w", err)
 	}
 	// Agents join each other as they come up: retry every second, not

@@ -164,7 +164,14 @@ spec:
 // api instance as an endpoint.
 func newFaultMesh(t *testing.T, replicas, apis int) *faultMesh {
 	t.Helper()
-	fm := &faultMesh{mesh: newMesh(t), t: t, apis: map[string]*apiInstance{}}
+	return newFaultMeshOn(t, newMesh(t), replicas, apis)
+}
+
+// newFaultMeshOn is newFaultMesh on mesh m (whose Consul agent the test
+// started, e.g. a Cluster's client agent).
+func newFaultMeshOn(t *testing.T, m *mesh, replicas, apis int) *faultMesh {
+	t.Helper()
+	fm := &faultMesh{mesh: m, t: t, apis: map[string]*apiInstance{}}
 	fm.writePolicy("services.yaml", serviceDefaults("api", "http")+"---\n"+serviceDefaults("web", "http"))
 	fm.writePolicy("resilience.yaml", faultPolicies)
 	for range replicas {
