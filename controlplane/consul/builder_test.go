@@ -196,3 +196,30 @@ func TestNodeOutageKeepsEndpoints(t *testing.T) {
 		t.Errorf("deregistered: %v, held %v", got, b.heldServices())
 	}
 }
+
+// TestNodeOutageHoldsDespiteANewCriticalSidecar: a sidecar registered
+// during the outage, critical through its own check (starting), does not
+// stop the others from being held (the fault suite's flake: api-4
+// registered just after the thaw emptied api for a request).
+func TestNodeOutageHoldsDespiteANewCriticalSidecar(t *testing.T) {
+	proxy := func(id, node, svc string) *api.ServiceEntry {
+		e := entry("n1", "10.0.0.1", &api.AgentService{Kind: api.ServiceKindConnectProxy, ID: id, Service: "api-sidecar-proxy", Port: 21000,
+			Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api", LocalServicePort: 8080}}, svc)
+		e.Checks = append(e.Checks, &api.HealthCheck{CheckID: "serfHealth", Status: node})
+		return e
+	}
+	b := newCatalogBuilder()
+	b.update("api-sidecar-proxy", []*api.ServiceEntry{proxy("api-1-sidecar-proxy", api.HealthPassing, api.HealthPassing)})
+	b.build()
+	b.update("api-sidecar-proxy", []*api.ServiceEntry{proxy("api-1-sidecar-proxy", api.HealthCritical, api.HealthPassing),
+		proxy("api-4-sidecar-proxy", api.HealthCritical, api.HealthCritical)})
+	var healthy []string
+	for _, p := range b.build().ProxiesFor("api") {
+		if p.Healthy {
+			healthy = append(healthy, p.ID)
+		}
+	}
+	if !slices.Equal(healthy, []string{"api-1-sidecar-proxy"}) {
+		t.Errorf("healthy %v, want api-1's sidecar held (api-4's fails its own check)", healthy)
+	}
+}

@@ -171,13 +171,13 @@ func (b *catalogBuilder) remove(name string) {
 // (same node, DestinationServiceID) is registered, that instance's checks
 // pass too.
 //
-// When every sidecar of a service is critical while still registered,
-// and only because of node checks (serfHealth: Consul's servers lost touch
-// with the agents, e.g. one frozen or restarting; the sidecars' and their
-// apps' own checks pass), the ones that were healthy at the last build
-// where any was stay healthy (are held) until one passes again, a service
-// check fails or they deregister: a Consul outage must not look like every
-// instance left. It is the mesh's panic routing, as Envoy routes to every
+// When no sidecar of a service is healthy, the ones that were healthy at
+// the last build where any was, are still registered and are critical
+// only because of node checks (serfHealth: Consul's servers lost touch
+// with their agents, e.g. one frozen or restarting; the sidecars' and
+// their apps' own checks pass) stay healthy (are held) until a sidecar of
+// the service passes again, or until their own checks fail or they
+// deregister: a Consul outage must not look like every instance left. It is the mesh's panic routing, as Envoy routes to every
 // host of a cluster whose healthy share falls under its
 // healthy_panic_threshold: a node truly dead costs what an empty endpoint
 // set would (retries, outlier detection, 503), a live one keeps serving.
@@ -201,12 +201,10 @@ func (b *catalogBuilder) build() *model.Catalog {
 			b.lastHealthy[svc] = healthy
 			continue
 		}
-		if !slices.ContainsFunc(ps, func(p *model.Proxy) bool { return b.lastHealthy[svc][p.ID] }) ||
-			slices.ContainsFunc(ps, func(p *model.Proxy) bool { return !b.nodeChecksOnly(p) }) {
-			continue // not the agents' doing: a service check fails somewhere
-		}
 		for _, p := range ps {
-			if b.lastHealthy[svc][p.ID] {
+			// Held: healthy before, and critical through node checks only
+			// (a sidecar failing a check of its own, or new, is not).
+			if b.lastHealthy[svc][p.ID] && b.nodeChecksOnly(p) {
 				h := b.heldProxies[p.ID]
 				if h.base != p {
 					cp := *p

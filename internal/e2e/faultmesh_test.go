@@ -8,14 +8,17 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/csv"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/textproto"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -433,7 +436,7 @@ type hit struct {
 	at     time.Time
 	code   int
 	err    string
-	header string
+	reason string // x-meshlet-reason
 }
 
 // vegetaRun is a fixed-rate load (vegeta attack, open loop) running in the
@@ -499,7 +502,15 @@ func (v *vegetaRun) wait(t *testing.T) []hit {
 		}
 		ns, _ := strconv.ParseInt(rec[0], 10, 64)
 		code, _ := strconv.Atoi(rec[1])
-		hits = append(hits, hit{at: time.Unix(0, ns), code: code, err: rec[5]})
+		h := hit{at: time.Unix(0, ns), code: code, err: rec[5]}
+		if len(rec) >= 12 { // the response's headers, base64 of their wire form
+			if b, err := base64.StdEncoding.DecodeString(rec[11]); err == nil {
+				if m, err := textproto.NewReader(bufio.NewReader(bytes.NewReader(b))).ReadMIMEHeader(); err == nil || len(m) > 0 {
+					h.reason = m.Get("X-Meshlet-Reason")
+				}
+			}
+		}
+		hits = append(hits, h)
 	}
 	if len(hits) == 0 {
 		t.Fatal("vegeta sent no request")
@@ -542,7 +553,7 @@ func faultReport(t *testing.T, fault string, rate int, hits []hit, recovery stri
 	if len(bad) > 0 {
 		var sample []string
 		for _, h := range bad[:min(len(bad), 10)] {
-			sample = append(sample, fmt.Sprintf("%s: %d %s", h.at.Format("15:04:05.000"), h.code, h.err))
+			sample = append(sample, fmt.Sprintf("%s: %d %s (x-meshlet-reason %q)", h.at.Format("15:04:05.000"), h.code, h.err, h.reason))
 		}
 		t.Errorf("%s: %d of %d requests failed, e.g.:\n%s", fault, len(bad), len(hits), strings.Join(sample, "\n"))
 	}
