@@ -100,12 +100,11 @@ func runFaultApp(id, addr string) int {
 // process and a sidecar process, with mTLS and intentions.
 type faultMesh struct {
 	*mesh
-	t        *testing.T
-	cps      []*cpProc
-	web      *sidecarProcess
-	webBind  int // web's outbound listener for api
-	apis     map[string]*apiInstance
-	policies string
+	t       *testing.T
+	cps     []*cpProc
+	web     *sidecarProcess
+	webBind int // web's outbound listener for api
+	apis    map[string]*apiInstance
 }
 
 // cpProc is a control plane replica running as bin/controlplane.
