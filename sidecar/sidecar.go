@@ -106,7 +106,31 @@ type Config struct {
 	// is served by net/http's server (httpproxy.Options.NetHTTPOnly). Off
 	// by default; for comparison and as an escape hatch.
 	NetHTTPOnly bool
+	// ShutdownDelay is how long, at most, a stopping sidecar keeps
+	// accepting connections after its readiness fails (so that Consul's
+	// check, then callers' endpoints, drop it), shedding HTTP/1.x
+	// keep-alive connections meanwhile (Connection: close on every
+	// response, as Envoy's draining connection managers do); it stops
+	// accepting as soon as no new connection arrived for ShutdownQuiet,
+	// then drains for DrainTimeout. 0 (the library's default) closes the
+	// listeners at once; the sidecar command's -shutdown-delay defaults to
+	// DefaultShutdownDelay. The role of Istio's terminationDrainDuration
+	// (5 s) and consul-dataplane's shutdown grace period, ended early by
+	// quiet as Linkerd's proxy does once its callers have moved on.
+	ShutdownDelay time.Duration
 }
+
+// Defaults of a stopping sidecar (Config.ShutdownDelay).
+const (
+	// DefaultShutdownDelay bounds the wait for callers to move on: a
+	// Consul check every second (the demo's, consul-k8s's readiness sync)
+	// and a push, with room for checks every few seconds.
+	DefaultShutdownDelay = 10 * time.Second
+	// ShutdownQuiet is how long without a new connection ends the wait:
+	// callers' keep-alive connections, shed, come back as new ones while
+	// this sidecar is still among their endpoints.
+	ShutdownQuiet = time.Second
+)
 
 // Validate reports a missing NodeID.
 func (c *Config) Validate() error {
@@ -131,6 +155,9 @@ type Sidecar struct {
 	metrics   *telemetry.Metrics
 	tls       *tlsid.Store
 	tracing   *tracing.Manager
+	// shedding is set when the sidecar stops (Config.ShutdownDelay): its
+	// HTTP servers close each HTTP/1.x connection after its response.
+	shedding atomic.Bool
 
 	mu sync.Mutex // guards active
 	// active is the snapshot applied last, nil before the first.
@@ -257,8 +284,15 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	s.log.Info("sidecar: started", "xds", s.cfg.XDSAddress, "admin", s.adminLn.Addr().String())
 
 	<-ctx.Done()
-	s.log.Info("sidecar: shutting down; draining listeners")
 	s.ready.Store(false)
+	if d := s.cfg.ShutdownDelay; d > 0 {
+		s.log.Info("sidecar: stopping; not ready, shedding keep-alive connections until callers stop opening new ones",
+			"quiet", ShutdownQuiet.String(), "atMost", d.String())
+		s.shedding.Store(true)
+		waited, quiet := s.listeners.AwaitQuiet(ShutdownQuiet, d)
+		s.log.Info("sidecar: callers moved on", "waited", waited.Round(time.Millisecond).String(), "quiet", quiet)
+	}
+	s.log.Info("sidecar: shutting down; draining listeners")
 	stopXDS()
 	s.xds.Close() // no config is activated after this
 	s.listeners.Close(context.Background())
@@ -301,7 +335,8 @@ func (s *Sidecar) newHandler(l *config.Listener, snap *config.Snapshot) (listene
 					return ""
 				}
 			}
-			return httpproxy.NewServer(l, snap, s.clusters, s.log, httpproxy.Options{Recorder: s.metrics, Secure: secure, LocalID: localID, Tracing: s.tracing.HTTP, NetHTTPOnly: s.cfg.NetHTTPOnly}), nil
+			return httpproxy.NewServer(l, snap, s.clusters, s.log, httpproxy.Options{Recorder: s.metrics, Secure: secure, LocalID: localID, Tracing: s.tracing.HTTP, NetHTTPOnly: s.cfg.NetHTTPOnly,
+				Shedding: &s.shedding}), nil
 		case c.TCP != nil:
 			return tcpproxy.New(l, secure, s.clusters, s.log, s.metrics), nil
 		}

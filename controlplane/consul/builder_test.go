@@ -223,3 +223,26 @@ func TestNodeOutageHoldsDespiteANewCriticalSidecar(t *testing.T) {
 		t.Errorf("healthy %v, want api-1's sidecar held (api-4's fails its own check)", healthy)
 	}
 }
+
+// TestRecoveringHoldsWhateverFails: right after Consul answered again
+// (recovering), sidecars healthy before are held even when their own
+// checks fail (a restarted agent restores TTL checks as critical); once
+// the grace is over they leave.
+func TestRecoveringHoldsWhateverFails(t *testing.T) {
+	proxy := func(status string) []*api.ServiceEntry {
+		return []*api.ServiceEntry{entry("n1", "10.0.0.1", &api.AgentService{Kind: api.ServiceKindConnectProxy, ID: "api-1-sidecar-proxy",
+			Service: "api-sidecar-proxy", Port: 21000, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceName: "api", LocalServicePort: 8080}}, status)}
+	}
+	b := newCatalogBuilder()
+	b.update("api-sidecar-proxy", proxy(api.HealthPassing))
+	b.build()
+	b.recovering = true
+	b.update("api-sidecar-proxy", proxy(api.HealthCritical))
+	if p := b.build().Proxies["api-1-sidecar-proxy"]; !p.Healthy || !b.heldInGrace {
+		t.Errorf("recovering: healthy %v, held in grace %v; want it held", p.Healthy, b.heldInGrace)
+	}
+	b.recovering = false
+	if p := b.build().Proxies["api-1-sidecar-proxy"]; p.Healthy || b.heldInGrace {
+		t.Errorf("after the grace: healthy %v; want it critical", p.Healthy)
+	}
+}

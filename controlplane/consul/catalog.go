@@ -59,6 +59,11 @@ type catalogBuilder struct {
 	// heldProxies are the healthy copies of held proxies by ID, reused
 	// while their conversion is the same (consumers compare by identity).
 	heldProxies map[string]builtProxy
+	// recovering, set by the Watcher before build, says Consul has just
+	// answered again after failing (Config.RecoveryGrace): sidecars
+	// healthy before are held whatever fails them. heldInGrace tells that
+	// the last build held one only because of it.
+	recovering, heldInGrace bool
 }
 
 type instanceKey struct{ node, id string }
@@ -177,7 +182,10 @@ func (b *catalogBuilder) remove(name string) {
 // with their agents, e.g. one frozen or restarting; the sidecars' and
 // their apps' own checks pass) stay healthy (are held) until a sidecar of
 // the service passes again, or until their own checks fail or they
-// deregister: a Consul outage must not look like every instance left. It is the mesh's panic routing, as Envoy routes to every
+// deregister: a Consul outage must not look like every instance left.
+// While recovering (the Watcher's Config.RecoveryGrace after a failed
+// query answered again) they are held whatever fails them: a restarted
+// agent's first answers show its TTL checks critical, as restored. It is the mesh's panic routing, as Envoy routes to every
 // host of a cluster whose healthy share falls under its
 // healthy_panic_threshold: a node truly dead costs what an empty endpoint
 // set would (retries, outlier detection, 503), a live one keeps serving.
@@ -189,7 +197,7 @@ func (b *catalogBuilder) build() *model.Catalog {
 			bySvc[p.Service] = append(bySvc[p.Service], p)
 		}
 	}
-	held, heldProxies := map[string][]string{}, map[string]builtProxy{}
+	held, heldProxies, inGrace := map[string][]string{}, map[string]builtProxy{}, false
 	for svc, ps := range bySvc {
 		healthy := map[string]bool{}
 		for _, p := range ps {
@@ -204,7 +212,10 @@ func (b *catalogBuilder) build() *model.Catalog {
 		for _, p := range ps {
 			// Held: healthy before, and critical through node checks only
 			// (a sidecar failing a check of its own, or new, is not).
-			if b.lastHealthy[svc][p.ID] && b.nodeChecksOnly(p) {
+			if b.lastHealthy[svc][p.ID] && (b.nodeChecksOnly(p) || b.recovering) {
+				if !b.nodeChecksOnly(p) {
+					inGrace = true
+				}
 				h := b.heldProxies[p.ID]
 				if h.base != p {
 					cp := *p
@@ -223,7 +234,7 @@ func (b *catalogBuilder) build() *model.Catalog {
 			delete(b.lastHealthy, svc)
 		}
 	}
-	b.held, b.heldProxies = held, heldProxies
+	b.held, b.heldProxies, b.heldInGrace = held, heldProxies, inGrace
 	if len(held) > 0 {
 		return model.NewCatalog(cat.Services, cat.Proxies)
 	}

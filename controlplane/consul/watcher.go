@@ -31,6 +31,12 @@ const (
 	// backoff between failed queries.
 	DefaultMinBackoff = 200 * time.Millisecond
 	DefaultMaxBackoff = 5 * time.Second
+	// DefaultRecoveryGrace is how long after a failed query answers again
+	// a service whose every sidecar turned critical keeps the ones healthy
+	// before (see Config.RecoveryGrace): Consul's default check interval
+	// is 10 s, and a restarted agent restores TTL checks as critical until
+	// their next update.
+	DefaultRecoveryGrace = 30 * time.Second
 )
 
 // Config configures a Watcher.
@@ -52,6 +58,17 @@ type Config struct {
 	// it sees only what Consul's anonymous token may read (Consul filters
 	// the answers to an anonymous request without saying so).
 	Anonymous bool
+	// RecoveryGrace is how long after one of its queries failed and then
+	// answered again (the agent restarted, or was unreachable) the Watcher
+	// keeps as endpoints the sidecars of a service that were healthy
+	// before when every sidecar of it is critical, for any reason: a
+	// restarted agent restores its services' TTL checks as critical, and
+	// HTTP/TCP checks start critical, until their next update or run, so
+	// its first answers would look like every instance failing. Outside
+	// that window only sidecars failed by node checks alone are kept (see
+	// catalogBuilder.build). DefaultRecoveryGrace when 0; negative turns
+	// the window off.
+	RecoveryGrace time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -66,6 +83,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxBackoff == 0 {
 		c.MaxBackoff = DefaultMaxBackoff
+	}
+	if c.RecoveryGrace == 0 {
+		c.RecoveryGrace = DefaultRecoveryGrace
 	}
 }
 
@@ -104,6 +124,10 @@ type Watcher struct {
 	// lastAnswer is when a query last had an answer (unix nanoseconds):
 	// a failure within outageAfter of it is not an outage.
 	lastAnswer atomic.Int64
+	// recovered is when a query that had failed (the agent unreachable or
+	// answering 5xx) last answered again (unix nanoseconds), the start of
+	// Config.RecoveryGrace.
+	recovered atomic.Int64
 	// anonymousLogged is set once the lack of a token has been reported;
 	// unknownToken while Consul does not know the token (reported once,
 	// whichever query learns it first).
@@ -117,6 +141,10 @@ type Watcher struct {
 	// held is the builder's held services at the last build (logHeld);
 	// only Run's goroutine uses it.
 	held map[string][]string
+	// graceTimer calls rebuild (Run's notify) when the recovery grace of
+	// a service held through it ends (Run's goroutine only).
+	graceTimer *time.Timer
+	rebuild    func()
 
 	mu sync.Mutex // guards the fields below
 	// entries by service name; nil until that service's first answer.
@@ -165,6 +193,12 @@ func (w *Watcher) Run(ctx context.Context, publish func(*model.Catalog)) error {
 		default:
 		}
 	}
+	w.rebuild = notify
+	defer func() {
+		if w.graceTimer != nil {
+			w.graceTimer.Stop()
+		}
+	}()
 	var wg sync.WaitGroup
 	for _, loop := range []func(context.Context, func()){w.watchServiceList, w.watchRoots, w.watchIntentions} {
 		wg.Add(1)
@@ -287,6 +321,9 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 	// denied is set while this query's ACL refusal is reported, filtered
 	// while its answers are filtered by ACLs: only transitions are logged.
 	var denied, filtered bool
+	// failed is set while this query fails for want of an answer (not
+	// refused by ACLs or limits), for Config.RecoveryGrace.
+	failed := false
 	for ctx.Err() == nil {
 		opts := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime}).WithContext(ctx)
 		meta, apply, err := query(opts)
@@ -316,6 +353,7 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 				// not an outage.
 				w.cfg.Logger.Debug("consul: query failed while over the connection limit", "query", what, "error", err)
 			default:
+				failed = true
 				w.unreachable(what, err)
 			}
 			select {
@@ -326,6 +364,10 @@ func (w *Watcher) blockingLoop(ctx context.Context, what, needs string, query fu
 			continue
 		}
 		w.reached()
+		if failed {
+			failed = false
+			w.recovered.Store(time.Now().UnixNano())
+		}
 		if needs != noPermission {
 			// A query that needs no permission (the CA roots) answers even
 			// for a token Consul does not know: it proves nothing, and
@@ -498,18 +540,38 @@ func (w *Watcher) snapshot() (*model.Catalog, bool) {
 	for name, es := range changed {
 		w.builder.update(name, es)
 	}
+	graceEnd := time.Unix(0, w.recovered.Load()).Add(w.cfg.RecoveryGrace)
+	w.builder.recovering = w.recovered.Load() != 0 && time.Now().Before(graceEnd)
 	cat := w.builder.build()
 	cat.CA, cat.Leaves, cat.Intentions = ca, leaves, intentions
-	w.logHeld(w.builder.heldServices())
+	w.logHeld(w.builder.heldServices(), graceEnd)
+	if w.builder.heldInGrace {
+		// Build again when the window closes: what is still critical
+		// then leaves the endpoints.
+		if w.graceTimer == nil {
+			w.graceTimer = time.AfterFunc(time.Until(graceEnd)+10*time.Millisecond, func() {
+				if w.rebuild != nil {
+					w.rebuild()
+				}
+			})
+		} else {
+			w.graceTimer.Reset(time.Until(graceEnd) + 10*time.Millisecond)
+		}
+	}
 	return cat, true
 }
 
 // logHeld logs the services whose every sidecar turned critical (their
 // last healthy ones kept as endpoints, see catalogBuilder.build) when that
 // starts, and when it ends.
-func (w *Watcher) logHeld(held map[string][]string) {
+func (w *Watcher) logHeld(held map[string][]string, graceEnd time.Time) {
 	for svc, ids := range held {
-		if _, ok := w.held[svc]; !ok {
+		if _, ok := w.held[svc]; !ok && w.builder.recovering {
+			w.cfg.Logger.Warn("consul: every sidecar of "+svc+" is critical just after the agent answered again; keeping the ones healthy before "+
+				"as its endpoints until one passes or the recovery grace ends (a restarted agent restores TTL checks as critical and "+
+				"starts HTTP/TCP checks critical until their next update: its first answers must not look like every instance failing)",
+				"service", svc, "kept", strings.Join(ids, ","), "until", graceEnd.Format(time.RFC3339), "agent", w.cfg.Address)
+		} else if !ok {
 			w.cfg.Logger.Warn("consul: every sidecar of "+svc+" is critical at once; keeping the ones healthy before as its endpoints "+
 				"(panic routing, as Envoy's healthy_panic_threshold) until one passes again or they deregister: a Consul outage "+
 				"(a node's serfHealth failing while its agent is frozen or restarting) must not look like every instance left; "+
@@ -519,7 +581,7 @@ func (w *Watcher) logHeld(held map[string][]string) {
 	}
 	for svc := range w.held {
 		if _, ok := held[svc]; !ok {
-			w.cfg.Logger.Info("consul: "+svc+" has healthy sidecars again (or none registered); its endpoints follow Consul's health again", "service", svc)
+			w.cfg.Logger.Info("consul: "+svc+"'s sidecars are no longer held (one passes again, they deregistered, or the recovery grace ended); its endpoints follow Consul's health again", "service", svc)
 		}
 	}
 	w.held = maps.Clone(held)

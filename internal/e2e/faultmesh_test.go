@@ -104,7 +104,15 @@ type faultMesh struct {
 	cps     []*cpProc
 	web     *sidecarProcess
 	webBind int // web's outbound listener for api
+	webSvc  svc // web-1's registration
 	apis    map[string]*apiInstance
+	// readyChecks makes api sidecars' Consul checks HTTP checks of their
+	// /ready (sidecarReadyURL), set before instances are added.
+	readyChecks bool
+	// live are the api instances whose sidecar check passed once (what
+	// heartbeat refreshes), guarded by mu.
+	mu   sync.Mutex
+	live []string
 }
 
 // cpProc is a control plane replica running as bin/controlplane.
@@ -173,7 +181,14 @@ func newFaultMesh(t *testing.T, replicas, apis int) *faultMesh {
 // started, e.g. a Cluster's client agent).
 func newFaultMeshOn(t *testing.T, m *mesh, replicas, apis int) *faultMesh {
 	t.Helper()
-	fm := &faultMesh{mesh: m, t: t, apis: map[string]*apiInstance{}}
+	return newFaultMeshWith(t, &faultMesh{mesh: m}, replicas, apis)
+}
+
+// newFaultMeshWith is newFaultMeshOn with fm's options (mesh,
+// readyChecks) set.
+func newFaultMeshWith(t *testing.T, fm *faultMesh, replicas, apis int) *faultMesh {
+	t.Helper()
+	fm.t, fm.apis = t, map[string]*apiInstance{}
 	fm.writePolicy("services.yaml", serviceDefaults("api", "http")+"---\n"+serviceDefaults("web", "http"))
 	fm.writePolicy("resilience.yaml", faultPolicies)
 	for range replicas {
@@ -181,12 +196,13 @@ func newFaultMeshOn(t *testing.T, m *mesh, replicas, apis int) *faultMesh {
 	}
 	ports := freePorts(t, 2)
 	fm.webBind = ports[1]
-	fm.register(svc{id: "web-1", name: "web", appPort: freePorts(t, 1)[0], sidecarPort: ports[0], upstreams: map[string]int{"api": fm.webBind}})
+	fm.webSvc = svc{id: "web-1", name: "web", appPort: freePorts(t, 1)[0], sidecarPort: ports[0], upstreams: map[string]int{"api": fm.webBind}}
+	fm.register(fm.webSvc)
 	fm.allow("web", "api")
 	for i := 1; i <= apis; i++ {
 		fm.addAPI(fmt.Sprintf("api-%d", i))
 	}
-	fm.web = fm.startSidecar("web-1-sidecar-proxy")
+	fm.web = fm.startSidecar("web-1-sidecar-proxy", "")
 	fm.waitAPIs()
 	return fm
 }
@@ -242,12 +258,15 @@ func (fm *faultMesh) startCP(xdsAddr string) *cpProc {
 	return cp
 }
 
-// startSidecar runs node's sidecar process against every replica.
-func (fm *faultMesh) startSidecar(node string) *sidecarProcess {
+// startSidecar runs node's sidecar process against every replica, its
+// admin endpoint on admin (a free port when "").
+func (fm *faultMesh) startSidecar(node, admin string) *sidecarProcess {
 	t := fm.t
 	t.Helper()
 	creds := fm.credentials(node)
-	admin := hostPort(freePorts(t, 1)[0])
+	if admin == "" {
+		admin = hostPort(freePorts(t, 1)[0])
+	}
 	log := devproc.TestLog(t, node+".log")
 	p, err := devproc.Start(devproc.Spec{Name: node, Path: sidecarBinary(t),
 		Args: []string{"-node-id", node, "-xds-addr", fm.xdsAddrs(), "-xds-ca-file", creds.CAFile, "-token-file", creds.TokenFile,
@@ -267,17 +286,33 @@ func (fm *faultMesh) startSidecar(node string) *sidecarProcess {
 // addAPI registers api instance id in Consul and starts its app and
 // sidecar.
 func (fm *faultMesh) addAPI(id string) *apiInstance {
+	fm.t.Helper()
+	in := fm.addInstance("api", id)
+	fm.apis[id] = in
+	fm.mu.Lock()
+	fm.live = append(fm.live, id)
+	fm.mu.Unlock()
+	return in
+}
+
+// addInstance registers instance id of service name in Consul and starts
+// its app and sidecar.
+func (fm *faultMesh) addInstance(name, id string) *apiInstance {
 	t := fm.t
 	t.Helper()
-	ports := freePorts(t, 2)
+	ports := freePorts(t, 3)
 	// The sidecar's check passes once it is ready, as a check of its
 	// public listener would: callers must not be sent to it before.
-	in := &apiInstance{svc: svc{id: id, name: "api", appPort: ports[0], sidecarPort: ports[1], sidecarCritical: true}}
+	in := &apiInstance{svc: svc{id: id, name: name, appPort: ports[0], sidecarPort: ports[1], sidecarCritical: true}}
+	if fm.readyChecks {
+		in.svc.sidecarReadyURL = "http://" + hostPort(ports[2]) + "/ready"
+	}
 	in.app = startFaultApp(t, id, ports[0])
 	fm.register(in.svc)
-	in.sidecar = fm.startSidecar(in.svc.proxyID())
-	fm.setCheck(id+":sidecar", api.HealthPassing)
-	fm.apis[id] = in
+	in.sidecar = fm.startSidecar(in.svc.proxyID(), hostPort(ports[2]))
+	if !fm.readyChecks {
+		fm.setCheck(id+":sidecar", api.HealthPassing)
+	}
 	return in
 }
 
@@ -356,29 +391,56 @@ func (fm *faultMesh) apiEndpoints() map[string]string {
 	return out
 }
 
+// activeRequests sums web's requests in flight to api (rq_active of
+// every api endpoint in its /clusters).
+func (fm *faultMesh) activeRequests() int { return fm.activeRequestsTo("api") }
+
+// activeRequestsTo sums web's requests in flight to cluster.
+func (fm *faultMesh) activeRequestsTo(cluster string) int {
+	resp, err := http.Get(fm.web.admin + "/clusters")
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	n := 0
+	for line := range strings.Lines(string(b)) {
+		line = strings.TrimSpace(line)
+		if i := strings.Index(line, "::rq_active::"); strings.HasPrefix(line, cluster+"::") && i > 0 {
+			v, _ := strconv.Atoi(line[i+len("::rq_active::"):])
+			n += v
+		}
+	}
+	return n
+}
+
 // waitAPIs waits until web's sidecar has exactly the sidecars of fm.apis
 // as healthy api endpoints.
 func (fm *faultMesh) waitAPIs() {
 	fm.t.Helper()
+	testutil.Eventually(fm.t, 20*time.Second, "web's sidecar having every api instance", fm.apisMatch)
+}
+
+// apisMatch says how web's api endpoints differ from the sidecars of
+// fm.apis, all healthy; nil when they do not.
+func (fm *faultMesh) apisMatch() error {
 	var want []string
 	for _, in := range fm.apis {
 		want = append(want, hostPort(in.svc.sidecarPort))
 	}
 	slices.Sort(want)
-	testutil.Eventually(fm.t, 20*time.Second, "web's sidecar having every api instance", func() error {
-		got := fm.apiEndpoints()
-		var healthy []string
-		for a, f := range got {
-			if f == "healthy" {
-				healthy = append(healthy, a)
-			}
+	got := fm.apiEndpoints()
+	var healthy []string
+	for a, f := range got {
+		if f == "healthy" {
+			healthy = append(healthy, a)
 		}
-		slices.Sort(healthy)
-		if !slices.Equal(healthy, want) {
-			return fmt.Errorf("healthy endpoints %v, want %v (all: %v)", healthy, want, got)
-		}
-		return nil
-	})
+	}
+	slices.Sort(healthy)
+	if !slices.Equal(healthy, want) || len(got) != len(want) {
+		return fmt.Errorf("healthy endpoints %v, want %v (all: %v)", healthy, want, got)
+	}
+	return nil
 }
 
 // took measures how long cond takes to hold from start, polling for at
@@ -618,6 +680,36 @@ func (sp *sidecarProcess) xdsState() (connected bool, acks uint64, versions map[
 		return false, 0, nil
 	}
 	return d.XDS.Connected, d.XDS.ACKs, d.XDS.Versions
+}
+
+// heartbeat updates the TTL checks (app and sidecar) of web and of every
+// api instance added so far to passing every interval until the test
+// ends, as a service refreshing its TTL check does: after a Consul agent
+// restart, which restores TTL checks as critical, the next beat passes
+// them again.
+func (fm *faultMesh) heartbeat(interval time.Duration) {
+	stop, done := make(chan struct{}), make(chan struct{})
+	fm.t.Cleanup(func() { close(stop); <-done })
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			fm.mu.Lock()
+			ids := slices.Clone(fm.live)
+			fm.mu.Unlock()
+			for _, id := range append(ids, "web-1") {
+				for _, check := range []string{id + ":app", id + ":sidecar"} {
+					_ = fm.consul.Client.Agent().UpdateTTL(check, "heartbeat", api.HealthPassing)
+				}
+			}
+		}
+	}()
 }
 
 // deregister removes instance id (and its sidecar registration) from

@@ -342,6 +342,10 @@ type svc struct {
 	// sidecarCritical registers the sidecar's check as critical, so the
 	// instance takes traffic only once the test marks it passing.
 	sidecarCritical bool
+	// sidecarReadyURL, when set, makes the sidecar's check an HTTP check
+	// of that URL (its admin /ready) every second instead of a TTL check,
+	// as the demo registers them: a stopping sidecar fails it.
+	sidecarReadyURL string
 	// sidecarBind, when set, is where the sidecar's public listener binds
 	// (Proxy.Config bind_port); sidecarPort is then what others dial.
 	sidecarBind int
@@ -366,7 +370,7 @@ func (m *mesh) register(s svc) {
 		Check: &api.AgentServiceCheck{CheckID: s.id + ":app", TTL: "10m", Status: api.HealthPassing},
 		Connect: &api.AgentServiceConnect{SidecarService: &api.AgentServiceRegistration{
 			Port:   s.sidecarPort,
-			Checks: api.AgentServiceChecks{{CheckID: s.id + ":sidecar", TTL: "10m", Status: sidecarStatus}},
+			Checks: api.AgentServiceChecks{sidecarCheck(s, sidecarStatus)},
 			Proxy:  proxyConfig(ups, s.sidecarBind),
 		}},
 	})
@@ -401,6 +405,15 @@ func (m *mesh) intention(source, destination string, action api.IntentionAction)
 	if _, _, err := m.consul.Client.ConfigEntries().Set(entry, nil); err != nil {
 		m.t.Fatal(err)
 	}
+}
+
+// sidecarCheck is the check of s's sidecar: TTL (set by the test), or an
+// HTTP check of s.sidecarReadyURL.
+func sidecarCheck(s svc, status string) *api.AgentServiceCheck {
+	if s.sidecarReadyURL != "" {
+		return &api.AgentServiceCheck{CheckID: s.id + ":sidecar", HTTP: s.sidecarReadyURL, Interval: "1s", Timeout: "1s", Status: status}
+	}
+	return &api.AgentServiceCheck{CheckID: s.id + ":sidecar", TTL: "10m", Status: status}
 }
 
 func proxyConfig(ups []api.Upstream, bind int) *api.AgentServiceConnectProxyConfig {

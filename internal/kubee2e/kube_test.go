@@ -146,11 +146,47 @@ func appReady(t *testing.T, e *meshkube.Env, ns string, timeout time.Duration, n
 				want = *d.Spec.Replicas
 			}
 			if d.Status.ReadyReplicas != want || d.Status.UpdatedReplicas != want || d.Status.Replicas != want {
-				return fmt.Errorf("ready %d of %d (%d pods)", d.Status.ReadyReplicas, want, d.Status.Replicas)
+				return fmt.Errorf("ready %d of %d (%d pods)%s", d.Status.ReadyReplicas, want, d.Status.Replicas, podsState(e, ns, d.Spec.Selector))
 			}
 			return nil
 		})
 	}
+}
+
+// podsState describes the pods sel selects in ns, for a readiness
+// timeout to say why: each pod's phase, unready conditions, and every
+// container's state (waiting or terminated reason, restarts, readiness).
+func podsState(e *meshkube.Env, ns string, sel *metav1.LabelSelector) string {
+	s, err := metav1.LabelSelectorAsSelector(sel)
+	if err != nil {
+		return ""
+	}
+	l, err := e.Client().CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{LabelSelector: s.String()})
+	if err != nil {
+		return ": " + err.Error()
+	}
+	var b strings.Builder
+	for _, p := range l.Items {
+		fmt.Fprintf(&b, "\n  pod %s: %s", p.Name, p.Status.Phase)
+		for _, c := range p.Status.Conditions {
+			if c.Status != corev1.ConditionTrue {
+				fmt.Fprintf(&b, "; %s %s %s", c.Type, c.Reason, c.Message)
+			}
+		}
+		for _, cs := range append(slices.Clone(p.Status.InitContainerStatuses), p.Status.ContainerStatuses...) {
+			fmt.Fprintf(&b, "\n    %s: ready %v, restarts %d", cs.Name, cs.Ready, cs.RestartCount)
+			if w := cs.State.Waiting; w != nil {
+				fmt.Fprintf(&b, ", waiting %s %s", w.Reason, w.Message)
+			}
+			if x := cs.State.Terminated; x != nil {
+				fmt.Fprintf(&b, ", terminated %s (exit %d) %s", x.Reason, x.ExitCode, x.Message)
+			}
+			if x := cs.LastTerminationState.Terminated; x != nil {
+				fmt.Fprintf(&b, ", last terminated %s (exit %d)", x.Reason, x.ExitCode)
+			}
+		}
+	}
+	return b.String()
 }
 
 func pods(t *testing.T, e *meshkube.Env, ns, selector string) []corev1.Pod {

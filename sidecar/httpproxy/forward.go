@@ -27,7 +27,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	x := exchange{s: s, start: time.Now()}
 	f := &forward{s: s, w: w, x: &x}
 	// An HTTP/1.x request's answer may come before its body was all read.
-	f.down = r.ProtoMajor == 1 && r.Body != nil && r.Body != http.NoBody
+	f.h1 = r.ProtoMajor == 1
+	f.down = f.h1 && r.Body != nil && r.Body != http.NoBody
 	x.setGRPC(r.Header.Get("Content-Type"), r.Header.Get("Grpc-Timeout"))
 	t := s.table.Load()
 	rt := t.route(r)
@@ -206,6 +207,8 @@ type forward struct {
 	x            *exchange // the request's record and span
 	upgrade      string    // the Upgrade header of a tunnelled upgrade, else ""
 
+	// h1 says the request is HTTP/1.x (its connection can be shed).
+	h1 bool
 	// down says the request is HTTP/1.x with a body: an answer may come
 	// before the body was all read. body is its replay body once
 	// forwarding began (nil without a request body).
@@ -294,9 +297,11 @@ func (f *forward) bodyLeft() bool {
 // request body is left: the connection cannot carry another request
 // (RFC 9112 §9.6; Envoy closes an HTTP/1 connection whose response ends
 // before its request, and net/http's server does for a request with
-// Expect: 100-continue). Called before WriteHeader.
+// Expect: 100-continue). It does too for an HTTP/1.x request while the
+// server sheds its connections (Options.Shedding). Called before
+// WriteHeader.
 func (f *forward) closeIfBodyLeft(h http.Header) {
-	if f.bodyLeft() {
+	if f.bodyLeft() || f.h1 && f.s.closing() {
 		h["Connection"] = closeValue
 	}
 }

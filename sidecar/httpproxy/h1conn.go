@@ -281,7 +281,7 @@ func (fc *fastConn) serve() {
 			fc.handoff()
 			return
 		}
-		if !keep || s.fast.draining.Load() {
+		if !keep || s.closing() {
 			// A client that did not say Connection: close may send its next
 			// request at any moment, arriving after a plain close would
 			// have made its kernel discard the answer (RST): linger, as
@@ -356,6 +356,9 @@ func (fc *fastConn) readHead() (parseResult, bool) {
 				return 0, false
 			}
 			fc.state.Store(fcIdle)
+			// Shutting down, an idle connection ends; shedding ends one
+			// after its response (serve), not a new one waiting for its
+			// first request.
 			if fc.s.fast.draining.Load() {
 				return 0, false
 			}

@@ -225,7 +225,7 @@ func (fc *fastConn) answer(a *localAnswer) {
 	out = append(out, "Content-Length: "...)
 	out = strconv.AppendInt(out, int64(a.bodyLen()), 10)
 	out = append(out, "\r\n"...)
-	if fc.head.closeConn || fc.s.fast.draining.Load() {
+	if fc.head.closeConn || fc.s.closing() {
 		out = append(out, "Connection: close\r\n"...)
 	}
 	out = append(out, "\r\n"...)

@@ -127,6 +127,8 @@ type proxyOpts struct {
 	// headersTimeout is the chain's RequestHeadersTimeout (0: none, as a
 	// chain built by hand has); routeTimeout the "/" route's Timeout.
 	headersTimeout, routeTimeout time.Duration
+	// shedding is Options.Shedding.
+	shedding *atomic.Bool
 }
 
 // startProxy runs a Server (Via "test-proxy") whose virtual host "*" routes
@@ -164,7 +166,7 @@ func startProxy(t *testing.T, o proxyOpts) (string, *Server) {
 			},
 		}}
 	l := &config.Listener{Name: "l", Chains: []*config.FilterChain{{HTTP: hc}}}
-	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.DiscardHandler), Options{Recorder: o.rec, NetHTTPOnly: o.netHTTPOnly})
+	s := NewServer(l, &config.Snapshot{}, clusters, slog.New(slog.DiscardHandler), Options{Recorder: o.rec, NetHTTPOnly: o.netHTTPOnly, Shedding: o.shedding})
 	ln, err := listenWith(o.rcvBuf, 0)
 	if err != nil {
 		t.Fatal(err)

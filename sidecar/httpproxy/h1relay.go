@@ -32,7 +32,7 @@ func (fc *fastConn) relay(x *exchange, att *cluster.Attempt) bool {
 	outcome := cluster.OutcomeForStatus(rh.code)
 	bodyless := rh.bodyless(h.method)
 	untilClose := !bodyless && rh.contentLength < 0 && !rh.chunked
-	keep := !h.closeConn && !untilClose && !fc.s.fast.draining.Load()
+	keep := !h.closeConn && !untilClose && !fc.s.closing()
 
 	op := outPool.Get().(*[]byte)
 	defer outPool.Put(op)

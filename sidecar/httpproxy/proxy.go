@@ -90,6 +90,14 @@ type Options struct {
 	// the HTTP/1.1 fast path (h1fast.go). Default false: HTTP/1.1
 	// connections start on the fast path.
 	NetHTTPOnly bool
+	// Shedding, when non-nil and true, makes every HTTP/1.x response say
+	// Connection: close and end its connection, as Envoy's connection
+	// managers do while draining: keep-alive callers come back on new
+	// connections, which their load balancer sends elsewhere once this
+	// sidecar left their endpoints. The sidecar sets it at shutdown
+	// (Sidecar.Run), before it stops accepting. HTTP/2 connections are
+	// not shed (they end at the listener's drain).
+	Shedding *atomic.Bool
 }
 
 // RuleHeader names the rule behind an authorization denial
@@ -120,6 +128,8 @@ type Server struct {
 	// fast is the HTTP/1.1 fast path; off when fastOff.
 	fast    fastServer
 	fastOff bool
+	// shed is Options.Shedding (nil: never).
+	shed *atomic.Bool
 
 	// tunnels counts upgraded connections (WebSockets), which the HTTP
 	// server no longer tracks; tunnelCtx ends them at shutdown.
@@ -139,7 +149,7 @@ func NewServer(l *config.Listener, snap *config.Snapshot, clusters *cluster.Mana
 	}
 	hc := l.Chain(o.Secure).HTTP
 	s := &Server{name: l.Name, codec: hc.Codec, clusters: clusters, log: log, rec: o.Recorder, secure: o.Secure, localID: o.LocalID, tracers: o.Tracing, done: make(chan struct{}),
-		fastOff: o.NetHTTPOnly || hc.Codec == config.CodecHTTP2}
+		fastOff: o.NetHTTPOnly || hc.Codec == config.CodecHTTP2, shed: o.Shedding}
 	s.table.Store(tableFor(hc, snap))
 	s.chain.Store(hc)
 	s.tracer.Store(s.tracerFor(hc))
@@ -252,6 +262,12 @@ func (s *Server) tracerFor(hc *config.HTTPConnectionManager) *tracing.HTTP {
 		return nil
 	}
 	return s.tracers(hc.Tracing)
+}
+
+// closing reports whether responses end their HTTP/1.x connection: the
+// server drains (Shutdown) or sheds (Options.Shedding).
+func (s *Server) closing() bool {
+	return s.fast.draining.Load() || s.shed != nil && s.shed.Load()
 }
 
 // Shutdown stops accepting, closes idle connections, and waits for requests

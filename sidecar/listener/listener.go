@@ -110,6 +110,9 @@ type Manager struct {
 	closed  bool
 	// draining counts handlers being drained in the background.
 	draining sync.WaitGroup
+	// lastAccept is when a TCP listener last accepted a connection (unix
+	// nanoseconds), for AwaitQuiet.
+	lastAccept atomic.Int64
 }
 
 // NewManager returns a Manager that builds handlers with factory and drains
@@ -401,7 +404,27 @@ func (m *Manager) acceptLoop(rl *runningListener) {
 			continue
 		}
 		delay = 0
+		m.lastAccept.Store(time.Now().UnixNano())
 		rl.handler.Load().h.Handle(conn)
+	}
+}
+
+// AwaitQuiet waits until no TCP listener has accepted a connection for
+// quiet, at most atMost (polling every 50 ms), and returns how long it
+// waited and whether quiet was reached. A stopping sidecar calls it
+// before Close, so connections keep being taken until callers stopped
+// opening them.
+func (m *Manager) AwaitQuiet(quiet, atMost time.Duration) (time.Duration, bool) {
+	start := time.Now()
+	for {
+		now := time.Now()
+		if now.Sub(time.Unix(0, max(m.lastAccept.Load(), start.UnixNano()))) >= quiet {
+			return now.Sub(start), true
+		}
+		if now.Sub(start) >= atMost {
+			return now.Sub(start), false
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

@@ -355,3 +355,48 @@ func (h *blockingHandler) Shutdown(ctx context.Context) {
 	<-ctx.Done()
 	h.done.Store(true)
 }
+
+// TestAwaitQuiet: AwaitQuiet returns once no connection arrived for the
+// quiet period, later while connections keep arriving, and at its bound
+// when they never stop; listeners keep accepting meanwhile.
+func TestAwaitQuiet(t *testing.T) {
+	log, _ := testlog.New(t, "listener")
+	f := newFactory()
+	m := NewManager(f.handler, time.Second, log)
+	defer m.Close(context.Background())
+	apply(t, m, snapshot(tcp("a", "127.0.0.1:0")))
+	addr := m.Addresses()["a"]
+
+	if waited, quiet := m.AwaitQuiet(200*time.Millisecond, 5*time.Second); !quiet || waited > 2*time.Second {
+		t.Errorf("no traffic: waited %v, quiet %v; want quiet after about 200ms", waited, quiet)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { // a connection every 50 ms for 600 ms, then none
+		defer close(done)
+		for end := time.Now().Add(600 * time.Millisecond); time.Now().Before(end); {
+			ask(t, addr)
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}()
+	waited, quiet := m.AwaitQuiet(200*time.Millisecond, 5*time.Second)
+	<-done
+	if !quiet || waited < 600*time.Millisecond {
+		t.Errorf("traffic for 600ms: waited %v, quiet %v; want quiet only after the traffic stopped", waited, quiet)
+	}
+	go func() { // never quiet
+		defer close(stop)
+		for end := time.Now().Add(time.Second); time.Now().Before(end); {
+			ask(t, addr)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	if waited, quiet := m.AwaitQuiet(300*time.Millisecond, 500*time.Millisecond); quiet || waited < 500*time.Millisecond {
+		t.Errorf("steady traffic: waited %v, quiet %v; want the 500ms bound", waited, quiet)
+	}
+	<-stop
+}

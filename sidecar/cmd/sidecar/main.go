@@ -48,6 +48,7 @@ func run(args []string, stderr io.Writer) int {
 	xdsCredentialFlags(fs, &cfg.XDSCredentials)
 	fs.StringVar(&cfg.AdminAddress, "admin-addr", sidecar.DefaultAdminAddress, "admin endpoint host:port, loopback by default (/ready, /config_dump, /listeners, /clusters, /certs, /metrics)")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", listener.DefaultDrainTimeout, "how long removed listeners, and all listeners at shutdown, wait for open connections")
+	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", sidecar.DefaultShutdownDelay, "on SIGTERM: at most how long to keep accepting connections (not ready, keep-alive connections shed) until callers stop opening new ones for 1s, before closing the listeners and draining; 0 closes them at once")
 	fs.DurationVar(&cfg.WarmTimeout, "warm-timeout", sidecar.DefaultWarmTimeout, "how long a new config waits for the routes and endpoints it references")
 	fs.StringVar(&cfg.StateDir, "state-dir", os.Getenv("MESHLET_STATE_DIR"), "keep the last accepted config here, so a restart while the control plane is away comes up serving it (env MESHLET_STATE_DIR; off when empty)")
 	fs.BoolVar(&cfg.Pprof, "admin-pprof", false, "serve Go profiles under /debug/pprof/ on the admin endpoint")
