@@ -22,7 +22,7 @@ help:
 	@echo "make demo-k8s    the example app on a real one-node Kubernetes cluster with meshlet injected (root; KEEP=1 leaves it up, demo-k8s-stop ends it)"
 	@echo "make test        run all tests (installs the test peers, builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
 	@echo "make lint        gofmt check, go vet and staticcheck (installs staticcheck v0.8.2 first)"
-	@echo "make test-faults the fault suite: SIGKILLs, restarts and freezes under load, zero lost requests (README Reliability; ~1 min)"
+	@echo "make test-faults the fault suite: SIGKILLs, restarts and freezes under load, zero lost requests (README Reliability; ~2 min)"
 	@echo "make test-short  go test -short: every test that starts no real Consul, Jaeger, cluster, sidecar process or peer (~2 min)"
 	@echo "make deps        install what make demo, make test and make lint run (Debian packages, Go tools); silent when all is there"
 	@echo "make build       build bin/controlplane and bin/sidecar"
@@ -267,7 +267,7 @@ fuzz:
 # fault table (FAULT lines); the whole log is .work/test-faults.log.
 test-faults: $(BIN)/consul $(BIN)/controlplane $(BIN)/sidecar $(BIN)/vegeta
 	@deploy/tools/deps.sh test
-	@mkdir -p .work; set -o pipefail; echo "test-faults: about a minute; log .work/test-faults.log"; \
+	@mkdir -p .work; set -o pipefail; echo "test-faults: about two minutes; log .work/test-faults.log"; \
 	MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_CONTROLPLANE_BIN=$(CURDIR)/$(BIN)/controlplane \
 	MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar MESHLET_VEGETA_BIN=$(CURDIR)/$(BIN)/vegeta \
 	$(GO) test -tags faults -run '^TestFault' -count=1 -v -timeout 15m $(TESTFLAGS) ./internal/e2e 2>&1 | tee .work/test-faults.log | \
