@@ -215,10 +215,10 @@ $(BIN)/meshlet-demo-k8s: $(GO_SOURCES)
 	$(GO) build -o $@ ./examples/demok8s
 
 # TESTFLAGS can add e.g. -run or -v.
-test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar kube images
+test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar $(BIN)/vegeta kube images
 	@deploy/tools/deps.sh test kube
 	$(GO) vet ./...
-	$(KUBE_ENV) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+	$(KUBE_ENV) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar MESHLET_VEGETA_BIN=$(CURDIR)/$(BIN)/vegeta $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
 
 # Data-path benchmark (issue 7; internal/bench): installs the reference
 # proxies and load generators it needs (deploy/tools/deps.sh bench), then
