@@ -134,7 +134,9 @@ spec:
 	}
 	t.Cleanup(func() { _ = e.SetPolicyData(context.Background(), cm.Data) })
 	applyYAML(t, e, rolloutApp)
-	t.Cleanup(func() { _, _ = e.Cluster.Kubectl(context.Background(), "delete", "namespace", "rollout", "--wait=false") })
+	t.Cleanup(func() {
+		_, _ = e.Cluster.Kubectl(context.Background(), "delete", "namespace", "rollout", "--wait=false")
+	})
 	appReady(t, e, "rollout", 3*time.Minute, "web", "api")
 	webPods := pods(t, e, "rollout", "app=web")
 	if len(webPods) != 1 {
