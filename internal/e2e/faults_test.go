@@ -280,10 +280,9 @@ func TestFaultGracefulShutdown(t *testing.T) {
 	// In flight through every instance: 30 slow requests (1.5 s, within the
 	// retry policy's per-try timeout) and 6 streams.
 	type result struct {
-		status   int
-		instance string
-		body     string
-		err      error
+		status int
+		body   string
+		err    error
 	}
 	results := make(chan result, 36)
 	long := &http.Client{Timeout: 20 * time.Second}
