@@ -215,10 +215,10 @@ $(BIN)/meshlet-demo-k8s: $(GO_SOURCES)
 	$(GO) build -o $@ ./examples/demok8s
 
 # TESTFLAGS can add e.g. -run or -v.
-test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar $(BIN)/vegeta kube images
+test: $(BIN)/consul $(BIN)/jaeger $(BIN)/sidecar $(BIN)/vegeta $(BIN)/h2spec kube images
 	@deploy/tools/deps.sh test kube
 	$(GO) vet ./...
-	$(KUBE_ENV) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar MESHLET_VEGETA_BIN=$(CURDIR)/$(BIN)/vegeta $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
+	$(KUBE_ENV) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_JAEGER_BIN=$(CURDIR)/$(BIN)/jaeger MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar MESHLET_VEGETA_BIN=$(CURDIR)/$(BIN)/vegeta MESHLET_H2SPEC_BIN=$(CURDIR)/$(BIN)/h2spec $(GO) test -race -count=1 -timeout 20m $(TESTFLAGS) ./...
 
 # Data-path benchmark (issue 7; internal/bench): installs the reference
 # proxies and load generators it needs (deploy/tools/deps.sh bench), then
@@ -232,6 +232,13 @@ bench: $(BIN)/sidecar $(BIN)/meshlet-bench
 
 $(BIN)/meshlet-bench: $(GO_SOURCES)
 	$(GO) build -o $@ ./internal/bench/cmd/meshlet-bench
+
+# h2spec (HTTP/2 conformance, RFC 9113/7541) from deploy/tools/h2spec, run
+# against the sidecar's HTTP/2 listeners by internal/e2e's h2spec test.
+$(BIN)/h2spec: deploy/tools/h2spec/go.mod deploy/tools/h2spec/go.sum
+	@mkdir -p $(BIN)
+	@deploy/tools/build-tool.sh deploy/tools/h2spec github.com/summerwind/h2spec/cmd/h2spec $@ "h2spec v2.2.1"
+	@touch $@
 
 $(BIN)/vegeta: deploy/tools/vegeta/go.mod deploy/tools/vegeta/go.sum
 	@mkdir -p $(BIN)

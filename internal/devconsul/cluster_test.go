@@ -42,8 +42,17 @@ func TestClusterElectsANewLeader(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("restarted in %v", time.Since(t0))
-	ss, _, err := c.Servers[leader].Client.Catalog().Service("api", "", &api.QueryOptions{AllowStale: true})
-	if err != nil || len(ss) != 1 {
-		t.Fatalf("the restarted server's catalog: %v, %v; want api-1", ss, err)
+	// The restarted server catches up with the leader's log by itself:
+	// its own (stale) reads have api-1 once it has.
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		ss, _, err := c.Servers[leader].Client.Catalog().Service("api", "", &api.QueryOptions{AllowStale: true})
+		if err == nil && len(ss) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restarted server's catalog 30 s after its restart: %v, %v; want api-1", ss, err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -54,6 +54,7 @@ func TestHTTP2AndGRPC(t *testing.T) {
 		p := startPair(t, pairOptions{Protocol: "http2", AppPort: app})
 		t.Run("trailers", func(t *testing.T) { testH2Trailers(t, p) })
 		t.Run("h2load", func(t *testing.T) { testH2load(t, p) })
+		t.Run("h2spec", func(t *testing.T) { testH2Spec(t, p) })
 	})
 }
 

@@ -54,6 +54,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		x.fail(http.StatusRequestHeaderFieldsTooLarge, xds.ReasonRequestHeadersTooLarge, "")
 		return
 	}
+	if r.ProtoMajor == 2 && connectionSpecific(r.Header) {
+		// RFC 9113 §8.2.2: a request with a connection-specific field is
+		// malformed. Go's HTTP/2 server lets it through: refuse it here,
+		// as Envoy's codec does, rather than strip and forward it.
+		x.cluster, x.route = "", ""
+		x.fail(http.StatusBadRequest, xds.ReasonDownstreamProtocolError, "")
+		return
+	}
 	r.Header.Del("X-Forwarded-Client-Cert") // SANITIZE and SANITIZE_SET: never trust the downstream's
 	// An HTTP/1.1 Upgrade (WebSocket) is tunnelled when enabled; h2c
 	// upgrades are ignored (served as HTTP/1.1), others refused.
@@ -307,6 +315,24 @@ func (f *forward) closeIfBodyLeft(h http.Header) {
 }
 
 var closeValue = []string{"close"}
+
+// connectionSpecific reports whether an HTTP/2 request's header has a
+// connection-specific field (RFC 9113 §8.2.2): Connection, Keep-Alive,
+// Proxy-Connection, Transfer-Encoding, Upgrade, or TE with a value other
+// than "trailers".
+func connectionSpecific(h http.Header) bool {
+	for _, k := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade"} {
+		if _, ok := h[k]; ok {
+			return true
+		}
+	}
+	for _, v := range h["Te"] {
+		if !strings.EqualFold(strings.TrimSpace(v), "trailers") {
+			return true
+		}
+	}
+	return false
+}
 
 // endEarly ends an answer written while the request body was left unread:
 // it flushes the answer, stops reading the body (a past read deadline: a

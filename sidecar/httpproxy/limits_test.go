@@ -282,3 +282,27 @@ func TestHostileRequests(t *testing.T) {
 		})
 	}
 }
+
+// TestConnectionSpecificFieldsOverHTTP2: the fields RFC 9113 §8.2.2 makes
+// an HTTP/2 request malformed with are found (the request is refused with
+// 400 by ServeHTTP); TE: trailers, which gRPC sends, is not one.
+func TestConnectionSpecificFieldsOverHTTP2(t *testing.T) {
+	for _, tc := range []struct {
+		h    http.Header
+		want bool
+	}{
+		{http.Header{"Connection": {"keep-alive"}}, true},
+		{http.Header{"Keep-Alive": {"timeout=5"}}, true},
+		{http.Header{"Proxy-Connection": {"close"}}, true},
+		{http.Header{"Transfer-Encoding": {"chunked"}}, true},
+		{http.Header{"Upgrade": {"websocket"}}, true},
+		{http.Header{"Te": {"gzip"}}, true},
+		{http.Header{"Te": {"trailers"}}, false},
+		{http.Header{"Te": {"Trailers "}}, false},
+		{http.Header{"Content-Type": {"application/grpc"}}, false},
+	} {
+		if got := connectionSpecific(tc.h); got != tc.want {
+			t.Errorf("connectionSpecific(%v) = %v, want %v", tc.h, got, tc.want)
+		}
+	}
+}
