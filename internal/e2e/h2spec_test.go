@@ -40,12 +40,12 @@ var h2specKnown = map[string]string{
 	"http2/3.5: Sends invalid connection preface": "closed without GOAWAY: the connection still ends",
 	// It answers with a connection error of another code, or closes.
 	"http2/4.2: Sends a large size HEADERS frame that exceeds the SETTINGS_MAX_FRAME_SIZE": "the connection ends (FRAME_SIZE_ERROR, or closed)",
-	"http2/6.5.3: Sends multiple values of SETTINGS_INITIAL_WINDOW_SIZE":                 "the last value applies without an ACK in the expected order",
+	"http2/6.5.3: Sends multiple values of SETTINGS_INITIAL_WINDOW_SIZE":                   "the last value applies without an ACK in the expected order",
 	// The stream is reset, with another error code.
 	"http2/6.9.1: Sends multiple WINDOW_UPDATE frames increasing the flow control window to above 2^31-1 on a stream": "the stream is reset (error code other than FLOW_CONTROL_ERROR)",
 	// The request is refused with 400 by the sidecar, not reset
 	// (h2spec wants RST_STREAM PROTOCOL_ERROR); nothing is forwarded.
-	"http2/8.1.2.2: Sends a HEADERS frame that contains the connection-specific header field":                  "answered 400 by the sidecar, not forwarded",
+	"http2/8.1.2.2: Sends a HEADERS frame that contains the connection-specific header field":                       "answered 400 by the sidecar, not forwarded",
 	"http2/8.1.2.2: Sends a HEADERS frame that contains the TE header field with any value other than \"trailers\"": "answered 400 by the sidecar, not forwarded",
 }
 
