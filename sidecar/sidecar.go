@@ -194,7 +194,8 @@ func New(cfg Config) (*Sidecar, error) {
 	s.tracing = tracing.NewManager(s.log, s.metrics, cfg.NodeID)
 	s.clusters = cluster.NewManager(s.log, s.metrics, s.tls)
 	s.metrics.WatchClusters(s.clusterStats)
-	s.listeners = listener.NewManager(s.newHandler, cfg.DrainTimeout, s.log, listener.WithPacketFactory(s.newPacketHandler))
+	s.listeners = listener.NewManager(s.newHandler, cfg.DrainTimeout, s.log, listener.WithPacketFactory(s.newPacketHandler),
+		listener.WithAcceptRecorder(s.metrics))
 	st, err := xdsstate.New(xdsstate.Config{
 		Server: cfg.XDSAddress,
 		Node: &core.Node{

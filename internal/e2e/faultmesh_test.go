@@ -109,6 +109,9 @@ type faultMesh struct {
 	// readyChecks makes api sidecars' Consul checks HTTP checks of their
 	// /ready (sidecarReadyURL), set before instances are added.
 	readyChecks bool
+	// webNoFile, when set, is web's sidecar's open-files limit
+	// (RLIMIT_NOFILE, set with prlimit).
+	webNoFile int
 	// live are the api instances whose sidecar check passed once (what
 	// heartbeat refreshes), guarded by mu.
 	mu   sync.Mutex
@@ -127,6 +130,18 @@ type sidecarProcess struct {
 	p     *devproc.Process
 	admin string // http://host:port
 	log   string // its log file
+}
+
+// publicPort is the port of the sidecar's public listener, as registered
+// for its instance in fm.
+func (sp *sidecarProcess) publicPort(fm *faultMesh) int {
+	for _, in := range fm.apis {
+		if in.sidecar == sp {
+			return in.svc.sidecarPort
+		}
+	}
+	fm.t.Fatal("not an api sidecar")
+	return 0
 }
 
 // logCount counts the lines of the sidecar's log holding substr.
@@ -268,10 +283,12 @@ func (fm *faultMesh) startSidecar(node, admin string) *sidecarProcess {
 		admin = hostPort(freePorts(t, 1)[0])
 	}
 	log := devproc.TestLog(t, node+".log")
-	p, err := devproc.Start(devproc.Spec{Name: node, Path: sidecarBinary(t),
-		Args: []string{"-node-id", node, "-xds-addr", fm.xdsAddrs(), "-xds-ca-file", creds.CAFile, "-token-file", creds.TokenFile,
-			"-admin-addr", admin, "-drain-timeout", "5s"},
-		Log: log, StopGrace: 10 * time.Second})
+	path, args := sidecarBinary(t), []string{"-node-id", node, "-xds-addr", fm.xdsAddrs(), "-xds-ca-file", creds.CAFile, "-token-file", creds.TokenFile,
+		"-admin-addr", admin, "-drain-timeout", "5s"}
+	if fm.webNoFile > 0 && strings.HasPrefix(node, "web-") {
+		path, args = "prlimit", append([]string{fmt.Sprintf("--nofile=%d:%d", fm.webNoFile, fm.webNoFile), "--", path}, args...)
+	}
+	p, err := devproc.Start(devproc.Spec{Name: node, Path: path, Args: args, Log: log, StopGrace: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

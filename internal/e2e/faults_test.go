@@ -4,8 +4,11 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -476,4 +479,222 @@ spec:
 	phases = append(phases, phase{"every api instance replaced (2 added, 3 deregistered, then stopped)", start, fmt.Sprintf("endpoints swapped in %.1fs", d.Seconds())})
 	settle(start)
 	reportPhases(t, faultRate, v.stop(t), phases)
+}
+
+// TestFaultFileDescriptorsExhausted: web's sidecar runs with an open-files
+// limit of 64 (prlimit) and 200 connections are opened to its outbound
+// listener: it runs out of file descriptors. It does not fall over: a
+// client on an established keep-alive connection keeps being served, each
+// failed accept is counted (meshlet_sidecar_downstream_accept_errors_total
+// {reason="fd_exhausted"}) and logged once, not per failure, and once the
+// flood's connections close, the connections waiting in the backlog are
+// served.
+func TestFaultFileDescriptorsExhausted(t *testing.T) {
+	fm := newFaultMeshWith(t, &faultMesh{mesh: newMesh(t), webNoFile: 64}, 1, 2)
+	url := "http://" + hostPort(fm.webBind) + "/"
+	// The established client: one keep-alive connection, a request every
+	// 50 ms.
+	tr := &http.Transport{MaxConnsPerHost: 1, MaxIdleConnsPerHost: 1}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	get := func() error {
+		resp, err := client.Get(url)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("%s", resp.Status)
+		}
+		return nil
+	}
+	if err := get(); err != nil {
+		t.Fatal(err)
+	}
+	stop, done := make(chan struct{}), make(chan struct{})
+	var sent, lost int
+	var firstErr error
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			sent++
+			if err := get(); err != nil {
+				lost++
+				if firstErr == nil {
+					firstErr = err
+				}
+			}
+		}
+	}()
+
+	// The flood: 200 connections, held open.
+	var flood []net.Conn
+	for range 200 {
+		c, err := net.DialTimeout("tcp", hostPort(fm.webBind), 2*time.Second)
+		if err != nil {
+			break // the backlog is full: refused is fine too
+		}
+		flood = append(flood, c)
+	}
+	testutil.Until(t, 10*time.Second, "web's sidecar out of file descriptors", func() bool {
+		return fm.web.logCount("out of file descriptors") > 0
+	})
+	// The established client keeps working for 2 s meanwhile.
+	time.Sleep(2 * time.Second)
+	for _, c := range flood {
+		c.Close()
+	}
+	recovered := took(t, time.Now(), 20*time.Second, "a new connection served once the flood closed", func() bool {
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(url)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	close(stop)
+	<-done
+	if lost > 0 {
+		t.Errorf("the established client lost %d of %d requests, first: %v", lost, sent, firstErr)
+	}
+	if fm.web.p.State() != nil {
+		t.Fatal("web's sidecar exited")
+	}
+	failures := metricAt(t, fm.web.admin, "meshlet_sidecar_downstream_accept_errors_total", `reason="fd_exhausted"`)
+	if failures == 0 {
+		t.Error("no fd_exhausted accept error counted")
+	}
+	if n := fm.web.logCount("out of file descriptors"); n != 1 {
+		t.Errorf("out of file descriptors logged %d times, want once (at most once a minute)", n)
+	}
+	t.Logf("FAULT | file descriptors exhausted (RLIMIT_NOFILE 64, %d connections opened) | %d | %d | %d | %v failed accepts counted, logged once; new connections served %.1fs after the flood closed",
+		len(flood), 20, sent, lost, failures, recovered.Seconds())
+}
+
+// TestFaultTLSGarbage: under load through api's sidecars, api-1's mTLS
+// listener gets 40 connections each of: random bytes, a plaintext HTTP
+// request, half a ClientHello then silence, and a TLS handshake without a
+// client certificate. Each ends (closed, never answered 200) within the
+// handshake timeout; mesh traffic loses nothing; the sidecar's goroutines
+// come back to where they were (no leak).
+func TestFaultTLSGarbage(t *testing.T) {
+	fm := newFaultMesh(t, 1, 3)
+	target := hostPort(fm.apis["api-1"].sidecar.publicPort(fm))
+	goroutines := func() float64 { return metricAt(t, fm.apis["api-1"].sidecar.admin, "go_goroutines") }
+	before := goroutines()
+	v := startVegeta(t, "http://"+hostPort(fm.webBind)+"/", faultRate, 2*time.Minute)
+	warm(t, v)
+	start := time.Now()
+
+	hello := clientHello(t)
+	kinds := []struct {
+		name string
+		send []byte
+		tls  bool // a full TLS handshake without a client certificate
+	}{
+		{"random bytes", randomBytes(t, 4096), false},
+		{"plaintext HTTP", []byte("GET / HTTP/1.1\r\nHost: api\r\n\r\n"), false},
+		{"half a ClientHello", hello[:len(hello)/2], false},
+		{"TLS without a client certificate", nil, true},
+	}
+	type outcome struct {
+		kind string
+		err  string // "" when it ended as it should
+	}
+	outcomes := make(chan outcome, 160)
+	for _, k := range kinds {
+		for range 40 {
+			go func() {
+				c, err := net.DialTimeout("tcp", target, 2*time.Second)
+				if err != nil {
+					outcomes <- outcome{k.name, "dial: " + err.Error()}
+					return
+				}
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(sidecarHandshakeBound))
+				if k.tls {
+					tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+					if err := tc.Handshake(); err == nil {
+						// TLS 1.3: the refusal of the missing certificate
+						// comes on the first read.
+						_, _ = tc.Write([]byte("GET / HTTP/1.1\r\nHost: api\r\n\r\n"))
+						buf := make([]byte, 64)
+						if n, err := tc.Read(buf); err == nil {
+							outcomes <- outcome{k.name, fmt.Sprintf("answered without a client certificate: %q", buf[:n])}
+							return
+						}
+					}
+					outcomes <- outcome{k.name, ""}
+					return
+				}
+				_, _ = c.Write(k.send)
+				buf := make([]byte, 512)
+				for {
+					n, err := c.Read(buf)
+					if err != nil {
+						var ne net.Error
+						if errors.As(err, &ne) && ne.Timeout() {
+							outcomes <- outcome{k.name, "still open after " + sidecarHandshakeBound.String()}
+						} else {
+							outcomes <- outcome{k.name, ""}
+						}
+						return
+					}
+					if strings.Contains(string(buf[:n]), " 200 ") {
+						outcomes <- outcome{k.name, fmt.Sprintf("answered: %q", buf[:n])}
+						return
+					}
+				}
+			}()
+		}
+	}
+	bad := map[string]int{}
+	for range 160 {
+		o := <-outcomes
+		if o.err != "" {
+			bad[o.kind]++
+			if bad[o.kind] == 1 {
+				t.Errorf("%s: %s", o.kind, o.err)
+			}
+		}
+	}
+	ended := time.Since(start)
+	settle(start)
+	hits := v.stop(t)
+	var after float64
+	testutil.Until(t, 20*time.Second, "api-1's sidecar's goroutines back to where they were", func() bool {
+		after = goroutines()
+		return after <= before+5
+	})
+	reportPhases(t, faultRate, hits, []phase{{"160 garbage connections on an mTLS listener (random bytes, plaintext, half a ClientHello, no client certificate)", start,
+		fmt.Sprintf("all ended in %.1fs; goroutines %v before, %v after", ended.Seconds(), before, after)}})
+}
+
+// sidecarHandshakeBound is how long a test waits for a sidecar to end a
+// connection that never completes its TLS handshake: the sidecar's
+// HandshakeTimeout (10 s) and some.
+const sidecarHandshakeBound = 15 * time.Second
+
+// clientHello returns the bytes of a TLS ClientHello as crypto/tls sends it.
+func clientHello(t *testing.T) []byte {
+	t.Helper()
+	a, b := net.Pipe()
+	defer a.Close()
+	go func() {
+		_ = tls.Client(b, &tls.Config{InsecureSkipVerify: true}).Handshake()
+		b.Close()
+	}()
+	buf := make([]byte, 4096)
+	_ = a.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := a.Read(buf)
+	if err != nil || n < 50 || buf[0] != 0x16 {
+		t.Fatalf("no ClientHello: %d bytes, %v", n, err)
+	}
+	return buf[:n]
 }

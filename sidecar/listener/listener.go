@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/meshlet/meshlet/sidecar/config"
@@ -80,6 +81,28 @@ type PacketFactory func(l *config.Listener, snap *config.Snapshot) (PacketHandle
 // Option configures a Manager.
 type Option func(*Manager)
 
+// AcceptRecorder counts failed accepts (telemetry.Metrics).
+type AcceptRecorder interface {
+	// AcceptError records a failed accept of listener, reason
+	// AcceptFDExhausted or AcceptOther.
+	AcceptError(listener, reason string)
+}
+
+// Reasons of AcceptRecorder.AcceptError.
+const (
+	// AcceptFDExhausted is an accept failing with EMFILE or ENFILE: no
+	// file descriptor is left for the connection, which waits in the
+	// listen backlog until one is.
+	AcceptFDExhausted = "fd_exhausted"
+	// AcceptOther is any other accept failure.
+	AcceptOther = "other"
+)
+
+// WithAcceptRecorder counts the Manager's failed accepts in r.
+func WithAcceptRecorder(r AcceptRecorder) Option {
+	return func(m *Manager) { m.acceptRec = r }
+}
+
 // WithPacketFactory lets the Manager run UDP listeners with handlers made by
 // f. Without it, binding a UDP listener fails (and is NACKed).
 func WithPacketFactory(f PacketFactory) Option {
@@ -113,6 +136,12 @@ type Manager struct {
 	// lastAccept is when a TCP listener last accepted a connection (unix
 	// nanoseconds), for AwaitQuiet.
 	lastAccept atomic.Int64
+	// acceptRec counts failed accepts (nil: none); acceptLogged is when
+	// one was last logged (unix nanoseconds), acceptFailed how many
+	// failed since.
+	acceptRec    AcceptRecorder
+	acceptLogged atomic.Int64
+	acceptFailed atomic.Int64
 }
 
 // NewManager returns a Manager that builds handlers with factory and drains
@@ -399,7 +428,7 @@ func (m *Manager) acceptLoop(rl *runningListener) {
 			}
 			// Temporary failures (EMFILE...): back off like net/http does.
 			delay = min(max(delay*2, 5*time.Millisecond), time.Second)
-			m.log.Warn("listener: accept failed; retrying", "listener", rl.name, "error", err, "delay", delay)
+			m.acceptFailure(rl.name, err, delay)
 			time.Sleep(delay)
 			continue
 		}
@@ -407,6 +436,33 @@ func (m *Manager) acceptLoop(rl *runningListener) {
 		m.lastAccept.Store(time.Now().UnixNano())
 		rl.handler.Load().h.Handle(conn)
 	}
+}
+
+// acceptFailure counts a failed accept and logs it, at most once a
+// minute for the Manager with the number of failures since: out of file
+// descriptors, every accept fails until one is free, and a line each
+// would flood the log.
+func (m *Manager) acceptFailure(listener string, err error, delay time.Duration) {
+	reason := AcceptOther
+	if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+		reason = AcceptFDExhausted
+	}
+	if m.acceptRec != nil {
+		m.acceptRec.AcceptError(listener, reason)
+	}
+	n := m.acceptFailed.Add(1)
+	now := time.Now().UnixNano()
+	last := m.acceptLogged.Load()
+	if now-last < int64(time.Minute) || !m.acceptLogged.CompareAndSwap(last, now) {
+		return
+	}
+	m.acceptFailed.Add(-n)
+	msg := "listener: accept failed; retrying with backoff"
+	if reason == AcceptFDExhausted {
+		msg = "listener: out of file descriptors: new connections wait in the listen backlog until one is free " +
+			"(raise the process's open-files limit, RLIMIT_NOFILE, or find what holds them); retrying with backoff"
+	}
+	m.log.Error(msg, "listener", listener, "reason", reason, "error", err, "failuresSinceLastLog", n, "delay", delay)
 }
 
 // AwaitQuiet waits until no TCP listener has accepted a connection for

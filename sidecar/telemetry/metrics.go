@@ -73,6 +73,10 @@ import (
 //	meshlet_sidecar_capture_passthrough_total{listener}
 //	    connections no chain of a capture listener matched, given its
 //	    default chain (the pass-through to their original destination)
+//	meshlet_sidecar_downstream_accept_errors_total{listener, reason}
+//	    failed accepts of a listener: fd_exhausted (EMFILE/ENFILE: the
+//	    process or system is out of file descriptors; the connection waits
+//	    in the backlog until one is free) or other
 //	meshlet_sidecar_authz_denied_total{listener, rule}
 //	    requests and connections refused by authorization, by rule
 //	meshlet_sidecar_certificate_expiry_seconds{secret, kind, spiffe_id, serial}
@@ -109,6 +113,7 @@ type Metrics struct {
 	handshakes         *prometheus.CounterVec
 	authzDenied        *prometheus.CounterVec
 	captureRefused     *prometheus.CounterVec
+	acceptErrors       *prometheus.CounterVec
 	capturePassthrough *prometheus.CounterVec
 
 	// children caches the request metrics of each label set (sync.Map of
@@ -196,7 +201,10 @@ func New() *Metrics {
 	m.capturePassthrough = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "meshlet_sidecar_capture_passthrough_total", Help: "Connections no filter chain of a capture listener matched, given its default chain (pass-through to the original destination).",
 	}, []string{"listener"})
-	m.Registry.MustRegister(m.handshakes, m.authzDenied, m.tcpIdle, m.captureRefused, m.capturePassthrough)
+	m.acceptErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "meshlet_sidecar_downstream_accept_errors_total", Help: "Failed accepts of a listener, by reason: fd_exhausted (EMFILE/ENFILE) or other.",
+	}, []string{"listener", "reason"})
+	m.Registry.MustRegister(m.handshakes, m.authzDenied, m.tcpIdle, m.captureRefused, m.capturePassthrough, m.acceptErrors)
 	m.udp = newUDPVecs(m.Registry)
 	m.Registry.MustRegister(m.duration, m.downConns, m.spansExported, m.spansDropped)
 	m.Registry.MustRegister(m.requests, m.retries, m.retriesDenied, m.overflow, m.ejections, m.breakerTrans, m.breakerState,
@@ -365,6 +373,11 @@ func (m *Metrics) AuthzDenied(listener, rule string) {
 // CaptureRefused implements listener.CaptureRecorder.
 func (m *Metrics) CaptureRefused(listener, reason string) {
 	m.captureRefused.WithLabelValues(listener, reason).Inc()
+}
+
+// AcceptError implements listener.AcceptRecorder.
+func (m *Metrics) AcceptError(listener, reason string) {
+	m.acceptErrors.WithLabelValues(listener, reason).Inc()
 }
 
 // CapturePassthrough implements listener.CaptureRecorder.
