@@ -12,7 +12,7 @@ BINARIES := $(BIN)/controlplane $(BIN)/sidecar
 EXAMPLES := $(BIN)/web $(BIN)/api $(BIN)/store $(BIN)/meshlet-demo
 GO_SOURCES := $(shell find . -name '*.go' -not -path './deploy/tools/*' -not -path './.work/*') go.mod go.sum
 
-.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short lint vet fmt docker clean help bench bench-cp deps fuzz test-faults
+.PHONY: all build examples consul jaeger kube coredns image images test-kube kube-up kube-down demo demo-k8s demo-k8s-stop demo-stop test test-short lint vet fmt docker clean help bench bench-cp deps fuzz test-faults soak
 
 all: build
 
@@ -23,6 +23,7 @@ help:
 	@echo "make test        run all tests (installs the test peers, builds Consul $(CONSUL_VERSION) and Jaeger $(JAEGER_VERSION) into bin/ first)"
 	@echo "make lint        gofmt check, go vet and staticcheck (installs staticcheck v0.8.2 first)"
 	@echo "make test-faults the fault suite: SIGKILLs, restarts and freezes under load, zero lost requests (README Reliability; ~2 min)"
+	@echo "make soak        SOAK=10m of steady load through two sidecars, memory/goroutines/fds/p99 each minute; fails on growth or loss"
 	@echo "make test-short  go test -short: every test that starts no real Consul, Jaeger, cluster, sidecar process or peer (~2 min)"
 	@echo "make deps        install what make demo, make test and make lint run (Debian packages, Go tools); silent when all is there"
 	@echo "make build       build bin/controlplane and bin/sidecar"
@@ -279,6 +280,19 @@ test-faults: $(BIN)/consul $(BIN)/controlplane $(BIN)/sidecar $(BIN)/vegeta
 	MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar MESHLET_VEGETA_BIN=$(CURDIR)/$(BIN)/vegeta \
 	$(GO) test -tags faults -run '^TestFault' -count=1 -v -timeout 15m $(TESTFLAGS) ./internal/e2e 2>&1 | tee .work/test-faults.log | \
 	grep --line-buffered -E '^(=== RUN|\s*--- |\s*FAULT |ok |FAIL|panic)|_test.go:[0-9]+: '
+
+# make soak: TestSoak (internal/e2e, build tag faults; not in CI): 300 req/s
+# and a stream a second through two sidecars with mTLS for SOAK (10m),
+# printing each sidecar's memory, goroutines and file descriptors and the
+# p99 each minute; fails on any lost request or growth (README Reliability).
+SOAK ?= 10m
+soak: $(BIN)/consul $(BIN)/controlplane $(BIN)/sidecar $(BIN)/vegeta
+	@deploy/tools/deps.sh test
+	@mkdir -p .work; set -o pipefail; echo "soak: $(SOAK) under load; log .work/soak.log"; \
+	MESHLET_SOAK_DURATION=$(SOAK) MESHLET_CONSUL_BIN=$(CURDIR)/$(BIN)/consul MESHLET_CONTROLPLANE_BIN=$(CURDIR)/$(BIN)/controlplane \
+	MESHLET_SIDECAR_BIN=$(CURDIR)/$(BIN)/sidecar MESHLET_VEGETA_BIN=$(CURDIR)/$(BIN)/vegeta \
+	$(GO) test -tags faults -run '^TestSoak$$' -count=1 -v -timeout 60m ./internal/e2e 2>&1 | tee .work/soak.log | \
+	grep --line-buffered -E '^(=== RUN|\s*--- |\s*SOAK |ok |FAIL|panic)|_test.go:[0-9]+: '
 
 test-short:
 	$(GO) test -short -count=1 ./...

@@ -511,10 +511,11 @@ var (
 
 // hit is one request of a vegeta run.
 type hit struct {
-	at     time.Time
-	code   int
-	err    string
-	reason string // x-meshlet-reason
+	at      time.Time
+	code    int
+	latency time.Duration
+	err     string
+	reason  string // x-meshlet-reason
 }
 
 // vegetaRun is a fixed-rate load (vegeta attack, open loop) running in the
@@ -580,7 +581,8 @@ func (v *vegetaRun) wait(t *testing.T) []hit {
 		}
 		ns, _ := strconv.ParseInt(rec[0], 10, 64)
 		code, _ := strconv.Atoi(rec[1])
-		h := hit{at: time.Unix(0, ns), code: code, err: rec[5]}
+		lat, _ := strconv.ParseInt(rec[2], 10, 64)
+		h := hit{at: time.Unix(0, ns), code: code, latency: time.Duration(lat), err: rec[5]}
 		if len(rec) >= 12 { // the response's headers, base64 of their wire form
 			if b, err := base64.StdEncoding.DecodeString(rec[11]); err == nil {
 				if m, err := textproto.NewReader(bufio.NewReader(bytes.NewReader(b))).ReadMIMEHeader(); err == nil || len(m) > 0 {
